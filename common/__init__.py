@@ -1,0 +1,1 @@
+"""Pieces shared by the gateway, the shards and the tools: the ring, the wire format, paths."""

@@ -1,0 +1,1 @@
+"""A shard: the single-threaded owner of the streams the ring assigns to it."""

@@ -1,0 +1,176 @@
+"""Values exchanged between the sans-IO protocol core and the shard runtime.
+
+The core never touches a socket, a file or a clock: the runtime hands it a `Request`,
+the stream's current `StreamState` (or None), the time, and when asked for them the
+stream's `Record`s; the core answers with a `Decision`. A decision that changes the
+stream carries the *whole new state* and the records to add; the runtime persists
+exactly that (one transaction, group-committed) before it sends the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Protocol knobs a deployment may tune."""
+
+    long_poll_timeout: float = 30.0  # seconds a long-poll waits before 204
+    sse_max_duration: float = 60.0  # seconds before the server ends an SSE response
+    max_read_bytes: int = 1024 * 1024  # catch-up chunk size (one record may exceed it)
+    cursor_epoch: float = 1728432000.0  # 2024-10-09T00:00:00Z, per PROTOCOL.md 10.1
+    cursor_interval: float = 20.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request on a stream, already stripped of transport details.
+
+    `path` is the stream path without the `/v1/stream/` prefix ("a/b"); `query` is the raw
+    query string (the core parses it); header names are lower-case.
+    """
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stored run of stream data covering positions [start, end).
+
+    Positions are the core's own integer coordinates (offsets are their encoding); what a
+    record's bytes mean (raw bytes, or JSON messages) is the core's business, the
+    runtime only stores and returns them in order.
+    """
+
+    start: int
+    end: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ProducerState:
+    epoch: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class ForkOrigin:
+    """Where a fork came from. `ref` is the id of the reference held on the source."""
+
+    source: str
+    offset: str  # the fork offset as the client gave it (or the source tail), for idempotency
+    sub_offset: int
+    position: int  # the divergence position; the fork's data below it was inherited
+    ref: str
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything the protocol needs to know about one stream, apart from its data."""
+
+    path: str
+    content_type: str
+    created_at: float  # unix seconds; also makes the stream's identity for ETags
+    tail: int = 0  # the next position to be written
+    closed: bool = False
+    ttl: int | None = None  # sliding expiry window, seconds
+    expires_at: str | None = None  # absolute expiry as given (RFC 3339), echoed on HEAD
+    expires_at_ts: float | None = None  # the same as unix seconds
+    last_access: float = 0.0  # last read or write, for TTL
+    last_stream_seq: str | None = None
+    closed_by: tuple[str, int, int] | None = None  # (producer id, epoch, seq) that closed it
+    producers: Mapping[str, ProducerState] = field(default_factory=dict)
+    fork: ForkOrigin | None = None
+    soft_deleted: bool = False
+    refcount: int = 0  # live forks that reference this stream
+
+    def deadline(self) -> float | None:
+        """When this stream expires (unix seconds), or None; the runtime arms alarms on it."""
+        candidates = []
+        if self.ttl is not None:
+            candidates.append(self.last_access + self.ttl)
+        if self.expires_at_ts is not None:
+            candidates.append(self.expires_at_ts)
+        return min(candidates) if candidates else None
+
+
+# ---------------------------------------------------------------------------------------
+# Decisions: what the core tells the runtime to do next.
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Final answer. If `changed`, persist `state` (None = purge the stream and all its
+    data) and append `records`, commit, and only then send `response`."""
+
+    response: Response
+    changed: bool = False
+    state: StreamState | None = None
+    records: tuple[Record, ...] = ()
+
+
+@dataclass(frozen=True)
+class NeedRecords:
+    """Fetch committed records with end > `position`, in order, stopping once at least
+    `max_bytes` of data is gathered (always at least one record if any exists), then call
+    `core.finish_read(request, state, records, now, config)`."""
+
+    position: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Long-poll: wait until the stream's committed tail passes `position`, the stream
+    closes or disappears, or `timeout` seconds pass; then call `core.handle` again with
+    `waited=True` (and `timed_out` saying which)."""
+
+    position: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class NeedSource:
+    """Fork creation: ask the source's owner (`core.export_fork` there) for the inherited
+    data, then call `core.create_fork(request, export, now, config)`."""
+
+    source: str
+    offset: str | None  # None = the source's tail
+    sub_offset: int
+
+
+@dataclass(frozen=True)
+class StartSse:
+    """Send `session.head`, then drive `session` (see core.sse.SseSession)."""
+
+    session: object
+
+
+Decision = Reply | NeedRecords | Wait | NeedSource | StartSse
+
+
+@dataclass(frozen=True)
+class ForkExport:
+    """What the source's shard hands the fork's shard. `records` cover [0, position)."""
+
+    content_type: str
+    ttl: int | None
+    expires_at: str | None
+    expires_at_ts: float | None
+    offset: str
+    sub_offset: int
+    position: int
+    records: tuple[Record, ...]
