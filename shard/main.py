@@ -1,0 +1,92 @@
+"""`ds-cluster shard`: one shard process (store, service, RPC server, fork peers)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from common.ring import Ring, parse_endpoints, parse_listen
+from common.rpc_client import ShardPool
+from shard.core.model import CoreConfig
+from shard.peers import RemotePeers
+from shard.rpc_server import RpcServer
+from shard.service import ShardService
+from shard.store import Store
+
+log = logging.getLogger("shard")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", required=True, help="this shard's id in the ring")
+    parser.add_argument("--listen", required=True, help="HOST:PORT for RPC")
+    parser.add_argument("--data-dir", required=True, type=Path, help="directory for shard.db")
+    parser.add_argument(
+        "--peers", default="", help="ID=HOST:PORT,... of every shard in the ring (may include self)"
+    )
+    parser.add_argument("--ring-version", type=int, default=1)
+    parser.add_argument("--long-poll-timeout", type=float, default=30.0, metavar="S")
+    parser.add_argument("--sse-max-duration", type=float, default=60.0, metavar="S")
+    parser.add_argument(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="SQLite synchronous mode; NORMAL may lose the last commits on power loss",
+    )
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve, args)
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, port = parse_listen(args.listen)
+    peers = parse_endpoints(args.peers)
+    peers.pop(args.id, None)
+    ring = Ring(args.ring_version, (args.id, *peers))
+    config = CoreConfig(
+        long_poll_timeout=args.long_poll_timeout, sse_max_duration=args.sse_max_duration
+    )
+    store = Store(args.data_dir, synchronous=args.synchronous)
+    service = ShardService(args.id, ring, store, config)
+    try:
+        async with ShardPool(peers, ring, role="shard", name=args.id) as pool:
+            if peers:
+                service.peers = RemotePeers(service, pool)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                await nursery.start(service.run)
+                server = RpcServer(service)
+                listeners = await nursery.start(trio.serve_tcp, server.serve, port, host)
+                bound = listeners[0].socket.getsockname()
+                log.info(
+                    "serving on %s:%s (ring v%d: %s)",
+                    bound[0],
+                    bound[1],
+                    ring.version,
+                    ",".join(ring.shard_ids),
+                )
+    finally:
+        store.close()
+        log.info("stopped")
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return

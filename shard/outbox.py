@@ -1,0 +1,81 @@
+"""Delivery of fork releases to the source streams' shards, kept until acknowledged.
+
+A fork's reference on its source must be released exactly when the fork is gone. The
+release is written to the `outbox` table in the same transaction that removes the fork,
+then delivered (possibly to another shard) with retries and backoff, and removed from the
+table only once the source's shard has applied it. Releases are idempotent on the source
+(keyed by reference id), so redelivery after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING
+
+import trio
+
+from shard.committer import Job, StorageUnavailable
+
+if TYPE_CHECKING:
+    from shard.service import ShardService
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 5.0
+
+
+class Outbox:
+    def __init__(self, service: ShardService) -> None:
+        self._service = service
+        self._due: dict[str, str] = {}  # ref -> source path
+        self._wake = trio.Event()
+
+    def add(self, ref: str, source: str) -> None:
+        self._due[ref] = source
+        self._wake.set()
+
+    def pending(self) -> int:
+        return len(self._due)
+
+    async def recover(self) -> None:
+        """After a restart: provisional intents whose fork never committed become due."""
+        store = self._service.store
+        fix = Job()
+        for ref, source, status in store.load_outbox():
+            if status == "provisional":
+                if store.fork_ref_in_use(ref):
+                    fix.outbox_removed.append(ref)
+                    continue
+                fix.outbox_put.append((ref, source, "due"))
+            self._due[ref] = source
+        if fix.outbox_put or fix.outbox_removed:
+            await self._service.committer.submit(fix).wait()
+
+    async def run(self) -> None:
+        from shard.service import PeerUnavailable
+
+        backoff = MIN_BACKOFF
+        while True:
+            if not self._due:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            failed = False
+            for ref, source in list(self._due.items()):
+                try:
+                    await self._service.peers.release_fork(source, ref)
+                    await self._service.committer.submit(Job(outbox_removed=[ref])).wait()
+                except (PeerUnavailable, StorageUnavailable) as exc:
+                    log.info("fork release %s on %s deferred: %s", ref, source, exc)
+                    failed = True
+                    continue
+                self._due.pop(ref, None)
+            if failed:
+                with trio.move_on_after(backoff * (0.8 + 0.4 * random.random())):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                backoff = MIN_BACKOFF

@@ -1,0 +1,141 @@
+"""The shard's in-memory view of its streams: one `Entry` per stream path.
+
+Each entry holds two states. `pending` includes writes queued for the next group commit;
+writes are validated against it so a stream's requests serialize without locks (the
+shard's single trio thread is the stream's mutex). `committed` is what the database holds;
+reads, live readers and the hub see only that, so nothing unacknowledged is ever served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from shard.core.model import Record, StreamState
+from shard.store import Store
+
+RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
+
+
+@dataclass(eq=False)
+class Entry:
+    path: str
+    committed: StreamState | None = None
+    committed_sid: int | None = None
+    pending: StreamState | None = None
+    pending_sid: int | None = None
+    inflight: int = 0  # writes queued or committing
+    waiters: int = 0  # live readers parked on this entry
+    # contiguous committed records ending at the committed tail (for live readers)
+    recent: list[Record] = field(default_factory=list)
+    recent_bytes: int = 0
+    _changed: trio.Event = field(default_factory=trio.Event)
+    _settled: trio.Event | None = None
+
+    def idle(self) -> bool:
+        return (
+            self.committed is None
+            and self.pending is None
+            and self.inflight == 0
+            and self.waiters == 0
+        )
+
+    # -- the hub: wake live readers when committed state changes ----------------------------
+
+    def changed_event(self) -> trio.Event:
+        return self._changed
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_settled(self) -> None:
+        """Wait until no write on this stream is queued or committing."""
+        while self.inflight:
+            if self._settled is None:
+                self._settled = trio.Event()
+            await self._settled.wait()
+
+    def write_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    # -- the recent-records cache -------------------------------------------------------------
+
+    def remember(self, records: tuple[Record, ...]) -> None:
+        if not records:
+            return
+        recent = self.recent
+        if recent and recent[-1].end != records[0].start:
+            recent.clear()
+            self.recent_bytes = 0
+        recent.extend(records)
+        self.recent_bytes += sum(len(r.data) for r in records)
+        while len(recent) > 1 and self.recent_bytes - len(recent[0].data) >= RECENT_BYTES:
+            self.recent_bytes -= len(recent.pop(0).data)
+
+    def forget(self) -> None:
+        self.recent.clear()
+        self.recent_bytes = 0
+
+    def recent_from(self, position: int, max_bytes: int) -> list[Record] | None:
+        """Records with end > position from memory, or None if memory does not cover it."""
+        recent = self.recent
+        if not recent or position < recent[0].start:
+            return None
+        out: list[Record] = []
+        total = 0
+        for record in recent:
+            if record.end > position:
+                out.append(record)
+                total += len(record.data)
+                if total >= max_bytes:
+                    break
+        return out
+
+
+class StreamTable:
+    """Entries by path, loaded from the store on first use and dropped when idle."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._entries: dict[str, Entry] = {}
+        self._next_sid = store.max_sid() + 1
+
+    def get(self, path: str) -> Entry:
+        entry = self._entries.get(path)
+        if entry is None:
+            entry = Entry(path)
+            loaded = self._store.load_stream(path)
+            if loaded is not None:
+                sid, state = loaded
+                entry.committed = entry.pending = state
+                entry.committed_sid = entry.pending_sid = sid
+            self._entries[path] = entry
+        return entry
+
+    def release_if_idle(self, entry: Entry) -> None:
+        if entry.idle() and self._entries.get(entry.path) is entry:
+            del self._entries[entry.path]
+
+    def new_sid(self) -> int:
+        sid = self._next_sid
+        self._next_sid += 1
+        return sid
+
+    def read(self, entry: Entry, position: int, max_bytes: int) -> list[Record]:
+        """Committed records with end > position (at most up to the committed tail)."""
+        state = entry.committed
+        sid = entry.committed_sid
+        if state is None or sid is None or position >= state.tail:
+            return []
+        records = entry.recent_from(position, max_bytes)
+        if records is None:
+            records = self._store.read_records(sid, position, max_bytes)
+        tail = state.tail
+        if records and records[-1].end > tail:
+            records = [r for r in records if r.end <= tail]
+        return records
