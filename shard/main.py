@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import logging
 import signal
@@ -70,7 +71,9 @@ async def serve(args: argparse.Namespace) -> None:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)
                 server = RpcServer(service)
-                listeners = await nursery.start(trio.serve_tcp, server.serve, port, host)
+                listeners = await nursery.start(
+                    functools.partial(trio.serve_tcp, server.serve, port, host=host)
+                )
                 bound = listeners[0].socket.getsockname()
                 log.info(
                     "serving on %s:%s (ring v%d: %s)",
