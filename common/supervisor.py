@@ -1,0 +1,473 @@
+"""`ds-cluster up`: launch a local cluster (N shards, G gateways) and keep it running.
+
+The supervisor owns child processes and nothing else: it never speaks the protocol. It
+picks ports, starts every shard and gateway as a child of its own, restarts any child
+that dies (with exponential backoff so a crash loop does not spin), and on cancellation
+or SIGINT/SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period).
+
+Shard ids (`shard-0` .. `shard-{N-1}`) and their data directories (`DATA/shard-K`) are a
+function of N alone, so a cluster restarted on the same `--data-dir` finds its streams
+again; ports may change between runs because routing is by shard id, not by address.
+
+Usable as a library (the chaos tool runs it in-process):
+
+    supervisor = Supervisor(ClusterConfig(shards=2, port=0, data_dir=tmp))
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(supervisor.run)
+        ...
+        nursery.cancel_scope.cancel()   # stops every child
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import trio
+
+from common.cli import default_shard_count
+
+log = logging.getLogger("ds_cluster.supervisor")
+
+_MARKER = "cluster.json"
+_LOCK = ".supervisor.lock"
+
+
+class SupervisorError(Exception):
+    """The cluster cannot be started as configured (busy port, data dir mismatch, ...)."""
+
+
+@dataclass
+class ClusterConfig:
+    """Everything `ds-cluster up` needs; plain values so tools can build one directly."""
+
+    shards: int = field(default_factory=default_shard_count)
+    gateways: int = 1
+    host: str = "127.0.0.1"
+    port: int = 4437  # 0: pick a free port
+    data_dir: Path = Path("./data")
+    long_poll_timeout: float | None = None
+    sse_max_duration: float | None = None
+    synchronous: str | None = None  # "FULL" | "NORMAL"; None: the shard's default
+    # How to run `ds-cluster` in a child: the current interpreter, so a venv carries over.
+    launcher: Sequence[str] = (sys.executable, "-m", "common.cli")
+    # None: children inherit our stdout/stderr. A directory: each child appends to NAME.log.
+    log_dir: Path | None = None
+    ready_timeout: float = 30.0
+    stop_grace: float = 5.0
+    restart_initial_delay: float = 0.2
+    restart_max_delay: float = 10.0
+    # A child that stayed up this long before dying restarts at the initial delay again.
+    restart_reset_after: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError("--shards must be at least 1")
+        if self.gateways < 1:
+            raise ValueError("--gateways must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("--port must be 0..65535")
+        if self.synchronous is not None and self.synchronous.upper() not in ("FULL", "NORMAL"):
+            raise ValueError("--synchronous must be FULL or NORMAL")
+        self.data_dir = Path(self.data_dir)
+
+
+@dataclass(frozen=True)
+class RestartEvent:
+    """One death of a child, as logged: who, how it ended, when it comes back."""
+
+    name: str
+    pid: int
+    returncode: int | None  # negative: killed by signal -returncode; None: failed to spawn
+    uptime: float
+    delay: float
+    at: float  # trio.current_time() of the death
+
+    @property
+    def how(self) -> str:
+        if self.returncode is None:
+            return "failed to start"
+        if self.returncode < 0:
+            try:
+                return f"killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                return f"killed by signal {-self.returncode}"
+        return f"exited with code {self.returncode}"
+
+
+@dataclass
+class _Child:
+    name: str
+    kind: str  # "shard" | "gateway"
+    argv: list[str]
+    process: trio.Process | None = None
+    starts: int = 0
+
+
+def _connect_host(host: str) -> str:
+    """An address to reach a server bound on `host` from this machine."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports free on `host` right now (all held open until all are picked)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise SupervisorError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+class Supervisor:
+    """Starts and supervises one local cluster. See the module docstring."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.data_dir = config.data_dir.resolve()
+        self.restarts: list[RestartEvent] = []
+        self.shard_addresses: dict[str, tuple[str, int]] = {}
+        self.url: str = ""
+        self._children: list[_Child] = []
+        self._stopping = False
+        self._lock_file: IO[str] | None = None
+
+    # ---- public helpers for tools -------------------------------------------------
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return [f"shard-{k}" for k in range(self.config.shards)]
+
+    def child_pids(self) -> dict[str, int]:
+        """PIDs of the children currently running, by name ("shard-0", "gateway-0", ...)."""
+        return {
+            c.name: c.process.pid
+            for c in self._children
+            if c.process is not None and c.process.returncode is None
+        }
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the cluster, report its URL once ready, supervise until cancelled."""
+        self._prepare()
+        failure: SupervisorError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                for child in self._children:
+                    nursery.start_soon(self._supervise, child)
+                try:
+                    await self._wait_ready()
+                except SupervisorError as exc:
+                    # Raised plainly below, not wrapped in the nursery's ExceptionGroup.
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("cluster ready at %s (%d shards)", self.url, self.config.shards)
+                    print(
+                        f"ds-cluster ready at {self.url} (streams under {self.url}/v1/stream/)",
+                        flush=True,
+                    )
+                    task_status.started(self.url)
+        finally:
+            self._stopping = True
+            with trio.CancelScope(shield=True):
+                await self._stop_all()
+            self._release_lock()
+        if failure is not None:
+            raise failure
+
+    def _prepare(self) -> None:
+        """Pick addresses, claim the data directory, build every child's command line."""
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_data_dir()
+        try:
+            port = cfg.port or _free_ports(cfg.host, 1)[0]
+            _check_port_free(cfg.host, port)
+            shard_ports = _free_ports(cfg.host, cfg.shards)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.url = f"http://{_url_host(_connect_host(cfg.host))}:{port}"
+        self.shard_addresses = {
+            sid: (cfg.host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
+        }
+        peers = ",".join(
+            f"{sid}={_connect_host(h)}:{p}" for sid, (h, p) in self.shard_addresses.items()
+        )
+        base = list(cfg.launcher)
+        self._children = []
+        for sid, (host, sport) in self.shard_addresses.items():
+            shard_dir = self.data_dir / sid
+            shard_dir.mkdir(exist_ok=True)
+            argv = [*base, "shard", "--id", sid, "--listen", f"{host}:{sport}"]
+            argv += ["--data-dir", str(shard_dir), "--peers", peers]
+            if cfg.long_poll_timeout is not None:
+                argv += ["--long-poll-timeout", str(cfg.long_poll_timeout)]
+            if cfg.sse_max_duration is not None:
+                argv += ["--sse-max-duration", str(cfg.sse_max_duration)]
+            if cfg.synchronous is not None:
+                argv += ["--synchronous", cfg.synchronous.upper()]
+            self._children.append(_Child(sid, "shard", argv))
+        for g in range(cfg.gateways):
+            argv = [*base, "gateway", "--listen", f"{cfg.host}:{port}", "--shards", peers]
+            if cfg.gateways > 1:
+                argv.append("--reuse-port")
+            self._children.append(_Child(f"gateway-{g}", "gateway", argv))
+        if cfg.log_dir is not None:
+            Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+
+    def _claim_data_dir(self) -> None:
+        """One supervisor per data dir, and never on a dir laid out for another shard count.
+
+        Streams are placed by hashing over the shard ids; a different count would hide
+        every stream whose owner changed, so refuse rather than lose data silently.
+        """
+        lock = open(self.data_dir / _LOCK, "w")  # noqa: SIM115 -- held for the whole run
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise SupervisorError(
+                f"{self.data_dir} is in use by another ds-cluster supervisor"
+            ) from None
+        self._lock_file = lock
+        marker = self.data_dir / _MARKER
+        if marker.exists():
+            try:
+                recorded = json.loads(marker.read_text())["shards"]
+            except (ValueError, KeyError, TypeError) as exc:
+                self._release_lock()
+                raise SupervisorError(f"{marker} is unreadable: {exc}") from exc
+            if recorded != self.config.shards:
+                self._release_lock()
+                raise SupervisorError(
+                    f"{self.data_dir} holds a cluster of {recorded} shards; start it with "
+                    f"--shards {recorded} (re-sharding is not supported) or use another "
+                    "--data-dir"
+                )
+        else:
+            marker.write_text(json.dumps({"shards": self.config.shards}) + "\n")
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def _wait_ready(self) -> None:
+        """Poll GET /readyz on the gateway until 200: another process has no event to await."""
+        url = f"{self.url}/readyz"
+        last = "no answer yet"
+        with trio.move_on_after(self.config.ready_timeout) as scope:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                while True:
+                    try:
+                        response = await client.get(url)
+                        if response.status_code == 200:
+                            return
+                        last = f"status {response.status_code}"
+                    except httpx.HTTPError as exc:
+                        last = type(exc).__name__
+                    await trio.sleep(0.1)
+        if scope.cancelled_caught:
+            deaths = ", ".join(f"{e.name} {e.how}" for e in self.restarts[-5:]) or "none"
+            raise SupervisorError(
+                f"cluster not ready after {self.config.ready_timeout:g} s "
+                f"({url}: {last}; recent child deaths: {deaths})"
+            )
+
+    # ---- one child ----------------------------------------------------------------
+
+    async def _supervise(self, child: _Child) -> None:
+        """Run `child` forever: restart it whenever it dies, backing off on crash loops."""
+        cfg = self.config
+        delay = cfg.restart_initial_delay
+        while True:
+            started = trio.current_time()
+            pid = 0
+            returncode: int | None
+            try:
+                child.process = await self._spawn(child)
+                pid = child.process.pid
+                child.starts += 1
+                if child.starts > 1:
+                    log.info("%s restarted (pid %d)", child.name, pid)
+                returncode = await child.process.wait()
+            except OSError as exc:
+                log.error("%s: cannot start %s: %s", child.name, child.argv[0], exc)
+                returncode = None
+            if self._stopping:
+                return
+            uptime = trio.current_time() - started
+            if uptime >= cfg.restart_reset_after:
+                delay = cfg.restart_initial_delay
+            event = RestartEvent(child.name, pid, returncode, uptime, delay, trio.current_time())
+            self.restarts.append(event)
+            log.warning(
+                "%s (pid %d) %s after %.1f s; restarting in %.1f s",
+                child.name,
+                pid,
+                event.how,
+                uptime,
+                delay,
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, cfg.restart_max_delay)
+
+    async def _spawn(self, child: _Child) -> trio.Process:
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
+        # stops the children in order instead of racing them.
+        options: dict = {"stdin": subprocess.DEVNULL, "process_group": 0}
+        if self.config.log_dir is None:
+            return await trio.lowlevel.open_process(child.argv, **options)
+        with open(Path(self.config.log_dir) / f"{child.name}.log", "ab") as logfile:
+            logfile.write(f"--- {' '.join(child.argv)}\n".encode())
+            logfile.flush()
+            return await trio.lowlevel.open_process(
+                child.argv, stdout=logfile, stderr=subprocess.STDOUT, **options
+            )
+
+    # ---- shutdown -----------------------------------------------------------------
+
+    async def _stop_all(self) -> None:
+        """Gateways first (no new requests), then shards; each SIGTERM, then SIGKILL."""
+        for kind in ("gateway", "shard"):
+            running = [
+                c.process
+                for c in self._children
+                if c.kind == kind and c.process is not None and c.process.returncode is None
+            ]
+            await _terminate(running, self.config.stop_grace)
+        log.info("all children stopped")
+
+
+async def _terminate(processes: list[trio.Process], grace: float) -> None:
+    """SIGTERM each process, wait up to `grace` seconds, SIGKILL what is left, reap all."""
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    with trio.move_on_after(grace):
+        for proc in processes:
+            await proc.wait()
+    for proc in processes:
+        if proc.returncode is None:
+            log.warning("pid %d ignored SIGTERM for %.1f s; killing it", proc.pid, grace)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+# ---- CLI --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=default_shard_count(),
+        help="number of shard processes (default: %(default)s, from the CPU count)",
+    )
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes (default: 1)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=4437, help="gateway port; 0 picks a free one (default: 4437)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("./data"), help="data root (default: ./data)"
+    )
+    parser.add_argument(
+        "--long-poll-timeout", type=float, default=None, help="seconds (passed to shards)"
+    )
+    parser.add_argument(
+        "--sse-max-duration", type=float, default=None, help="seconds (passed to shards)"
+    )
+    parser.add_argument(
+        "--synchronous",
+        type=str.upper,
+        choices=["FULL", "NORMAL"],
+        default=None,
+        help="SQLite synchronous mode for shards (default: the shard's, FULL)",
+    )
+    parser.add_argument(
+        "--log-dir", type=Path, default=None, help="write each child's log to DIR/NAME.log"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s"
+    )
+    try:
+        config = ClusterConfig(
+            shards=args.shards,
+            gateways=args.gateways,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            long_poll_timeout=args.long_poll_timeout,
+            sse_max_duration=args.sse_max_duration,
+            synchronous=args.synchronous,
+            log_dir=args.log_dir,
+        )
+    except ValueError as exc:
+        print(f"ds-cluster up: {exc}", file=sys.stderr)
+        return 2
+    failed = False
+    try:
+        trio.run(_main, config)
+    except* SupervisorError as group:  # also catches a bare one
+        for exc in group.exceptions:
+            log.error("%s", exc)
+        failed = True
+    return 1 if failed else 0
+
+
+async def _main(config: ClusterConfig) -> None:
+    supervisor = Supervisor(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: stopping the cluster", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await nursery.start(supervisor.run)

@@ -1,0 +1,63 @@
+"""Start a real ds-cluster for a test: real shard and gateway processes, real SQLite.
+
+The cluster runs under `common.supervisor.Supervisor` in a background trio task, on free
+ports, with its data and one log file per child under the test's temporary directory.
+When the block exits every child is stopped; the tail of each child's log is printed so
+pytest shows it beside a failing test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from common.supervisor import ClusterConfig, Supervisor
+
+LOG_TAIL_LINES = 40
+
+# Filled by tests/test_conformance.py; printed by conftest at the end of the run.
+CONFORMANCE_SUMMARIES: list[str] = []
+
+
+@asynccontextmanager
+async def running_cluster(
+    base_dir: Path, *, shards: int = 2, gateways: int = 1, **options: Any
+) -> AsyncIterator[Supervisor]:
+    """Yield a ready Supervisor (`.url`, `.child_pids()`, `.restarts`); stop it after.
+
+    `options` are further `ClusterConfig` fields (long_poll_timeout, sse_max_duration, ...).
+    """
+    options.setdefault("ready_timeout", 60.0)
+    options.setdefault("stop_grace", 10.0)
+    config = ClusterConfig(
+        shards=shards,
+        gateways=gateways,
+        port=0,
+        data_dir=base_dir / "data",
+        log_dir=base_dir / "logs",
+        **options,
+    )
+    supervisor = Supervisor(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            try:
+                yield supervisor
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        print_log_tails(base_dir / "logs")
+
+
+def print_log_tails(log_dir: Path, lines: int = LOG_TAIL_LINES) -> None:
+    """Print the last lines of each child's log (captured by pytest; shown on failure)."""
+    if not log_dir.is_dir():
+        return
+    for path in sorted(log_dir.glob("*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"----- {path.name} (last {len(tail)} lines) -----")
+        print("\n".join(tail))

@@ -1,0 +1,40 @@
+"""Shared fixtures: a real cluster per test, and a summary of conformance runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cluster import CONFORMANCE_SUMMARIES, running_cluster
+
+from common.supervisor import Supervisor
+
+
+@pytest.fixture
+async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Supervisor]:
+    """A running cluster (2 shards unless parametrized indirectly with a shard count or a
+    dict of `running_cluster` keyword arguments)."""
+    param = getattr(request, "param", 2)
+    options: dict[str, Any] = dict(param) if isinstance(param, dict) else {"shards": param}
+    async with running_cluster(tmp_path, **options) as supervisor:
+        yield supervisor
+
+
+@pytest.fixture
+def start_cluster(tmp_path: Path) -> Callable[..., Any]:
+    """`async with start_cluster(shards=4, long_poll_timeout=2) as supervisor: ...`"""
+    counter = iter(range(1_000_000))
+
+    def start(**options: Any) -> Any:
+        return running_cluster(tmp_path / f"cluster-{next(counter)}", **options)
+
+    return start
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if CONFORMANCE_SUMMARIES:
+        terminalreporter.section("conformance")
+        for line in CONFORMANCE_SUMMARIES:
+            terminalreporter.write_line(line)

@@ -1,0 +1,85 @@
+"""The official Durable Streams conformance suite against a real cluster, 1 and 4 shards.
+
+The suite (npm `@durable-streams/server-conformance-tests`, pinned in conformance/) runs
+under vitest in a Node process; the cluster runs under the supervisor here. The shards'
+long-poll timeout is shortened to 2 s because some suite tests wait at most 5 s for a
+long-poll to end. Needs `npm ci` in conformance/ (`make test` does it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import trio
+from cluster import CONFORMANCE_SUMMARIES, running_cluster
+
+CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
+VITEST = CONFORMANCE_DIR / "node_modules" / "vitest" / "vitest.mjs"
+LONG_POLL_TIMEOUT_S = 2
+CORE_TESTS = 332  # the suite's count without the opt-in subscription tests
+SUITE_DEADLINE_S = 900
+
+
+def summarize(report: dict) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Counts by status, and failed test names grouped by their top-level describe."""
+    counts: dict[str, int] = defaultdict(int)
+    failures: dict[str, list[str]] = defaultdict(list)
+    for file_result in report["testResults"]:
+        for test in file_result["assertionResults"]:
+            counts[test["status"]] += 1
+            if test["status"] == "failed":
+                group = " > ".join(test["ancestorTitles"]) or "(top level)"
+                message = (test.get("failureMessages") or [""])[0].splitlines()
+                failures[group].append(f"{test['title']}: {message[0] if message else ''}")
+    return dict(counts), dict(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", [1, 4])
+async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (the conformance suite runs under Node)")
+    if not VITEST.exists():
+        pytest.fail(f"{VITEST} missing: run `npm ci` in {CONFORMANCE_DIR} (make test does)")
+    report_path = tmp_path / "vitest-report.json"
+    async with running_cluster(
+        tmp_path, shards=shards, long_poll_timeout=LONG_POLL_TIMEOUT_S
+    ) as supervisor:
+        env = {
+            **os.environ,
+            "DS_BASE_URL": supervisor.url,
+            "DS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_TIMEOUT_S * 1000),
+        }
+        with trio.fail_after(SUITE_DEADLINE_S):
+            result = await trio.run_process(
+                [node, str(VITEST), "run", "--reporter=json", f"--outputFile={report_path}"],
+                cwd=CONFORMANCE_DIR,
+                env=env,
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        restarts = list(supervisor.restarts)
+    if not report_path.exists():
+        print(result.stdout.decode(errors="replace")[-5000:])
+        print(result.stderr.decode(errors="replace")[-5000:])
+        pytest.fail(f"vitest wrote no report (exit code {result.returncode})")
+    counts, failures = summarize(json.loads(report_path.read_text()))
+    passed, failed = counts.get("passed", 0), counts.get("failed", 0)
+    skipped = sum(n for status, n in counts.items() if status not in ("passed", "failed"))
+    line = f"conformance, {shards} shard(s): {passed} passed, {failed} failed, {skipped} skipped"
+    CONFORMANCE_SUMMARIES.append(line)
+    for group, names in sorted(failures.items()):
+        CONFORMANCE_SUMMARIES.append(f"  {group}: {len(names)} failed")
+        CONFORMANCE_SUMMARIES.extend(f"    - {name}"[:200] for name in names)
+    print(line)
+    assert not restarts, f"children died during the suite: {restarts}"
+    assert failed == 0, f"{failed} conformance tests failed: {json.dumps(failures, indent=1)}"
+    assert passed >= CORE_TESTS, f"only {passed} of {CORE_TESTS} conformance tests passed"
+    assert result.returncode == 0, f"vitest exited with {result.returncode}"
