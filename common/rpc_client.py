@@ -1,0 +1,438 @@
+"""Multiplexed RPC client to shards: one persistent connection per shard, many calls on it.
+
+Used by the gateway (op="http") and by shards calling each other (export_fork,
+release_fork); it knows nothing about HTTP.
+
+    async with ShardPool(endpoints, ring, role="gateway", name="gw-1") as pool:
+        # simple ops: one result map
+        result = await pool.call("s1", "export_fork", {...}, timeout=5)
+        # requests with a (possibly streaming) response
+        async with pool.open("s1", "http", {"m": "GET", "p": "a", ...}) as call:
+            res = await call.response()        # the `res` frame: s, h, b, more
+            async for data in call.chunks():   # `chunk` bodies while more
+                ...
+
+Each connection runs three kinds of task in the pool's nursery: a supervisor that
+connects (exponential backoff, 50 ms doubling to 2 s, jittered), says `hello` and waits
+for the shard's `hello`; one reader that dispatches frames by request id into per-call
+trio memory channels; one writer that joins every queued frame into a single send_all.
+
+Failure model, so callers never hang and never guess:
+  * shard not connected: `open`/`call` raise ShardUnavailable(sent=False) at once;
+  * connection drops: every call in flight on it fails at once with ShardUnavailable;
+    `sent` says whether its request frame was handed to the socket (True: the outcome is
+    unknown, the shard may have acted; False: it certainly did not);
+  * the shard answers `err`: ShardError(code, msg);
+  * leaving `open(...)` before the response is complete sends `cancel` to the shard.
+A streaming response whose unread chunks exceed `max_buffered` bytes (a consumer slower
+than the shard) is cancelled on the shard and fails with ShardUnavailable(sent=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from common import wire
+from common.ring import Ring
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+HELLO_TIMEOUT = 5.0
+RECV_SIZE = 256 * 1024
+MAX_BUFFERED = 16 * 1024 * 1024
+
+
+class ShardUnavailable(Exception):
+    """The shard could not answer. `sent`: whether the request may have reached it."""
+
+    def __init__(self, shard_id: str, reason: str, *, sent: bool) -> None:
+        super().__init__(f"shard {shard_id} unavailable: {reason}")
+        self.shard_id = shard_id
+        self.reason = reason
+        self.sent = sent
+
+
+class ShardTimeout(ShardUnavailable):
+    """A `call` got no answer in time (outcome unknown; the call was cancelled)."""
+
+
+class ShardError(Exception):
+    """The shard answered the request with an `err` frame."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(f"{code}: {msg}")
+        self.code = code
+        self.msg = msg
+
+
+# Sentinels the reader puts into a call's channel when the call cannot continue.
+_DROPPED = object()
+_OVERFLOW = object()
+
+
+class Call:
+    """One request in flight. Created by ShardPool.open / ShardConnection.open."""
+
+    __slots__ = (
+        "_conn",
+        "_gen",
+        "id",
+        "_send",
+        "_recv",
+        "sent",
+        "done",
+        "buffered",
+    )
+
+    def __init__(self, conn: ShardConnection, call_id: int) -> None:
+        self._conn = conn
+        self._gen = conn._generation
+        self.id = call_id
+        self._send, self._recv = trio.open_memory_channel[Any](math.inf)
+        self.sent = False  # the writer handed our frame to the socket
+        self.done = False  # the final frame (or an error) has been received
+        self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
+
+    async def __aenter__(self) -> Call:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.done:
+            self.done = True
+            self._conn._abandon(self)
+
+    def _unavailable(self, item: object) -> ShardUnavailable:
+        self.done = True
+        if item is _OVERFLOW:
+            return ShardUnavailable(self._conn.shard_id, "consumer too slow", sent=True)
+        reason = "connection lost" if self.sent else "connection lost before sending"
+        return ShardUnavailable(self._conn.shard_id, reason, sent=self.sent)
+
+    async def response(self) -> dict[str, Any]:
+        """The `res` frame (s, h, b, more; or `a` for non-http ops). Cancel-safe."""
+        msg = await self._recv.receive()
+        if type(msg) is not dict:
+            raise self._unavailable(msg)
+        kind = msg["k"]
+        if kind == "res":
+            if not msg.get("more"):
+                self.done = True
+            return msg
+        self.done = True
+        if kind == "err":
+            raise ShardError(str(msg.get("code", "internal")), str(msg.get("msg", "")))
+        raise ShardError("internal", f"unexpected {kind!r} frame before the response")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Bodies of the `chunk` frames that follow a `res` with more=True."""
+        while not self.done:
+            msg = await self._recv.receive()
+            if type(msg) is not dict:
+                raise self._unavailable(msg)
+            if msg["k"] == "err":
+                self.done = True
+                raise ShardError(str(msg.get("code", "internal")), str(msg.get("msg", "")))
+            body = msg.get("b") or b""
+            self.buffered -= len(body)
+            if not msg.get("more"):
+                self.done = True
+            if body:
+                yield body
+
+
+class ShardConnection:
+    """The persistent, multiplexed connection to one shard. Run by a ShardPool."""
+
+    def __init__(
+        self,
+        shard_id: str,
+        address: tuple[str, int],
+        hello: dict[str, Any],
+        ring_version: int,
+        *,
+        max_buffered: int = MAX_BUFFERED,
+    ) -> None:
+        self.shard_id = shard_id
+        self.address = address
+        self._hello = hello
+        self._ring_version = ring_version
+        self._max_buffered = max_buffered
+        self._generation = 0  # bumped on each (dis)connection; stale calls are ignored
+        self._connected = False
+        self._next_id = 0
+        self._pending: dict[int, Call] = {}
+        self._outbox: list[tuple[bytes, Call | None]] = []
+        self._wake = trio.Event()
+        self.peer_hello: dict[str, Any] | None = None
+        self.connected_event = trio.Event()  # set while connected; replaced when lost
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # -- calls -----------------------------------------------------------------------
+
+    def open(self, op: str, fields: Mapping[str, Any]) -> Call:
+        """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
+
+        A dict `fields` becomes the frame itself (k, i, op, r are set in it): pass a fresh one.
+        """
+        if not self._connected:
+            raise ShardUnavailable(self.shard_id, "not connected", sent=False)
+        self._next_id += 1
+        call_id = self._next_id
+        message = fields if type(fields) is dict else dict(fields)
+        message["k"] = "req"
+        message["i"] = call_id
+        message["op"] = op
+        message["r"] = self._ring_version
+        frame = wire.encode(message)  # raises WireError if too big: nothing registered yet
+        call = Call(self, call_id)
+        self._pending[call_id] = call
+        self._outbox.append((frame, call))
+        self._wake.set()
+        return call
+
+    def _abandon(self, call: Call) -> None:
+        """The caller left before the response completed: tell the shard to stop."""
+        if self._pending.pop(call.id, None) is None or call._gen != self._generation:
+            return
+        if call.sent:
+            self._outbox.append((wire.encode({"k": "cancel", "i": call.id}), None))
+            self._wake.set()
+        else:  # still queued: just do not send it
+            self._outbox = [item for item in self._outbox if item[1] is not call]
+
+    # -- connection lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; forever (until cancelled by the pool)."""
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(*self.address)
+            except OSError as exc:
+                log.debug("shard %s: connect failed: %s", self.shard_id, exc)
+            else:
+                try:
+                    async with stream:
+                        start = await self._handshake(stream)
+                        if start is not None:
+                            backoff = BACKOFF_MIN
+                            await self._serve(stream, *start)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    log.info("shard %s: handshake failed: %s", self.shard_id, exc)
+                except wire.WireError as exc:
+                    log.warning("shard %s: protocol error in handshake: %s", self.shard_id, exc)
+                finally:
+                    self._lost()
+            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _handshake(
+        self, stream: trio.SocketStream
+    ) -> tuple[wire.FrameDecoder, list[dict[str, Any]]] | None:
+        """Say hello and check the shard's; returns the decoder and any early frames."""
+        await stream.send_all(wire.encode(dict(self._hello)))
+        decoder = wire.FrameDecoder()
+        messages: list[dict[str, Any]] = []
+        with trio.move_on_after(HELLO_TIMEOUT):
+            while not messages:
+                data = await stream.receive_some(RECV_SIZE)
+                if not data:
+                    return None
+                messages = decoder.feed(data)
+        if not messages:
+            log.warning("shard %s: no hello within %ss", self.shard_id, HELLO_TIMEOUT)
+            return None
+        hello = messages[0]
+        if hello.get("k") != "hello":
+            raise wire.WireError(f"expected hello, got {hello.get('k')!r}")
+        if hello.get("id") not in (None, self.shard_id):
+            log.error(
+                "shard at %s:%s says it is %r, expected %r; not using it",
+                *self.address,
+                hello.get("id"),
+                self.shard_id,
+            )
+            return None
+        ring = hello.get("ring") or {}
+        if ring.get("version") != self._ring_version:
+            log.warning(
+                "shard %s is on ring version %s, we are on %s",
+                self.shard_id,
+                ring.get("version"),
+                self._ring_version,
+            )
+        self.peer_hello = hello
+        return decoder, messages[1:]
+
+    async def _serve(
+        self, stream: trio.SocketStream, decoder: wire.FrameDecoder, early: list[dict[str, Any]]
+    ) -> None:
+        """Run reader and writer until either ends; the connection is then lost."""
+        self._generation += 1
+        self._connected = True
+        self.connected_event.set()
+        log.info("shard %s: connected to %s:%s", self.shard_id, *self.address)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, stream, nursery.cancel_scope)
+            await self._reader(stream, decoder, early)
+            nursery.cancel_scope.cancel()
+
+    def _lost(self) -> None:
+        """Fail every call in flight and every queued frame; new calls fail fast."""
+        was_connected = self._connected
+        self._connected = False
+        self._generation += 1
+        if was_connected:
+            self.connected_event = trio.Event()
+        pending, self._pending = self._pending, {}
+        self._outbox = []
+        for call in pending.values():
+            call._send.send_nowait(_DROPPED)
+
+    async def _writer(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                batch, self._outbox = self._outbox, []
+                for _, call in batch:
+                    if call is not None:
+                        call.sent = True
+                if len(batch) == 1:
+                    await stream.send_all(batch[0][0])
+                else:
+                    await stream.send_all(b"".join([frame for frame, _ in batch]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("shard %s: connection lost (write): %s", self.shard_id, exc)
+            scope.cancel()
+
+    async def _reader(
+        self, stream: trio.SocketStream, decoder: wire.FrameDecoder, messages: list[dict[str, Any]]
+    ) -> None:
+        """Dispatch frames to their calls; returns when the connection ends."""
+        pending = self._pending
+        try:
+            while True:
+                for msg in messages:
+                    call = pending.get(msg.get("i"))  # type: ignore[arg-type]
+                    if call is None:
+                        continue  # a call we abandoned, or a stray id
+                    kind = msg["k"]
+                    if kind == "chunk":
+                        if msg.get("more"):
+                            call.buffered += len(msg.get("b") or b"")
+                            if call.buffered > self._max_buffered:
+                                self._overflow(call)
+                                continue
+                        else:
+                            del pending[call.id]
+                    elif kind == "err" or (kind == "res" and not msg.get("more")):
+                        del pending[call.id]
+                    call._send.send_nowait(msg)
+                data = await stream.receive_some(RECV_SIZE)
+                if not data:
+                    log.info("shard %s: connection closed by the shard", self.shard_id)
+                    return
+                messages = decoder.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("shard %s: connection lost (read): %s", self.shard_id, exc)
+        except wire.WireError as exc:
+            log.warning("shard %s: protocol error: %s", self.shard_id, exc)
+
+    def _overflow(self, call: Call) -> None:
+        """A streaming call's consumer fell too far behind: cancel it on the shard."""
+        del self._pending[call.id]
+        self._outbox.append((wire.encode({"k": "cancel", "i": call.id}), None))
+        self._wake.set()
+        call._send.send_nowait(_OVERFLOW)
+
+
+class ShardPool:
+    """Connections to every shard in `endpoints`, owned by this async context manager."""
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, tuple[str, int]],
+        ring: Ring,
+        *,
+        role: str,
+        name: str,
+        max_buffered: int = MAX_BUFFERED,
+    ) -> None:
+        hello = {"k": "hello", "role": role, "id": name, "ring": ring.to_wire()}
+        self.ring = ring
+        self.connections = {
+            shard_id: ShardConnection(
+                shard_id, address, hello, ring.version, max_buffered=max_buffered
+            )
+            for shard_id, address in endpoints.items()
+        }
+        self._nursery_cm: Any = None
+
+    async def __aenter__(self) -> ShardPool:
+        self._nursery_cm = trio.open_nursery()
+        nursery = await self._nursery_cm.__aenter__()
+        for conn in self.connections.values():
+            nursery.start_soon(conn.run, name=f"shard-conn-{conn.shard_id}")
+        self._nursery = nursery
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(et, ev, tb)
+
+    def connected(self, shard_id: str) -> bool:
+        return self.connections[shard_id].connected
+
+    def all_connected(self) -> bool:
+        return all(conn.connected for conn in self.connections.values())
+
+    def disconnected(self) -> list[str]:
+        return [sid for sid, conn in self.connections.items() if not conn.connected]
+
+    async def wait_connected(self, shard_id: str | None = None) -> None:
+        """Wait until one shard (or, with None, every shard) is connected."""
+        conns = self.connections.values() if shard_id is None else [self.connections[shard_id]]
+        for conn in conns:
+            while not conn.connected:
+                await conn.connected_event.wait()
+
+    def open(self, shard_id: str, op: str, fields: Mapping[str, Any]) -> Call:
+        """Send a request now (fail-fast); use the result as an async context manager."""
+        try:
+            conn = self.connections[shard_id]
+        except KeyError:
+            raise ShardUnavailable(shard_id, "unknown shard", sent=False) from None
+        return conn.open(op, fields)
+
+    async def call(
+        self, shard_id: str, op: str, args: Mapping[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """A simple op: send `a`=args, return the result map `a` of the `res`.
+
+        Raises ShardUnavailable (ShardTimeout after `timeout` seconds) or ShardError.
+        """
+        async with self.open(shard_id, op, {"a": dict(args)}) as call:
+            with trio.move_on_after(timeout) as scope:
+                res = await call.response()
+            if scope.cancelled_caught:
+                raise ShardTimeout(shard_id, f"no answer within {timeout}s", sent=call.sent)
+            return res.get("a") or {}

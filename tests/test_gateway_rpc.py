@@ -1,0 +1,240 @@
+"""common/rpc_client.py against an in-test wire server (the client is the unit under test)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import trio
+
+from common.ring import Ring
+from common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
+
+try:
+    from test_gateway_fakeshard import FakeShard, Reply, forever
+except ImportError:  # tests/ became a package
+    from tests.test_gateway_fakeshard import FakeShard, Reply, forever
+
+
+def make_pool(shard: FakeShard, **kwargs: Any) -> ShardPool:
+    ring = Ring(7, (shard.shard_id,))
+    return ShardPool(
+        {shard.shard_id: ("127.0.0.1", shard.port)}, ring, role="gateway", name="t", **kwargs
+    )
+
+
+async def echo_shuffled(msg: dict[str, Any], reply: Reply) -> None:
+    """Answer after a random delay, so replies come back out of order."""
+    await trio.sleep(random.random() * 0.05)
+    if msg["op"] == "http":
+        await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": msg["b"], "more": False})
+    elif msg["op"] == "export_fork":
+        await reply({"k": "res", "i": msg["i"], "a": {"got": msg["a"]}})
+    else:
+        await reply({"k": "err", "i": msg["i"], "code": "bad_request", "msg": "nope"})
+
+
+async def test_hello_then_connected() -> None:
+    shard = FakeShard("s1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            with trio.fail_after(5):
+                await pool.wait_connected()
+            assert pool.connected("s1") and pool.all_connected()
+            assert shard.hellos[0]["role"] == "gateway"
+            assert shard.hellos[0]["id"] == "t"
+            assert shard.hellos[0]["ring"] == {"version": 7, "shards": ["s1"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_concurrent_requests_out_of_order() -> None:
+    shard = FakeShard("s1", echo_shuffled)
+    results: dict[int, bytes] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+
+            async def one(n: int) -> None:
+                body = f"body-{n}".encode()
+                fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": body}
+                async with pool.open("s1", "http", fields) as call:
+                    res = await call.response()
+                    results[n] = res["b"]
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as inner:
+                    for n in range(500):
+                        inner.start_soon(one, n)
+        nursery.cancel_scope.cancel()
+    assert results == {n: f"body-{n}".encode() for n in range(500)}
+    # all on the one connection
+    assert len(shard.hellos) == 1
+
+
+async def test_call_result_and_error() -> None:
+    shard = FakeShard("s1", echo_shuffled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            got = await pool.call("s1", "export_fork", {"source": "a"}, timeout=5)
+            assert got == {"got": {"source": "a"}}
+            with pytest.raises(ShardError) as info:
+                await pool.call("s1", "release_fork", {"source": "a"}, timeout=5)
+            assert info.value.code == "bad_request"
+        nursery.cancel_scope.cancel()
+
+
+async def test_call_timeout_sends_cancel() -> None:
+    shard = FakeShard("s1", forever)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            with pytest.raises(ShardTimeout) as info:
+                await pool.call("s1", "export_fork", {}, timeout=0.1)
+            assert info.value.sent
+            with trio.fail_after(5):
+                await shard.cancel_seen.wait()
+            assert shard.cancelled == [shard.requests[0]["i"]]
+        nursery.cancel_scope.cancel()
+
+
+async def sse(msg: dict[str, Any], reply: Reply) -> None:
+    i = msg["i"]
+    await reply(
+        {
+            "k": "res",
+            "i": i,
+            "s": 200,
+            "h": [["content-type", "text/event-stream"]],
+            "b": b"head;",
+            "more": True,
+        }
+    )
+    for n in range(int(msg["q"])):
+        await trio.sleep(0.001)
+        await reply({"k": "chunk", "i": i, "b": f"c{n};".encode(), "more": True})
+    if msg["p"] == "endless":
+        await trio.sleep(math.inf)
+    await reply({"k": "chunk", "i": i, "b": b"", "more": False})
+
+
+async def test_streaming_chunks_and_cancel_on_early_exit() -> None:
+    shard = FakeShard("s1", sse)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            fields = {"m": "GET", "p": "finite", "q": "5", "h": [], "b": b""}
+            async with pool.open("s1", "http", fields) as call:
+                res = await call.response()
+                assert res["more"] and res["b"] == b"head;"
+                chunks = [c async for c in call.chunks()]
+            assert chunks == [f"c{n};".encode() for n in range(5)]
+            assert shard.cancelled == []  # completed: nothing to cancel
+
+            fields = {"m": "GET", "p": "endless", "q": "3", "h": [], "b": b""}
+            async with pool.open("s1", "http", fields) as call:
+                await call.response()
+                async for chunk in call.chunks():
+                    if chunk == b"c1;":
+                        break
+            with trio.fail_after(5):
+                await shard.cancel_seen.wait()
+            assert shard.cancelled == [shard.requests[-1]["i"]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_slow_consumer_overflow_cancels() -> None:
+    async def flood(msg: dict[str, Any], reply: Reply) -> None:
+        await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": True})
+        while True:
+            await reply({"k": "chunk", "i": msg["i"], "b": b"x" * 4096, "more": True})
+
+    shard = FakeShard("s1", flood)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard, max_buffered=64 * 1024) as pool:
+            await pool.wait_connected()
+            fields = {"m": "GET", "p": "a", "q": "", "h": [], "b": b""}
+            async with pool.open("s1", "http", fields) as call:
+                await call.response()
+                with trio.fail_after(5):
+                    await shard.cancel_seen.wait()  # we never read: overflow
+                with pytest.raises(ShardUnavailable):
+                    async for _ in call.chunks():
+                        pass
+            assert pool.connected("s1")  # the connection itself is fine
+        nursery.cancel_scope.cancel()
+
+
+async def test_fail_fast_when_down_and_reconnect() -> None:
+    shard = FakeShard("s1", echo_shuffled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)  # learn a port
+        await shard.stop()
+        async with make_pool(shard) as pool:
+            await trio.sleep(0.2)
+            assert not pool.connected("s1")
+            with trio.fail_after(0.5):  # fast, not after a timeout
+                with pytest.raises(ShardUnavailable) as info:
+                    pool.open("s1", "http", {"m": "GET", "p": "a", "q": "", "h": [], "b": b""})
+            assert info.value.sent is False
+            with pytest.raises(ShardUnavailable):
+                await pool.call("s1", "export_fork", {}, timeout=5)
+
+            await nursery.start(shard.run)  # the shard comes back on its port
+            with trio.fail_after(5):  # backoff is at most 2 s
+                await pool.wait_connected("s1")
+            got = await pool.call("s1", "export_fork", {"n": 1}, timeout=5)
+            assert got == {"got": {"n": 1}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_inflight_requests_fail_at_once_on_drop() -> None:
+    shard = FakeShard("s1", forever)
+    outcomes: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+
+            async def one() -> None:
+                fields = {"m": "POST", "p": "a", "q": "", "h": [], "b": b"x"}
+                async with pool.open("s1", "http", fields) as call:
+                    try:
+                        await call.response()
+                    except ShardUnavailable as exc:
+                        outcomes.append(exc)
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as inner:
+                    for _ in range(20):
+                        inner.start_soon(one)
+                    while len(shard.requests) < 20:
+                        await trio.sleep(0.01)
+                    await shard.stop()
+            assert len(outcomes) == 20
+            assert all(exc.sent for exc in outcomes)  # reached the shard: outcome unknown
+            assert not pool.connected("s1")
+        nursery.cancel_scope.cancel()
+
+
+async def test_unknown_shard_and_wrong_identity() -> None:
+    shard = FakeShard("other")  # answers hello as "other"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        ring = Ring(1, ("s1",))
+        async with ShardPool(
+            {"s1": ("127.0.0.1", shard.port)}, ring, role="shard", name="s0"
+        ) as pool:
+            await trio.sleep(0.3)
+            assert not pool.connected("s1")  # refuses a shard that is not who we expect
+            with pytest.raises(ShardUnavailable):
+                pool.open("nope", "http", {})
+        nursery.cancel_scope.cancel()
