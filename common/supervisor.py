@@ -433,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness probe's requests
     try:
         config = ClusterConfig(
             shards=args.shards,

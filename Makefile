@@ -1,0 +1,38 @@
+# Two entry points: `make up` runs a local cluster on :4437, `make test` runs every test
+# (unit, end-to-end, and the official conformance suite at 1 and 4 shards).
+# Needs only python3 (with venv), node and npm; everything else is installed here.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+NODE_MODULES := conformance/node_modules/.package-lock.json
+
+.PHONY: up test install lint clean
+
+up: $(INSTALLED)
+	exec $(VENV)/bin/ds-cluster up --port 4437
+
+test: $(INSTALLED) $(NODE_MODULES)
+	$(PY) -m pytest -q
+
+install: $(INSTALLED) $(NODE_MODULES)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependencies change; the editable install follows the sources.
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(NODE_MODULES): conformance/package.json conformance/package-lock.json
+	cd conformance && npm ci --no-audit --no-fund
+	touch $@
+
+clean:
+	rm -rf $(VENV) conformance/node_modules .pytest_cache
