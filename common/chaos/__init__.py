@@ -1,0 +1,89 @@
+"""`ds-cluster chaos`: launch a cluster, write and read through it while shards are
+SIGKILLed and SIGSTOPped, then verify that nothing acknowledged was lost, duplicated or
+reordered and that every live reader saw a gap-free, duplicate-free sequence.
+
+Modules: `payload` (message ids and encodings), `sse` (SSE parsing), `workload`
+(idempotent writers, live readers, forks), `faults` (signals and unavailability),
+`verify` (pure verdict), `report` (progress and summary), `runner` (the phases).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import trio
+
+from .runner import ChaosOptions, exit_code, run_chaos
+
+__all__ = ["ChaosOptions", "add_arguments", "run", "run_chaos"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ChaosOptions()
+    a = parser.add_argument
+    a("--duration", type=float, default=d.duration, help="seconds of faults and load (%(default)s)")
+    a("--shards", type=int, default=d.shards, help="shards to launch (%(default)s)")
+    a(
+        "--kill-interval",
+        type=float,
+        default=d.kill_interval,
+        help="mean seconds between faults; 0 = no faults (%(default)s)",
+    )
+    a("--seed", type=int, default=None, help="random seed (printed when not given)")
+    a(
+        "--stop-probability",
+        type=float,
+        default=d.stop_probability,
+        help="share of faults that SIGSTOP a shard for 1-4 s instead of killing it (%(default)s)",
+    )
+    a("--streams-per-shard", type=int, default=d.streams_per_shard, help="(%(default)s)")
+    a("--forks", type=int, default=None, help="cross-shard forks (default: one per shard)")
+    a(
+        "--write-pause",
+        type=float,
+        default=d.write_pause,
+        help="mean seconds a writer waits between writes (%(default)s)",
+    )
+    a("--long-poll-timeout", type=float, default=d.long_poll_timeout, help="(%(default)s)")
+    a("--sse-max-duration", type=float, default=d.sse_max_duration, help="(%(default)s)")
+    a(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="seconds before a request's outcome counts as unknown (%(default)s)",
+    )
+    a(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="seconds allowed for finishing writes, recovery and reader catch-up (%(default)s)",
+    )
+    a("--progress-interval", type=float, default=d.progress_interval, help="(%(default)s)")
+    a("--url", default=None, help="exercise an already running server instead (no faults)")
+    a("--data-dir", default=None, help="cluster data directory (default: a temporary one)")
+    a("--keep-data", action="store_true", help="keep the data directory even on success")
+    a("--report-json", default=None, metavar="FILE", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = ChaosOptions(
+        duration=args.duration,
+        shards=args.shards,
+        kill_interval=args.kill_interval,
+        seed=args.seed,
+        stop_probability=args.stop_probability,
+        streams_per_shard=args.streams_per_shard,
+        forks=args.forks,
+        write_pause=args.write_pause,
+        long_poll_timeout=args.long_poll_timeout,
+        sse_max_duration=args.sse_max_duration,
+        request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
+        progress_interval=args.progress_interval,
+        url=args.url,
+        data_dir=args.data_dir,
+        keep_data=args.keep_data,
+        report_json=args.report_json,
+    )
+    result = trio.run(run_chaos, options)
+    return exit_code(result)

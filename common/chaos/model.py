@@ -1,0 +1,92 @@
+"""Shared bookkeeping of a chaos run: what was planned, acknowledged, seen and violated.
+
+Writers and readers only append to these records; the verifier and the reporter only read
+them. Keeping them plain data makes the verifier a pure function that unit tests can feed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StreamPlan:
+    """One stream under test. `prefix` is the inherited content of a fork (ids in order)."""
+
+    path: str
+    content_type: str
+    shard: str
+    writers: list[str] = field(default_factory=list)
+    fork_of: str | None = None
+    fork_offset: str | None = None
+    prefix: list[str] = field(default_factory=list)
+    created: bool = False
+
+
+@dataclass
+class WriterLedger:
+    """What one idempotent producer knows about its own writes.
+
+    `acked` holds every acknowledged batch in send order; `pending` the batch whose outcome
+    was still unknown when the run stopped (it may or may not be stored, but atomically);
+    `rejected` batches answered with a definitive 4xx (they must not be stored).
+    `fork_points` are (Stream-Next-Offset after batch i, i) taken from 200 answers.
+    """
+
+    name: str
+    stream: str
+    acked: list[list[str]] = field(default_factory=list)
+    pending: list[str] | None = None
+    rejected: list[list[str]] = field(default_factory=list)
+    fork_points: list[tuple[str, int]] = field(default_factory=list)
+
+    def acked_ids(self, upto_batch: int | None = None) -> list[str]:
+        batches = self.acked if upto_batch is None else self.acked[: upto_batch + 1]
+        return [mid for batch in batches for mid in batch]
+
+
+@dataclass
+class ReaderLog:
+    """The ids one live reader committed, in order (data counted only once its control
+    event or response arrived, as a resuming client would)."""
+
+    name: str
+    stream: str
+    mode: str  # "long-poll" | "sse"
+    received: list[str] = field(default_factory=list)
+    reconnects: int = 0
+    stalls: int = 0
+    errors: int = 0
+
+
+@dataclass
+class FaultEvent:
+    """One injected fault and how long the shard stayed unavailable afterwards."""
+
+    shard: str
+    kind: str  # "kill" | "stop"
+    at: float  # seconds since the run started
+    pid: int
+    duration: float = 0.0  # how long a stop lasted
+    recovered_after: float | None = None  # first successful write started after the fault
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str  # lost | duplicated | reordered | phantom | partial | corrupt | reader-* | ...
+    stream: str
+    detail: str
+
+
+@dataclass
+class Stats:
+    acked_batches: int = 0
+    acked_messages: int = 0
+    duplicates_acked: int = 0  # 204 answers: the retry found its write already stored
+    retries: int = 0
+    rejected: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    forks_created: int = 0
+
+    def count_status(self, key: str) -> None:
+        self.status_counts[key] = self.status_counts.get(key, 0) + 1

@@ -1,0 +1,170 @@
+"""Progress lines while a chaos run goes, and the summary table / JSON report at the end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .model import FaultEvent, ReaderLog, Stats, Violation
+from .verify import Verdict
+
+
+@dataclass
+class ChaosResult:
+    seed: int
+    shards: int
+    duration: float
+    kill_interval: float
+    stats: Stats
+    faults: list[FaultEvent]
+    verdict: Verdict
+    readers: list[ReaderLog]
+    streams: int
+    healthy: bool
+    health_detail: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+
+    @property
+    def violations(self) -> list[Violation]:
+        extra = [Violation("unhealthy", "-", d) for d in self.health_detail]
+        return self.verdict.violations + extra
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations and self.healthy
+
+    def unavailability(self, kind: str | None = None) -> float | None:
+        values = [
+            e.recovered_after
+            for e in self.faults
+            if e.recovered_after is not None and (kind is None or e.kind == kind)
+        ]
+        return max(values) if values else None
+
+    def to_json(self) -> dict:
+        verdict = self.verdict
+        return {
+            "passed": self.passed,
+            "seed": self.seed,
+            "shards": self.shards,
+            "duration": self.duration,
+            "kill_interval": self.kill_interval,
+            "streams": self.streams,
+            "acked_writes": self.stats.acked_batches,
+            "acked_messages": self.stats.acked_messages,
+            "duplicate_acks": self.stats.duplicates_acked,
+            "retries": self.stats.retries,
+            "statuses": self.stats.status_counts,
+            "forks": self.stats.forks_created,
+            "kills": sum(1 for e in self.faults if e.kind == "kill"),
+            "stops": sum(1 for e in self.faults if e.kind == "stop"),
+            "lost": verdict.lost,
+            "duplicated": verdict.duplicated,
+            "reordered": verdict.reordered,
+            "phantom": verdict.phantom,
+            "partial": verdict.partial,
+            "reader_errors": sum(x.kind.startswith("reader") for x in self.violations),
+            "reader_messages": sum(len(r.received) for r in self.readers),
+            "reader_reconnects": sum(r.reconnects for r in self.readers),
+            "reader_stalls": sum(r.stalls for r in self.readers),
+            "longest_unavailability_kill": self.unavailability("kill"),
+            "longest_unavailability_stop": self.unavailability("stop"),
+            "healthy": self.healthy,
+            "faults": [asdict(e) for e in self.faults],
+            "violations": [asdict(v) for v in self.violations],
+        }
+
+    def dump(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+
+
+def progress_line(
+    elapsed: float,
+    stats: Stats,
+    rate: float,
+    faults: list[FaultEvent],
+    down: list[str],
+    reader_messages: int,
+    violations: int,
+) -> str:
+    kills = sum(1 for e in faults if e.kind == "kill")
+    stops = len(faults) - kills
+    return (
+        f"[chaos {elapsed:7.1f}s] acked {stats.acked_batches} writes "
+        f"({rate:6.1f}/s), retries {stats.retries}, kills {kills}, stops {stops}, "
+        f"down {','.join(down) or '-'}, readers got {reader_messages}, "
+        f"violations {violations}"
+    )
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def summary(result: ChaosResult, max_violations: int = 40) -> str:
+    v = result.verdict
+    s = result.stats
+    kills = [e for e in result.faults if e.kind == "kill"]
+    stops = [e for e in result.faults if e.kind == "stop"]
+    modes = {}
+    for r in result.readers:
+        modes[r.mode] = modes.get(r.mode, 0) + 1
+    worst = max(kills, key=lambda e: e.recovered_after or 0.0, default=None)
+    rows = [
+        (
+            "writes acknowledged",
+            f"{s.acked_batches} ({s.acked_messages} messages, "
+            f"{s.duplicates_acked} answered 204 on retry)",
+        ),
+        ("streams / forks", f"{result.streams} / {s.forks_created}"),
+        ("kills / stops", f"{len(kills)} / {len(stops)}"),
+        ("retries", str(s.retries)),
+        ("lost", str(v.lost)),
+        ("duplicated", str(v.duplicated)),
+        ("reordered", str(v.reordered)),
+        ("phantom / partial", f"{v.phantom} / {v.partial}"),
+        ("reader violations", str(sum(x.kind.startswith("reader") for x in result.violations))),
+        (
+            "readers",
+            ", ".join(f"{n} {m}" for m, n in sorted(modes.items()))
+            + f"; {sum(len(r.received) for r in result.readers)} messages, "
+            f"{sum(r.reconnects for r in result.readers)} reconnects, "
+            f"{sum(r.stalls for r in result.readers)} stalls",
+        ),
+        (
+            "longest unavailability",
+            f"{_secs(result.unavailability('kill'))} after a kill"
+            + (f" ({worst.shard} at {worst.at:.1f}s)" if worst and worst.recovered_after else "")
+            + f", {_secs(result.unavailability('stop'))} after a stop",
+        ),
+        ("cluster healthy at end", "yes" if result.healthy else "NO"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [
+        f"ds-cluster chaos: seed {result.seed}, {result.shards} shards, "
+        f"{result.duration:.0f}s, a fault every ~{result.kill_interval:g}s",
+        *(f"  {k.ljust(width)}  {val}" for k, val in rows),
+    ]
+    if result.faults:
+        lines.append("")
+        lines.append(f"  {'#':>3}  {'at':>7}  {'shard':<10} {'fault':<5} {'pid':>7}  unavailable")
+        for i, e in enumerate(result.faults, 1):
+            extra = f" (stopped {e.duration:.1f}s)" if e.kind == "stop" else ""
+            lines.append(
+                f"  {i:>3}  {e.at:6.1f}s  {e.shard:<10} {e.kind:<5} {e.pid:>7}  "
+                f"{_secs(e.recovered_after) if e.recovered_after is not None else 'NOT RECOVERED'}"
+                f"{extra}"
+            )
+    violations = result.violations
+    if violations:
+        lines.append("")
+        lines.append(f"  VIOLATIONS ({len(violations)}):")
+        for viol in violations[:max_violations]:
+            lines.append(f"    {viol.kind:<16} {viol.stream}: {viol.detail}")
+        if len(violations) > max_violations:
+            lines.append(f"    ... and {len(violations) - max_violations} more")
+    if result.data_dir:
+        lines.append(f"  data kept in {result.data_dir}")
+    lines.append("RESULT: " + ("PASS" if result.passed else f"FAIL ({len(violations)} violations)"))
+    return "\n".join(lines)
