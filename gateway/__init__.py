@@ -1,0 +1,1 @@
+"""The stateless HTTP gateway: routes /v1/stream/* to the owning shard (see gateway.app)."""

@@ -1,0 +1,27 @@
+"""The gateway's ASGI callable: /v1/stream/* to the lean stream handler, the rest to the
+quart-trio control app (health, readiness; lifespan too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.paths import PREFIX_BYTES
+from common.ring import Ring
+from common.rpc_client import ShardPool
+from gateway.control import create_control_app
+from gateway.stream import Receive, Scope, Send, StreamHandler
+
+
+def create_app(pool: ShardPool, ring: Ring, max_body_bytes: int) -> Any:
+    stream = StreamHandler(pool, ring, max_body_bytes)
+    control = create_control_app(pool)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope.get("raw_path") or scope["path"].encode()).startswith(
+            PREFIX_BYTES
+        ):
+            await stream(scope, receive, send)
+        else:
+            await control(scope, receive, send)
+
+    return app

@@ -1,0 +1,111 @@
+"""`ds-cluster gateway`: serve HTTP with hypercorn's trio worker, route to shards.
+
+The listening socket is bound here (with SO_REUSEPORT under --reuse-port, so several
+gateway processes can share one port and the kernel spreads connections over them) and
+handed to hypercorn as `fd://N`. Once it listens, one line goes to stderr:
+`ds-cluster gateway listening on http://HOST:PORT` (with the real port when 0 was asked).
+SIGINT/SIGTERM: stop accepting, give requests in flight hypercorn's graceful timeout, close
+the shard connections, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from common.ring import Ring, parse_endpoints, parse_listen
+from common.rpc_client import ShardPool
+from gateway.app import create_app
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+log = logging.getLogger("gateway")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("--shards", required=True, metavar="ID=HOST:PORT,...")
+    parser.add_argument("--ring-version", type=int, default=1)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=3.0, help="seconds to finish in-flight work"
+    )
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def hypercorn_config(fd: int, *, access_log: bool, graceful_timeout: float) -> Config:
+    config = Config()
+    config.bind = [f"fd://{fd}"]
+    config.accesslog = "-" if access_log else None
+    config.errorlog = logging.getLogger("hypercorn.error")  # via our root handler, once
+    config.include_server_header = False
+    config.graceful_timeout = graceful_timeout
+    config.backlog = 1024
+    return config
+
+
+async def serve_gateway(
+    args: argparse.Namespace, endpoints: dict[str, tuple[str, int]], sock: socket.socket
+) -> None:
+    ring = Ring(args.ring_version, tuple(endpoints))
+    bound = sock.getsockname()
+    config = hypercorn_config(
+        sock.detach(), access_log=args.access_log, graceful_timeout=args.graceful_timeout
+    )
+    name = f"gateway-{socket.gethostname()}-{os.getpid()}"
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def shutdown_trigger() -> None:
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                return
+
+        async with ShardPool(endpoints, ring, role="gateway", name=name) as pool:
+            app = create_app(pool, ring, args.max_body_bytes)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
+                print(
+                    f"ds-cluster gateway listening on http://{bound[0]}:{bound[1]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        endpoints = parse_endpoints(args.shards)
+        if not endpoints:
+            raise ValueError("--shards lists no shard")
+        host, port = parse_listen(args.listen)
+        sock = bind_socket(host, port, reuse_port=args.reuse_port)
+    except (ValueError, OSError) as exc:
+        print(f"ds-cluster gateway: {exc}", file=sys.stderr)
+        return 2
+    trio.run(serve_gateway, args, endpoints, sock)
+    return 0

@@ -1,0 +1,268 @@
+"""The lean raw-ASGI handler for /v1/stream/*: validate, forward to the owning shard,
+write back what it answers.
+
+No framework on this path (a quart-trio route serves about half the requests/s of plain
+ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only what any
+HTTP front end checks (path shape, method, body size, header well-formedness) and adds
+transport headers; everything else is the shard's answer, passed through.
+
+Client disconnects: a response that arrives within QUICK seconds is just awaited; a
+slower one (long-poll) and every streaming one (SSE) are raced against the client's
+`http.disconnect`, and the shard is sent `cancel` when the client leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from common import wire
+from common.paths import PREFIX_BYTES, PathError, stream_path
+from common.ring import Ring
+from common.rpc_client import Call, ShardError, ShardPool, ShardUnavailable
+from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+QUICK = 0.05  # seconds to wait for a shard's answer before also watching for disconnects
+PREFIX_LEN = len(PREFIX_BYTES)
+_ALLOWED = frozenset(ALLOWED_METHODS)
+_ALLOW_HEADER = (b"allow", ", ".join(ALLOWED_METHODS).encode())
+_RETRY_AFTER = (b"retry-after", b"1")
+_FORWARDED = {name.encode(): name for name in wire.FORWARDED_HEADERS}
+_LIST_HEADERS = frozenset({"if-none-match"})  # may repeat; joined with ", "
+_NO_LENGTH_STATUS = frozenset({204, 304})
+# err codes from a shard -> (HTTP status, retry-after?)
+_ERROR_STATUS = {
+    "bad_request": (400, False),
+    "misdirected": (421, False),
+    "unavailable": (503, True),
+    "version": (503, True),
+    "internal": (500, False),
+}
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected while we were waiting."""
+
+
+async def send_error(
+    send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A gateway-generated error: short text body, transport headers, never cached."""
+    body = message.encode() + b"\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        NO_STORE,
+        *TRANSPORT,
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _response_headers(
+    pairs: list[list[str]], method: str, status: int, length: int | None
+) -> list[tuple[bytes, bytes]]:
+    """The shard's headers as byte pairs, plus transport headers and, for a complete
+    body, a Content-Length when the shard gave none."""
+    out: list[tuple[bytes, bytes]] = []
+    has_cache = has_length = False
+    for name, value in pairs:
+        lname = name.lower()
+        if lname in DROPPED:
+            continue
+        if lname == "cache-control":
+            has_cache = True
+        elif lname == "content-length":
+            has_length = True
+        out.append((lname.encode(), value.encode()))
+    out.extend(TRANSPORT)
+    if not has_cache:
+        out.append(NO_STORE)
+    if (
+        length is not None
+        and not has_length
+        and method != "HEAD"
+        and status >= 200
+        and status not in _NO_LENGTH_STATUS
+    ):
+        out.append((b"content-length", str(length).encode()))
+    return out
+
+
+class StreamHandler:
+    """ASGI callable for paths under /v1/stream/."""
+
+    def __init__(self, pool: ShardPool, ring: Ring, max_body_bytes: int) -> None:
+        self.pool = pool
+        self.ring = ring
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        try:
+            path = stream_path(raw_path[PREFIX_LEN:])
+        except PathError as exc:
+            return await send_error(send, 400, str(exc))
+        method = scope["method"]
+        if method not in _ALLOWED:
+            return await send_error(send, 405, "method not allowed", (_ALLOW_HEADER,))
+        if method == "OPTIONS":
+            return await self._preflight(send)
+
+        # Headers: forward only the protocol's, well-formed; note the declared length.
+        forwarded: list[list[str]] = []
+        declared = None
+        for name, value in scope["headers"]:
+            key = _FORWARDED.get(name)
+            if key is not None:
+                try:
+                    text = value.decode("ascii")
+                except UnicodeDecodeError:
+                    return await send_error(send, 400, f"header {key} is not ASCII")
+                for pair in forwarded:
+                    if pair[0] == key:
+                        if key not in _LIST_HEADERS:
+                            return await send_error(send, 400, f"header {key} given twice")
+                        pair[1] = f"{pair[1]}, {text}"
+                        break
+                else:
+                    forwarded.append([key, text])
+            elif name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await send_error(send, 400, "bad Content-Length")
+        if declared is not None and declared > self.max_body_bytes:
+            return await send_error(send, 413, "request body too large")
+
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
+
+        fields = {
+            "m": method,
+            "p": path,
+            "q": scope["query_string"].decode("latin-1"),
+            "h": forwarded,
+            "b": body,
+        }
+        try:
+            call = self.pool.open(self.ring.owner(path), "http", fields)
+        except ShardUnavailable:
+            return await send_error(send, 503, "shard unavailable", (_RETRY_AFTER,))
+        async with call:
+            await self._relay(call, method, receive, send)
+
+    async def _preflight(self, send: Send) -> None:
+        headers = [(b"content-length", b"0"), NO_STORE, *TRANSPORT, *PREFLIGHT]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+        """The whole request body, or None once an error was sent / the client left."""
+        limit = self.max_body_bytes
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # http.disconnect
+            data = message.get("body", b"")
+            if data:
+                size += len(data)
+                if size > limit:
+                    await send_error(send, 413, "request body too large")
+                    return None
+                parts.append(data)
+            if not message.get("more_body", False):
+                break
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _relay(self, call: Call, method: str, receive: Receive, send: Send) -> None:
+        res = None
+        try:
+            with trio.move_on_after(QUICK):
+                res = await call.response()
+            if res is None:
+                res = await _unless_disconnected(receive, call.response)
+        except _ClientGone:
+            return  # leaving `call` sends the shard a cancel
+        except ShardUnavailable as exc:
+            message = "shard connection lost" if exc.sent else "shard unavailable"
+            return await send_error(send, 503, message, (_RETRY_AFTER,))
+        except ShardError as exc:
+            status, retry = _ERROR_STATUS.get(exc.code, (502, False))
+            extra = (_RETRY_AFTER,) if retry else ()
+            return await send_error(send, status, exc.msg or exc.code, extra)
+        await self._write(call, res, method, receive, send)
+
+    async def _write(
+        self, call: Call, res: dict[str, Any], method: str, receive: Receive, send: Send
+    ) -> None:
+        status = res["s"]
+        body = res.get("b") or b""
+        if not res.get("more"):
+            headers = _response_headers(res.get("h") or [], method, status, len(body))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        # Streaming (SSE): headers now, chunks as they come, until the shard ends the
+        # body, the connection to it drops (the client resumes from its last offset) or
+        # the client leaves (the shard gets `cancel`).
+        headers = _response_headers(res.get("h") or [], method, status, None)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        try:
+            await _unless_disconnected(receive, self._pump, call, send)
+        except _ClientGone:
+            return
+        except (ShardUnavailable, ShardError):
+            pass
+        await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    async def _pump(call: Call, send: Send) -> None:
+        async for data in call.chunks():
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _unless_disconnected(
+    receive: Receive, fn: Callable[..., Awaitable[Any]], *args: Any
+) -> Any:
+    """Await fn(*args) while watching for the client's disconnect.
+
+    Returns fn's result, re-raises its exception, or raises _ClientGone.
+    """
+    gone = False
+    result: Any = None
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            result = await fn(*args)
+        except Exception as exc:  # handed to the caller outside the nursery
+            error = exc
+        nursery.cancel_scope.cancel()
+    if gone:
+        raise _ClientGone
+    if error is not None:
+        raise error
+    return result

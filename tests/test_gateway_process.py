@@ -1,0 +1,509 @@
+"""The real gateway process in front of an in-test wire server standing in for a shard.
+
+One gateway process and one fake shard (in a thread with its own trio loop) serve the
+whole module; tests that need a dead or dropping shard start their own. Raw sockets are
+used where an HTTP client library would normalise the request (dot segments, duplicate
+headers, non-ASCII values) or where the test must hang up mid-response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+try:
+    from test_gateway_fakeshard import FakeShard, Reply
+except ImportError:  # tests/ became a package
+    from tests.test_gateway_fakeshard import FakeShard, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_BODY = 4096
+CANCELLED: dict[str, threading.Event] = {}
+
+
+def cancelled_event(path: str) -> threading.Event:
+    return CANCELLED.setdefault(path, threading.Event())
+
+
+async def scripted(msg: dict[str, Any], reply: Reply) -> None:
+    """Behaviour chosen by the first path segment."""
+    i, path = msg["i"], msg["p"]
+    kind = path.split("/", 1)[0]
+    if kind == "echo":
+        seen = {"m": msg["m"], "p": path, "q": msg["q"], "h": msg["h"], "n": len(msg["b"])}
+        headers = [["Content-Type", "application/json"], ["Stream-Next-Offset", "42"]]
+        if path.endswith("/cached"):
+            headers.append(["Cache-Control", "public, max-age=60"])
+        if path.endswith("/sneaky"):
+            headers.append(["Access-Control-Allow-Origin", "https://evil.example"])
+        await reply(
+            {
+                "k": "res",
+                "i": i,
+                "s": 200,
+                "h": headers,
+                "b": json.dumps(seen).encode(),
+                "more": False,
+            }
+        )
+    elif kind == "sse":
+        try:
+            await reply(
+                {
+                    "k": "res",
+                    "i": i,
+                    "s": 200,
+                    "h": [["content-type", "text/event-stream"], ["cache-control", "no-cache"]],
+                    "b": b"event: data\ndata: first\n\n",
+                    "more": True,
+                }
+            )
+            for n in range(3):
+                await trio.sleep(0.01)
+                await reply({"k": "chunk", "i": i, "b": f"data: {n}\n\n".encode(), "more": True})
+            if path.endswith("/endless"):
+                await trio.sleep(math.inf)
+            await reply({"k": "chunk", "i": i, "b": b"", "more": False})
+        finally:
+            if trio.current_effective_deadline() == -math.inf:
+                cancelled_event(path).set()
+    elif kind == "slow":
+        try:
+            await trio.sleep(math.inf)
+        finally:
+            cancelled_event(path).set()
+    elif kind == "err":
+        code = path.split("/", 2)[1]
+        await reply({"k": "err", "i": i, "code": code, "msg": f"shard says {code}"})
+    else:
+        await reply({"k": "res", "i": i, "s": 204, "h": [], "b": b"", "more": False})
+
+
+class ThreadedShard:
+    """A FakeShard running in its own thread and trio loop (lives across tests)."""
+
+    def __init__(self, shard: FakeShard) -> None:
+        self.shard = shard
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.shard.run)
+                ready.set()
+
+        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self.shard.port
+
+    def stop(self) -> None:
+        trio.from_thread.run(self.shard.stop, trio_token=self._token)
+        assert self._thread is not None
+        self._thread.join(10)
+
+
+class GatewayProcess:
+    def __init__(self, shards: str, *extra: str) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            shards,
+            *extra,
+        ]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.url = ""
+        deadline = time.monotonic() + 30
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "listening on http://" in line:
+                self.url = line.rsplit(" ", 1)[1].strip()
+                break
+            assert time.monotonic() < deadline, "gateway did not start"
+        assert self.url, "".join(self.lines)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_ready(self, expect: int = 200, timeout: float = 10) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while True:
+            response = httpx.get(f"{self.url}/readyz")
+            if response.status_code == expect or time.monotonic() > deadline:
+                return response
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shard() -> Iterator[ThreadedShard]:
+    threaded = ThreadedShard(FakeShard("s1", scripted))
+    threaded.start()
+    yield threaded
+    threaded.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", "--max-body-bytes", str(MAX_BODY))
+    try:
+        assert gw.wait_ready().status_code == 200
+        yield gw
+    finally:
+        code = gw.stop()
+        assert code == 0, "".join(gw.lines[-30:])
+
+
+def raw_request(port: int, request: bytes, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; parse a Content-Length response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return status, headers, body
+
+
+def get(port: int, target: str, extra: str = "") -> tuple[int, dict[str, str], bytes]:
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+    return raw_request(port, request.encode("latin-1"))
+
+
+def assert_transport_headers(headers: Any) -> None:
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cross-origin-resource-policy"] == "cross-origin"
+    assert headers["access-control-allow-origin"] == "*"
+    exposed = headers["access-control-expose-headers"].lower()
+    for name in (
+        "stream-next-offset",
+        "stream-cursor",
+        "stream-up-to-date",
+        "stream-closed",
+        "producer-epoch",
+        "producer-seq",
+        "producer-expected-seq",
+        "producer-received-seq",
+        "etag",
+    ):
+        assert name in exposed
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_healthz_and_readyz(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.url}/healthz")
+    assert response.status_code == 200
+    assert_transport_headers(response.headers)
+    response = httpx.get(f"{gateway.url}/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"ready": True}
+    response = httpx.get(f"{gateway.url}/nope")
+    assert response.status_code == 404
+    assert_transport_headers(response.headers)
+
+
+def test_forwarding(gateway: GatewayProcess) -> None:
+    response = httpx.post(
+        f"{gateway.url}/v1/stream/echo/a%20b?offset=-1&x=%41",
+        headers={
+            "Content-Type": "text/plain",
+            "Producer-Id": "p",
+            "X-Other": "dropped",
+            "Authorization": "Bearer t",
+        },
+        content=b"hello",
+    )
+    assert response.status_code == 200
+    seen = response.json()
+    assert seen["m"] == "POST"
+    assert seen["p"] == "echo/a b"
+    assert seen["q"] == "offset=-1&x=%41"
+    assert sorted(seen["h"]) == [["content-type", "text/plain"], ["producer-id", "p"]]
+    assert seen["n"] == 5
+    assert response.headers["stream-next-offset"] == "42"
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers["cache-control"] == "no-store"  # shard gave none
+    assert_transport_headers(response.headers)
+
+    response = httpx.get(f"{gateway.url}/v1/stream/echo/cached")
+    assert response.headers["cache-control"] == "public, max-age=60"  # shard's wins
+
+    response = httpx.get(f"{gateway.url}/v1/stream/echo/sneaky")
+    assert response.headers.get_list("access-control-allow-origin") == ["*"]
+
+    response = httpx.head(f"{gateway.url}/v1/stream/echo/x")
+    assert response.status_code == 200 and response.content == b""
+    assert_transport_headers(response.headers)
+
+    response = httpx.delete(f"{gateway.url}/v1/stream/other")
+    assert response.status_code == 204
+    assert_transport_headers(response.headers)
+
+
+def test_if_none_match_joined(gateway: GatewayProcess) -> None:
+    status, _, body = get(
+        gateway.port, "/v1/stream/echo/x", 'If-None-Match: "a"\r\nIf-None-Match: "b"\r\n'
+    )
+    assert status == 200
+    assert json.loads(body)["h"] == [["if-none-match", '"a", "b"']]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/stream/",
+        "/v1/stream/a//b",
+        "/v1/stream/a/",
+        "/v1/stream/a/../b",
+        "/v1/stream/./a",
+        "/v1/stream/%2e%2e/a",
+        "/v1/stream/a%00b",
+        "/v1/stream/a%0d%0ab",
+        "/v1/stream/%ff",
+        "/v1/stream/" + "a" * 1025,
+    ],
+)
+def test_bad_paths_400(gateway: GatewayProcess, target: str) -> None:
+    status, headers, body = get(gateway.port, target)
+    assert status == 400, body
+    assert body.strip()
+    assert_transport_headers(headers)
+    assert headers["cache-control"] == "no-store"
+
+
+def test_method_not_allowed(gateway: GatewayProcess) -> None:
+    response = httpx.request("PATCH", f"{gateway.url}/v1/stream/echo/x")
+    assert response.status_code == 405
+    assert "PUT" in response.headers["allow"]
+    assert_transport_headers(response.headers)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "Content-Type: a\r\nContent-Type: b\r\n",
+        "Producer-Id: caf\xe9\r\n",
+    ],
+)
+def test_malformed_headers_400(gateway: GatewayProcess, extra: str) -> None:
+    status, headers, body = get(gateway.port, "/v1/stream/echo/x", extra)
+    assert status == 400, body
+    assert_transport_headers(headers)
+
+
+def test_body_limit_413(gateway: GatewayProcess) -> None:
+    url = f"{gateway.url}/v1/stream/echo/x"
+    ok = httpx.post(url, content=b"x" * MAX_BODY)
+    assert ok.status_code == 200 and ok.json()["n"] == MAX_BODY
+    # declared up front
+    response = httpx.post(url, content=b"x" * (MAX_BODY + 1))
+    assert response.status_code == 413
+    assert_transport_headers(response.headers)
+
+    # chunked: counted while streaming
+    def chunks() -> Iterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 1000
+
+    response = httpx.post(url, content=chunks())
+    assert response.status_code == 413
+    # nothing reached the shard for those
+    assert httpx.post(url, content=b"z").json()["n"] == 1
+
+
+def test_options_preflight(gateway: GatewayProcess) -> None:
+    response = httpx.options(
+        f"{gateway.url}/v1/stream/any/thing",
+        headers={
+            "Origin": "https://example.com",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type, if-none-match, producer-id",
+        },
+    )
+    assert response.status_code in (200, 204)
+    assert_transport_headers(response.headers)
+    allowed = response.headers["access-control-allow-headers"].lower()
+    for name in ("content-type", "if-none-match", "producer-id", "stream-seq", "stream-ttl"):
+        assert name in allowed
+    methods = response.headers["access-control-allow-methods"]
+    for method in ("GET", "HEAD", "PUT", "POST", "DELETE"):
+        assert method in methods
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("bad_request", 400), ("misdirected", 421), ("unavailable", 503), ("internal", 500)],
+)
+def test_shard_errors(gateway: GatewayProcess, code: str, status: int) -> None:
+    response = httpx.get(f"{gateway.url}/v1/stream/err/{code}")
+    assert response.status_code == status
+    assert f"shard says {code}" in response.text
+    assert_transport_headers(response.headers)
+    if status == 503:
+        assert response.headers["retry-after"] == "1"
+
+
+def test_sse_streams(gateway: GatewayProcess) -> None:
+    received = []
+    with httpx.stream("GET", f"{gateway.url}/v1/stream/sse/finite?live=sse") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert "content-length" not in response.headers
+        assert response.headers["cache-control"] == "no-cache"
+        assert_transport_headers(response.headers)
+        for chunk in response.iter_raw():
+            received.append(chunk)
+    body = b"".join(received)
+    assert body == b"event: data\ndata: first\n\ndata: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+def test_sse_client_disconnect_cancels_on_shard(gateway: GatewayProcess) -> None:
+    path = "sse/endless"
+    request = f"GET /v1/stream/{path}?live=sse HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"data: 2" not in data:
+            data += sock.recv(65536)
+    assert cancelled_event(path).wait(5), "shard never saw the cancel"
+
+
+def test_slow_response_client_disconnect_cancels(gateway: GatewayProcess) -> None:
+    path = "slow/longpoll"
+    request = f"GET /v1/stream/{path}?live=long-poll HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(request)
+        time.sleep(0.3)  # past the gateway's quick path: now it watches the client
+    assert cancelled_event(path).wait(5), "shard never saw the cancel"
+
+
+def test_no_shard_listening_503() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gw = GatewayProcess(f"s1=127.0.0.1:{port}")
+    try:
+        ready = gw.wait_ready(expect=503, timeout=1)
+        assert ready.status_code == 503
+        assert ready.json()["disconnected"] == ["s1"]
+        started = time.monotonic()
+        response = httpx.put(f"{gw.url}/v1/stream/a", content=b"x")
+        assert time.monotonic() - started < 1.0  # immediately, not after a timeout
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert_transport_headers(response.headers)
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_shard_drop_mid_request_is_503_and_stream_ends() -> None:
+    """In-flight request with unknown outcome -> 503; a live SSE response just ends."""
+    shard = FakeShard("s1", scripted)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        gw = await trio.to_thread.run_sync(GatewayProcess, f"s1=127.0.0.1:{shard.port}")
+        try:
+            assert (await trio.to_thread.run_sync(gw.wait_ready)).status_code == 200
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+                results: dict[str, Any] = {}
+
+                async def slow() -> None:
+                    results["slow"] = await client.post("/v1/stream/slow/append", content=b"x")
+
+                async def sse() -> None:
+                    async with client.stream("GET", "/v1/stream/sse/endless2") as response:
+                        results["sse_status"] = response.status_code
+                        results["sse_body"] = b"".join([c async for c in response.aiter_raw()])
+
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(slow)
+                        inner.start_soon(sse)
+                        while len(shard.requests) < 2:
+                            await trio.sleep(0.01)
+                        await trio.sleep(0.2)  # SSE chunks flowing, slow waiting
+                        await shard.stop()
+            assert results["slow"].status_code == 503
+            assert results["slow"].headers["retry-after"] == "1"
+            assert results["sse_status"] == 200
+            assert results["sse_body"].endswith(b"data: 2\n\n")
+
+            # the shard comes back: the gateway reconnects by itself
+            await nursery.start(shard.run)
+            ready = await trio.to_thread.run_sync(gw.wait_ready)
+            assert ready.status_code == 200
+        finally:
+            assert await trio.to_thread.run_sync(gw.stop) == 0
+        nursery.cancel_scope.cancel()
+
+
+def test_reuse_port_two_gateways(shard: ThreadedShard) -> None:
+    first = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", "--reuse-port")
+    try:
+        second = GatewayProcess(
+            f"s1=127.0.0.1:{shard.shard.port}",
+            "--reuse-port",
+            "--listen",
+            f"127.0.0.1:{first.port}",
+        )
+        try:
+            assert second.port == first.port
+            assert httpx.get(f"{first.url}/healthz").status_code == 200
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0
