@@ -16,15 +16,19 @@ Public API (all pure; `now` is unix seconds; `config` a CoreConfig):
   finish_read(request, state, records, now, config, *, resume=None) -> Reply
       Second half of a read after NeedRecords.
 
-  create_fork(request, export, now, config) -> Reply
+  create_fork(request, export, now, config, *, ref="") -> Reply
       Second half of a fork PUT after NeedSource, given the source's ForkExport.
       `export` may also be a Response (the source's error), which it passes on.
+      `ref` (the runtime's id for the reference the export took) lands in `fork.ref`.
 
-  plan_export(state, offset, sub_offset, now, config) -> Response | int
+  plan_export(state, offset, sub_offset, now, config, *, content_type=None) -> Response | int
       On the source's shard: validate a fork request against the source. An int is the
       position below which records must be fetched (records with start < it), then:
-  export_fork(state, offset, sub_offset, records, now, config) -> Response | tuple[ForkExport, StreamState]
+  export_fork(state, offset, sub_offset, records, now, config, *, content_type=None)
+      -> Response | tuple[ForkExport, StreamState]
       Build the export and the source's new state (refcount + 1); persist, then answer.
+      Pass NeedSource.content_type as `content_type` to both, so a type mismatch is a
+      409 from the source before any reference is taken.
   release_fork(state, now) -> StreamState | None
       A fork of this stream is gone: refcount - 1; None when the stream should be purged
       (soft-deleted and no forks left).
@@ -40,4 +44,58 @@ Runtime rules the core relies on:
     purged or replaced releases its reference on the source (`fork.source`, `fork.ref`).
   * NeedRecords / Wait / StartSse and any Reply with touch=True on an existing stream
     refresh `last_access` (TTL), which may be persisted lazily.
+  * If create_fork returns a Reply with changed=False after export_fork succeeded (the
+    fork request turned out invalid, e.g. a bad JSON body), release that reference.
+  * Writes must see every decision already taken on the stream (serialize per stream);
+    reads get the committed state and records no newer than it (the core clips to
+    `state.tail`).
+
+Offsets are `"%016d_%016d" % (0, position)`. Binary streams: one record per append,
+positions count bytes. JSON streams: one record per append, positions count messages, a
+record's data is its messages' JSON texts joined by "," (see `jsonmode`).
 """
+
+from .forks import create_fork, expire, export_fork, plan_export, release_fork
+from .model import (
+    CoreConfig,
+    Decision,
+    ForkExport,
+    ForkOrigin,
+    NeedRecords,
+    NeedSource,
+    ProducerState,
+    Record,
+    Reply,
+    Request,
+    Response,
+    StartSse,
+    StreamState,
+    Wait,
+)
+from .protocol import finish_read, handle
+from .sse import SseSession
+
+__all__ = [
+    "CoreConfig",
+    "Decision",
+    "ForkExport",
+    "ForkOrigin",
+    "NeedRecords",
+    "NeedSource",
+    "ProducerState",
+    "Record",
+    "Reply",
+    "Request",
+    "Response",
+    "SseSession",
+    "StartSse",
+    "StreamState",
+    "Wait",
+    "create_fork",
+    "expire",
+    "export_fork",
+    "finish_read",
+    "handle",
+    "plan_export",
+    "release_fork",
+]

@@ -120,6 +120,8 @@ class Reply:
     changed: bool = False
     state: StreamState | None = None
     records: tuple[Record, ...] = ()
+    touch: bool = False  # a read on an existing stream: refresh last_access (sliding TTL)
+    fresh: bool = False  # with changed: a new incarnation replaces whatever is stored
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class NeedSource:
     source: str
     offset: str | None  # None = the source's tail
     sub_offset: int
+    content_type: str | None = None  # requested type: pass to plan_export/export_fork
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,221 @@
+"""Forks (PROTOCOL.md 4.2), copy-on-fork, and the stream lifecycle (TTL expiry, GC).
+
+A fork PUT runs in two places. The fork's shard validates the request (`handle` answers
+`NeedSource`); the source's shard checks the source and builds a `ForkExport` carrying a
+copy of the records below the divergence position (`plan_export` + `export_fork`), taking
+a durable reference (refcount + 1); the fork's shard then stores those records as its own,
+same positions, and its own appends continue from there (`create_fork`). So fork reads
+never touch the source, and a fork's long-poll waits only on the fork's own appends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from . import jsonmode
+from .errors import ProtocolError, error_response
+from .headers import is_json, media_type
+from .model import (
+    CoreConfig,
+    ForkExport,
+    ForkOrigin,
+    Record,
+    Reply,
+    Request,
+    Response,
+    StreamState,
+)
+from .offsets import BEGINNING, NOW, decode, encode
+from .protocol import CreateParams, created_headers, status
+
+
+def plan_export(
+    state: StreamState | None,
+    offset: str | None,
+    sub_offset: int,
+    now: float,
+    config: CoreConfig,
+    *,
+    content_type: str | None = None,
+) -> Response | int:
+    """Validate a fork of `state` at (`offset`, `sub_offset`). Returns the error to send
+    back, or the position P such that the records with `start < P` must be fetched."""
+    try:
+        anchor = _anchor(state, offset, sub_offset, now, content_type)
+    except ProtocolError as err:
+        return err.response()
+    return anchor + 1 if sub_offset > 0 else anchor
+
+
+def export_fork(
+    state: StreamState | None,
+    offset: str | None,
+    sub_offset: int,
+    records: list[Record] | tuple[Record, ...],
+    now: float,
+    config: CoreConfig,
+    *,
+    content_type: str | None = None,
+) -> Response | tuple[ForkExport, StreamState]:
+    """Build the export (records covering [0, position)) and the source's new state
+    (refcount + 1). Persist the state, then hand the export to the fork's shard."""
+    try:
+        anchor = _anchor(state, offset, sub_offset, now, content_type)
+    except ProtocolError as err:
+        return err.response()
+    position = anchor + sub_offset
+    json_mode = is_json(state.content_type)
+    if sub_offset > 0:
+        # The sub-offset refines the anchor within the next record only (4.2).
+        holder = next((r for r in records if r.start <= anchor < r.end), None)
+        if holder is None or position > holder.end:
+            return error_response(
+                400, "Stream-Fork-Sub-Offset names a position past the next data boundary"
+            )
+    inherited: list[Record] = []
+    for r in records:
+        if r.start >= position:
+            break
+        if r.end > position:
+            keep = position - r.start
+            data = jsonmode.head(r.data, keep, r.end - r.start) if json_mode else r.data[:keep]
+            r = Record(r.start, position, data)
+        inherited.append(r)
+    export = ForkExport(
+        content_type=state.content_type,
+        ttl=state.ttl,
+        expires_at=state.expires_at,
+        expires_at_ts=state.expires_at_ts,
+        offset=offset if offset is not None and offset != NOW else encode(anchor),
+        sub_offset=sub_offset,
+        position=position,
+        records=tuple(inherited),
+    )
+    return export, replace(state, refcount=state.refcount + 1)
+
+
+def _anchor(
+    state: StreamState | None,
+    offset: str | None,
+    sub_offset: int,
+    now: float,
+    content_type: str | None,
+) -> int:
+    code = status(state, now)
+    if code == 404:
+        raise ProtocolError(404, "fork source stream not found")
+    if code == 410:
+        raise ProtocolError(409, "fork source stream was deleted")
+    if content_type is not None and media_type(content_type) != media_type(state.content_type):
+        raise ProtocolError(409, "Content-Type does not match the fork source's content type")
+    tail = state.tail
+    if offset is None or offset == NOW:
+        anchor = tail
+    elif offset == BEGINNING:
+        anchor = 0
+    else:
+        anchor = decode(offset)
+        if anchor is None:
+            raise ProtocolError(400, "invalid Stream-Fork-Offset")
+        if anchor > tail:
+            raise ProtocolError(400, "Stream-Fork-Offset is beyond the source stream's tail")
+    if sub_offset > 0 and anchor >= tail:
+        raise ProtocolError(
+            400, "Stream-Fork-Sub-Offset names a position past the next data boundary"
+        )
+    return anchor
+
+
+def create_fork(
+    request: Request,
+    export: ForkExport | Response,
+    now: float,
+    config: CoreConfig,
+    *,
+    ref: str = "",
+) -> Reply:
+    """Second half of a fork PUT: the new fork from the source's export (or the source's
+    error, passed on). `ref` is the runtime's id of the reference the export took.
+
+    If this returns a Reply with `changed=False` after a successful export, the runtime
+    must give the reference back (release_fork on the source)."""
+    if isinstance(export, Response):
+        return Reply(export)
+    try:
+        params = CreateParams(request)
+        if params.content_type is not None and media_type(params.content_type) != media_type(
+            export.content_type
+        ):
+            raise ProtocolError(409, "Content-Type does not match the fork source's content type")
+        content_type = params.content_type or export.content_type
+        ttl, expires_at, expires_at_ts = params.ttl, params.expires_at, params.expires_at_ts
+        if ttl is None and expires_at_ts is None:
+            # Inherit the source's expiry (4.2 table): its TTL window or its deadline.
+            if export.ttl is not None:
+                ttl = export.ttl
+            elif export.expires_at_ts is not None:
+                expires_at, expires_at_ts = export.expires_at, export.expires_at_ts
+        records = list(export.records)
+        tail = export.position
+        body = request.body
+        if body:
+            if is_json(content_type):
+                data, count = jsonmode.parse_body(body, allow_empty=True)
+            else:
+                data, count = body, len(body)
+            if count:
+                records.append(Record(tail, tail + count, data))
+                tail += count
+    except ProtocolError as err:
+        return Reply(err.response())
+    state = StreamState(
+        path=request.path,
+        content_type=content_type,
+        created_at=now,
+        tail=tail,
+        closed=params.closed,
+        ttl=ttl,
+        expires_at=expires_at,
+        expires_at_ts=expires_at_ts,
+        last_access=now,
+        fork=ForkOrigin(
+            source=params.source or "",
+            offset=export.offset,
+            sub_offset=export.sub_offset,
+            position=export.position,
+            ref=ref,
+        ),
+    )
+    return Reply(
+        Response(201, created_headers(request, state, 201)),
+        changed=True,
+        state=state,
+        records=tuple(records),
+        fresh=True,
+    )
+
+
+def release_fork(state: StreamState | None, now: float) -> StreamState | None:
+    """A fork of `state` is gone: refcount - 1. None means purge the stream now (it was
+    deleted or has expired, and no fork needs its data any more)."""
+    if state is None:
+        return None
+    refcount = max(0, state.refcount - 1)
+    if refcount == 0 and (state.soft_deleted or status(state, now) != 0):
+        return None
+    return replace(state, refcount=refcount)
+
+
+def expire(state: StreamState | None, now: float) -> Reply | None:
+    """Alarm: the deletion to persist if `state` is past its deadline (purge, or soft-delete
+    while forks reference it), else None."""
+    if state is None:
+        return None
+    if state.soft_deleted:
+        return Reply(Response(204), changed=True, state=None) if state.refcount == 0 else None
+    deadline = state.deadline()
+    if deadline is None or deadline > now:
+        return None
+    if state.refcount > 0:
+        return Reply(Response(204), changed=True, state=replace(state, soft_deleted=True))
+    return Reply(Response(204), changed=True, state=None)
