@@ -1,0 +1,255 @@
+"""`ds-cluster bench`: measure a Durable Streams server, optionally side by side with others.
+
+Scenarios (each bounded in time; connection counts are flags):
+  append       64 connections POST 100-byte octet-stream bodies over 256 streams; every
+               stream is then read back and compared with the acknowledged bodies
+  json         the same with one small JSON message per POST
+  json-batch   the same with JSON arrays of 10 messages per POST
+  catchup      GET ?offset=-1 of 1 MiB streams following Stream-Next-Offset: MB/s
+  longpoll     1,000 long-poll readers over 10 streams, one steady writer: e2e latency
+  sse          the same with SSE readers
+  idle         N idle SSE connections held: count and server RSS per connection
+
+Targets: --url is A; each --vs adds one (see common/bench/targets.py for the spec forms:
+a URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Runs alternate per scenario
+(A B A B ... for --rounds 2) so machine noise spreads over all; ratios are A / other, per
+round pair, geometric mean. The load generators are separate Python processes on raw
+keep-alive sockets; their CPU (client_cpu_pct, % of one core) and the servers' CPU
+(server_cpu_pct) are reported so a saturated client is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+SCENARIOS = ["append", "json", "json-batch", "catchup", "longpoll", "sse", "idle"]
+
+# metrics shown in the table, per scenario (everything goes into --json)
+SHOWN = {
+    "append": [
+        "requests_per_s",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+        "verify_problems",
+        "client_cpu_pct",
+        "server_cpu_pct",
+    ],
+    "json": ["requests_per_s", "p50_ms", "p99_ms", "errors", "verify_problems"],
+    "json-batch": ["requests_per_s", "messages_per_s", "p99_ms", "errors", "verify_problems"],
+    "catchup": ["mb_per_s", "errors", "client_cpu_pct", "server_cpu_pct"],
+    "longpoll": ["p50_ms", "p99_ms", "delivered", "expected", "lost", "duplicates", "errors"],
+    "sse": ["p50_ms", "p99_ms", "delivered", "expected", "lost", "duplicates", "errors"],
+    "idle": ["held", "kib_per_conn", "rss_held_kib", "open_failures"],
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="target A (URL, ref:file|memory, baseline, up:S)")
+    p.add_argument("--vs", action="append", default=[], help="another target (repeatable)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        help=f"scenario(s), comma-separated or repeated (default all: {SCENARIOS})",
+    )
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
+    p.add_argument("--processes", type=int, default=2, help="client processes per scenario")
+    p.add_argument("--connections", type=int, default=64, help="append connections")
+    p.add_argument("--streams", type=int, default=256, help="append streams")
+    p.add_argument("--catchup-streams", type=int, default=16)
+    p.add_argument("--catchup-size", type=int, default=1 << 20, help="bytes per stream")
+    p.add_argument("--catchup-readers", type=int, default=16)
+    p.add_argument("--fanout-readers", type=int, default=1000)
+    p.add_argument("--fanout-streams", type=int, default=10)
+    p.add_argument("--fanout-rate", type=float, default=50.0, help="writer messages/s")
+    p.add_argument("--idle-connections", type=int, default=20000)
+    p.add_argument("--idle-hold", type=float, default=5.0, help="seconds to hold them")
+    p.add_argument(
+        "--pids",
+        default="",
+        help="comma-separated server PIDs of target A (default: found from its port)",
+    )
+    p.add_argument("--log-dir", default=None, help="where managed servers log (default: none)")
+    p.add_argument("--no-verify", action="store_true", help="skip append read-back checks")
+
+
+def _scenarios(args: argparse.Namespace) -> list[str]:
+    wanted = [s for item in args.scenario for s in item.split(",") if s] or SCENARIOS
+    for s in wanted:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r}; choose from {SCENARIOS}")
+    return wanted
+
+
+def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag: str) -> dict:
+    from .append import run_append
+    from .catchup import run_catchup
+    from .fanout import run_fanout
+    from .idle import run_idle
+    from .procs import cpu_seconds
+
+    t = bt.target
+    pids = bt.pids()
+    cpu0 = {p: cpu_seconds(p) for p in pids}
+    t0 = time.monotonic()
+    if scenario in ("append", "json", "json-batch"):
+        mode = {"append": "bytes", "json": "json", "json-batch": "json10"}[scenario]
+        if bt.kind == "sink":
+            mode = "sink"
+        m = run_append(
+            t,
+            run_id,
+            tag,
+            mode,
+            args.connections,
+            args.streams,
+            args.duration,
+            args.processes,
+            verify_data=not args.no_verify,
+        )
+    elif scenario == "catchup":
+        m = run_catchup(
+            t,
+            run_id,
+            tag,
+            args.catchup_streams,
+            args.catchup_size,
+            args.catchup_readers,
+            args.duration,
+            args.processes,
+        )
+    elif scenario in ("longpoll", "sse"):
+        m = run_fanout(
+            t,
+            run_id,
+            tag,
+            "sse" if scenario == "sse" else "long-poll",
+            args.fanout_readers,
+            args.fanout_streams,
+            args.fanout_rate,
+            args.duration,
+            args.processes,
+        )
+    else:
+        m = run_idle(t, run_id, tag, args.idle_connections, args.idle_hold, pids)
+    elapsed = time.monotonic() - t0
+    if pids:
+        used = sum(cpu_seconds(p) - cpu0[p] for p in pids)
+        # CPU over the whole run (setup and read-back included): an upper bound
+        m["server_cpu_pct"] = 100.0 * used / elapsed
+    m["server_pids"] = pids
+    return m
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    return str(v)
+
+
+def _ratio(a: Any, b: Any) -> float:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return a / b
+    return math.nan
+
+
+def run(args: argparse.Namespace) -> int:
+    from .stats import geomean
+    from .targets import BenchTarget
+
+    scenarios = _scenarios(args)
+    run_id = uuid.uuid4().hex[:8]
+    pids_a = [int(x) for x in args.pids.split(",") if x]
+    specs = [args.url, *args.vs]
+    targets = [
+        BenchTarget(s, pids_a if i == 0 else None, args.log_dir) for i, s in enumerate(specs)
+    ]
+    results: dict[str, dict[str, list[dict]]] = {s: {} for s in scenarios}
+    started = datetime.datetime.now(datetime.UTC)
+    try:
+        for bt in targets:
+            bt.start()
+            print(f"# target {bt.label}: {bt.target.base} pids={bt.pids()}", file=sys.stderr)
+        for scenario in scenarios:
+            for rnd in range(args.rounds):
+                for i, bt in enumerate(targets):
+                    if bt.kind == "sink" and scenario != "append":
+                        continue
+                    tag = f"{scenario}-r{rnd}-t{i}"
+                    print(f"# {scenario} round {rnd + 1} on {bt.label} ...", file=sys.stderr)
+                    try:
+                        m = _run_one(scenario, bt, args, run_id, tag)
+                    except Exception as exc:  # one failed run must not lose the others
+                        m = {"run_error": f"{type(exc).__name__}: {exc}"}
+                        print(f"#   FAILED: {m['run_error']}", file=sys.stderr)
+                    results[scenario].setdefault(bt.label, []).append(m)
+    finally:
+        for bt in targets:
+            bt.stop()
+
+    labels = [bt.label for bt in targets]
+    a = labels[0]
+    table: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        for metric in SHOWN[scenario]:
+            row: dict[str, Any] = {"scenario": scenario, "metric": metric}
+            for lab in labels:
+                vals = [m.get(metric) for m in results[scenario].get(lab, [])]
+                nums = [v for v in vals if isinstance(v, int | float)]
+                row[lab] = sum(nums) / len(nums) if nums else math.nan
+            for lab in labels[1:]:
+                ra = results[scenario].get(a, [])
+                rb = results[scenario].get(lab, [])
+                pairs = [_ratio(x.get(metric), y.get(metric)) for x, y in zip(ra, rb, strict=False)]
+                row[f"{a}/{lab}"] = geomean(pairs) if pairs else math.nan
+                row[f"{a}/{lab} per round"] = pairs
+            table.append(row)
+
+    cols = ["scenario", "metric", *labels, *[f"{a}/{lab}" for lab in labels[1:]]]
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in table]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for x in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)))
+    failures = [
+        (s, lab, m["failed"])
+        for s in scenarios
+        for lab, ms in results[s].items()
+        for m in ms
+        if "failed" in m
+    ]
+    for s, lab, why in failures:
+        print(f"FAILED {s} on {lab}: {why}")
+    if args.json:
+        doc = {
+            "command": "ds-cluster " + " ".join(sys.argv[1:]) if sys.argv else "",
+            "started": started.isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(),
+            "targets": labels,
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "table": table,
+            "runs": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    bad = failures or any(
+        isinstance(r.get(lab), float)
+        and r["metric"] in ("verify_problems", "lost", "duplicates")
+        and r[lab] > 0
+        for r in table
+        for lab in labels
+    )
+    return 1 if bad else 0
