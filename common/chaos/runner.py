@@ -11,6 +11,7 @@ time to catch up to it, and the verifier judges.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import secrets
 import shutil
@@ -81,6 +82,8 @@ def supervised_cluster(options: ChaosOptions, data_dir: str) -> Cluster:
         "data_dir": data_dir,
         "long_poll_timeout": options.long_poll_timeout,
         "sse_max_duration": options.sse_max_duration,
+        "log_dir": os.path.join(data_dir, "logs"),  # children's logs, kept on failure
+        "ready_timeout": 60.0,
     }
     known = {f.name for f in dataclasses.fields(ClusterConfig)}
     return Supervisor(ClusterConfig(**{k: v for k, v in wanted.items() if k in known}))
