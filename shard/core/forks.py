@@ -10,8 +10,6 @@ never touch the source, and a fork's long-poll waits only on the fork's own appe
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from . import jsonmode
 from .errors import ProtocolError, error_response
 from .headers import is_json, media_type
@@ -24,6 +22,7 @@ from .model import (
     Request,
     Response,
     StreamState,
+    evolve,
 )
 from .offsets import BEGINNING, NOW, decode, encode
 from .protocol import CreateParams, created_headers, status
@@ -91,7 +90,7 @@ def export_fork(
         position=position,
         records=tuple(inherited),
     )
-    return export, replace(state, refcount=state.refcount + 1)
+    return export, evolve(state, refcount=state.refcount + 1)
 
 
 def _anchor(
@@ -203,7 +202,7 @@ def release_fork(state: StreamState | None, now: float) -> StreamState | None:
     refcount = max(0, state.refcount - 1)
     if refcount == 0 and (state.soft_deleted or status(state, now) != 0):
         return None
-    return replace(state, refcount=refcount)
+    return evolve(state, refcount=refcount)
 
 
 def expire(state: StreamState | None, now: float) -> Reply | None:
@@ -217,5 +216,5 @@ def expire(state: StreamState | None, now: float) -> Reply | None:
     if deadline is None or deadline > now:
         return None
     if state.refcount > 0:
-        return Reply(Response(204), changed=True, state=replace(state, soft_deleted=True))
+        return Reply(Response(204), changed=True, state=evolve(state, soft_deleted=True))
     return Reply(Response(204), changed=True, state=None)

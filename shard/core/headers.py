@@ -17,7 +17,6 @@ from .errors import bad_request
 MAX_SAFE_INTEGER = 2**53 - 1  # producer epochs/seqs must fit a JS number
 
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")  # no sign, no leading zeros, no exponent
-_DIGITS = re.compile(r"[0-9]+")
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -93,9 +92,12 @@ def parse_producer(headers: Mapping[str, str]) -> tuple[str, int, int] | None:
 
 def _parse_uint(value: str, name: str) -> int:
     value = value.strip()
-    if not _DIGITS.fullmatch(value) or len(value) > 16 or int(value) > MAX_SAFE_INTEGER:
+    if not (value.isascii() and value.isdigit()) or len(value) > 16:
         raise bad_request(f"invalid {name}: expected a non-negative integer <= 2^53-1")
-    return int(value)
+    number = int(value)
+    if number > MAX_SAFE_INTEGER:
+        raise bad_request(f"invalid {name}: expected a non-negative integer <= 2^53-1")
+    return number
 
 
 @lru_cache(maxsize=1024)

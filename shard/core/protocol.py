@@ -8,7 +8,6 @@ produces a state change.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from urllib.parse import quote
 
 from . import jsonmode, producers
@@ -38,6 +37,7 @@ from .model import (
     StartSse,
     StreamState,
     Wait,
+    evolve,
 )
 from .offsets import BEGINNING, MAX_POSITION, NOW, decode, encode
 from .reads import CACHE_PUBLIC, CLOSED, NO_STORE, UP_TO_DATE, collect, etag, if_none_match
@@ -133,7 +133,7 @@ def _delete(state: StreamState | None, now: float) -> Reply:
         return _absent(code, "DELETE")
     if state.refcount > 0:
         # Forks still read this data: keep it, hide the stream (4.2 soft-delete).
-        return Reply(Response(204), changed=True, state=replace(state, soft_deleted=True))
+        return Reply(Response(204), changed=True, state=evolve(state, soft_deleted=True))
     return Reply(Response(204), changed=True, state=None)
 
 
@@ -205,7 +205,7 @@ def _append(request: Request, state: StreamState | None, now: float) -> Reply:
             raise ProtocolError(413, "stream is full")
         records = (Record(tail, new_tail, data),)
 
-    new_state = replace(
+    new_state = evolve(
         state,
         tail=new_tail,
         closed=close,

@@ -103,6 +103,8 @@ def test_expiry_with_forks_soft_deletes():
     assert s.put("src").status == 409
     s.alarm()
     assert s.states["src"].soft_deleted and s.states["src"].refcount == 1
+    assert s.states["src"].deadline() is None  # no alarm re-arms on a soft-deleted stream
+    assert expire(s.states["src"], s.now + 100) is None
     s.alarm()  # idempotent
     assert s.get("fork").body == b"data"
     assert s.request("DELETE", "fork").status == 204
