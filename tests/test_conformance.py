@@ -56,6 +56,7 @@ async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
             "DS_BASE_URL": supervisor.url,
             "DS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_TIMEOUT_S * 1000),
         }
+        started = trio.current_time()
         with trio.fail_after(SUITE_DEADLINE_S):
             result = await trio.run_process(
                 [node, str(VITEST), "run", "--reporter=json", f"--outputFile={report_path}"],
@@ -65,6 +66,7 @@ async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
                 capture_stdout=True,
                 capture_stderr=True,
             )
+        elapsed = trio.current_time() - started
         restarts = list(supervisor.restarts)
     if not report_path.exists():
         print(result.stdout.decode(errors="replace")[-5000:])
@@ -73,7 +75,10 @@ async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
     counts, failures = summarize(json.loads(report_path.read_text()))
     passed, failed = counts.get("passed", 0), counts.get("failed", 0)
     skipped = sum(n for status, n in counts.items() if status not in ("passed", "failed"))
-    line = f"conformance, {shards} shard(s): {passed} passed, {failed} failed, {skipped} skipped"
+    line = (
+        f"conformance, {shards} shard(s), {elapsed:.0f} s: "
+        f"{passed} passed, {failed} failed, {skipped} skipped"
+    )
     CONFORMANCE_SUMMARIES.append(line)
     for group, names in sorted(failures.items()):
         CONFORMANCE_SUMMARIES.append(f"  {group}: {len(names)} failed")

@@ -121,7 +121,7 @@ async def test_sse_live_tail_async_client(cluster: Supervisor) -> None:
                         await handle.append({"n": n})
 
                 nursery.start_soon(writer)
-                async with astream(url, live="sse") as res:
+                async with astream(url, offset="-1", live="sse") as res:
                     async for item in res.iter_json():
                         received.append(item)
                         if len(received) == 4:
