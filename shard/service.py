@@ -285,7 +285,7 @@ class ShardService:
             reply = core.handle(request, entry.pending, now, self.config)
             await self._release_later(ref, need.source)
             return reply.response if isinstance(reply, Reply) else unavailable("retry")
-        reply = core.create_fork(request, export, now, self.config)
+        reply = core.create_fork(request, export, now, self.config, ref=ref)
         if not reply.changed or reply.state is None:
             await self._release_later(ref, need.source)
             return reply.response
