@@ -24,7 +24,7 @@ BINARY = "application/octet-stream"
 
 
 def owner_map(supervisor) -> Ring:
-    return Ring(1, tuple(supervisor.shard_ids()))
+    return Ring(1, tuple(supervisor.shard_ids))
 
 
 def path_on(ring: Ring, shard_id: str, prefix: str) -> str:
@@ -205,7 +205,7 @@ async def test_expiry_alarm_survives_restart(start_cluster, tmp_path) -> None:
     """A TTL stream disappears from the database with no request touching it, even when
     its shard restarted after the stream was created."""
     async with start_cluster(shards=1) as supervisor:
-        shard_id = supervisor.shard_ids()[0]
+        shard_id = supervisor.shard_ids[0]
         async with httpx.AsyncClient(base_url=supervisor.url, timeout=10) as client:
             r = await client.put(
                 "/v1/stream/ttl-stream", headers={"content-type": BINARY, "stream-ttl": "2"}
