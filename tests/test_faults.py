@@ -456,6 +456,7 @@ async def test_disk_full_refuses_writes_keeps_acknowledged_and_recovers(tmp_path
                 if len(refusals) >= 3:
                     break
             assert refusals, "the disk never filled up"
+            print("refusals:", refusals, "acked:", len(producer.acked))
             # Reads still work and everything acknowledged is there.
             assert await read_all(client, url) == producer.acked
             assert cluster.shard.returncode is None, "the shard died of a full disk"
