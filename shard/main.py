@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import contextlib
+import functools
 import logging
 import signal
 import sys

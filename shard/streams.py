@@ -8,6 +8,8 @@ reads, live readers and the hub see only that, so nothing unacknowledged is ever
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -16,6 +18,7 @@ from shard.core.model import Record, StreamState
 from shard.store import Store
 
 RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
+MAX_CACHED_ENTRIES = 50_000  # idle streams kept in memory beyond this are reloaded on use
 
 
 @dataclass(eq=False)
@@ -34,12 +37,11 @@ class Entry:
     _settled: trio.Event | None = None
 
     def idle(self) -> bool:
-        return (
-            self.committed is None
-            and self.pending is None
-            and self.inflight == 0
-            and self.waiters == 0
-        )
+        """Nothing in memory that the database does not also hold."""
+        return self.inflight == 0 and self.waiters == 0
+
+    def absent(self) -> bool:
+        return self.committed is None and self.pending is None and self.idle()
 
     # -- the hub: wake live readers when committed state changes ----------------------------
 
@@ -98,27 +100,45 @@ class Entry:
 
 
 class StreamTable:
-    """Entries by path, loaded from the store on first use and dropped when idle."""
+    """Entries by path, loaded from the store on first use. Entries of absent streams are
+    dropped when their request ends; beyond `max_entries` the least recently used idle
+    entries are dropped too (their state is all in the database)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_entries: int = MAX_CACHED_ENTRIES) -> None:
         self._store = store
-        self._entries: dict[str, Entry] = {}
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._max_entries = max_entries
         self._next_sid = store.max_sid() + 1
 
     def get(self, path: str) -> Entry:
-        entry = self._entries.get(path)
-        if entry is None:
-            entry = Entry(path)
-            loaded = self._store.load_stream(path)
-            if loaded is not None:
-                sid, state = loaded
-                entry.committed = entry.pending = state
-                entry.committed_sid = entry.pending_sid = sid
-            self._entries[path] = entry
+        entries = self._entries
+        entry = entries.get(path)
+        if entry is not None:
+            entries.move_to_end(path)
+            return entry
+        entry = Entry(path)
+        loaded = self._store.load_stream(path)
+        if loaded is not None:
+            sid, state = loaded
+            entry.committed = entry.pending = state
+            entry.committed_sid = entry.pending_sid = sid
+        entries[path] = entry
+        if len(entries) > self._max_entries:
+            self._evict()
         return entry
 
+    def _evict(self) -> None:
+        entries = self._entries
+        excess = len(entries) - self._max_entries
+        for path in list(itertools.islice(entries, excess * 2)):
+            if excess <= 0:
+                break
+            if entries[path].idle():
+                del entries[path]
+                excess -= 1
+
     def release_if_idle(self, entry: Entry) -> None:
-        if entry.idle() and self._entries.get(entry.path) is entry:
+        if entry.absent() and self._entries.get(entry.path) is entry:
             del self._entries[entry.path]
 
     def new_sid(self) -> int:
