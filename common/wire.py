@@ -13,7 +13,7 @@ Kinds (fields beyond v, k, i):
   req     op (see OPS), r (caller's ring version), and per op:
             op="http":         m method, p stream path (no /v1/stream/ prefix),
                                q raw query string, h [[lower-name, value], ...], b body
-            op="export_fork":  a {"source", "offset", "sub_offset", "ref"}
+            op="export_fork":  a {"source", "offset", "sub_offset", "ref", "content_type"}
             op="release_fork": a {"source", "ref"}
   res     s status, h [[name, value], ...], b body bytes, more (bool: body chunks follow)
           For non-http ops the result map is in `a`.
@@ -43,6 +43,7 @@ ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version
 FORWARDED_HEADERS = frozenset(
     {
         "content-type",
+        "host",
         "if-none-match",
         "stream-ttl",
         "stream-expires-at",

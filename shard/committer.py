@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import trio
 
+from shard.core.model import evolve
 from shard.store import Batch, Store, StreamWrite
 from shard.streams import Entry
 
@@ -76,11 +77,11 @@ class Committer:
         committed = entry.committed
         if committed is None or committed.ttl is None:
             return
-        touched = replace(committed, last_access=now)
+        touched = evolve(committed, last_access=now)
         if entry.pending is committed:
             entry.pending = touched
         elif entry.pending is not None:
-            entry.pending = replace(entry.pending, last_access=now)
+            entry.pending = evolve(entry.pending, last_access=now)
         entry.committed = touched
         self._dirty[entry.path] = entry
 

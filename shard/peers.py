@@ -43,12 +43,23 @@ class RemotePeers:
         self._pool = pool
 
     async def export_fork(
-        self, source: str, offset: str | None, sub_offset: int, ref: str
+        self,
+        source: str,
+        offset: str | None,
+        sub_offset: int,
+        ref: str,
+        content_type: str | None,
     ) -> Response | ForkExport:
         owner = self._service.ring.owner(source)
         if owner == self._service.shard_id:
-            return await self._local.export_fork(source, offset, sub_offset, ref)
-        args = {"source": source, "offset": offset, "sub_offset": sub_offset, "ref": ref}
+            return await self._local.export_fork(source, offset, sub_offset, ref, content_type)
+        args = {
+            "source": source,
+            "offset": offset,
+            "sub_offset": sub_offset,
+            "ref": ref,
+            "content_type": content_type,
+        }
         return export_from_wire(await self._call(owner, "export_fork", args))
 
     async def release_fork(self, source: str, ref: str) -> None:

@@ -221,20 +221,22 @@ class RpcServer:
         args = message.get("a")
         if not isinstance(args, dict):
             raise _BadRequest("missing arguments")
-        source, offset, sub_offset, ref = (
+        source, offset, sub_offset, ref, content_type = (
             args.get("source"),
             args.get("offset"),
             args.get("sub_offset", 0),
             args.get("ref"),
+            args.get("content_type"),
         )
         if not (
             isinstance(source, str)
             and (offset is None or isinstance(offset, str))
             and isinstance(sub_offset, int)
             and isinstance(ref, str)
+            and (content_type is None or isinstance(content_type, str))
         ):
             raise _BadRequest("malformed export_fork arguments")
-        export = await self.service.export_fork(source, offset, sub_offset, ref)
+        export = await self.service.export_fork(source, offset, sub_offset, ref, content_type)
         writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": export_to_wire(export)})
 
     async def _release(self, call_id: int, message: dict[str, Any], writer: FrameWriter) -> None:

@@ -51,7 +51,12 @@ class ForkPeers(Protocol):
     """Reaches the shard that owns a fork's source (possibly this one)."""
 
     async def export_fork(
-        self, source: str, offset: str | None, sub_offset: int, ref: str
+        self,
+        source: str,
+        offset: str | None,
+        sub_offset: int,
+        ref: str,
+        content_type: str | None,
     ) -> Response | ForkExport: ...
 
     async def release_fork(self, source: str, ref: str) -> None: ...
@@ -270,7 +275,9 @@ class ShardService:
         except StorageUnavailable:
             return unavailable("storage unavailable; the fork was not created")
         try:
-            export = await self.peers.export_fork(need.source, need.offset, need.sub_offset, ref)
+            export = await self.peers.export_fork(
+                need.source, need.offset, need.sub_offset, ref, need.content_type
+            )
         except PeerUnavailable:
             await self._release_later(ref, need.source)
             return unavailable("the source stream's shard is unavailable")
@@ -311,7 +318,12 @@ class ShardService:
     # -- forks: the source's side -----------------------------------------------------------------
 
     async def export_fork(
-        self, source: str, offset: str | None, sub_offset: int, ref: str
+        self,
+        source: str,
+        offset: str | None,
+        sub_offset: int,
+        ref: str,
+        content_type: str | None = None,
     ) -> Response | ForkExport:
         """Give a new fork its inherited records and count its reference, durably."""
         if not self.owns(source):
@@ -322,12 +334,22 @@ class ShardService:
                 await entry.wait_settled()
                 state = entry.committed
                 now = time.time()
-                plan = core.plan_export(state, offset, sub_offset, now, self.config)
+                plan = core.plan_export(
+                    state, offset, sub_offset, now, self.config, content_type=content_type
+                )
                 if isinstance(plan, Response):
                     return plan
                 assert state is not None and entry.committed_sid is not None
                 records = self.store.read_records(entry.committed_sid, 0, 1 << 62, below=plan)
-                result = core.export_fork(state, offset, sub_offset, records, now, self.config)
+                result = core.export_fork(
+                    state,
+                    offset,
+                    sub_offset,
+                    records,
+                    now,
+                    self.config,
+                    content_type=content_type,
+                )
                 if isinstance(result, Response):
                     return result
                 export, new_state = result
@@ -364,9 +386,14 @@ class LocalPeers:
         self._service = service
 
     async def export_fork(
-        self, source: str, offset: str | None, sub_offset: int, ref: str
+        self,
+        source: str,
+        offset: str | None,
+        sub_offset: int,
+        ref: str,
+        content_type: str | None,
     ) -> Response | ForkExport:
-        return await self._service.export_fork(source, offset, sub_offset, ref)
+        return await self._service.export_fork(source, offset, sub_offset, ref, content_type)
 
     async def release_fork(self, source: str, ref: str) -> None:
         try:
