@@ -13,7 +13,6 @@ after any error or server-closed connection, as a well-behaved client does.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import random
 from collections.abc import Callable
@@ -34,13 +33,16 @@ def stream_url(base: str, path: str) -> str:
     return base.rstrip("/") + STREAM_PREFIX + quote(path, safe="/")
 
 
-def retry_delay(response: httpx.Response | None, attempt: int, rng: random.Random) -> float:
-    """Back off a little more on each attempt; honour a short Retry-After."""
-    delay = min(0.05 * (2 ** min(attempt, 5)), 1.0)
-    if response is not None:
-        with contextlib.suppress(ValueError):
-            delay = min(float(response.headers.get("retry-after", "")), 1.0)
-    return delay * (0.5 + rng.random())
+RETRY_CAP = 0.25  # seconds
+
+
+def retry_delay(attempt: int, rng: random.Random) -> float:
+    """Jittered exponential backoff from 50 ms, capped at RETRY_CAP.
+
+    Deliberately shorter than the gateway's `Retry-After: 1`: the chaos tool times how
+    long a shard stays unavailable, and a second-long sleep would blur that by a second.
+    """
+    return min(0.05 * (2 ** min(attempt, 5)), RETRY_CAP) * (0.5 + rng.random())
 
 
 class Run:
@@ -79,20 +81,21 @@ class Run:
             return await self.client.request(method, self.url(path), **kwargs)
 
     async def ensure(self, method: str, path: str, ok: tuple[int, ...], **kwargs) -> httpx.Response:
-        """Repeat an idempotent request until it gets a non-transient answer."""
+        """Repeat an idempotent request until it gets an answer in `ok` or a definitive
+        4xx (anything but 429); 5xx, 429 and connection errors are retried."""
         attempt = 0
         while True:
-            response: httpx.Response | None = None
             try:
                 response = await self.request(method, path, **kwargs)
-                self.stats.count_status(str(response.status_code))
-                if response.status_code in ok or response.status_code < 500:
+                status = response.status_code
+                self.stats.count_status(str(status))
+                if status in ok or (status < 500 and status != 429):
                     return response
             except TRANSIENT as exc:
                 self.stats.count_status(type(exc).__name__)
             attempt += 1
             self.stats.retries += 1
-            await trio.sleep(retry_delay(response, attempt, self.rng))
+            await trio.sleep(retry_delay(attempt, self.rng))
 
 
 async def create_stream(run: Run, plan: StreamPlan) -> None:
@@ -180,7 +183,7 @@ class Writer:
                 continue  # resend the same ids under the new epoch
             attempt += 1
             run.stats.retries += 1
-            await trio.sleep(retry_delay(response, attempt, run.rng))
+            await trio.sleep(retry_delay(attempt, run.rng))
 
     def _rejected(self, ids: list[str], response: httpx.Response) -> None:
         detail = (
@@ -196,7 +199,8 @@ class Writer:
 
     def _recover(self, response: httpx.Response) -> bool:
         """After a producer-state conflict (the server forgot acknowledged writes, or fenced
-        us), start a new epoch so the run can go on; other 4xx end this writer."""
+        us), start a new epoch and resend the batch so the run can go on. Any other 4xx
+        gives the batch up (it must then never appear in the stream); False in that case."""
         if response.status_code not in (403, 409):
             self.ledger.rejected.append(self.ledger.pending or [])
             self.ledger.pending = None
@@ -259,7 +263,7 @@ class Reader:
                 continue
             attempt += 1
             self.log.reconnects += 1
-            await trio.sleep(retry_delay(None, attempt, self.run.rng))
+            await trio.sleep(retry_delay(attempt, self.run.rng))
 
     async def _long_poll_once(self) -> bool:
         response = await self.run.client.get(
