@@ -24,6 +24,9 @@ Failure model, so callers never hang and never guess:
     unknown, the shard may have acted; False: it certainly did not);
   * the shard answers `err`: ShardError(code, msg);
   * leaving `open(...)` before the response is complete sends `cancel` to the shard.
+  * the shard stops answering (hung, SIGSTOPped, link blackholed): a `ping` op every
+    HEARTBEAT_INTERVAL s unanswered for HEARTBEAT_TIMEOUT s drops the connection, which
+    fails the calls on it as above;
 A streaming response whose unread chunks exceed `max_buffered` bytes (a consumer slower
 than the shard) is cancelled on the shard and fails with ShardUnavailable(sent=True).
 """
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 HELLO_TIMEOUT = 5.0
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TIMEOUT = 5.0
 RECV_SIZE = 256 * 1024
 MAX_BUFFERED = 16 * 1024 * 1024
 
@@ -162,8 +167,11 @@ class ShardConnection:
         ring_version: int,
         *,
         max_buffered: int = MAX_BUFFERED,
+        heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
     ) -> None:
         self.shard_id = shard_id
+        self._heartbeat = heartbeat
+        self._hello_timeout = heartbeat[1] if heartbeat is not None else HELLO_TIMEOUT
         self.address = address
         self._hello = hello
         self._ring_version = ring_version
@@ -247,14 +255,14 @@ class ShardConnection:
         await stream.send_all(wire.encode(dict(self._hello)))
         decoder = wire.FrameDecoder()
         messages: list[dict[str, Any]] = []
-        with trio.move_on_after(HELLO_TIMEOUT):
+        with trio.move_on_after(self._hello_timeout):
             while not messages:
                 data = await stream.receive_some(RECV_SIZE)
                 if not data:
                     return None
                 messages = decoder.feed(data)
         if not messages:
-            log.warning("shard %s: no hello within %ss", self.shard_id, HELLO_TIMEOUT)
+            log.warning("shard %s: no hello within %ss", self.shard_id, self._hello_timeout)
             return None
         hello = messages[0]
         if hello.get("k") != "hello":
@@ -288,8 +296,34 @@ class ShardConnection:
         log.info("shard %s: connected to %s:%s", self.shard_id, *self.address)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, stream, nursery.cancel_scope)
+            if self._heartbeat is not None:
+                nursery.start_soon(self._pinger, *self._heartbeat, nursery.cancel_scope)
             await self._reader(stream, decoder, early)
             nursery.cancel_scope.cancel()
+
+    async def _pinger(self, interval: float, timeout: float, scope: trio.CancelScope) -> None:
+        """Drop the connection when the shard stops answering (hung, stopped, or the link
+        blackholed): TCP alone would keep it open and every call on it would wait forever."""
+        while True:
+            await trio.sleep(interval)
+            answered = False
+            async with self.open("ping", {"a": {}}) as call:
+                with trio.move_on_after(timeout):
+                    try:
+                        await call.response()
+                    except ShardError:
+                        pass  # an answer all the same (a shard that does not know "ping")
+                    except ShardUnavailable:
+                        return  # the connection is already gone
+                    answered = True
+            if not answered:
+                log.warning(
+                    "shard %s: no answer to a ping within %ss; dropping the connection",
+                    self.shard_id,
+                    timeout,
+                )
+                scope.cancel()
+                return
 
     def _lost(self) -> None:
         """Fail every call in flight and every queued frame; new calls fail fast."""
@@ -374,12 +408,18 @@ class ShardPool:
         role: str,
         name: str,
         max_buffered: int = MAX_BUFFERED,
+        heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
     ) -> None:
         hello = {"k": "hello", "role": role, "id": name, "ring": ring.to_wire()}
         self.ring = ring
         self.connections = {
             shard_id: ShardConnection(
-                shard_id, address, hello, ring.version, max_buffered=max_buffered
+                shard_id,
+                address,
+                hello,
+                ring.version,
+                max_buffered=max_buffered,
+                heartbeat=heartbeat,
             )
             for shard_id, address in endpoints.items()
         }
@@ -396,8 +436,11 @@ class ShardPool:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        # The body's own exception is not handed to the nursery, so it propagates as it is
+        # rather than wrapped in an ExceptionGroup; a crashed connection task still raises.
         self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(et, ev, tb)
+        await self._nursery_cm.__aexit__(None, None, None)
+        return None
 
     def connected(self, shard_id: str) -> bool:
         return self.connections[shard_id].connected

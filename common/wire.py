@@ -15,6 +15,10 @@ Kinds (fields beyond v, k, i):
                                q raw query string, h [[lower-name, value], ...], b body
             op="export_fork":  a {"source", "offset", "sub_offset", "ref", "content_type"}
             op="release_fork": a {"source", "ref"}
+            op="ping":         a {}  -- liveness probe sent every second or so by
+                               common.rpc_client; answer `res` with a {} at once. Any
+                               answer (even `err`) proves the peer alive; none within a
+                               few seconds and the caller drops the connection.
   res     s status, h [[name, value], ...], b body bytes, more (bool: body chunks follow)
           For non-http ops the result map is in `a`.
   chunk   b body bytes, more (bool)             -- streaming bodies (SSE)
@@ -36,7 +40,7 @@ WIRE_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
-OPS = ("http", "export_fork", "release_fork")
+OPS = ("http", "export_fork", "release_fork", "ping")
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version")
 
 # Request headers the gateway forwards to shards; everything else is transport-level.

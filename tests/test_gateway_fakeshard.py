@@ -36,6 +36,7 @@ class FakeShard:
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[int] = []
         self.cancel_seen = trio.Event()
+        self.frozen = False  # True: accept and read frames but answer nothing (not even hello)
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
@@ -79,7 +80,7 @@ class FakeShard:
                     if not data:
                         break
                     for msg in decoder.feed(data):
-                        if msg["k"] == "hello":
+                        if msg["k"] == "hello" and not self.frozen:
                             self.hellos.append(msg)
                             await reply(
                                 {
@@ -88,6 +89,10 @@ class FakeShard:
                                     "ring": msg.get("ring"),
                                 }
                             )
+                        elif self.frozen:
+                            continue  # a hung peer: reads, never answers
+                        elif msg["k"] == "req" and msg["op"] == "ping":
+                            await reply({"k": "res", "i": msg["i"], "a": {}})
                         elif msg["k"] == "req":
                             self.requests.append(msg)
                             nursery.start_soon(run_handler, msg)

@@ -272,7 +272,11 @@ def test_forwarding(gateway: GatewayProcess) -> None:
     assert seen["m"] == "POST"
     assert seen["p"] == "echo/a b"
     assert seen["q"] == "offset=-1&x=%41"
-    assert sorted(seen["h"]) == [["content-type", "text/plain"], ["producer-id", "p"]]
+    assert sorted(seen["h"]) == [
+        ["content-type", "text/plain"],
+        ["host", f"127.0.0.1:{gateway.port}"],
+        ["producer-id", "p"],
+    ]
     assert seen["n"] == 5
     assert response.headers["stream-next-offset"] == "42"
     assert response.headers["content-length"] == str(len(response.content))
@@ -299,7 +303,7 @@ def test_if_none_match_joined(gateway: GatewayProcess) -> None:
         gateway.port, "/v1/stream/echo/x", 'If-None-Match: "a"\r\nIf-None-Match: "b"\r\n'
     )
     assert status == 200
-    assert json.loads(body)["h"] == [["if-none-match", '"a", "b"']]
+    assert json.loads(body)["h"] == [["host", "x"], ["if-none-match", '"a", "b"']]
 
 
 @pytest.mark.parametrize(

@@ -238,3 +238,38 @@ async def test_unknown_shard_and_wrong_identity() -> None:
             with pytest.raises(ShardUnavailable):
                 pool.open("nope", "http", {})
         nursery.cancel_scope.cancel()
+
+
+async def test_pool_body_exception_is_not_wrapped() -> None:
+    shard = FakeShard("s1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        with pytest.raises(KeyError):
+            async with make_pool(shard) as pool:
+                await pool.wait_connected()
+                raise KeyError("boom")
+        nursery.cancel_scope.cancel()
+
+
+async def test_hung_shard_detected_by_heartbeat() -> None:
+    shard = FakeShard("s1", forever)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard, heartbeat=(0.1, 0.3)) as pool:
+            await pool.wait_connected()
+            await trio.sleep(0.3)
+            assert pool.connected("s1")  # pings answered: stays up while idle
+            shard.frozen = True  # from now on nothing is answered
+            started = trio.current_time()
+            with trio.fail_after(3), pytest.raises(ShardUnavailable) as info:
+                async with pool.open(
+                    "s1", "http", {"m": "GET", "p": "a", "q": "", "h": []}
+                ) as call:
+                    await call.response()
+            assert info.value.sent
+            assert trio.current_time() - started < 1.5
+            assert not pool.connected("s1")
+            shard.frozen = False
+            with trio.fail_after(5):
+                await pool.wait_connected("s1")
+        nursery.cancel_scope.cancel()
