@@ -69,6 +69,7 @@ class FaultEvent:
     pid: int
     duration: float = 0.0  # how long a stop lasted
     recovered_after: float | None = None  # first successful write started after the fault
+    respawned_after: float | None = None  # a kill: when the supervisor started the successor
 
 
 @dataclass(frozen=True)

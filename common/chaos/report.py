@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 
 from .model import FaultEvent, ReaderLog, Stats, Violation
@@ -41,6 +42,20 @@ class ChaosResult:
         ]
         return max(values) if values else None
 
+    def kill_figures(self) -> dict[str, float | None]:
+        """Median and longest unavailability after kills, and the supervisor's part of it."""
+        down = sorted(
+            e.recovered_after
+            for e in self.faults
+            if e.kind == "kill" and e.recovered_after is not None
+        )
+        respawn = sorted(e.respawned_after for e in self.faults if e.respawned_after is not None)
+        return {
+            "median_unavailability_kill": statistics.median(down) if down else None,
+            "median_respawn": statistics.median(respawn) if respawn else None,
+            "longest_respawn": respawn[-1] if respawn else None,
+        }
+
     def to_json(self) -> dict:
         verdict = self.verdict
         return {
@@ -69,6 +84,7 @@ class ChaosResult:
             "reader_stalls": sum(r.stalls for r in self.readers),
             "longest_unavailability_kill": self.unavailability("kill"),
             "longest_unavailability_stop": self.unavailability("stop"),
+            **self.kill_figures(),
             "healthy": self.healthy,
             "faults": [asdict(e) for e in self.faults],
             "violations": [asdict(v) for v in self.violations],
@@ -110,6 +126,7 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
     modes = {}
     for r in result.readers:
         modes[r.mode] = modes.get(r.mode, 0) + 1
+    figures = result.kill_figures()
     worst = max(kills, key=lambda e: e.recovered_after or 0.0, default=None)
     rows = [
         (
@@ -138,6 +155,12 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
             + (f" ({worst.shard} at {worst.at:.1f}s)" if worst and worst.recovered_after else "")
             + f", {_secs(result.unavailability('stop'))} after a stop",
         ),
+        (
+            "median after a kill",
+            f"{_secs(figures['median_unavailability_kill'])}, of which the "
+            f"supervisor's restart delay: median {_secs(figures['median_respawn'])}, "
+            f"longest {_secs(figures['longest_respawn'])}",
+        ),
         ("cluster healthy at end", "yes" if result.healthy else "NO"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -151,6 +174,8 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
         lines.append(f"  {'#':>3}  {'at':>7}  {'shard':<10} {'fault':<5} {'pid':>7}  unavailable")
         for i, e in enumerate(result.faults, 1):
             extra = f" (stopped {e.duration:.1f}s)" if e.kind == "stop" else ""
+            if e.respawned_after is not None:
+                extra = f" (respawned after {e.respawned_after:.2f}s)"
             lines.append(
                 f"  {i:>3}  {e.at:6.1f}s  {e.shard:<10} {e.kind:<5} {e.pid:>7}  "
                 f"{_secs(e.recovered_after) if e.recovered_after is not None else 'NOT RECOVERED'}"

@@ -462,8 +462,22 @@ class Exercise:
             except httpx.HTTPError as exc:
                 self.health.append(f"gateway /readyz failed: {exc!r}")
 
+    def _note_respawns(self) -> None:
+        """Split each kill's unavailability: the supervisor's part (until it spawned the
+        successor: its restart delay) and the rest (shard start-up, gateway reconnect)."""
+        restarts = getattr(self.cluster, "restarts", None) or []
+        for event in self.injector.events if self.injector else []:
+            if event.kind != "kill":
+                continue
+            for restart in restarts:
+                if restart.name == event.shard and restart.pid == event.pid:
+                    spawned = restart.at + restart.delay - self.run_.start
+                    event.respawned_after = max(0.0, spawned - event.at)
+                    break
+
     async def result(self) -> ChaosResult:
         await self._check_health()
+        self._note_respawns()
         verdict = verify(
             self.plans + self.forks,
             self.finals,
