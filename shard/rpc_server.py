@@ -161,6 +161,8 @@ class RpcServer:
                     await self._export(call_id, message, writer)
                 elif op == "release_fork":
                     await self._release(call_id, message, writer)
+                elif op == "ping":
+                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": {}})
                 else:
                     writer.send_nowait(_error(call_id, "bad_request", f"unknown op {op!r}"))
         except (StorageUnavailable, PeerUnavailable) as exc:

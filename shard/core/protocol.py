@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from common.paths import PathError, stream_path_from_url
+
 from . import jsonmode, producers
 from .cursor import next_cursor
 from .errors import ProtocolError, bad_request, error_response
@@ -309,15 +311,12 @@ class CreateParams:
 
 def source_path(value: str) -> str:
     """`Stream-Forked-From` names the source by URL path (`/v1/stream/a/b`); streams are
-    keyed by the path below the prefix (`a/b`)."""
-    value = value.strip()
-    if value.startswith(STREAM_PREFIX):
-        value = value[len(STREAM_PREFIX) :]
-    elif value.startswith("/"):
-        value = value[1:]
-    if not value:
-        raise bad_request("empty Stream-Forked-From")
-    return value
+    keyed by the decoded path below the prefix (`a/b`), exactly as the gateway keys them,
+    so the ring places the source where its requests go."""
+    try:
+        return stream_path_from_url(value.strip())
+    except PathError as exc:
+        raise bad_request(f"invalid Stream-Forked-From: {exc}") from None
 
 
 def _fork_offset_position(token: str) -> int:

@@ -238,7 +238,7 @@ def test_stale_epoch_after_close_is_rejected(s):
 def test_append_to_soft_deleted_is_410():
     s = Sim()
     s.put("src", "data")
-    s.put("f", ct=None, stream_forked_from="src")
+    s.put("f", ct=None, stream_forked_from="/v1/stream/src")
     s.request("DELETE", "src")
     assert s.post("src", "more").status == 410
     assert s.post("src", "", ct=None, stream_closed="true").status == 410

@@ -97,7 +97,7 @@ def test_expire_alarm():
 def test_expiry_with_forks_soft_deletes():
     s = Sim()
     s.put("src", "data", stream_ttl="1")
-    s.put("fork", ct=None, stream_forked_from="src", stream_ttl="100")
+    s.put("fork", ct=None, stream_forked_from="/v1/stream/src", stream_ttl="100")
     s.now += 1
     assert s.request("HEAD", "src").status == 410
     assert s.put("src").status == 409
@@ -124,7 +124,7 @@ def test_delete():
 def test_soft_delete_lifecycle():
     s = Sim()
     s.put("src", "data")
-    s.put("f", ct=None, stream_forked_from="src")
+    s.put("f", ct=None, stream_forked_from="/v1/stream/src")
     assert s.request("DELETE", "src").status == 204
     assert s.states["src"].soft_deleted
     for method in ("HEAD", "GET", "DELETE"):
