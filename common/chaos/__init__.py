@@ -10,6 +10,7 @@ Modules: `payload` (message ids and encodings), `sse` (SSE parsing), `workload`
 from __future__ import annotations
 
 import argparse
+import sys
 
 import trio
 
@@ -85,5 +86,12 @@ def run(args: argparse.Namespace) -> int:
         keep_data=args.keep_data,
         report_json=args.report_json,
     )
-    result = trio.run(run_chaos, options)
-    return exit_code(result)
+    from common.supervisor import SupervisorError
+
+    result = None
+    try:
+        result = trio.run(run_chaos, options)
+    except* SupervisorError as group:
+        for exc in group.exceptions:
+            print(f"ds-cluster chaos: the cluster did not start: {exc}", file=sys.stderr)
+    return 2 if result is None else exit_code(result)
