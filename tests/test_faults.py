@@ -478,3 +478,63 @@ async def test_disk_full_refuses_writes_keeps_acknowledged_and_recovers(tmp_path
             await producer.append("after-restart", deadline=30)
             assert await read_all(client, url) == producer.acked
     shutil.rmtree(tmp_path / "disk", ignore_errors=True)
+
+
+# ---- a shard whose database files become unwritable ------------------------------------
+
+
+def chattr(flag: str, *paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            subprocess.run(["chattr", flag, str(path)], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+async def test_unwritable_database_refuses_writes_keeps_acknowledged_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """`chattr +i` on the live database and WAL: every write to them fails with EPERM, even
+    through the shard's open descriptors (root is not exempt, unlike with chmod)."""
+    probe = tmp_path / "probe"
+    probe.touch()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("the filesystem does not support chattr +i")
+    chattr("-i", probe)
+    data_dir = tmp_path / "shard-0"
+    files = [data_dir / "shard.db", data_dir / "shard.db-wal"]
+    try:
+        async with (
+            proxied_cluster(tmp_path, data_dir) as cluster,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            url = cluster.url + "/v1/stream/readonly"
+            await create(client, url)
+            producer = Producer(client, url, "p-ro")
+            for n in range(5):
+                await producer.append(f"before-{n}")
+            chattr("+i", *files)
+            statuses = []
+            for _ in range(3):
+                headers = {
+                    "content-type": JSON_TYPE,
+                    "producer-id": "p-ro",
+                    "producer-epoch": "0",
+                    "producer-seq": str(producer.seq),
+                }
+                response = await client.post(url, headers=headers, content=b'["refused"]')
+                statuses.append(response.status_code)
+            assert all(s in (503, 507) for s in statuses), statuses
+            response = await client.put(
+                cluster.url + "/v1/stream/readonly-new", headers={"content-type": JSON_TYPE}
+            )
+            assert response.status_code in (503, 507), response.status_code
+            assert await read_all(client, url) == producer.acked  # reads still served
+            assert cluster.shard.returncode is None, "the shard died of an unwritable database"
+            chattr("-i", *files)
+            await producer.append("after", deadline=30)  # same seq as the refused ones
+            assert await read_all(client, url) == producer.acked
+            await cluster.kill_shard()
+            await cluster.start_shard()
+            assert await read_all(client, url, timeout=60) == producer.acked
+    finally:
+        chattr("-i", *files)
