@@ -95,6 +95,26 @@ async def test_restarts_a_killed_shard(
     ), "restart not logged"
 
 
+@pytest.mark.parametrize("cluster", [{"shards": 2, "gateways": 2}], indirect=True)
+async def test_two_gateways_share_the_port_and_survive_a_gateway_kill(cluster: Supervisor) -> None:
+    pids = cluster.child_pids()
+    assert {"gateway-0", "gateway-1"} <= pids.keys()
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as client:
+        response = await client.put(
+            "/v1/stream/two-gateways", headers={"content-type": "text/plain"}, content=b"x"
+        )
+        assert response.status_code == 201, response.text
+        os.kill(pids["gateway-0"], signal.SIGKILL)
+        # New connections go to whichever gateway is listening; reads keep working.
+        for _ in range(10):
+            await _answers(client, "/v1/stream/two-gateways?offset=-1", b"x", deadline=10)
+    with trio.fail_after(10):
+        while not any(e.name == "gateway-0" for e in cluster.restarts):
+            await trio.sleep(0.05)
+        while "gateway-0" not in cluster.child_pids():
+            await trio.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
