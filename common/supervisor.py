@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import random
 import signal
 import socket
 import subprocess
@@ -129,19 +130,48 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct ports free on `host` right now (all held open until all are picked)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = []
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports free on `host` now, outside the kernel's ephemeral range.
+
+    Each child keeps its port across restarts. A port inside the ephemeral range can be
+    taken while its server is down: by any outgoing connection, and even by a peer's
+    reconnect attempt to that very port (TCP self-connect on loopback). Ports below the
+    range are only ever taken by an explicit bind.
+    """
+    low, high = _ephemeral_range()
+    candidates = list(range(10_000, low)) if low > 11_000 else []
+    if not candidates and high < 65_000:
+        candidates = list(range(high + 1, 65_536))
+    random.shuffle(candidates)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    chosen: list[int] = []
+    for port in candidates:
+        if len(chosen) == count:
+            break
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < count:  # no usable range: let the kernel pick
+        sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count - len(chosen))]
+        try:
+            for s in sockets:
+                s.bind((host, 0))
+            chosen += [s.getsockname()[1] for s in sockets]
+        finally:
+            for s in sockets:
+                s.close()
+    return chosen
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -213,17 +243,21 @@ class Supervisor:
             raise failure
 
     def _prepare(self) -> None:
-        """Pick addresses, claim the data directory, build every child's command line."""
-        cfg = self.config
+        """Claim the data directory, pick addresses, build every child's command line."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._claim_data_dir()
         try:
-            port = cfg.port or _free_ports(cfg.host, 1)[0]
-            _check_port_free(cfg.host, port)
-            shard_ports = _free_ports(cfg.host, cfg.shards)
+            self._build_children()
         except BaseException:
             self._release_lock()
             raise
+
+    def _build_children(self) -> None:
+        """Ports outside the ephemeral range; argv per child, from the config alone."""
+        cfg = self.config
+        port = cfg.port or _free_ports(cfg.host, 1)[0]
+        _check_port_free(cfg.host, port)
+        shard_ports = _free_ports(cfg.host, cfg.shards)
         self.url = f"http://{_url_host(_connect_host(cfg.host))}:{port}"
         self.shard_addresses = {
             sid: (cfg.host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
