@@ -87,27 +87,41 @@ class FrameDecoder:
         self._max_frame = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buffer += data
-        messages: list[dict[str, Any]] = []
+        # Frames are decoded straight out of `data` (no copy) unless a partial frame is
+        # pending; only an incomplete tail is kept.
         buf = self._buffer
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        messages: list[dict[str, Any]] = []
+        size = len(source)
         pos = 0
-        while len(buf) - pos >= 4:
-            (length,) = _HEADER.unpack_from(buf, pos)
-            if length > self._max_frame:
-                raise WireError(f"frame length {length} exceeds limit")
-            if len(buf) - pos - 4 < length:
-                break
-            body = bytes(buf[pos + 4 : pos + 4 + length])
-            pos += 4 + length
-            try:
-                message = msgpack.unpackb(body, raw=False, strict_map_key=True)
-            except Exception as exc:  # msgpack raises several unrelated types
-                raise WireError(f"undecodable frame: {exc}") from None
-            if not isinstance(message, dict) or not isinstance(message.get("k"), str):
-                raise WireError("frame is not a message map")
-            if message.get("v") != WIRE_VERSION:
-                raise WireError(f"unsupported wire version {message.get('v')!r}")
-            messages.append(message)
-        if pos:
+        with memoryview(source) as view:
+            while size - pos >= 4:
+                (length,) = _HEADER.unpack_from(view, pos)
+                if length > self._max_frame:
+                    raise WireError(f"frame length {length} exceeds limit")
+                start = pos + 4
+                if size - start < length:
+                    break
+                pos = start + length
+                messages.append(_decode(view[start:pos]))
+        if source is buf:
             del buf[:pos]
+        elif pos < size:
+            buf += data[pos:]
         return messages
+
+
+def _decode(body: memoryview) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"undecodable frame: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("k"), str):
+        raise WireError("frame is not a message map")
+    if message.get("v") != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {message.get('v')!r}")
+    return message
