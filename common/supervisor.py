@@ -66,7 +66,7 @@ class ClusterConfig:
     launcher: Sequence[str] = (sys.executable, "-m", "common.cli")
     # None: children inherit our stdout/stderr. A directory: each child appends to NAME.log.
     log_dir: Path | None = None
-    ready_timeout: float = 30.0
+    ready_timeout: float = 60.0  # generous: a shard may be recovering a large WAL
     stop_grace: float = 5.0
     restart_initial_delay: float = 0.2
     restart_max_delay: float = 10.0
