@@ -57,12 +57,28 @@ def stream_path(raw: bytes | str) -> str:
         raise PathError("stream path is not valid UTF-8") from None
     if decoded is not raw and _CONTROL.search(path):
         raise PathError("control character in stream path")
+    _check_segments(path)
+    return path
+
+
+def check_canonical(path: str) -> None:
+    """Refuse a decoded stream path that `stream_path` could not have produced (for
+    receivers of already-decoded paths, such as a shard reading RPC requests)."""
+    if not path:
+        raise PathError("empty stream path")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise PathError("stream path too long")
+    if _CONTROL.search(path):
+        raise PathError("control character in stream path")
+    _check_segments(path)
+
+
+def _check_segments(path: str) -> None:
     for segment in path.split("/"):
         if not segment:
             raise PathError("empty segment in stream path")
         if segment == "." or segment == "..":
             raise PathError("dot segment in stream path")
-    return path
 
 
 def stream_path_from_url(url_path: bytes | str) -> str:

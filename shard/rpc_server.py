@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from common import wire
+from common.paths import PathError, check_canonical
 from shard.committer import StorageUnavailable
 from shard.core.model import ForkExport, Request, Response
 from shard.service import PeerUnavailable, ShardService
@@ -195,6 +196,10 @@ class RpcServer:
             header_map = {str(k).lower(): str(v) for k, v in headers}
         except (TypeError, ValueError):
             raise _BadRequest("malformed headers") from None
+        try:
+            check_canonical(path)
+        except PathError as exc:
+            raise _BadRequest(str(exc)) from None
         if not self.service.owns(path):
             writer.send_nowait(
                 {"k": "res", "i": call_id, "s": 421, "h": [], "b": b"misdirected", "more": False}
