@@ -70,8 +70,9 @@ class ClusterConfig:
     stop_grace: float = 5.0
     restart_initial_delay: float = 0.2
     restart_max_delay: float = 10.0
-    # A child that stayed up this long before dying restarts at the initial delay again.
-    restart_reset_after: float = 10.0
+    # A child that stayed up this long before dying restarts at the initial delay again;
+    # one that dies sooner (start-up takes well under a second) is in a crash loop.
+    restart_reset_after: float = 3.0
 
     def __post_init__(self) -> None:
         if self.shards < 1:
