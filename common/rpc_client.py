@@ -13,7 +13,7 @@ release_fork); it knows nothing about HTTP.
                 ...
 
 Each connection runs three kinds of task in the pool's nursery: a supervisor that
-connects (exponential backoff, 50 ms doubling to 2 s, jittered), says `hello` and waits
+connects (exponential backoff, 50 ms doubling to 0.5 s, jittered), says `hello` and waits
 for the shard's `hello`; one reader that dispatches frames by request id into per-call
 trio memory channels; one writer that joins every queued frame into a single send_all.
 
@@ -48,7 +48,7 @@ from common.ring import Ring
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.05
-BACKOFF_MAX = 2.0
+BACKOFF_MAX = 0.5  # a restarted shard is reconnected within half a second of listening
 HELLO_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 5.0
