@@ -207,12 +207,12 @@ async def test_expiry_alarm_survives_restart(start_cluster, tmp_path) -> None:
     async with start_cluster(shards=1) as supervisor:
         shard_id = supervisor.shard_ids[0]
         async with httpx.AsyncClient(base_url=supervisor.url, timeout=10) as client:
+            created = time.time()  # the TTL counts from the shard's handling, after this
             r = await client.put(
                 "/v1/stream/ttl-stream", headers={"content-type": BINARY, "stream-ttl": "2"}
             )
             assert r.status_code == 201
             await client.put("/v1/stream/keeper", headers={"content-type": BINARY})
-            created = time.time()
             await kill_shard(supervisor, client, shard_id, "keeper")
             db = next(tmp_path.glob(f"cluster-*/data/{shard_id}/shard.db"))
             with trio.fail_after(15):
