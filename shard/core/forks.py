@@ -25,7 +25,7 @@ from .model import (
     evolve,
 )
 from .offsets import BEGINNING, NOW, decode, encode
-from .protocol import CreateParams, created_headers, status
+from .protocol import CreateParams, created, initial_records, status
 
 
 def plan_export(
@@ -154,17 +154,9 @@ def create_fork(
                 ttl = export.ttl
             elif export.expires_at_ts is not None:
                 expires_at, expires_at_ts = export.expires_at, export.expires_at_ts
-        records = list(export.records)
-        tail = export.position
-        body = request.body
-        if body:
-            if is_json(content_type):
-                data, count = jsonmode.parse_body(body, allow_empty=True)
-            else:
-                data, count = body, len(body)
-            if count:
-                records.append(Record(tail, tail + count, data))
-                tail += count
+        own = initial_records(content_type, request.body, export.position)
+        records = export.records + own
+        tail = own[-1].end if own else export.position
     except ProtocolError as err:
         return Reply(err.response())
     state = StreamState(
@@ -185,13 +177,7 @@ def create_fork(
             ref=ref,
         ),
     )
-    return Reply(
-        Response(201, created_headers(request, state, 201)),
-        changed=True,
-        state=state,
-        records=tuple(records),
-        fresh=True,
-    )
+    return created(request, state, records)
 
 
 def release_fork(state: StreamState | None, now: float) -> StreamState | None:

@@ -367,30 +367,38 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
         return NeedSource(params.source, params.fork_offset, params.sub_offset, params.content_type)
 
     content_type = params.content_type or DEFAULT_CONTENT_TYPE
-    records: tuple[Record, ...] = ()
-    tail = 0
-    if body:
-        if is_json(content_type):
-            data, tail = jsonmode.parse_body(body, allow_empty=True)
-        else:
-            data, tail = body, len(body)
-        if tail:
-            records = (Record(0, tail, data),)
+    records = initial_records(content_type, body, 0)
     new_state = StreamState(
         path=request.path,
         content_type=content_type,
         created_at=now,
-        tail=tail,
+        tail=records[-1].end if records else 0,
         closed=params.closed,
         ttl=params.ttl,
         expires_at=params.expires_at,
         expires_at_ts=params.expires_at_ts,
         last_access=now,
     )
+    return created(request, new_state, records)
+
+
+def initial_records(content_type: str, body: bytes, tail: int) -> tuple[Record, ...]:
+    """The record a create's body adds at `tail` (none for an empty body or `[]`)."""
+    if not body:
+        return ()
+    if is_json(content_type):
+        data, count = jsonmode.parse_body(body, allow_empty=True)
+    else:
+        data, count = body, len(body)
+    return (Record(tail, tail + count, data),) if count else ()
+
+
+def created(request: Request, state: StreamState, records: tuple[Record, ...]) -> Reply:
+    """201 for a new stream (plain or fork): a new incarnation with its first records."""
     return Reply(
-        Response(201, created_headers(request, new_state, 201)),
+        Response(201, created_headers(request, state, 201)),
         changed=True,
-        state=new_state,
+        state=state,
         records=records,
         fresh=True,
     )
