@@ -316,7 +316,9 @@ def test_fork_outlives_source_via_its_own_ttl():
 
 
 def test_two_phase_api_directly(s):
-    req = Request("PUT", "f", "", {"stream-forked-from": "/v1/stream/src", "content-type": "text/plain"})
+    req = Request(
+        "PUT", "f", "", {"stream-forked-from": "/v1/stream/src", "content-type": "text/plain"}
+    )
     need = handle(req, None, s.now, s.config)
     assert need == NeedSource("src", None, 0, "text/plain")
     src = s.states["src"]
