@@ -13,7 +13,7 @@ NODE_MODULES := conformance/node_modules/.package-lock.json
 up: $(INSTALLED)
 	exec $(VENV)/bin/ds-cluster up --port 4437
 
-test: $(INSTALLED) $(NODE_MODULES)
+test: $(INSTALLED) $(NODE_MODULES) lint
 	$(PY) -m pytest -q
 
 install: $(INSTALLED) $(NODE_MODULES)
