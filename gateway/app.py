@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from common.paths import PREFIX_BYTES
 from common.ring import Ring
 from common.rpc_client import ShardPool
@@ -12,8 +14,11 @@ from gateway.control import create_control_app
 from gateway.stream import Receive, Scope, Send, StreamHandler
 
 
-def create_app(pool: ShardPool, ring: Ring, max_body_bytes: int) -> Any:
-    stream = StreamHandler(pool, ring, max_body_bytes)
+def create_app(
+    pool: ShardPool, ring: Ring, max_body_bytes: int, nursery: trio.Nursery | None = None
+) -> Any:
+    """`nursery` (gateway lifetime) hosts the long-poll calls shared between clients."""
+    stream = StreamHandler(pool, ring, max_body_bytes, nursery)
     control = create_control_app(pool)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

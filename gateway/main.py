@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -81,8 +82,11 @@ async def serve_gateway(
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 return
 
-        async with ShardPool(endpoints, ring, role="gateway", name=name) as pool:
-            app = create_app(pool, ring, args.max_body_bytes)
+        async with (
+            ShardPool(endpoints, ring, role="gateway", name=name) as pool,
+            trio.open_nursery() as shared,  # long-poll calls shared by clients
+        ):
+            app = create_app(pool, ring, args.max_body_bytes, shared)
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
                 print(
@@ -90,9 +94,24 @@ async def serve_gateway(
                     file=sys.stderr,
                     flush=True,
                 )
+            shared.cancel_scope.cancel()  # hypercorn is done: nobody waits on them
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each client connection is a file);
+    returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %s to %s: %s", soft, hard, exc)
+            return soft
+    return hard
 
 
 def run(args: argparse.Namespace) -> int:
+    raise_open_file_limit()
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         stream=sys.stderr,

@@ -7,14 +7,19 @@ HTTP front end checks (path shape, method, body size, header well-formedness) an
 transport headers; everything else is the shard's answer, passed through.
 
 Client disconnects: a response that arrives within QUICK seconds is just awaited; a
-slower one (long-poll) and every streaming one (SSE) are raced against the client's
+slower one and every streaming one (SSE) are raced against the client's
 `http.disconnect`, and the shard is sent `cancel` when the client leaves.
+
+Long-polls (GET, live=long-poll) go through `gateway.collapse`: identical ones in flight
+at the same time (same path, raw query string and forwarded headers) share one shard call
+and one rendered answer; see that module for who owns the call and when it is cancelled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 import trio
 
@@ -22,6 +27,7 @@ from common import wire
 from common.paths import PREFIX_BYTES, PathError, stream_path
 from common.ring import Ring
 from common.rpc_client import Call, ShardError, ShardPool, ShardUnavailable
+from gateway.collapse import Answer, Collapser
 from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
 Scope = dict[str, Any]
@@ -50,9 +56,7 @@ class _ClientGone(Exception):
     """The HTTP client disconnected while we were waiting."""
 
 
-async def send_error(
-    send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
+def error_answer(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Answer:
     """A gateway-generated error: short text body, transport headers, never cached."""
     body = message.encode() + b"\n"
     headers = [
@@ -62,8 +66,43 @@ async def send_error(
         *TRANSPORT,
         *extra,
     ]
+    return status, headers, body
+
+
+def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
+    """What the client gets when the shard could not answer."""
+    if isinstance(exc, ShardUnavailable):
+        message = "shard connection lost" if exc.sent else "shard unavailable"
+        return error_answer(503, message, (_RETRY_AFTER,))
+    status, retry = _ERROR_STATUS.get(exc.code, (502, False))
+    return error_answer(status, exc.msg or exc.code, (_RETRY_AFTER,) if retry else ())
+
+
+async def send_answer(send: Send, answer: Answer) -> None:
+    status, headers, body = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    send: Send, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    await send_answer(send, error_answer(status, message, extra))
+
+
+def is_long_poll(query: bytes) -> bool:
+    """Whether the shard will read this query as live=long-poll (the last `live` wins;
+    keys and values may be percent-encoded): such requests may share an answer."""
+    if b"live" not in query and b"%" not in query:
+        return False
+    live = None
+    for part in query.split(b"&"):
+        key, _, value = part.decode("latin-1").partition("=")
+        if "%" in key or "+" in key:
+            key = unquote_plus(key)
+        if key == "live":
+            live = unquote_plus(value) if "%" in value or "+" in value else value
+    return live == "long-poll"
 
 
 def _response_headers(
@@ -99,10 +138,23 @@ def _response_headers(
 class StreamHandler:
     """ASGI callable for paths under /v1/stream/."""
 
-    def __init__(self, pool: ShardPool, ring: Ring, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        pool: ShardPool,
+        ring: Ring,
+        max_body_bytes: int,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
+        """`nursery`: gateway-lifetime nursery for shared long-poll calls; without one,
+        every request makes its own call."""
         self.pool = pool
         self.ring = ring
         self.max_body_bytes = max_body_bytes
+        self.collapser = (
+            Collapser(nursery, self._fetch, error_answer(503, "gateway stopping", (_RETRY_AFTER,)))
+            if nursery is not None
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -146,13 +198,20 @@ class StreamHandler:
         if body is None:
             return
 
+        query = scope["query_string"]
         fields = {
             "m": method,
             "p": path,
-            "q": scope["query_string"].decode("latin-1"),
+            "q": query.decode("latin-1"),
             "h": forwarded,
             "b": body,
         }
+        if method == "GET" and self.collapser is not None and is_long_poll(query):
+            key = (path, query, *[(k, v) for k, v in forwarded])
+            answer = await self.collapser.wait(key, self.ring.owner(path), fields, receive)
+            if answer is not None:
+                await send_answer(send, answer)
+            return
         try:
             call = self.pool.open(self.ring.owner(path), "http", fields)
         except ShardUnavailable:
@@ -196,14 +255,22 @@ class StreamHandler:
                 res = await _unless_disconnected(receive, call.response)
         except _ClientGone:
             return  # leaving `call` sends the shard a cancel
-        except ShardUnavailable as exc:
-            message = "shard connection lost" if exc.sent else "shard unavailable"
-            return await send_error(send, 503, message, (_RETRY_AFTER,))
-        except ShardError as exc:
-            status, retry = _ERROR_STATUS.get(exc.code, (502, False))
-            extra = (_RETRY_AFTER,) if retry else ()
-            return await send_error(send, status, exc.msg or exc.code, extra)
+        except (ShardUnavailable, ShardError) as exc:
+            return await send_answer(send, failure_answer(exc))
         await self._write(call, res, method, receive, send)
+
+    async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
+        """One long-poll upstream, rendered once for every client sharing it."""
+        try:
+            async with self.pool.open(shard_id, "http", fields) as call:
+                res = await call.response()
+        except (ShardUnavailable, ShardError) as exc:
+            return failure_answer(exc)
+        if res.get("more"):  # leaving `call` above already cancelled the stream
+            return error_answer(502, "the shard streamed its answer to a long-poll")
+        status = res["s"]
+        body = res.get("b") or b""
+        return status, _response_headers(res.get("h") or [], "GET", status, len(body)), body
 
     async def _write(
         self, call: Call, res: dict[str, Any], method: str, receive: Receive, send: Send

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every gateway connection's live reads run
+    here, and a full shard must not fail on descriptors (SQLite files, peer links)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %s to %s: %s", soft, hard, exc)
+
+
 def run(args: argparse.Namespace) -> int:
+    raise_open_file_limit()
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
