@@ -216,6 +216,7 @@ class StreamHandler:
             call = self.pool.open(self.ring.owner(path), "http", fields)
         except ShardUnavailable:
             return await send_error(send, 503, "shard unavailable", (_RETRY_AFTER,))
+        del fields, forwarded, body, scope  # encoded and sent; an SSE may be held long
         async with call:
             await self._relay(call, method, receive, send)
 
@@ -257,24 +258,6 @@ class StreamHandler:
             return  # leaving `call` sends the shard a cancel
         except (ShardUnavailable, ShardError) as exc:
             return await send_answer(send, failure_answer(exc))
-        await self._write(call, res, method, receive, send)
-
-    async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
-        """One long-poll upstream, rendered once for every client sharing it."""
-        try:
-            async with self.pool.open(shard_id, "http", fields) as call:
-                res = await call.response()
-        except (ShardUnavailable, ShardError) as exc:
-            return failure_answer(exc)
-        if res.get("more"):  # leaving `call` above already cancelled the stream
-            return error_answer(502, "the shard streamed its answer to a long-poll")
-        status = res["s"]
-        body = res.get("b") or b""
-        return status, _response_headers(res.get("h") or [], "GET", status, len(body)), body
-
-    async def _write(
-        self, call: Call, res: dict[str, Any], method: str, receive: Receive, send: Send
-    ) -> None:
         status = res["s"]
         body = res.get("b") or b""
         if not res.get("more"):
@@ -289,6 +272,7 @@ class StreamHandler:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if body:
             await send({"type": "http.response.body", "body": body, "more_body": True})
+        del res, headers, body  # an idle stream may be held for minutes: keep nothing
         try:
             await _unless_disconnected(receive, self._pump, call, send)
         except _ClientGone:
@@ -296,6 +280,19 @@ class StreamHandler:
         except (ShardUnavailable, ShardError):
             pass
         await send({"type": "http.response.body", "body": b""})
+
+    async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
+        """One long-poll upstream, rendered once for every client sharing it."""
+        try:
+            async with self.pool.open(shard_id, "http", fields) as call:
+                res = await call.response()
+        except (ShardUnavailable, ShardError) as exc:
+            return failure_answer(exc)
+        if res.get("more"):  # leaving `call` above already cancelled the stream
+            return error_answer(502, "the shard streamed its answer to a long-poll")
+        status = res["s"]
+        body = res.get("b") or b""
+        return status, _response_headers(res.get("h") or [], "GET", status, len(body)), body
 
     @staticmethod
     async def _pump(call: Call, send: Send) -> None:
