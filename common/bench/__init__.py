@@ -10,6 +10,10 @@ Scenarios (each bounded in time; connection counts are flags):
   sse          the same with SSE readers
   idle         N idle SSE connections held: count and server RSS per connection
 
+--scaling 1,2,4 instead runs the append scenario on `up:SxG` for every shard count S and
+gateway count G (--scaling-gateways, default the same list) with CPU per request per process
+kind; --url is then not needed (see common/bench/scaling.py).
+
 Targets: --url is A; each --vs adds one (see common/bench/targets.py for the spec forms:
 a URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Runs alternate per scenario
 (A B A B ... for --rounds 2) so machine noise spreads over all; ratios are A / other, per
@@ -46,14 +50,33 @@ SHOWN = {
     "json": ["requests_per_s", "p50_ms", "p99_ms", "errors", "verify_problems"],
     "json-batch": ["requests_per_s", "messages_per_s", "p99_ms", "errors", "verify_problems"],
     "catchup": ["mb_per_s", "errors", "client_cpu_pct", "server_cpu_pct"],
-    "longpoll": ["p50_ms", "p99_ms", "delivered", "expected", "lost", "duplicates", "errors"],
-    "sse": ["p50_ms", "p99_ms", "delivered", "expected", "lost", "duplicates", "errors"],
+    # writer_rate: a server too slow to take the writer's steady rate gets fewer messages
+    "longpoll": [
+        "p50_ms",
+        "p99_ms",
+        "writer_rate",
+        "delivered",
+        "expected",
+        "lost",
+        "duplicates",
+        "errors",
+    ],
+    "sse": [
+        "p50_ms",
+        "p99_ms",
+        "writer_rate",
+        "delivered",
+        "expected",
+        "lost",
+        "duplicates",
+        "errors",
+    ],
     "idle": ["held", "kib_per_conn", "rss_held_kib", "open_failures"],
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="target A (URL, ref:file|memory, baseline, up:S)")
+    p.add_argument("--url", help="target A (URL, ref:file|memory, baseline, up:S[xG])")
     p.add_argument("--vs", action="append", default=[], help="another target (repeatable)")
     p.add_argument(
         "--scenario",
@@ -82,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-dir", default=None, help="where managed servers log (default: none)")
     p.add_argument("--no-verify", action="store_true", help="skip append read-back checks")
+    p.add_argument("--scaling", metavar="S,...", help="append matrix over up:SxG shard counts")
+    p.add_argument("--scaling-gateways", metavar="G,...", help="gateway counts (default: S list)")
 
 
 def _scenarios(args: argparse.Namespace) -> list[str]:
@@ -170,6 +195,12 @@ def run(args: argparse.Namespace) -> int:
     from .stats import geomean
     from .targets import BenchTarget
 
+    if args.scaling:
+        from .scaling import run_scaling
+
+        return run_scaling(args)
+    if not args.url:
+        raise SystemExit("--url is required (or --scaling)")
     scenarios = _scenarios(args)
     run_id = uuid.uuid4().hex[:8]
     pids_a = [int(x) for x in args.pids.split(",") if x]

@@ -94,16 +94,21 @@ async def _idle_main(
     w = _IdleWorker(host, count)
     sem = asyncio.Semaphore(128)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    t0 = time.monotonic()
 
     async def one(i: int) -> None:
         async with sem:
             try:
-                await loop.create_connection(lambda: _Idle(w, paths[i % len(paths)]), host, port)
-            except OSError:
+                # bounded: a server out of file descriptors leaves SYNs unanswered, and the
+                # kernel's connect retries would otherwise outlast the whole open phase
+                connect = loop.create_connection(
+                    lambda: _Idle(w, paths[i % len(paths)]), host, port
+                )
+                await asyncio.wait_for(connect, max(0.1, t0 + timeout - time.monotonic()))
+            except (OSError, TimeoutError):
                 w.failed += 1
                 w.progress()
 
-    t0 = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         for i in range(min(count, limit - 32)):
             tg.create_task(one(i))
@@ -111,7 +116,7 @@ async def _idle_main(
         w.failed += count - (limit - 32)
         w.progress()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(w.settled.wait(), timeout)
+        await asyncio.wait_for(w.settled.wait(), max(0.1, t0 + timeout - time.monotonic()))
     open_time = time.monotonic() - t0
     ready_q.put(w.opened)
     await loop.run_in_executor(None, ctrl_q.get)  # hold until the bench has measured
@@ -189,6 +194,7 @@ def run_idle(
         "open_failures": sum(r["failed"] + r["refused"] for r in results),
         "rss_before_kib": sum(before.values()),
         "rss_held_kib": sum(during.values()),
+        "rss_kib_by_pid": {p: (before.get(p, 0), during.get(p, 0)) for p in pids},
         "kib_per_conn": delta / opened if opened and pids else float("nan"),
         "open_s": max((r["open_s"] for r in results), default=0.0),
         "server_pids": len(pids),
