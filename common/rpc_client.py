@@ -51,8 +51,9 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 0.5  # a restarted shard is reconnected within half a second of listening
 HELLO_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_TIMEOUT = 5.0
+HEARTBEAT_TIMEOUT = 8.0  # a busy shard (thousands of cancels at once) is not a hung one
 RECV_SIZE = 256 * 1024
+PING_GRACE = 1.0  # extra wait for a ping answer after our own loop may have stalled
 MAX_BUFFERED = 16 * 1024 * 1024
 
 
@@ -308,14 +309,20 @@ class ShardConnection:
             await trio.sleep(interval)
             answered = False
             async with self.open("ping", {"a": {}}) as call:
-                with trio.move_on_after(timeout):
-                    try:
-                        await call.response()
-                    except ShardError:
-                        pass  # an answer all the same (a shard that does not know "ping")
-                    except ShardUnavailable:
-                        return  # the connection is already gone
-                    answered = True
+                # The second, short wait is a grace for our own event loop: after a stall
+                # (thousands of clients leaving at once) the timer fires before the reader
+                # has run, though the answer is already in the socket.
+                for wait in (timeout, PING_GRACE):
+                    with trio.move_on_after(wait):
+                        try:
+                            await call.response()
+                        except ShardError:
+                            pass  # an answer all the same (a shard that does not know "ping")
+                        except ShardUnavailable:
+                            return  # the connection is already gone
+                        answered = True
+                    if answered:
+                        break
             if not answered:
                 log.warning(
                     "shard %s: no answer to a ping within %ss; dropping the connection",
