@@ -33,6 +33,7 @@ from shard.core.model import (
     StreamState,
     Wait,
 )
+from shard.core.sse import SseSession
 from shard.outbox import Outbox
 from shard.store import Store, StreamWrite
 from shard.streams import Entry, StreamTable
@@ -166,14 +167,12 @@ class ShardService:
         """Persist a Reply's changes (if any) and return the response to send."""
         if reply.changed:
             job = Job()
-            self._stage(
-                job, entry, reply.state, reply.records, fresh=getattr(reply, "fresh", False)
-            )
+            self._stage(job, entry, reply.state, reply.records, fresh=reply.fresh)
             try:
                 await self.committer.submit(job).wait()
             except StorageUnavailable:
                 return unavailable("storage unavailable; the write was not applied")
-        elif getattr(reply, "touch", False):
+        elif reply.touch:
             self.committer.touch(entry, now)
         return reply.response
 
@@ -219,7 +218,9 @@ class ShardService:
         finally:
             entry.waiters -= 1
 
-    async def _sse(self, entry: Entry, session, respond: Respond, send: SendChunk) -> None:
+    async def _sse(
+        self, entry: Entry, session: SseSession, respond: Respond, send: SendChunk
+    ) -> None:
         await respond(session.head, True)
         entry.waiters += 1
         try:
