@@ -20,7 +20,7 @@ from array import array
 from typing import Any
 
 from .http import ResponseParser, SyncClient, Target
-from .procs import raise_nofile, run_workers
+from .procs import run_workers
 from .stats import latency_summary
 
 _FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 4
@@ -158,21 +158,7 @@ class _Generator:
             self.all_done.set()
 
 
-def append_worker(
-    host: str,
-    port: int,
-    mode: str,
-    conns: list[tuple[int, list[tuple[int, str]]]],
-    start_at: float,
-    end_at: float,
-    drain_s: float,
-) -> dict[str, Any]:
-    """Worker process: run `conns` connections from start_at to end_at, then drain."""
-    raise_nofile(len(conns) + 64)
-    return asyncio.run(_append_main(host, port, mode, conns, start_at, end_at, drain_s))
-
-
-async def _append_main(
+async def append_worker(
     host: str,
     port: int,
     mode: str,

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from .http import ResponseParser, SyncClient, Target
-from .procs import raise_nofile, run_workers
+from .procs import run_workers
 
 CHUNK = 64 * 1024
 
@@ -95,19 +95,7 @@ class _Reader(asyncio.Protocol):
             self.done.set_result(None)
 
 
-def catchup_worker(
-    host: str,
-    port: int,
-    readers: list[list[tuple[int, str]]],
-    size: int,
-    start_at: float,
-    end_at: float,
-) -> dict[str, Any]:
-    raise_nofile(len(readers) + 64)
-    return asyncio.run(_catchup_main(host, port, readers, size, start_at, end_at))
-
-
-async def _catchup_main(
+async def catchup_worker(
     host: str,
     port: int,
     readers: list[list[tuple[int, str]]],

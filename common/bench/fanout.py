@@ -23,7 +23,7 @@ from array import array
 from typing import Any
 
 from .http import ResponseParser, SyncClient, Target, build_request
-from .procs import _CTX, raise_nofile, run_workers
+from .procs import _CTX, run_workers
 from .stats import latency_summary
 
 
@@ -174,21 +174,7 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
 
-def fanout_worker(
-    host: str,
-    port: int,
-    mode: str,
-    readers: list[tuple[int, str]],
-    ready_q: Any,
-    ctrl_q: Any,
-    grace: float,
-    max_wait: float,
-) -> dict[str, Any]:
-    raise_nofile(len(readers) + 64)
-    return asyncio.run(_fanout_main(host, port, mode, readers, ready_q, ctrl_q, grace, max_wait))
-
-
-async def _fanout_main(
+async def fanout_worker(
     host: str,
     port: int,
     mode: str,

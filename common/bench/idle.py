@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .http import ResponseParser, SyncClient, Target, build_request
-from .procs import _CTX, raise_nofile, rss_kib, run_workers
+from .procs import _CTX, rss_kib, run_workers
 
 
 class _Idle(asyncio.Protocol):
@@ -68,20 +68,7 @@ class _IdleWorker:
             self.settled.set()
 
 
-def idle_worker(
-    host: str,
-    port: int,
-    paths: list[str],
-    count: int,
-    ready_q: Any,
-    ctrl_q: Any,
-    timeout: float,
-) -> dict[str, Any]:
-    raise_nofile(count + 64)
-    return asyncio.run(_idle_main(host, port, paths, count, ready_q, ctrl_q, timeout))
-
-
-async def _idle_main(
+async def idle_worker(
     host: str,
     port: int,
     paths: list[str],

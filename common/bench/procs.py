@@ -12,12 +12,13 @@ process. `--pids` overrides the discovery.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import queue
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 _CTX = mp.get_context("spawn")
@@ -32,10 +33,11 @@ def raise_nofile(wanted: int) -> int:
     return new
 
 
-def _entry(fn: Callable[..., dict[str, Any]], args: tuple, out: Any, index: int) -> None:
+def _entry(fn: Callable[..., Awaitable[dict[str, Any]]], args: tuple, out: Any, index: int) -> None:
+    raise_nofile(1 << 20)  # load generators hold many sockets: take what the hard limit allows
     cpu0 = time.process_time()
     try:
-        result = fn(*args)
+        result = asyncio.run(fn(*args))
         result["cpu_s"] = time.process_time() - cpu0
         out.put((index, result, None))
     except BaseException as exc:  # report, the parent decides
@@ -43,12 +45,13 @@ def _entry(fn: Callable[..., dict[str, Any]], args: tuple, out: Any, index: int)
 
 
 def run_workers(
-    fn: Callable[..., dict[str, Any]],
+    fn: Callable[..., Awaitable[dict[str, Any]]],
     args_list: list[tuple],
     timeout: float,
     on_started: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run fn(*args) in one spawned process per args tuple; return their result dicts in order.
+    """Run the coroutine fn(*args) in one spawned process per args tuple (each with its own
+    asyncio loop); return their result dicts in order.
 
     `on_started` runs in the parent while the workers work (e.g. the fan-out writer).
     Each result gets `cpu_s`: the worker's own CPU seconds.
