@@ -6,9 +6,10 @@ ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
 
-Client disconnects: a response that arrives within QUICK seconds is just awaited; a
-slower one and every streaming one (SSE) are raced against the client's
-`http.disconnect`, and the shard is sent `cancel` when the client leaves.
+Client disconnects: only live reads can wait long, so only they are raced against the
+client's `http.disconnect` (an answer within QUICK seconds is just awaited; SSE bodies are
+always watched), and the shard is sent `cancel` when the client leaves. Other requests are
+answered as soon as the shard has decided (for writes: committed), without a watcher.
 
 Long-polls (GET, live=long-poll) go through `gateway.collapse`: identical ones in flight
 at the same time (same path, raw query string and forwarded headers) share one shard call
@@ -217,8 +218,12 @@ class StreamHandler:
         except ShardUnavailable:
             return await send_error(send, 503, "shard unavailable", (_RETRY_AFTER,))
         del fields, forwarded, body, scope  # encoded and sent; an SSE may be held long
+        # Only live reads can wait long enough for a client's disconnect to matter; any
+        # other request is answered as soon as the shard has decided (and, for writes,
+        # committed), so it is awaited without a watcher.
+        live = method == "GET" and b"live=" in query
         async with call:
-            await self._relay(call, method, receive, send)
+            await self._relay(call, method, receive, send, live)
 
     async def _preflight(self, send: Send) -> None:
         headers = [(b"content-length", b"0"), NO_STORE, *TRANSPORT, *PREFLIGHT]
@@ -247,13 +252,18 @@ class StreamHandler:
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _relay(self, call: Call, method: str, receive: Receive, send: Send) -> None:
+    async def _relay(
+        self, call: Call, method: str, receive: Receive, send: Send, live: bool
+    ) -> None:
         res = None
         try:
-            with trio.move_on_after(QUICK):
+            if live:
+                with trio.move_on_after(QUICK):
+                    res = await call.response()
+                if res is None:
+                    res = await _unless_disconnected(receive, call.response)
+            else:
                 res = await call.response()
-            if res is None:
-                res = await _unless_disconnected(receive, call.response)
         except _ClientGone:
             return  # leaving `call` sends the shard a cancel
         except (ShardUnavailable, ShardError) as exc:
