@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # buffered bytes before streaming senders wait
+HELLO_TIMEOUT = 5.0  # seconds a new connection has to complete its hello frame
 
 
 class FrameWriter:
@@ -100,12 +101,22 @@ class RpcServer:
         greeted = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run, nursery.cancel_scope)
+            hello_deadline = trio.current_time() + HELLO_TIMEOUT
             while True:
+                data = b""
                 try:
-                    data = await stream.receive_some(RECV_SIZE)
+                    if greeted:
+                        data = await stream.receive_some(RECV_SIZE)
+                    else:
+                        # Until it has said hello, a connection gets HELLO_TIMEOUT seconds:
+                        # a peer that sends half a frame and stalls is dropped.
+                        with trio.move_on_at(hello_deadline):
+                            data = await stream.receive_some(RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     break
                 if not data:
+                    if not greeted and trio.current_time() >= hello_deadline:
+                        log.warning("dropping connection: no hello within %ss", HELLO_TIMEOUT)
                     break
                 try:
                     messages = decoder.feed(data)
