@@ -52,23 +52,15 @@ class Collapser:
         self._fetch = fetch
         self._failed = failed
         self._groups: dict[Hashable, _Group] = {}
-        self.fetches = 0  # upstream calls started (one per group)
-        self.requests = 0  # requests served through a group
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._groups)
 
     async def wait(
         self, key: Hashable, shard_id: str, fields: dict[str, Any], receive: Receive
     ) -> Answer | None:
         """The group's answer, or None once this request's client has disconnected."""
-        self.requests += 1
         group = self._groups.get(key)
         if group is None:
             group = _Group()
             self._groups[key] = group
-            self.fetches += 1
             self._nursery.start_soon(self._lead, key, group, shard_id, fields)
         scope = trio.CancelScope()
         group.waiters.add(scope)

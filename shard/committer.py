@@ -59,8 +59,6 @@ class Committer:
         self._queue: list[Job] = []
         self._wake = trio.Event()
         self._dirty: dict[str, Entry] = {}
-        self.batches = 0
-        self.jobs = 0
 
     def submit(self, job: Job) -> Job:
         """Queue `job`; the caller has already moved each entry's pending state forward."""
@@ -118,8 +116,6 @@ class Committer:
             log.error("commit of %d jobs failed: %s", len(jobs), exc)
             self._fail(jobs, exc)
             return
-        self.batches += 1
-        self.jobs += len(jobs)
         for job in jobs:
             for entry, write in job.writes:
                 entry.committed = write.state

@@ -16,7 +16,6 @@ import trio
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from shard.core.model import CoreConfig
-from shard.peers import RemotePeers
 from shard.rpc_server import RpcServer
 from shard.service import ShardService
 from shard.store import Store
@@ -75,11 +74,9 @@ async def serve(args: argparse.Namespace) -> None:
         long_poll_timeout=args.long_poll_timeout, sse_max_duration=args.sse_max_duration
     )
     store = Store(args.data_dir, synchronous=args.synchronous)
-    service = ShardService(args.id, ring, store, config)
     try:
         async with ShardPool(peers, ring, role="shard", name=args.id) as pool:
-            if peers:
-                service.peers = RemotePeers(service, pool)
+            service = ShardService(args.id, ring, store, config, pool if peers else None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)

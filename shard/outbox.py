@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from shard.committer import Job, StorageUnavailable
+from shard.peers import PeerUnavailable
 
 if TYPE_CHECKING:
     from shard.service import ShardService
@@ -36,9 +37,6 @@ class Outbox:
         self._due[ref] = source
         self._wake.set()
 
-    def pending(self) -> int:
-        return len(self._due)
-
     async def recover(self) -> None:
         """After a restart: provisional intents whose fork never committed become due."""
         store = self._service.store
@@ -54,8 +52,6 @@ class Outbox:
             await self._service.committer.submit(fix).wait()
 
     async def run(self) -> None:
-        from shard.service import PeerUnavailable
-
         backoff = MIN_BACKOFF
         while True:
             if not self._due:

@@ -1,18 +1,43 @@
 """Fork RPC to the shard that owns a fork's source: this shard itself, or a peer.
 
-Mirrors the seed's ForkPeer (`getByName(src).exportFork / releaseFork`) with msgpack RPC
-over the same multiplexed connections the gateway uses.
+Mirrors the seed's ForkPeer (`getByName(src).exportFork / releaseFork`): the ring names
+the source's owner; our own sources are served by a direct call, others by msgpack RPC
+over the same multiplexed connections the gateway uses. Either way a source that cannot
+act now raises PeerUnavailable, so callers handle one failure.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.rpc_client import ShardError, ShardPool, ShardUnavailable
+from shard.committer import StorageUnavailable
 from shard.core.model import ForkExport, Record, Response
-from shard.service import LocalPeers, PeerUnavailable, ShardService
+
+if TYPE_CHECKING:
+    from shard.service import ShardService
 
 RPC_TIMEOUT = 30.0
+
+
+class PeerUnavailable(Exception):
+    """The source stream's shard could not act now; the outcome may be unknown."""
+
+
+def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
+    if isinstance(export, Response):
+        return {"ok": False, "s": export.status, "h": list(export.headers), "b": export.body}
+    return {
+        "ok": True,
+        "content_type": export.content_type,
+        "ttl": export.ttl,
+        "expires_at": export.expires_at,
+        "expires_at_ts": export.expires_at_ts,
+        "offset": export.offset,
+        "sub_offset": export.sub_offset,
+        "position": export.position,
+        "records": [[r.start, r.end, r.data] for r in export.records],
+    }
 
 
 def export_from_wire(data: dict[str, Any]) -> Response | ForkExport:
@@ -34,13 +59,16 @@ def export_from_wire(data: dict[str, Any]) -> Response | ForkExport:
     )
 
 
-class RemotePeers:
-    """Routes fork RPCs by the ring: local calls for our own sources, RPC otherwise."""
+class ForkPeers:
+    """Routes fork RPCs by the ring. `pool` is None for a single-shard ring."""
 
-    def __init__(self, service: ShardService, pool: ShardPool) -> None:
+    def __init__(self, service: ShardService, pool: ShardPool | None = None) -> None:
         self._service = service
-        self._local = LocalPeers(service)
         self._pool = pool
+
+    def _remote_owner(self, source: str) -> str | None:
+        owner = self._service.ring.owner(source)
+        return None if owner == self._service.shard_id or self._pool is None else owner
 
     async def export_fork(
         self,
@@ -50,9 +78,14 @@ class RemotePeers:
         ref: str,
         content_type: str | None,
     ) -> Response | ForkExport:
-        owner = self._service.ring.owner(source)
-        if owner == self._service.shard_id:
-            return await self._local.export_fork(source, offset, sub_offset, ref, content_type)
+        owner = self._remote_owner(source)
+        if owner is None:
+            try:
+                return await self._service.export_fork(
+                    source, offset, sub_offset, ref, content_type
+                )
+            except StorageUnavailable as exc:
+                raise PeerUnavailable(str(exc)) from exc
         args = {
             "source": source,
             "offset": offset,
@@ -63,13 +96,17 @@ class RemotePeers:
         return export_from_wire(await self._call(owner, "export_fork", args))
 
     async def release_fork(self, source: str, ref: str) -> None:
-        owner = self._service.ring.owner(source)
-        if owner == self._service.shard_id:
-            await self._local.release_fork(source, ref)
+        owner = self._remote_owner(source)
+        if owner is None:
+            try:
+                await self._service.release_fork(source, ref)
+            except StorageUnavailable as exc:
+                raise PeerUnavailable(str(exc)) from exc
             return
         await self._call(owner, "release_fork", {"source": source, "ref": ref})
 
     async def _call(self, owner: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._pool is not None
         try:
             return await self._pool.call(owner, op, args, timeout=RPC_TIMEOUT)
         except (ShardUnavailable, ShardError) as exc:

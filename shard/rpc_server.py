@@ -16,8 +16,9 @@ import trio
 from common import wire
 from common.paths import PathError, check_canonical
 from shard.committer import StorageUnavailable
-from shard.core.model import ForkExport, Request, Response
-from shard.service import PeerUnavailable, ShardService
+from shard.core.model import Request, Response
+from shard.peers import PeerUnavailable, export_to_wire
+from shard.service import ShardService
 
 log = logging.getLogger(__name__)
 
@@ -65,33 +66,14 @@ class FrameWriter:
             on_broken.cancel()
 
 
-def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
-    if isinstance(export, Response):
-        return {"ok": False, "s": export.status, "h": list(export.headers), "b": export.body}
-    return {
-        "ok": True,
-        "content_type": export.content_type,
-        "ttl": export.ttl,
-        "expires_at": export.expires_at,
-        "expires_at_ts": export.expires_at_ts,
-        "offset": export.offset,
-        "sub_offset": export.sub_offset,
-        "position": export.position,
-        "records": [[r.start, r.end, r.data] for r in export.records],
-    }
-
-
 class RpcServer:
     def __init__(self, service: ShardService) -> None:
         self.service = service
-        self.connections = 0
 
     async def serve(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
         try:
             await self._serve(stream)
         finally:
-            self.connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:

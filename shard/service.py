@@ -13,11 +13,11 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import trio
 
 from common.ring import Ring
+from common.rpc_client import ShardPool
 from shard import core
 from shard.alarms import AlarmLoop
 from shard.committer import Committer, Job, StorageUnavailable
@@ -35,6 +35,7 @@ from shard.core.model import (
 )
 from shard.core.sse import SseSession
 from shard.outbox import Outbox
+from shard.peers import ForkPeers, PeerUnavailable
 from shard.store import Store, StreamWrite
 from shard.streams import Entry, StreamTable
 
@@ -42,25 +43,6 @@ log = logging.getLogger(__name__)
 
 Respond = Callable[[Response, bool], Awaitable[None]]  # (head, more body follows)
 SendChunk = Callable[[bytes, bool], Awaitable[None]]  # (body bytes, more follows)
-
-
-class PeerUnavailable(Exception):
-    """The source stream's shard could not be reached; the outcome may be unknown."""
-
-
-class ForkPeers(Protocol):
-    """Reaches the shard that owns a fork's source (possibly this one)."""
-
-    async def export_fork(
-        self,
-        source: str,
-        offset: str | None,
-        sub_offset: int,
-        ref: str,
-        content_type: str | None,
-    ) -> Response | ForkExport: ...
-
-    async def release_fork(self, source: str, ref: str) -> None: ...
 
 
 def text_response(status: int, message: str, *extra: tuple[str, str]) -> Response:
@@ -80,13 +62,13 @@ class ShardService:
         ring: Ring,
         store: Store,
         config: CoreConfig,
-        peers: ForkPeers | None = None,
+        pool: ShardPool | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.ring = ring
         self.store = store
         self.config = config
-        self.peers: ForkPeers = peers or LocalPeers(self)
+        self.peers = ForkPeers(self, pool)  # pool: None for a single-shard ring
         self.table = StreamTable(store)
         self.committer = Committer(store, self._after_commit)
         self.alarms = AlarmLoop(self._expire)
@@ -378,26 +360,3 @@ class ShardService:
                 await self.committer.submit(job).wait()
             finally:
                 self.table.release_if_idle(entry)
-
-
-class LocalPeers:
-    """Fork RPC for a single-shard ring, or for sources this shard owns itself."""
-
-    def __init__(self, service: ShardService) -> None:
-        self._service = service
-
-    async def export_fork(
-        self,
-        source: str,
-        offset: str | None,
-        sub_offset: int,
-        ref: str,
-        content_type: str | None,
-    ) -> Response | ForkExport:
-        return await self._service.export_fork(source, offset, sub_offset, ref, content_type)
-
-    async def release_fork(self, source: str, ref: str) -> None:
-        try:
-            await self._service.release_fork(source, ref)
-        except StorageUnavailable as exc:
-            raise PeerUnavailable(str(exc)) from exc
