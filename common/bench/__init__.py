@@ -36,6 +36,18 @@ from typing import Any
 
 SCENARIOS = ["append", "json", "json-batch", "catchup", "longpoll", "sse", "idle"]
 
+# writer_rate: a server too slow to take the writer's steady rate gets fewer messages
+_FANOUT_METRICS = [
+    "p50_ms",
+    "p99_ms",
+    "writer_rate",
+    "delivered",
+    "expected",
+    "lost",
+    "duplicates",
+    "errors",
+]
+
 # metrics shown in the table, per scenario (everything goes into --json)
 SHOWN = {
     "append": [
@@ -50,27 +62,8 @@ SHOWN = {
     "json": ["requests_per_s", "p50_ms", "p99_ms", "errors", "verify_problems"],
     "json-batch": ["requests_per_s", "messages_per_s", "p99_ms", "errors", "verify_problems"],
     "catchup": ["mb_per_s", "errors", "client_cpu_pct", "server_cpu_pct"],
-    # writer_rate: a server too slow to take the writer's steady rate gets fewer messages
-    "longpoll": [
-        "p50_ms",
-        "p99_ms",
-        "writer_rate",
-        "delivered",
-        "expected",
-        "lost",
-        "duplicates",
-        "errors",
-    ],
-    "sse": [
-        "p50_ms",
-        "p99_ms",
-        "writer_rate",
-        "delivered",
-        "expected",
-        "lost",
-        "duplicates",
-        "errors",
-    ],
+    "longpoll": _FANOUT_METRICS,
+    "sse": _FANOUT_METRICS,
     "idle": ["held", "kib_per_conn", "rss_held_kib", "open_failures"],
 }
 
