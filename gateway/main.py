@@ -1,8 +1,8 @@
-"""`ds-cluster gateway`: serve HTTP with hypercorn's trio worker, route to shards.
+"""`ds-cluster gateway`: serve HTTP with hypercorn on trio (`gateway.server`), route to shards.
 
 The listening socket is bound here (with SO_REUSEPORT under --reuse-port, so several
 gateway processes can share one port and the kernel spreads connections over them) and
-handed to hypercorn as `fd://N`. Once it listens, one line goes to stderr:
+served by `gateway.server.serve`. Once it listens, one line goes to stderr:
 `ds-cluster gateway listening on http://HOST:PORT` (with the real port when 0 was asked).
 SIGINT/SIGTERM: stop accepting, give requests in flight hypercorn's graceful timeout, close
 the shard connections, exit 0.
@@ -21,11 +21,11 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from gateway.app import create_app
+from gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 log = logging.getLogger("gateway")
@@ -55,9 +55,8 @@ def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def hypercorn_config(fd: int, *, access_log: bool, graceful_timeout: float) -> Config:
-    config = Config()
-    config.bind = [f"fd://{fd}"]
+def hypercorn_config(*, access_log: bool, graceful_timeout: float) -> Config:
+    config = LeanConfig()
     config.accesslog = "-" if access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")  # via our root handler, once
     config.include_server_header = False
@@ -71,9 +70,9 @@ async def serve_gateway(
 ) -> None:
     ring = Ring(args.ring_version, tuple(endpoints))
     bound = sock.getsockname()
-    config = hypercorn_config(
-        sock.detach(), access_log=args.access_log, graceful_timeout=args.graceful_timeout
-    )
+    config = hypercorn_config(access_log=args.access_log, graceful_timeout=args.graceful_timeout)
+    sock.listen(config.backlog)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     name = f"gateway-{socket.gethostname()}-{os.getpid()}"
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
@@ -88,7 +87,9 @@ async def serve_gateway(
         ):
             app = create_app(pool, ring, args.max_body_bytes, shared)
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown_trigger))
+                await nursery.start(
+                    partial(serve, app, config, [listener], shutdown_trigger=shutdown_trigger)
+                )
                 print(
                     f"ds-cluster gateway listening on http://{bound[0]}:{bound[1]}",
                     file=sys.stderr,
