@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from uhashring import HashRing
 
+OWNER_CACHE_SIZE = 100_000  # paths whose owner is remembered (hashing costs ~10 us)
+
 
 @dataclass(frozen=True)
 class Ring:
@@ -20,6 +22,8 @@ class Ring:
     version: int
     shard_ids: tuple[str, ...]
     _ring: HashRing = field(init=False, repr=False, compare=False)
+    # path -> owner, remembered (a ring never changes) and cleared when it grows too big
+    _owners: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shard_ids:
@@ -34,7 +38,13 @@ class Ring:
         """The id of the shard that owns the stream at `path` (path without the URL prefix)."""
         if len(self.shard_ids) == 1:
             return self.shard_ids[0]
-        return self._ring.get_node(path)
+        owners = self._owners
+        owner = owners.get(path)
+        if owner is None:
+            if len(owners) >= OWNER_CACHE_SIZE:
+                owners.clear()
+            owner = owners[path] = self._ring.get_node(path)
+        return owner
 
     def owns(self, shard_id: str, path: str) -> bool:
         return self.owner(path) == shard_id

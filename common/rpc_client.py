@@ -34,8 +34,8 @@ than the shard) is cancelled on the shard and fails with ShardUnavailable(sent=T
 from __future__ import annotations
 
 import logging
-import math
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -92,8 +92,8 @@ class Call:
         "_conn",
         "_gen",
         "id",
-        "_send",
-        "_recv",
+        "_inbox",
+        "_waiter",
         "sent",
         "done",
         "buffered",
@@ -103,7 +103,10 @@ class Call:
         self._conn = conn
         self._gen = conn._generation
         self.id = call_id
-        self._send, self._recv = trio.open_memory_channel[Any](math.inf)
+        # The frames the connection's reader delivered and the task parked for the next one:
+        # a deque and a task instead of a memory channel, made for every request.
+        self._inbox: deque[Any] = deque()
+        self._waiter: trio.lowlevel.Task | None = None
         self.sent = False  # the writer handed our frame to the socket
         self.done = False  # the final frame (or an error) has been received
         self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
@@ -118,6 +121,25 @@ class Call:
             self.done = True
             self._conn._abandon(self)
 
+    def _put(self, item: object) -> None:
+        """Deliver a frame (or a sentinel); called by the connection, never blocks."""
+        self._inbox.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def _next(self) -> Any:
+        """The next delivered item, waiting for it if none is there yet."""
+        if not self._inbox:
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+        return self._inbox.popleft()
+
+    def _abort_wait(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     def _unavailable(self, item: object) -> ShardUnavailable:
         self.done = True
         if item is _OVERFLOW:
@@ -127,7 +149,7 @@ class Call:
 
     async def response(self) -> dict[str, Any]:
         """The `res` frame (s, h, b, more; or `a` for non-http ops). Cancel-safe."""
-        msg = await self._recv.receive()
+        msg = await self._next()
         if type(msg) is not dict:
             raise self._unavailable(msg)
         kind = msg["k"]
@@ -143,7 +165,7 @@ class Call:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Bodies of the `chunk` frames that follow a `res` with more=True."""
         while not self.done:
-            msg = await self._recv.receive()
+            msg = await self._next()
             if type(msg) is not dict:
                 raise self._unavailable(msg)
             if msg["k"] == "err":
@@ -342,7 +364,7 @@ class ShardConnection:
         pending, self._pending = self._pending, {}
         self._outbox = []
         for call in pending.values():
-            call._send.send_nowait(_DROPPED)
+            call._put(_DROPPED)
 
     async def _writer(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         try:
@@ -385,7 +407,7 @@ class ShardConnection:
                             del pending[call.id]
                     elif kind == "err" or (kind == "res" and not msg.get("more")):
                         del pending[call.id]
-                    call._send.send_nowait(msg)
+                    call._put(msg)
                 data = await stream.receive_some(RECV_SIZE)
                 if not data:
                     log.info("shard %s: connection closed by the shard", self.shard_id)
@@ -401,7 +423,7 @@ class ShardConnection:
         del self._pending[call.id]
         self._outbox.append((wire.encode({"k": "cancel", "i": call.id}), None))
         self._wake.set()
-        call._send.send_nowait(_OVERFLOW)
+        call._put(_OVERFLOW)
 
 
 class ShardPool:

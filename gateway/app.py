@@ -16,8 +16,10 @@ from gateway.stream import Receive, Scope, Send, StreamHandler
 
 def create_app(
     pool: ShardPool, ring: Ring, max_body_bytes: int, nursery: trio.Nursery | None = None
-) -> Any:
-    """`nursery` (gateway lifetime) hosts the long-poll calls shared between clients."""
+) -> tuple[Any, StreamHandler]:
+    """The ASGI app and its stream handler (which `gateway.server` also calls directly
+    for plain requests). `nursery` (gateway lifetime) hosts the long-poll calls shared
+    between clients."""
     stream = StreamHandler(pool, ring, max_body_bytes, nursery)
     control = create_control_app(pool)
 
@@ -29,4 +31,4 @@ def create_app(
         else:
             await control(scope, receive, send)
 
-    return app
+    return app, stream

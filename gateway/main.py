@@ -85,10 +85,17 @@ async def serve_gateway(
             ShardPool(endpoints, ring, role="gateway", name=name) as pool,
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
-            app = create_app(pool, ring, args.max_body_bytes, shared)
+            app, stream = create_app(pool, ring, args.max_body_bytes, shared)
             async with trio.open_nursery() as nursery:
                 await nursery.start(
-                    partial(serve, app, config, [listener], shutdown_trigger=shutdown_trigger)
+                    partial(
+                        serve,
+                        app,
+                        config,
+                        [listener],
+                        shutdown_trigger=shutdown_trigger,
+                        native=stream,
+                    )
                 )
                 print(
                     f"ds-cluster gateway listening on http://{bound[0]}:{bound[1]}",

@@ -8,8 +8,12 @@ whole job is small requests that is most of the budget. `serve` here keeps hyper
 parsing, ASGI adaptation, HTTP/2 handling and configuration, and changes only how a
 connection is driven:
 
-- one idle watchdog task per connection whose deadline is moved, instead of a new task
-  per request;
+- plain requests of the stream route (everything but live reads) skip ASGI: the
+  connection's reader task gathers the body and awaits the route's answer inline, so
+  they cost no task, memory channel or ASGI messages (live reads, HTTP/2 and the control
+  routes go through hypercorn's HTTPStream and the ASGI app as before);
+- the keep-alive timeout is the deadline of the read waiting for the next request, not a
+  task restarted per request; shutdown closes idle connections through `Connections`;
 - a complete response (one with a Content-Length) goes out in one write, head and body
   together; streamed responses (SSE) still send their head at once;
 - empty writes are skipped, and the send lock is taken without yielding when it is free.
@@ -21,12 +25,14 @@ prior knowledge or an h2c upgrade, through hypercorn's own classes).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from itertools import chain
 from math import inf
 from time import time
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.handlers import format_date_time
 
 import h11
@@ -34,12 +40,12 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import (
@@ -47,8 +53,30 @@ from hypercorn.utils import (
     parse_socket_addr,
     raise_shutdown,
     repr_socket_addr,
+    suppress_body,
     wrap_app,
 )
+
+log = logging.getLogger(__name__)
+DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
+
+
+class NativeRoute(Protocol):
+    """Requests answered without ASGI: whole body in, whole answer out."""
+
+    max_body_bytes: int
+
+    def is_plain(self, method: str, target: bytes) -> bool:
+        """Whether this route answers the request (it must not need to watch the client)."""
+
+    async def answer(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Answer:
+        """The complete answer; must not raise for bad input (an error Answer instead)."""
+
+    def error(self, status: int, message: str) -> Answer:
+        """An error rendered as the route renders its own (413, 500 from here)."""
 
 
 class LeanConfig(Config):
@@ -79,9 +107,24 @@ def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class LeanH11Protocol(H11Protocol):
-    """HTTP/1.1 that writes a complete response's head and body with one socket write."""
+    """HTTP/1.1 that writes a complete response's head and body with one socket write,
+    and hands requests its `native` route accepts to it directly (no ASGI)."""
 
     _held = b""  # an encoded response head waiting for its body
+    native: NativeRoute | None = None
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        route = self.native
+        method = request.method.decode("ascii").upper()
+        if route is None or not route.is_plain(method, request.target):
+            return await super()._create_stream(request)
+        exchange = _NativeExchange(self, route, method, request.target, list(request.headers))
+        self.stream = exchange  # type: ignore[assignment]
+        self.keep_alive_requests += 1
+        for name, value in request.headers:
+            if name == b"content-length" and int(value) > route.max_body_bytes:
+                await exchange.refuse_too_large(int(value))
+                break
 
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, Response) and event.status_code >= 200 and _has_length(event.headers):
@@ -119,10 +162,92 @@ class LeanH11Protocol(H11Protocol):
             return b""
 
 
+class _NativeExchange:
+    """One request on the native route. Stands where hypercorn's HTTPStream would: it
+    gathers the body from the protocol's events and answers inline, in the connection's
+    reader task (HTTP/1.1 has one request at a time anyway), so a plain request costs no
+    task, channel or ASGI messages.
+
+    A body over the limit is answered 413 at once; the rest of it is then read and
+    dropped (up to DRAIN_LIMIT bytes) before the connection is reused or closed, so the
+    client reads the 413 instead of a connection reset."""
+
+    idle = False
+
+    def __init__(
+        self,
+        protocol: LeanH11Protocol,
+        route: NativeRoute,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self._protocol = protocol
+        self._route = route
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._draining = False  # answered early; dropping the rest of the body
+        self._done = False
+
+    async def handle(self, event: StreamEvent) -> None:
+        if self._done:
+            return
+        if isinstance(event, Body):
+            self._size += len(event.data)
+            if self._draining:
+                if self._size > DRAIN_LIMIT:
+                    await self._finish()  # not worth reading: the connection closes
+            elif self._size > self._route.max_body_bytes:
+                await self.refuse_too_large()
+            else:
+                self._parts.append(bytes(event.data))
+        elif isinstance(event, EndBody):
+            if self._draining:
+                return await self._finish()
+            parts = self._parts
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._parts = []
+            try:
+                answer = await self._route.answer(self._method, self._target, self._headers, body)
+            except Exception:
+                log.exception("native route failed on %s %r", self._method, self._target)
+                answer = self._route.error(500, "internal error")
+            await self._send_answer(answer)
+            await self._finish()
+        elif isinstance(event, StreamClosed):
+            self._done = True
+
+    async def refuse_too_large(self, declared: int = 0) -> None:
+        """Answer 413 now; drain what follows unless the declared rest is too much."""
+        await self._send_answer(self._route.error(413, "request body too large"))
+        self._parts = []
+        self._size = 0
+        self._draining = True
+        if declared > DRAIN_LIMIT:
+            await self._finish()
+
+    async def _send_answer(self, answer: Answer) -> None:
+        status, headers, body = answer
+        send = self._protocol.stream_send
+        await send(Response(stream_id=1, headers=headers, status_code=status))
+        if body and not suppress_body(self._method, status):
+            await send(Body(stream_id=1, data=body))
+        await send(EndBody(stream_id=1))
+
+    async def _finish(self) -> None:
+        """The exchange is over: the protocol recycles the connection (or closes it when
+        the request body was not read to its end)."""
+        self._done = True
+        await self._protocol.stream_send(StreamClosed(stream_id=1))
+
+
 class _Protocols(ProtocolWrapper):
     """hypercorn's protocol selection, with the lean HTTP/1.1 class in place of its own."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, native: NativeRoute | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if type(self.protocol) is H11Protocol:
             self.protocol = LeanH11Protocol(
@@ -136,14 +261,38 @@ class _Protocols(ProtocolWrapper):
                 self.server,
                 self.send,
             )
+            self.protocol.native = native
+
+
+class Connections:
+    """A server's idle keep-alive connections: closed at once when it starts shutting down
+    (a busy one is closed by the protocol after its response, as hypercorn does)."""
+
+    def __init__(self) -> None:
+        self.idle: set[LeanTCPServer] = set()
+
+    def close_idle(self) -> None:
+        for connection in list(self.idle):
+            connection.stop_reading()
 
 
 class LeanTCPServer(TCPServer):
-    """One client connection: hypercorn's `TCPServer` with a movable idle deadline and
+    """One client connection: hypercorn's `TCPServer`, with the keep-alive timeout as the
+    deadline of the read that waits for the next request (no task of its own), and
     lock-free writes when nobody else is writing."""
 
-    _idle: trio.CancelScope | None = None
-    _closing = False  # the client side has ended; nothing left for the watchdog to do
+    def __init__(
+        self,
+        *args: Any,
+        native: NativeRoute | None = None,
+        connections: Connections | None = None,
+    ) -> None:
+        super().__init__(*args)
+        self._native = native
+        self._connections = connections if connections is not None else Connections()
+        self._keep_alive = float(self.config.keep_alive_timeout)
+        self._idle_until = inf  # while idle: when the connection times out
+        self._read_scope: trio.CancelScope | None = None
 
     async def run(self) -> None:
         socket = self.stream.socket
@@ -163,21 +312,59 @@ class LeanTCPServer(TCPServer):
                     server,
                     self.protocol_send,
                     "http/1.1",
+                    native=self._native,
                 )
                 await self.protocol.initiate()
-                self._idle = trio.CancelScope(deadline=trio.current_time() + self._keep_alive)
-                task_group.spawn(self._watch_idle, self._idle)
-                await self._read_data()
-                self._closing = True
-                self._idle.cancel()
+                self._set_idle(True)
+                try:
+                    await self._read_data()
+                finally:
+                    self._connections.idle.discard(self)
         except OSError:
             pass
+        except Exception:  # one connection's failure must never stop the server
+            log.exception("connection handler failed")
         finally:
             await self._close()
 
-    @property
-    def _keep_alive(self) -> float:
-        return float(self.config.keep_alive_timeout)
+    def stop_reading(self) -> None:
+        """Shutdown: end this idle connection now rather than at its keep-alive deadline."""
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def _read_data(self) -> None:
+        """Feed the protocol until the client closes. The whole loop runs in one cancel
+        scope whose deadline is the keep-alive deadline while the connection is idle and
+        infinite while a request is in progress (hypercorn's read_timeout is not used)."""
+        receive = self.stream.socket.recv  # the trio socket: no per-call error mapping
+        with trio.CancelScope(deadline=self._idle_until) as scope:
+            self._read_scope = scope
+            # Reset by the peer (OSError), or closed by the protocol after a response.
+            with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+                while True:
+                    data = await receive(MAX_RECV)
+                    await self.protocol.handle(RawData(data))
+                    if not data:
+                        break
+        self._read_scope = None
+        if scope.cancelled_caught:
+            # Idle past keep_alive_timeout, or the server is shutting down.
+            with trio.CancelScope(shield=True):
+                await self._initiate_server_close()
+            return
+        await self.protocol.handle(Closed())
+
+    def _set_idle(self, idle: bool) -> None:
+        if idle:
+            self._idle_until = trio.current_time() + self._keep_alive
+            self._connections.idle.add(self)
+            if self.context.terminated.is_set():  # HTTP/2 done at shutdown (h11 closes itself)
+                self.stop_reading()
+        else:
+            self._idle_until = inf
+            self._connections.idle.discard(self)
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._idle_until
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -195,20 +382,9 @@ class LeanTCPServer(TCPServer):
             finally:
                 self.send_lock.release()
         elif isinstance(event, Updated):
-            if self._idle is not None:
-                self._idle.deadline = trio.current_time() + self._keep_alive if event.idle else inf
+            self._set_idle(event.idle)
         else:
             await super().protocol_send(event)
-
-    async def _watch_idle(self, scope: trio.CancelScope) -> None:
-        """Close the connection once it has been idle for keep_alive_timeout, or when the
-        server shuts down while it is idle; a connection busy at shutdown is closed by the
-        protocol after its response (hypercorn checks `context.terminated` then)."""
-        with scope:
-            await self.context.terminated.wait()
-        if not self._closing and (scope.cancelled_caught or scope.deadline != inf):
-            with trio.CancelScope(shield=True):
-                await self._initiate_server_close()
 
 
 async def serve(
@@ -217,11 +393,13 @@ async def serve(
     listeners: list[trio.SocketListener],
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    native: NativeRoute | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI `app` on plain-TCP `listeners` until `shutdown_trigger` returns, then
     give connections `config.graceful_timeout` seconds to finish (as hypercorn's
-    `worker_serve`, which this follows)."""
+    `worker_serve`, which this follows). HTTP/1.1 requests `native` accepts skip ASGI;
+    with an access log configured, every request goes through ASGI (where it is logged)."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -237,8 +415,15 @@ async def serve(
             for bind in binds:
                 await config.log.info(f"Running on {bind} (CTRL + C to quit)")
             task_status.started(binds)
+            connections = Connections()
             handler = partial(
-                LeanTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+                LeanTCPServer,
+                wrapped,
+                config,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                native=None if config.accesslog else native,
+                connections=connections,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -259,6 +444,7 @@ async def serve(
                     raise others from None
             finally:
                 await context.terminated.set()
+                connections.close_idle()
                 server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -1,10 +1,15 @@
-"""The lean raw-ASGI handler for /v1/stream/*: validate, forward to the owning shard,
-write back what it answers.
+"""The lean handler for /v1/stream/*: validate, forward to the owning shard, write back
+what it answers.
 
 No framework on this path (a quart-trio route serves about half the requests/s of plain
 ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only what any
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
+
+Two entries: `answer()` for plain requests (everything but live reads), which
+`gateway.server` calls directly from the HTTP/1.1 connection with no ASGI in between, and
+the ASGI `__call__` for the rest (live reads, HTTP/2), which answers plain requests the
+same way.
 
 Client disconnects: only live reads can wait long, so only they are raced against the
 client's `http.disconnect` (an answer within QUICK seconds is just awaited; SSE bodies are
@@ -19,7 +24,7 @@ and one rendered answer; see that module for who owns the call and when it is ca
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 import trio
@@ -57,6 +62,24 @@ class _ClientGone(Exception):
     """The HTTP client disconnected while we were waiting."""
 
 
+class _Checked(NamedTuple):
+    """A request that passed the gateway's checks: where it goes, what to forward."""
+
+    path: str
+    forwarded: list[list[str]]
+
+
+def _fields(checked: _Checked, method: str, query: bytes, body: bytes) -> dict[str, Any]:
+    """The `http` RPC frame's fields."""
+    return {
+        "m": method,
+        "p": checked.path,
+        "q": query.decode("latin-1"),
+        "h": checked.forwarded,
+        "b": body,
+    }
+
+
 def error_answer(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Answer:
     """A gateway-generated error: short text body, transport headers, never cached."""
     body = message.encode() + b"\n"
@@ -68,6 +91,13 @@ def error_answer(status: int, message: str, extra: tuple[tuple[bytes, bytes], ..
         *extra,
     ]
     return status, headers, body
+
+
+_PREFLIGHT_ANSWER: Answer = (
+    204,
+    [(b"content-length", b"0"), NO_STORE, *TRANSPORT, *PREFLIGHT],
+    b"",
+)
 
 
 def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
@@ -159,56 +189,21 @@ class StreamHandler:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        try:
-            path = stream_path(raw_path[PREFIX_LEN:])
-        except PathError as exc:
-            return await send_error(send, 400, str(exc))
         method = scope["method"]
-        if method not in _ALLOWED:
-            return await send_error(send, 405, "method not allowed", (_ALLOW_HEADER,))
-        if method == "OPTIONS":
-            return await self._preflight(send)
-
-        # Headers: forward only the protocol's, well-formed; note the declared length.
-        forwarded: list[list[str]] = []
-        declared = None
-        for name, value in scope["headers"]:
-            key = _FORWARDED.get(name)
-            if key is not None:
-                try:
-                    text = value.decode("ascii")
-                except UnicodeDecodeError:
-                    return await send_error(send, 400, f"header {key} is not ASCII")
-                for pair in forwarded:
-                    if pair[0] == key:
-                        if key not in _LIST_HEADERS:
-                            return await send_error(send, 400, f"header {key} given twice")
-                        pair[1] = f"{pair[1]}, {text}"
-                        break
-                else:
-                    forwarded.append([key, text])
-            elif name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return await send_error(send, 400, "bad Content-Length")
-        if declared is not None and declared > self.max_body_bytes:
-            return await send_error(send, 413, "request body too large")
-
+        checked = self._check(method, raw_path, scope["headers"])
+        if type(checked) is not _Checked:
+            return await send_answer(send, checked)  # type: ignore[arg-type]
         body = await self._read_body(receive, send)
         if body is None:
             return
-
         query = scope["query_string"]
-        fields = {
-            "m": method,
-            "p": path,
-            "q": query.decode("latin-1"),
-            "h": forwarded,
-            "b": body,
-        }
-        if method == "GET" and self.collapser is not None and is_long_poll(query):
-            key = (path, query, *[(k, v) for k, v in forwarded])
+        del scope  # an SSE may be held long
+        if method != "GET" or b"live=" not in query and not is_long_poll(query):
+            return await send_answer(send, await self._exchange(checked, method, query, body))
+        fields = _fields(checked, method, query, body)
+        path = checked.path
+        if self.collapser is not None and is_long_poll(query):
+            key = (path, query, *[(k, v) for k, v in checked.forwarded])
             answer = await self.collapser.wait(key, self.ring.owner(path), fields, receive)
             if answer is not None:
                 await send_answer(send, answer)
@@ -217,18 +212,89 @@ class StreamHandler:
             call = self.pool.open(self.ring.owner(path), "http", fields)
         except ShardUnavailable:
             return await send_error(send, 503, "shard unavailable", (_RETRY_AFTER,))
-        del fields, forwarded, body, scope  # encoded and sent; an SSE may be held long
-        # Only live reads can wait long enough for a client's disconnect to matter; any
-        # other request is answered as soon as the shard has decided (and, for writes,
-        # committed), so it is awaited without a watcher.
-        live = method == "GET" and b"live=" in query
+        del fields, checked, body  # encoded and sent; an SSE may be held long
         async with call:
-            await self._relay(call, method, receive, send, live)
+            await self._relay(call, receive, send)
 
-    async def _preflight(self, send: Send) -> None:
-        headers = [(b"content-length", b"0"), NO_STORE, *TRANSPORT, *PREFLIGHT]
-        await send({"type": "http.response.start", "status": 204, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
+    async def answer(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Answer:
+        """The whole answer to a request that is not a live read (the caller has checked
+        with `is_plain`): what the native route in `gateway.server` calls, with no ASGI."""
+        path_part, _, query = target.partition(b"?")
+        checked = self._check(method, path_part, headers)
+        if type(checked) is not _Checked:
+            return checked  # type: ignore[return-value]
+        return await self._exchange(checked, method, query, body)
+
+    @staticmethod
+    def error(status: int, message: str) -> Answer:
+        return error_answer(status, message)
+
+    @staticmethod
+    def is_plain(method: str, target: bytes) -> bool:
+        """Whether a request can be answered without watching its client: anything under
+        the prefix except a GET that may be a live read (long-poll or SSE)."""
+        if not target.startswith(PREFIX_BYTES):
+            return False
+        return method != "GET" or (b"live" not in target and b"%" not in target)
+
+    def _check(
+        self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> _Checked | Answer:
+        """What any front end checks before forwarding: path shape, method, header
+        well-formedness and declared size. An error Answer, or what to forward."""
+        try:
+            path = stream_path(raw_path[PREFIX_LEN:])
+        except PathError as exc:
+            return error_answer(400, str(exc))
+        if method not in _ALLOWED:
+            return error_answer(405, "method not allowed", (_ALLOW_HEADER,))
+        if method == "OPTIONS":
+            return _PREFLIGHT_ANSWER
+        # Forward only the protocol's headers, well-formed; note the declared length.
+        forwarded: list[list[str]] = []
+        declared = None
+        for name, value in headers:
+            key = _FORWARDED.get(name)
+            if key is not None:
+                try:
+                    text = value.decode("ascii")
+                except UnicodeDecodeError:
+                    return error_answer(400, f"header {key} is not ASCII")
+                for pair in forwarded:
+                    if pair[0] == key:
+                        if key not in _LIST_HEADERS:
+                            return error_answer(400, f"header {key} given twice")
+                        pair[1] = f"{pair[1]}, {text}"
+                        break
+                else:
+                    forwarded.append([key, text])
+            elif name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return error_answer(400, "bad Content-Length")
+        if declared is not None and declared > self.max_body_bytes:
+            return error_answer(413, "request body too large")
+        return _Checked(path, forwarded)
+
+    async def _exchange(self, checked: _Checked, method: str, query: bytes, body: bytes) -> Answer:
+        """One request/response with the owning shard, rendered for the client."""
+        fields = _fields(checked, method, query, body)
+        return await self._call(self.ring.owner(checked.path), fields, method)
+
+    async def _call(self, shard_id: str, fields: dict[str, Any], method: str) -> Answer:
+        try:
+            async with self.pool.open(shard_id, "http", fields) as call:
+                res = await call.response()
+        except (ShardUnavailable, ShardError) as exc:
+            return failure_answer(exc)
+        if res.get("more"):  # leaving `call` above already cancelled the stream
+            return error_answer(502, "the shard streamed a body that cannot stream")
+        status = res["s"]
+        body = res.get("b") or b""
+        return status, _response_headers(res.get("h") or [], method, status, len(body)), body
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None once an error was sent / the client left."""
@@ -252,18 +318,14 @@ class StreamHandler:
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _relay(
-        self, call: Call, method: str, receive: Receive, send: Send, live: bool
-    ) -> None:
+    async def _relay(self, call: Call, receive: Receive, send: Send) -> None:
+        """A live read's answer: a long-poll's (not collapsed) or an SSE body."""
         res = None
         try:
-            if live:
-                with trio.move_on_after(QUICK):
-                    res = await call.response()
-                if res is None:
-                    res = await _unless_disconnected(receive, call.response)
-            else:
+            with trio.move_on_after(QUICK):
                 res = await call.response()
+            if res is None:
+                res = await _unless_disconnected(receive, call.response)
         except _ClientGone:
             return  # leaving `call` sends the shard a cancel
         except (ShardUnavailable, ShardError) as exc:
@@ -271,14 +333,14 @@ class StreamHandler:
         status = res["s"]
         body = res.get("b") or b""
         if not res.get("more"):
-            headers = _response_headers(res.get("h") or [], method, status, len(body))
+            headers = _response_headers(res.get("h") or [], "GET", status, len(body))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         # Streaming (SSE): headers now, chunks as they come, until the shard ends the
         # body, the connection to it drops (the client resumes from its last offset) or
         # the client leaves (the shard gets `cancel`).
-        headers = _response_headers(res.get("h") or [], method, status, None)
+        headers = _response_headers(res.get("h") or [], "GET", status, None)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if body:
             await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -293,16 +355,7 @@ class StreamHandler:
 
     async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
         """One long-poll upstream, rendered once for every client sharing it."""
-        try:
-            async with self.pool.open(shard_id, "http", fields) as call:
-                res = await call.response()
-        except (ShardUnavailable, ShardError) as exc:
-            return failure_answer(exc)
-        if res.get("more"):  # leaving `call` above already cancelled the stream
-            return error_answer(502, "the shard streamed its answer to a long-poll")
-        status = res["s"]
-        body = res.get("b") or b""
-        return status, _response_headers(res.get("h") or [], "GET", status, len(body)), body
+        return await self._call(shard_id, fields, "GET")
 
     @staticmethod
     async def _pump(call: Call, send: Send) -> None:

@@ -469,7 +469,7 @@ async def test_shard_drop_mid_request_is_503_and_stream_ends() -> None:
                     results["slow"] = await client.post("/v1/stream/slow/append", content=b"x")
 
                 async def sse() -> None:
-                    async with client.stream("GET", "/v1/stream/sse/endless2") as response:
+                    async with client.stream("GET", "/v1/stream/sse/endless2?live=sse") as response:
                         results["sse_status"] = response.status_code
                         results["sse_body"] = b"".join([c async for c in response.aiter_raw()])
 

@@ -767,12 +767,6 @@ async def test_keep_alive_max_requests(target: str) -> None:
         await trio.to_thread.run_sync(client, port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an HTTP/2 connection busy at shutdown is not closed when its last stream ends "
-    "(hypercorn's TCPServer closes it on Updated(idle=True) once terminated); it stays open "
-    "until its keep-alive deadline or graceful_timeout",
-)
 async def test_http2_busy_at_shutdown_closed_after_its_response() -> None:
     """As hypercorn: the response in flight completes, then GOAWAY and the socket closes
     at once; the server does not wait for graceful_timeout."""
