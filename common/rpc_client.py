@@ -377,10 +377,8 @@ class ShardConnection:
                 for _, call in batch:
                     if call is not None:
                         call.sent = True
-                if len(batch) == 1:
-                    await stream.send_all(batch[0][0])
-                else:
-                    await stream.send_all(b"".join([frame for frame, _ in batch]))
+                for data in wire.coalesce([frame for frame, _ in batch]):
+                    await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("shard %s: connection lost (write): %s", self.shard_id, exc)
             scope.cancel()

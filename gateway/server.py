@@ -58,6 +58,7 @@ from hypercorn.utils import (
 )
 
 log = logging.getLogger(__name__)
+SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 
@@ -141,7 +142,10 @@ class LeanH11Protocol(H11Protocol):
             await self._flush_held()
             return await super().stream_send(event)
         if self._held:
-            data = self._held + data
+            if len(data) < SEPARATE_BODY_BYTES:
+                data = self._held + data
+            else:  # two writes cost less than copying a large body behind the head
+                await self._flush_held()
             self._held = b""
         if data:
             await self.send(RawData(data=data))
@@ -155,11 +159,15 @@ class LeanH11Protocol(H11Protocol):
         """h11's bytes for `event`; b"" when the peer already broke the protocol (as
         hypercorn's own `_send_h11_event`)."""
         try:
-            return self.connection.send(event) or b""
+            # passthrough: h11 hands the body back as it is instead of joining a copy
+            pieces = self.connection.send_with_data_passthrough(event)
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:
                 raise
             return b""
+        if not pieces:
+            return b""
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 class _NativeExchange:

@@ -61,7 +61,8 @@ class FrameWriter:
                 self._size = 0
                 self._drained.set()
                 self._drained = trio.Event()
-                await self._stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                for data in wire.coalesce(frames):
+                    await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             on_broken.cancel()
 
