@@ -18,7 +18,7 @@ def create_app(
     pool: ShardPool, ring: Ring, max_body_bytes: int, nursery: trio.Nursery | None = None
 ) -> tuple[Any, StreamHandler]:
     """The ASGI app and its stream handler (which `gateway.server` also calls directly
-    for plain requests). `nursery` (gateway lifetime) hosts the long-poll calls shared
+    for most requests). `nursery` (gateway lifetime) hosts the long-poll calls shared
     between clients."""
     stream = StreamHandler(pool, ring, max_body_bytes, nursery)
     control = create_control_app(pool)

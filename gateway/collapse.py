@@ -7,9 +7,9 @@ forwarded headers) that are in flight at the same time join one `_Group`; its up
 fetch runs in a task of the gateway-level nursery, not in any client's request, so the
 first client leaving does not end it for the others. Every waiter gets the same answer.
 
-Waiters cost no task of their own: each client's request task parks in `receive()` (to
-notice its client's disconnect) inside a cancel scope, and the fetch task cancels those
-scopes when the answer is ready. The last waiter to leave cancels the fetch (so the
+Waiters cost no task of their own: each client's request task parks inside a cancel
+scope, in a call that returns only if its client disconnects, and the fetch task cancels
+those scopes when the answer is ready. The last waiter to leave cancels the fetch (so the
 shard is told `cancel`) and drops the group; a later identical request starts a new one.
 
 Only the sharing lives here; what the answer is (status, headers, body) is the caller's
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 Fetch = Callable[[str, dict[str, Any]], Awaitable[Answer]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class _Group:
@@ -54,9 +53,14 @@ class Collapser:
         self._groups: dict[Hashable, _Group] = {}
 
     async def wait(
-        self, key: Hashable, shard_id: str, fields: dict[str, Any], receive: Receive
+        self,
+        key: Hashable,
+        shard_id: str,
+        fields: dict[str, Any],
+        until_gone: Callable[[], Awaitable[None]],
     ) -> Answer | None:
-        """The group's answer, or None once this request's client has disconnected."""
+        """The group's answer, or None once this request's client has disconnected
+        (`until_gone` returns when it has)."""
         group = self._groups.get(key)
         if group is None:
             group = _Group()
@@ -66,8 +70,7 @@ class Collapser:
         group.waiters.add(scope)
         try:
             with scope:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
+                await until_gone()
         finally:
             if group.answer is None:
                 self._leave(key, group, scope)

@@ -8,10 +8,10 @@ whole job is small requests that is most of the budget. `serve` here keeps hyper
 parsing, ASGI adaptation, HTTP/2 handling and configuration, and changes only how a
 connection is driven:
 
-- plain requests of the stream route (everything but live reads) skip ASGI: the
-  connection's reader task gathers the body and awaits the route's answer inline, so
-  they cost no task, memory channel or ASGI messages (live reads, HTTP/2 and the control
-  routes go through hypercorn's HTTPStream and the ASGI app as before);
+- requests of the stream route that get one whole answer (everything but SSE reads)
+  skip ASGI: the connection's reader task gathers the body and awaits the route's answer
+  inline, so they cost no task, memory channel or ASGI messages (SSE, HTTP/2 and the
+  control routes go through hypercorn's HTTPStream and the ASGI app as before);
 - the keep-alive timeout is the deadline of the read waiting for the next request, not a
   task restarted per request; shutdown closes idle connections through `Connections`;
 - a complete response (one with a Content-Length) goes out in one write, head and body
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from itertools import chain
@@ -68,13 +69,20 @@ class NativeRoute(Protocol):
 
     max_body_bytes: int
 
-    def is_plain(self, method: str, target: bytes) -> bool:
-        """Whether this route answers the request (it must not need to watch the client)."""
+    def takes(self, method: str, target: bytes) -> bool:
+        """Whether this route answers the request (one whole answer, no streamed body)."""
 
     async def answer(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Answer:
-        """The complete answer; must not raise for bad input (an error Answer instead)."""
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        until_gone: Callable[[], Awaitable[None]],
+    ) -> Answer | None:
+        """The complete answer, or None when the client left while it was awaited (the
+        route learns that by awaiting `until_gone`, which returns when the client has
+        closed its side). Must not raise for bad input (an error Answer instead)."""
 
     def error(self, status: int, message: str) -> Answer:
         """An error rendered as the route renders its own (413, 500 from here)."""
@@ -113,11 +121,12 @@ class LeanH11Protocol(H11Protocol):
 
     _held = b""  # an encoded response head waiting for its body
     native: NativeRoute | None = None
+    tcp_socket: Any = None  # the connection's trio socket (set by LeanTCPServer)
 
     async def _create_stream(self, request: h11.Request) -> None:
         route = self.native
         method = request.method.decode("ascii").upper()
-        if route is None or not route.is_plain(method, request.target):
+        if route is None or not route.takes(method, request.target):
             return await super()._create_stream(request)
         exchange = _NativeExchange(self, route, method, request.target, list(request.headers))
         self.stream = exchange  # type: ignore[assignment]
@@ -150,6 +159,18 @@ class LeanH11Protocol(H11Protocol):
         if data:
             await self.send(RawData(data=data))
 
+    async def until_gone(self) -> None:
+        """Return once the client has closed its side (or reset the connection), for a
+        request answered inline while nobody reads the socket. Data from the client
+        (a pipelined request) is left unread, and ends the watch: it cannot be both."""
+        sock = self.tcp_socket
+        try:
+            await trio.lowlevel.wait_readable(sock)
+            if await sock.recv(1, socket.MSG_PEEK):
+                await trio.sleep_forever()
+        except OSError:
+            pass
+
     async def _flush_held(self) -> None:
         if self._held:
             data, self._held = self._held, b""
@@ -173,7 +194,7 @@ class LeanH11Protocol(H11Protocol):
 class _NativeExchange:
     """One request on the native route. Stands where hypercorn's HTTPStream would: it
     gathers the body from the protocol's events and answers inline, in the connection's
-    reader task (HTTP/1.1 has one request at a time anyway), so a plain request costs no
+    reader task (HTTP/1.1 has one request at a time anyway), so a request costs no
     task, channel or ASGI messages.
 
     A body over the limit is answered 413 at once; the rest of it is then read and
@@ -219,10 +240,16 @@ class _NativeExchange:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
             self._parts = []
             try:
-                answer = await self._route.answer(self._method, self._target, self._headers, body)
+                answer = await self._route.answer(
+                    self._method, self._target, self._headers, body, self._protocol.until_gone
+                )
             except Exception:
                 log.exception("native route failed on %s %r", self._method, self._target)
                 answer = self._route.error(500, "internal error")
+            if answer is None:  # the client left: nothing to write, the connection ends
+                self._done = True
+                await self._protocol.send(Closed())
+                return
             await self._send_answer(answer)
             await self._finish()
         elif isinstance(event, StreamClosed):
@@ -255,7 +282,9 @@ class _NativeExchange:
 class _Protocols(ProtocolWrapper):
     """hypercorn's protocol selection, with the lean HTTP/1.1 class in place of its own."""
 
-    def __init__(self, *args: Any, native: NativeRoute | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, native: NativeRoute | None = None, tcp_socket: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         if type(self.protocol) is H11Protocol:
             self.protocol = LeanH11Protocol(
@@ -270,6 +299,7 @@ class _Protocols(ProtocolWrapper):
                 self.send,
             )
             self.protocol.native = native
+            self.protocol.tcp_socket = tcp_socket
 
 
 class Connections:
@@ -303,10 +333,10 @@ class LeanTCPServer(TCPServer):
         self._read_scope: trio.CancelScope | None = None
 
     async def run(self) -> None:
-        socket = self.stream.socket
+        sock = self.stream.socket
         try:
-            client = parse_socket_addr(socket.family, socket.getpeername())
-            server = parse_socket_addr(socket.family, socket.getsockname())
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = _Protocols(
@@ -321,6 +351,7 @@ class LeanTCPServer(TCPServer):
                     self.protocol_send,
                     "http/1.1",
                     native=self._native,
+                    tcp_socket=sock,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)

@@ -6,10 +6,10 @@ ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
 
-Two entries: `answer()` for plain requests (everything but live reads), which
-`gateway.server` calls directly from the HTTP/1.1 connection with no ASGI in between, and
-the ASGI `__call__` for the rest (live reads, HTTP/2), which answers plain requests the
-same way.
+Two entries: `answer()` for requests with one whole answer (everything but SSE reads),
+which `gateway.server` calls directly from the HTTP/1.1 connection with no ASGI in
+between, and the ASGI `__call__` for the rest (SSE, HTTP/2), which answers the others
+the same way.
 
 Client disconnects: only live reads can wait long, so only they are raced against the
 client's `http.disconnect` (an answer within QUICK seconds is just awaited; SSE bodies are
@@ -24,6 +24,7 @@ and one rendered answer; see that module for who owns the call and when it is ca
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
@@ -204,7 +205,9 @@ class StreamHandler:
         path = checked.path
         if self.collapser is not None and is_long_poll(query):
             key = (path, query, *[(k, v) for k, v in checked.forwarded])
-            answer = await self.collapser.wait(key, self.ring.owner(path), fields, receive)
+            answer = await self.collapser.wait(
+                key, self.ring.owner(path), fields, partial(_until_disconnect, receive)
+            )
             if answer is not None:
                 await send_answer(send, answer)
             return
@@ -217,14 +220,25 @@ class StreamHandler:
             await self._relay(call, receive, send)
 
     async def answer(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Answer:
-        """The whole answer to a request that is not a live read (the caller has checked
-        with `is_plain`): what the native route in `gateway.server` calls, with no ASGI."""
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        until_gone: Callable[[], Awaitable[None]],
+    ) -> Answer | None:
+        """The whole answer to a request `takes` accepted: what the native route in
+        `gateway.server` calls, with no ASGI. A long-poll waits here, collapsed with its
+        identical peers; None if its client leaves first (`until_gone` returns)."""
         path_part, _, query = target.partition(b"?")
         checked = self._check(method, path_part, headers)
         if type(checked) is not _Checked:
             return checked  # type: ignore[return-value]
+        if method == "GET" and self.collapser is not None and is_long_poll(query):
+            fields = _fields(checked, method, query, body)
+            key = (checked.path, query, *[(k, v) for k, v in checked.forwarded])
+            owner = self.ring.owner(checked.path)
+            return await self.collapser.wait(key, owner, fields, until_gone)
         return await self._exchange(checked, method, query, body)
 
     @staticmethod
@@ -232,12 +246,18 @@ class StreamHandler:
         return error_answer(status, message)
 
     @staticmethod
-    def is_plain(method: str, target: bytes) -> bool:
-        """Whether a request can be answered without watching its client: anything under
-        the prefix except a GET that may be a live read (long-poll or SSE)."""
+    def takes(method: str, target: bytes) -> bool:
+        """Whether `answer` serves this request: anything under the prefix except an SSE
+        read (its body streams for minutes) and a GET whose query is percent-encoded
+        (left to the ASGI path, which parses it the shard's way)."""
         if not target.startswith(PREFIX_BYTES):
             return False
-        return method != "GET" or (b"live" not in target and b"%" not in target)
+        if method != "GET":
+            return True
+        query = target.partition(b"?")[2]
+        if b"%" in query:
+            return False
+        return b"live" not in query or is_long_poll(query)
 
     def _check(
         self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
@@ -361,6 +381,12 @@ class StreamHandler:
     async def _pump(call: Call, send: Send) -> None:
         async for data in call.chunks():
             await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Return once the ASGI client has disconnected (request messages are dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _unless_disconnected(
