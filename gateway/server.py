@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from itertools import chain
@@ -58,7 +60,10 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from gateway.fanout import Streaming, Subscriber
+
 log = logging.getLogger(__name__)
+MAX_BEHIND = 1024 * 1024  # SSE bytes a client may lag before it is dropped
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
@@ -69,8 +74,9 @@ class NativeRoute(Protocol):
 
     max_body_bytes: int
 
-    def takes(self, method: str, target: bytes) -> bool:
-        """Whether this route answers the request (one whole answer, no streamed body)."""
+    def takes(self, method: str, target: bytes) -> str | None:
+        """How this route serves the request: "answer" (`answer`), "stream" (`stream`) or
+        None (not at all: it goes to the ASGI app)."""
 
     async def answer(
         self,
@@ -83,6 +89,17 @@ class NativeRoute(Protocol):
         """The complete answer, or None when the client left while it was awaited (the
         route learns that by awaiting `until_gone`, which returns when the client has
         closed its side). Must not raise for bad input (an error Answer instead)."""
+
+    async def stream(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        subscriber: Subscriber,
+    ) -> Streaming | Answer:
+        """Start a streamed response fed to `subscriber` (`gateway.fanout`), or the
+        complete answer when there is nothing to stream."""
 
     def error(self, status: int, message: str) -> Answer:
         """An error rendered as the route renders its own (413, 500 from here)."""
@@ -121,14 +138,19 @@ class LeanH11Protocol(H11Protocol):
 
     _held = b""  # an encoded response head waiting for its body
     native: NativeRoute | None = None
-    tcp_socket: Any = None  # the connection's trio socket (set by LeanTCPServer)
+    tcp: LeanTCPServer  # the connection (set by LeanTCPServer)
 
     async def _create_stream(self, request: h11.Request) -> None:
         route = self.native
         method = request.method.decode("ascii").upper()
-        if route is None or not route.takes(method, request.target):
+        kind = route.takes(method, request.target) if route is not None else None
+        # Shared SSE frames are written as HTTP/1.1 chunks: other versions go through ASGI.
+        if kind is None or (kind == "stream" and request.http_version != b"1.1"):
             return await super()._create_stream(request)
-        exchange = _NativeExchange(self, route, method, request.target, list(request.headers))
+        assert route is not None
+        exchange = _NativeExchange(
+            self, route, method, request.target, list(request.headers), kind == "stream"
+        )
         self.stream = exchange  # type: ignore[assignment]
         self.keep_alive_requests += 1
         for name, value in request.headers:
@@ -163,7 +185,7 @@ class LeanH11Protocol(H11Protocol):
         """Return once the client has closed its side (or reset the connection), for a
         request answered inline while nobody reads the socket. Data from the client
         (a pipelined request) is left unread, and ends the watch: it cannot be both."""
-        sock = self.tcp_socket
+        sock = self.tcp.stream.socket
         try:
             await trio.lowlevel.wait_readable(sock)
             if await sock.recv(1, socket.MSG_PEEK):
@@ -210,18 +232,26 @@ class _NativeExchange:
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
+        streams: bool = False,
     ) -> None:
         self._protocol = protocol
         self._route = route
         self._method = method
         self._target = target
         self._headers = headers
+        self._streams = streams  # an SSE read, served by `route.stream`
         self._parts: list[bytes] = []
         self._size = 0
         self._draining = False  # answered early; dropping the rest of the body
         self._done = False
+        self._leave: Callable[[], None] | None = None  # leaves the shared upstream
 
     async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed):
+            self._done = True
+            if self._leave is not None:
+                self._leave()
+            return
         if self._done:
             return
         if isinstance(event, Body):
@@ -239,6 +269,8 @@ class _NativeExchange:
             parts = self._parts
             body = parts[0] if len(parts) == 1 else b"".join(parts)
             self._parts = []
+            if self._streams:
+                return await self._start_stream(body)
             try:
                 answer = await self._route.answer(
                     self._method, self._target, self._headers, body, self._protocol.until_gone
@@ -252,8 +284,36 @@ class _NativeExchange:
                 return
             await self._send_answer(answer)
             await self._finish()
-        elif isinstance(event, StreamClosed):
-            self._done = True
+
+    async def _start_stream(self, body: bytes) -> None:
+        """Join the shared upstream, write the head, and hand the socket to an
+        `_SseClient`. The exchange then stays open, with no task of its own, until the
+        upstream ends it or the connection closes (StreamClosed)."""
+        client = _SseClient(self._protocol.tcp, self._end_stream)
+        try:
+            result = await self._route.stream(
+                self._method, self._target, self._headers, body, client
+            )
+        except Exception:
+            log.exception("native route failed on %s %r", self._method, self._target)
+            result = self._route.error(500, "internal error")
+        self._headers = []  # an SSE response may be held for minutes: keep nothing
+        if not isinstance(result, Streaming):
+            await self._send_answer(result)
+            return await self._finish()
+        self._leave = result.leave
+        # No Content-Length: h11 frames the body in chunks, and the head goes out at once.
+        await self._protocol.stream_send(
+            Response(stream_id=1, headers=result.headers, status_code=result.status)
+        )
+        client.start(result.prefix)
+
+    async def _end_stream(self) -> None:
+        """The upstream ended and the client has every byte: end the chunked body; the
+        connection is then reused (keep-alive) as after any response."""
+        if not self._done:
+            await self._protocol.stream_send(EndBody(stream_id=1))
+            await self._finish()
 
     async def refuse_too_large(self, declared: int = 0) -> None:
         """Answer 413 now; drain what follows unless the declared rest is too much."""
@@ -279,11 +339,100 @@ class _NativeExchange:
         await self._protocol.stream_send(StreamClosed(stream_id=1))
 
 
+class _SseClient:
+    """A connection's end of a shared SSE upstream (`gateway.fanout.Subscriber`).
+
+    Frames arrive from the upstream's task and are written straight to the socket with a
+    non-blocking write: no task per client. What the socket does not take is queued and
+    written by a flusher task started only then; a client more than MAX_BEHIND bytes
+    behind is dropped (its connection closes; SSE clients resume from their last offset).
+    When the upstream ends, the response is ended once everything is written, and the
+    connection is reused like after any other response.
+    """
+
+    __slots__ = ("_dropped", "_ended", "_flushing", "_live", "_on_end", "_queue", "_queued", "_tcp")
+
+    def __init__(self, tcp: LeanTCPServer, on_end: Callable[[], Awaitable[None]]) -> None:
+        self._tcp = tcp
+        self._on_end = on_end  # ends the response (in a task) once everything is written
+        self._queue: deque[bytes] = deque()  # not yet written, in order
+        self._queued = 0
+        self._live = False  # the head is written: frames may go to the socket
+        self._ended = False  # the upstream is over
+        self._dropped = False  # the client fell too far behind (or went): no more writes
+        self._flushing = False
+
+    def start(self, prefix: bytes) -> None:
+        """The head is written: write `prefix`, then what was delivered meanwhile."""
+        if prefix:
+            self._queue.appendleft(prefix)
+            self._queued += len(prefix)
+        self._live = True
+        self._write_queued()
+
+    def deliver(self, frame: bytes) -> None:
+        if self._ended:
+            return
+        self._queue.append(frame)
+        self._queued += len(frame)
+        if self._queued > MAX_BEHIND:
+            return self._drop()
+        if self._live and not self._flushing:
+            self._write_queued()
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._live and not self._flushing:
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Write what the socket takes now; the flusher waits for room for the rest."""
+        if self._dropped:
+            return
+        fd = self._tcp.stream.socket.fileno()
+        queue = self._queue
+        try:
+            while queue:
+                data = queue[0]
+                written = os.write(fd, data)
+                self._queued -= written
+                if written < len(data):
+                    queue[0] = data[written:]
+                    break
+                queue.popleft()
+        except BlockingIOError:
+            pass
+        except OSError:  # the client is gone; its connection is closing
+            return self._drop()
+        if queue:
+            self._flushing = True
+            self._tcp.spawn(self._flush)
+        elif self._ended:
+            self._tcp.spawn(self._on_end)
+
+    async def _flush(self) -> None:
+        try:
+            await self._tcp.stream.socket.wait_writable()
+        except (OSError, trio.ClosedResourceError):
+            return self._drop()
+        finally:
+            self._flushing = False
+        self._write_queued()
+
+    def _drop(self) -> None:
+        self._dropped = self._ended = True
+        self._queue.clear()
+        self._queued = 0
+        self._tcp.stop_reading()
+
+
 class _Protocols(ProtocolWrapper):
     """hypercorn's protocol selection, with the lean HTTP/1.1 class in place of its own."""
 
     def __init__(
-        self, *args: Any, native: NativeRoute | None = None, tcp_socket: Any = None, **kwargs: Any
+        self, *args: Any, native: NativeRoute | None = None, tcp: Any = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         if type(self.protocol) is H11Protocol:
@@ -299,7 +448,7 @@ class _Protocols(ProtocolWrapper):
                 self.send,
             )
             self.protocol.native = native
-            self.protocol.tcp_socket = tcp_socket
+            self.protocol.tcp = tcp
 
 
 class Connections:
@@ -351,7 +500,7 @@ class LeanTCPServer(TCPServer):
                     self.protocol_send,
                     "http/1.1",
                     native=self._native,
-                    tcp_socket=sock,
+                    tcp=self,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
@@ -365,6 +514,12 @@ class LeanTCPServer(TCPServer):
             log.exception("connection handler failed")
         finally:
             await self._close()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in this connection's task group (ends with the connection); nothing
+        when the connection is already closing (then there is nothing left to do)."""
+        with contextlib.suppress(RuntimeError, AttributeError):  # closed / gone nursery
+            self._task_group.spawn(fn)
 
     def stop_reading(self) -> None:
         """Shutdown: end this idle connection now rather than at its keep-alive deadline."""

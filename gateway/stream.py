@@ -35,6 +35,7 @@ from common.paths import PREFIX_BYTES, PathError, stream_path
 from common.ring import Ring
 from common.rpc_client import Call, ShardError, ShardPool, ShardUnavailable
 from gateway.collapse import Answer, Collapser
+from gateway.fanout import SseFanout, Streaming, Subscriber
 from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
 Scope = dict[str, Any]
@@ -68,6 +69,28 @@ class _Checked(NamedTuple):
 
     path: str
     forwarded: list[list[str]]
+
+
+def _whole_answer(res: dict[str, Any], method: str = "GET") -> Answer:
+    """A shard's complete `res` rendered for the client."""
+    status = res["s"]
+    body = res.get("b") or b""
+    return status, _response_headers(res.get("h") or [], method, status, len(body)), body
+
+
+def _stream_head(res: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The response head of a streamed (SSE) `res`."""
+    return res["s"], _response_headers(res.get("h") or [], "GET", res["s"], None)
+
+
+def _is_sse(query: bytes) -> bool:
+    """Whether the query asks for live=sse (the last `live` wins, as on the shard)."""
+    live = None
+    for part in query.split(b"&"):
+        key, _, value = part.partition(b"=")
+        if key == b"live":
+            live = value
+    return live == b"sse"
 
 
 def _fields(checked: _Checked, method: str, query: bytes, body: bytes) -> dict[str, Any]:
@@ -182,11 +205,13 @@ class StreamHandler:
         self.pool = pool
         self.ring = ring
         self.max_body_bytes = max_body_bytes
-        self.collapser = (
-            Collapser(nursery, self._fetch, error_answer(503, "gateway stopping", (_RETRY_AFTER,)))
-            if nursery is not None
-            else None
-        )
+        stopping = error_answer(503, "gateway stopping", (_RETRY_AFTER,))
+        self.collapser = Collapser(nursery, self._fetch, stopping) if nursery else None
+        self.fanout = None
+        if nursery:
+            self.fanout = SseFanout(
+                nursery, self._open_sse, _stream_head, _whole_answer, failure_answer, stopping
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -241,23 +266,48 @@ class StreamHandler:
             return await self.collapser.wait(key, owner, fields, until_gone)
         return await self._exchange(checked, method, query, body)
 
+    async def stream(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        subscriber: Subscriber,
+    ) -> Streaming | Answer:
+        """An SSE read `takes` accepted as "stream", served from a shared upstream
+        (`gateway.fanout`): how the response starts, or the whole answer when it does not
+        stream (a 404, a bad offset)."""
+        path_part, _, query = target.partition(b"?")
+        checked = self._check(method, path_part, headers)
+        if type(checked) is not _Checked:
+            return checked  # type: ignore[return-value]
+        if self.fanout is None:
+            return error_answer(503, "gateway stopping", (_RETRY_AFTER,))
+        fields = _fields(checked, method, query, body)
+        key = None
+        if b"offset=now" not in query:  # a read from "now" starts where the stream is
+            key = (checked.path, query, *[(k, v) for k, v in checked.forwarded])
+        return await self.fanout.join(key, self.ring.owner(checked.path), fields, subscriber)
+
     @staticmethod
     def error(status: int, message: str) -> Answer:
         return error_answer(status, message)
 
     @staticmethod
-    def takes(method: str, target: bytes) -> bool:
-        """Whether `answer` serves this request: anything under the prefix except an SSE
-        read (its body streams for minutes) and a GET whose query is percent-encoded
-        (left to the ASGI path, which parses it the shard's way)."""
+    def takes(method: str, target: bytes) -> str | None:
+        """How the native route serves this request: "answer" (one whole answer, long-polls
+        included), "stream" (an SSE read) or None (left to ASGI: anything outside the
+        prefix, and a GET whose query is percent-encoded, parsed there the shard's way)."""
         if not target.startswith(PREFIX_BYTES):
-            return False
+            return None
         if method != "GET":
-            return True
+            return "answer"
         query = target.partition(b"?")[2]
         if b"%" in query:
-            return False
-        return b"live" not in query or is_long_poll(query)
+            return None
+        if b"live" not in query or is_long_poll(query):
+            return "answer"
+        return "stream" if _is_sse(query) else "answer"
 
     def _check(
         self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
@@ -312,9 +362,7 @@ class StreamHandler:
             return failure_answer(exc)
         if res.get("more"):  # leaving `call` above already cancelled the stream
             return error_answer(502, "the shard streamed a body that cannot stream")
-        status = res["s"]
-        body = res.get("b") or b""
-        return status, _response_headers(res.get("h") or [], method, status, len(body)), body
+        return _whole_answer(res, method)
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None once an error was sent / the client left."""
@@ -372,6 +420,9 @@ class StreamHandler:
         except (ShardUnavailable, ShardError):
             pass
         await send({"type": "http.response.body", "body": b""})
+
+    def _open_sse(self, shard_id: str, fields: dict[str, Any]) -> Call:
+        return self.pool.open(shard_id, "http", fields)
 
     async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
         """One long-poll upstream, rendered once for every client sharing it."""

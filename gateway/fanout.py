@@ -1,0 +1,207 @@
+"""Shared SSE upstreams: clients reading the same SSE are fed from one shard call.
+
+A thousand SSE readers of one stream would otherwise hold a thousand shard calls, each
+woken for every event, each rendering and sending the same bytes. Here the gateway holds
+one upstream per key (stream path, raw query string, forwarded headers); its pump task,
+in the gateway-level nursery, frames each chunk for HTTP/1.1 chunked transfer once and
+hands the same bytes to every subscriber, which writes them to its client without a
+task of its own (see `gateway.server`).
+
+Joining late: a request whose key matches a running upstream joins it while everything
+the upstream relayed so far (its prefix) is at most PREFIX_LIMIT bytes. The newcomer gets
+the upstream's response head and that prefix, then what follows. That is what it would
+have read on its own: an SSE read from an offset delivers everything after the offset,
+and the replay of an earlier read from the same offset is exactly that (control events
+carry the newest offset last). Reads from `offset=now` start where the stream is when
+they are asked, so they are never shared (the caller passes no key).
+
+The last subscriber leaving cancels the upstream call (the shard is told `cancel`); the
+upstream ending (stream closed, the shard's SSE lifetime, a lost shard connection) ends
+every subscriber's response, and clients resume from their last offset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from common.rpc_client import Call, ShardError, ShardUnavailable
+
+log = logging.getLogger(__name__)
+
+PREFIX_LIMIT = 64 * 1024  # bytes an upstream may have relayed and still take newcomers
+
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
+Head = tuple[int, list[tuple[bytes, bytes]]]  # status, response headers
+
+
+class Subscriber(Protocol):
+    """One client of an upstream. Both calls come from the upstream's task, must not
+    block, and must not raise."""
+
+    def deliver(self, frame: bytes) -> None:
+        """Bytes for the client, already framed as HTTP/1.1 chunks."""
+
+    def end(self) -> None:
+        """The upstream is over: finish the response."""
+
+
+@dataclass
+class Streaming:
+    """A joined SSE response: write the head, then `prefix`, then the frames delivered
+    to the subscriber; call `leave` when the client goes (idempotent)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    prefix: bytes
+    leave: Callable[[], None]
+
+
+class _Upstream:
+    """One shard call and the clients it feeds."""
+
+    __slots__ = ("answer", "head", "joinable", "prefix", "ready", "scope", "size", "subscribers")
+
+    def __init__(self) -> None:
+        self.head: Head | None = None  # set once the shard answered with a stream
+        self.answer: Answer | None = None  # set instead when it answered anything else
+        self.ready = trio.Event()  # head or answer is known
+        self.prefix: list[bytes] = []  # frames relayed so far, while joinable
+        self.size = 0
+        self.joinable = True
+        self.subscribers: set[Subscriber] = set()
+        self.scope = trio.CancelScope()  # the pump's; cancelled when the last client leaves
+
+
+class SseFanout:
+    """Runs shared upstreams. `open_call(shard_id, fields)` starts a shard call;
+    `render(res)` turns its first `res` frame into the response head; `answer(res)` /
+    `failure(exc)` into the complete answer when it does not stream or fails."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        open_call: Callable[[str, dict[str, Any]], Call],
+        render: Callable[[dict[str, Any]], Head],
+        answer: Callable[[dict[str, Any]], Answer],
+        failure: Callable[[ShardUnavailable | ShardError], Answer],
+        failed: Answer,
+    ) -> None:
+        self._nursery = nursery
+        self._open = open_call
+        self._render = render
+        self._answer = answer
+        self._failure = failure
+        self._failed = failed
+        self._upstreams: dict[Hashable, _Upstream] = {}
+
+    @property
+    def upstreams(self) -> int:
+        """How many shared upstreams take newcomers (for tests and metrics)."""
+        return len(self._upstreams)
+
+    async def join(
+        self, key: Hashable | None, shard_id: str, fields: dict[str, Any], sub: Subscriber
+    ) -> Streaming | Answer:
+        """Subscribe `sub` to the upstream for `key` (a new one when there is none that
+        takes newcomers, or when `key` is None), and return how its response starts; or
+        the complete answer when the shard does not stream (an error, a 404)."""
+        upstream = self._upstreams.get(key) if key is not None else None
+        if upstream is None:
+            upstream = _Upstream()
+            if key is not None:
+                self._upstreams[key] = upstream
+            self._nursery.start_soon(self._pump, key, upstream, shard_id, fields)
+        prefix = b"".join(upstream.prefix)  # relayed before `sub` came: sent as the prefix
+        upstream.subscribers.add(sub)
+        leave = _leaver(self, key, upstream, sub)
+        try:
+            await upstream.ready.wait()
+        except BaseException:
+            leave()
+            raise
+        if upstream.head is None:
+            leave()
+            return upstream.answer or self._failed
+        status, headers = upstream.head
+        return Streaming(status, headers, prefix, leave)
+
+    def _leave(self, key: Hashable | None, upstream: _Upstream, sub: Subscriber) -> None:
+        upstream.subscribers.discard(sub)
+        if not upstream.subscribers:
+            self._close(key, upstream)
+            upstream.scope.cancel()
+
+    def _close(self, key: Hashable | None, upstream: _Upstream) -> None:
+        """Take no more newcomers."""
+        upstream.joinable = False
+        upstream.prefix = []
+        if key is not None and self._upstreams.get(key) is upstream:
+            del self._upstreams[key]
+
+    async def _pump(
+        self, key: Hashable | None, upstream: _Upstream, shard_id: str, fields: dict[str, Any]
+    ) -> None:
+        try:
+            with upstream.scope:
+                async with self._open(shard_id, fields) as call:
+                    res = await call.response()
+                    if not res.get("more"):
+                        upstream.answer = self._answer(res)
+                        return
+                    upstream.head = self._render(res)
+                    upstream.ready.set()
+                    body = res.get("b")
+                    del res, fields
+                    if body:
+                        self._relay(key, upstream, body)
+                    del body
+                    async for data in call.chunks():
+                        self._relay(key, upstream, data)
+        except (ShardUnavailable, ShardError) as exc:
+            if upstream.head is None:
+                upstream.answer = self._failure(exc)
+        except Exception:  # a bug here must not take the gateway's nursery down
+            log.exception("shared SSE upstream failed")
+        finally:
+            self._close(key, upstream)
+            if upstream.head is None:
+                upstream.answer = upstream.answer or self._failed
+                upstream.ready.set()  # the waiting joiners take the answer and leave
+            else:
+                for sub in list(upstream.subscribers):
+                    _call(sub.end)
+                upstream.subscribers.clear()
+
+    def _relay(self, key: Hashable | None, upstream: _Upstream, data: bytes) -> None:
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        if upstream.joinable:
+            upstream.prefix.append(frame)
+            upstream.size += len(frame)
+            if upstream.size > PREFIX_LIMIT:
+                self._close(key, upstream)
+        for sub in list(upstream.subscribers):
+            _call(sub.deliver, frame)
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    """A subscriber's callback, which must not raise; if it does, it is a bug to log,
+    not a reason to fail the other subscribers."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("SSE subscriber failed")
+
+
+def _leaver(
+    fanout: SseFanout, key: Hashable | None, upstream: _Upstream, sub: Subscriber
+) -> Callable[[], None]:
+    def leave() -> None:
+        if sub in upstream.subscribers:
+            fanout._leave(key, upstream, sub)
+
+    return leave
