@@ -1,0 +1,283 @@
+"""The gateway's native route: stream requests served on the HTTP/1.1 connection itself.
+
+`gateway.server` hands the requests its `NativeRoute` takes to a `NativeExchange` instead
+of hypercorn's HTTPStream and the ASGI app. Whole answers (appends, reads, long-polls) are
+awaited inline in the connection's reader task: no task, memory channel or ASGI message
+per request. SSE reads join a shared upstream (`gateway.fanout`) and are then written by
+an `SseClient`, with no task of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+from hypercorn.events import Closed
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.utils import suppress_body
+
+from gateway.fanout import Streaming, Subscriber
+
+if TYPE_CHECKING:
+    from gateway.server import LeanH11Protocol, LeanTCPServer
+
+log = logging.getLogger(__name__)
+MAX_BEHIND = 1024 * 1024  # SSE bytes a client may lag before it is dropped
+DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
+
+
+class NativeRoute(Protocol):
+    """Requests answered without ASGI: whole body in, whole answer out."""
+
+    max_body_bytes: int
+
+    def takes(self, method: str, target: bytes) -> str | None:
+        """How this route serves the request: "answer" (`answer`), "stream" (`stream`) or
+        None (not at all: it goes to the ASGI app)."""
+
+    async def answer(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        until_gone: Callable[[], Awaitable[None]],
+    ) -> Answer | None:
+        """The complete answer, or None when the client left while it was awaited (the
+        route learns that by awaiting `until_gone`, which returns when the client has
+        closed its side). Must not raise for bad input (an error Answer instead)."""
+
+    async def stream(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        subscriber: Subscriber,
+    ) -> Streaming | Answer:
+        """Start a streamed response fed to `subscriber` (`gateway.fanout`), or the
+        complete answer when there is nothing to stream."""
+
+    def error(self, status: int, message: str) -> Answer:
+        """An error rendered as the route renders its own (413, 500 from here)."""
+
+
+class NativeExchange:
+    """One request on the native route. Stands where hypercorn's HTTPStream would: it
+    gathers the body from the protocol's events and answers inline, in the connection's
+    reader task (HTTP/1.1 has one request at a time anyway), so a request costs no
+    task, channel or ASGI messages.
+
+    A body over the limit is answered 413 at once; the rest of it is then read and
+    dropped (up to DRAIN_LIMIT bytes) before the connection is reused or closed, so the
+    client reads the 413 instead of a connection reset."""
+
+    idle = False
+
+    def __init__(
+        self,
+        protocol: LeanH11Protocol,
+        route: NativeRoute,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        streams: bool = False,
+    ) -> None:
+        self._protocol = protocol
+        self._route = route
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._streams = streams  # an SSE read, served by `route.stream`
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._draining = False  # answered early; dropping the rest of the body
+        self._done = False
+        self._leave: Callable[[], None] | None = None  # leaves the shared upstream
+
+    async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed):
+            self._done = True
+            if self._leave is not None:
+                self._leave()
+            return
+        if self._done:
+            return
+        if isinstance(event, Body):
+            self._size += len(event.data)
+            if self._draining:
+                if self._size > DRAIN_LIMIT:
+                    await self._finish()  # not worth reading: the connection closes
+            elif self._size > self._route.max_body_bytes:
+                await self.refuse_too_large()
+            else:
+                self._parts.append(bytes(event.data))
+        elif isinstance(event, EndBody):
+            if self._draining:
+                return await self._finish()
+            parts = self._parts
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._parts = []
+            if self._streams:
+                return await self._start_stream(body)
+            try:
+                answer = await self._route.answer(
+                    self._method, self._target, self._headers, body, self._protocol.until_gone
+                )
+            except Exception:
+                log.exception("native route failed on %s %r", self._method, self._target)
+                answer = self._route.error(500, "internal error")
+            if answer is None:  # the client left: nothing to write, the connection ends
+                self._done = True
+                await self._protocol.send(Closed())
+                return
+            await self._send_answer(answer)
+            await self._finish()
+
+    async def _start_stream(self, body: bytes) -> None:
+        """Join the shared upstream, write the head, and hand the socket to an
+        `_SseClient`. The exchange then stays open, with no task of its own, until the
+        upstream ends it or the connection closes (StreamClosed)."""
+        client = SseClient(self._protocol.tcp, self._end_stream)
+        try:
+            result = await self._route.stream(
+                self._method, self._target, self._headers, body, client
+            )
+        except Exception:
+            log.exception("native route failed on %s %r", self._method, self._target)
+            result = self._route.error(500, "internal error")
+        self._headers = []  # an SSE response may be held for minutes: keep nothing
+        if not isinstance(result, Streaming):
+            await self._send_answer(result)
+            return await self._finish()
+        self._leave = result.leave
+        # No Content-Length: h11 frames the body in chunks, and the head goes out at once.
+        await self._protocol.stream_send(
+            Response(stream_id=1, headers=result.headers, status_code=result.status)
+        )
+        client.start(result.prefix)
+
+    async def _end_stream(self) -> None:
+        """The upstream ended and the client has every byte: end the chunked body; the
+        connection is then reused (keep-alive) as after any response."""
+        if not self._done:
+            await self._protocol.stream_send(EndBody(stream_id=1))
+            await self._finish()
+
+    async def refuse_too_large(self, declared: int = 0) -> None:
+        """Answer 413 now; drain what follows unless the declared rest is too much."""
+        await self._send_answer(self._route.error(413, "request body too large"))
+        self._parts = []
+        self._size = 0
+        self._draining = True
+        if declared > DRAIN_LIMIT:
+            await self._finish()
+
+    async def _send_answer(self, answer: Answer) -> None:
+        status, headers, body = answer
+        send = self._protocol.stream_send
+        await send(Response(stream_id=1, headers=headers, status_code=status))
+        if body and not suppress_body(self._method, status):
+            await send(Body(stream_id=1, data=body))
+        await send(EndBody(stream_id=1))
+
+    async def _finish(self) -> None:
+        """The exchange is over: the protocol recycles the connection (or closes it when
+        the request body was not read to its end)."""
+        self._done = True
+        await self._protocol.stream_send(StreamClosed(stream_id=1))
+
+
+class SseClient:
+    """A connection's end of a shared SSE upstream (`gateway.fanout.Subscriber`).
+
+    Frames arrive from the upstream's task and are written straight to the socket with a
+    non-blocking write: no task per client. What the socket does not take is queued and
+    written by a flusher task started only then; a client more than MAX_BEHIND bytes
+    behind is dropped (its connection closes; SSE clients resume from their last offset).
+    When the upstream ends, the response is ended once everything is written, and the
+    connection is reused like after any other response.
+    """
+
+    __slots__ = ("_dropped", "_ended", "_flushing", "_live", "_on_end", "_queue", "_queued", "_tcp")
+
+    def __init__(self, tcp: LeanTCPServer, on_end: Callable[[], Awaitable[None]]) -> None:
+        self._tcp = tcp
+        self._on_end = on_end  # ends the response (in a task) once everything is written
+        self._queue: deque[bytes] = deque()  # not yet written, in order
+        self._queued = 0
+        self._live = False  # the head is written: frames may go to the socket
+        self._ended = False  # the upstream is over
+        self._dropped = False  # the client fell too far behind (or went): no more writes
+        self._flushing = False
+
+    def start(self, prefix: bytes) -> None:
+        """The head is written: write `prefix`, then what was delivered meanwhile."""
+        if prefix:
+            self._queue.appendleft(prefix)
+            self._queued += len(prefix)
+        self._live = True
+        self._write_queued()
+
+    def deliver(self, frame: bytes) -> None:
+        if self._ended:
+            return
+        self._queue.append(frame)
+        self._queued += len(frame)
+        if self._queued > MAX_BEHIND:
+            return self._drop()
+        if self._live and not self._flushing:
+            self._write_queued()
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._live and not self._flushing:
+            self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Write what the socket takes now; the flusher waits for room for the rest."""
+        if self._dropped:
+            return
+        fd = self._tcp.stream.socket.fileno()
+        queue = self._queue
+        try:
+            while queue:
+                data = queue[0]
+                written = os.write(fd, data)
+                self._queued -= written
+                if written < len(data):
+                    queue[0] = data[written:]
+                    break
+                queue.popleft()
+        except BlockingIOError:
+            pass
+        except OSError:  # the client is gone; its connection is closing
+            return self._drop()
+        if queue:
+            self._flushing = True
+            self._tcp.spawn(self._flush)
+        elif self._ended:
+            self._tcp.spawn(self._on_end)
+
+    async def _flush(self) -> None:
+        try:
+            await self._tcp.stream.socket.wait_writable()
+        except (OSError, trio.ClosedResourceError):
+            return self._drop()
+        finally:
+            self._flushing = False
+        self._write_queued()
+
+    def _drop(self) -> None:
+        self._dropped = self._ended = True
+        self._queue.clear()
+        self._queued = 0
+        self._tcp.stop_reading()
