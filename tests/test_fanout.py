@@ -22,10 +22,10 @@ from common.supervisor import Supervisor
 
 try:
     from test_gateway_fakeshard import FakeShard, Reply
-    from test_gateway_process import GatewayProcess, ThreadedShard
+    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 except ImportError:  # tests/ became a package
     from tests.test_gateway_fakeshard import FakeShard, Reply
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard
+    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 
 READERS = 200
 
@@ -112,12 +112,8 @@ def shard() -> Iterator[ThreadedShard]:
 
 @pytest.fixture(scope="module")
 def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}")
-    try:
-        assert gw.wait_ready().status_code == 200
+    with gateway_for(shard) as gw:
         yield gw
-    finally:
-        assert gw.stop() == 0, "".join(gw.lines[-30:])
 
 
 def upstream(shard: ThreadedShard, path: str) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,15 +181,22 @@ def shard() -> Iterator[ThreadedShard]:
     threaded.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", "--max-body-bytes", str(MAX_BODY))
+@contextmanager
+def gateway_for(shard: ThreadedShard, *extra: str) -> Iterator[GatewayProcess]:
+    """A ready gateway process in front of `shard`; stopped after, and it must exit 0."""
+    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", *extra)
     try:
         assert gw.wait_ready().status_code == 200
         yield gw
     finally:
         code = gw.stop()
         assert code == 0, "".join(gw.lines[-30:])
+
+
+@pytest.fixture(scope="module")
+def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
+    with gateway_for(shard, "--max-body-bytes", str(MAX_BODY)) as gw:
+        yield gw
 
 
 def raw_request(port: int, request: bytes, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:

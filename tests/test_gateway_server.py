@@ -41,10 +41,10 @@ from gateway.server import SEPARATE_BODY_BYTES, LeanConfig, serve
 
 try:
     from test_gateway_fakeshard import FakeShard, Reply
-    from test_gateway_process import GatewayProcess, ThreadedShard
+    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 except ImportError:  # tests/ became a package
     from tests.test_gateway_fakeshard import FakeShard, Reply
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard
+    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 
 # The gateway's own keep-alive timeout (hypercorn's default unless main.py changes it).
 KEEP_ALIVE = float(hypercorn_config(access_log=False, graceful_timeout=3).keep_alive_timeout)
@@ -257,13 +257,8 @@ def shard() -> Iterator[ThreadedShard]:
 
 @pytest.fixture(scope="module")
 def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
-    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}")
-    try:
-        assert gw.wait_ready().status_code == 200
+    with gateway_for(shard) as gw:
         yield gw
-    finally:
-        code = gw.stop()
-        assert code == 0, "".join(gw.lines[-30:])
 
 
 def wait_for_request(shard: ThreadedShard, path: str, query: str, timeout: float = 5) -> None:
