@@ -6,19 +6,20 @@ ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
 
-Two entries: `answer()` for requests with one whole answer (everything but SSE reads),
-which `gateway.server` calls directly from the HTTP/1.1 connection with no ASGI in
-between, and the ASGI `__call__` for the rest (SSE, HTTP/2), which answers the others
-the same way.
+Three entries. `takes()` tells the native route in `gateway.server` which requests it
+serves; it then calls `answer()` for requests with one whole answer (long-polls included)
+and `stream()` for SSE reads, straight from the HTTP/1.1 connection with no ASGI in
+between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live
+queries, and everything when the access log is on), the same way.
 
-Client disconnects: only live reads can wait long, so only they are raced against the
-client's `http.disconnect` (an answer within QUICK seconds is just awaited; SSE bodies are
-always watched), and the shard is sent `cancel` when the client leaves. Other requests are
-answered as soon as the shard has decided (for writes: committed), without a watcher.
+Client disconnects: only live reads can wait long, so only they watch their client (an
+ASGI answer within QUICK seconds is just awaited; a native long-poll watches its idle
+socket), and the shard is sent `cancel` when the last client of a call leaves. Other
+requests are answered as soon as the shard has decided (for writes: committed).
 
-Long-polls (GET, live=long-poll) go through `gateway.collapse`: identical ones in flight
-at the same time (same path, raw query string and forwarded headers) share one shard call
-and one rendered answer; see that module for who owns the call and when it is cancelled.
+Sharing: identical long-polls in flight at the same time (same path, raw query string and
+forwarded headers) share one shard call and one rendered answer (`gateway.collapse`);
+native SSE reads of the same key share one upstream (`gateway.fanout`).
 """
 
 from __future__ import annotations
