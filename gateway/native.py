@@ -142,7 +142,7 @@ class NativeExchange:
 
     async def _start_stream(self, body: bytes) -> None:
         """Join the shared upstream, write the head, and hand the socket to an
-        `_SseClient`. The exchange then stays open, with no task of its own, until the
+        `SseClient`. The exchange then stays open, with no task of its own, until the
         upstream ends it or the connection closes (StreamClosed)."""
         client = SseClient(self._protocol.tcp, self._end_stream)
         try:
