@@ -19,7 +19,6 @@ import trio
 from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.utils import suppress_body
 
 from gateway.fanout import Streaming, Subscriber
 
@@ -181,11 +180,7 @@ class NativeExchange:
 
     async def _send_answer(self, answer: Answer) -> None:
         status, headers, body = answer
-        send = self._protocol.stream_send
-        await send(Response(stream_id=1, headers=headers, status_code=status))
-        if body and not suppress_body(self._method, status):
-            await send(Body(stream_id=1, data=body))
-        await send(EndBody(stream_id=1))
+        await self._protocol.send_answer(status, headers, body, self._method)
 
     async def _finish(self) -> None:
         """The exchange is over: the protocol recycles the connection (or closes it when

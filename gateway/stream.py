@@ -161,6 +161,19 @@ def is_long_poll(query: bytes) -> bool:
     return live == "long-poll"
 
 
+# A shard's header name -> the name the client gets (lowercase bytes), or None when the
+# gateway drops it; filled as names are seen (a shard sends a few dozen distinct ones).
+_HEADER_NAMES: dict[str, bytes | None] = {}
+
+
+def _header_name(name: str) -> bytes | None:
+    lname = name.lower()
+    key = None if lname in DROPPED else lname.encode()
+    if len(_HEADER_NAMES) < 1024:  # a bound, should a shard ever send made-up names
+        _HEADER_NAMES[name] = key
+    return key
+
+
 def _response_headers(
     pairs: list[list[str]], method: str, status: int, length: int | None
 ) -> list[tuple[bytes, bytes]]:
@@ -169,14 +182,16 @@ def _response_headers(
     out: list[tuple[bytes, bytes]] = []
     has_cache = has_length = False
     for name, value in pairs:
-        lname = name.lower()
-        if lname in DROPPED:
+        key = _HEADER_NAMES.get(name, b"")
+        if key == b"":
+            key = _header_name(name)
+        if key is None:
             continue
-        if lname == "cache-control":
+        if key == b"cache-control":
             has_cache = True
-        elif lname == "content-length":
+        elif key == b"content-length":
             has_length = True
-        out.append((lname.encode(), value.encode()))
+        out.append((key, value.encode()))
     out.extend(TRANSPORT)
     if not has_cache:
         out.append(NO_STORE)
