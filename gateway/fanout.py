@@ -99,11 +99,6 @@ class SseFanout:
         self._failed = failed
         self._upstreams: dict[Hashable, _Upstream] = {}
 
-    @property
-    def upstreams(self) -> int:
-        """How many shared upstreams take newcomers (for tests and metrics)."""
-        return len(self._upstreams)
-
     async def join(
         self, key: Hashable | None, shard_id: str, fields: dict[str, Any], sub: Subscriber
     ) -> Streaming | Answer:
