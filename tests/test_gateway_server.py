@@ -644,13 +644,16 @@ async def lean_server(
 
 @pytest.fixture
 def server_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every `trio.SocketStream.send_all` call's data (only the server uses trio streams:
-    the clients here are plain sockets)."""
+    """Every `trio.SocketStream.send_all` call's data made by this test's trio run (only
+    the server uses trio streams here: the clients are plain sockets; the module's fake
+    shard runs its own trio loop in another thread, and its writes are not recorded)."""
     writes: list[bytes] = []
     original = trio.SocketStream.send_all
+    owner = threading.get_ident()
 
     async def recording(self: trio.SocketStream, data: Any) -> None:
-        writes.append(bytes(data))
+        if threading.get_ident() == owner:
+            writes.append(bytes(data))
         await original(self, data)
 
     monkeypatch.setattr(trio.SocketStream, "send_all", recording)
