@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -22,6 +21,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 
+from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from gateway.app import create_app
@@ -103,19 +103,6 @@ async def serve_gateway(
                     flush=True,
                 )
             shared.cancel_scope.cancel()  # hypercorn is done: nobody waits on them
-
-
-def raise_open_file_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (each client connection is a file);
-    returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %s to %s: %s", soft, hard, exc)
-            return soft
-    return hard
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,13 +6,13 @@ import argparse
 import contextlib
 import functools
 import logging
-import resource
 import signal
 import sys
 from pathlib import Path
 
 import trio
 
+from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from shard.core.model import CoreConfig
@@ -40,17 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SQLite synchronous mode; NORMAL may lose the last commits on power loss",
     )
     parser.add_argument("--log-level", default="INFO")
-
-
-def raise_open_file_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: every gateway connection's live reads run
-    here, and a full shard must not fail on descriptors (SQLite files, peer links)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %s to %s: %s", soft, hard, exc)
 
 
 def run(args: argparse.Namespace) -> int:
