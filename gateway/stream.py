@@ -94,6 +94,11 @@ def _is_sse(query: bytes) -> bool:
     return live == b"sse"
 
 
+def _share_key(checked: _Checked, query: bytes) -> tuple[Any, ...]:
+    """What identical live reads share a shard call on: path, raw query, forwarded headers."""
+    return (checked.path, query, *[(k, v) for k, v in checked.forwarded])
+
+
 def _fields(checked: _Checked, method: str, query: bytes, body: bytes) -> dict[str, Any]:
     """The `http` RPC frame's fields."""
     return {
@@ -245,10 +250,9 @@ class StreamHandler:
         fields = _fields(checked, method, query, body)
         path = checked.path
         if self.collapser is not None and is_long_poll(query):
-            key = (path, query, *[(k, v) for k, v in checked.forwarded])
-            answer = await self.collapser.wait(
-                key, self.ring.owner(path), fields, partial(_until_disconnect, receive)
-            )
+            key, owner = _share_key(checked, query), self.ring.owner(path)
+            until_gone = partial(_until_disconnect, receive)
+            answer = await self.collapser.wait(key, owner, fields, until_gone)
             if answer is not None:
                 await send_answer(send, answer)
             return
@@ -277,9 +281,8 @@ class StreamHandler:
             return checked  # type: ignore[return-value]
         if method == "GET" and self.collapser is not None and is_long_poll(query):
             fields = _fields(checked, method, query, body)
-            key = (checked.path, query, *[(k, v) for k, v in checked.forwarded])
             owner = self.ring.owner(checked.path)
-            return await self.collapser.wait(key, owner, fields, until_gone)
+            return await self.collapser.wait(_share_key(checked, query), owner, fields, until_gone)
         return await self._exchange(checked, method, query, body)
 
     async def stream(
@@ -302,7 +305,7 @@ class StreamHandler:
         fields = _fields(checked, method, query, body)
         key = None
         if b"offset=now" not in query:  # a read from "now" starts where the stream is
-            key = (checked.path, query, *[(k, v) for k, v in checked.forwarded])
+            key = _share_key(checked, query)
         return await self.fanout.join(key, self.ring.owner(checked.path), fields, subscriber)
 
     @staticmethod

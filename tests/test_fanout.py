@@ -158,17 +158,23 @@ async def test_identical_long_polls_share_one_upstream_call(
     assert status == 200 and len(upstream(shard, path)) == 3
 
 
+async def open_waiters(port: int, target: str, count: int) -> list[trio.SocketStream]:
+    """`count` raw connections that have each sent GET `target` (and read nothing)."""
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    streams = []
+    for _ in range(count):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(request)
+        streams.append(stream)
+    return streams
+
+
 async def test_follower_leaving_does_not_cancel_the_others(
     gateway: GatewayProcess, shard: ThreadedShard
 ) -> None:
     path = f"leave-{uuid.uuid4().hex[:8]}"
     target = f"/v1/stream/{path}?offset=3&live=long-poll"
-    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-    quitters = []
-    for _ in range(3):
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
-        await stream.send_all(request)
-        quitters.append(stream)
+    quitters = await open_waiters(gateway.port, target, 3)
     await until(lambda: len(upstream(shard, path)) == 1)
     stayer: list[tuple[int, dict[str, str], bytes]] = []
 
@@ -193,12 +199,7 @@ async def test_last_waiter_leaving_cancels_upstream(
 ) -> None:
     path = f"cancel-{uuid.uuid4().hex[:8]}"
     target = f"/v1/stream/{path}?offset=3&live=long-poll"
-    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-    streams = []
-    for _ in range(5):
-        stream = await trio.open_tcp_stream("127.0.0.1", gateway.port)
-        await stream.send_all(request)
-        streams.append(stream)
+    streams = await open_waiters(gateway.port, target, 5)
     await until(lambda: len(upstream(shard, path)) == 1)
     await trio.sleep(0.2)
     for stream in streams:
