@@ -68,6 +68,24 @@ class WireError(Exception):
     """The peer sent something that is not a valid frame; drop the connection."""
 
 
+class OpError(Exception):
+    """An op handler refuses a request; answered as an `err` frame of `code`."""
+
+    code = "internal"
+
+
+class BadArguments(OpError):
+    """The op's arguments are missing or of the wrong shape (`err bad_request`)."""
+
+    code = "bad_request"
+
+
+class Misdirected(OpError):
+    """The op names a path this shard does not own (`err misdirected`)."""
+
+    code = "misdirected"
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """One frame: length prefix + msgpack body. `v` is added when missing.
 

@@ -15,6 +15,7 @@ import trio
 from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
+from shard import rpc_ops
 from shard.core.model import CoreConfig
 from shard.rpc_server import RpcServer
 from shard.service import ShardService
@@ -69,7 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)
-                server = RpcServer(service)
+                server = RpcServer(service, rpc_ops.handlers(service))
                 listeners = await nursery.start(
                     functools.partial(trio.serve_tcp, server.serve, port, host=host)
                 )

@@ -9,6 +9,7 @@ A malformed frame closes that connection only; its in-flight requests are cancel
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -17,7 +18,8 @@ from common import wire
 from common.paths import PathError, check_canonical
 from shard.committer import StorageUnavailable
 from shard.core.model import Request, Response
-from shard.peers import PeerUnavailable, export_to_wire
+from shard.peers import PeerUnavailable
+from shard.rpc_ops import Handler
 from shard.service import ShardService
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,11 @@ class FrameWriter:
 
 
 class RpcServer:
-    def __init__(self, service: ShardService) -> None:
+    """Serves `http` and `ping` itself; every other op is looked up in `handlers`."""
+
+    def __init__(self, service: ShardService, handlers: Mapping[str, Handler]) -> None:
         self.service = service
+        self.handlers = handlers
 
     async def serve(self, stream: trio.SocketStream) -> None:
         try:
@@ -152,18 +157,20 @@ class RpcServer:
                 op = message.get("op")
                 if op == "http":
                     await self._http(call_id, message, writer)
-                elif op == "export_fork":
-                    await self._export(call_id, message, writer)
-                elif op == "release_fork":
-                    await self._release(call_id, message, writer)
                 elif op == "ping":
                     writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": {}})
+                elif isinstance(op, str) and op in self.handlers:
+                    args = message.get("a")
+                    if not isinstance(args, dict):
+                        raise wire.BadArguments("missing arguments")
+                    result = await self.handlers[op](args)
+                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": result})
                 else:
                     writer.send_nowait(_error(call_id, "bad_request", f"unknown op {op!r}"))
         except (StorageUnavailable, PeerUnavailable) as exc:
             writer.send_nowait(_error(call_id, "unavailable", str(exc)))
-        except _BadRequest as exc:
-            writer.send_nowait(_error(call_id, "bad_request", str(exc)))
+        except wire.OpError as exc:
+            writer.send_nowait(_error(call_id, exc.code, str(exc)))
         except Exception:
             log.exception("request %s failed", call_id)
             writer.send_nowait(_error(call_id, "internal", "internal error"))
@@ -185,15 +192,15 @@ class RpcServer:
             and isinstance(headers, list | tuple)
             and isinstance(body, bytes)
         ):
-            raise _BadRequest("malformed http request")
+            raise wire.BadArguments("malformed http request")
         try:
             header_map = {str(k).lower(): str(v) for k, v in headers}
         except (TypeError, ValueError):
-            raise _BadRequest("malformed headers") from None
+            raise wire.BadArguments("malformed headers") from None
         try:
             check_canonical(path)
         except PathError as exc:
-            raise _BadRequest(str(exc)) from None
+            raise wire.BadArguments(str(exc)) from None
         if not self.service.owns(path):
             writer.send_nowait(
                 {"k": "res", "i": call_id, "s": 421, "h": [], "b": b"misdirected", "more": False}
@@ -217,45 +224,6 @@ class RpcServer:
             await writer.send({"k": "chunk", "i": call_id, "b": data, "more": more})
 
         await self.service.handle_http(request, respond, send)
-
-    async def _export(self, call_id: int, message: dict[str, Any], writer: FrameWriter) -> None:
-        args = message.get("a")
-        if not isinstance(args, dict):
-            raise _BadRequest("missing arguments")
-        source, offset, sub_offset, ref, content_type = (
-            args.get("source"),
-            args.get("offset"),
-            args.get("sub_offset", 0),
-            args.get("ref"),
-            args.get("content_type"),
-        )
-        if not (
-            isinstance(source, str)
-            and (offset is None or isinstance(offset, str))
-            and isinstance(sub_offset, int)
-            and isinstance(ref, str)
-            and (content_type is None or isinstance(content_type, str))
-        ):
-            raise _BadRequest("malformed export_fork arguments")
-        export = await self.service.export_fork(source, offset, sub_offset, ref, content_type)
-        writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": export_to_wire(export)})
-
-    async def _release(self, call_id: int, message: dict[str, Any], writer: FrameWriter) -> None:
-        args = message.get("a")
-        if not isinstance(args, dict):
-            raise _BadRequest("missing arguments")
-        source, ref = args.get("source"), args.get("ref")
-        if not (isinstance(source, str) and isinstance(ref, str)):
-            raise _BadRequest("malformed release_fork arguments")
-        if not self.service.owns(source):
-            writer.send_nowait(_error(call_id, "misdirected", "not the owner of the source"))
-            return
-        await self.service.release_fork(source, ref)
-        writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": {"ok": True}})
-
-
-class _BadRequest(Exception):
-    pass
 
 
 def _error(call_id: int, code: str, msg: str) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""The shard's non-http RPC ops: argument validation, then a call into the service.
+
+`RpcServer` serves `http` and `ping` itself and looks every other op up in the mapping
+`handlers()` builds, so a new op is one function here. A handler gets the request's
+argument map (already known to be a dict, nothing else checked) and returns the result
+map sent back in `res.a`. It raises `wire.BadArguments` for arguments it cannot use
+(answered `err bad_request`) and `wire.Misdirected` for a path this shard does not own;
+storage and peer failures propagate and are answered `err unavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from common import wire
+from shard.peers import export_to_wire
+from shard.service import ShardService
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def handlers(service: ShardService) -> dict[str, Handler]:
+    """The op -> handler registry the RPC server dispatches on."""
+
+    async def export_fork(args: dict[str, Any]) -> dict[str, Any]:
+        source, offset, sub_offset, ref, content_type = (
+            args.get("source"),
+            args.get("offset"),
+            args.get("sub_offset", 0),
+            args.get("ref"),
+            args.get("content_type"),
+        )
+        if not (
+            isinstance(source, str)
+            and (offset is None or isinstance(offset, str))
+            and type(sub_offset) is int
+            and isinstance(ref, str)
+            and (content_type is None or isinstance(content_type, str))
+        ):
+            raise wire.BadArguments("malformed export_fork arguments")
+        export = await service.export_fork(source, offset, sub_offset, ref, content_type)
+        return export_to_wire(export)
+
+    async def release_fork(args: dict[str, Any]) -> dict[str, Any]:
+        source, ref = args.get("source"), args.get("ref")
+        if not (isinstance(source, str) and isinstance(ref, str)):
+            raise wire.BadArguments("malformed release_fork arguments")
+        if not service.owns(source):
+            raise wire.Misdirected("not the owner of the source")
+        await service.release_fork(source, ref)
+        return {"ok": True}
+
+    return {"export_fork": export_fork, "release_fork": release_fork}
