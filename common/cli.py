@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from common.lifeline import Lifeline, watch
+
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "shard": ("shard.main", "run one shard process"),
@@ -23,9 +25,15 @@ def default_shard_count() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ds-cluster", description=__doc__)
+    parser.add_argument(
+        "--lifeline",
+        type=_lifeline,
+        metavar="FD[:GRACE]",
+        help="stop when this inherited pipe closes (set by `up` for the processes it starts)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     args_argv = sys.argv[1:] if argv is None else argv
-    wanted = args_argv[0] if args_argv else None
+    wanted = _subcommand(args_argv)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
         # Import only the module being run: the others may pull in heavy dependencies.
@@ -34,7 +42,24 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(sp)
             sp.set_defaults(_module=module)
     args = parser.parse_args(args_argv)
+    if args.lifeline is not None:
+        watch(args.lifeline)
     return int(args._module.run(args) or 0)
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The subcommand's name: the first word after the global options."""
+    rest = argv[2:] if argv[:1] == ["--lifeline"] else argv
+    if rest[:1] and rest[0].startswith("--lifeline="):
+        rest = rest[1:]
+    return rest[0] if rest else None
+
+
+def _lifeline(text: str) -> Lifeline:
+    try:
+        return Lifeline.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

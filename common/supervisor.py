@@ -9,6 +9,13 @@ Shard ids (`shard-0` .. `shard-{N-1}`) and their data directories (`DATA/shard-K
 function of N alone, so a cluster restarted on the same `--data-dir` finds its streams
 again; ports may change between runs because routing is by shard id, not by address.
 
+One owner per data dir: a supervisor holds `DATA/.supervisor.lock`, and each shard its
+own `DATA/shard-K/shard.lock`. Children hold a lifeline to their supervisor and exit
+when it dies, however it dies (`common/lifeline.py`); a new supervisor waits a few
+seconds for such orphans to go, and refuses the data dir, naming the PIDs, if a shard
+still holds it. Shards listen on `shard_host` (loopback by default) whatever `host` the
+gateways are given.
+
 Usable as a library (the chaos tool runs it in-process):
 
     supervisor = Supervisor(ClusterConfig(shards=2, port=0, data_dir=tmp))
@@ -25,6 +32,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -39,11 +47,22 @@ import httpx
 import trio
 
 from common.cli import default_shard_count
+from common.lifeline import Lifeline
 
 log = logging.getLogger("ds_cluster.supervisor")
 
 _MARKER = "cluster.json"
 _LOCK = ".supervisor.lock"
+# Each shard holds an exclusive flock on DATA/shard-K/shard.lock for its whole life, with
+# its PID inside; the OS drops it when the process dies.
+SHARD_LOCK = "shard.lock"
+# How a child stops once its supervisor is gone (see common/lifeline.py): a shard at once,
+# by SIGKILL (what it acknowledged is committed); a gateway by SIGTERM, then SIGKILL
+# after this many seconds if it is still finishing requests.
+LIFELINE_GRACE = {"shard": 0.0, "gateway": 2.0}
+# While waiting for a previous cluster's children to exit: the longest sleep between
+# two looks at their locks or port (a PID we can watch wakes us sooner).
+_OWNER_RECHECK = 0.25
 
 
 class SupervisorError(Exception):
@@ -56,12 +75,18 @@ class ClusterConfig:
 
     shards: int = field(default_factory=default_shard_count)
     gateways: int = 1
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the gateways' HTTP address
     port: int = 4437  # 0: pick a free port
+    # The shards' RPC address, apart from `host`: exposing the gateways must not also
+    # expose the shards, which trust whoever reaches them as a cluster member.
+    shard_host: str = "127.0.0.1"
     data_dir: Path = Path("./data")
     long_poll_timeout: float | None = None
     sse_max_duration: float | None = None
     synchronous: str | None = None  # "FULL" | "NORMAL"; None: the shard's default
+    max_body_bytes: int | None = None  # gateways; None: the gateway's default
+    log_level: str | None = None  # gateways and shards; None: their default
+    access_log: bool = False  # gateways: log every request
     # How to run `ds-cluster` in a child: the current interpreter, so a venv carries over.
     launcher: Sequence[str] = (sys.executable, "-m", "common.cli")
     # None: children inherit our stdout/stderr. A directory: each child appends to NAME.log.
@@ -73,6 +98,10 @@ class ClusterConfig:
     # A child that stayed up this long before dying restarts at the initial delay again;
     # one that dies sooner (start-up takes well under a second) is in a crash loop.
     restart_reset_after: float = 3.0
+    # How long a new supervisor waits for the children of a previous one (killed, say) to
+    # exit before refusing the data dir or the port: they exit within LIFELINE_GRACE of
+    # their supervisor's death.
+    owner_wait: float = 5.0
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -83,6 +112,8 @@ class ClusterConfig:
             raise ValueError("--port must be 0..65535")
         if self.synchronous is not None and self.synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError("--synchronous must be FULL or NORMAL")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1:
+            raise ValueError("--max-body-bytes must be at least 1")
         self.data_dir = Path(self.data_dir)
 
 
@@ -175,14 +206,52 @@ def _free_ports(host: str, count: int) -> list[int]:
     return chosen
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _port_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now, or None if it could."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise SupervisorError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            return exc.strerror or str(exc)
+    return None
+
+
+def shard_lock_holder(shard_dir: Path) -> int | None:
+    """The PID of the live process holding `shard_dir`'s lock (0 if it wrote none), or None.
+
+    Probes by taking the lock and releasing it at once, without creating or truncating
+    the file: the PID a live holder wrote into it must stay readable.
+    """
+    try:
+        fd = os.open(shard_dir / SHARD_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # no shard ever ran here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+async def _process_exit(pid: int) -> bool:
+    """Wait for process `pid` (any process, not only a child) to exit, and return True;
+    False at once if there is nothing to watch (no such process, or no pidfd here)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 class Supervisor:
@@ -197,6 +266,7 @@ class Supervisor:
         self._children: list[_Child] = []
         self._stopping = False
         self._lock_file: IO[str] | None = None
+        self._lifeline: tuple[int, int] | None = None  # (read end, write end)
 
     # ---- public helpers for tools -------------------------------------------------
 
@@ -216,7 +286,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the cluster, report its URL once ready, supervise until cancelled."""
-        self._prepare()
+        await self._prepare()
         failure: SupervisorError | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -239,39 +309,42 @@ class Supervisor:
             self._stopping = True
             with trio.CancelScope(shield=True):
                 await self._stop_all()
+            self._close_lifeline()  # the children are gone: nobody reads it any more
             self._release_lock()
         if failure is not None:
             raise failure
 
-    def _prepare(self) -> None:
+    async def _prepare(self) -> None:
         """Claim the data directory, pick addresses, build every child's command line."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._claim_data_dir()
         try:
-            self._build_children()
+            await self._wait_for_shard_locks()
+            port = self.config.port or _free_ports(self.config.host, 1)[0]
+            await self._wait_for_port(self.config.host, port)
+            self._open_lifeline()
+            self._build_children(port)
         except BaseException:
+            self._close_lifeline()
             self._release_lock()
             raise
 
-    def _build_children(self) -> None:
+    def _build_children(self, port: int) -> None:
         """Ports outside the ephemeral range; argv per child, from the config alone."""
         cfg = self.config
-        port = cfg.port or _free_ports(cfg.host, 1)[0]
-        _check_port_free(cfg.host, port)
-        shard_ports = _free_ports(cfg.host, cfg.shards)
+        shard_ports = _free_ports(cfg.shard_host, cfg.shards)
         self.url = f"http://{_url_host(_connect_host(cfg.host))}:{port}"
         self.shard_addresses = {
-            sid: (cfg.host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
+            sid: (cfg.shard_host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
         }
         peers = ",".join(
             f"{sid}={_connect_host(h)}:{p}" for sid, (h, p) in self.shard_addresses.items()
         )
-        base = list(cfg.launcher)
         self._children = []
         for sid, (host, sport) in self.shard_addresses.items():
             shard_dir = self.data_dir / sid
             shard_dir.mkdir(exist_ok=True)
-            argv = [*base, "shard", "--id", sid, "--listen", f"{host}:{sport}"]
+            argv = [*self._launcher("shard"), "shard", "--id", sid, "--listen", f"{host}:{sport}"]
             argv += ["--data-dir", str(shard_dir), "--peers", peers]
             if cfg.long_poll_timeout is not None:
                 argv += ["--long-poll-timeout", str(cfg.long_poll_timeout)]
@@ -279,11 +352,20 @@ class Supervisor:
                 argv += ["--sse-max-duration", str(cfg.sse_max_duration)]
             if cfg.synchronous is not None:
                 argv += ["--synchronous", cfg.synchronous.upper()]
+            if cfg.log_level is not None:
+                argv += ["--log-level", cfg.log_level]
             self._children.append(_Child(sid, "shard", argv))
         for g in range(cfg.gateways):
-            argv = [*base, "gateway", "--listen", f"{cfg.host}:{port}", "--shards", peers]
+            argv = [*self._launcher("gateway"), "gateway", "--listen", f"{cfg.host}:{port}"]
+            argv += ["--shards", peers]
             if cfg.gateways > 1:
                 argv.append("--reuse-port")
+            if cfg.max_body_bytes is not None:
+                argv += ["--max-body-bytes", str(cfg.max_body_bytes)]
+            if cfg.log_level is not None:
+                argv += ["--log-level", cfg.log_level]
+            if cfg.access_log:
+                argv.append("--access-log")
             self._children.append(_Child(f"gateway-{g}", "gateway", argv))
         if cfg.log_dir is not None:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
@@ -324,6 +406,75 @@ class Supervisor:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    async def _wait_for_shard_locks(self) -> None:
+        """Refuse a data dir whose shards still live (under no supervisor of ours).
+
+        The supervisor lock is free, yet a shard may still hold its directory: the orphan
+        of a supervisor killed a moment ago (it exits within its lifeline grace), or a
+        shard someone started by hand. Two processes on one SQLite file corrupt what both
+        acknowledged, so wait a bounded time for the locks, then refuse, naming the PIDs.
+        """
+        deadline = trio.current_time() + self.config.owner_wait
+        announced = False
+        while True:
+            holders = {
+                sid: pid
+                for sid in self.shard_ids
+                if (pid := shard_lock_holder(self.data_dir / sid)) is not None
+            }
+            if not holders:
+                return
+            listed = ", ".join(
+                f"{sid} (pid {pid})" if pid else f"{sid} (pid unknown)"
+                for sid, pid in holders.items()
+            )
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                verb = "is" if len(holders) == 1 else "are"
+                raise SupervisorError(
+                    f"data dir {self.data_dir} is in use: {listed} {verb} still running; "
+                    "stop it first"
+                )
+            if not announced:
+                log.info("waiting up to %.1f s for %s to exit", remaining, listed)
+                announced = True
+            first = next(iter(holders.values()))
+            with trio.move_on_after(min(remaining, _OWNER_RECHECK)):
+                # The OS drops a process's locks before its exit can be watched.
+                if not (first and await _process_exit(first)):
+                    await trio.sleep_forever()  # nothing to watch: look again shortly
+
+    async def _wait_for_port(self, host: str, port: int) -> None:
+        """The gateways' port must be free; a previous cluster's gateway may be finishing."""
+        deadline = trio.current_time() + self.config.owner_wait
+        announced = False
+        while (problem := _port_problem(host, port)) is not None:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise SupervisorError(f"cannot listen on {host}:{port}: {problem}")
+            if not announced:
+                log.info("%s:%d is busy (%s); waiting up to %.1f s", host, port, problem, remaining)
+                announced = True
+            await trio.sleep(min(remaining, 0.1))  # no event announces a freed port
+
+    def _open_lifeline(self) -> None:
+        """The pipe whose closing tells every child we are gone (see common/lifeline.py)."""
+        if self._lifeline is None:
+            self._lifeline = os.pipe()  # both ends close-on-exec; children get the read end
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+
+    def _launcher(self, kind: str) -> list[str]:
+        """`ds-cluster` with the global options every child of `kind` gets."""
+        argv = list(self.config.launcher)
+        if self._lifeline is not None:
+            argv += ["--lifeline", str(Lifeline(self._lifeline[0], LIFELINE_GRACE[kind]))]
+        return argv
 
     async def _wait_ready(self) -> None:
         """Poll GET /readyz on the gateway until 200: another process has no event to await."""
@@ -389,6 +540,8 @@ class Supervisor:
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
         # stops the children in order instead of racing them.
         options: dict = {"stdin": subprocess.DEVNULL, "process_group": 0}
+        if self._lifeline is not None:
+            options["pass_fds"] = (self._lifeline[0],)
         if self.config.log_dir is None:
             return await trio.lowlevel.open_process(child.argv, **options)
         with open(Path(self.config.log_dir) / f"{child.name}.log", "ab") as logfile:
@@ -439,7 +592,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="number of shard processes (default: %(default)s, from the CPU count)",
     )
     parser.add_argument("--gateways", type=int, default=1, help="gateway processes (default: 1)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="gateways' bind address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shard-host",
+        default="127.0.0.1",
+        help="shards' RPC bind address, apart from --host so that exposing the gateways "
+        "does not expose the shards (default: %(default)s)",
+    )
     parser.add_argument(
         "--port", type=int, default=4437, help="gateway port; 0 picks a free one (default: 4437)"
     )
@@ -460,13 +621,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SQLite synchronous mode for shards (default: the shard's, FULL)",
     )
     parser.add_argument(
+        "--max-body-bytes", type=int, default=None, help="largest request body (gateways)"
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=None,
+        help="log level of the supervisor, gateways and shards (default: INFO)",
+    )
+    parser.add_argument("--access-log", action="store_true", help="gateways log every request")
+    parser.add_argument(
         "--log-dir", type=Path, default=None, help="write each child's log to DIR/NAME.log"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s"
+        level=args.log_level or logging.INFO,
+        format="%(asctime)s supervisor %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness probe's requests
     try:
@@ -475,10 +648,14 @@ def run(args: argparse.Namespace) -> int:
             gateways=args.gateways,
             host=args.host,
             port=args.port,
+            shard_host=args.shard_host,
             data_dir=args.data_dir,
             long_poll_timeout=args.long_poll_timeout,
             sse_max_duration=args.sse_max_duration,
             synchronous=args.synchronous,
+            max_body_bytes=args.max_body_bytes,
+            log_level=args.log_level,
+            access_log=args.access_log,
             log_dir=args.log_dir,
         )
     except ValueError as exc:
