@@ -3,7 +3,7 @@
 Used by the gateway (op="http") and by shards calling each other (export_fork,
 release_fork); it knows nothing about HTTP.
 
-    async with ShardPool(endpoints, ring, role="gateway", name="gw-1") as pool:
+    async with ShardPool(endpoints, ring, role="gateway", name="gw-1", secret=secret) as pool:
         # simple ops: one result map
         result = await pool.call("s1", "export_fork", {...}, timeout=5)
         # requests with a (possibly streaming) response
@@ -13,9 +13,11 @@ release_fork); it knows nothing about HTTP.
                 ...
 
 Each connection runs three kinds of task in the pool's nursery: a supervisor that
-connects (exponential backoff, 50 ms doubling to 0.5 s, jittered), says `hello` and waits
-for the shard's `hello`; one reader that dispatches frames by request id into per-call
-trio memory channels; one writer that joins every queued frame into a single send_all.
+connects (exponential backoff, 50 ms doubling to 0.5 s, jittered; optionally TLS) and
+runs the mutual authentication of common/cluster_auth.py; one reader that dispatches
+frames by request id into per-call inboxes; one writer that joins every queued frame
+into a single send_all. A shard that fails authentication, claims another id or is on
+another ring version is not used; `ShardPool.problems()` says why, for readiness.
 
 Failure model, so callers never hang and never guess:
   * shard not connected: `open`/`call` raise ShardUnavailable(sent=False) at once;
@@ -29,12 +31,16 @@ Failure model, so callers never hang and never guess:
     fails the calls on it as above;
 A streaming response whose unread chunks exceed `max_buffered` bytes (a consumer slower
 than the shard) is cancelled on the shard and fails with ShardUnavailable(sent=True).
+Frames from the shard are checked by `wire.parse`; one that breaks the protocol (a second
+`res` for a call, a chunk before its `res`, a kind a shard never sends) drops the
+connection, as a lost connection does: a broken or hostile shard cannot crash a caller.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -43,6 +49,7 @@ from typing import Any
 import trio
 
 from common import wire
+from common.cluster_auth import AuthError, ClientHandshake
 from common.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,7 @@ class Call:
         "sent",
         "done",
         "buffered",
+        "answered",
     )
 
     def __init__(self, conn: ShardConnection, call_id: int) -> None:
@@ -110,6 +118,7 @@ class Call:
         self.sent = False  # the writer handed our frame to the socket
         self.done = False  # the final frame (or an error) has been received
         self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
+        self.answered = False  # its `res` has arrived (a second one is a protocol error)
 
     async def __aenter__(self) -> Call:
         return self
@@ -147,19 +156,19 @@ class Call:
         reason = "connection lost" if self.sent else "connection lost before sending"
         return ShardUnavailable(self._conn.shard_id, reason, sent=self.sent)
 
-    async def response(self) -> dict[str, Any]:
+    async def response(self) -> wire.ResponseFrame:
         """The `res` frame (s, h, b, more; or `a` for non-http ops). Cancel-safe."""
         msg = await self._next()
         if type(msg) is not dict:
             raise self._unavailable(msg)
         kind = msg["k"]
         if kind == "res":
-            if not msg.get("more"):
+            if not msg["more"]:
                 self.done = True
-            return msg
+            return msg  # type: ignore[return-value]
         self.done = True
         if kind == "err":
-            raise ShardError(str(msg.get("code", "internal")), str(msg.get("msg", "")))
+            raise ShardError(msg["code"], msg["msg"])
         raise ShardError("internal", f"unexpected {kind!r} frame before the response")
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -170,10 +179,10 @@ class Call:
                 raise self._unavailable(msg)
             if msg["k"] == "err":
                 self.done = True
-                raise ShardError(str(msg.get("code", "internal")), str(msg.get("msg", "")))
-            body = msg.get("b") or b""
+                raise ShardError(msg["code"], msg["msg"])
+            body = msg["b"]
             self.buffered -= len(body)
-            if not msg.get("more"):
+            if not msg["more"]:
                 self.done = True
             if body:
                 yield body
@@ -186,9 +195,12 @@ class ShardConnection:
         self,
         shard_id: str,
         address: tuple[str, int],
-        hello: dict[str, Any],
-        ring_version: int,
         *,
+        role: str,
+        name: str,
+        ring: wire.RingInfo,
+        secret: bytes,
+        ssl_context: ssl.SSLContext | None = None,
         max_buffered: int = MAX_BUFFERED,
         heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
     ) -> None:
@@ -196,8 +208,12 @@ class ShardConnection:
         self._heartbeat = heartbeat
         self._hello_timeout = heartbeat[1] if heartbeat is not None else HELLO_TIMEOUT
         self.address = address
-        self._hello = hello
-        self._ring_version = ring_version
+        self._role = role
+        self._name = name
+        self._ring = ring
+        self._secret = secret
+        self._ssl_context = ssl_context
+        self._ring_version = ring["version"]
         self._max_buffered = max_buffered
         self._generation = 0  # bumped on each (dis)connection; stale calls are ignored
         self._connected = False
@@ -205,7 +221,8 @@ class ShardConnection:
         self._pending: dict[int, Call] = {}
         self._outbox: list[tuple[bytes, Call | None]] = []
         self._wake = trio.Event()
-        self.peer_hello: dict[str, Any] | None = None
+        self.problem = "not connected yet"  # why not connected (for readiness)
+        self.health: dict[str, str] = {}  # the shard's last health report (ready, pings)
         self.connected_event = trio.Event()  # set while connected; replaced when lost
 
     @property
@@ -248,73 +265,99 @@ class ShardConnection:
     # -- connection lifecycle -------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, serve, reconnect; forever (until cancelled by the pool)."""
+        """Connect, authenticate, serve, reconnect; forever (until cancelled by the pool)."""
         backoff = BACKOFF_MIN
         while True:
             try:
-                stream = await trio.open_tcp_stream(*self.address)
+                stream = await self._connect()
             except OSError as exc:
-                log.debug("shard %s: connect failed: %s", self.shard_id, exc)
+                self._set_problem("disconnected", f"connect failed: {exc}")
             else:
                 try:
                     async with stream:
                         start = await self._handshake(stream)
-                        if start is not None:
-                            backoff = BACKOFF_MIN
-                            await self._serve(stream, *start)
+                        backoff = BACKOFF_MIN
+                        await self._serve(stream, *start)
+                        self._set_problem("disconnected", "connection lost")
+                except AuthError as exc:
+                    self._set_problem(exc.reason, str(exc))
+                    backoff = BACKOFF_MAX  # an impostor or a misconfiguration: no hurry
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    log.info("shard %s: handshake failed: %s", self.shard_id, exc)
+                    self._set_problem("disconnected", f"handshake failed: {exc}")
+                except trio.TooSlowError:
+                    self._set_problem("no handshake", f"within {self._hello_timeout}s")
                 except wire.WireError as exc:
-                    log.warning("shard %s: protocol error in handshake: %s", self.shard_id, exc)
+                    self._set_problem("protocol error", str(exc))
                 finally:
                     self._lost()
             await trio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    def _set_problem(self, reason: str, detail: str) -> None:
+        """Remember why the shard is not usable; log when the reason changes."""
+        if reason != self.problem:
+            level = logging.INFO if reason == "disconnected" else logging.ERROR
+            log.log(
+                level, "shard %s at %s:%s: %s (%s)", self.shard_id, *self.address, reason, detail
+            )
+        self.problem = reason
+
+    async def _connect(self) -> trio.abc.Stream:
+        tcp = await trio.open_tcp_stream(*self.address)
+        if self._ssl_context is None:
+            return tcp
+        return trio.SSLStream(tcp, self._ssl_context, server_hostname=self.address[0])
+
     async def _handshake(
-        self, stream: trio.SocketStream
-    ) -> tuple[wire.FrameDecoder, list[dict[str, Any]]] | None:
-        """Say hello and check the shard's; returns the decoder and any early frames."""
-        await stream.send_all(wire.encode(dict(self._hello)))
-        decoder = wire.FrameDecoder()
-        messages: list[dict[str, Any]] = []
-        with trio.move_on_after(self._hello_timeout):
-            while not messages:
+        self, stream: trio.abc.Stream
+    ) -> tuple[wire.FrameDecoder, list[wire.Frame]]:
+        """Authenticate both ways (TLS first, when configured); returns the decoder and any
+        frames that came after `ready`. Raises AuthError, WireError or TooSlowError."""
+        handshake = ClientHandshake(
+            self._secret,
+            role=self._role,
+            name=self._name,
+            shard_id=self.shard_id,
+            ring=self._ring,
+        )
+        decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
+        frames: deque[wire.Frame] = deque()
+
+        async def next_frame(refused: str) -> wire.Frame:
+            while not frames:
                 data = await stream.receive_some(RECV_SIZE)
                 if not data:
-                    return None
-                messages = decoder.feed(data)
-        if not messages:
-            log.warning("shard %s: no hello within %ss", self.shard_id, self._hello_timeout)
-            return None
-        hello = messages[0]
-        if hello.get("k") != "hello":
-            raise wire.WireError(f"expected hello, got {hello.get('k')!r}")
-        if hello.get("id") not in (None, self.shard_id):
-            log.error(
-                "shard at %s:%s says it is %r, expected %r; not using it",
-                *self.address,
-                hello.get("id"),
-                self.shard_id,
+                    raise AuthError(refused, "the shard closed the connection")
+                frames.extend(decoder.feed(data))
+            return frames.popleft()
+
+        with trio.fail_after(self._hello_timeout):
+            if isinstance(stream, trio.SSLStream):
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise AuthError("TLS handshake failed", str(exc.__cause__ or exc)) from None
+            await stream.send_all(wire.encode(handshake.hello()))
+            auth = handshake.on_server_hello(await next_frame("disconnected"))
+            await stream.send_all(wire.encode(auth))
+            self.health = handshake.on_ready(await next_frame("authentication failed"))
+        peer_ring = handshake.peer_ring
+        assert peer_ring is not None
+        if peer_ring["version"] != self._ring_version:
+            raise AuthError(
+                f"ring version {peer_ring['version']}, expected {self._ring_version}",
+                "not routing to a shard on another ring",
             )
-            return None
-        ring = hello.get("ring") or {}
-        if ring.get("version") != self._ring_version:
-            log.warning(
-                "shard %s is on ring version %s, we are on %s",
-                self.shard_id,
-                ring.get("version"),
-                self._ring_version,
-            )
-        self.peer_hello = hello
-        return decoder, messages[1:]
+        decoder.max_frame = wire.MAX_FRAME_BYTES
+        return decoder, list(frames)
 
     async def _serve(
-        self, stream: trio.SocketStream, decoder: wire.FrameDecoder, early: list[dict[str, Any]]
+        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, early: list[wire.Frame]
     ) -> None:
         """Run reader and writer until either ends; the connection is then lost."""
         self._generation += 1
         self._connected = True
+        self.problem = ""
         self.connected_event.set()
         log.info("shard %s: connected to %s:%s", self.shard_id, *self.address)
         async with trio.open_nursery() as nursery:
@@ -337,7 +380,8 @@ class ShardConnection:
                 for wait in (timeout, PING_GRACE):
                     with trio.move_on_after(wait):
                         try:
-                            await call.response()
+                            res = await call.response()
+                            self._take_health(res.get("a", {}).get("health"))
                         except ShardError:
                             pass  # an answer all the same (a shard that does not know "ping")
                         except ShardUnavailable:
@@ -354,6 +398,12 @@ class ShardConnection:
                 scope.cancel()
                 return
 
+    def _take_health(self, health: object) -> None:
+        if type(health) is dict and all(
+            type(k) is str and type(v) is str for k, v in health.items()
+        ):
+            self.health = health
+
     def _lost(self) -> None:
         """Fail every call in flight and every queued frame; new calls fail fast."""
         was_connected = self._connected
@@ -366,7 +416,7 @@ class ShardConnection:
         for call in pending.values():
             call._put(_DROPPED)
 
-    async def _writer(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _writer(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         try:
             while True:
                 if not self._outbox:
@@ -384,26 +434,36 @@ class ShardConnection:
             scope.cancel()
 
     async def _reader(
-        self, stream: trio.SocketStream, decoder: wire.FrameDecoder, messages: list[dict[str, Any]]
+        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, messages: list[wire.Frame]
     ) -> None:
         """Dispatch frames to their calls; returns when the connection ends."""
         pending = self._pending
         try:
             while True:
                 for msg in messages:
-                    call = pending.get(msg.get("i"))  # type: ignore[arg-type]
+                    kind = msg["k"]
+                    if kind != "res" and kind != "chunk" and kind != "err":
+                        raise wire.WireError(f"unexpected {kind!r} frame from a shard")
+                    call = pending.get(msg["i"])
                     if call is None:
                         continue  # a call we abandoned, or a stray id
-                    kind = msg["k"]
                     if kind == "chunk":
-                        if msg.get("more"):
-                            call.buffered += len(msg.get("b") or b"")
+                        if not call.answered:
+                            raise wire.WireError("a chunk before its response")
+                        if msg["more"]:
+                            call.buffered += len(msg["b"])
                             if call.buffered > self._max_buffered:
                                 self._overflow(call)
                                 continue
                         else:
                             del pending[call.id]
-                    elif kind == "err" or (kind == "res" and not msg.get("more")):
+                    elif kind == "res":
+                        if call.answered:
+                            raise wire.WireError("a second response to one request")
+                        call.answered = True
+                        if not msg["more"]:
+                            del pending[call.id]
+                    else:
                         del pending[call.id]
                     call._put(msg)
                 data = await stream.receive_some(RECV_SIZE)
@@ -434,17 +494,22 @@ class ShardPool:
         *,
         role: str,
         name: str,
+        secret: bytes,
+        ssl_context: ssl.SSLContext | None = None,
         max_buffered: int = MAX_BUFFERED,
         heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
     ) -> None:
-        hello = {"k": "hello", "role": role, "id": name, "ring": ring.to_wire()}
         self.ring = ring
+        ring_info: wire.RingInfo = {"version": ring.version, "shards": list(ring.shard_ids)}
         self.connections = {
             shard_id: ShardConnection(
                 shard_id,
                 address,
-                hello,
-                ring.version,
+                role=role,
+                name=name,
+                ring=ring_info,
+                secret=secret,
+                ssl_context=ssl_context,
                 max_buffered=max_buffered,
                 heartbeat=heartbeat,
             )
@@ -478,6 +543,19 @@ class ShardPool:
     def disconnected(self) -> list[str]:
         return [sid for sid, conn in self.connections.items() if not conn.connected]
 
+    def problems(self) -> dict[str, str]:
+        """Shards that cannot serve now, with the reason: not connected (and why: e.g.
+        "authentication failed"), or connected but reporting failed storage."""
+        out: dict[str, str] = {}
+        for sid, conn in self.connections.items():
+            if not conn.connected:
+                out[sid] = conn.problem or "disconnected"
+                continue
+            storage = conn.health.get("storage", "ok")
+            if storage != "ok":
+                out[sid] = f"storage {storage}"
+        return out
+
     async def wait_connected(self, shard_id: str | None = None) -> None:
         """Wait until one shard (or, with None, every shard) is connected."""
         conns = self.connections.values() if shard_id is None else [self.connections[shard_id]]
@@ -505,4 +583,4 @@ class ShardPool:
                 res = await call.response()
             if scope.cancelled_caught:
                 raise ShardTimeout(shard_id, f"no answer within {timeout}s", sent=call.sent)
-            return res.get("a") or {}
+            return res.get("a", {})

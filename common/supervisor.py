@@ -48,6 +48,7 @@ import trio
 
 from common.cli import default_shard_count
 from common.lifeline import Lifeline
+from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
 
 log = logging.getLogger("ds_cluster.supervisor")
 
@@ -340,12 +341,14 @@ class Supervisor:
         peers = ",".join(
             f"{sid}={_connect_host(h)}:{p}" for sid, (h, p) in self.shard_addresses.items()
         )
+        secret_file = ensure_secret_file(self.data_dir / SECRET_FILE_NAME)
+        secret = ["--cluster-secret-file", str(secret_file)]
         self._children = []
         for sid, (host, sport) in self.shard_addresses.items():
             shard_dir = self.data_dir / sid
             shard_dir.mkdir(exist_ok=True)
             argv = [*self._launcher("shard"), "shard", "--id", sid, "--listen", f"{host}:{sport}"]
-            argv += ["--data-dir", str(shard_dir), "--peers", peers]
+            argv += ["--data-dir", str(shard_dir), "--peers", peers, *secret]
             if cfg.long_poll_timeout is not None:
                 argv += ["--long-poll-timeout", str(cfg.long_poll_timeout)]
             if cfg.sse_max_duration is not None:
@@ -357,7 +360,7 @@ class Supervisor:
             self._children.append(_Child(sid, "shard", argv))
         for g in range(cfg.gateways):
             argv = [*self._launcher("gateway"), "gateway", "--listen", f"{cfg.host}:{port}"]
-            argv += ["--shards", peers]
+            argv += ["--shards", peers, *secret]
             if cfg.gateways > 1:
                 argv.append("--reuse-port")
             if cfg.max_body_bytes is not None:

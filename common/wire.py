@@ -7,41 +7,53 @@ connection and replies may come back in any order.
 
 Kinds (fields beyond v, k, i):
 
-  hello   caller -> shard, first frame:  role ("gateway" | "shard"), id (caller name),
-          ring ({"version", "shards"}).   Shard answers with a `hello` carrying its own
-          id and ring; a caller on another ring version is told so, not refused.
+  hello   the handshake (see common/cluster_auth.py), caller first:
+            caller -> shard: role ("gateway" | "shard"), id (caller name), nonce,
+                             r (caller's ring version)
+            shard -> caller: role, id (the shard's), nonce, mac (its proof)
+  auth    caller -> shard: mac (the caller's proof)
+  ready   shard -> caller: ring ({"version", "shards"}), health ({"storage": "ok" |
+          "failed: ..."}); the shard accepts requests from here on. Nothing but these
+          frames, and none over MAX_HANDSHAKE_FRAME bytes, passes before `ready`: a peer
+          that has not proven itself learns nothing, not even the ring.
   req     op (see OPS), r (caller's ring version), and per op:
             op="http":         m method, p stream path (no /v1/stream/ prefix),
                                q raw query string, h [[lower-name, value], ...], b body
-            op="export_fork":  a {"source", "offset", "sub_offset", "ref", "content_type"}
-            op="release_fork": a {"source", "ref"}
             op="ping":         a {}  -- liveness probe sent every second or so by
-                               common.rpc_client; answer `res` with a {} at once. Any
-                               answer (even `err`) proves the peer alive; none within a
-                               few seconds and the caller drops the connection.
+                               common.rpc_client; answer `res` with a {"health": ...} at
+                               once. Any answer (even `err`) proves the peer alive; none
+                               within a few seconds and the caller drops the connection.
+            any other op:      a {...}  -- served by the shard's op registry
+                               (shard/rpc_ops.py: export_fork, release_fork, ...)
   res     s status, h [[name, value], ...], b body bytes, more (bool: body chunks follow)
           For non-http ops the result map is in `a`.
   chunk   b body bytes, more (bool)             -- streaming bodies (SSE)
   cancel  (caller -> shard) the caller gave up on request i; the shard stops its work
-  err     code (see ERROR_CODES), msg           -- request i failed before any `res`
+  err     code (see ERROR_CODES), msg, optional a -- request i failed before any `res`.
+          Code "version": the request's `r` is not the shard's ring version; it was not
+          executed, and `a` carries the shard's ring.
 
 A shard that does not own a path under the caller's ring answers status 421 with code
-"misdirected"; a malformed frame closes the connection (other connections unaffected).
+"misdirected". Every frame is checked against the schema below by `parse` (in the
+decoder) before anyone reads a field: a frame of the wrong shape is a WireError, which
+closes that connection only.
 """
 
 from __future__ import annotations
 
+import re
 import struct
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
 WIRE_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 
-OPS = ("http", "export_fork", "release_fork", "ping")
+OPS = ("http", "ping", "export_fork", "release_fork")
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version")
 
 # Request headers the gateway forwards to shards; everything else is transport-level.
@@ -157,7 +169,26 @@ class FrameDecoder:
         self._need = 0  # bytes the incomplete frame needs in all (0: not known yet)
         self._max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, limit: int) -> None:
+        """Raised once the peer is authenticated (frames are small until then)."""
+        self._max_frame = limit
+
+    @property
+    def partial(self) -> int:
+        """Bytes of an incomplete frame held (0: between frames)."""
+        return self._have
+
+    @property
+    def expected(self) -> int:
+        """Total bytes (length prefix included) the incomplete frame needs, 0 if unknown."""
+        return self._need
+
+    def feed(self, data: bytes) -> list[Frame]:
         if self._pieces:
             self._pieces.append(data)
             self._have += len(data)
@@ -166,14 +197,14 @@ class FrameDecoder:
             data = b"".join(self._pieces)
             self._pieces = []
             self._have = self._need = 0
-        messages: list[dict[str, Any]] = []
+        messages: list[Frame] = []
         size = len(data)
         pos = 0
         with memoryview(data) as view:
             while size - pos >= 4:
                 (length,) = _HEADER.unpack_from(view, pos)
                 if length > self._max_frame:
-                    raise WireError(f"frame length {length} exceeds limit")
+                    raise WireError(f"frame length {length} exceeds {self._max_frame}")
                 start = pos + 4
                 if size - start < length:
                     self._need = 4 + length
@@ -189,13 +220,260 @@ class FrameDecoder:
         return messages
 
 
-def _decode(body: memoryview) -> dict[str, Any]:
+def _decode(body: memoryview) -> Frame:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError(f"undecodable frame: {exc}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("k"), str):
+    return parse(message)
+
+
+# ---- the frame schema -------------------------------------------------------------------
+#
+# Typed views of the frames. `parse` checks every field a reader will use (type, and range
+# where a bad value would hurt a consumer: ids, statuses, header characters) and fills in
+# the defaults, so readers index fields without checking again. The frames stay the dicts
+# msgpack made: checking costs about a microsecond per frame, building objects would cost
+# more.
+
+Args = dict[str, object]
+Header = list[str]  # [name, value]
+
+
+class RingInfo(TypedDict):
+    version: int
+    shards: list[str]
+
+
+class HelloFrame(TypedDict):
+    k: Literal["hello"]
+    v: int
+    role: str
+    id: str
+    nonce: bytes
+    r: NotRequired[int]  # the caller's ring version (caller's hello only)
+    mac: NotRequired[bytes]  # the shard's proof (shard's hello only)
+
+
+class AuthFrame(TypedDict):
+    k: Literal["auth"]
+    v: int
+    mac: bytes
+
+
+class ReadyFrame(TypedDict):
+    k: Literal["ready"]
+    v: int
+    ring: RingInfo
+    health: dict[str, str]
+
+
+class RequestFrame(TypedDict):
+    k: Literal["req"]
+    v: int
+    i: int
+    op: str
+    r: int
+    a: Args  # non-http ops ({} when absent)
+    m: NotRequired[str]  # op "http" only, and then all of m, p, q, h, b are present
+    p: NotRequired[str]
+    q: NotRequired[str]
+    h: NotRequired[list[Header]]
+    b: NotRequired[bytes]
+
+
+class ResponseFrame(TypedDict):
+    k: Literal["res"]
+    v: int
+    i: int
+    s: int
+    h: list[Header]
+    b: bytes
+    more: bool
+    a: NotRequired[Args]
+
+
+class ChunkFrame(TypedDict):
+    k: Literal["chunk"]
+    v: int
+    i: int
+    b: bytes
+    more: bool
+
+
+class CancelFrame(TypedDict):
+    k: Literal["cancel"]
+    v: int
+    i: int
+
+
+class ErrorFrame(TypedDict):
+    k: Literal["err"]
+    v: int
+    i: int
+    code: str
+    msg: str
+    a: NotRequired[Args]
+
+
+Frame = (
+    HelloFrame
+    | AuthFrame
+    | ReadyFrame
+    | RequestFrame
+    | ResponseFrame
+    | ChunkFrame
+    | CancelFrame
+    | ErrorFrame
+)
+
+MAX_CALL_ID = 2**63 - 1
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00\r\n]")
+
+
+def parse(message: object) -> Frame:
+    """`message` (as msgpack decoded it) checked against the schema of its kind.
+
+    Raises WireError for anything else: a frame a reader could trip on never gets past."""
+    if type(message) is not dict:
         raise WireError("frame is not a message map")
     if message.get("v") != WIRE_VERSION:
         raise WireError(f"unsupported wire version {message.get('v')!r}")
-    return message
+    check = _CHECKS.get(message.get("k"))  # type: ignore[arg-type]
+    if check is None:
+        raise WireError(f"unknown frame kind {str(message.get('k'))[:40]!r}")
+    check(message)
+    return cast(Frame, message)
+
+
+def _bad(message: dict[str, Any], field: str) -> WireError:
+    return WireError(f"{message['k']} frame: bad or missing {field!r}")
+
+
+def _call_id(message: dict[str, Any]) -> None:
+    i = message.get("i")
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad(message, "i")
+
+
+def _headers(message: dict[str, Any], *, strict_values: bool) -> None:
+    headers = message.setdefault("h", [])
+    if type(headers) is not list:
+        raise _bad(message, "h")
+    for pair in headers:
+        if (
+            type(pair) is not list
+            or len(pair) != 2
+            or type(pair[0]) is not str
+            or type(pair[1]) is not str
+            or (strict_values and _HEADER_VALUE_FORBIDDEN.search(pair[1]) is not None)
+        ):
+            raise _bad(message, "h")
+
+
+def _args(message: dict[str, Any]) -> None:
+    if type(message.setdefault("a", {})) is not dict:
+        raise _bad(message, "a")
+
+
+def _body(message: dict[str, Any]) -> None:
+    if type(message.setdefault("b", b"")) is not bytes:
+        raise _bad(message, "b")
+    if type(message.setdefault("more", False)) is not bool:
+        raise _bad(message, "more")
+
+
+def _check_hello(message: dict[str, Any]) -> None:
+    for field in ("role", "id"):
+        value = message.get(field)
+        if type(value) is not str or not 0 < len(value) <= 200:
+            raise _bad(message, field)
+    nonce = message.get("nonce")
+    if type(nonce) is not bytes or not 16 <= len(nonce) <= 64:
+        raise _bad(message, "nonce")
+    if "r" in message and type(message["r"]) is not int:
+        raise _bad(message, "r")
+    if "mac" in message and type(message["mac"]) is not bytes:
+        raise _bad(message, "mac")
+
+
+def _check_auth(message: dict[str, Any]) -> None:
+    if type(message.get("mac")) is not bytes:
+        raise _bad(message, "mac")
+
+
+def _check_ready(message: dict[str, Any]) -> None:
+    ring = message.get("ring")
+    if (
+        type(ring) is not dict
+        or type(ring.get("version")) is not int
+        or type(shards := ring.get("shards")) is not list
+        or not all(type(sid) is str for sid in shards)
+    ):
+        raise _bad(message, "ring")
+    health = message.setdefault("health", {})
+    if type(health) is not dict or not all(
+        type(key) is str and type(value) is str for key, value in health.items()
+    ):
+        raise _bad(message, "health")
+
+
+def _check_request(message: dict[str, Any]) -> None:
+    _call_id(message)
+    if type(message.get("op")) is not str:
+        raise _bad(message, "op")
+    if type(message.get("r")) is not int:
+        raise _bad(message, "r")
+    _args(message)
+    if message["op"] == "http":
+        if type(message.get("m")) is not str:
+            raise _bad(message, "m")
+        if type(message.get("p")) is not str:
+            raise _bad(message, "p")
+        if type(message.setdefault("q", "")) is not str:
+            raise _bad(message, "q")
+        _headers(message, strict_values=False)
+        if type(message.setdefault("b", b"")) is not bytes:
+            raise _bad(message, "b")
+
+
+def _check_response(message: dict[str, Any]) -> None:
+    _call_id(message)
+    status = message.setdefault("s", 200)
+    if type(status) is not int or not 100 <= status <= 599:
+        raise _bad(message, "s")
+    _headers(message, strict_values=True)
+    _body(message)
+    if "a" in message:
+        _args(message)
+
+
+def _check_chunk(message: dict[str, Any]) -> None:
+    _call_id(message)
+    _body(message)
+
+
+def _check_cancel(message: dict[str, Any]) -> None:
+    _call_id(message)
+
+
+def _check_error(message: dict[str, Any]) -> None:
+    _call_id(message)
+    if type(message.get("code")) is not str:
+        raise _bad(message, "code")
+    if type(message.setdefault("msg", "")) is not str:
+        raise _bad(message, "msg")
+    if "a" in message:
+        _args(message)
+
+
+_CHECKS = {
+    "hello": _check_hello,
+    "auth": _check_auth,
+    "ready": _check_ready,
+    "req": _check_request,
+    "res": _check_response,
+    "chunk": _check_chunk,
+    "cancel": _check_cancel,
+    "err": _check_error,
+}

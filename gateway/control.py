@@ -1,8 +1,11 @@
 """The gateway's own endpoints (everything outside /v1/stream/), on quart-trio.
 
 GET /healthz: 200 while the process serves. GET /readyz: 200 once every shard of the ring
-is connected, else 503 naming the ones that are not (a load balancer keeps the gateway out
-of rotation until it can route everywhere). Every response carries the transport headers.
+is connected, authenticated, on our ring version and reports healthy storage; else 503
+naming each shard that is not, with the reason (`{"ready": false, "shards": {"shard-1":
+"authentication failed"}, "disconnected": ["shard-1"]}`), so a load balancer keeps the
+gateway out of rotation and an operator sees why. Every response carries the transport
+headers.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ def create_control_app(pool: ShardPool) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> tuple[dict, int]:
-        missing = pool.disconnected()
-        if missing:
-            return {"ready": False, "disconnected": missing}, 503
+        problems = pool.problems()
+        if problems:
+            return {"ready": False, "shards": problems, "disconnected": pool.disconnected()}, 503
         return {"ready": True}, 200
 
     @app.after_request

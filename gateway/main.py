@@ -21,6 +21,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 
+from common import rpc_security
 from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--graceful-timeout", type=float, default=3.0, help="seconds to finish in-flight work"
     )
+    rpc_security.add_arguments(parser)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -82,7 +84,14 @@ async def serve_gateway(
                 return
 
         async with (
-            ShardPool(endpoints, ring, role="gateway", name=name) as pool,
+            ShardPool(
+                endpoints,
+                ring,
+                role="gateway",
+                name=name,
+                secret=args.security.secret,
+                ssl_context=args.security.client_ssl,
+            ) as pool,
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
             app, stream = create_app(pool, ring, args.max_body_bytes, shared)
@@ -113,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        args.security = rpc_security.from_args(args, server=False)
         endpoints = parse_endpoints(args.shards)
         if not endpoints:
             raise ValueError("--shards lists no shard")
         host, port = parse_listen(args.listen)
         sock = bind_socket(host, port, reuse_port=args.reuse_port)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, rpc_security.SecurityError) as exc:
         print(f"ds-cluster gateway: {exc}", file=sys.stderr)
         return 2
     trio.run(serve_gateway, args, endpoints, sock)

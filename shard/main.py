@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from common import rpc_security
 from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SQLite synchronous mode; NORMAL may lose the last commits on power loss",
     )
     parser.add_argument("--log-level", default="INFO")
+    rpc_security.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        args.security = rpc_security.from_args(args, server=True)
+    except rpc_security.SecurityError as exc:
+        print(f"ds-cluster shard {args.id}: {exc}", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(serve, args)
     return 0
@@ -65,12 +72,25 @@ async def serve(args: argparse.Namespace) -> None:
     )
     store = Store(args.data_dir, synchronous=args.synchronous)
     try:
-        async with ShardPool(peers, ring, role="shard", name=args.id) as pool:
+        security: rpc_security.RpcSecurity = args.security
+        async with ShardPool(
+            peers,
+            ring,
+            role="shard",
+            name=args.id,
+            secret=security.secret,
+            ssl_context=security.client_ssl,
+        ) as pool:
             service = ShardService(args.id, ring, store, config, pool if peers else None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)
-                server = RpcServer(service, rpc_ops.handlers(service))
+                server = RpcServer(
+                    service,
+                    rpc_ops.handlers(service),
+                    secret=security.secret,
+                    ssl_context=security.server_ssl,
+                )
                 listeners = await nursery.start(
                     functools.partial(trio.serve_tcp, server.serve, port, host=host)
                 )

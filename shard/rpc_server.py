@@ -1,20 +1,34 @@
 """The shard's msgpack RPC server: accepts gateway and peer-shard connections.
 
-Each connection gets a reader (decodes frames, starts one task per request in the
-connection's nursery, routes `cancel`), and a coalescing writer (everything queued while
-a send is in progress goes out in one `send_all`, with backpressure for streaming bodies).
-A malformed frame closes that connection only; its in-flight requests are cancelled.
+A connection first authenticates (common/cluster_auth.py: both sides prove the cluster
+secret; optionally under TLS) within HELLO_TIMEOUT, with frames of at most
+wire.MAX_HANDSHAKE_FRAME bytes; until then it is served nothing. Then a reader decodes
+frames (checked by `wire.parse`), answers `ping` inline, starts one task per request in
+the connection's nursery and routes `cancel`; a coalescing writer sends replies.
+
+Every frame is untrusted, and a connection costs bounded memory and time:
+  * a frame of the wrong shape, or a protocol breach, closes that connection only (its
+    requests are cancelled), with one log line; never the process;
+  * a request whose ring version is not ours gets `err version` (with our ring) unrun;
+  * replies queued and not yet sent are capped (REPLY_BUDGET): a peer that does not read
+    them is dropped; streaming bodies wait instead, above HIGH_WATER;
+  * a frame that has started must keep arriving (FRAME_STALL_TIMEOUT without a byte, or
+    slower than MIN_FRAME_RATE after FRAME_GRACE, and the connection is dropped);
+  * at most MAX_CALLS requests run at once per connection; beyond, `err unavailable`;
+  * registry ops (shard/rpc_ops.py) get OP_TIMEOUT seconds.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import ssl
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
 from common import wire
+from common.cluster_auth import AuthError, ServerHandshake
 from common.paths import PathError, check_canonical
 from shard.committer import StorageUnavailable
 from shard.core.model import Request, Response
@@ -26,33 +40,65 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # buffered bytes before streaming senders wait
-HELLO_TIMEOUT = 5.0  # seconds a new connection has to complete its hello frame
+REPLY_BUDGET = 64 * 1024 * 1024  # unsent reply bytes a connection may hold, then it is dropped
+FRAME_OVERHEAD = 128  # bytes a queued frame costs beyond its length (object, list slot)
+HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
+FRAME_STALL_TIMEOUT = 10.0  # seconds a started frame may go without a byte
+FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
+MIN_FRAME_RATE = 1024 * 1024  # bytes/s
+MAX_CALLS = 50_000  # requests in flight per connection (one gateway multiplexes its clients)
+OP_TIMEOUT = 30.0  # seconds for a registry op (export_fork, ...)
+
+
+class _Dropped(Exception):
+    """The connection must close (the reason is logged where it is raised)."""
 
 
 class FrameWriter:
-    """Queues frames and writes them in coalesced batches from one task."""
+    """Queues frames and writes them in coalesced batches from one task.
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    Unsent bytes (queued, and the batch being written) are capped at `budget`: the frame
+    that would pass it closes the connection instead (one frame alone is always allowed,
+    so a single large answer still goes out)."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, connection: trio.CancelScope, budget: int = REPLY_BUDGET
+    ) -> None:
         self._stream = stream
+        self._connection = connection
+        self._budget = budget
         self._frames: list[bytes] = []
-        self._size = 0
+        self._size = 0  # queued bytes (with FRAME_OVERHEAD each)
+        self._writing = 0  # bytes of the batch being written
         self._wake = trio.Event()
         self._drained = trio.Event()
+        self.overflowed = False
 
     def send_nowait(self, message: dict[str, Any]) -> None:
+        if self.overflowed:
+            return
         frame = wire.encode(message)
+        cost = len(frame) + FRAME_OVERHEAD
+        held = self._size + self._writing
+        if held and held + cost > self._budget:
+            self.overflowed = True
+            self._frames = []
+            self._size = 0
+            log.warning("dropping connection: peer left over %d reply bytes unread", held)
+            self._connection.cancel()
+            return
         self._frames.append(frame)
-        self._size += len(frame)
+        self._size += cost
         self._wake.set()
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue a frame, waiting first while the peer is not keeping up."""
-        while self._size > HIGH_WATER:
+        while self._size + self._writing > HIGH_WATER:
             await self._drained.wait()
         self.send_nowait(message)
 
-    async def run(self, on_broken: trio.CancelScope) -> None:
-        """Write until cancelled; a broken connection cancels `on_broken` (the connection)."""
+    async def run(self) -> None:
+        """Write until cancelled; a broken connection cancels the connection."""
         try:
             while True:
                 if not self._frames:
@@ -60,93 +106,170 @@ class FrameWriter:
                     self._wake = trio.Event()
                     continue
                 frames, self._frames = self._frames, []
-                self._size = 0
+                self._writing, self._size = self._size, 0
                 self._drained.set()
                 self._drained = trio.Event()
                 for data in wire.coalesce(frames):
                     await self._stream.send_all(data)
+                del frames, data
+                self._writing = 0
+                self._drained.set()
+                self._drained = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            on_broken.cancel()
+            self._connection.cancel()
 
 
 class RpcServer:
     """Serves `http` and `ping` itself; every other op is looked up in `handlers`."""
 
-    def __init__(self, service: ShardService, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        service: ShardService,
+        handlers: Mapping[str, Handler],
+        *,
+        secret: bytes,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.service = service
         self.handlers = handlers
+        self._secret = secret
+        self._ssl_context = ssl_context
+        self._ring: wire.RingInfo = {
+            "version": service.ring.version,
+            "shards": list(service.ring.shard_ids),
+        }
+        health = getattr(service, "health", None)
+        self._health: Callable[[], dict[str, Any]] | None = health if callable(health) else None
 
-    async def serve(self, stream: trio.SocketStream) -> None:
+    def health(self) -> dict[str, str]:
+        """The service's health map (storage state), as strings for the wire."""
+        if self._health is None:
+            return {"storage": "ok"}
         try:
-            await self._serve(stream)
+            return {str(key): str(value) for key, value in self._health().items()}
+        except Exception as exc:  # a failing health check is itself a health report
+            return {"storage": f"failed: health check raised {exc!r}"[:200]}
+
+    async def serve(self, tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if self._ssl_context is not None:
+            stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+        try:
+            decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
+            early = await self._authenticate(stream, decoder)
+            if early is None:
+                return
+            decoder.max_frame = wire.MAX_FRAME_BYTES
+            await self._serve(stream, decoder, early)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        decoder = wire.FrameDecoder()
-        writer = FrameWriter(stream)
-        calls: dict[int, trio.CancelScope] = {}
-        greeted = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, nursery.cancel_scope)
-            hello_deadline = trio.current_time() + HELLO_TIMEOUT
-            while True:
-                data = b""
-                try:
-                    if greeted:
+    async def _authenticate(
+        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder
+    ) -> list[wire.Frame] | None:
+        """Run the handshake; returns frames received after it, or None (dropped)."""
+        handshake = ServerHandshake(self._secret, shard_id=self.service.shard_id, ring=self._ring)
+        frames: list[wire.Frame] = []
+        with trio.move_on_after(HELLO_TIMEOUT):
+            try:
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
+                while not handshake.authenticated:
+                    while not frames:
                         data = await stream.receive_some(RECV_SIZE)
+                        if not data:
+                            return None
+                        frames = decoder.feed(data)
+                    frame = frames.pop(0)
+                    if frame["k"] == "hello":
+                        reply = handshake.on_client_hello(frame)
                     else:
-                        # Until it has said hello, a connection gets HELLO_TIMEOUT seconds:
-                        # a peer that sends half a frame and stalls is dropped.
-                        with trio.move_on_at(hello_deadline):
+                        reply = handshake.on_auth(frame, self.health())
+                    await stream.send_all(wire.encode(reply))
+            except (AuthError, wire.WireError) as exc:
+                log.warning("refusing connection: %s", exc)
+                return None
+            except trio.BrokenResourceError as exc:
+                log.info("connection lost during the handshake: %s", exc.__cause__ or exc)
+                return None
+            log.debug("authenticated %s", handshake.peer)
+            return frames
+        log.warning("dropping connection: no handshake within %ss", HELLO_TIMEOUT)
+        return None
+
+    async def _serve(
+        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, messages: list[wire.Frame]
+    ) -> None:
+        calls: dict[int, trio.CancelScope] = {}
+        ring_version = self._ring["version"]
+        async with trio.open_nursery() as nursery:
+            writer = FrameWriter(stream, nursery.cancel_scope)
+            nursery.start_soon(writer.run)
+            frame_deadline = frame_started = 0.0  # of an incomplete frame (0: none)
+            try:
+                while True:
+                    for message in messages:
+                        kind = message["k"]
+                        if kind == "req":
+                            call_id = message["i"]
+                            if call_id in calls:
+                                raise _Dropped(f"request id {call_id} already in flight")
+                            op = message["op"]
+                            if op == "ping":
+                                a = {"health": self.health()}
+                                writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": a})
+                            elif message["r"] != ring_version:
+                                writer.send_nowait(self._wrong_ring(call_id, message["r"]))
+                            elif len(calls) >= MAX_CALLS:
+                                msg = f"over {MAX_CALLS} requests in flight on this connection"
+                                writer.send_nowait(_error(call_id, "unavailable", msg))
+                            else:
+                                scope = calls[call_id] = trio.CancelScope()
+                                nursery.start_soon(self._request, message, writer, calls, scope)
+                        elif kind == "cancel":
+                            scope = calls.get(message["i"])
+                            if scope is not None:
+                                scope.cancel()
+                        else:
+                            raise _Dropped(f"unexpected {kind!r} frame")
+                    messages = []
+                    if decoder.partial:
+                        # A started frame must keep coming: a peer that sends half a frame
+                        # and stalls would hold its bytes (up to MAX_FRAME_BYTES) forever.
+                        now = trio.current_time()
+                        if not frame_started:
+                            frame_started = now
+                            need = decoder.expected or 4
+                            frame_deadline = now + FRAME_GRACE + need / MIN_FRAME_RATE
+                        data = b""
+                        with trio.move_on_at(min(frame_deadline, now + FRAME_STALL_TIMEOUT)) as t:
                             data = await stream.receive_some(RECV_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    break
-                if not data:
-                    if not greeted and trio.current_time() >= hello_deadline:
-                        log.warning("dropping connection: no hello within %ss", HELLO_TIMEOUT)
-                    break
-                try:
+                        if t.cancelled_caught:
+                            raise _Dropped(
+                                f"frame of {decoder.expected} bytes stalled at {decoder.partial}"
+                            )
+                    else:
+                        data = await stream.receive_some(RECV_SIZE)
+                    if not data:
+                        break
                     messages = decoder.feed(data)
-                except wire.WireError as exc:
-                    log.warning("dropping connection: %s", exc)
-                    break
-                for message in messages:
-                    kind = message["k"]
-                    if not greeted:
-                        if kind != "hello":
-                            log.warning("dropping connection: first frame is not hello")
-                            nursery.cancel_scope.cancel()
-                            return
-                        greeted = True
-                        writer.send_nowait(self._hello())
-                    elif kind == "req":
-                        call_id = message.get("i")
-                        if not isinstance(call_id, int) or call_id in calls:
-                            log.warning("dropping connection: bad request id %r", call_id)
-                            nursery.cancel_scope.cancel()
-                            return
-                        scope = trio.CancelScope()
-                        calls[call_id] = scope
-                        nursery.start_soon(self._request, message, writer, calls, scope)
-                    elif kind == "cancel":
-                        scope = calls.get(message.get("i"))  # type: ignore[arg-type]
-                        if scope is not None:
-                            scope.cancel()
+                    if messages or not decoder.partial:
+                        frame_started = 0.0  # the incomplete frame (if any) is a new one
+            except wire.WireError as exc:
+                log.warning("dropping connection: %s", exc)
+            except _Dropped as exc:
+                log.warning("dropping connection: %s", exc)
             nursery.cancel_scope.cancel()
 
-    def _hello(self) -> dict[str, Any]:
-        service = self.service
-        return {
-            "k": "hello",
-            "role": "shard",
-            "id": service.shard_id,
-            "ring": service.ring.to_wire(),
-        }
+    def _wrong_ring(self, call_id: int, theirs: int) -> dict[str, Any]:
+        msg = f"ring version {theirs} is not this shard's ({self._ring['version']})"
+        return {**_error(call_id, "version", msg), "a": {"ring": dict(self._ring)}}
 
     async def _request(
         self,
-        message: dict[str, Any],
+        message: wire.RequestFrame,
         writer: FrameWriter,
         calls: dict[int, trio.CancelScope],
         scope: trio.CancelScope,
@@ -154,19 +277,19 @@ class RpcServer:
         call_id = message["i"]
         try:
             with scope:
-                op = message.get("op")
+                op = message["op"]
                 if op == "http":
                     await self._http(call_id, message, writer)
-                elif op == "ping":
-                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": {}})
-                elif isinstance(op, str) and op in self.handlers:
-                    args = message.get("a")
-                    if not isinstance(args, dict):
-                        raise wire.BadArguments("missing arguments")
-                    result = await self.handlers[op](args)
-                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": result})
+                elif op in self.handlers:
+                    with trio.move_on_after(OP_TIMEOUT) as deadline:
+                        result = await self.handlers[op](message["a"])
+                    if deadline.cancelled_caught:
+                        msg = f"{op} took over {OP_TIMEOUT}s"
+                        writer.send_nowait(_error(call_id, "unavailable", msg))
+                    else:
+                        writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": result})
                 else:
-                    writer.send_nowait(_error(call_id, "bad_request", f"unknown op {op!r}"))
+                    writer.send_nowait(_error(call_id, "bad_request", f"unknown op {op[:60]!r}"))
         except (StorageUnavailable, PeerUnavailable) as exc:
             writer.send_nowait(_error(call_id, "unavailable", str(exc)))
         except wire.OpError as exc:
@@ -177,26 +300,9 @@ class RpcServer:
         finally:
             calls.pop(call_id, None)
 
-    async def _http(self, call_id: int, message: dict[str, Any], writer: FrameWriter) -> None:
-        method, path, query, headers, body = (
-            message.get("m"),
-            message.get("p"),
-            message.get("q", ""),
-            message.get("h", ()),
-            message.get("b", b""),
-        )
-        if not (
-            isinstance(method, str)
-            and isinstance(path, str)
-            and isinstance(query, str)
-            and isinstance(headers, list | tuple)
-            and isinstance(body, bytes)
-        ):
-            raise wire.BadArguments("malformed http request")
-        try:
-            header_map = {str(k).lower(): str(v) for k, v in headers}
-        except (TypeError, ValueError):
-            raise wire.BadArguments("malformed headers") from None
+    async def _http(self, call_id: int, message: wire.RequestFrame, writer: FrameWriter) -> None:
+        path = message["p"]  # type: ignore[typeddict-item]  # op "http": parse checked m..b
+        header_map = {name.lower(): value for name, value in message["h"]}  # type: ignore[typeddict-item]
         try:
             check_canonical(path)
         except PathError as exc:
@@ -206,7 +312,13 @@ class RpcServer:
                 {"k": "res", "i": call_id, "s": 421, "h": [], "b": b"misdirected", "more": False}
             )
             return
-        request = Request(method, path, query, header_map, body)
+        request = Request(
+            message["m"],  # type: ignore[typeddict-item]
+            path,
+            message["q"],  # type: ignore[typeddict-item]
+            header_map,
+            message["b"],  # type: ignore[typeddict-item]
+        )
 
         async def respond(response: Response, more: bool) -> None:
             await writer.send(

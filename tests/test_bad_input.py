@@ -22,6 +22,12 @@ import trio
 
 from common import wire
 from common.ring import Ring
+from common.rpc_security import SECRET_FILE_NAME, read_secret_file
+
+try:
+    from test_gateway_fakeshard import open_authenticated
+except ImportError:  # tests/ became a package
+    from tests.test_gateway_fakeshard import open_authenticated
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +60,6 @@ def assert_no_restarts(supervisor, pids: dict[str, int]) -> None:
 # ---- the shard's RPC port --------------------------------------------------------------
 
 
-async def wire_connect(address: tuple[str, int]) -> tuple[trio.SocketStream, wire.FrameDecoder]:
-    stream = await trio.open_tcp_stream(*address)
-    return stream, wire.FrameDecoder()
-
-
 async def wire_receive(stream: trio.SocketStream, decoder: wire.FrameDecoder) -> dict:
     with trio.fail_after(10):
         while True:
@@ -72,8 +73,13 @@ async def wire_receive(stream: trio.SocketStream, decoder: wire.FrameDecoder) ->
 async def assert_dropped(address: tuple[str, int], garbage: bytes) -> None:
     """Send `garbage` on a fresh connection; the shard must close it (EOF or reset)."""
     stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(garbage)
+    await assert_closed(stream)
+
+
+async def assert_closed(stream: trio.SocketStream) -> None:
+    """The shard closes `stream` (EOF or reset) within 10 s; it is closed here after."""
     try:
-        await stream.send_all(garbage)
         with trio.fail_after(10):
             while True:
                 try:
@@ -91,8 +97,16 @@ def frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def hello(shards: list[str]) -> dict:
-    return {"k": "hello", "role": "gateway", "id": "test", "ring": {"version": 1, "shards": shards}}
+def hello() -> dict:
+    return {"k": "hello", "role": "gateway", "id": "test", "nonce": b"n" * 32, "r": 1}
+
+
+async def authenticated(cluster, shard_id: str) -> tuple[trio.SocketStream, wire.FrameDecoder]:
+    """A wire connection to `shard_id` that has proven the cluster's secret."""
+    secret = read_secret_file(cluster.data_dir / SECRET_FILE_NAME)
+    address = ("127.0.0.1", cluster.shard_addresses[shard_id][1])
+    stream, decoder, _ = await open_authenticated(address, shard_id, secret=secret)
+    return stream, decoder
 
 
 async def test_garbage_on_shard_port_drops_only_that_connection(cluster) -> None:
@@ -101,15 +115,13 @@ async def test_garbage_on_shard_port_drops_only_that_connection(cluster) -> None
     address = ("127.0.0.1", cluster.shard_addresses["shard-0"][1])
     path = path_on(shards, "shard-0", "wire-ok")
 
-    # A healthy connection, greeted, held open across all the garbage below.
-    good, decoder = await wire_connect(address)
-    await good.send_all(wire.encode(hello(shards)))
-    assert (await wire_receive(good, decoder))["k"] == "hello"
+    # A healthy connection, authenticated, held open across all the garbage below.
+    good, decoder = await authenticated(cluster, "shard-0")
     # A connection stalled in the middle of a frame must not block anyone either.
     stalled = await trio.open_tcp_stream(*address)
     await stalled.send_all(struct.pack(">I", 100) + b"\x81\xa1k")
 
-    greeting = wire.encode(hello(shards))
+    greeting = wire.encode(hello())
     garbage = [
         os.urandom(256),
         frame(b"\xc1\xc1\xc1\xc1"),  # 0xc1 is never valid msgpack
@@ -121,23 +133,24 @@ async def test_garbage_on_shard_port_drops_only_that_connection(cluster) -> None
         greeting + wire.encode({"k": "req", "i": "one", "op": "http"}),  # bad request id
         greeting + frame(b"\x92\x01"),  # truncated msgpack after a good hello
     ]
-    for blob in garbage:
-        await assert_dropped(address, blob)
-
-    # Requests that are well framed but malformed get an error answer, change nothing.
-    i = 100
-    for req in [
-        {"op": "nope"},
+    # Requests of the wrong shape close their connection, even after authentication.
+    malformed = [
         {"op": "http", "m": "PUT", "p": path, "q": "", "h": "not-a-list", "b": b""},
         {"op": "http", "m": "PUT", "p": path, "q": "", "h": [[1, 2, 3]], "b": b""},
         {"op": "http", "m": "PUT", "p": path, "q": "", "h": [], "b": "text, not bytes"},
         {"op": "http", "m": 7, "p": path, "q": "", "h": [], "b": b""},
-    ]:
-        i += 1
-        await good.send_all(wire.encode({"k": "req", "i": i, "r": 1, **req}))
-        answer = await wire_receive(good, decoder)
-        assert answer["i"] == i
-        assert answer["k"] == "err" or answer.get("s", 0) >= 400, answer
+    ]
+    for blob in garbage:
+        await assert_dropped(address, blob)
+    for req in malformed:
+        stream, _ = await authenticated(cluster, "shard-0")
+        await stream.send_all(wire.encode({"k": "req", "i": 5, "r": 1, **req}))
+        await assert_closed(stream)
+
+    # A well-formed request for an unknown op gets an error answer, and changes nothing.
+    await good.send_all(wire.encode({"k": "req", "i": 101, "r": 1, "op": "nope", "a": {}}))
+    answer = await wire_receive(good, decoder)
+    assert answer["i"] == 101 and answer["k"] == "err", answer
 
     # The greeted connection still works, and so does the cluster through the gateway.
     await good.send_all(
@@ -172,11 +185,7 @@ async def test_garbage_on_shard_port_drops_only_that_connection(cluster) -> None
 
 async def test_invalid_path_over_the_wire_is_refused(cluster) -> None:
     """A wire client that skips the gateway's validation still cannot create bad paths."""
-    shards = cluster.shard_ids
-    address = ("127.0.0.1", cluster.shard_addresses["shard-0"][1])
-    stream, decoder = await wire_connect(address)
-    await stream.send_all(wire.encode(hello(shards)))
-    await wire_receive(stream, decoder)
+    stream, decoder = await authenticated(cluster, "shard-0")
     for n, bad in enumerate(["a//b", "../x", "a/./b", "", "a\x00b", "x" * 2000]):
         await stream.send_all(
             wire.encode(
@@ -210,6 +219,7 @@ async def small_gateway(cluster, tmp_path) -> AsyncIterator[str]:
     shards = ",".join(f"{sid}=127.0.0.1:{p}" for sid, (_, p) in cluster.shard_addresses.items())
     argv = [sys.executable, "-m", "common.cli", "gateway", "--listen", f"127.0.0.1:{port}"]
     argv += ["--shards", shards, "--max-body-bytes", str(MAX_BODY)]
+    argv += ["--cluster-secret-file", str(cluster.data_dir / SECRET_FILE_NAME)]
     log = open(tmp_path / "small-gateway.log", "wb")  # noqa: SIM115
     proc = await trio.lowlevel.open_process(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

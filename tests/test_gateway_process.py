@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,9 +27,9 @@ import pytest
 import trio
 
 try:
-    from test_gateway_fakeshard import FakeShard, Reply
+    from test_gateway_fakeshard import FakeShard, Reply, secret_args
 except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply
+    from tests.test_gateway_fakeshard import FakeShard, Reply, secret_args
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 4096
@@ -122,7 +123,11 @@ class ThreadedShard:
 
 
 class GatewayProcess:
+    """`ds-cluster gateway` with the test cluster secret (`extra` options come last, so a
+    test may pass another --cluster-secret-file)."""
+
     def __init__(self, shards: str, *extra: str) -> None:
+        self._secret_dir = tempfile.TemporaryDirectory()
         argv = [
             sys.executable,
             "-m",
@@ -132,6 +137,7 @@ class GatewayProcess:
             "127.0.0.1:0",
             "--shards",
             shards,
+            *secret_args(Path(self._secret_dir.name)),
             *extra,
         ]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -171,6 +177,7 @@ class GatewayProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            self._secret_dir.cleanup()
 
 
 @pytest.fixture(scope="module")

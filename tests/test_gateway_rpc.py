@@ -13,15 +13,20 @@ from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
 
 try:
-    from test_gateway_fakeshard import FakeShard, Reply, forever
+    from test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, forever
 except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply, forever
+    from tests.test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, forever
 
 
 def make_pool(shard: FakeShard, **kwargs: Any) -> ShardPool:
     ring = Ring(7, (shard.shard_id,))
     return ShardPool(
-        {shard.shard_id: ("127.0.0.1", shard.port)}, ring, role="gateway", name="t", **kwargs
+        {shard.shard_id: ("127.0.0.1", shard.port)},
+        ring,
+        role="gateway",
+        name="t",
+        secret=TEST_SECRET,
+        **kwargs,
     )
 
 
@@ -46,7 +51,7 @@ async def test_hello_then_connected() -> None:
             assert pool.connected("s1") and pool.all_connected()
             assert shard.hellos[0]["role"] == "gateway"
             assert shard.hellos[0]["id"] == "t"
-            assert shard.hellos[0]["ring"] == {"version": 7, "shards": ["s1"]}
+            assert shard.hellos[0]["r"] == 7
         nursery.cancel_scope.cancel()
 
 
@@ -231,7 +236,7 @@ async def test_unknown_shard_and_wrong_identity() -> None:
         await nursery.start(shard.run)
         ring = Ring(1, ("s1",))
         async with ShardPool(
-            {"s1": ("127.0.0.1", shard.port)}, ring, role="shard", name="s0"
+            {"s1": ("127.0.0.1", shard.port)}, ring, role="shard", name="s0", secret=TEST_SECRET
         ) as pool:
             await trio.sleep(0.3)
             assert not pool.connected("s1")  # refuses a shard that is not who we expect
