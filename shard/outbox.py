@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from shard.committer import Job, StorageUnavailable
+from shard.committer import Committer, Job, StorageUnavailable
 from shard.peers import PeerUnavailable
-
-if TYPE_CHECKING:
-    from shard.service import ShardService
+from shard.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +26,18 @@ MAX_BACKOFF = 5.0
 
 
 class Outbox:
-    def __init__(self, service: ShardService) -> None:
-        self._service = service
+    """`release(source, ref)` delivers one release (raising PeerUnavailable if it cannot
+    now); the store and committer hold the table."""
+
+    def __init__(
+        self,
+        store: Store,
+        committer: Committer,
+        release: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self._store = store
+        self._committer = committer
+        self._release = release
         self._due: dict[str, str] = {}  # ref -> source path
         self._wake = trio.Event()
 
@@ -39,7 +47,7 @@ class Outbox:
 
     async def recover(self) -> None:
         """After a restart: provisional intents whose fork never committed become due."""
-        store = self._service.store
+        store = self._store
         fix = Job()
         for ref, source, status in store.load_outbox():
             if status == "provisional":
@@ -49,7 +57,7 @@ class Outbox:
                 fix.outbox_put.append((ref, source, "due"))
             self._due[ref] = source
         if fix.outbox_put or fix.outbox_removed:
-            await self._service.committer.submit(fix).wait()
+            await self._committer.submit(fix).wait()
 
     async def run(self) -> None:
         backoff = MIN_BACKOFF
@@ -61,8 +69,8 @@ class Outbox:
             failed = False
             for ref, source in list(self._due.items()):
                 try:
-                    await self._service.peers.release_fork(source, ref)
-                    await self._service.committer.submit(Job(outbox_removed=[ref])).wait()
+                    await self._release(source, ref)
+                    await self._committer.submit(Job(outbox_removed=[ref])).wait()
                 except (PeerUnavailable, StorageUnavailable) as exc:
                     log.info("fork release %s on %s deferred: %s", ref, source, exc)
                     failed = True

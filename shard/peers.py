@@ -1,27 +1,44 @@
 """Fork RPC to the shard that owns a fork's source: this shard itself, or a peer.
 
-Mirrors the seed's ForkPeer (`getByName(src).exportFork / releaseFork`): the ring names
-the source's owner; our own sources are served by a direct call, others by msgpack RPC
-over the same multiplexed connections the gateway uses. Either way a source that cannot
-act now raises PeerUnavailable, so callers handle one failure.
+The ring names the source's owner; our own sources are served by a direct call to the
+local side (`LocalForks`), others by msgpack RPC over the same multiplexed connections
+the gateway uses. Either way a source that cannot act now raises PeerUnavailable, so
+callers handle one failure. Answers from a peer are checked before use: a malformed one
+is that peer failing, never data.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import trio
+
+from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool, ShardUnavailable
 from shard.committer import StorageUnavailable
 from shard.core.model import ForkExport, Record, Response
 
-if TYPE_CHECKING:
-    from shard.service import ShardService
-
 RPC_TIMEOUT = 30.0
+READ_TIMEOUT = 15.0  # an inherited read waits on the source at most this long
+RECONNECT_GRACE = 2.0  # a read finding the source's shard unconnected waits this long once
 
 
 class PeerUnavailable(Exception):
     """The source stream's shard could not act now; the outcome may be unknown."""
+
+
+class LocalForks(Protocol):
+    """The source's side of forks on this shard (shard.forks.ForkCoordinator)."""
+
+    async def export(
+        self, source: str, offset: str | None, sub_offset: int, ref: str, content_type: str | None
+    ) -> Response | ForkExport: ...
+
+    async def release(self, source: str, ref: str) -> None: ...
+
+    async def serve_read(
+        self, source: str, ref: str, position: int, limit: int, max_bytes: int
+    ) -> list[Record] | None: ...
 
 
 def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
@@ -36,39 +53,80 @@ def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
         "offset": export.offset,
         "sub_offset": export.sub_offset,
         "position": export.position,
-        "records": [[r.start, r.end, r.data] for r in export.records],
     }
 
 
 def export_from_wire(data: dict[str, Any]) -> Response | ForkExport:
-    if not data.get("ok"):
-        return Response(
-            int(data["s"]),
-            tuple((str(k), str(v)) for k, v in data.get("h", ())),
-            data.get("b", b""),
+    try:
+        if not data.get("ok"):
+            return Response(
+                int(data["s"]),
+                tuple((str(k), str(v)) for k, v in data.get("h", ())),
+                bytes(data.get("b", b"")),
+            )
+        export = ForkExport(
+            content_type=data["content_type"],
+            ttl=data["ttl"],
+            expires_at=data["expires_at"],
+            expires_at_ts=data["expires_at_ts"],
+            offset=data["offset"],
+            sub_offset=data["sub_offset"],
+            position=data["position"],
         )
-    return ForkExport(
-        content_type=data["content_type"],
-        ttl=data["ttl"],
-        expires_at=data["expires_at"],
-        expires_at_ts=data["expires_at_ts"],
-        offset=data["offset"],
-        sub_offset=data["sub_offset"],
-        position=data["position"],
-        records=tuple(Record(start, end, payload) for start, end, payload in data["records"]),
-    )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PeerUnavailable(f"malformed export_fork answer: {exc!r}") from None
+    if not (
+        isinstance(export.content_type, str)
+        and isinstance(export.offset, str)
+        and type(export.sub_offset) is int
+        and type(export.position) is int
+        and export.position >= 0
+    ):
+        raise PeerUnavailable("malformed export_fork answer")
+    return export
+
+
+def records_to_wire(records: list[Record]) -> dict[str, Any]:
+    return {"records": [[r.start, r.end, r.data] for r in records]}
+
+
+def records_from_wire(data: dict[str, Any]) -> list[Record]:
+    """The records of a `read_fork` answer, checked: in order, each [start, end, bytes]."""
+    raw = data.get("records")
+    if not isinstance(raw, list):
+        raise PeerUnavailable("malformed read_fork answer")
+    records: list[Record] = []
+    previous = -1
+    for item in raw:
+        if not (isinstance(item, list | tuple) and len(item) == 3):
+            raise PeerUnavailable("malformed read_fork record")
+        start, end, payload = item
+        if not (
+            type(start) is int
+            and type(end) is int
+            and isinstance(payload, bytes)
+            and previous <= start < end
+        ):
+            raise PeerUnavailable("malformed read_fork record")
+        records.append(Record(start, end, payload))
+        previous = end
+    return records
 
 
 class ForkPeers:
     """Routes fork RPCs by the ring. `pool` is None for a single-shard ring."""
 
-    def __init__(self, service: ShardService, pool: ShardPool | None = None) -> None:
-        self._service = service
+    def __init__(
+        self, ring: Ring, shard_id: str, local: LocalForks, pool: ShardPool | None = None
+    ) -> None:
+        self._ring = ring
+        self._shard_id = shard_id
+        self._local = local
         self._pool = pool
 
     def _remote_owner(self, source: str) -> str | None:
-        owner = self._service.ring.owner(source)
-        return None if owner == self._service.shard_id or self._pool is None else owner
+        owner = self._ring.owner(source)
+        return None if owner == self._shard_id or self._pool is None else owner
 
     async def export_fork(
         self,
@@ -81,9 +139,7 @@ class ForkPeers:
         owner = self._remote_owner(source)
         if owner is None:
             try:
-                return await self._service.export_fork(
-                    source, offset, sub_offset, ref, content_type
-                )
+                return await self._local.export(source, offset, sub_offset, ref, content_type)
             except StorageUnavailable as exc:
                 raise PeerUnavailable(str(exc)) from exc
         args = {
@@ -99,15 +155,54 @@ class ForkPeers:
         owner = self._remote_owner(source)
         if owner is None:
             try:
-                await self._service.release_fork(source, ref)
+                await self._local.release(source, ref)
             except StorageUnavailable as exc:
                 raise PeerUnavailable(str(exc)) from exc
             return
         await self._call(owner, "release_fork", {"source": source, "ref": ref})
 
-    async def _call(self, owner: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def read_fork(
+        self, source: str, ref: str, position: int, limit: int, max_bytes: int
+    ) -> list[Record]:
+        """Records of `source` with end > `position` below `limit`, read through the
+        fork reference `ref` (at most about `max_bytes`)."""
+        owner = self._remote_owner(source)
+        if owner is None:
+            records = await self._local.serve_read(source, ref, position, limit, max_bytes)
+            if records is None:
+                raise PeerUnavailable(f"no fork reference {ref} on {source!r}")
+            return records
+        args = {
+            "source": source,
+            "ref": ref,
+            "position": position,
+            "limit": limit,
+            "max_bytes": max_bytes,
+        }
+        return records_from_wire(await self._read_call(owner, args))
+
+    async def _read_call(self, owner: str, args: dict[str, Any]) -> dict[str, Any]:
+        """`read_fork` changes nothing, so a read that found the source's shard not yet
+        (re)connected, e.g. just restarted, waits for it briefly and tries once more."""
         assert self._pool is not None
         try:
-            return await self._pool.call(owner, op, args, timeout=RPC_TIMEOUT)
+            return await self._call(owner, "read_fork", args, READ_TIMEOUT)
+        except PeerUnavailable as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, ShardUnavailable) and not cause.sent):
+                raise
+        with trio.move_on_after(RECONNECT_GRACE):
+            await self._pool.wait_connected(owner)
+        return await self._call(owner, "read_fork", args, READ_TIMEOUT)
+
+    async def _call(
+        self, owner: str, op: str, args: dict[str, Any], timeout: float = RPC_TIMEOUT
+    ) -> dict[str, Any]:
+        assert self._pool is not None
+        try:
+            result = await self._pool.call(owner, op, args, timeout=timeout)
         except (ShardUnavailable, ShardError) as exc:
             raise PeerUnavailable(f"{op} on {owner}: {exc}") from exc
+        if not isinstance(result, dict):
+            raise PeerUnavailable(f"{op} on {owner}: malformed answer")
+        return result

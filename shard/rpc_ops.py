@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import wire
-from shard.peers import export_to_wire
+from shard.peers import export_to_wire, records_to_wire
 from shard.service import ShardService
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -39,7 +39,7 @@ def handlers(service: ShardService) -> dict[str, Handler]:
             and (content_type is None or isinstance(content_type, str))
         ):
             raise wire.BadArguments("malformed export_fork arguments")
-        export = await service.export_fork(source, offset, sub_offset, ref, content_type)
+        export = await service.forks.export(source, offset, sub_offset, ref, content_type)
         return export_to_wire(export)
 
     async def release_fork(args: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +48,28 @@ def handlers(service: ShardService) -> dict[str, Handler]:
             raise wire.BadArguments("malformed release_fork arguments")
         if not service.owns(source):
             raise wire.Misdirected("not the owner of the source")
-        await service.release_fork(source, ref)
+        await service.forks.release(source, ref)
         return {"ok": True}
 
-    return {"export_fork": export_fork, "release_fork": release_fork}
+    async def read_fork(args: dict[str, Any]) -> dict[str, Any]:
+        """A fork's inherited read: only for a reference held on that source."""
+        source, ref = args.get("source"), args.get("ref")
+        position, limit, max_bytes = args.get("position"), args.get("limit"), args.get("max_bytes")
+        if not (
+            isinstance(source, str)
+            and isinstance(ref, str)
+            and type(position) is int
+            and type(limit) is int
+            and type(max_bytes) is int
+            and position >= 0
+            and max_bytes > 0
+        ):
+            raise wire.BadArguments("malformed read_fork arguments")
+        if not service.owns(source):
+            raise wire.Misdirected("not the owner of the source")
+        records = await service.forks.serve_read(source, ref, position, limit, max_bytes)
+        if records is None:
+            raise wire.BadArguments("no such fork reference on this source")
+        return records_to_wire(records)
+
+    return {"export_fork": export_fork, "release_fork": release_fork, "read_fork": read_fork}

@@ -2,16 +2,14 @@
 
 `ShardService` turns core decisions into I/O: it persists Replies through the group
 committer (acknowledging only after commit), feeds records to reads, parks long-polls and
-SSE sessions on their stream's hub event, expires streams from the alarm loop, and does
-the source side of cross-shard forks (export a fork, release a fork).
+SSE sessions on their stream's hub event, and expires streams from the alarm loop. Forks
+(creating them, serving their sources, reading through them) are `shard.forks`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -23,9 +21,9 @@ from shard.alarms import AlarmLoop
 from shard.committer import Committer, Job, StorageUnavailable
 from shard.core.model import (
     CoreConfig,
-    ForkExport,
     NeedRecords,
     NeedSource,
+    Record,
     Reply,
     Request,
     Response,
@@ -34,8 +32,8 @@ from shard.core.model import (
     Wait,
 )
 from shard.core.sse import SseSession
-from shard.outbox import Outbox
-from shard.peers import ForkPeers, PeerUnavailable
+from shard.forks import ForkCoordinator
+from shard.peers import PeerUnavailable
 from shard.store import Store, StreamWrite
 from shard.streams import Entry, StreamTable
 
@@ -68,12 +66,12 @@ class ShardService:
         self.ring = ring
         self.store = store
         self.config = config
-        self.peers = ForkPeers(self, pool)  # pool: None for a single-shard ring
         self.table = StreamTable(store)
         self.committer = Committer(store, self._after_commit)
         self.alarms = AlarmLoop(self._expire)
-        self.outbox = Outbox(self)
-        self._ref_lock = trio.Lock()  # fork reference ops are rare; serialize them
+        self.forks = ForkCoordinator(
+            shard_id, ring, store, self.committer, self.table, config, self._stage, pool
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -83,8 +81,7 @@ class ShardService:
             for path, deadline in self.store.load_deadlines():
                 self.alarms.arm(path, deadline)
             nursery.start_soon(self.alarms.run)
-            await self.outbox.recover()
-            nursery.start_soon(self.outbox.run)
+            await nursery.start(self.forks.run)
             task_status.started()
 
     def owns(self, path: str) -> bool:
@@ -97,7 +94,7 @@ class ShardService:
                     self.alarms.arm(entry.path, write.state.deadline())
             for ref, source, status in job.outbox_put:
                 if status == "due":
-                    self.outbox.add(ref, source)
+                    self.forks.outbox.add(ref, source)
 
     # -- HTTP requests -----------------------------------------------------------------------
 
@@ -123,7 +120,11 @@ class ShardService:
                 return
             if isinstance(decision, NeedRecords):
                 self.committer.touch(entry, now)
-                records = self.table.read(entry, decision.position, decision.max_bytes)
+                try:
+                    records = await self.forks.read(entry, decision.position, decision.max_bytes)
+                except PeerUnavailable:
+                    await respond(unavailable("the fork's source stream is unavailable"), False)
+                    return
                 decision = core.finish_read(
                     request, entry.committed, records, now, config, resume=resume
                 )
@@ -136,7 +137,7 @@ class ShardService:
                     request, entry.committed, now, config, resume=resume, timed_out=timed_out
                 )
             elif isinstance(decision, NeedSource):
-                await respond(await self._create_fork(entry, request, decision), False)
+                await respond(await self.forks.create(entry, request, decision), False)
                 return
             elif isinstance(decision, StartSse):
                 self.committer.touch(entry, now)
@@ -203,17 +204,30 @@ class ShardService:
     async def _sse(
         self, entry: Entry, session: SseSession, respond: Respond, send: SendChunk
     ) -> None:
-        await respond(session.head, True)
+        # The head goes out after the first read, so a fork whose source cannot be read
+        # answers 503; a later failure ends the response (the client resumes).
+        started = False
         entry.waiters += 1
         try:
             with trio.move_on_at(trio.current_time() + (session.ends_at - time.time())):
                 while not session.done:
                     state = entry.committed
                     position = session.position
+                    records: list[Record] = []
                     if state is not None and not state.soft_deleted and state.tail > position:
-                        records = self.table.read(entry, position, self.config.max_read_bytes)
-                    else:
-                        records = []
+                        try:
+                            records = await self.forks.read(
+                                entry, position, self.config.max_read_bytes
+                            )
+                        except PeerUnavailable:
+                            if started:
+                                break
+                            message = "the fork's source stream is unavailable"
+                            await respond(unavailable(message), False)
+                            return
+                    if not started:
+                        await respond(session.head, True)
+                        started = True
                     out = session.step(state, records, time.time())
                     if out:
                         await send(out, not session.done)
@@ -224,6 +238,8 @@ class ShardService:
                         await entry.changed_event().wait()
         finally:
             entry.waiters -= 1
+        if not started:
+            await respond(session.head, True)
         await send(b"", False)
 
     # -- expiry --------------------------------------------------------------------------------
@@ -247,116 +263,3 @@ class ShardService:
             return None
         finally:
             self.table.release_if_idle(entry)
-
-    # -- forks: the fork's side ------------------------------------------------------------------
-
-    async def _create_fork(self, entry: Entry, request: Request, need: NeedSource) -> Response:
-        ref = uuid.uuid4().hex
-        intent = Job(outbox_put=[(ref, need.source, "provisional")])
-        try:
-            await self.committer.submit(intent).wait()
-        except StorageUnavailable:
-            return unavailable("storage unavailable; the fork was not created")
-        try:
-            export = await self.peers.export_fork(
-                need.source, need.offset, need.sub_offset, ref, need.content_type
-            )
-        except PeerUnavailable:
-            await self._release_later(ref, need.source)
-            return unavailable("the source stream's shard is unavailable")
-        now = time.time()
-        if isinstance(export, Response):
-            await self._forget_intent(ref)  # the source refused: it holds no reference
-            if export.status == 421:
-                return unavailable("the source stream's shard is being moved")
-            return export
-        if entry.pending is not None:
-            # Created concurrently while we talked to the source: answer as a re-create.
-            reply = core.handle(request, entry.pending, now, self.config)
-            await self._release_later(ref, need.source)
-            return reply.response if isinstance(reply, Reply) else unavailable("retry")
-        reply = core.create_fork(request, export, now, self.config, ref=ref)
-        if not reply.changed or reply.state is None:
-            await self._release_later(ref, need.source)
-            return reply.response
-        job = Job(outbox_removed=[ref])
-        self._stage(job, entry, reply.state, reply.records, fresh=True)
-        try:
-            await self.committer.submit(job).wait()
-        except StorageUnavailable:
-            await self._release_later(ref, need.source)
-            return unavailable("storage unavailable; the fork was not created")
-        return reply.response
-
-    async def _release_later(self, ref: str, source: str) -> None:
-        job = Job(outbox_put=[(ref, source, "due")])
-        # On failure the provisional entry stays, and recovery releases it.
-        with contextlib.suppress(StorageUnavailable):
-            await self.committer.submit(job).wait()
-
-    async def _forget_intent(self, ref: str) -> None:
-        with contextlib.suppress(StorageUnavailable):
-            await self.committer.submit(Job(outbox_removed=[ref])).wait()
-
-    # -- forks: the source's side -----------------------------------------------------------------
-
-    async def export_fork(
-        self,
-        source: str,
-        offset: str | None,
-        sub_offset: int,
-        ref: str,
-        content_type: str | None = None,
-    ) -> Response | ForkExport:
-        """Give a new fork its inherited records and count its reference, durably."""
-        if not self.owns(source):
-            return text_response(421, "this shard does not own the source stream")
-        async with self._ref_lock:
-            entry = self.table.get(source)
-            try:
-                await entry.wait_settled()
-                state = entry.committed
-                now = time.time()
-                plan = core.plan_export(
-                    state, offset, sub_offset, now, self.config, content_type=content_type
-                )
-                if isinstance(plan, Response):
-                    return plan
-                assert state is not None and entry.committed_sid is not None
-                records = self.store.read_records(entry.committed_sid, 0, 1 << 62, below=plan)
-                result = core.export_fork(
-                    state,
-                    offset,
-                    sub_offset,
-                    records,
-                    now,
-                    self.config,
-                    content_type=content_type,
-                )
-                if isinstance(result, Response):
-                    return result
-                export, new_state = result
-                if self.store.has_ref(ref):
-                    return export  # a retried export: the reference is already counted
-                job = Job(refs_added=[(ref, source)])
-                self._stage(job, entry, new_state)
-                await self.committer.submit(job).wait()
-                return export
-            finally:
-                self.table.release_if_idle(entry)
-
-    async def release_fork(self, source: str, ref: str) -> None:
-        """A fork of `source` is gone: drop its reference; purge a soft-deleted source."""
-        async with self._ref_lock:
-            if not self.store.has_ref(ref):
-                return  # already released (a retried delivery)
-            entry = self.table.get(source)
-            try:
-                await entry.wait_settled()
-                job = Job(refs_removed=[ref])
-                state = entry.pending
-                if state is not None:
-                    self._stage(job, entry, core.release_fork(state, time.time()))
-                await self.committer.submit(job).wait()
-            finally:
-                self.table.release_if_idle(entry)

@@ -73,7 +73,11 @@ def encode_state(state: StreamState) -> bytes:
             state.last_access,
             state.last_stream_seq,
             list(state.closed_by) if state.closed_by else None,
-            [fork.source, fork.offset, fork.sub_offset, fork.position, fork.ref] if fork else None,
+            # a 6th item, `linked`, marks forks that read inherited data from the source;
+            # 5-item origins (older forks) hold a copy of it and decode as not linked
+            [fork.source, fork.offset, fork.sub_offset, fork.position, fork.ref, fork.linked]
+            if fork
+            else None,
             state.soft_deleted,
             state.refcount,
         ],
@@ -210,6 +214,11 @@ class Store:
             self._reader.execute("SELECT 1 FROM fork_refs WHERE ref = ?", (ref,)).fetchone()
             is not None
         )
+
+    def ref_source(self, ref: str) -> str | None:
+        """The stream that fork reference `ref` is held on, if it is held."""
+        row = self._reader.execute("SELECT path FROM fork_refs WHERE ref = ?", (ref,)).fetchone()
+        return row[0] if row is not None else None
 
     def load_deadlines(self) -> Iterator[tuple[str, float]]:
         yield from self._reader.execute(

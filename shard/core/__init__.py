@@ -23,12 +23,16 @@ Public API (all pure; `now` is unix seconds; `config` a CoreConfig):
 
   plan_export(state, offset, sub_offset, now, config, *, content_type=None) -> Response | int
       On the source's shard: validate a fork request against the source. An int is the
-      position below which records must be fetched (records with start < it), then:
+      anchor position; with a sub-offset, fetch the one record holding it, then:
   export_fork(state, offset, sub_offset, records, now, config, *, content_type=None)
       -> Response | tuple[ForkExport, StreamState]
-      Build the export and the source's new state (refcount + 1); persist, then answer.
-      Pass NeedSource.content_type as `content_type` to both, so a type mismatch is a
-      409 from the source before any reference is taken.
+      Build the export (settings and divergence position, no data) and the source's new
+      state (refcount + 1); persist, then answer. Pass NeedSource.content_type as
+      `content_type` to both, so a type mismatch is a 409 from the source before any
+      reference is taken.
+  clip_below(records, limit, json_mode) -> list[Record]
+      Records cut at `limit` (JSON at a message boundary): a linked fork's inherited
+      records, fetched from its source, end at the fork's divergence position.
   release_fork(state, now) -> StreamState | None
       A fork of this stream is gone: refcount - 1; None when the stream should be purged
       (soft-deleted and no forks left).
@@ -46,6 +50,10 @@ Runtime rules the core relies on:
     refresh `last_access` (TTL), which may be persisted lazily.
   * If create_fork returns a Reply with changed=False after export_fork succeeded (the
     fork request turned out invalid, e.g. a bad JSON body), release that reference.
+  * A fork whose `fork.linked` is set stores only records from `fork.position` on; its
+    records below that are the source's (read through `fork.ref`, recursively for a fork
+    of a fork), cut with `clip_below(records, fork.position, ...)`. A source keeps its
+    records while its refcount is above 0, soft-deleted or expired included.
   * Writes must see every decision already taken on the stream (serialize per stream);
     reads get the committed state and records no newer than it (the core clips to
     `state.tail`).
@@ -55,7 +63,7 @@ positions count bytes. JSON streams: one record per append, positions count mess
 record's data is its messages' JSON texts joined by "," (see `jsonmode`).
 """
 
-from .forks import create_fork, expire, export_fork, plan_export, release_fork
+from .forks import clip_below, create_fork, expire, export_fork, plan_export, release_fork
 from .model import (
     CoreConfig,
     Decision,
@@ -91,6 +99,7 @@ __all__ = [
     "StartSse",
     "StreamState",
     "Wait",
+    "clip_below",
     "create_fork",
     "expire",
     "export_fork",

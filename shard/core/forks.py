@@ -1,18 +1,20 @@
-"""Forks (PROTOCOL.md 4.2), copy-on-fork, and the stream lifecycle (TTL expiry, GC).
+"""Forks (PROTOCOL.md 4.2) by reference, and the stream lifecycle (TTL expiry, GC).
 
 A fork PUT runs in two places. The fork's shard validates the request (`handle` answers
-`NeedSource`); the source's shard checks the source and builds a `ForkExport` carrying a
-copy of the records below the divergence position (`plan_export` + `export_fork`), taking
-a durable reference (refcount + 1); the fork's shard then stores those records as its own,
-same positions, and its own appends continue from there (`create_fork`). So fork reads
-never touch the source, and a fork's long-poll waits only on the fork's own appends.
+`NeedSource`); the source's shard checks the source and takes a durable reference on it
+(refcount + 1) with `plan_export` + `export_fork`, which look at one record at most (the
+one holding a sub-offset's anchor). The fork stores only its origin and its own records
+(`create_fork`): reads below the divergence position fetch the source's records through
+the reference and clip them there (`clip_below`), so a fork costs the same whatever the
+source's size, and the source keeps its data (soft-deleted if need be) until the last
+fork lets go (`release_fork`).
 """
 
 from __future__ import annotations
 
 from . import jsonmode
 from .errors import ProtocolError, error_response
-from .headers import is_json, media_type
+from .headers import media_type
 from .model import (
     CoreConfig,
     ForkExport,
@@ -38,12 +40,12 @@ def plan_export(
     content_type: str | None = None,
 ) -> Response | int:
     """Validate a fork of `state` at (`offset`, `sub_offset`). Returns the error to send
-    back, or the position P such that the records with `start < P` must be fetched."""
+    back, or the anchor position A. With a sub-offset, pass `export_fork` the record
+    holding A (the first with end > A); without one it needs no records."""
     try:
-        anchor = _anchor(state, offset, sub_offset, now, content_type)
+        return _anchor(state, offset, sub_offset, now, content_type)
     except ProtocolError as err:
         return err.response()
-    return anchor + 1 if sub_offset > 0 else anchor
 
 
 def export_fork(
@@ -56,14 +58,14 @@ def export_fork(
     *,
     content_type: str | None = None,
 ) -> Response | tuple[ForkExport, StreamState]:
-    """Build the export (records covering [0, position)) and the source's new state
-    (refcount + 1). Persist the state, then hand the export to the fork's shard."""
+    """Build the export and the source's new state (refcount + 1). Persist the state,
+    then hand the export to the fork's shard. `records` need only hold the sub-offset's
+    anchor record (see plan_export)."""
     try:
         anchor = _anchor(state, offset, sub_offset, now, content_type)
     except ProtocolError as err:
         return err.response()
     position = anchor + sub_offset
-    json_mode = is_json(state.content_type)
     if sub_offset > 0:
         # The sub-offset refines the anchor within the next record only (4.2).
         holder = next((r for r in records if r.start <= anchor < r.end), None)
@@ -71,15 +73,6 @@ def export_fork(
             return error_response(
                 400, "Stream-Fork-Sub-Offset names a position past the next data boundary"
             )
-    inherited: list[Record] = []
-    for r in records:
-        if r.start >= position:
-            break
-        if r.end > position:
-            keep = position - r.start
-            data = jsonmode.head(r.data, keep, r.end - r.start) if json_mode else r.data[:keep]
-            r = Record(r.start, position, data)
-        inherited.append(r)
     export = ForkExport(
         content_type=state.content_type,
         ttl=state.ttl,
@@ -88,9 +81,28 @@ def export_fork(
         offset=offset if offset is not None and offset != NOW else encode(anchor),
         sub_offset=sub_offset,
         position=position,
-        records=tuple(inherited),
     )
     return export, evolve(state, refcount=state.refcount + 1)
+
+
+def clip_below(
+    records: list[Record] | tuple[Record, ...], limit: int, json_mode: bool
+) -> list[Record]:
+    """`records` (in order) cut at position `limit`: none starting at or past it, and one
+    that straddles it shortened to end there (JSON: at a message boundary). How a fork's
+    inherited read stops at its divergence position, with no trust in what the source
+    sent beyond it."""
+    out: list[Record] = []
+    for r in records:
+        if r.start >= limit:
+            break
+        if r.end > limit:
+            keep = limit - r.start
+            data = jsonmode.head(r.data, keep, r.end - r.start) if json_mode else r.data[:keep]
+            out.append(Record(r.start, limit, data))
+            break
+        out.append(r)
+    return out
 
 
 def _anchor(
@@ -155,7 +167,6 @@ def create_fork(
             elif export.expires_at_ts is not None:
                 expires_at, expires_at_ts = export.expires_at, export.expires_at_ts
         own = initial_records(content_type, request.body, export.position)
-        records = export.records + own
         tail = own[-1].end if own else export.position
     except ProtocolError as err:
         return Reply(err.response())
@@ -175,9 +186,10 @@ def create_fork(
             sub_offset=export.sub_offset,
             position=export.position,
             ref=ref,
+            linked=True,
         ),
     )
-    return created(request, state, records)
+    return created(request, state, own)
 
 
 def release_fork(state: StreamState | None, now: float) -> StreamState | None:

@@ -68,13 +68,18 @@ class ProducerState:
 
 @dataclass(frozen=True)
 class ForkOrigin:
-    """Where a fork came from. `ref` is the id of the reference held on the source."""
+    """Where a fork came from. `ref` is the id of the reference held on the source.
+
+    A `linked` fork stores only its own records (from `position` on) and reads the ones
+    below `position` from its source, through `ref`; forks made before linking existed
+    hold a copy of their inherited records (`linked` False)."""
 
     source: str
     offset: str  # the fork offset as the client gave it (or the source tail), for idempotency
     sub_offset: int
     position: int  # the divergence position; the fork's data below it was inherited
     ref: str
+    linked: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,8 @@ Decision = Reply | NeedRecords | Wait | NeedSource | StartSse
 
 @dataclass(frozen=True)
 class ForkExport:
-    """What the source's shard hands the fork's shard. `records` cover [0, position)."""
+    """What the source's shard hands the fork's shard: the source's settings and the
+    divergence position. No data: the fork reads [0, position) from the source."""
 
     content_type: str
     ttl: int | None
@@ -197,4 +203,3 @@ class ForkExport:
     offset: str
     sub_offset: int
     position: int
-    records: tuple[Record, ...]

@@ -111,7 +111,7 @@ class Sim:
             reply = core.create_fork(req, plan, self.now, self.config)
             self.apply(path, reply)
             return reply.response
-        recs = [r for r in self.records.get(need.source, []) if r.start < plan]
+        recs = self.fetch(need.source, plan, 1) if need.sub_offset > 0 else []
         out = core.export_fork(
             src,
             need.offset,
@@ -137,7 +137,18 @@ class Sim:
     # -- storage ----------------------------------------------------------------------
 
     def fetch(self, path: str, position: int, max_bytes: int) -> list[Record]:
+        """Records with end > position; a linked fork's inherited ones from its source."""
         out, size = [], 0
+        st = self.states.get(path)
+        fork = st.fork if st is not None else None
+        if fork is not None and fork.linked and position < fork.position:
+            json_mode = "json" in st.content_type
+            out = core.clip_below(
+                self.fetch(fork.source, position, max_bytes), fork.position, json_mode
+            )
+            size = sum(len(r.data) for r in out)
+            if size >= max_bytes or not out or out[-1].end < fork.position:
+                return out
         for r in self.records.get(path, []):
             if r.end <= position:
                 continue

@@ -4,10 +4,13 @@ import pytest
 from coresim import Sim, hdr, jbody
 
 from shard.core import (
+    CoreConfig,
     ForkExport,
     NeedSource,
+    Record,
     Request,
     Response,
+    clip_below,
     create_fork,
     export_fork,
     handle,
@@ -324,20 +327,86 @@ def test_two_phase_api_directly(s):
     src = s.states["src"]
     assert plan_export(src, None, 0, s.now, s.config) == 11
     assert plan_export(src, Z, 0, s.now, s.config) == 0
-    assert plan_export(src, offsets.encode(5), 2, s.now, s.config) == 6
+    assert plan_export(src, offsets.encode(5), 2, s.now, s.config) == 5
     assert plan_export(None, None, 0, s.now, s.config).status == 404
     err = plan_export(src, None, 0, s.now, s.config, content_type="application/json")
     assert isinstance(err, Response) and err.status == 409
-    export, new_src = export_fork(src, offsets.encode(5), 2, s.records["src"], s.now, s.config)
+    holder = s.records["src"][1]  # "second", the record holding the anchor 5
+    export, new_src = export_fork(src, offsets.encode(5), 2, [holder], s.now, s.config)
     assert isinstance(export, ForkExport)
     assert export.position == 7 and export.offset == offsets.encode(5)
-    assert [r.data for r in export.records] == [b"first", b"se"]
     assert new_src.refcount == src.refcount + 1
     reply = create_fork(req, Response(404, (), b"nope"), s.now, s.config)
     assert reply.response.status == 404 and not reply.changed
     reply = create_fork(req, export, s.now, s.config, ref="r9")
     assert reply.changed and reply.fresh and reply.state.tail == 7
-    assert reply.state.fork.ref == "r9"
+    assert reply.state.fork.ref == "r9" and reply.state.fork.linked
+    assert reply.records == ()  # the inherited data stays on the source
+
+
+def test_export_reads_no_records_without_a_sub_offset(s):
+    src = s.states["src"]
+    out = export_fork(src, offsets.encode(5), 0, [], s.now, s.config)
+    export, _ = out
+    assert export.position == 5
+
+
+def test_sub_offset_without_its_anchor_record_is_refused(s):
+    src = s.states["src"]
+    out = export_fork(src, offsets.encode(5), 2, [], s.now, s.config)
+    assert isinstance(out, Response) and out.status == 400
+
+
+def test_fork_stores_only_its_own_records():
+    s = Sim()
+    s.put("src", "x" * 1000)
+    s.post("src", "y" * 1000)
+    assert fork(s, "f", "src", body=b"own").status == 201
+    assert [(r.start, r.end) for r in s.records["f"]] == [(2000, 2003)]
+    assert s.read_all("f") == b"x" * 1000 + b"y" * 1000 + b"own"
+    s.post("src", "later")
+    assert s.read_all("f") == b"x" * 1000 + b"y" * 1000 + b"own"
+
+
+def test_linked_reads_are_chunked_and_resume_across_the_divergence_point():
+    s = Sim(config=CoreConfig(max_read_bytes=4))
+    s.put("src", "abcd")
+    s.post("src", "efgh")
+    s.post("src", "ijkl")
+    fork(s, "f", "src", stream_fork_offset=offsets.encode(4), stream_fork_sub_offset="2")
+    s.post("f", "XY")
+    r = s.get("f", "offset=-1")
+    assert r.body == b"abcd" and hdr(r, "stream-next-offset") == offsets.encode(4)
+    r = s.get("f", f"offset={offsets.encode(5)}")
+    assert r.body == b"fXY" and hdr(r, "stream-next-offset") == offsets.encode(8)
+    assert s.read_all("f") == b"abcdefXY"
+
+
+def test_json_fork_reads_clip_the_source_record_at_a_message_boundary():
+    s = Sim()
+    s.put("src", b'[{"a":1},{"b":[2,3]},"c,d"]', ct="application/json")
+    fork(
+        s,
+        "f",
+        "src",
+        ct="application/json",
+        stream_fork_offset=Z,
+        stream_fork_sub_offset="2",
+    )
+    s.post("f", b'["own"]', ct="application/json")
+    assert jbody(s.get("f", "offset=-1")) == [{"a": 1}, {"b": [2, 3]}, "own"]
+    r = s.get("f", f"offset={offsets.encode(1)}")
+    assert jbody(r) == [{"b": [2, 3]}, "own"]
+
+
+def test_clip_below():
+    recs = [Record(0, 3, b"abc"), Record(3, 6, b"def"), Record(6, 9, b"ghi")]
+    assert clip_below(recs, 9, False) == recs
+    assert clip_below(recs, 4, False) == [Record(0, 3, b"abc"), Record(3, 4, b"d")]
+    assert clip_below(recs, 3, False) == [Record(0, 3, b"abc")]
+    assert clip_below(recs[1:], 3, False) == []
+    json_recs = [Record(0, 3, b'1,{"x":"a,b"},[3]')]
+    assert clip_below(json_recs, 2, True) == [Record(0, 2, b'1,{"x":"a,b"}')]
 
 
 def test_release_fork():

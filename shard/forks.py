@@ -1,0 +1,268 @@
+"""Fork coordination on a shard: creating forks, serving their sources, reading through them.
+
+A fork holds a reference on its source and stores only its own records; what it inherited
+stays in the source and is read from there (`read`), on this shard or over the `read_fork`
+RPC, with the reference as the capability. So creating a fork costs the same for a source
+of any size, and no data is copied. The source's side counts references (`export`),
+drops them (`release`) and serves inherited reads (`serve_read`), also for a source that
+is soft-deleted or expired: it keeps its records until its last fork lets go.
+
+The service hands in what this needs: the store (reference lookups, the outbox on
+restart), the committer, the stream table, and `stage`, which adds a stream's new state
+to a commit job together with the fork release it implies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import trio
+
+from common.ring import Ring
+from common.rpc_client import ShardPool
+from shard import core
+from shard.committer import Committer, Job, StorageUnavailable
+from shard.core.headers import is_json
+from shard.core.model import (
+    CoreConfig,
+    ForkExport,
+    NeedSource,
+    Record,
+    Reply,
+    Request,
+    Response,
+    StreamState,
+)
+from shard.outbox import Outbox
+from shard.peers import ForkPeers, PeerUnavailable
+from shard.store import Store
+from shard.streams import Entry, StreamTable
+
+log = logging.getLogger(__name__)
+
+# (job, entry, new state, records, fresh) -> None; see ShardService._stage
+Stage = Callable[..., None]
+
+MAX_SERVED_BYTES = 8 * 1024 * 1024  # per read_fork answer (a single record may exceed it)
+READ_RETRIES = 3  # a read whose stream was replaced while it waited on the source restarts
+
+
+def text_response(status: int, message: str, *extra: tuple[str, str]) -> Response:
+    return Response(
+        status, (("content-type", "text/plain; charset=utf-8"), *extra), message.encode()
+    )
+
+
+def unavailable(message: str) -> Response:
+    return text_response(503, message, ("retry-after", "1"))
+
+
+class ForkCoordinator:
+    """Both sides of forks on one shard; the `peers` reach the other shards."""
+
+    def __init__(
+        self,
+        shard_id: str,
+        ring: Ring,
+        store: Store,
+        committer: Committer,
+        table: StreamTable,
+        config: CoreConfig,
+        stage: Stage,
+        pool: ShardPool | None = None,
+    ) -> None:
+        self._shard_id = shard_id
+        self._ring = ring
+        self._store = store
+        self._committer = committer
+        self._table = table
+        self._config = config
+        self._stage = stage
+        self.peers = ForkPeers(ring, shard_id, self, pool)  # pool: None for one shard
+        self.outbox = Outbox(store, committer, self.peers.release_fork)
+        self._ref_lock = trio.Lock()  # reference changes are rare; serialize them
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver pending releases (those left by a previous run first)."""
+        await self.outbox.recover()
+        task_status.started()
+        await self.outbox.run()
+
+    def owns(self, path: str) -> bool:
+        return self._ring.owns(self._shard_id, path)
+
+    # -- reads: any stream, a linked fork's inherited part from its source --------------
+
+    async def read(self, entry: Entry, position: int, max_bytes: int) -> list[Record]:
+        """Committed records of `entry` with end > `position`, in order, until `max_bytes`
+        (at least one when any exists). A linked fork's records below its divergence
+        position come from its source. Raises PeerUnavailable if the source cannot
+        answer now: a reader gets an error, never a gap."""
+        for _ in range(READ_RETRIES):
+            state, sid = entry.committed, entry.committed_sid
+            fork = state.fork if state is not None else None
+            if fork is None or not fork.linked or position >= fork.position:
+                return self._table.read(entry, position, max_bytes)
+            records = await self._inherited(state, position, max_bytes)
+            if entry.committed_sid != sid:
+                continue  # replaced (deleted, re-created) while the source answered
+            size = sum(len(r.data) for r in records)
+            if records[-1].end >= fork.position and size < max_bytes:
+                records += self._table.read(entry, fork.position, max_bytes - size)
+            return records
+        raise PeerUnavailable(f"{entry.path} changed during every read attempt")
+
+    async def _inherited(self, state: StreamState, position: int, max_bytes: int) -> list[Record]:
+        fork = state.fork
+        assert fork is not None
+        records = await self.peers.read_fork(
+            fork.source, fork.ref, position, fork.position, max_bytes
+        )
+        records = core.clip_below(records, fork.position, is_json(state.content_type))
+        if not records or records[0].start > position or records[0].end <= position:
+            raise PeerUnavailable(f"the source {fork.source!r} did not return position {position}")
+        return records
+
+    async def serve_read(
+        self, source: str, ref: str, position: int, limit: int, max_bytes: int
+    ) -> list[Record] | None:
+        """The source's side of an inherited read: records of `source` with end >
+        `position`, cut at `limit`, for the holder of reference `ref` only (None if `ref`
+        is not a reference on `source`). Soft-deleted and expired sources still answer."""
+        if self._store.ref_source(ref) != source:
+            return None
+        entry = self._table.get(source)
+        try:
+            state = entry.committed
+            if state is None:
+                return None
+            limit = min(limit, state.tail)
+            if position >= limit:
+                return []
+            records = await self.read(entry, position, min(max_bytes, MAX_SERVED_BYTES))
+            return core.clip_below(records, limit, is_json(state.content_type))
+        finally:
+            self._table.release_if_idle(entry)
+
+    # -- creation: the fork's side ---------------------------------------------------------
+
+    async def create(self, entry: Entry, request: Request, need: NeedSource) -> Response:
+        """A fork PUT after the core's NeedSource: take a reference on the source (the
+        intent to release it is durable first), then store the fork's origin."""
+        ref = uuid.uuid4().hex
+        intent = Job(outbox_put=[(ref, need.source, "provisional")])
+        try:
+            await self._committer.submit(intent).wait()
+        except StorageUnavailable:
+            return unavailable("storage unavailable; the fork was not created")
+        try:
+            export = await self.peers.export_fork(
+                need.source, need.offset, need.sub_offset, ref, need.content_type
+            )
+        except PeerUnavailable:
+            await self._release_later(ref, need.source)
+            return unavailable("the source stream's shard is unavailable")
+        now = time.time()
+        if isinstance(export, Response):
+            await self._forget_intent(ref)  # the source refused: it holds no reference
+            if export.status == 421:
+                return unavailable("the source stream's shard is being moved")
+            return export
+        if entry.pending is not None:
+            # Created concurrently while we talked to the source: answer as a re-create.
+            reply = core.handle(request, entry.pending, now, self._config)
+            await self._release_later(ref, need.source)
+            return reply.response if isinstance(reply, Reply) else unavailable("retry")
+        reply = core.create_fork(request, export, now, self._config, ref=ref)
+        if not reply.changed or reply.state is None:
+            await self._release_later(ref, need.source)
+            return reply.response
+        job = Job(outbox_removed=[ref])
+        self._stage(job, entry, reply.state, reply.records, fresh=True)
+        try:
+            await self._committer.submit(job).wait()
+        except StorageUnavailable:
+            await self._release_later(ref, need.source)
+            return unavailable("storage unavailable; the fork was not created")
+        return reply.response
+
+    async def _release_later(self, ref: str, source: str) -> None:
+        job = Job(outbox_put=[(ref, source, "due")])
+        # On failure the provisional entry stays, and recovery releases it.
+        with contextlib.suppress(StorageUnavailable):
+            await self._committer.submit(job).wait()
+
+    async def _forget_intent(self, ref: str) -> None:
+        with contextlib.suppress(StorageUnavailable):
+            await self._committer.submit(Job(outbox_removed=[ref])).wait()
+
+    # -- references: the source's side -----------------------------------------------------
+
+    async def export(
+        self,
+        source: str,
+        offset: str | None,
+        sub_offset: int,
+        ref: str,
+        content_type: str | None = None,
+    ) -> Response | ForkExport:
+        """Count a new fork's reference on `source`, durably, and tell it where it forks.
+        Reads one record at most (a sub-offset's anchor), whatever the source's size."""
+        if not self.owns(source):
+            return text_response(421, "this shard does not own the source stream")
+        async with self._ref_lock:
+            entry = self._table.get(source)
+            try:
+                for _ in range(READ_RETRIES):
+                    await entry.wait_settled()
+                    state = entry.committed
+                    now = time.time()
+                    plan = core.plan_export(
+                        state, offset, sub_offset, now, self._config, content_type=content_type
+                    )
+                    if isinstance(plan, Response):
+                        return plan
+                    anchor = await self.read(entry, plan, 1) if sub_offset > 0 else []
+                    if entry.inflight or entry.committed is not state:
+                        continue  # a write landed while a linked source's anchor was read
+                    result = core.export_fork(
+                        state,
+                        offset,
+                        sub_offset,
+                        anchor,
+                        now,
+                        self._config,
+                        content_type=content_type,
+                    )
+                    if isinstance(result, Response):
+                        return result
+                    export, new_state = result
+                    if self._store.has_ref(ref):
+                        return export  # a retried export: the reference is already counted
+                    job = Job(refs_added=[(ref, source)])
+                    self._stage(job, entry, new_state)
+                    await self._committer.submit(job).wait()
+                    return export
+                return unavailable("the source stream kept changing; retry the fork")
+            finally:
+                self._table.release_if_idle(entry)
+
+    async def release(self, source: str, ref: str) -> None:
+        """A fork of `source` is gone: drop its reference; purge a soft-deleted source."""
+        async with self._ref_lock:
+            if not self._store.has_ref(ref):
+                return  # already released (a retried delivery)
+            entry = self._table.get(source)
+            try:
+                await entry.wait_settled()
+                job = Job(refs_removed=[ref])
+                state = entry.pending
+                if state is not None:
+                    self._stage(job, entry, core.release_fork(state, time.time()))
+                await self._committer.submit(job).wait()
+            finally:
+                self._table.release_if_idle(entry)
