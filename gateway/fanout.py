@@ -18,11 +18,17 @@ they are asked, so they are never shared (the caller passes no key).
 The last subscriber leaving cancels the upstream call (the shard is told `cancel`); the
 upstream ending (stream closed, the shard's SSE lifetime, a lost shard connection) ends
 every subscriber's response, and clients resume from their last offset.
+
+The pump never waits for a client: the shard call's inbox stays empty, and each
+subscriber bounds its own backlog. Native HTTP/1.1 clients get chunk-framed bytes
+(`gateway.native.SseClient`); ASGI clients (HTTP/2, HTTP/1.0, percent-encoded queries)
+join upstreams of their own that relay raw bytes, each read by a `QueuedSubscriber`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +36,7 @@ from typing import Any, Protocol
 import trio
 
 from common.rpc_client import Call, ShardError, ShardUnavailable
+from gateway.budget import MAX_BEHIND, ConnectionOutput
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +71,20 @@ class Streaming:
 class _Upstream:
     """One shard call and the clients it feeds."""
 
-    __slots__ = ("answer", "head", "joinable", "prefix", "ready", "scope", "size", "subscribers")
+    __slots__ = (
+        "answer",
+        "framed",
+        "head",
+        "joinable",
+        "prefix",
+        "ready",
+        "scope",
+        "size",
+        "subscribers",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, framed: bool) -> None:
+        self.framed = framed  # relayed as HTTP/1.1 chunks (else raw)
         self.head: Head | None = None  # set once the shard answered with a stream
         self.answer: Answer | None = None  # set instead when it answered anything else
         self.ready = trio.Event()  # head or answer is known
@@ -100,14 +118,22 @@ class SseFanout:
         self._upstreams: dict[Hashable, _Upstream] = {}
 
     async def join(
-        self, key: Hashable | None, shard_id: str, fields: dict[str, Any], sub: Subscriber
+        self,
+        key: Hashable | None,
+        shard_id: str,
+        fields: dict[str, Any],
+        sub: Subscriber,
+        framed: bool = True,
     ) -> Streaming | Answer:
         """Subscribe `sub` to the upstream for `key` (a new one when there is none that
         takes newcomers, or when `key` is None), and return how its response starts; or
-        the complete answer when the shard does not stream (an error, a 404)."""
+        the complete answer when the shard does not stream (an error, a 404). `framed`:
+        the subscriber takes HTTP/1.1 chunks (else raw bytes; such upstreams are apart)."""
+        if key is not None:
+            key = (framed, key)
         upstream = self._upstreams.get(key) if key is not None else None
         if upstream is None:
-            upstream = _Upstream()
+            upstream = _Upstream(framed)
             if key is not None:
                 self._upstreams[key] = upstream
             self._nursery.start_soon(self._pump, key, upstream, shard_id, fields)
@@ -173,7 +199,7 @@ class SseFanout:
                 upstream.subscribers.clear()
 
     def _relay(self, key: Hashable | None, upstream: _Upstream, data: bytes) -> None:
-        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        frame = b"%x\r\n%b\r\n" % (len(data), data) if upstream.framed else data
         if upstream.joinable:
             upstream.prefix.append(frame)
             upstream.size += len(frame)
@@ -181,6 +207,62 @@ class SseFanout:
                 self._close(key, upstream)
         for sub in list(upstream.subscribers):
             _call(sub.deliver, frame)
+
+
+class QueuedSubscriber:
+    """A client whose own task writes what the upstream delivers (the ASGI path).
+
+    Frames wait in a queue counted in the connection's output budget; the client's task
+    takes them with `next()` inside `scope`, and calls `sent()` once each is written. A
+    client more than MAX_BEHIND bytes behind, or over budget, is dropped: its queue is
+    released, `scope` is cancelled (a write stuck on a client that does not read is
+    abandoned), and `dropped` tells the task not to end the response normally.
+    """
+
+    __slots__ = ("_output", "_queue", "_queued", "_wake", "dropped", "ended", "scope")
+
+    def __init__(self, output: ConnectionOutput) -> None:
+        self._output = output
+        self._queue: deque[bytes] = deque()
+        self._queued = 0  # bytes delivered and not yet sent (the one being sent included)
+        self._wake = trio.Event()
+        self.ended = False
+        self.dropped = False
+        self.scope = trio.CancelScope()
+
+    def deliver(self, frame: bytes) -> None:
+        if self.ended:
+            return
+        if self._queued > MAX_BEHIND or not self._output.admit(len(frame)):
+            log.info("SSE client dropped: %d bytes behind", self._queued)
+            self.dropped = self.ended = True
+            self._queue.clear()
+            self._output.release(self._queued)
+            self._queued = 0
+            self.scope.cancel()
+            return
+        self._queue.append(frame)
+        self._queued += len(frame)
+        self._wake.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake.set()
+
+    async def next(self) -> bytes | None:
+        """The next frame; None once the upstream ended (or the client was dropped)."""
+        while not self._queue:
+            if self.ended:
+                return None
+            await self._wake.wait()
+            self._wake = trio.Event()
+        return self._queue.popleft()
+
+    def sent(self, frame: bytes) -> None:
+        """`frame` (from `next`) is written."""
+        if not self.dropped:
+            self._queued -= len(frame)
+            self._output.release(len(frame))
 
 
 def _call(fn: Callable[..., None], *args: Any) -> None:

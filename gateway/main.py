@@ -26,6 +26,7 @@ from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from gateway.app import create_app
+from gateway.budget import MAX_CONNECTION_OUTPUT, MAX_PROCESS_OUTPUT, OutputBudget
 from gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
@@ -43,7 +44,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--graceful-timeout", type=float, default=3.0, help="seconds to finish in-flight work"
     )
+    parser.add_argument(
+        "--public-url",
+        default=os.environ.get("DS_PUBLIC_URL", ""),
+        metavar="URL",
+        help="scheme://host[:port] clients reach this gateway at, for Location headers "
+        "(env DS_PUBLIC_URL; default: the listen address)",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=int,
+        default=MAX_PROCESS_OUTPUT,
+        help="response bytes all clients together may have queued before laggards are dropped",
+    )
+    parser.add_argument(
+        "--max-connection-output-bytes",
+        type=int,
+        default=MAX_CONNECTION_OUTPUT,
+        help="response bytes one connection may have queued before it is dropped",
+    )
     rpc_security.add_arguments(parser)
+
+
+def public_url(given: str, bound: tuple[str, int]) -> str:
+    """The gateway's public base URL: `given` (checked), else the listen address."""
+    if not given:
+        host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        return f"http://{host}:{bound[1]}"
+    scheme, sep, rest = given.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.strip("/") or "/" in rest.strip("/"):
+        raise ValueError(f"--public-url {given!r}: expected http(s)://host[:port]")
+    return given.rstrip("/")
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -72,6 +103,8 @@ async def serve_gateway(
 ) -> None:
     ring = Ring(args.ring_version, tuple(endpoints))
     bound = sock.getsockname()
+    base = public_url(args.public_url, bound)
+    output = OutputBudget(args.max_output_bytes, args.max_connection_output_bytes)
     config = hypercorn_config(access_log=args.access_log, graceful_timeout=args.graceful_timeout)
     sock.listen(config.backlog)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -94,7 +127,7 @@ async def serve_gateway(
             ) as pool,
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
-            app, stream = create_app(pool, ring, args.max_body_bytes, shared)
+            app, stream = create_app(pool, ring, args.max_body_bytes, shared, base)
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     partial(
@@ -104,6 +137,7 @@ async def serve_gateway(
                         [listener],
                         shutdown_trigger=shutdown_trigger,
                         native=stream,
+                        output=output,
                     )
                 )
                 print(
@@ -127,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         if not endpoints:
             raise ValueError("--shards lists no shard")
         host, port = parse_listen(args.listen)
+        public_url(args.public_url, (host, port))  # refused before binding when malformed
         sock = bind_socket(host, port, reuse_port=args.reuse_port)
     except (ValueError, OSError, rpc_security.SecurityError) as exc:
         print(f"ds-cluster gateway: {exc}", file=sys.stderr)

@@ -20,13 +20,13 @@ from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 
+from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT
 from gateway.fanout import Streaming, Subscriber
 
 if TYPE_CHECKING:
     from gateway.server import LeanH11Protocol, LeanTCPServer
 
 log = logging.getLogger(__name__)
-MAX_BEHIND = 1024 * 1024  # SSE bytes a client may lag before it is dropped
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 
@@ -194,8 +194,10 @@ class SseClient:
 
     Frames arrive from the upstream's task and are written straight to the socket with a
     non-blocking write: no task per client. What the socket does not take is queued and
-    written by a flusher task started only then; a client more than MAX_BEHIND bytes
-    behind is dropped (its connection closes; SSE clients resume from their last offset).
+    written by a flusher task started only then. The queue counts against the
+    connection's output budget (`gateway.budget`); a client more than MAX_BEHIND bytes
+    behind, over budget, or whose socket takes nothing for WRITE_TIMEOUT seconds is
+    dropped (its connection closes; SSE clients resume from their last offset).
     When the upstream ends, the response is ended once everything is written, and the
     connection is reused like after any other response.
     """
@@ -215,6 +217,8 @@ class SseClient:
     def start(self, prefix: bytes) -> None:
         """The head is written: write `prefix`, then what was delivered meanwhile."""
         if prefix:
+            if not self._tcp.output.admit(len(prefix)):
+                return self._drop()
             self._queue.appendleft(prefix)
             self._queued += len(prefix)
         self._live = True
@@ -223,10 +227,10 @@ class SseClient:
     def deliver(self, frame: bytes) -> None:
         if self._ended:
             return
+        if self._queued > MAX_BEHIND or not self._tcp.output.admit(len(frame)):
+            return self._drop()
         self._queue.append(frame)
         self._queued += len(frame)
-        if self._queued > MAX_BEHIND:
-            return self._drop()
         if self._live and not self._flushing:
             self._write_queued()
 
@@ -243,11 +247,13 @@ class SseClient:
             return
         fd = self._tcp.stream.socket.fileno()
         queue = self._queue
+        output = self._tcp.output
         try:
             while queue:
                 data = queue[0]
                 written = os.write(fd, data)
                 self._queued -= written
+                output.release(written)
                 if written < len(data):
                     queue[0] = data[written:]
                     break
@@ -264,15 +270,21 @@ class SseClient:
 
     async def _flush(self) -> None:
         try:
-            await self._tcp.stream.socket.wait_writable()
+            with trio.move_on_after(WRITE_TIMEOUT) as stalled:
+                await self._tcp.stream.socket.wait_writable()
         except (OSError, trio.ClosedResourceError):
             return self._drop()
         finally:
             self._flushing = False
+        if stalled.cancelled_caught:
+            return self._drop()
         self._write_queued()
 
     def _drop(self) -> None:
+        if not self._dropped:
+            log.info("SSE client dropped: %d bytes behind", self._queued)
         self._dropped = self._ended = True
         self._queue.clear()
+        self._tcp.output.release(self._queued)
         self._queued = 0
         self._tcp.stop_reading()

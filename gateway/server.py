@@ -18,6 +18,14 @@ connection is driven:
   head at once;
 - empty writes are skipped, and the send lock is taken without yielding when it is free.
 
+It also closes the doors a client could hold open: a request head must arrive within the
+keep-alive timeout, a request body must keep arriving (BODY_GRACE seconds, then at least
+BODY_MIN_RATE bytes/s on average, and never BODY_STALL seconds without a byte; else 408),
+a socket that takes no bytes for `WRITE_TIMEOUT` seconds is closed, and the response bytes a
+connection has queued count against its `gateway.budget` (HTTP/2 stream buffers included):
+one that asks for more while over budget is dropped. A request with both Content-Length and
+Transfer-Encoding is answered 400 and the connection closed (RFC 9112 6.3).
+
 The listening loop, graceful shutdown and lifespan handling follow hypercorn's
 `worker_serve`. Plain TCP only (the gateway terminates no TLS; HTTP/2 still works with
 prior knowledge or an h2c upgrade, through hypercorn's own classes).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -36,14 +45,19 @@ from time import time
 from typing import Any
 from wsgiref.handlers import format_date_time
 
+import h2.errors
+import h2.events
+import h2.exceptions
 import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Body, Data, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -58,10 +72,27 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from gateway.budget import (
+    OUTPUT_STATE,
+    UNLIMITED,
+    WRITE_TIMEOUT,
+    ConnectionOutput,
+    OutputBudget,
+)
 from gateway.native import NativeExchange, NativeRoute
 
 log = logging.getLogger(__name__)
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
+BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
+BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
+BODY_STALL = 15.0  # seconds a request body may send nothing at all
+_TIMEOUT_BODY = b"request body too slow\n"
+
+
+def _body_deadline(since: float, received: int, last: float) -> float:
+    """When a request body that began at `since` and has `received` bytes, the last at
+    `last`, must have sent more."""
+    return min(since + BODY_GRACE + received / BODY_MIN_RATE, last + BODY_STALL)
 
 
 class LeanConfig(Config):
@@ -96,10 +127,23 @@ class LeanH11Protocol(H11Protocol):
     and hands requests its `native` route accepts to it directly (no ASGI)."""
 
     _held = b""  # an encoded response head waiting for its body
+    _body_since = -1.0  # when the request body in progress began (-1: none)
+    _body_bytes = 0
     native: NativeRoute | None = None
     tcp: LeanTCPServer  # the connection (set by LeanTCPServer)
 
     async def _create_stream(self, request: h11.Request) -> None:
+        length = None
+        chunked = False
+        for name, value in request.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if chunked and length is not None:
+            # Either framing may be what an intermediary used: answer, then close, so no
+            # byte after this head is read as a request (RFC 9112 6.3).
+            return await self._refuse(400, b"both Content-Length and Transfer-Encoding\n")
         route = self.native
         method = request.method.decode("ascii").upper()
         kind = route.takes(method, request.target) if route is not None else None
@@ -112,10 +156,40 @@ class LeanH11Protocol(H11Protocol):
         )
         self.stream = exchange  # type: ignore[assignment]
         self.keep_alive_requests += 1
-        for name, value in request.headers:
-            if name == b"content-length" and int(value) > route.max_body_bytes:
-                await exchange.refuse_too_large(int(value))
-                break
+        if length is not None and int(length) > route.max_body_bytes:
+            await exchange.refuse_too_large(int(length))
+
+    async def _refuse(self, status: int, body: bytes) -> None:
+        """Answer `status` before reading the body, and close the connection."""
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+        ]
+        await self.send_answer(status, headers, body, "POST")
+        await self.send(Closed())
+
+    def body_deadline(self, received: int) -> float:
+        """When more of the request body must have arrived (inf: none is in progress).
+        Called with the size of each read; O(1)."""
+        if self.connection.their_state is not h11.SEND_BODY:
+            self._body_since = -1.0
+            return inf
+        now = trio.current_time()
+        if self._body_since < 0:
+            self._body_since = now
+            self._body_bytes = 0
+        else:
+            self._body_bytes += received
+        return _body_deadline(self._body_since, self._body_bytes, now)
+
+    async def body_expired(self) -> None:
+        """The request body stopped arriving: 408 if nothing was answered yet; close."""
+        self._body_since = -1.0
+        if self.connection.our_state is h11.SEND_RESPONSE:
+            await self._refuse(408, _TIMEOUT_BODY)
+        else:
+            await self.send(Closed())
 
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, Response) and event.status_code >= 200 and _has_length(event.headers):
@@ -194,13 +268,146 @@ class LeanH11Protocol(H11Protocol):
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+class _CountedStreamBuffer(StreamBuffer):
+    """hypercorn's per-stream HTTP/2 send buffer, counted in the connection's budget
+    (pushes are counted by `LeanH2Protocol.stream_send`, which may refuse them)."""
+
+    output: ConnectionOutput
+    counted = 0
+
+    async def pop(self, max_length: int) -> bytes:
+        data = await super().pop(max_length)
+        self._uncount(len(data))
+        return data
+
+    async def close(self) -> None:
+        self._uncount(self.counted)
+        await super().close()
+
+    def _uncount(self, size: int) -> None:
+        size = min(size, self.counted)
+        self.counted -= size
+        self.output.release(size)
+
+
+class LeanH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 with bounded output and request-body deadlines per stream.
+
+    - Response bytes in stream buffers count against the connection's budget; a push
+      while over budget closes the connection.
+    - A stream whose application ends without ending the response (an SSE reader
+      dropped for falling behind) is reset, and its buffer released.
+    - When the connection closes, every stream buffer is closed, so no task stays
+      parked on flow control that will never come.
+    - A request body must keep arriving as on HTTP/1.1; a stream whose body does not is
+      answered 408 (if it was not answered yet) and reset, the connection lives on.
+    """
+
+    def __init__(self, *args: Any, output: ConnectionOutput, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.output = output
+        self._bodies: dict[int, list[float]] = {}  # stream id -> [since, received, last]
+
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        await super()._create_stream(request)
+        buffer = self.stream_buffers.get(request.stream_id)
+        if type(buffer) is StreamBuffer:
+            buffer.__class__ = _CountedStreamBuffer
+            buffer.output = self.output  # type: ignore[attr-defined]
+
+    async def handle(self, event: Event) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            self._bodies.clear()
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Body | Data):
+            buffer = self.stream_buffers.get(event.stream_id)
+            if buffer is None or buffer.complete:
+                return
+            if not self.output.admit(len(event.data)):
+                log.info("HTTP/2 connection over its output budget: dropped")
+                await self.send(Closed())
+                return
+            if isinstance(buffer, _CountedStreamBuffer):
+                buffer.counted += len(event.data)
+            else:
+                self.output.release(len(event.data))
+        elif isinstance(event, StreamClosed):
+            buffer = self.stream_buffers.get(event.stream_id)
+            if buffer is not None and not buffer._complete:
+                await self._reset(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+        await super().stream_send(event)
+
+    async def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        """Reset one stream and release its buffer; the send task forgets it."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.connection.reset_stream(stream_id, code)
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None:
+            await buffer.close()
+            with contextlib.suppress(Exception):
+                self.priority.unblock(stream_id)
+        await self.has_data.set()
+        await self._flush()
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        bodies = self._bodies
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                body = bodies.get(event.stream_id)  # type: ignore[attr-defined]
+                if body is not None:
+                    body[1] += event.flow_controlled_length  # type: ignore[attr-defined]
+                    body[2] = trio.current_time()
+            elif kind is h2.events.RequestReceived:
+                if event.stream_ended is None:  # type: ignore[attr-defined]
+                    now = trio.current_time()
+                    bodies[event.stream_id] = [now, 0, now]  # type: ignore[attr-defined]
+            elif kind is h2.events.StreamEnded or kind is h2.events.StreamReset:
+                bodies.pop(event.stream_id, None)  # type: ignore[attr-defined]
+        await super()._handle_events(events)
+
+    def body_deadline(self, received: int) -> float:
+        """The earliest time a request body in progress must have sent more (inf: none)."""
+        if not self._bodies:
+            return inf
+        return min(_body_deadline(s, int(r), last) for s, r, last in self._bodies.values())
+
+    async def body_expired(self) -> None:
+        """Answer 408 and reset the streams whose bodies stopped arriving."""
+        now = trio.current_time()
+        for stream_id, (since, received, last) in list(self._bodies.items()):
+            if _body_deadline(since, int(received), last) > now:
+                continue
+            del self._bodies[stream_id]
+            stream = self.streams.get(stream_id)
+            if isinstance(stream, HTTPStream) and stream.state is ASGIHTTPState.REQUEST:
+                stream.state = ASGIHTTPState.CLOSED  # the application must not answer now
+                headers = [(b":status", b"408"), (b"content-length", b"%d" % len(_TIMEOUT_BODY))]
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.connection.send_headers(stream_id, headers)
+                    self.connection.send_data(stream_id, _TIMEOUT_BODY, end_stream=True)
+            await self._reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            await self._close_stream(stream_id)
+
+
 class _Protocols(ProtocolWrapper):
-    """hypercorn's protocol selection, with the lean HTTP/1.1 class in place of its own."""
+    """hypercorn's protocol selection, with the lean HTTP/1.1 and HTTP/2 classes in place
+    of its own."""
 
     def __init__(
-        self, *args: Any, native: NativeRoute | None = None, tcp: Any = None, **kwargs: Any
+        self,
+        *args: Any,
+        native: NativeRoute | None = None,
+        tcp: Any = None,
+        output: ConnectionOutput | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.output = output if output is not None else UNLIMITED.connection()
         if type(self.protocol) is H11Protocol:
             self.protocol = LeanH11Protocol(
                 self.app,
@@ -215,6 +422,34 @@ class _Protocols(ProtocolWrapper):
             )
             self.protocol.native = native
             self.protocol.tcp = tcp
+
+    def _h2(self) -> LeanH2Protocol:
+        return LeanH2Protocol(
+            self.app,
+            self.config,
+            self.context,
+            self.task_group,
+            self.state,
+            self.ssl,
+            self.client,
+            self.server,
+            self.send,
+            output=self.output,
+        )
+
+    async def handle(self, event: Event) -> None:
+        try:
+            return await self.protocol.handle(event)
+        except H2ProtocolAssumedError as error:
+            self.protocol = self._h2()
+            await self.protocol.initiate()
+            if error.data != b"":
+                return await self.protocol.handle(RawData(data=error.data))
+        except H2CProtocolRequiredError as error:
+            self.protocol = self._h2()
+            await self.protocol.initiate(error.headers, error.settings)
+            if error.data != b"":
+                return await self.protocol.handle(RawData(data=error.data))
 
 
 class Connections:
@@ -239,6 +474,7 @@ class LeanTCPServer(TCPServer):
         *args: Any,
         native: NativeRoute | None = None,
         connections: Connections | None = None,
+        output: OutputBudget = UNLIMITED,
     ) -> None:
         super().__init__(*args)
         self._native = native
@@ -246,12 +482,16 @@ class LeanTCPServer(TCPServer):
         self._keep_alive = float(self.config.keep_alive_timeout)
         self._idle_until = inf  # while idle: when the connection times out
         self._read_scope: trio.CancelScope | None = None
+        self._write_scope: trio.CancelScope | None = None
+        self.output = output.connection()  # response bytes queued for this client
 
     async def run(self) -> None:
         sock = self.stream.socket
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
+            # Per connection, so the ASGI app finds this connection's output budget.
+            state = ConnectionState({**self.state, OUTPUT_STATE: self.output})
             async with TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = _Protocols(
@@ -259,7 +499,7 @@ class LeanTCPServer(TCPServer):
                     self.config,
                     self.context,
                     task_group,
-                    ConnectionState(self.state),
+                    state,
                     False,
                     client,
                     server,
@@ -267,6 +507,7 @@ class LeanTCPServer(TCPServer):
                     "http/1.1",
                     native=self._native,
                     tcp=self,
+                    output=self.output,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
@@ -279,6 +520,7 @@ class LeanTCPServer(TCPServer):
         except Exception:  # one connection's failure must never stop the server
             log.exception("connection handler failed")
         finally:
+            self.output.close()
             await self._close()
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -288,24 +530,40 @@ class LeanTCPServer(TCPServer):
             self._task_group.spawn(fn)
 
     def stop_reading(self) -> None:
-        """Shutdown: end this idle connection now rather than at its keep-alive deadline."""
+        """Shutdown: end this idle connection now rather than at its keep-alive deadline.
+        Also how a connection is dropped: a write in progress is abandoned too."""
         if self._read_scope is not None:
             self._read_scope.cancel()
+        if self._write_scope is not None:
+            self._write_scope.cancel()
 
     async def _read_data(self) -> None:
         """Feed the protocol until the client closes. The whole loop runs in one cancel
-        scope whose deadline is the keep-alive deadline while the connection is idle and
-        infinite while a request is in progress (hypercorn's read_timeout is not used)."""
+        scope whose deadline is the keep-alive deadline while the connection is idle
+        (which is also the deadline of a request head) and infinite while a request is in
+        progress (hypercorn's read_timeout is not used). While a request body is arriving,
+        each read also has the body's deadline (`body_deadline`)."""
         receive = self.stream.socket.recv  # the trio socket: no per-call error mapping
+        protocols = self.protocol
+        deadline = inf  # of the request body in progress
         with trio.CancelScope(deadline=self._idle_until) as scope:
             self._read_scope = scope
             # Reset by the peer (OSError), or closed by the protocol after a response.
             with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
                 while True:
-                    data = await receive(MAX_RECV)
-                    await self.protocol.handle(RawData(data))
+                    if deadline == inf:
+                        data = await receive(MAX_RECV)
+                    else:
+                        with trio.move_on_at(deadline) as slow:
+                            data = await receive(MAX_RECV)
+                        if slow.cancelled_caught:
+                            await protocols.protocol.body_expired()  # type: ignore[union-attr]
+                            deadline = protocols.protocol.body_deadline(0)  # type: ignore[union-attr]
+                            continue
+                    await protocols.handle(RawData(data))
                     if not data:
                         break
+                    deadline = protocols.protocol.body_deadline(len(data))  # type: ignore[union-attr]
         self._read_scope = None
         if scope.cancelled_caught:
             # Idle past keep_alive_timeout, or the server is shutting down.
@@ -328,23 +586,60 @@ class LeanTCPServer(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
-            if not event.data:
+            data = event.data
+            if not data:
                 return
+            if not self.output.admit(len(data)):
+                log.info("connection over its output budget: dropped")
+                return await self.drop()
             try:
                 self.send_lock.acquire_nowait()
             except trio.WouldBlock:
                 await self.send_lock.acquire()
             try:
-                with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.protocol.handle(Closed())
+                await self._write(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self.drop()
             finally:
+                self.output.release(len(data))
                 self.send_lock.release()
         elif isinstance(event, Updated):
             self._set_idle(event.idle)
         else:
             await super().protocol_send(event)
+
+    async def drop(self) -> None:
+        """End this connection now (its client is gone, stalled or over budget): close
+        the socket, and tell the protocol, whose streams then end."""
+        self.stop_reading()
+        with trio.CancelScope(shield=True):
+            await super().protocol_send(Closed())
+
+    async def _write(self, data: bytes) -> None:
+        """Write all of `data`: at once when the socket takes it (no yield), else as the
+        socket takes it. Shielded from the caller's cancellation (a half-written
+        response cannot be taken back), but not from a socket that takes nothing for
+        WRITE_TIMEOUT seconds or the connection being dropped: BrokenResourceError."""
+        fd = self.stream.socket.fileno()
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        if written == len(data):
+            return
+        view = memoryview(data)[written:]
+        with trio.CancelScope(shield=True) as scope:
+            self._write_scope = scope
+            try:
+                while view:
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    await trio.lowlevel.wait_writable(fd)
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view) :]
+            finally:
+                self._write_scope = None
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
 
 
 async def serve(
@@ -354,12 +649,14 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     native: NativeRoute | None = None,
+    output: OutputBudget | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI `app` on plain-TCP `listeners` until `shutdown_trigger` returns, then
     give connections `config.graceful_timeout` seconds to finish (as hypercorn's
     `worker_serve`, which this follows). HTTP/1.1 requests `native` accepts skip ASGI;
-    with an access log configured, every request goes through ASGI (where it is logged)."""
+    with an access log configured, every request goes through ASGI (where it is logged).
+    `output`: the budget for response bytes queued for clients (default: unbounded)."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -384,6 +681,7 @@ async def serve(
                 ConnectionState(lifespan_state.copy()),
                 native=None if config.accesslog else native,
                 connections=connections,
+                output=output if output is not None else UNLIMITED,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

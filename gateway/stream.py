@@ -12,14 +12,20 @@ and `stream()` for SSE reads, straight from the HTTP/1.1 connection with no ASGI
 between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live
 queries, and everything when the access log is on), the same way.
 
-Client disconnects: only live reads can wait long, so only they watch their client (an
-ASGI answer within QUICK seconds is just awaited; a native long-poll watches its idle
-socket), and the shard is sent `cancel` when the last client of a call leaves. Other
-requests are answered as soon as the shard has decided (for writes: committed).
+Client disconnects: only live reads can wait long, so only they watch their client (a
+native long-poll watches its idle socket, an ASGI one its receive channel), and the shard
+is sent `cancel` when the last client of a call leaves. Other requests are answered as
+soon as the shard has decided (for writes: committed).
 
 Sharing: identical long-polls in flight at the same time (same path, raw query string and
-forwarded headers) share one shard call and one rendered answer (`gateway.collapse`);
-native SSE reads of the same key share one upstream (`gateway.fanout`).
+forwarded headers) share one shard call and one rendered answer (`gateway.collapse`); SSE
+reads of the same key share one upstream (`gateway.fanout`), whose clients each have a
+bounded backlog.
+
+Errors: 503 with Retry-After only when the request certainly did not run; 502 / 504 when
+the shard may have run it (`failure_answer`). The client's Host is not forwarded: a PUT
+carries the gateway's public base (host and scheme) instead, from which the shard builds
+Location.
 """
 
 from __future__ import annotations
@@ -34,24 +40,27 @@ import trio
 from common import wire
 from common.paths import PREFIX_BYTES, PathError, stream_path
 from common.ring import Ring
-from common.rpc_client import Call, ShardError, ShardPool, ShardUnavailable
+from common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from gateway.collapse import Answer, Collapser
-from gateway.fanout import SseFanout, Streaming, Subscriber
+from gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
 from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-QUICK = 0.05  # seconds to wait for a shard's answer before also watching for disconnects
 PREFIX_LEN = len(PREFIX_BYTES)
 _ALLOWED = frozenset(ALLOWED_METHODS)
 _ALLOW_HEADER = (b"allow", ", ".join(ALLOWED_METHODS).encode())
 _RETRY_AFTER = (b"retry-after", b"1")
-_FORWARDED = {name.encode(): name for name in wire.FORWARDED_HEADERS}
+# The client's Host is not forwarded: Location is built from the gateway's public base.
+_FORWARDED = {name.encode(): name for name in wire.FORWARDED_HEADERS if name != "host"}
 _LIST_HEADERS = frozenset({"if-none-match"})  # may repeat; joined with ", "
 _NO_LENGTH_STATUS = frozenset({204, 304})
-# err codes from a shard -> (HTTP status, retry-after?)
+# err codes from a shard -> (HTTP status, retry-after?). Retry-After only where the shard
+# says it did not run the request: "unavailable" (its storage refused the write before
+# anything was stored) and "version" (refused before running).
 _ERROR_STATUS = {
     "bad_request": (400, False),
     "misdirected": (421, False),
@@ -130,11 +139,24 @@ _PREFLIGHT_ANSWER: Answer = (
 )
 
 
+UNKNOWN_OUTCOME = (
+    "the outcome is unknown: the shard may have applied the request. Retrying is safe for "
+    "reads and for appends from an idempotent producer (Producer-Id, -Epoch, -Seq)"
+)
+
+
 def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
-    """What the client gets when the shard could not answer."""
+    """What the client gets when the shard could not answer. 503 + Retry-After only when
+    the request certainly did not run (a retry cannot apply it twice); when it may have
+    run, 502 (connection lost) or 504 (timed out), without Retry-After."""
     if isinstance(exc, ShardUnavailable):
-        message = "shard connection lost" if exc.sent else "shard unavailable"
-        return error_answer(503, message, (_RETRY_AFTER,))
+        if not exc.sent:
+            return error_answer(
+                503, f"shard unavailable ({exc.reason}); the request was not sent", (_RETRY_AFTER,)
+            )
+        if isinstance(exc, ShardTimeout):
+            return error_answer(504, f"shard timed out ({exc.reason}); {UNKNOWN_OUTCOME}")
+        return error_answer(502, f"shard connection lost ({exc.reason}); {UNKNOWN_OUTCOME}")
     status, retry = _ERROR_STATUS.get(exc.code, (502, False))
     return error_answer(status, exc.msg or exc.code, (_RETRY_AFTER,) if retry else ())
 
@@ -151,11 +173,11 @@ async def send_error(
     await send_answer(send, error_answer(status, message, extra))
 
 
-def is_long_poll(query: bytes) -> bool:
-    """Whether the shard will read this query as live=long-poll (the last `live` wins;
-    keys and values may be percent-encoded): such requests may share an answer."""
+def _live_mode(query: bytes) -> str | None:
+    """The `live` value the shard will read in this query (the last `live` wins; keys and
+    values may be percent-encoded), or None."""
     if b"live" not in query and b"%" not in query:
-        return False
+        return None
     live = None
     for part in query.split(b"&"):
         key, _, value = part.decode("latin-1").partition("=")
@@ -163,7 +185,13 @@ def is_long_poll(query: bytes) -> bool:
             key = unquote_plus(key)
         if key == "live":
             live = unquote_plus(value) if "%" in value or "+" in value else value
-    return live == "long-poll"
+    return live
+
+
+def is_long_poll(query: bytes) -> bool:
+    """Whether the shard will read this query as live=long-poll: such requests may share
+    an answer."""
+    return _live_mode(query) == "long-poll"
 
 
 # A shard's header name -> the name the client gets (lowercase bytes), or None when the
@@ -219,20 +247,22 @@ class StreamHandler:
         pool: ShardPool,
         ring: Ring,
         max_body_bytes: int,
-        nursery: trio.Nursery | None = None,
+        nursery: trio.Nursery,
+        public_url: str = "",
     ) -> None:
-        """`nursery`: gateway-lifetime nursery for shared long-poll calls; without one,
-        every request makes its own call."""
+        """`nursery`: gateway-lifetime nursery for the shard calls that live reads share.
+        `public_url`: scheme://host[:port] clients reach the gateway at (Location)."""
         self.pool = pool
         self.ring = ring
         self.max_body_bytes = max_body_bytes
+        scheme, _, host = public_url.partition("://")
+        self._public = (("host", host.rstrip("/")), ("x-forwarded-proto", scheme))
+        # Reads only (a GET is safe to retry), when the gateway stops under them.
         stopping = error_answer(503, "gateway stopping", (_RETRY_AFTER,))
-        self.collapser = Collapser(nursery, self._fetch, stopping) if nursery else None
-        self.fanout = None
-        if nursery:
-            self.fanout = SseFanout(
-                nursery, self._open_sse, _stream_head, _whole_answer, failure_answer, stopping
-            )
+        self.collapser = Collapser(nursery, self._fetch, stopping)
+        self.fanout = SseFanout(
+            nursery, self._open_sse, _stream_head, _whole_answer, failure_answer, stopping
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -244,25 +274,30 @@ class StreamHandler:
         if body is None:
             return
         query = scope["query_string"]
+        output = scope.get("state", {}).get(OUTPUT_STATE) or UNLIMITED.connection()
         del scope  # an SSE may be held long
-        if method != "GET" or b"live=" not in query and not is_long_poll(query):
+        live = _live_mode(query) if method == "GET" else None
+        if live not in ("long-poll", "sse"):  # any other live value: the shard refuses it
             return await send_answer(send, await self._exchange(checked, method, query, body))
         fields = _fields(checked, method, query, body)
-        path = checked.path
-        if self.collapser is not None and is_long_poll(query):
-            key, owner = _share_key(checked, query), self.ring.owner(path)
+        owner = self.ring.owner(checked.path)
+        if live == "long-poll":
             until_gone = partial(_until_disconnect, receive)
+            key = _share_key(checked, query)
             answer = await self.collapser.wait(key, owner, fields, until_gone)
             if answer is not None:
                 await send_answer(send, answer)
             return
-        try:
-            call = self.pool.open(self.ring.owner(path), "http", fields)
-        except ShardUnavailable:
-            return await send_error(send, 503, "shard unavailable", (_RETRY_AFTER,))
-        del fields, checked, body  # encoded and sent; an SSE may be held long
-        async with call:
-            await self._relay(call, receive, send)
+        # SSE: a shared upstream of raw bytes; a read from "now" (percent-encoded or not)
+        # starts where the stream is when asked, so it is not shared.
+        key = None if b"%" in query or b"offset=now" in query else _share_key(checked, query)
+        del checked, body
+        sub = QueuedSubscriber(output)
+        result = await self.fanout.join(key, owner, fields, sub, framed=False)
+        del fields
+        if not isinstance(result, Streaming):
+            return await send_answer(send, result)
+        await self._relay_sse(result, sub, receive, send)
 
     async def answer(
         self,
@@ -279,7 +314,7 @@ class StreamHandler:
         checked = self._check(method, path_part, headers)
         if type(checked) is not _Checked:
             return checked  # type: ignore[return-value]
-        if method == "GET" and self.collapser is not None and is_long_poll(query):
+        if method == "GET" and is_long_poll(query):
             fields = _fields(checked, method, query, body)
             owner = self.ring.owner(checked.path)
             return await self.collapser.wait(_share_key(checked, query), owner, fields, until_gone)
@@ -300,8 +335,6 @@ class StreamHandler:
         checked = self._check(method, path_part, headers)
         if type(checked) is not _Checked:
             return checked  # type: ignore[return-value]
-        if self.fanout is None:
-            return error_answer(503, "gateway stopping", (_RETRY_AFTER,))
         fields = _fields(checked, method, query, body)
         key = None
         if b"offset=now" not in query:  # a read from "now" starts where the stream is
@@ -366,6 +399,8 @@ class StreamHandler:
                     return error_answer(400, "bad Content-Length")
         if declared is not None and declared > self.max_body_bytes:
             return error_answer(413, "request body too large")
+        if method == "PUT" and self._public[0][1]:  # creates: Location from the public base
+            forwarded.extend([name, value] for name, value in self._public)
         return _Checked(path, forwarded)
 
     async def _exchange(self, checked: _Checked, method: str, query: bytes, body: bytes) -> Answer:
@@ -405,40 +440,36 @@ class StreamHandler:
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _relay(self, call: Call, receive: Receive, send: Send) -> None:
-        """A live read's answer: a long-poll's (not collapsed) or an SSE body."""
-        res = None
+    @staticmethod
+    async def _relay_sse(
+        streaming: Streaming, sub: QueuedSubscriber, receive: Receive, send: Send
+    ) -> None:
+        """An SSE response on the ASGI path: the head, the upstream's bytes as `sub`
+        queues them, until the upstream ends (the response ends), the client leaves or
+        falls too far behind (`sub` is dropped: the response is left unfinished, so the
+        server closes the connection, or resets the HTTP/2 stream; the client resumes
+        from its last offset)."""
+
+        async def pump() -> None:
+            with sub.scope:
+                head = {"type": "http.response.start", "status": streaming.status}
+                await send({**head, "headers": streaming.headers})
+                if streaming.prefix:
+                    prefix = streaming.prefix
+                    await send({"type": "http.response.body", "body": prefix, "more_body": True})
+                while (frame := await sub.next()) is not None:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    sub.sent(frame)
+
         try:
-            with trio.move_on_after(QUICK):
-                res = await call.response()
-            if res is None:
-                res = await _unless_disconnected(receive, call.response)
-        except _ClientGone:
-            return  # leaving `call` sends the shard a cancel
-        except (ShardUnavailable, ShardError) as exc:
-            return await send_answer(send, failure_answer(exc))
-        status = res["s"]
-        body = res.get("b") or b""
-        if not res.get("more"):
-            headers = _response_headers(res.get("h") or [], "GET", status, len(body))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        # Streaming (SSE): headers now, chunks as they come, until the shard ends the
-        # body, the connection to it drops (the client resumes from its last offset) or
-        # the client leaves (the shard gets `cancel`).
-        headers = _response_headers(res.get("h") or [], "GET", status, None)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        if body:
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-        del res, headers, body  # an idle stream may be held for minutes: keep nothing
-        try:
-            await _unless_disconnected(receive, self._pump, call, send)
+            await _unless_disconnected(receive, pump)
         except _ClientGone:
             return
-        except (ShardUnavailable, ShardError):
-            pass
-        await send({"type": "http.response.body", "body": b""})
+        finally:
+            streaming.leave()
+        if not sub.dropped:
+            with trio.move_on_after(WRITE_TIMEOUT):
+                await send({"type": "http.response.body", "body": b""})
 
     def _open_sse(self, shard_id: str, fields: dict[str, Any]) -> Call:
         return self.pool.open(shard_id, "http", fields)
@@ -446,11 +477,6 @@ class StreamHandler:
     async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
         """One long-poll upstream, rendered once for every client sharing it."""
         return await self._call(shard_id, fields, "GET")
-
-    @staticmethod
-    async def _pump(call: Call, send: Send) -> None:
-        async for data in call.chunks():
-            await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 async def _until_disconnect(receive: Receive) -> None:

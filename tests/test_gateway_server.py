@@ -37,7 +37,7 @@ from h2.connection import H2Connection
 
 from common.supervisor import Supervisor
 from gateway.main import hypercorn_config
-from gateway.server import SEPARATE_BODY_BYTES, LeanConfig, serve
+from gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPServer, serve
 
 try:
     from test_gateway_fakeshard import FakeShard, Reply
@@ -644,19 +644,18 @@ async def lean_server(
 
 @pytest.fixture
 def server_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every `trio.SocketStream.send_all` call's data made by this test's trio run (only
-    the server uses trio streams here: the clients are plain sockets; the module's fake
-    shard runs its own trio loop in another thread, and its writes are not recorded)."""
+    """Every socket write (`LeanTCPServer._write`) the server made in this test's trio run
+    (the module's fake shard runs its own trio loop in another thread)."""
     writes: list[bytes] = []
-    original = trio.SocketStream.send_all
+    original = LeanTCPServer._write
     owner = threading.get_ident()
 
-    async def recording(self: trio.SocketStream, data: Any) -> None:
+    async def recording(self: LeanTCPServer, data: Any) -> None:
         if threading.get_ident() == owner:
             writes.append(bytes(data))
         await original(self, data)
 
-    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    monkeypatch.setattr(LeanTCPServer, "_write", recording)
     return writes
 
 
