@@ -8,6 +8,15 @@ keeps serving while fsync runs. A write is acknowledged only after its transacti
 committed. If a transaction fails (disk full, I/O error) every queued job fails and
 pending states fall back to what is committed, so nothing acknowledged is lost and
 nothing unacknowledged becomes visible.
+
+A storage failure (a commit or a read hit a disk error, or the database could not be
+opened at start-up) puts the committer in recovery: queued writes fail at once with
+`StorageUnavailable` (they certainly were not applied), reads go on where the old
+connections still work, and the database is reopened and probed with a growing delay
+until it takes a write again. No restart is needed when the disk comes back.
+
+After commits that purged data, the committer returns the freed pages to the filesystem
+in small incremental-vacuum steps, in a worker thread, between groups of writes.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ from dataclasses import dataclass, field
 import trio
 
 from shard.core.model import evolve
-from shard.store import Batch, Store, StreamWrite
+from shard.store import Batch, StorageUnavailable, Store, StreamWrite, describe, is_storage_error
 from shard.streams import Entry
+
+__all__ = ["Committer", "Job", "StorageUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +41,10 @@ INLINE_BATCH_BYTES = 256 * 1024  # groups with more record bytes commit in a wor
 INLINE_COMMIT_SECONDS = 0.010  # a commit on the loop slower than this (a slow disk)...
 SLOW_COMMITS_IN_A_ROW = 3  # ...this many times in a row (one can be a preempted process)...
 INLINE_RETRY_SECONDS = 5.0  # ...sends commits to the thread for this long
-
-
-class StorageUnavailable(Exception):
-    """The shard could not commit; the write did not happen."""
+REOPEN_FIRST_DELAY = 0.05  # after a storage failure, the first reopen attempt...
+REOPEN_MAX_DELAY = 1.0  # ...and the longest wait between attempts (doubling in between)
+VACUUM_MIN_FREE_PAGES = 256  # free pages (4 KiB) worth returning to the filesystem...
+VACUUM_STEP_PAGES = 256  # ...in steps of this many, each its own short transaction
 
 
 @dataclass(eq=False)
@@ -67,6 +78,25 @@ class Committer:
         self._dirty: dict[str, Entry] = {}
         self._threaded_until = -math.inf  # until then, commits run in a worker thread
         self._slow_in_a_row = 0  # consecutive slow commits on the loop
+        self._recovered = trio.Event()  # set while the storage is ok
+        if store.failure is None:
+            self._recovered.set()
+        store.on_failure = self._storage_failed
+        self._vacuum_due = False
+
+    def health(self) -> str:
+        """ "ok", or "failed: <reason>" while the storage refuses writes."""
+        return self._store.health()
+
+    async def wait_storage_ok(self) -> None:
+        """Wait until the database is open and writable."""
+        while self._store.failure is not None:
+            await self._recovered.wait()
+
+    def _storage_failed(self) -> None:
+        if self._recovered.is_set():
+            self._recovered = trio.Event()
+        self._wake.set()
 
     def submit(self, job: Job) -> Job:
         """Queue `job`; the caller has already moved each entry's pending state forward."""
@@ -92,13 +122,23 @@ class Committer:
         self._dirty[entry.path] = entry
 
     async def run(self) -> None:
+        self._check_free_pages()
         while True:
+            if self._store.failure is not None:
+                await self._recover()
+                continue
             timeout = TOUCH_FLUSH_SECONDS if self._dirty else math.inf
+            if self._vacuum_due:
+                timeout = 0.0  # only a checkpoint: writes that are waiting go first
             with trio.move_on_after(timeout):
                 await self._wake.wait()
             self._wake = trio.Event()
+            if self._store.failure is not None:
+                continue
             if self._queue or self._dirty:
                 await self._commit_queued()
+            elif self._vacuum_due:
+                await self._vacuum_step()
 
     async def _commit_queued(self) -> None:
         jobs, self._queue = self._queue, []
@@ -124,8 +164,12 @@ class Committer:
             await self._commit(batch, size)
         except Exception as exc:
             log.error("commit of %d jobs failed: %s", len(jobs), exc)
+            if is_storage_error(exc):
+                self._store.mark_failed(describe(exc))
             self._fail(jobs, exc)
             return
+        if any(w.state is None or w.old_sid not in (None, w.sid) for w in batch.streams):
+            self._check_free_pages()  # a stream's data was purged
         for job in jobs:
             for entry, write in job.writes:
                 entry.committed = write.state
@@ -165,6 +209,60 @@ class Committer:
                 self._threaded_until = trio.current_time() + INLINE_RETRY_SECONDS
         else:
             await trio.to_thread.run_sync(self._store.commit, batch)
+
+    # -- storage recovery ------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Refuse writes at once while the storage is failed, and reopen the database with
+        a doubling delay until it opens and takes a probe write."""
+        delay = REOPEN_FIRST_DELAY
+        failed_at = trio.current_time()
+        while True:
+            next_try = trio.current_time() + delay
+            while True:
+                self._fail([], StorageUnavailable(self._store.failure or "storage failed"))
+                if trio.current_time() >= next_try:
+                    break
+                with trio.move_on_at(next_try):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            try:
+                connections = await trio.to_thread.run_sync(self._store.connect)
+            except StorageUnavailable as exc:
+                if str(exc) != self._store.failure:
+                    log.warning("storage still unavailable: %s", exc)
+                self._store.failure = str(exc)
+                delay = min(delay * 2, REOPEN_MAX_DELAY)
+                continue
+            self._store.install(connections)
+            log.info("storage ok again after %.1f s", trio.current_time() - failed_at)
+            self._recovered.set()
+            self._check_free_pages()
+            return
+
+    # -- reclaiming space ----------------------------------------------------------------
+
+    def _check_free_pages(self) -> None:
+        try:
+            free = self._store.freelist_pages()
+        except Exception as exc:  # the next commit or read reports a storage failure
+            log.debug("cannot count free pages: %s", exc)
+            return
+        self._vacuum_due = free >= VACUUM_MIN_FREE_PAGES
+
+    async def _vacuum_step(self) -> None:
+        """One short vacuum transaction, in a worker thread (it writes and syncs about
+        VACUUM_STEP_PAGES pages); the loop goes on serving, and queued writes commit
+        before the next step."""
+        try:
+            left = await trio.to_thread.run_sync(self._store.vacuum_step, VACUUM_STEP_PAGES)
+        except Exception as exc:
+            log.error("incremental vacuum failed: %s", exc)
+            if is_storage_error(exc):
+                self._store.mark_failed(describe(exc))
+            self._vacuum_due = False
+            return
+        self._vacuum_due = left > 0
 
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         # Later queued jobs were validated against states that now will never exist.

@@ -18,11 +18,14 @@ from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from shard import rpc_ops
 from shard.core.model import CoreConfig
+from shard.dirlock import DataDirBusy, DataDirLock
 from shard.rpc_server import RpcServer
 from shard.service import ShardService
 from shard.store import Store
 
 log = logging.getLogger("shard")
+
+EXIT_DATA_DIR_BUSY = 3  # another process owns the data dir (or its lock cannot be taken)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +60,17 @@ def run(args: argparse.Namespace) -> int:
     except rpc_security.SecurityError as exc:
         print(f"ds-cluster shard {args.id}: {exc}", file=sys.stderr)
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(serve, args)
+    # Before anything touches SQLite: a second process on these files corrupts them.
+    try:
+        lock = DataDirLock.acquire(args.data_dir)
+    except (DataDirBusy, OSError) as exc:
+        print(f"ds-cluster shard {args.id}: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_DATA_DIR_BUSY
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(serve, args)
+    finally:
+        lock.release()
     return 0
 
 

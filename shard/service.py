@@ -78,11 +78,23 @@ class ShardService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.committer.run)
+            if self.store.failure is not None:
+                # The database cannot be opened yet: serve (503s; health says why) while
+                # the committer keeps trying, and recover our state once it opens.
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await self.committer.wait_storage_ok()
             for path, deadline in self.store.load_deadlines():
                 self.alarms.arm(path, deadline)
             nursery.start_soon(self.alarms.run)
             await nursery.start(self.forks.run)
+            self.table.start_serving()
             task_status.started()
+
+    def health(self) -> dict[str, str]:
+        """This shard's condition for its ping answer: anything but "ok" is a reason
+        for readiness to report the shard (e.g. `{"storage": "failed: disk I/O error"}`)."""
+        return {"storage": self.committer.health()}
 
     def owns(self, path: str) -> bool:
         return self.ring.owns(self.shard_id, path)
@@ -245,7 +257,10 @@ class ShardService:
     # -- expiry --------------------------------------------------------------------------------
 
     async def _expire(self, path: str) -> float | None:
-        entry = self.table.get(path)
+        try:
+            entry = self.table.get(path)
+        except StorageUnavailable:
+            return time.time() + 1.0  # retry once storage is back
         try:
             await entry.wait_settled()
             state = entry.pending

@@ -1,22 +1,65 @@
 """The shard's SQLite store: stream states, their records, producers, fork bookkeeping.
 
-One database per shard, in WAL mode. Two connections: the *reader* lives on the trio
-thread and only ever sees committed data (WAL snapshot isolation); the *writer* is used
-by the group committer from one worker thread at a time. Everything one batch changes
-commits in a single transaction, so producer state, data, closure and fork references are
-atomic with each other.
+One database per shard, in WAL mode with synchronous=FULL: a commit is on disk when it
+returns, and the committer acknowledges writes only after that. Everything one batch
+changes commits in a single transaction, so producer state, data, closure and fork
+references are atomic with each other.
+
+Two connections: the *reader* lives on the trio thread and only ever sees committed data
+(WAL snapshot isolation); the *writer* is used by the group committer, on the loop for
+small groups and from a worker thread for large or slow ones, while the reader keeps
+serving. Both open the file through SQLite's `unix-excl` VFS, which is what lets us keep
+two connections and still have no shared-memory file:
+
+- The process takes an exclusive POSIX lock on the database for as long as it has it open,
+  so another process (a second shard on the same directory, or any tool) cannot open it
+  at all ("database is locked"). This backs up the shard's own `shard.lock` (see
+  `shard.dirlock`).
+- The WAL index lives in this process's heap, shared by its connections, instead of a
+  memory-mapped `-shm` file. A mapped file is a process-killer: when its pages cannot be
+  written (the files were made immutable), the kernel answers with SIGBUS. With no
+  mapping (and `mmap_size=0`) every storage fault is an ordinary error that fails one
+  commit.
+
+The alternative, `PRAGMA locking_mode=EXCLUSIVE`, also drops the `-shm` file but allows
+a single connection: reads would then have to wait out every worker-thread commit (they
+must not see its uncommitted rows), stalling all readers behind one large append. With
+`unix-excl`, a read during a 50 MB commit in the worker thread measured under 0.5 ms.
+
+Storage faults: the store is either open (both connections, the database proven writable
+by a probe write) or failed, with a reason that `health()` reports. Reads through a
+failed but still open reader keep working where the disk allows; a store that could not
+be opened at all answers every read with `StorageUnavailable`. Reopening (`connect`, then
+`install`) is the committer's job, with a backoff.
+
+Space: new databases use `auto_vacuum=INCREMENTAL` (an existing one is converted by a
+VACUUM at its first open), and the committer returns freed pages to the filesystem in
+small `vacuum_step`s after commits that purged data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 
 from shard.core.model import ForkOrigin, ProducerState, Record, StreamState
+
+log = logging.getLogger(__name__)
+
+# The VFS that holds an exclusive lock on the database and keeps the WAL index in heap
+# memory (no -shm file, no mmap); see the module docstring.
+VFS = "unix-excl"
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum value
+# After a checkpoint the WAL is cut back to this size (it keeps its high-water mark
+# otherwise: one 50 MB append would leave a 50 MB WAL file behind for good).
+JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -46,6 +89,11 @@ CREATE TABLE IF NOT EXISTS producers (
 CREATE TABLE IF NOT EXISTS fork_refs (
     ref TEXT PRIMARY KEY,
     path TEXT NOT NULL
+);
+-- one row, rewritten at each open: proves the database writable before the shard says ok
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    opened_at REAL NOT NULL
 );
 -- fork references *we* hold on other streams that must be released: 'provisional' while a
 -- fork is being created (released on recovery unless the fork committed), 'due' once the
@@ -145,27 +193,183 @@ class Batch:
     outbox_removed: list[str] = field(default_factory=list)
 
 
+class StorageUnavailable(Exception):
+    """The shard's storage failed or is not open; a write that got this did not happen."""
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether `exc` says the storage failed (disk full, I/O error, read-only, missing
+    files), as opposed to a bug in the statements we sent."""
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return False
+    return isinstance(exc, sqlite3.DatabaseError | OSError | StorageUnavailable)
+
+
+class _GuardedReader:
+    """The reader connection: a storage error while reading becomes `StorageUnavailable`
+    (a 503 for the request) and marks the store failed, so the committer reopens it."""
+
+    __slots__ = ("conn", "_store")
+
+    def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
+        self.conn = conn
+        self._store = store
+
+    def execute(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            if not is_storage_error(exc):
+                raise
+            self._store.mark_failed(describe(exc))
+            raise StorageUnavailable(describe(exc)) from exc
+
+
+class _NoReader:
+    """Stands in for the reader while the database could not be opened at all."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def execute(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Cursor:
+        raise StorageUnavailable(self._store.failure or "the database is not open")
+
+
+def describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
 class Store:
     """The shard's database. Methods named `read_*`/`load_*` use the reader connection on the
-    trio thread; `commit` runs in the committer's worker thread."""
+    trio thread; `commit` and `vacuum_step` run in the committer (loop or worker thread).
+
+    Construction tries to open the database once; if that fails the store starts failed
+    (`failure` says why) and the committer keeps trying."""
 
     def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
         self.path = data_dir / "shard.db"
-        self._writer = self._connect(synchronous, check_same_thread=False)
-        self._writer.executescript(SCHEMA)
-        self._reader = self._connect(synchronous, check_same_thread=True)
+        self._synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
+        self._reader: _GuardedReader | _NoReader = _NoReader(self)
+        self.failure: str | None = "the database is not open yet"
+        self.on_failure: Callable[[], None] = lambda: None  # set by the committer
+        try:
+            self.install(self.connect())
+        except StorageUnavailable as exc:
+            self.failure = str(exc)
+            log.error("cannot open %s: %s; refusing writes until it can be opened", self.path, exc)
 
-    def _connect(self, synchronous: str, *, check_same_thread: bool) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=check_same_thread)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA busy_timeout=5000")
+    def health(self) -> str:
+        return "ok" if self.failure is None else f"failed: {self.failure}"
+
+    def mark_failed(self, reason: str) -> None:
+        """Storage failed (a commit or a read): report it until a reopen succeeds."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("storage failed: %s; refusing writes until it recovers", reason)
+            self.on_failure()
+
+    def connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        """Open a writer and a reader, and prove the database writable.
+
+        May block on the disk (and converts an old database for incremental vacuum), so
+        the committer runs it in a worker thread. Raises StorageUnavailable."""
+        opened: list[sqlite3.Connection] = []
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            writer = self._connect()
+            opened.append(writer)
+            self._prepare(writer)
+            reader = self._connect()
+            opened.append(reader)
+            return writer, reader
+        except (sqlite3.Error, OSError) as exc:
+            for conn in opened:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            raise StorageUnavailable(describe(exc)) from exc
+
+    def install(self, connections: tuple[sqlite3.Connection, sqlite3.Connection]) -> None:
+        """Start using connections from `connect` (on the loop, between commits): the old
+        ones are closed after the new ones are open, so the database stays locked."""
+        old_writer, old_reader = self._writer, self._reader
+        self._writer = connections[0]
+        self._reader = _GuardedReader(connections[1], self)
+        if self.failure is not None and old_writer is not None:
+            log.warning("storage recovered: %s is writable again", self.path)
+        self.failure = None
+        for conn in (old_writer, getattr(old_reader, "conn", None)):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            f"file:{self.path}?vfs={VFS}", uri=True, isolation_level=None, check_same_thread=False
+        )
+        try:
+            # auto_vacuum first: on a new database it only takes before the first write,
+            # and switching to WAL is one.
+            conn.execute(f"PRAGMA auto_vacuum={AUTO_VACUUM_INCREMENTAL}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            conn.execute("PRAGMA mmap_size=0")  # no mapped file: storage errors, not SIGBUS
+            conn.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
+    def _prepare(self, writer: sqlite3.Connection) -> None:
+        if writer.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
+            # A database created before incremental vacuum: convert it once (rewrites it).
+            started = time.monotonic()
+            writer.execute("VACUUM")
+            log.info(
+                "converted %s for incremental vacuum in %.1f s",
+                self.path,
+                time.monotonic() - started,
+            )
+        writer.executescript(SCHEMA)
+        # SQLite opens an unwritable file read-only without a word; find out now.
+        writer.execute("INSERT OR REPLACE INTO probe (id, opened_at) VALUES (1, ?)", (time.time(),))
+
     def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
+        for conn in (self._writer, getattr(self._reader, "conn", None)):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._writer = None
+        self._reader = _NoReader(self)
+
+    # -- space ------------------------------------------------------------------------------
+
+    def freelist_pages(self) -> int:
+        """Pages freed by deletes and not yet returned to the filesystem."""
+        conn = self._require_writer()
+        return conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def vacuum_step(self, pages: int) -> int:
+        """Return up to `pages` free pages to the filesystem in one short transaction;
+        return how many free pages are left."""
+        conn = self._require_writer()
+        # executescript steps the pragma to completion (execute would free one page).
+        conn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+        left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if not left:
+            # The database file shrinks when the WAL is copied back into it; do that now
+            # rather than at the next automatic checkpoint, which may be a long way off.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return left
+
+    def _require_writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StorageUnavailable(self.failure or "the database is not open")
+        return self._writer
 
     # -- reads (trio thread) -------------------------------------------------------------
 
@@ -238,7 +442,7 @@ class Store:
 
     def commit(self, batch: Batch) -> None:
         """Apply `batch` in one transaction; raises (after rolling back) on any failure."""
-        conn = self._writer
+        conn = self._require_writer()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for write in batch.streams:
@@ -264,7 +468,8 @@ class Store:
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # the commit's error is the news
+                    conn.execute("ROLLBACK")
             raise
 
     @staticmethod

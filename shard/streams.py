@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from shard.core.model import Record, StreamState
-from shard.store import Store
+from shard.store import StorageUnavailable, Store
 
 RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
 MAX_CACHED_ENTRIES = 50_000  # idle streams kept in memory beyond this are reloaded on use
@@ -102,15 +102,25 @@ class Entry:
 class StreamTable:
     """Entries by path, loaded from the store on first use. Entries of absent streams are
     dropped when their request ends; beyond `max_entries` the least recently used idle
-    entries are dropped too (their state is all in the database)."""
+    entries are dropped too (their state is all in the database).
+
+    The table refuses requests (`StorageUnavailable`) until `start_serving`: the service
+    first recovers what its database says must happen at start-up (fork intents, alarms),
+    and a shard whose database could not be opened serves 503s until then."""
 
     def __init__(self, store: Store, max_entries: int = MAX_CACHED_ENTRIES) -> None:
         self._store = store
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._max_entries = max_entries
-        self._next_sid = store.max_sid() + 1
+        self._next_sid: int | None = None  # read from the store at the first new stream
+        self._serving = False
+
+    def start_serving(self) -> None:
+        self._serving = True
 
     def get(self, path: str) -> Entry:
+        if not self._serving:
+            raise StorageUnavailable(self._store.failure or "the shard is starting")
         entries = self._entries
         entry = entries.get(path)
         if entry is not None:
@@ -143,7 +153,9 @@ class StreamTable:
 
     def new_sid(self) -> int:
         sid = self._next_sid
-        self._next_sid += 1
+        if sid is None:
+            sid = self._store.max_sid() + 1
+        self._next_sid = sid + 1
         return sid
 
     def read(self, entry: Entry, position: int, max_bytes: int) -> list[Record]:

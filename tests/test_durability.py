@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -201,6 +203,22 @@ async def test_fork_release_survives_source_shard_outage(start_cluster) -> None:
             assert r.status_code == 201
 
 
+def stream_paths_on_disk(data_dir: Path, scratch: Path) -> set[str]:
+    """The stream paths a running shard's database holds, read from a copy of its files
+    (the shard keeps the database itself locked against every other process). The copy
+    is what a crash at this instant would leave behind: every commit up to now."""
+    scratch.mkdir(exist_ok=True)
+    for name in ("shard.db", "shard.db-wal"):
+        (scratch / name).unlink(missing_ok=True)
+        if (data_dir / name).exists():
+            shutil.copyfile(data_dir / name, scratch / name)
+    conn = sqlite3.connect(scratch / "shard.db")
+    try:
+        return {row[0] for row in conn.execute("SELECT path FROM streams")}
+    finally:
+        conn.close()
+
+
 async def test_expiry_alarm_survives_restart(start_cluster, tmp_path) -> None:
     """A TTL stream disappears from the database with no request touching it, even when
     its shard restarted after the stream was created."""
@@ -214,14 +232,10 @@ async def test_expiry_alarm_survives_restart(start_cluster, tmp_path) -> None:
             assert r.status_code == 201
             await client.put("/v1/stream/keeper", headers={"content-type": BINARY})
             await kill_shard(supervisor, client, shard_id, "keeper")
-            db = next(tmp_path.glob(f"cluster-*/data/{shard_id}/shard.db"))
+            data_dir = next(tmp_path.glob(f"cluster-*/data/{shard_id}"))
             with trio.fail_after(15):
                 while True:
-                    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-                    try:
-                        paths = {row[0] for row in conn.execute("SELECT path FROM streams")}
-                    finally:
-                        conn.close()
+                    paths = stream_paths_on_disk(data_dir, tmp_path / "copy")
                     if "ttl-stream" not in paths:
                         break
                     await trio.sleep(0.2)
