@@ -288,6 +288,9 @@ class ShardConnection:
                     self._set_problem("no handshake", f"within {self._hello_timeout}s")
                 except wire.WireError as exc:
                     self._set_problem("protocol error", str(exc))
+                except Exception as exc:  # whatever a shard sends, the caller lives on
+                    log.exception("shard %s: unexpected error on its connection", self.shard_id)
+                    self._set_problem("protocol error", repr(exc))
                 finally:
                     self._lost()
             await trio.sleep(backoff * random.uniform(0.5, 1.0))

@@ -11,7 +11,8 @@ Every frame is untrusted, and a connection costs bounded memory and time:
     requests are cancelled), with one log line; never the process;
   * a request whose ring version is not ours gets `err version` (with our ring) unrun;
   * replies queued and not yet sent are capped (REPLY_BUDGET): a peer that does not read
-    them is dropped; streaming bodies wait instead, above HIGH_WATER;
+    them is dropped; http answers wait instead, above HIGH_WATER, and a peer that reads
+    nothing for WRITE_STALL_TIMEOUT (plus the batch's size at MIN_FRAME_RATE) is dropped;
   * a frame that has started must keep arriving (FRAME_STALL_TIMEOUT without a byte, or
     slower than MIN_FRAME_RATE after FRAME_GRACE, and the connection is dropped);
   * at most MAX_CALLS requests run at once per connection; beyond, `err unavailable`;
@@ -40,10 +41,11 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # buffered bytes before streaming senders wait
-REPLY_BUDGET = 64 * 1024 * 1024  # unsent reply bytes a connection may hold, then it is dropped
+REPLY_BUDGET = 32 * 1024 * 1024  # unsent reply bytes a connection may hold, then it is dropped
 FRAME_OVERHEAD = 128  # bytes a queued frame costs beyond its length (object, list slot)
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
 FRAME_STALL_TIMEOUT = 10.0  # seconds a started frame may go without a byte
+WRITE_STALL_TIMEOUT = 15.0  # seconds a write may wait on a peer that does not read
 FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
 MIN_FRAME_RATE = 1024 * 1024  # bytes/s
 MAX_CALLS = 50_000  # requests in flight per connection (one gateway multiplexes its clients)
@@ -110,7 +112,14 @@ class FrameWriter:
                 self._drained.set()
                 self._drained = trio.Event()
                 for data in wire.coalesce(frames):
-                    await self._stream.send_all(data)
+                    with trio.move_on_after(
+                        WRITE_STALL_TIMEOUT + len(data) / MIN_FRAME_RATE
+                    ) as stalled:
+                        await self._stream.send_all(data)
+                    if stalled.cancelled_caught:
+                        log.warning("dropping connection: peer reads no replies")
+                        self._connection.cancel()
+                        return
                 del frames, data
                 self._writing = 0
                 self._drained.set()
@@ -163,6 +172,8 @@ class RpcServer:
             await self._serve(stream, decoder, early)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        except Exception:  # a bug must cost this connection, never the process
+            log.exception("dropping connection: unexpected error")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -257,10 +268,10 @@ class RpcServer:
                     messages = decoder.feed(data)
                     if messages or not decoder.partial:
                         frame_started = 0.0  # the incomplete frame (if any) is a new one
-            except wire.WireError as exc:
+            except (wire.WireError, _Dropped) as exc:
                 log.warning("dropping connection: %s", exc)
-            except _Dropped as exc:
-                log.warning("dropping connection: %s", exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the peer went away (or TLS broke)
             nursery.cancel_scope.cancel()
 
     def _wrong_ring(self, call_id: int, theirs: int) -> dict[str, Any]:
