@@ -88,6 +88,8 @@ class ClusterConfig:
     max_body_bytes: int | None = None  # gateways; None: the gateway's default
     log_level: str | None = None  # gateways and shards; None: their default
     access_log: bool = False  # gateways: log every request
+    # Where clients reach the gateways (for Location headers); None: the URL `up` prints.
+    public_url: str | None = None
     # How to run `ds-cluster` in a child: the current interpreter, so a venv carries over.
     launcher: Sequence[str] = (sys.executable, "-m", "common.cli")
     # None: children inherit our stdout/stderr. A directory: each child appends to NAME.log.
@@ -241,7 +243,7 @@ def shard_lock_holder(shard_dir: Path) -> int | None:
         os.close(fd)
 
 
-async def _process_exit(pid: int) -> bool:
+async def wait_process_exit(pid: int) -> bool:
     """Wait for process `pid` (any process, not only a child) to exit, and return True;
     False at once if there is nothing to watch (no such process, or no pidfd here)."""
     try:
@@ -369,6 +371,7 @@ class Supervisor:
                 argv += ["--log-level", cfg.log_level]
             if cfg.access_log:
                 argv.append("--access-log")
+            argv += ["--public-url", cfg.public_url or self.url]
             self._children.append(_Child(f"gateway-{g}", "gateway", argv))
         if cfg.log_dir is not None:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
@@ -445,7 +448,7 @@ class Supervisor:
             first = next(iter(holders.values()))
             with trio.move_on_after(min(remaining, _OWNER_RECHECK)):
                 # The OS drops a process's locks before its exit can be watched.
-                if not (first and await _process_exit(first)):
+                if not (first and await wait_process_exit(first)):
                     await trio.sleep_forever()  # nothing to watch: look again shortly
 
     async def _wait_for_port(self, host: str, port: int) -> None:
@@ -635,6 +638,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--access-log", action="store_true", help="gateways log every request")
     parser.add_argument(
+        "--public-url",
+        default=None,
+        metavar="URL",
+        help="scheme://host[:port] clients reach the gateways at, for Location headers "
+        "(default: the URL printed when ready)",
+    )
+    parser.add_argument(
         "--log-dir", type=Path, default=None, help="write each child's log to DIR/NAME.log"
     )
 
@@ -659,6 +669,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
             access_log=args.access_log,
+            public_url=args.public_url,
             log_dir=args.log_dir,
         )
     except ValueError as exc:

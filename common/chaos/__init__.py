@@ -4,7 +4,8 @@ reordered and that every live reader saw a gap-free, duplicate-free sequence.
 
 Modules: `payload` (message ids and encodings), `sse` (SSE parsing), `workload`
 (idempotent writers, live readers, forks), `faults` (signals and unavailability),
-`verify` (pure verdict), `report` (progress and summary), `runner` (the phases).
+`verify` (pure verdict), `report` (progress and summary), `runner` (the phases),
+`process_cluster` (`ds-cluster up` as a child process, for supervisor kills).
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.kill_interval,
         help="mean seconds between faults; 0 = no faults (%(default)s)",
+    )
+    a(
+        "--kill-supervisor-interval",
+        type=float,
+        default=d.kill_supervisor_interval,
+        help="mean seconds between SIGKILLs of the supervisor itself, each followed by a new "
+        "`up` on the same data dir; the supervisor then runs as a child process; "
+        "0 = never (%(default)s)",
     )
     a("--seed", type=int, default=None, help="random seed (printed when not given)")
     a(
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         shards=args.shards,
         kill_interval=args.kill_interval,
+        kill_supervisor_interval=args.kill_supervisor_interval,
         seed=args.seed,
         stop_probability=args.stop_probability,
         streams_per_shard=args.streams_per_shard,

@@ -64,12 +64,14 @@ class FaultEvent:
     """One injected fault and how long the shard stayed unavailable afterwards."""
 
     shard: str
-    kind: str  # "kill" | "stop"
+    kind: str  # "kill" | "stop" | "supervisor-kill" (shard: "supervisor")
     at: float  # seconds since the run started
     pid: int
     duration: float = 0.0  # how long a stop lasted
     recovered_after: float | None = None  # first successful write started after the fault
-    respawned_after: float | None = None  # a kill: when the supervisor started the successor
+    # a kill: when the supervisor started the successor; a supervisor kill: when the new
+    # supervisor was ready
+    respawned_after: float | None = None
 
 
 @dataclass(frozen=True)

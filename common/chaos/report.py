@@ -24,6 +24,7 @@ class ChaosResult:
     healthy: bool
     health_detail: list[str] = field(default_factory=list)
     data_dir: str | None = None
+    kill_supervisor_interval: float = 0.0
 
     @property
     def violations(self) -> list[Violation]:
@@ -49,12 +50,25 @@ class ChaosResult:
             for e in self.faults
             if e.kind == "kill" and e.recovered_after is not None
         )
-        respawn = sorted(e.respawned_after for e in self.faults if e.respawned_after is not None)
+        respawn = sorted(
+            e.respawned_after
+            for e in self.faults
+            if e.kind == "kill" and e.respawned_after is not None
+        )
         return {
             "median_unavailability_kill": statistics.median(down) if down else None,
             "median_respawn": statistics.median(respawn) if respawn else None,
             "longest_respawn": respawn[-1] if respawn else None,
         }
+
+    def supervisor_figures(self) -> dict[str, float | None]:
+        """Longest time to a new ready supervisor after a supervisor kill."""
+        ready = [
+            e.respawned_after
+            for e in self.faults
+            if e.kind == "supervisor-kill" and e.respawned_after is not None
+        ]
+        return {"longest_supervisor_restart": max(ready) if ready else None}
 
     def to_json(self) -> dict:
         verdict = self.verdict
@@ -73,6 +87,9 @@ class ChaosResult:
             "forks": self.stats.forks_created,
             "kills": sum(1 for e in self.faults if e.kind == "kill"),
             "stops": sum(1 for e in self.faults if e.kind == "stop"),
+            "kill_supervisor_interval": self.kill_supervisor_interval,
+            "supervisor_kills": sum(1 for e in self.faults if e.kind == "supervisor-kill"),
+            "orphans": sum(1 for d in self.health_detail if d.startswith("orphan:")),
             "lost": verdict.lost,
             "duplicated": verdict.duplicated,
             "reordered": verdict.reordered,
@@ -84,7 +101,9 @@ class ChaosResult:
             "reader_stalls": sum(r.stalls for r in self.readers),
             "longest_unavailability_kill": self.unavailability("kill"),
             "longest_unavailability_stop": self.unavailability("stop"),
+            "longest_unavailability_supervisor_kill": self.unavailability("supervisor-kill"),
             **self.kill_figures(),
+            **self.supervisor_figures(),
             "healthy": self.healthy,
             "faults": [asdict(e) for e in self.faults],
             "violations": [asdict(v) for v in self.violations],
@@ -105,11 +124,13 @@ def progress_line(
     violations: int,
 ) -> str:
     kills = sum(1 for e in faults if e.kind == "kill")
-    stops = len(faults) - kills
+    stops = sum(1 for e in faults if e.kind == "stop")
+    supervisor_kills = len(faults) - kills - stops
     return (
         f"[chaos {elapsed:7.1f}s] acked {stats.acked_batches} writes "
         f"({rate:6.1f}/s), retries {stats.retries}, kills {kills}, stops {stops}, "
-        f"down {','.join(down) or '-'}, readers got {reader_messages}, "
+        + (f"supervisor kills {supervisor_kills}, " if supervisor_kills else "")
+        + f"down {','.join(down) or '-'}, readers got {reader_messages}, "
         f"violations {violations}"
     )
 
@@ -123,6 +144,7 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
     s = result.stats
     kills = [e for e in result.faults if e.kind == "kill"]
     stops = [e for e in result.faults if e.kind == "stop"]
+    supervisor_kills = [e for e in result.faults if e.kind == "supervisor-kill"]
     modes = {}
     for r in result.readers:
         modes[r.mode] = modes.get(r.mode, 0) + 1
@@ -136,6 +158,7 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
         ),
         ("streams / forks", f"{result.streams} / {s.forks_created}"),
         ("kills / stops", f"{len(kills)} / {len(stops)}"),
+        ("supervisor kills", str(len(supervisor_kills))),
         ("retries", str(s.retries)),
         ("lost", str(v.lost)),
         ("duplicated", str(v.duplicated)),
@@ -163,21 +186,44 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
         ),
         ("cluster healthy at end", "yes" if result.healthy else "NO"),
     ]
+    if supervisor_kills:
+        rows.insert(
+            -1,
+            (
+                "after a supervisor kill",
+                f"every shard wrote again after {_secs(result.unavailability('supervisor-kill'))} "
+                f"at the longest; the new supervisor was ready after "
+                f"{_secs(result.supervisor_figures()['longest_supervisor_restart'])} "
+                f"at the longest; orphans: "
+                f"{sum(1 for d in result.health_detail if d.startswith('orphan:'))}",
+            ),
+        )
+    else:
+        rows.remove(("supervisor kills", "0"))
     width = max(len(k) for k, _ in rows)
+    every = "no shard faults"
+    if result.kill_interval > 0:
+        every = f"a fault every ~{result.kill_interval:g}s"
+    if result.kill_supervisor_interval > 0:
+        every += f", a supervisor kill every ~{result.kill_supervisor_interval:g}s"
     lines = [
         f"ds-cluster chaos: seed {result.seed}, {result.shards} shards, "
-        f"{result.duration:.0f}s, a fault every ~{result.kill_interval:g}s",
+        f"{result.duration:.0f}s, {every}",
         *(f"  {k.ljust(width)}  {val}" for k, val in rows),
     ]
     if result.faults:
         lines.append("")
-        lines.append(f"  {'#':>3}  {'at':>7}  {'shard':<10} {'fault':<5} {'pid':>7}  unavailable")
+        kind_width = max(len(e.kind) for e in result.faults)
+        lines.append(
+            f"  {'#':>3}  {'at':>7}  {'shard':<10} {'fault':<{kind_width}} {'pid':>7}  unavailable"
+        )
         for i, e in enumerate(result.faults, 1):
             extra = f" (stopped {e.duration:.1f}s)" if e.kind == "stop" else ""
             if e.respawned_after is not None:
-                extra = f" (respawned after {e.respawned_after:.2f}s)"
+                what = "new supervisor ready" if e.kind == "supervisor-kill" else "respawned"
+                extra = f" ({what} after {e.respawned_after:.2f}s)"
             lines.append(
-                f"  {i:>3}  {e.at:6.1f}s  {e.shard:<10} {e.kind:<5} {e.pid:>7}  "
+                f"  {i:>3}  {e.at:6.1f}s  {e.shard:<10} {e.kind:<{kind_width}} {e.pid:>7}  "
                 f"{_secs(e.recovered_after) if e.recovered_after is not None else 'NOT RECOVERED'}"
                 f"{extra}"
             )

@@ -1,11 +1,12 @@
 """Orchestration of one chaos run: launch, plan, write/read under faults, drain, verify.
 
-Phases: the cluster comes up (in-process `Supervisor`, or an external `--url` without
-faults); streams are planned so every shard owns some, JSON and binary alike; writers and
-readers start; forks of streams on one shard are created on another mid-run; faults are
-injected until the duration is up; then writers finish their in-flight batch, every shard
-must accept a probe write, a final catch-up read takes each stream's content, readers get
-time to catch up to it, and the verifier judges.
+Phases: the cluster comes up (in-process `Supervisor`; `ds-cluster up` as a child
+process when the supervisor itself is to be killed; or an external `--url` without
+faults); streams are planned so every shard owns some, JSON and binary alike; writers
+and readers start; forks of streams on one shard are created on another mid-run; faults
+are injected until the duration is up; then writers finish their in-flight batch, every
+shard must accept a probe write, a final catch-up read takes each stream's content,
+readers get time to catch up to it, and the verifier judges.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common.ring import Ring
 from .faults import FaultInjector, is_own_child
 from .model import StreamPlan
 from .payload import BINARY, JSON, Decoder, PayloadError
+from .process_cluster import ProcessCluster
 from .report import ChaosResult, progress_line, summary
 from .verify import verify
 from .workload import Reader, Run, Writer, create_stream
@@ -39,6 +41,7 @@ class ChaosOptions:
     duration: float = 60.0
     shards: int = 4
     kill_interval: float = 5.0
+    kill_supervisor_interval: float = 0.0  # > 0: run `up` as a process and SIGKILL it
     seed: int | None = None
     stop_probability: float = 0.2  # share of faults that are a SIGSTOP of a few seconds
     streams_per_shard: int = 3
@@ -87,6 +90,11 @@ def supervised_cluster(options: ChaosOptions, data_dir: str) -> Cluster:
     }
     known = {f.name for f in dataclasses.fields(ClusterConfig)}
     return Supervisor(ClusterConfig(**{k: v for k, v in wanted.items() if k in known}))
+
+
+def process_cluster(options: ChaosOptions, data_dir: str) -> Cluster:
+    """`ds-cluster up` as a child process, so that the supervisor itself can be killed."""
+    return ProcessCluster(options, data_dir)
 
 
 class ExternalCluster:
@@ -206,7 +214,8 @@ async def run_chaos(
     if options.url:
         cluster: Cluster = ExternalCluster(options.url)
     else:
-        cluster = (cluster_factory or supervised_cluster)(options, data_dir)
+        default = process_cluster if options.kill_supervisor_interval > 0 else supervised_cluster
+        cluster = (cluster_factory or default)(options, data_dir)
     out(f"[chaos] seed {seed}; data in {data_dir}")
     result: ChaosResult | None = None
     try:
@@ -216,6 +225,10 @@ async def run_chaos(
                 result = await _exercise(options, cluster, seed, rng, out)
             finally:
                 cluster_nursery.cancel_scope.cancel()
+        # Checked once the cluster is stopped: children outliving a supervisor.
+        for orphan in getattr(cluster, "orphans", []):
+            result.health_detail.append(f"orphan: {orphan}")
+            result.healthy = False
     finally:
         if result is not None:
             if own_dir and result.passed and not options.keep_data:
@@ -263,7 +276,11 @@ class Exercise:
         self.plans = plan_streams(self.shards, options.streams_per_shard, self.token)
         start = trio.current_time()
         self.injector: FaultInjector | None = None
-        if not options.url and options.kill_interval > 0:
+        self.owns: Callable[[int], bool] = getattr(cluster, "owns", is_own_child)
+        killable = cluster if hasattr(cluster, "kill_supervisor") else None
+        if not options.url and (
+            options.kill_interval > 0 or (killable and options.kill_supervisor_interval > 0)
+        ):
             self.injector = FaultInjector(
                 cluster.child_pids,
                 self.shards,
@@ -272,6 +289,9 @@ class Exercise:
                 kill_interval=options.kill_interval,
                 stop_probability=options.stop_probability,
                 log=out,
+                owns=self.owns,
+                supervisor=killable,
+                supervisor_kill_interval=options.kill_supervisor_interval,
             )
         self.run_ = Run(
             cluster.url,
@@ -449,9 +469,13 @@ class Exercise:
                     self.health.append(
                         f"{event.shard} served no write after the {event.kind} at {event.at:.1f}s"
                     )
-            for name, pid in self.cluster.child_pids().items():
-                if not is_own_child(pid):
+            self.health.extend(self.injector.problems)
+            pids = self.cluster.child_pids()
+            for name, pid in pids.items():
+                if not self.owns(pid):
                     self.health.append(f"{name} (pid {pid}) is not running at the end")
+            for name in sorted(set(self.shards) - set(pids)):
+                self.health.append(f"{name} is not running at the end")
         if not self.options.url:
             try:
                 response = await self.client.get(
@@ -490,6 +514,7 @@ class Exercise:
             shards=len(self.shards),
             duration=self.options.duration,
             kill_interval=self.options.kill_interval,
+            kill_supervisor_interval=self.options.kill_supervisor_interval,
             stats=self.run_.stats,
             faults=self.injector.events if self.injector else [],
             verdict=verdict,
