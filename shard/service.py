@@ -33,6 +33,7 @@ from shard.core.model import (
 )
 from shard.core.sse import SseSession
 from shard.forks import ForkCoordinator
+from shard.offload import BodyOffload
 from shard.peers import PeerUnavailable
 from shard.store import Store, StreamWrite
 from shard.streams import Entry, StreamTable
@@ -69,6 +70,7 @@ class ShardService:
         self.table = StreamTable(store)
         self.committer = Committer(store, self._after_commit)
         self.alarms = AlarmLoop(self._expire)
+        self.offload = BodyOffload()
         self.forks = ForkCoordinator(
             shard_id, ring, store, self.committer, self.table, config, self._stage, pool
         )
@@ -111,6 +113,14 @@ class ShardService:
     # -- HTTP requests -----------------------------------------------------------------------
 
     async def handle_http(self, request: Request, respond: Respond, send: SendChunk) -> None:
+        if self.offload.engaged(request):  # a large body: cut it off the loop first
+            await self.offload.run(
+                request, lambda ready: self._handle(ready, respond, send), respond
+            )
+        else:
+            await self._handle(request, respond, send)
+
+    async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
         entry = self.table.get(request.path)
         try:
             await self._dispatch(entry, request, respond, send)

@@ -37,6 +37,22 @@ class Request:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    # A large body already cut into record pieces by the runtime, off its event loop
+    # (see core.bodies); the core uses it instead of cutting `body` itself.
+    body_pieces: BodyPieces | None = None
+
+
+@dataclass(frozen=True)
+class BodyPieces:
+    """A request body cut into record pieces: `(data, positions covered)` in order.
+
+    Built by `core.bodies.prepare` from `body` with the same pure functions the core
+    uses inline. `json` says which cut it is (the core ignores pieces of the wrong kind);
+    `error` is the 400 message for a JSON body that is invalid."""
+
+    json: bool
+    pieces: tuple[tuple[bytes, int], ...] = ()
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from common.paths import PathError, stream_path_from_url
 
-from . import jsonmode, producers
+from . import bodies, jsonmode, producers
 from .cursor import next_cursor
 from .errors import ProtocolError, bad_request, error_response
 from .headers import (
@@ -28,6 +28,7 @@ from .headers import (
     request_content_type,
 )
 from .model import (
+    BodyPieces,
     CoreConfig,
     Decision,
     NeedRecords,
@@ -198,14 +199,12 @@ def _append(request: Request, state: StreamState | None, now: float) -> Reply:
     records: tuple[Record, ...] = ()
     new_tail = tail
     if body:
-        if is_json(state.content_type):
-            data, count = jsonmode.parse_body(body, allow_empty=False)
-        else:
-            data, count = body, len(body)
-        new_tail = tail + count
+        records = bodies.records(
+            state.content_type, body, tail, request.body_pieces, allow_empty=False
+        )
+        new_tail = records[-1].end
         if new_tail > MAX_POSITION:
             raise ProtocolError(413, "stream is full")
-        records = (Record(tail, new_tail, data),)
 
     new_state = evolve(
         state,
@@ -363,11 +362,12 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
     body = request.body
     if params.source is not None:
         if body and params.content_type is not None and is_json(params.content_type):
-            jsonmode.parse_body(body, allow_empty=True)  # fail before taking a reference
+            # Fail before taking a reference.
+            bodies.records(params.content_type, body, 0, request.body_pieces, allow_empty=True)
         return NeedSource(params.source, params.fork_offset, params.sub_offset, params.content_type)
 
     content_type = params.content_type or DEFAULT_CONTENT_TYPE
-    records = initial_records(content_type, body, 0)
+    records = initial_records(content_type, body, 0, request.body_pieces)
     new_state = StreamState(
         path=request.path,
         content_type=content_type,
@@ -382,15 +382,14 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
     return created(request, new_state, records)
 
 
-def initial_records(content_type: str, body: bytes, tail: int) -> tuple[Record, ...]:
-    """The record a create's body adds at `tail` (none for an empty body or `[]`)."""
+def initial_records(
+    content_type: str, body: bytes, tail: int, prepared: BodyPieces | None = None
+) -> tuple[Record, ...]:
+    """The records a create's body adds at `tail` (none for an empty body or `[]`).
+    Pass the request's `body_pieces` as `prepared`."""
     if not body:
         return ()
-    if is_json(content_type):
-        data, count = jsonmode.parse_body(body, allow_empty=True)
-    else:
-        data, count = body, len(body)
-    return (Record(tail, tail + count, data),) if count else ()
+    return bodies.records(content_type, body, tail, prepared, allow_empty=True)
 
 
 def created(request: Request, state: StreamState, records: tuple[Record, ...]) -> Reply:
