@@ -21,7 +21,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 
-from common import rpc_security
+from common import rpc_security, watchdog
 from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
@@ -102,6 +102,7 @@ async def serve_gateway(
     args: argparse.Namespace, endpoints: dict[str, tuple[str, int]], sock: socket.socket
 ) -> None:
     ring = Ring(args.ring_version, tuple(endpoints))
+    watchdog.install("gateway")  # logs event-loop stalls over 100 ms
     bound = sock.getsockname()
     base = public_url(args.public_url, bound)
     output = OutputBudget(args.max_output_bytes, args.max_connection_output_bytes)

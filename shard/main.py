@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from common import rpc_security
+from common import rpc_security, watchdog
 from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     host, port = parse_listen(args.listen)
+    watchdog.install(args.id)  # logs event-loop stalls over 100 ms
     peers = parse_endpoints(args.peers)
     peers.pop(args.id, None)
     ring = Ring(args.ring_version, (args.id, *peers))
