@@ -1,13 +1,16 @@
-"""Where the group committer runs a transaction: on the loop when the group is small and
-commits are quick, in a worker thread when the group is large or after slow commits.
+"""The group committer: where a transaction runs (on the loop when the group is small and
+commits are quick, in a worker thread when the group is large or after slow commits), how
+it rides out storage that fails, and how it gives deleted data's space back.
 
 Real SQLite (`shard.store.Store` in a temporary directory); a slow disk is simulated by a
-store whose commit sleeps after doing the real work. Whatever the placement, every write
-is durable when its job is released: a second Store on the same file reads it back.
+store whose commit sleeps after doing the real work, an unwritable one with `chattr +i`.
+Whatever happens, every write is durable when its job is released: a second Store on the
+same file reads it back.
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ import trio
 from shard import committer as committer_module
 from shard.committer import Committer, Job
 from shard.core.model import Record, StreamState
-from shard.store import Batch, Store, StreamWrite
+from shard.store import Batch, StorageUnavailable, Store, StreamWrite
 from shard.streams import Entry
 
 MAIN = threading.get_ident()
@@ -103,3 +106,99 @@ async def test_commit_placement_follows_group_size_and_speed(
     assert data == b"x0x1x2" + big + b"onefastslow0slow1slow2afteragain"
     reopened.close()
     store.close()
+
+
+def purge_job(entry: Entry, sid: int) -> Job:
+    return Job(writes=[(entry, StreamWrite(entry.path, sid, sid, None))])
+
+
+async def test_freed_pages_go_back_to_the_filesystem_after_a_purge(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    committer = Committer(store, lambda jobs: None)
+    entry = Entry("big")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        for _ in range(16):
+            await run_jobs(committer, [job_for(entry, 1, b"z" * 1024 * 1024)])
+        full = store.path.stat().st_size + (tmp_path / "shard.db-wal").stat().st_size
+        await run_jobs(committer, [purge_job(entry, 1)])
+        with trio.fail_after(20):
+            while store.freelist_pages():
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    store.close()  # the last connection checkpoints into the database file
+    assert store.path.stat().st_size < 1024 * 1024 < full
+    reopened = Store(tmp_path)
+    assert reopened.read_records(1, 0, 1 << 30) == []
+    reopened.close()
+
+
+async def test_store_that_cannot_open_refuses_writes_and_opens_later(tmp_path: Path) -> None:
+    """A data directory that cannot be created now (a file is in the way) becomes usable
+    later: the committer keeps trying, with no restart."""
+    data_dir = tmp_path / "data"
+    data_dir.write_text("not a directory")
+    store = Store(data_dir)
+    assert store.health().startswith("failed: ")
+    with pytest.raises(StorageUnavailable):
+        store.load_stream("s")
+    committer = Committer(store, lambda jobs: None)
+    entry = Entry("s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        with pytest.raises(StorageUnavailable):
+            await run_jobs(committer, [job_for(entry, 1, b"refused")])
+        assert entry.pending is None  # the refused write left nothing behind
+        data_dir.unlink()
+        with trio.fail_after(10):
+            await committer.wait_storage_ok()
+        assert committer.health() == "ok"
+        await run_jobs(committer, [job_for(entry, 1, b"accepted")])
+        nursery.cancel_scope.cancel()
+    assert [r.data for r in store.read_records(1, 0, 1024)] == [b"accepted"]
+    store.close()
+
+
+def chattr(flag: str, *paths: Path) -> bool:
+    return all(
+        subprocess.run(["chattr", flag, str(p)], capture_output=True).returncode == 0 for p in paths
+    )
+
+
+async def test_unwritable_files_fail_writes_at_once_and_recover_by_reopening(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path)
+    files = [store.path, tmp_path / "shard.db-wal"]
+    committer = Committer(store, lambda jobs: None)
+    entry = Entry("s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        await run_jobs(committer, [job_for(entry, 1, b"before")])
+        if not chattr("+i", *files):
+            chattr("-i", *files)
+            pytest.skip("chattr +i is not available here")
+        try:
+            with pytest.raises(StorageUnavailable):
+                await run_jobs(committer, [job_for(entry, 1, b"refused")])
+            assert committer.health().startswith("failed: ")
+            # While failed, writes are refused at once, without touching the disk.
+            started = trio.current_time()
+            for _ in range(3):
+                with pytest.raises(StorageUnavailable):
+                    await run_jobs(committer, [job_for(entry, 1, b"refused")])
+            assert trio.current_time() - started < 1.0
+            # Reads of committed data still work.
+            assert [r.data for r in store.read_records(1, 0, 1024)] == [b"before"]
+            await trio.sleep(0.5)  # reopen attempts fail: the files are still immutable
+            assert committer.health().startswith("failed: ")
+        finally:
+            chattr("-i", *files)
+        with trio.fail_after(10):
+            await committer.wait_storage_ok()
+        await run_jobs(committer, [job_for(entry, 1, b"after")])
+        nursery.cancel_scope.cancel()
+    store.close()
+    reopened = Store(tmp_path)
+    assert [r.data for r in reopened.read_records(1, 0, 1024)] == [b"before", b"after"]
+    reopened.close()
