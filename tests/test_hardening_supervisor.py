@@ -22,6 +22,7 @@ import httpx
 import pytest
 import trio
 
+from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
 from common.supervisor import (
     LIFELINE_GRACE,
     ClusterConfig,
@@ -242,6 +243,7 @@ async def test_second_up_is_refused_while_a_shard_outside_any_supervisor_holds_i
     argv = [sys.executable, "-m", "common.cli", "shard", "--id", "shard-0"]
     argv += ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data / "shard-0")]
     argv += ["--peers", f"shard-0=127.0.0.1:{port},shard-1=127.0.0.1:1"]
+    argv += ["--cluster-secret-file", str(ensure_secret_file(data / SECRET_FILE_NAME))]
     with open(tmp_path / "shard.log", "wb") as shard_log:
         shard = await trio.lowlevel.open_process(
             argv, cwd=REPO, stdout=shard_log, stderr=subprocess.STDOUT

@@ -194,7 +194,7 @@ async def test_refuses_a_busy_port(tmp_path: Path) -> None:
         await busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = ClusterConfig(shards=1, port=port, data_dir=tmp_path / "data")
+        config = ClusterConfig(shards=1, port=port, data_dir=tmp_path / "data", owner_wait=0.5)
         with pytest.raises(SupervisorError, match=f"127.0.0.1:{port}"):
             await Supervisor(config).run()
 
