@@ -396,8 +396,9 @@ async def test_cross_shard_fork_of_a_source_over_256_mib(cluster: Supervisor) ->
 async def test_fork_read_answers_503_while_its_source_shard_is_down_and_recovers(
     cluster: Supervisor,
 ) -> None:
-    src, f = names_on(cluster, "down").values()
-    source_shard = cluster.shard_ids[0]
+    names = names_on(cluster, "down")
+    src, f = names["shard-0"], names["shard-1"]
+    source_shard = "shard-0"
     data = pattern(0, 50_000)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as client:
         await create(client, src, BINARY, data)
@@ -430,8 +431,9 @@ async def test_fork_read_answers_503_while_its_source_shard_is_down_and_recovers
 async def test_read_fork_is_served_only_for_a_reference_held_on_that_source(
     cluster: Supervisor,
 ) -> None:
-    src, other = names_on(cluster, "cap").values()
-    source_shard = cluster.shard_ids[0]
+    names = names_on(cluster, "cap")
+    src, other = names["shard-0"], names["shard-1"]
+    source_shard = "shard-0"
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
         await create(client, src, TEXT, b"secret data")
     secret = read_secret_file(cluster.data_dir / SECRET_FILE_NAME)
