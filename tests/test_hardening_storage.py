@@ -70,7 +70,10 @@ def immutable(*paths: Path) -> Iterator[None]:
 
 
 def db_files(directory: Path) -> list[Path]:
-    return [p for p in (directory / "shard.db", directory / "shard.db-wal") if p.exists()]
+    """The database's files, -shm included if there is one (a mapped -shm made immutable
+    is what killed the shard with SIGBUS; the shard now keeps no such file)."""
+    names = ("shard.db", "shard.db-wal", "shard.db-shm")
+    return [directory / name for name in names if (directory / name).exists()]
 
 
 def db_size(directory: Path) -> int:
