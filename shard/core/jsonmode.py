@@ -6,9 +6,9 @@ commas, and it covers one position per message. A read is then just
 `b"[" + b",".join(record datas) + b"]"` with no re-encoding, and message counts (fork
 sub-offsets) are plain position arithmetic.
 
-An append is cut into records of at most `MAX_RECORD_BYTES` of data (a single larger
-message is a record of its own), and a record whose messages hold strings or nested
-values holds at most `MAX_RECORD_MESSAGES` of them. Splitting a record in the middle (a
+An append is cut into records of at most `MAX_RECORD_BYTES` of data (a larger message
+is a record of its own), and a record whose messages hold strings or nested values holds
+at most `MAX_RECORD_MESSAGES` of them. Splitting a record in the middle (a
 fork sub-offset, a read at an unaligned position) is therefore bounded work: comma
 arithmetic in C for flat scalars, a per-message scan of at most `MAX_RECORD_MESSAGES`
 otherwise. Records stored before this bound existed may be larger; they split the same
@@ -174,11 +174,14 @@ _NTH_COMMA = re.compile("(?:[^,]*,){%d}" % MAX_RECORD_MESSAGES)  # noqa: UP031
 
 def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
     """Message by message from `pos`: up to MAX_RECORD_MESSAGES messages and about
-    MAX_RECORD_BYTES of text (always at least one message)."""
+    MAX_RECORD_BYTES of text. A message that would take the piece past MAX_RECORD_BYTES
+    starts the next piece, so a large message is a record of its own (a read never has
+    to split a record inside or right after one)."""
     scan = _DECODER.scan_once
     match_ws = _WS_RE.match
     idx = pos
     count = 0
+    last_comma = pos
     while True:
         try:
             _, stop = scan(text, idx)
@@ -186,6 +189,8 @@ def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
             raise _Invalid("invalid JSON") from None
         if stop > end:
             raise _Invalid("invalid JSON")
+        if count and stop - pos > MAX_RECORD_BYTES:
+            return last_comma, count
         _check_strict(text, idx, stop)
         count += 1
         idx = match_ws(text, stop).end()
@@ -195,6 +200,7 @@ def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
             raise _Invalid("invalid JSON: expected ',' between array elements")
         if count >= MAX_RECORD_MESSAGES or idx - pos >= MAX_RECORD_BYTES:
             return idx, count
+        last_comma = idx
         idx = match_ws(text, idx + 1).end()
         if idx >= end:
             raise _Invalid("invalid JSON: trailing comma")
@@ -295,8 +301,8 @@ def _flat(data: bytes) -> bool:
 
 
 def _comma_index(data: bytes, k: int) -> int:
-    """Index of the k-th comma (k >= 1) of flat data: bisect with C-speed counts (about
-    two passes over the data), then step through the last short stretch."""
+    """Index of the k-th comma (k >= 1) of flat data, -1 if it has fewer: bisect with
+    C-speed counts (about two passes over the data), then step through the last stretch."""
     lo, hi, seen = 0, len(data), 0
     while hi - lo > 512:
         mid = (lo + hi) // 2
@@ -308,7 +314,9 @@ def _comma_index(data: bytes, k: int) -> int:
             lo = mid
     idx = lo - 1
     for _ in range(k - seen):
-        idx = data.index(b",", idx + 1)
+        idx = data.find(b",", idx + 1)
+        if idx < 0:
+            return -1
     return idx
 
 
@@ -316,6 +324,8 @@ def head(data: bytes, count: int, total: int) -> bytes:
     """The first `count` of a record's `total` messages."""
     if count >= total:
         return data
+    if count <= 0:
+        return b""
     if _flat(data):
         return data[: _comma_index(data, count)].rstrip(_WS)
     return b",".join(split_messages(data)[:count])
@@ -326,7 +336,8 @@ def tail(data: bytes, skip: int) -> bytes:
     if skip <= 0:
         return data
     if _flat(data):
-        return data[_comma_index(data, skip) + 1 :].lstrip(_WS)
+        idx = _comma_index(data, skip)
+        return data[idx + 1 :].lstrip(_WS) if idx >= 0 else b""
     return b",".join(split_messages(data)[skip:])
 
 

@@ -1,5 +1,7 @@
 """POST: appends, content types, Stream-Seq, closure, idempotent producers (5.2, 5.2.1, 5.3)."""
 
+import json
+
 import pytest
 from coresim import Sim, hdr, jbody
 
@@ -251,3 +253,70 @@ def test_binary_append_is_stored_without_copy():
     s.post("b", payload, ct="application/octet-stream")
     assert s.records["b"][-1].data is payload
     assert s.read_all("b") == payload
+
+
+# ---------------------------------------------------------------------------------------
+# Bounded records: a large append is stored as several records, still one atomic write.
+
+JSON = "application/json"
+
+
+def _items(n: int) -> bytes:
+    return b"[" + b",".join(b"%d" % i for i in range(n)) + b"]"
+
+
+def test_large_json_append_is_stored_as_bounded_contiguous_records():
+    s = Sim()
+    s.put("j", ct=JSON)
+    n = 60_000
+    r = s.post("j", _items(n), ct=JSON)
+    assert r.status == 204 and hdr(r, "stream-next-offset") == offsets.encode(n)
+    records = s.records["j"]
+    assert len(records) > 1
+    assert records[0].start == 0 and records[-1].end == n
+    assert all(a.end == b.start for a, b in zip(records, records[1:], strict=False))
+    assert all(len(r.data) <= 64 * 1024 for r in records)
+    assert json.loads(s.read_all("j").replace(b"][", b",")) == list(range(n))
+
+
+def test_large_binary_append_is_stored_as_bounded_records():
+    s = Sim()
+    s.put("b", ct="application/octet-stream")
+    body = bytes(range(256)) * 1000  # 256,000 bytes
+    assert s.post("b", body, ct="application/octet-stream").status == 204
+    assert [r.end - r.start for r in s.records["b"]] == [65536, 65536, 65536, 59392]
+    assert s.read_all("b") == body
+
+
+def test_large_append_with_a_producer_is_one_write_and_dedups_as_one():
+    s = Sim()
+    s.put("j", ct=JSON)
+    body = _items(40_000)
+    r = s.post("j", body, ct=JSON, **prod(P, 0, 0))
+    assert r.status == 200 and hdr(r, "stream-next-offset") == offsets.encode(40_000)
+    stored = list(s.records["j"])
+    assert len(stored) > 1 and s.states["j"].producers[P].last_seq == 0
+    retry = s.post("j", body, ct=JSON, **prod(P, 0, 0))
+    assert retry.status == 204 and hdr(retry, "producer-seq") == "0"
+    assert s.records["j"] == stored and s.states["j"].tail == 40_000
+
+
+def test_create_with_a_large_body_stores_bounded_records():
+    s = Sim()
+    assert s.put("j", _items(50_000), ct=JSON).status == 201
+    assert len(s.records["j"]) > 1 and s.states["j"].tail == 50_000
+    assert s.put("k", bytes(200_000), ct="application/octet-stream").status == 201
+    assert len(s.records["k"]) == 4 and s.states["k"].tail == 200_000
+
+
+@pytest.mark.parametrize(
+    "bad", [b'["\\ud800"]', b'{"a": "\\udfff"}', b"[1e999]", b"[1, -1e400]", b"[1,]"]
+)
+def test_strict_json_is_refused_and_changes_nothing(bad):
+    s = Sim()
+    s.put("j", "[1]", ct=JSON)
+    before = (dict(s.states), list(s.records["j"]))
+    r = s.post("j", bad, ct=JSON, **prod(P, 0, 0))
+    assert r.status == 400 and b"invalid JSON" in r.body
+    assert (dict(s.states), list(s.records["j"])) == before
+    assert s.put("new", bad, ct=JSON).status == 400 and "new" not in s.states

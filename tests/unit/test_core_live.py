@@ -290,3 +290,19 @@ def test_sse_chunked_catch_up():
     assert got == b"abcdefgh"
     assert [c.get("upToDate", False) for c in controls] == [False, True]
     assert sess.heartbeat().startswith(b":")
+
+
+def test_sse_from_inside_a_large_json_append_sends_exactly_what_follows():
+    s = Sim()
+    s.put("j", ct="application/json")
+    n = 80_000
+    s.post("j", "[" + ",".join(str(i) for i in range(n)) + "]", ct="application/json")
+    assert len(s.records["j"]) > 1
+    start = 12_345
+    _, sess = sse(s, "j", f"offset={offsets.encode(start)}&live=sse")
+    got: list[int] = []
+    while not sess.done and sess.position < n:
+        for et, data in events(step(s, "j", sess)):
+            if et == "data":
+                got += json.loads(data)
+    assert got == list(range(start, n))

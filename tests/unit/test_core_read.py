@@ -213,3 +213,38 @@ def test_finish_read_after_stream_vanished():
     req = Request("GET", "a", "")
     reply = finish_read(req, None, [], s.now, s.config)
     assert reply.response.status == 404
+
+
+def test_json_read_at_any_position_inside_a_large_append():
+    """A read at an unaligned position slices one bounded record (the position is
+    inside the append, not at a record boundary) and returns exactly what follows."""
+    s = Sim(config=CoreConfig(max_read_bytes=64 * 1024))
+    s.put("j", ct="application/json")
+    n = 100_000
+    s.post("j", b"[" + b",".join(b"%d" % i for i in range(n)) + b"]", ct="application/json")
+    bounds = [r.start for r in s.records["j"]]
+    positions = {
+        1,
+        7,
+        n - 1,
+        *bounds[1:4],
+        *(b - 1 for b in bounds[1:4]),
+        *(b + 1 for b in bounds[1:4]),
+    }
+    for position in sorted(positions):
+        r = s.get("j", f"offset={offsets.encode(position)}")
+        assert r.status == 200
+        end = offsets.decode(hdr(r, "stream-next-offset"))
+        assert position < end <= n
+        assert jbody(r) == list(range(position, end))
+
+
+def test_binary_read_inside_a_large_append():
+    s = Sim()
+    s.put("b", ct="application/octet-stream")
+    body = bytes(range(251)) * 1200
+    s.post("b", body, ct="application/octet-stream")
+    for position in (1, 65535, 65536, 65537, len(body) - 1):
+        r = s.get("b", f"offset={offsets.encode(position)}")
+        end = offsets.decode(hdr(r, "stream-next-offset"))
+        assert r.body == body[position:end] and end > position

@@ -1,8 +1,11 @@
 """Unit tests of the core's small pure helpers: offsets, header parsers, JSON mode."""
 
+import json
+import random
+
 import pytest
 
-from shard.core import jsonmode, offsets, producers
+from shard.core import bodies, jsonmode, offsets, producers
 from shard.core.cursor import current_interval, next_cursor
 from shard.core.errors import ProtocolError
 from shard.core.headers import (
@@ -17,7 +20,7 @@ from shard.core.headers import (
     parse_ttl,
     request_content_type,
 )
-from shard.core.model import CoreConfig, ProducerState
+from shard.core.model import BodyPieces, CoreConfig, ProducerState
 
 
 def test_offsets_roundtrip_and_order():
@@ -149,6 +152,209 @@ def test_json_split_head_tail():
     assert jsonmode.head(data, 2, 4) == b'{"a":[1,2]},"x,y"'
     assert jsonmode.tail(data, 3) == b"null"
     assert jsonmode.render([data]) == b'[{"a":[1,2]}, "x,y" ,3,\n null]'
+
+
+def _pieces_cover(body: bytes) -> list[tuple[bytes, int]]:
+    """Plan `body`, check the pieces are valid JSON covering its messages in order."""
+    plan = jsonmode.plan_body(body)
+    assert not isinstance(plan, str), plan
+    parts = [(body[a:b], n) for a, b, n in plan]
+    expected = json.loads(body)
+    expected = expected if isinstance(expected, list) else [expected]
+    got = []
+    for data, n in parts:
+        values = json.loads(b"[" + data + b"]")
+        assert len(values) == n >= 1
+        got += values
+    assert got == expected
+    return parts
+
+
+def test_json_plan_cuts_flat_bodies_into_bounded_records():
+    body = b"[" + b",".join(b"%d" % (i % 1000) for i in range(100_000)) + b"]"
+    parts = _pieces_cover(body)
+    assert len(parts) > 1
+    assert all(len(data) <= jsonmode.MAX_RECORD_BYTES for data, _ in parts)
+    assert b",".join(data for data, _ in parts) == body[1:-1]
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    r = rng.random()
+    if depth > 3 or r < 0.5:
+        return rng.choice([1, -2.5, "a,b", "x]y}", "é€\u2028", None, True, 'q"\\', 10**20])
+    if r < 0.75:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {f"k{i},": _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_json_plan_cuts_nested_bodies_at_message_boundaries(seed):
+    rng = random.Random(seed)
+    values = [_random_value(rng) for _ in range(rng.choice([3, 3000, 20_000]))]
+    body = json.dumps(
+        values, ensure_ascii=seed % 2 == 0, separators=(",", ":") if seed % 3 else (", ", ": ")
+    ).encode()
+    for data, n in _pieces_cover(body):
+        assert n <= jsonmode.MAX_RECORD_MESSAGES
+        assert len(data) <= jsonmode.MAX_RECORD_BYTES or n == 1
+
+
+def test_json_plan_small_messages_with_structure_are_bounded_by_count():
+    body = b"[" + b",".join([b"[1,2]", b'"a,b"', b"{}"] * 5000) + b"]"
+    parts = _pieces_cover(body)
+    assert max(n for _, n in parts) <= jsonmode.MAX_RECORD_MESSAGES
+    assert sum(n for _, n in parts) == 15_000
+
+
+def test_json_plan_keeps_a_large_message_whole():
+    big = json.dumps({"x": list(range(50_000))}).encode()
+    parts = _pieces_cover(b"[1," + big + b",2]")
+    assert parts == [(b"1", 1), (big, 1), (b"2", 1)]
+    assert _pieces_cover(big) == [(big, 1)]
+    assert _pieces_cover(b"  " + big + b"\n") == [(big, 1)]
+
+
+def test_json_plan_byte_offsets_with_multibyte_text():
+    body = json.dumps(["é" * 30_000, "x", "€" * 40_000], ensure_ascii=False).encode()
+    assert [n for _, n in _pieces_cover(body)] in ([1, 2], [2, 1], [1, 1, 1], [3])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"[1,]",
+        b"[,1]",
+        b"[1,,2]",
+        b"[1",
+        b"1]",
+        b"[1],[2]",
+        b"",
+        b"  ",
+        b"1 2",
+        b"[NaN]",
+        b"[1, -Infinity]",
+        b'["\xed\xa0\x80"]',  # a surrogate encoded as UTF-8 bytes
+        b"[" + b"1," * 40_000 + b"]",  # a trailing comma after many pieces
+        b"[" + b"1," * 40_000 + b"x]",
+        b"[" + b'"a",' * 40_000 + b"[}]",
+    ],
+)
+def test_json_plan_rejects_invalid_bodies(bad):
+    assert isinstance(jsonmode.plan_body(bad), str)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'["\\ud800"]',
+        b'["\\uDBFF x"]',
+        b'["\\udc00"]',
+        b'["ok", "\\ud800\\ud800"]',
+        b'{"\\ud83d": 1}',
+        b'"\\ude00\\ud83d"',  # the pair in the wrong order
+        b"[1e999]",
+        b"[-1E+400]",
+        b"1e309",
+        b"[" + b"9" * 400 + b".5]",
+        b"[" + b"9" * 250 + b"e99]",
+        b"[" + b"1," * 40_000 + b"1e999]",  # in a later piece
+        b"[" + b'"x",' * 40_000 + b'"\\udfff"]',
+    ],
+)
+def test_json_plan_rejects_lone_surrogates_and_overflowing_numbers(bad):
+    error = jsonmode.plan_body(bad)
+    assert isinstance(error, str) and error.startswith("invalid JSON"), error
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        b'["\\ud83d\\ude00"]',  # a pair
+        b'["\\\\ud800"]',  # an escaped backslash, then text
+        b'["\\u00e9\\u20ac"]',
+        b"[1e308, -1.7e308, 1e-999, 123456789012345678901234567890]",
+        b"[" + b"9" * 400 + b"]",  # a big integer is not a float
+        b'["1e999"]',
+    ],
+)
+def test_json_plan_accepts_what_is_strictly_valid(good):
+    assert not isinstance(jsonmode.plan_body(good), str)
+
+
+def test_json_split_fast_path_matches_the_scan():
+    rng = random.Random(7)
+    for _ in range(200):
+        n = rng.randint(1, 60)
+        seps = [",", ", ", " ,", "\n,\t"]
+        scalars = ["1", "-2.5e3", "true", "null", "0"]
+        data = "".join(
+            rng.choice(scalars) + (rng.choice(seps) if i < n - 1 else "") for i in range(n)
+        ).encode()
+        k = rng.randint(0, n)
+        messages = jsonmode.split_messages(data)
+        assert len(messages) == n
+        assert json.loads(b"[" + jsonmode.head(data, k, n) + b"]") == json.loads(
+            b"[" + b",".join(messages[:k]) + b"]"
+        )
+        assert json.loads(b"[" + jsonmode.tail(data, k) + b"]") == json.loads(
+            b"[" + b",".join(messages[k:]) + b"]"
+        )
+
+
+def test_json_split_of_an_old_unbounded_record():
+    # Records stored before bounded records existed hold a whole append.
+    n = 200_000
+    data = b",".join(b"%d" % i for i in range(n))
+    assert jsonmode.tail(data, n - 2) == b"%d,%d" % (n - 2, n - 1)
+    assert jsonmode.head(data, 3, n) == b"0,1,2"
+    assert jsonmode.tail(data, 1) == data[2:]
+    nested = b",".join(b"[%d]" % i for i in range(5000))
+    assert jsonmode.tail(nested, 4998) == b"[4998],[4999]"
+
+
+def test_binary_bodies_become_bounded_records():
+    size = 3 * bodies.MAX_RECORD_BYTES + 5
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    records = bodies.records("application/octet-stream", body, 10, allow_empty=False)
+    assert [r.end - r.start for r in records] == [bodies.MAX_RECORD_BYTES] * 3 + [5]
+    assert records[0].start == 10 and records[-1].end == 10 + size
+    assert all(a.end == b.start for a, b in zip(records, records[1:], strict=False))
+    assert b"".join(r.data for r in records) == body
+    small = bodies.records("text/plain", b"abc", 0, allow_empty=False)
+    assert len(small) == 1 and small[0].data == b"abc"  # the common case: no copy, one record
+
+
+def test_prepared_pieces_are_used_only_for_their_kind():
+    body = b"[1,2,3]"
+    prepared = bodies.prepare(body, True)
+    assert prepared == BodyPieces(True, ((b"1,2,3", 3),))
+    records = bodies.records("application/json", body, 4, prepared, allow_empty=False)
+    assert [(r.start, r.end, r.data) for r in records] == [(4, 7, b"1,2,3")]
+    # A body cut as binary for a JSON stream (its request said octet-stream) is re-cut.
+    wrong = bodies.prepare(body, False)
+    records = bodies.records("application/json", body, 0, wrong, allow_empty=False)
+    assert [(r.end, r.data) for r in records] == [(3, b"1,2,3")]
+    with pytest.raises(ProtocolError) as err:
+        bodies.records("application/json", body, 0, bodies.prepare(b"[1,", True), allow_empty=True)
+    assert err.value.status == 400
+    with pytest.raises(ProtocolError):
+        bodies.records("application/json", b"[]", 0, bodies.prepare(b"[]", True), allow_empty=False)
+    assert bodies.records("application/json", b"[]", 0, allow_empty=True) == ()
+
+
+def test_only_large_writes_are_offloaded():
+    from shard.core.model import Request
+
+    big = b"[" + b"1," * 40_000 + b"1]"
+    json_ct = {"content-type": "application/json"}
+    assert bodies.offload(Request("POST", "a", "", json_ct, big)) is True
+    assert bodies.offload(Request("PUT", "a", "", json_ct, big)) is True
+    assert bodies.offload(Request("POST", "a", "", json_ct, b"[1]")) is None
+    assert bodies.offload(Request("GET", "a", "", json_ct, big)) is None
+    binary = {"content-type": "application/octet-stream"}
+    assert bodies.offload(Request("POST", "a", "", binary, big)) is None  # a quick memcpy
+    huge = bytes(2 * bodies.OFFLOAD_BINARY_BYTES)
+    assert bodies.offload(Request("POST", "a", "", binary, huge)) is False
 
 
 def test_producer_rules():
