@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from common.faultproxy import FaultProxy
+from common.rpc_security import ensure_secret_file
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_TYPE = "application/json"
@@ -142,9 +143,12 @@ class ProxiedCluster:
                 cwd=ROOT,
             )
 
+    def _secret(self) -> list[str]:
+        return ["--cluster-secret-file", str(ensure_secret_file(self.tmp / "cluster.secret"))]
+
     async def start_shard(self) -> None:
         argv = ["shard", "--id", "shard-0", "--listen", f"127.0.0.1:{self.shard_port}"]
-        argv += ["--data-dir", str(self.data_dir), "--long-poll-timeout", "2"]
+        argv += ["--data-dir", str(self.data_dir), "--long-poll-timeout", "2", *self._secret()]
         self.shard = await self._spawn(argv, "shard")
 
     async def kill_shard(self) -> None:
@@ -155,7 +159,7 @@ class ProxiedCluster:
     async def start_gateway(self) -> None:
         port = int(self.url.rsplit(":", 1)[1])
         argv = ["gateway", "--listen", f"127.0.0.1:{port}"]
-        argv += ["--shards", f"shard-0=127.0.0.1:{self.proxy.port}"]
+        argv += ["--shards", f"shard-0=127.0.0.1:{self.proxy.port}", *self._secret()]
         self.gateway = await self._spawn(argv, "gateway")
 
     async def wait_ready(self, timeout: float = 30) -> None:
