@@ -53,7 +53,7 @@ MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven it
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 
-OPS = ("http", "ping", "export_fork", "release_fork")
+OPS = ("http", "ping", "export_fork", "release_fork", "read_fork")
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version")
 
 # Request headers the gateway forwards to shards; everything else is transport-level.
