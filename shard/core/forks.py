@@ -113,6 +113,8 @@ def _anchor(
     content_type: str | None,
 ) -> int:
     code = status(state, now)
+    if sub_offset < 0:  # the fork's shard parsed it; a peer's RPC may still send anything
+        raise ProtocolError(400, "invalid Stream-Fork-Sub-Offset")
     if code == 404:
         raise ProtocolError(404, "fork source stream not found")
     if code == 410:

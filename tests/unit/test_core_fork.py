@@ -351,6 +351,13 @@ def test_export_reads_no_records_without_a_sub_offset(s):
     assert export.position == 5
 
 
+def test_negative_sub_offset_from_a_peer_is_refused(s):
+    src = s.states["src"]
+    assert plan_export(src, offsets.encode(5), -1, s.now, s.config).status == 400
+    out = export_fork(src, offsets.encode(5), -1, [], s.now, s.config)
+    assert isinstance(out, Response) and out.status == 400
+
+
 def test_sub_offset_without_its_anchor_record_is_refused(s):
     src = s.states["src"]
     out = export_fork(src, offsets.encode(5), 2, [], s.now, s.config)
