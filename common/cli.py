@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             sp.set_defaults(_module=module)
     args = parser.parse_args(args_argv)
     if args.lifeline is not None:
-        watch(args.lifeline)
+        try:
+            watch(args.lifeline)
+        except OSError as exc:
+            parser.error(f"--lifeline {args.lifeline}: {exc.strerror}")
     return int(args._module.run(args) or 0)
 
 

@@ -329,6 +329,14 @@ def test_lifeline_flag_is_parsed_before_the_subcommand() -> None:
     )
     assert result.returncode == 2
     assert b"--lifeline wants FD[:GRACE]" in result.stderr
+    result = subprocess.run(  # a descriptor this process was not given
+        [sys.executable, "-m", "common.cli", "--lifeline", "77", "up", "--shards", "0"],
+        cwd=REPO,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert b"--lifeline 77:0: Bad file descriptor" in result.stderr
 
 
 async def test_a_child_with_a_lifeline_stops_gracefully_then_for_good(tmp_path: Path) -> None:

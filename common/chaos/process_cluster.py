@@ -94,8 +94,15 @@ class ProcessCluster:
         self.ready_timeout = ready_timeout
         self.process: trio.Process | None = None
         self.generations = 0
-        self.orphans: list[str] = []  # "shard-0 (pid 123) outlived supervisor pid 100"
+        self._orphans: dict[int, str] = {}  # pid -> "shard-0 (pid 123) outlived ..."
+        # Children of every killed supervisor, checked again when the run ends.
+        self._killed: list[tuple[int, dict[str, int]]] = []
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def orphans(self) -> list[str]:
+        """Children that outlived their supervisor by more than ORPHAN_DEADLINE."""
+        return list(self._orphans.values())
 
     # ---- the Cluster protocol ---------------------------------------------------------
 
@@ -143,6 +150,7 @@ class ProcessCluster:
         process = self.process
         children = self.child_pids()
         process.kill()
+        self._killed.append((process.pid, children))
         self._nursery.start_soon(self._expect_gone, process.pid, children)
         return process.pid
 
@@ -199,28 +207,31 @@ class ProcessCluster:
                     await trio.sleep(0.05)
         for name, pid in children.items():
             if running(pid):
-                self.orphans.append(
+                self._orphans[pid] = (
                     f"{name} (pid {pid}) outlived its supervisor (pid {supervisor_pid}) "
                     f"by more than {ORPHAN_DEADLINE:g} s"
                 )
 
     async def _stop(self) -> None:
-        """SIGTERM the current supervisor (it stops its children); check none is left."""
+        """SIGTERM the current supervisor (it stops its children); check that no child of
+        it, or of any supervisor killed during the run, is left."""
+        generations = list(self._killed)
         process = self.process
-        if process is None or process.returncode is not None:
-            return
-        children = self.child_pids()
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_GRACE):
-            await process.wait()
-        if process.returncode is None:
-            self.orphans.append(f"supervisor pid {process.pid} ignored SIGTERM; killed")
-            process.kill()
-            await process.wait()
-        await self._expect_gone(process.pid, children)
-        # A child the supervisor could not stop is ours to end: this run started it.
-        for pid in children.values():
-            if running(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        if process is not None and process.returncode is None:
+            children = self.child_pids()
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_GRACE):
+                await process.wait()
+            if process.returncode is None:
+                self._orphans[process.pid] = f"supervisor pid {process.pid} ignored SIGTERM"
+                process.kill()
+                await process.wait()
+            generations.append((process.pid, children))
+        for supervisor_pid, children in generations:
+            await self._expect_gone(supervisor_pid, children)
+            # A child its supervisor could not stop is ours to end: this run started it.
+            for pid in children.values():
+                if running(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
