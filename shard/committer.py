@@ -135,9 +135,9 @@ class Committer:
             self._wake = trio.Event()
             if self._store.failure is not None:
                 continue
-            if self._queue or self._dirty:
+            if self._queue or (self._dirty and not self._vacuum_due):
                 await self._commit_queued()
-            elif self._vacuum_due:
+            elif self._vacuum_due:  # touched TTLs wait for it: they may wait 5 s anyway
                 await self._vacuum_step()
 
     async def _commit_queued(self) -> None:
