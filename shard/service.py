@@ -85,11 +85,17 @@ class ShardService:
                 # the committer keeps trying, and recover our state once it opens.
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
-                await self.committer.wait_storage_ok()
-            for path, deadline in self.store.load_deadlines():
-                self.alarms.arm(path, deadline)
             nursery.start_soon(self.alarms.run)
-            await nursery.start(self.forks.run)
+            while True:
+                await self.committer.wait_storage_ok()
+                try:
+                    for path, deadline in self.store.load_deadlines():
+                        self.alarms.arm(path, deadline)
+                    await nursery.start(self.forks.run)
+                    break
+                except StorageUnavailable as exc:  # failed again meanwhile: wait, retry
+                    log.warning("recovering state at start-up failed: %s", exc)
+                    await trio.sleep(0.1)
             self.table.start_serving()
             task_status.started()
 
