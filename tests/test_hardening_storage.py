@@ -221,6 +221,13 @@ async def test_immutable_files_refuse_writes_then_recover_without_a_restart(
             for _ in range(20):
                 assert (await writer.append()).status_code in (200, 204)
             acked_before = list(writer.acked)
+            # More than the shard keeps in memory for live readers: reading it from the
+            # start goes to the database.
+            big = os.urandom(100 * 1024)
+            await client.put("/v1/stream/frozen-big", headers=BINARY)
+            for _ in range(5):
+                r = await client.post("/v1/stream/frozen-big", headers=BINARY, content=big)
+                assert r.status_code == 204, r.text
 
             async def storage_not_ready() -> bool:
                 return not_ready_for_storage(await readyz(client))
@@ -233,8 +240,10 @@ async def test_immutable_files_refuse_writes_then_recover_without_a_restart(
                     assert STORAGE_503 in r.text
                 r = await client.put("/v1/stream/frozen-new", headers=JSON)
                 assert r.status_code == 503, (r.status_code, r.text)
-                # Reads of committed data go on.
+                # Reads of committed data go on, from memory and from the database.
                 assert await writer.read_all() == acked_before
+                r = await client.get("/v1/stream/frozen-big", params={"offset": "-1"})
+                assert r.status_code == 200 and r.content == big * 5, r.status_code
                 # Readiness names the shard and says why (once the gateway has pinged it).
                 await wait_for(storage_not_ready, 15, "/readyz naming shard-0's storage")
                 await trio.sleep(2)  # several reopen attempts fail meanwhile
