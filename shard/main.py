@@ -25,7 +25,7 @@ from shard.store import Store
 
 log = logging.getLogger("shard")
 
-EXIT_DATA_DIR_BUSY = 3  # another process owns the data dir (or its lock cannot be taken)
+EXIT_DATA_DIR_BUSY = 3  # another live process holds the data dir's lock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
     # Before anything touches SQLite: a second process on these files corrupts them.
     try:
         lock = DataDirLock.acquire(args.data_dir)
-    except (DataDirBusy, OSError) as exc:
+    except DataDirBusy as exc:
         print(f"ds-cluster shard {args.id}: refusing to start: {exc}", file=sys.stderr)
         return EXIT_DATA_DIR_BUSY
+    except OSError as exc:  # no lock file can be made: no storage to serve from at all
+        print(f"ds-cluster shard {args.id}: cannot lock its data dir: {exc}", file=sys.stderr)
+        return 1
     try:
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(serve, args)
