@@ -24,6 +24,8 @@ import httpx
 import pytest
 import trio
 
+from shard.dirlock import DataDirBusy, DataDirLock
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +136,16 @@ def not_ready_for_storage(response: httpx.Response) -> bool:
 
 
 # ---- one owner per directory -------------------------------------------------------------
+
+
+def test_data_dir_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    first = DataDirLock.acquire(tmp_path / "shard-0")
+    assert (tmp_path / "shard-0" / "shard.lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(DataDirBusy) as refused:
+        DataDirLock.acquire(tmp_path / "shard-0")  # a second open file: refused too
+    assert refused.value.pid == os.getpid() and str(os.getpid()) in str(refused.value)
+    first.release()
+    DataDirLock.acquire(tmp_path / "shard-0").release()
 
 
 async def test_second_shard_on_the_same_dir_is_refused_naming_the_holder(start_cluster) -> None:
