@@ -287,7 +287,8 @@ async def test_shards_listen_on_shard_host_whatever_the_gateways_host(tmp_path: 
 @pytest.mark.slow
 async def test_up_binds_shards_to_shard_host_and_passes_gateway_options(tmp_path: Path) -> None:
     """Gateways on --host, shards on --shard-host (two loopback addresses, so nothing leaves
-    this machine); --max-body-bytes, --log-level and --access-log reach the children."""
+    this machine); --max-body-bytes, --log-level and --access-log reach the children, and
+    the gateways build Location from up's URL (--public-url), whatever Host says."""
     extra = ["--port", "0", "--host", "127.0.0.1", "--shard-host", "127.0.0.2"]
     extra += ["--max-body-bytes", "1000", "--log-level", "debug", "--access-log"]
     async with (
@@ -312,8 +313,10 @@ async def test_up_binds_shards_to_shard_host_and_passes_gateway_options(tmp_path
         assert gateway[gateway.index("--max-body-bytes") + 1] == "1000", gateway
         assert gateway[gateway.index("--log-level") + 1] == "DEBUG", gateway
         assert "--access-log" in gateway
-        response = await client.put("/v1/stream/big", headers=TEXT)
+        assert gateway[gateway.index("--public-url") + 1] == up.url, gateway
+        response = await client.put("/v1/stream/big", headers={**TEXT, "host": "evil.example"})
         assert response.status_code == 201, response.text
+        assert response.headers["location"] == f"{up.url}/v1/stream/big"
         response = await client.post("/v1/stream/big", headers=TEXT, content=b"x" * 2000)
         assert response.status_code == 413, response.text
         response = await client.post("/v1/stream/big", headers=TEXT, content=b"x" * 500)
