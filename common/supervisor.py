@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -117,6 +118,13 @@ class ClusterConfig:
             raise ValueError("--synchronous must be FULL or NORMAL")
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError("--max-body-bytes must be at least 1")
+        if self.public_url is not None:
+            # Checked here too: a gateway refusing it would only show as a crash loop.
+            url = urlsplit(self.public_url)
+            if url.scheme not in ("http", "https") or not url.hostname or url.path.strip("/"):
+                raise ValueError(
+                    f"--public-url {self.public_url!r}: expected http(s)://host[:port]"
+                )
         self.data_dir = Path(self.data_dir)
 
 

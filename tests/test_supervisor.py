@@ -199,12 +199,20 @@ async def test_refuses_a_busy_port(tmp_path: Path) -> None:
             await Supervisor(config).run()
 
 
-def test_cli_rejects_bad_flags() -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shards", "0"], b"--shards must be at least 1"),
+        (["--public-url", "ftp://example.com"], b"expected http(s)://host[:port]"),
+        (["--max-body-bytes", "0"], b"--max-body-bytes must be at least 1"),
+    ],
+)
+def test_cli_rejects_bad_flags(flags: list[str], message: bytes) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "up", "--shards", "0"],
+        [sys.executable, "-m", "common.cli", "up", *flags],
         cwd=REPO,
         capture_output=True,
         timeout=30,
     )
     assert result.returncode == 2
-    assert b"--shards must be at least 1" in result.stderr
+    assert message in result.stderr
