@@ -339,7 +339,8 @@ def parse(message: object) -> Frame:
         raise WireError("frame is not a message map")
     if message.get("v") != WIRE_VERSION:
         raise WireError(f"unsupported wire version {message.get('v')!r}")
-    check = _CHECKS.get(message.get("k"))  # type: ignore[arg-type]
+    kind = message.get("k")
+    check = _CHECKS.get(kind) if type(kind) is str else None
     if check is None:
         raise WireError(f"unknown frame kind {str(message.get('k'))[:40]!r}")
     check(message)

@@ -38,7 +38,7 @@ def secret_args(directory: Path, secret: bytes = TEST_SECRET) -> list[str]:
     return ["--cluster-secret-file", str(write_secret_file(directory, secret))]
 
 
-Reply = Callable[[dict[str, Any]], Awaitable[None]]
+Reply = Callable[[Any], Awaitable[None]]  # a frame dict, or raw bytes
 Handler = Callable[[dict[str, Any], Reply], Awaitable[None]]
 
 
@@ -130,9 +130,10 @@ class FakeShard:
         scopes: dict[int, trio.CancelScope] = {}
         handshake: ServerHandshake | None = None
 
-        async def reply(message: dict[str, Any]) -> None:
+        async def reply(message: dict[str, Any] | bytes) -> None:
+            """Send a frame (bytes: sent as they are, for tests of hostile shards)."""
             async with lock:
-                await stream.send_all(wire.encode(message))
+                await stream.send_all(message if type(message) is bytes else wire.encode(message))
 
         async def run_handler(msg: dict[str, Any]) -> None:
             with trio.CancelScope() as scope:
@@ -144,7 +145,10 @@ class FakeShard:
         try:
             async with stream, trio.open_nursery() as nursery:
                 while True:
-                    data = await stream.receive_some(65536)
+                    try:
+                        data = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
                     if not data:
                         break
                     for msg in decoder.feed(data):
