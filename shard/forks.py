@@ -119,9 +119,9 @@ class ForkCoordinator:
     async def _inherited(self, state: StreamState, position: int, max_bytes: int) -> list[Record]:
         fork = state.fork
         assert fork is not None
-        records = await self.peers.read_fork(
-            fork.source, fork.ref, position, fork.position, max_bytes
-        )
+        records = await self._follow(fork.source, fork.ref, position, fork.position, max_bytes)
+        if records is None:
+            raise PeerUnavailable(f"no fork reference {fork.ref} on {fork.source!r}")
         records = core.clip_below(records, fork.position, is_json(state.content_type))
         if not records or records[0].start > position or records[0].end <= position:
             raise PeerUnavailable(f"the source {fork.source!r} did not return position {position}")
@@ -130,23 +130,40 @@ class ForkCoordinator:
     async def serve_read(
         self, source: str, ref: str, position: int, limit: int, max_bytes: int
     ) -> list[Record] | None:
-        """The source's side of an inherited read: records of `source` with end >
-        `position`, cut at `limit`, for the holder of reference `ref` only (None if `ref`
-        is not a reference on `source`). Soft-deleted and expired sources still answer."""
-        if self._store.ref_source(ref) != source:
-            return None
-        entry = self._table.get(source)
-        try:
-            state = entry.committed
-            if state is None:
+        """The source's side of an inherited read (the `read_fork` op): records of
+        `source` with end > `position`, cut at `limit`, for the holder of reference `ref`
+        only (None if `ref` is not held on `source`). Soft-deleted and expired sources
+        still answer: they keep their records while referenced."""
+        return await self._follow(source, ref, position, limit, min(max_bytes, MAX_SERVED_BYTES))
+
+    async def _follow(
+        self, source: str, ref: str, position: int, limit: int, max_bytes: int
+    ) -> list[Record] | None:
+        """Read `source` through `ref`. A source that is itself a linked fork, read below
+        its own divergence position, passes the read on to its source: in a loop while
+        the chain stays on this shard (no recursion, however long the chain), with one
+        `read_fork` call where it leaves it (the next shard goes on from there)."""
+        while True:
+            owner = self.peers.remote_owner(source)
+            if owner is not None:  # that shard cuts at `limit`, as below
+                return await self.peers.read_fork(owner, source, ref, position, limit, max_bytes)
+            if self._store.ref_source(ref) != source:
                 return None
-            limit = min(limit, state.tail)
-            if position >= limit:
-                return []
-            records = await self.read(entry, position, min(max_bytes, MAX_SERVED_BYTES))
-            return core.clip_below(records, limit, is_json(state.content_type))
-        finally:
-            self._table.release_if_idle(entry)
+            entry = self._table.get(source)
+            try:
+                state = entry.committed
+                if state is None:
+                    return None
+                limit = min(limit, state.tail)
+                if position >= limit:
+                    return []
+                fork = state.fork
+                if fork is None or not fork.linked or position >= fork.position:
+                    records = self._table.read(entry, position, max_bytes)
+                    return core.clip_below(records, limit, is_json(state.content_type))
+                source, ref, limit = fork.source, fork.ref, min(limit, fork.position)
+            finally:
+                self._table.release_if_idle(entry)
 
     # -- creation: the fork's side ---------------------------------------------------------
 

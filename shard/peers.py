@@ -36,10 +36,6 @@ class LocalForks(Protocol):
 
     async def release(self, source: str, ref: str) -> None: ...
 
-    async def serve_read(
-        self, source: str, ref: str, position: int, limit: int, max_bytes: int
-    ) -> list[Record] | None: ...
-
 
 def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
     if isinstance(export, Response):
@@ -124,7 +120,8 @@ class ForkPeers:
         self._local = local
         self._pool = pool
 
-    def _remote_owner(self, source: str) -> str | None:
+    def remote_owner(self, source: str) -> str | None:
+        """The peer that owns `source`, or None when this shard does."""
         owner = self._ring.owner(source)
         return None if owner == self._shard_id or self._pool is None else owner
 
@@ -136,7 +133,7 @@ class ForkPeers:
         ref: str,
         content_type: str | None,
     ) -> Response | ForkExport:
-        owner = self._remote_owner(source)
+        owner = self.remote_owner(source)
         if owner is None:
             try:
                 return await self._local.export(source, offset, sub_offset, ref, content_type)
@@ -152,7 +149,7 @@ class ForkPeers:
         return export_from_wire(await self._call(owner, "export_fork", args))
 
     async def release_fork(self, source: str, ref: str) -> None:
-        owner = self._remote_owner(source)
+        owner = self.remote_owner(source)
         if owner is None:
             try:
                 await self._local.release(source, ref)
@@ -162,16 +159,10 @@ class ForkPeers:
         await self._call(owner, "release_fork", {"source": source, "ref": ref})
 
     async def read_fork(
-        self, source: str, ref: str, position: int, limit: int, max_bytes: int
+        self, owner: str, source: str, ref: str, position: int, limit: int, max_bytes: int
     ) -> list[Record]:
-        """Records of `source` with end > `position` below `limit`, read through the
-        fork reference `ref` (at most about `max_bytes`)."""
-        owner = self._remote_owner(source)
-        if owner is None:
-            records = await self._local.serve_read(source, ref, position, limit, max_bytes)
-            if records is None:
-                raise PeerUnavailable(f"no fork reference {ref} on {source!r}")
-            return records
+        """Records of `source` (owned by the peer `owner`) with end > `position` below
+        `limit`, read through the fork reference `ref` (at most about `max_bytes`)."""
         args = {
             "source": source,
             "ref": ref,
