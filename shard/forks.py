@@ -121,6 +121,9 @@ class ForkCoordinator:
         assert fork is not None
         records = await self._follow(fork.source, fork.ref, position, fork.position, max_bytes)
         if records is None:
+            # The source no longer knows the reference this fork holds: never expected
+            # (a source keeps its data while referenced), so say it loudly.
+            log.error("%s: fork reference %s not held on %r", state.path, fork.ref, fork.source)
             raise PeerUnavailable(f"no fork reference {fork.ref} on {fork.source!r}")
         records = core.clip_below(records, fork.position, is_json(state.content_type))
         if not records or records[0].start > position or records[0].end <= position:
