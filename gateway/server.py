@@ -595,7 +595,11 @@ class LeanTCPServer(TCPServer):
             try:
                 self.send_lock.acquire_nowait()
             except trio.WouldBlock:
-                await self.send_lock.acquire()
+                try:
+                    await self.send_lock.acquire()
+                except BaseException:  # cancelled while waiting: nothing was queued
+                    self.output.release(len(data))
+                    raise
             try:
                 await self._write(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -260,6 +260,21 @@ async def test_trickled_or_stalled_request_bodies_get_408_and_are_closed(
         assert data.startswith(b"HTTP/1.1 408"), data[:100]
 
 
+async def test_stalled_request_body_on_the_asgi_path_gets_408(tmp_path: Path) -> None:
+    """With the access log on, every request goes through ASGI: same deadline."""
+    async with running_cluster(tmp_path, shards=1, access_log=True) as supervisor:
+        stream = await connect(supervisor)
+        head = (
+            f"PUT /v1/stream/asgi-slow HTTP/1.1\r\nHost: x\r\nContent-Type: {TEXT}\r\n"
+            "Content-Length: 10\r\n\r\nab"
+        )
+        await stream.send_all(head.encode())
+        start = trio.current_time()
+        data = await read_until_closed(stream, limit=BODY_CUT_LIMIT + 10)
+        assert trio.current_time() - start < BODY_CUT_LIMIT
+        assert data.startswith(b"HTTP/1.1 408"), data
+
+
 async def test_trickled_http2_request_body_gets_408_and_the_connection_lives_on(
     cluster: Supervisor,
 ) -> None:
