@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import msgpack
 
@@ -307,9 +308,8 @@ class Store:
                     conn.close()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            f"file:{self.path}?vfs={VFS}", uri=True, isolation_level=None, check_same_thread=False
-        )
+        uri = f"file:{quote(str(self.path))}?vfs={VFS}"  # a '?' or '%' in the path stays one
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
             # auto_vacuum first: on a new database it only takes before the first write,
             # and switching to WAL is one.
