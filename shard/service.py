@@ -245,7 +245,7 @@ class ShardService:
                     if state is not None and not state.soft_deleted and state.tail > position:
                         try:
                             records = await self.forks.read(
-                                entry, position, self.config.max_read_bytes
+                                entry, position, session.read_bytes
                             )
                         except PeerUnavailable:
                             if started:

@@ -1,7 +1,7 @@
 """Server-Sent Events framing (PROTOCOL.md 5.8) as a pure state machine.
 
 The runtime sends `session.head`, then loops: fetch committed records with
-`end > session.position` (chunked like NeedRecords), write `session.step(state, records,
+`end > session.position` (about `session.read_bytes` of them), write `session.step(state, records,
 now)`, stop when `session.done`; otherwise wait until the tail passes `session.position`,
 the stream closes or disappears, or `session.ends_at` (then end the response). The runtime
 may write `session.heartbeat()` while idle to keep intermediaries from timing out.
@@ -21,6 +21,10 @@ from .reads import collect
 
 _EVENT_DATA = b"event: data\n"
 _EVENT_CONTROL = b"event: control\ndata:"
+# Stream data per `data` event (more when one record is larger). Well under what a
+# gateway lets one SSE reader lag (1 MiB) even base64-encoded, so a reader that keeps up
+# is never dropped for the size of one event, and framing an event is bounded work.
+SSE_EVENT_BYTES = 256 * 1024
 
 
 def data_event(payload: bytes) -> bytes:
@@ -36,12 +40,25 @@ def data_event(payload: bytes) -> bytes:
     return _EVENT_DATA + body + b"\n\n"
 
 
+def _first_bytes(records: Iterable[Record], budget: int) -> list[Record]:
+    """The leading records holding `budget` bytes of data (at least one)."""
+    out: list[Record] = []
+    size = 0
+    for record in records:
+        out.append(record)
+        size += len(record.data)
+        if size >= budget:
+            break
+    return out
+
+
 class SseSession:
     """One SSE response: what has been sent (`position`) and what to send next."""
 
     __slots__ = (
         "head",
         "position",
+        "read_bytes",
         "done",
         "ends_at",
         "_created_at",
@@ -68,6 +85,7 @@ class SseSession:
             headers.append(("stream-sse-data-encoding", "base64"))
         self.head = Response(200, tuple(headers))
         self.position = position
+        self.read_bytes = min(config.max_read_bytes, SSE_EVENT_BYTES)
         self.done = False
         self.ends_at = now + config.sse_max_duration
         self._created_at = state.created_at
@@ -87,7 +105,9 @@ class SseSession:
             return b""
         tail = state.tail
         out: list[bytes] = []
-        parts, end = collect(records, self.position, tail, self._json)
+        parts, end = collect(
+            _first_bytes(records, self.read_bytes), self.position, tail, self._json
+        )
         if parts:
             if self._json:
                 out.append(data_event(jsonmode.render(parts)))
