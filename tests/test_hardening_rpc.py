@@ -9,6 +9,7 @@ TLS on the RPC links; no secret (or a careless one) and no start.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -26,9 +27,10 @@ import httpx
 import pytest
 import trio
 
-from common import wire
+from common import rpc_security, wire
 from common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
 from common.ring import Ring
+from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
 
 try:
     from test_gateway_fakeshard import (
@@ -642,10 +644,37 @@ async def test_secret_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_up_makes_a_private_secret(tmp_path: Path) -> None:
-    from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
-
     path = ensure_secret_file(tmp_path / SECRET_FILE_NAME)
     assert path.stat().st_mode & 0o777 == 0o600
     secret = read_secret_file(path)
     assert len(secret) == 64 and bytes.fromhex(secret.decode())
     assert ensure_secret_file(path) == path and read_secret_file(path) == secret  # kept
+
+
+def test_tls_and_secret_options_from_the_environment(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    parser = argparse.ArgumentParser()
+    rpc_security.add_arguments(parser)
+    args = parser.parse_args([])
+    env = {
+        "DS_CLUSTER_SECRET_FILE": str(write_secret_file(tmp_path)),
+        "DS_RPC_TLS_CERT": str(paths["cert"]),
+        "DS_RPC_TLS_KEY": str(paths["key"]),
+        "DS_RPC_TLS_CA": str(paths["ca"]),
+    }
+    security = rpc_security.from_args(args, server=True, environ=env)
+    assert security.secret == TEST_SECRET
+    assert security.server_ssl is not None and security.client_ssl is not None
+    gateway = rpc_security.from_args(args, server=False, environ=env)
+    assert gateway.server_ssl is None and gateway.client_ssl is not None
+    with pytest.raises(rpc_security.SecurityError, match="go together"):
+        rpc_security.from_args(args, server=False, environ=dict(env, DS_RPC_TLS_KEY=""))
+    with pytest.raises(rpc_security.SecurityError, match="needs --rpc-tls-cert"):
+        only_ca = {"DS_CLUSTER_SECRET": TEST_SECRET.decode(), "DS_RPC_TLS_CA": env["DS_RPC_TLS_CA"]}
+        rpc_security.from_args(args, server=True, environ=only_ca)
