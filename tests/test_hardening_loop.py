@@ -11,7 +11,9 @@ Findings covered:
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -250,3 +252,46 @@ async def test_writes_behind_a_large_body_keep_their_order(tmp_path: Path) -> No
         assert statuses == {0: 200, 1: 200, 2: 200}
         r = await client.get("order/s", params={"offset": offset(149_999)})
         assert r.content == b'[{"n":149999,"s":"a,b"},"after","last"]'
+
+
+def _plan_workers(parent: int) -> list[int]:
+    """PIDs of `shard.plan_worker` processes whose parent is `parent`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"shard.plan_worker" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+async def test_the_json_worker_process_exits_with_its_shard(tmp_path: Path) -> None:
+    body = b"[" + b",".join(b'{"i":%d}' % i for i in range(50_000)) + b"]"
+    json_ct = {"content-type": "application/json"}
+    async with (
+        running_cluster(tmp_path, shards=1) as cluster,
+        httpx.AsyncClient(base_url=f"{cluster.url}/v1/stream/", timeout=60) as client,
+    ):
+        assert (await client.put("w/s", content=body, headers=json_ct)).status_code == 201
+        shard = cluster.child_pids()["shard-0"]
+        workers = _plan_workers(shard)
+        assert len(workers) == 1
+        os.kill(shard, signal.SIGKILL)
+        with trio.fail_after(10):
+            while Path(f"/proc/{workers[0]}").exists():
+                stat = Path(f"/proc/{workers[0]}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # exited; a zombie until its (re)parent reaps it
+                await trio.sleep(0.05)
+        # The restarted shard plans with a new worker, and the data is intact.
+        with trio.fail_after(30):
+            while (await client.get("w/s", params={"offset": offset(49_999)})).status_code != 200:
+                await trio.sleep(0.2)
+        r = await client.post("w/s", content=body, headers=json_ct)
+        assert r.status_code == 204 and r.headers["stream-next-offset"] == offset(100_000)
