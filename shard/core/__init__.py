@@ -58,9 +58,12 @@ Runtime rules the core relies on:
     reads get the committed state and records no newer than it (the core clips to
     `state.tail`).
 
-Offsets are `"%016d_%016d" % (0, position)`. Binary streams: one record per append,
-positions count bytes. JSON streams: one record per append, positions count messages, a
-record's data is its messages' JSON texts joined by "," (see `jsonmode`).
+Offsets are `"%016d_%016d" % (0, position)`. An append is stored as one or more
+bounded records, contiguous, in one transaction (see `bodies`). Binary streams: positions
+count bytes. JSON streams: positions count messages, a record's data is its messages'
+JSON texts joined by "," (see `jsonmode`).
+  * A large request body may reach the core already cut (`Request.body_pieces`, built
+    off the runtime's event loop; see `bodies.offload`); the core uses those pieces.
 """
 
 from .forks import clip_below, create_fork, expire, export_fork, plan_export, release_fork

@@ -16,7 +16,8 @@ way, only slower.
 
 Planning a body (validate it and choose the record cuts) costs time proportional to its
 size, so the runtime plans bodies over `INLINE_PLAN_BYTES` off its event loop with
-`plan_body` (a pure function of the bytes) and passes the plan in `Request.json_plan`.
+`plan_body` (a pure function of the bytes) and passes the resulting pieces in
+`Request.body_pieces` (see `bodies`).
 
 Strict JSON: besides what `json` rejects, NaN/Infinity, numbers that overflow to an
 infinite float (`1e999`) and strings with unpaired UTF-16 surrogates (`"\\ud800"`) are

@@ -46,9 +46,10 @@ class Request:
 class BodyPieces:
     """A request body cut into record pieces: `(data, positions covered)` in order.
 
-    Built by `core.bodies.prepare` from `body` with the same pure functions the core
-    uses inline. `json` says which cut it is (the core ignores pieces of the wrong kind);
-    `error` is the 400 message for a JSON body that is invalid."""
+    What `core.bodies.prepare` computes from `body`, with the same pure functions the
+    core uses inline; the runtime builds it off its event loop (`shard.offload`). `json`
+    says which cut it is (the core ignores pieces of the wrong kind); `error` is the 400
+    message for a JSON body that is invalid."""
 
     json: bool
     pieces: tuple[tuple[bytes, int], ...] = ()
