@@ -8,7 +8,7 @@ supervisor on the same data directory would start a second owner of every shard.
 
 Why a pipe and not Linux's `prctl(PR_SET_PDEATHSIG)`: the death signal fires when the
 *thread* that forked the child exits, not the process. trio starts processes from its
-worker threads, which exit after idling a few seconds, so a death signal would kill
+worker threads, which exit after 10 s without work, so a death signal would kill
 healthy children soon after every (re)start. A pipe's write end belongs to the process
 and closes only when the process is gone. It also lets each role choose how to go: a
 shard can take SIGKILL at once (an acknowledged write is already committed), a gateway
