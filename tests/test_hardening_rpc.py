@@ -146,6 +146,20 @@ def shard_process(tmp: Path, shard_id: str = "shard-0", *extra: str, **kw: Any) 
         shard.stop()
 
 
+def wait_problems(gateway: GatewayProcess, expected: dict[str, str], timeout: float = 10) -> dict:
+    """/readyz once it names exactly `expected` (a fresh gateway first says "not connected
+    yet"); it must answer 503 then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(f"{gateway.url}/readyz")
+        body = response.json()
+        if body.get("shards") == expected:
+            assert response.status_code == 503 and body["ready"] is False
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
 def request(i: int, method: str, path: str, body: bytes = b"", r: int = 1) -> dict[str, Any]:
     return {
         "k": "req",
@@ -311,10 +325,8 @@ async def test_wrong_secret_refused_both_directions(tmp_path: Path) -> None:
             f"shard-0=127.0.0.1:{shard.port}", *secret_args(bad_secret_dir, WRONG_SECRET)
         )
         try:
-            ready = gateway.wait_ready(expect=503, timeout=5)
-            assert ready.status_code == 503
-            assert ready.json()["shards"] == {"shard-0": "authentication failed"}
-            assert ready.json()["disconnected"] == ["shard-0"]
+            ready = wait_problems(gateway, {"shard-0": "authentication failed"})
+            assert ready["disconnected"] == ["shard-0"]
             assert httpx.put(f"{gateway.url}/v1/stream/x").status_code == 503
         finally:
             assert gateway.stop() == 0
@@ -334,13 +346,7 @@ def test_impostor_on_a_shard_port_is_refused_and_named_by_readyz(tmp_path: Path)
     shard0 = ShardProcess(tmp_path, "shard-0", *secret_args(tmp_path), port=port0, peers=peers)
     gateway = GatewayProcess(peers)
     try:
-        ready = gateway.wait_ready(expect=503, timeout=10)
-        deadline = time.monotonic() + 10
-        while ready.json().get("shards") != {"shard-1": "authentication failed"}:
-            assert time.monotonic() < deadline, ready.json()
-            time.sleep(0.1)
-            ready = httpx.get(f"{gateway.url}/readyz")
-        assert ready.status_code == 503
+        wait_problems(gateway, {"shard-1": "authentication failed"})
 
         ring = Ring(1, ("shard-0", "shard-1"))
         on_impostor = [p for p in (f"s-{n}" for n in range(200)) if ring.owner(p) == "shard-1"]
@@ -360,6 +366,21 @@ def test_impostor_on_a_shard_port_is_refused_and_named_by_readyz(tmp_path: Path)
         assert gateway.stop() == 0
         shard0.stop()
         impostor.stop()
+
+
+def test_a_shard_that_claims_another_id_is_not_used() -> None:
+    """Even with the secret, a shard answering on shard-1's address as someone else (a
+    misconfigured address list) is not routed to; /readyz says who it claims to be."""
+    other = ThreadedShard(FakeShard("shard-9"))
+    port = other.start()
+    gateway = GatewayProcess(f"shard-1=127.0.0.1:{port}")
+    try:
+        wait_problems(gateway, {"shard-1": "claims to be 'shard-9'"})
+        assert httpx.put(f"{gateway.url}/v1/stream/x").status_code == 503
+        assert other.shard.requests == []
+    finally:
+        assert gateway.stop() == 0
+        other.stop()
 
 
 # ---- finding 2: one frame kills a shard ------------------------------------------------------
@@ -479,8 +500,7 @@ async def test_ring_version_fence(tmp_path: Path) -> None:
         # A gateway on another ring version does not route to the shard, and says why.
         gateway = GatewayProcess(f"shard-0=127.0.0.1:{shard.port}", "--ring-version", "2")
         try:
-            ready_response = gateway.wait_ready(expect=503, timeout=5)
-            assert ready_response.json()["shards"] == {"shard-0": "ring version 1, expected 2"}
+            wait_problems(gateway, {"shard-0": "ring version 1, expected 2"})
             assert httpx.put(f"{gateway.url}/v1/stream/fenced").status_code == 503
         finally:
             assert gateway.stop() == 0
@@ -511,9 +531,7 @@ def test_failed_storage_is_named_by_readyz() -> None:
     port = shard.start()
     gateway = GatewayProcess(f"s1=127.0.0.1:{port}")
     try:
-        ready = gateway.wait_ready(expect=503, timeout=5)
-        assert ready.status_code == 503
-        assert ready.json()["shards"] == {"s1": "storage failed: disk I/O error"}
+        wait_problems(gateway, {"s1": "storage failed: disk I/O error"})
         fake.health = {"storage": "ok"}  # reported again by the next ping
         assert gateway.wait_ready(timeout=10).status_code == 200
     finally:
