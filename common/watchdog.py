@@ -27,6 +27,7 @@ import trio
 
 STALL_THRESHOLD = 0.100  # seconds; a longer blocked stretch is logged
 SAMPLE_INTERVAL = 0.050  # seconds between the sampler thread's looks at the loop
+LOG_INTERVAL = 1.0  # seconds: at most one warning per interval (the rest are counted)
 
 log = logging.getLogger("watchdog")
 
@@ -40,8 +41,11 @@ class LoopWatchdog(trio.abc.Instrument):
         self.max_stall = 0.0  # seconds: the longest blocked stretch seen so far
         self.stalls = 0  # how many were over the threshold
         self._since: float | None = None  # when the running batch started (None: idle)
-        self._sample: str | None = None  # the loop's stack, taken during a long batch
+        # (batch start, the loop's stack), taken by the sampler during a long batch
+        self._sample: tuple[float, str] | None = None
         self._loop_thread = threading.get_ident()
+        self._logged_at = -LOG_INTERVAL  # when the last warning was written
+        self._unlogged = 0  # stalls since then that were not
 
     def after_io_wait(self, timeout: float) -> None:
         self._since = time.perf_counter()
@@ -51,31 +55,43 @@ class LoopWatchdog(trio.abc.Instrument):
         if since is None:
             return
         self._since = None
-        blocked = time.perf_counter() - since
+        now = time.perf_counter()
+        blocked = now - since
         if blocked > self.max_stall:
             self.max_stall = blocked
         if blocked > self.threshold:
             self.stalls += 1
-            sample, self._sample = self._sample, None
-            log.warning(
-                "%s: event loop blocked for %.0f ms (longest so far %.0f ms)%s",
-                self.name,
-                blocked * 1000,
-                self.max_stall * 1000,
-                f"; it was in:\n{sample}" if sample else "",
-            )
+            self._report(since, now, blocked)
+
+    def _report(self, since: float, now: float, blocked: float) -> None:
+        sample, self._sample = self._sample, None
+        if now - self._logged_at < LOG_INTERVAL:
+            self._unlogged += 1  # an overloaded process: one line per interval is enough
+            return
+        where = f"; it was in:\n{sample[1]}" if sample and sample[0] == since else ""
+        more = f", {self._unlogged} more since the last report" if self._unlogged else ""
+        log.warning(
+            "%s: event loop blocked for %.0f ms (longest so far %.0f ms%s)%s",
+            self.name,
+            blocked * 1000,
+            self.max_stall * 1000,
+            more,
+            where,
+        )
+        self._logged_at = now
+        self._unlogged = 0
 
     def sample_forever(self) -> None:
         """The sampler thread's body (a daemon: it ends with the process)."""
         while True:
             time.sleep(SAMPLE_INTERVAL)
             since = self._since
-            if since is None or self._sample is not None:
+            if since is None or (self._sample is not None and self._sample[0] == since):
                 continue
             if time.perf_counter() - since > self.threshold:
                 frame = sys._current_frames().get(self._loop_thread)
-                if frame is not None and self._since == since:
-                    self._sample = "".join(traceback.format_stack(frame)[-10:])
+                if frame is not None:
+                    self._sample = (since, "".join(traceback.format_stack(frame)[-10:]))
 
 
 _current: LoopWatchdog | None = None

@@ -11,6 +11,7 @@ Findings covered:
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ import pytest
 import trio
 from cluster import running_cluster
 
+from common import watchdog
 from common.ring import Ring
 
 pytestmark = pytest.mark.slow
@@ -295,3 +297,27 @@ async def test_the_json_worker_process_exits_with_its_shard(tmp_path: Path) -> N
                 await trio.sleep(0.2)
         r = await client.post("w/s", content=body, headers=json_ct)
         assert r.status_code == 204 and r.headers["stream-next-offset"] == offset(100_000)
+
+
+def _block_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # a stand-in for heavy work done on the event loop
+
+
+async def test_watchdog_logs_a_stall_with_where_the_loop_was(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="watchdog")
+    dog = watchdog.install("test")
+    try:
+        await trio.sleep(0.01)
+        _block_the_loop(0.05)  # under the threshold: counted in max_stall only
+        await trio.sleep(0.01)
+        assert dog.stalls == 0 and dog.max_stall >= 0.05
+        _block_the_loop(0.25)
+        await trio.sleep(0.01)
+        assert dog.stalls == 1 and dog.max_stall >= 0.25
+        assert watchdog.current() is dog
+    finally:
+        trio.lowlevel.remove_instrument(dog)
+    [record] = [r for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert re.search(r"blocked for (2[5-9]\d|[3-9]\d\d) ms", record.getMessage())
+    assert "_block_the_loop" in record.getMessage()  # the sampled stack says where
