@@ -244,9 +244,7 @@ class ShardService:
                     records: list[Record] = []
                     if state is not None and not state.soft_deleted and state.tail > position:
                         try:
-                            records = await self.forks.read(
-                                entry, position, session.read_bytes
-                            )
+                            records = await self.forks.read(entry, position, session.read_bytes)
                         except PeerUnavailable:
                             if started:
                                 break
