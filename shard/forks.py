@@ -142,30 +142,53 @@ class ForkCoordinator:
     async def _follow(
         self, source: str, ref: str, position: int, limit: int, max_bytes: int
     ) -> list[Record] | None:
-        """Read `source` through `ref`. A source that is itself a linked fork, read below
-        its own divergence position, passes the read on to its source: in a loop while
-        the chain stays on this shard (no recursion, however long the chain), with one
-        `read_fork` call where it leaves it (the next shard goes on from there)."""
-        while True:
-            owner = self.peers.remote_owner(source)
-            if owner is not None:  # that shard cuts at `limit`, as below
-                return await self.peers.read_fork(owner, source, ref, position, limit, max_bytes)
-            if self._store.ref_source(ref) != source:
-                return None
-            entry = self._table.get(source)
-            try:
+        """Read `source` through `ref`, as `read` reads a stream, cut at `limit`.
+
+        A source that is itself a linked fork, read below its own divergence position,
+        is read as its source's records followed by its own. Down the chain in a loop
+        while it stays on this shard (no recursion, however long the chain), with one
+        `read_fork` call where it leaves it (that shard goes on from there); then back
+        up, each fork's own records continue its source's while the budget lasts."""
+        hops: list[tuple[Entry, int, int, bool]] = []  # (fork, divergence, limit, json)
+        held: list[Entry] = []
+        try:
+            while True:
+                owner = self.peers.remote_owner(source)
+                if owner is not None:  # that shard cuts at `limit`, as below
+                    records = await self.peers.read_fork(
+                        owner, source, ref, position, limit, max_bytes
+                    )
+                    break
+                if self._store.ref_source(ref) != source:
+                    return None
+                entry = self._table.get(source)
+                held.append(entry)
                 state = entry.committed
                 if state is None:
                     return None
+                json_mode = is_json(state.content_type)
                 limit = min(limit, state.tail)
-                if position >= limit:
-                    return []
                 fork = state.fork
+                if position >= limit:
+                    records = []
+                    break
                 if fork is None or not fork.linked or position >= fork.position:
-                    records = self._table.read(entry, position, max_bytes)
-                    return core.clip_below(records, limit, is_json(state.content_type))
+                    records = core.clip_below(
+                        self._table.read(entry, position, max_bytes), limit, json_mode
+                    )
+                    break
+                hops.append((entry, fork.position, limit, json_mode))
                 source, ref, limit = fork.source, fork.ref, min(limit, fork.position)
-            finally:
+            for entry, divergence, hop_limit, json_mode in reversed(hops):
+                size = sum(len(r.data) for r in records)
+                if not records or records[-1].end < divergence or size >= max_bytes:
+                    break
+                if divergence < hop_limit:
+                    own = self._table.read(entry, divergence, max_bytes - size)
+                    records += core.clip_below(own, hop_limit, json_mode)
+            return records
+        finally:
+            for entry in held:
                 self._table.release_if_idle(entry)
 
     # -- creation: the fork's side ---------------------------------------------------------

@@ -256,6 +256,10 @@ async def test_fork_of_a_fork_across_three_shards(cluster: Supervisor) -> None:
         assert await read_from(client, b) == b"0123456789abcBBBBlate-b"
         assert await read_from(client, c) == b"0123456789abCC"
         assert await read_from(client, d) == b"0123456789abCCD"
+        # One read gathers every level's part while the chunk budget lasts.
+        for name, want in ((c, b"0123456789abCC"), (d, b"0123456789abCCD")):
+            r = await client.get(url(name), params={"offset": "-1"})
+            assert r.content == want and r.headers["stream-up-to-date"] == "true"
         for at in range(15):
             assert await read_from(client, d, offset(at)) == b"0123456789abCCD"[at:], at
         # A sub-offset past the anchor record's end is still refused through the chain.
@@ -528,4 +532,6 @@ async def test_a_long_fork_chain_on_one_shard_reads_without_recursion(cluster: S
             assert r.status_code == 201, r.text
         want = "".join(str(i % 10) for i in range(depth + 1)).encode()
         assert await read_from(client, names[-1]) == want
+        r = await client.get(url(names[-1]), params={"offset": "-1"})
+        assert r.content == want and r.headers["stream-up-to-date"] == "true"
         assert await read_from(client, names[-1], offset(depth - 3)) == want[depth - 3 :]
