@@ -167,6 +167,9 @@ class FrameDecoder:
         self._have = 0  # their total length
         self._need = 0  # bytes the incomplete frame needs in all (0: not known yet)
         self._max_frame = max_frame
+        # When the incomplete frame began, stamped by the reader that enforces a deadline
+        # on it; reset here whenever a frame completes (the incomplete one is then new).
+        self.frame_started: float | None = None
 
     @property
     def max_frame(self) -> int:
@@ -209,6 +212,7 @@ class FrameDecoder:
                     self._need = 4 + length
                     break
                 pos = start + length
+                self.frame_started = None
                 messages.append(_decode(view[start:pos]))
         if pos < size:
             rest = data[pos:] if pos else data

@@ -10,9 +10,10 @@ Every frame is untrusted, and a connection costs bounded memory and time:
   * a frame of the wrong shape, or a protocol breach, closes that connection only (its
     requests are cancelled), with one log line; never the process;
   * a request whose ring version is not ours gets `err version` (with our ring) unrun;
-  * replies queued and not yet sent are capped (REPLY_BUDGET): a peer that does not read
-    them is dropped; http answers wait instead, above HIGH_WATER, and a peer that reads
-    nothing for WRITE_STALL_TIMEOUT (plus the batch's size at MIN_FRAME_RATE) is dropped;
+  * replies queued and not yet sent are capped (REPLY_BUDGET per connection,
+    PROCESS_REPLY_BUDGET in all): a peer that does not read them is dropped; http
+    answers wait instead, above HIGH_WATER, and a peer that reads nothing for
+    WRITE_STALL_TIMEOUT (plus the batch's size at MIN_FRAME_RATE) is dropped;
   * a frame that has started must keep arriving (FRAME_STALL_TIMEOUT without a byte, or
     slower than MIN_FRAME_RATE after FRAME_GRACE, and the connection is dropped);
   * at most MAX_CALLS requests run at once per connection; beyond, `err unavailable`;
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # buffered bytes before streaming senders wait
 REPLY_BUDGET = 32 * 1024 * 1024  # unsent reply bytes a connection may hold, then it is dropped
+PROCESS_REPLY_BUDGET = 256 * 1024 * 1024  # the same over all connections
 FRAME_OVERHEAD = 128  # bytes a queued frame costs beyond its length (object, list slot)
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
 FRAME_STALL_TIMEOUT = 10.0  # seconds a started frame may go without a byte
@@ -56,18 +58,33 @@ class _Dropped(Exception):
     """The connection must close (the reason is logged where it is raised)."""
 
 
+class ReplyBudget:
+    """Unsent reply bytes over every connection of the process (PROCESS_REPLY_BUDGET)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class FrameWriter:
     """Queues frames and writes them in coalesced batches from one task.
 
-    Unsent bytes (queued, and the batch being written) are capped at `budget`: the frame
-    that would pass it closes the connection instead (one frame alone is always allowed,
-    so a single large answer still goes out)."""
+    Answers that can wait (http responses and bodies: `send`) wait while more than
+    HIGH_WATER bytes are unsent. Answers that cannot (`send_nowait`: pings, op results,
+    errors) are capped instead: the one that would take this connection's unsent bytes
+    past `budget`, or the process's past its shared budget, closes the connection (a
+    connection with nothing unsent may always queue one, so a large answer still goes)."""
 
     def __init__(
-        self, stream: trio.abc.Stream, connection: trio.CancelScope, budget: int = REPLY_BUDGET
+        self,
+        stream: trio.abc.Stream,
+        connection: trio.CancelScope,
+        shared: ReplyBudget,
+        budget: int = REPLY_BUDGET,
     ) -> None:
         self._stream = stream
         self._connection = connection
+        self._shared = shared
         self._budget = budget
         self._frames: list[bytes] = []
         self._size = 0  # queued bytes (with FRAME_OVERHEAD each)
@@ -82,22 +99,35 @@ class FrameWriter:
         frame = wire.encode(message)
         cost = len(frame) + FRAME_OVERHEAD
         held = self._size + self._writing
-        if held and held + cost > self._budget:
+        if held and (held + cost > self._budget or self._shared.used + cost > self._shared.limit):
             self.overflowed = True
+            self._shared.used -= self._size
             self._frames = []
             self._size = 0
             log.warning("dropping connection: peer left over %d reply bytes unread", held)
             self._connection.cancel()
             return
-        self._frames.append(frame)
-        self._size += cost
-        self._wake.set()
+        self._queue(frame, cost)
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue a frame, waiting first while the peer is not keeping up."""
         while self._size + self._writing > HIGH_WATER:
             await self._drained.wait()
-        self.send_nowait(message)
+        if not self.overflowed:
+            frame = wire.encode(message)
+            self._queue(frame, len(frame) + FRAME_OVERHEAD)
+
+    def _queue(self, frame: bytes, cost: int) -> None:
+        self._frames.append(frame)
+        self._size += cost
+        self._shared.used += cost
+        self._wake.set()
+
+    def release(self) -> None:
+        """The connection is over: its unsent bytes no longer count."""
+        self._shared.used -= self._size + self._writing
+        self._frames = []
+        self._size = self._writing = 0
 
     async def run(self) -> None:
         """Write until cancelled; a broken connection cancels the connection."""
@@ -121,6 +151,7 @@ class FrameWriter:
                         self._connection.cancel()
                         return
                 del frames, data
+                self._shared.used -= self._writing
                 self._writing = 0
                 self._drained.set()
                 self._drained = trio.Event()
@@ -143,6 +174,7 @@ class RpcServer:
         self.handlers = handlers
         self._secret = secret
         self._ssl_context = ssl_context
+        self._replies = ReplyBudget(PROCESS_REPLY_BUDGET)
         self._ring: wire.RingInfo = {
             "version": service.ring.version,
             "shards": list(service.ring.shard_ids),
@@ -211,68 +243,62 @@ class RpcServer:
         return None
 
     async def _serve(
-        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, messages: list[wire.Frame]
+        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, early: list[wire.Frame]
     ) -> None:
+        """Run the connection (reader here, writer and requests as tasks) until it ends."""
         calls: dict[int, trio.CancelScope] = {}
-        ring_version = self._ring["version"]
-        async with trio.open_nursery() as nursery:
-            writer = FrameWriter(stream, nursery.cancel_scope)
-            nursery.start_soon(writer.run)
-            frame_deadline = frame_started = 0.0  # of an incomplete frame (0: none)
-            try:
-                while True:
-                    for message in messages:
-                        kind = message["k"]
-                        if kind == "req":
-                            call_id = message["i"]
-                            if call_id in calls:
-                                raise _Dropped(f"request id {call_id} already in flight")
-                            op = message["op"]
-                            if op == "ping":
-                                a = {"health": self.health()}
-                                writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": a})
-                            elif message["r"] != ring_version:
-                                writer.send_nowait(self._wrong_ring(call_id, message["r"]))
-                            elif len(calls) >= MAX_CALLS:
-                                msg = f"over {MAX_CALLS} requests in flight on this connection"
-                                writer.send_nowait(_error(call_id, "unavailable", msg))
-                            else:
-                                scope = calls[call_id] = trio.CancelScope()
-                                nursery.start_soon(self._request, message, writer, calls, scope)
-                        elif kind == "cancel":
-                            scope = calls.get(message["i"])
-                            if scope is not None:
-                                scope.cancel()
-                        else:
-                            raise _Dropped(f"unexpected {kind!r} frame")
-                    messages = []
-                    if decoder.partial:
-                        # A started frame must keep coming: a peer that sends half a frame
-                        # and stalls would hold its bytes (up to MAX_FRAME_BYTES) forever.
-                        now = trio.current_time()
-                        if not frame_started:
-                            frame_started = now
-                            need = decoder.expected or 4
-                            frame_deadline = now + FRAME_GRACE + need / MIN_FRAME_RATE
-                        data = b""
-                        with trio.move_on_at(min(frame_deadline, now + FRAME_STALL_TIMEOUT)) as t:
-                            data = await stream.receive_some(RECV_SIZE)
-                        if t.cancelled_caught:
-                            raise _Dropped(
-                                f"frame of {decoder.expected} bytes stalled at {decoder.partial}"
-                            )
-                    else:
-                        data = await stream.receive_some(RECV_SIZE)
-                    if not data:
-                        break
-                    messages = decoder.feed(data)
-                    if messages or not decoder.partial:
-                        frame_started = 0.0  # the incomplete frame (if any) is a new one
-            except (wire.WireError, _Dropped) as exc:
-                log.warning("dropping connection: %s", exc)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the peer went away (or TLS broke)
-            nursery.cancel_scope.cancel()
+        writer: FrameWriter | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                writer = FrameWriter(stream, nursery.cancel_scope, self._replies)
+                nursery.start_soon(writer.run)
+                try:
+                    self._dispatch(early, writer, calls, nursery)
+                    while True:
+                        data = await _receive(stream, decoder)
+                        if not data:
+                            break
+                        self._dispatch(decoder.feed(data), writer, calls, nursery)
+                except (wire.WireError, _Dropped) as exc:
+                    log.warning("dropping connection: %s", exc)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the peer went away (or TLS broke)
+                nursery.cancel_scope.cancel()
+        finally:
+            if writer is not None:
+                writer.release()  # what it held is garbage now; stop counting it
+
+    def _dispatch(
+        self,
+        frames: list[wire.Frame],
+        writer: FrameWriter,
+        calls: dict[int, trio.CancelScope],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Answer pings, fence other rings, start requests, route cancels."""
+        for frame in frames:
+            kind = frame["k"]
+            if kind == "req":
+                call_id = frame["i"]
+                if call_id in calls:
+                    raise _Dropped(f"request id {call_id} already in flight")
+                if frame["op"] == "ping":
+                    health = {"health": self.health()}
+                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": health})
+                elif frame["r"] != self._ring["version"]:
+                    writer.send_nowait(self._wrong_ring(call_id, frame["r"]))
+                elif len(calls) >= MAX_CALLS:
+                    msg = f"over {MAX_CALLS} requests in flight on this connection"
+                    writer.send_nowait(_error(call_id, "unavailable", msg))
+                else:
+                    scope = calls[call_id] = trio.CancelScope()
+                    nursery.start_soon(self._request, frame, writer, calls, scope)
+            elif kind == "cancel":
+                scope = calls.get(frame["i"])
+                if scope is not None:
+                    scope.cancel()
+            else:
+                raise _Dropped(f"unexpected {kind!r} frame")
 
     def _wrong_ring(self, call_id: int, theirs: int) -> dict[str, Any]:
         msg = f"ring version {theirs} is not this shard's ({self._ring['version']})"
@@ -347,6 +373,22 @@ class RpcServer:
             await writer.send({"k": "chunk", "i": call_id, "b": data, "more": more})
 
         await self.service.handle_http(request, respond, send)
+
+
+async def _receive(stream: trio.abc.Stream, decoder: wire.FrameDecoder) -> bytes:
+    """The next bytes (b"" at EOF). Between frames a peer may idle; once a frame has
+    started it must keep coming: a peer that sends half a frame and stalls would hold its
+    bytes (up to MAX_FRAME_BYTES) forever."""
+    if not decoder.partial:
+        return await stream.receive_some(RECV_SIZE)
+    now = trio.current_time()
+    if decoder.frame_started is None:
+        decoder.frame_started = now
+    deadline = decoder.frame_started + FRAME_GRACE + (decoder.expected or 4) / MIN_FRAME_RATE
+    with trio.move_on_at(min(deadline, now + FRAME_STALL_TIMEOUT)) as stalled:
+        return await stream.receive_some(RECV_SIZE)
+    assert stalled.cancelled_caught
+    raise _Dropped(f"frame of {decoder.expected} bytes stalled at {decoder.partial}")
 
 
 def _error(call_id: int, code: str, msg: str) -> dict[str, Any]:
