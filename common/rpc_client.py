@@ -62,6 +62,9 @@ HEARTBEAT_TIMEOUT = 8.0  # a busy shard (thousands of cancels at once) is not a 
 RECV_SIZE = 256 * 1024
 PING_GRACE = 1.0  # extra wait for a ping answer after our own loop may have stalled
 MAX_BUFFERED = 16 * 1024 * 1024
+FRAME_STALL = 10.0  # seconds a started frame may go without a byte
+FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
+MIN_FRAME_RATE = 1024 * 1024  # bytes/s
 
 
 class ShardUnavailable(Exception):
@@ -469,7 +472,21 @@ class ShardConnection:
                     else:
                         del pending[call.id]
                     call._put(msg)
-                data = await stream.receive_some(RECV_SIZE)
+                if decoder.partial:
+                    # A frame the shard started must keep coming (it cannot hold us and
+                    # the bytes it sent so far forever), as on the shard's side.
+                    if decoder.frame_started is None:
+                        decoder.frame_started = trio.current_time()
+                    need = decoder.expected or 4
+                    deadline = decoder.frame_started + FRAME_GRACE + need / MIN_FRAME_RATE
+                    data = b""
+                    with trio.move_on_at(min(deadline, trio.current_time() + FRAME_STALL)):
+                        data = await stream.receive_some(RECV_SIZE)
+                    if not data and decoder.partial:
+                        log.warning("shard %s: a frame stalled or was cut off", self.shard_id)
+                        return
+                else:
+                    data = await stream.receive_some(RECV_SIZE)
                 if not data:
                     log.info("shard %s: connection closed by the shard", self.shard_id)
                     return
