@@ -423,6 +423,10 @@ async def test_fork_read_answers_503_while_its_source_shard_is_down_and_recovers
                     assert r.status_code == 200 and r.content == data[10 : 10 + len(r.content)]
             assert "retry-after" in r.headers
             assert "stream-next-offset" not in r.headers
+            # Live reads too: the SSE head waits for the first read, so it can be a 503.
+            for live in ("long-poll", "sse"):
+                r = await client.get(url(f), params={"offset": offset(10), "live": live})
+                assert r.status_code == 503, (live, r.status_code, r.content[:200])
             # The fork's own data does not need the source.
             r = await client.get(url(f), params={"offset": offset(len(data))})
             assert r.status_code == 200 and r.content == b"own data"
