@@ -30,6 +30,7 @@ from common.rpc_client import ShardError, ShardPool
 from common.rpc_security import SECRET_FILE_NAME, read_secret_file
 from common.supervisor import Supervisor
 from shard.core.model import ForkOrigin, StreamState
+from shard.peers import PeerUnavailable, records_from_wire
 from shard.store import decode_state, encode_state
 
 BINARY = "application/octet-stream"
@@ -539,3 +540,19 @@ async def test_a_long_fork_chain_on_one_shard_reads_without_recursion(cluster: S
         r = await client.get(url(names[-1]), params={"offset": "-1"})
         assert r.content == want and r.headers["stream-up-to-date"] == "true"
         assert await read_from(client, names[-1], offset(depth - 3)) == want[depth - 3 :]
+
+
+def test_a_malformed_read_fork_answer_is_the_peer_failing_never_data() -> None:
+    good = {"records": [[0, 3, b"abc"], [3, 5, b"de"]]}
+    assert [r.data for r in records_from_wire(good)] == [b"abc", b"de"]
+    for bad in (
+        {},
+        {"records": "abc"},
+        {"records": [[0, 3]]},
+        {"records": [[0, 3, "abc"]]},
+        {"records": [[3, 3, b""]]},  # empty range
+        {"records": [[3, 5, b"de"], [0, 3, b"abc"]]},  # out of order
+        {"records": [[True, 3, b"abc"]]},
+    ):
+        with pytest.raises(PeerUnavailable):
+            records_from_wire(bad)
