@@ -49,7 +49,12 @@ import trio
 
 from common.cli import default_shard_count
 from common.lifeline import Lifeline
-from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
+from common.rpc_security import (
+    SECRET_FILE_NAME,
+    SecurityError,
+    ensure_secret_file,
+    read_secret_file,
+)
 
 log = logging.getLogger("ds_cluster.supervisor")
 
@@ -352,6 +357,10 @@ class Supervisor:
             f"{sid}={_connect_host(h)}:{p}" for sid, (h, p) in self.shard_addresses.items()
         )
         secret_file = ensure_secret_file(self.data_dir / SECRET_FILE_NAME)
+        try:
+            read_secret_file(secret_file)  # children would refuse it: say so once, here
+        except SecurityError as exc:
+            raise SupervisorError(str(exc)) from None
         secret = ["--cluster-secret-file", str(secret_file)]
         self._children = []
         for sid, (host, sport) in self.shard_addresses.items():

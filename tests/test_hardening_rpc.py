@@ -31,6 +31,7 @@ from common import rpc_security, wire
 from common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
 from common.ring import Ring
 from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
+from common.supervisor import ClusterConfig, Supervisor, SupervisorError
 
 try:
     from test_gateway_fakeshard import (
@@ -696,3 +697,14 @@ def test_tls_and_secret_options_from_the_environment(tmp_path: Path) -> None:
     with pytest.raises(rpc_security.SecurityError, match="needs --rpc-tls-cert"):
         only_ca = {"DS_CLUSTER_SECRET": TEST_SECRET.decode(), "DS_RPC_TLS_CA": env["DS_RPC_TLS_CA"]}
         rpc_security.from_args(args, server=True, environ=only_ca)
+
+
+async def test_up_refuses_a_secret_others_can_read(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = data / SECRET_FILE_NAME
+    secret.write_text("s" * 64)
+    secret.chmod(0o644)
+    config = ClusterConfig(shards=1, gateways=1, port=0, data_dir=data, log_dir=tmp_path / "logs")
+    with pytest.raises(SupervisorError, match="chmod 600"):
+        await Supervisor(config).run()
