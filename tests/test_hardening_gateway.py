@@ -34,6 +34,7 @@ except ImportError:  # tests/ became a package
     from tests.cluster import running_cluster
 
 from common.supervisor import Supervisor
+from gateway.budget import OutputBudget
 
 MIB = 1024 * 1024
 TEXT = "text/plain"
@@ -445,3 +446,22 @@ async def test_location_uses_the_configured_public_url(tmp_path: Path) -> None:
         )
     assert response.status_code == 201, response.text
     assert response.headers["location"] == "https://streams.example.com/v1/stream/a%20b"
+
+
+# ---- the budget itself (pure) --------------------------------------------------------
+
+
+def test_output_budget_admits_one_piece_then_refuses_a_connection_over_budget() -> None:
+    process = OutputBudget(limit=100, connection_limit=10)
+    first, second = process.connection(), process.connection()
+    assert first.admit(50)  # one piece always goes to an empty connection
+    assert not first.admit(1)  # over its own budget: the caller drops it
+    assert second.admit(60)  # empty: admitted, though the process is now over its budget
+    assert not second.admit(1)
+    first.release(50)
+    assert first.admit(5) and first.admit(5)
+    assert process.held == 70
+    second.close()  # a closed connection gives back everything it held
+    assert process.held == 10
+    first.release(1000)  # never below zero
+    assert first.held == 0 and process.held == 0
