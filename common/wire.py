@@ -46,7 +46,7 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: authenticated handshake (hello, auth, ready), typed frames
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")

@@ -55,9 +55,10 @@ VALUES = st.one_of(
     st.dictionaries(st.text(max_size=6), st.one_of(st.integers(-3, 3), st.text(max_size=4))),
 )
 
+V = wire.WIRE_VERSION
 TEMPLATES: dict[str, dict[str, Any]] = {
     "req-http": {
-        "v": 1,
+        "v": V,
         "k": "req",
         "i": 1,
         "r": 1,
@@ -68,17 +69,17 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "h": [["content-type", "application/json"]],
         "b": b"[1]",
     },
-    "req-ping": {"v": 1, "k": "req", "i": 2, "r": 1, "op": "ping", "a": {}},
-    "req-op": {"v": 1, "k": "req", "i": 3, "r": 1, "op": "release_fork", "a": {"source": "a"}},
-    "cancel": {"v": 1, "k": "cancel", "i": 1},
-    "hello": {"v": 1, "k": "hello", "role": "gateway", "id": "fz", "nonce": b"n" * 32, "r": 1},
-    "auth": {"v": 1, "k": "auth", "mac": b"m" * 32},
-    "ready": {"v": 1, "k": "ready", "ring": {"version": 1, "shards": ["s1"]}, "health": {}},
-    "res": {"v": 1, "k": "res", "i": 1, "s": 200, "h": [["x-a", "b"]], "b": b"ok", "more": False},
-    "res-more": {"v": 1, "k": "res", "i": 1, "s": 200, "h": [], "b": b"data: x\n\n", "more": True},
-    "chunk": {"v": 1, "k": "chunk", "i": 1, "b": b"data: y\n\n", "more": True},
-    "chunk-end": {"v": 1, "k": "chunk", "i": 1, "b": b"", "more": False},
-    "err": {"v": 1, "k": "err", "i": 1, "code": "internal", "msg": "x"},
+    "req-ping": {"v": V, "k": "req", "i": 2, "r": 1, "op": "ping", "a": {}},
+    "req-op": {"v": V, "k": "req", "i": 3, "r": 1, "op": "release_fork", "a": {"source": "a"}},
+    "cancel": {"v": V, "k": "cancel", "i": 1},
+    "hello": {"v": V, "k": "hello", "role": "gateway", "id": "fz", "nonce": b"n" * 32, "r": 1},
+    "auth": {"v": V, "k": "auth", "mac": b"m" * 32},
+    "ready": {"v": V, "k": "ready", "ring": {"version": 1, "shards": ["s1"]}, "health": {}},
+    "res": {"v": V, "k": "res", "i": 1, "s": 200, "h": [["x-a", "b"]], "b": b"ok", "more": False},
+    "res-more": {"v": V, "k": "res", "i": 1, "s": 200, "h": [], "b": b"data: x\n\n", "more": True},
+    "chunk": {"v": V, "k": "chunk", "i": 1, "b": b"data: y\n\n", "more": True},
+    "chunk-end": {"v": V, "k": "chunk", "i": 1, "b": b"", "more": False},
+    "err": {"v": V, "k": "err", "i": 1, "code": "internal", "msg": "x"},
 }
 
 
