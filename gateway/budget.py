@@ -17,6 +17,10 @@ MAX_CONNECTION_OUTPUT = 8 * 1024 * 1024  # bytes one connection may have queued
 MAX_PROCESS_OUTPUT = 256 * 1024 * 1024  # bytes all connections together may have queued
 MAX_BEHIND = 1024 * 1024  # SSE bytes one reader may lag before it is dropped
 WRITE_TIMEOUT = 30.0  # seconds a socket may take no bytes while we have some for it
+# Unread bytes of one streamed shard call: SSE upstreams take every chunk as it comes
+# (`gateway.fanout`), so only a stalled event loop lets this fill; one chunk is at most
+# about a read's worth (1 MiB) of events.
+RPC_MAX_BUFFERED = 4 * 1024 * 1024
 OUTPUT_STATE = "ds.output"  # the connection's ConnectionOutput in an ASGI scope's state
 
 

@@ -26,7 +26,12 @@ from common.limits import raise_open_file_limit
 from common.ring import Ring, parse_endpoints, parse_listen
 from common.rpc_client import ShardPool
 from gateway.app import create_app
-from gateway.budget import MAX_CONNECTION_OUTPUT, MAX_PROCESS_OUTPUT, OutputBudget
+from gateway.budget import (
+    MAX_CONNECTION_OUTPUT,
+    MAX_PROCESS_OUTPUT,
+    RPC_MAX_BUFFERED,
+    OutputBudget,
+)
 from gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
@@ -125,6 +130,7 @@ async def serve_gateway(
                 name=name,
                 secret=args.security.secret,
                 ssl_context=args.security.client_ssl,
+                max_buffered=RPC_MAX_BUFFERED,
             ) as pool,
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
