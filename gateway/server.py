@@ -79,6 +79,7 @@ from gateway.budget import (
     ConnectionOutput,
     OutputBudget,
 )
+from gateway.headers import NO_STORE, TRANSPORT
 from gateway.native import NativeExchange, NativeRoute
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class LeanH11Protocol(H11Protocol):
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
             (b"connection", b"close"),
+            NO_STORE,
+            *TRANSPORT,
         ]
         await self.send_answer(status, headers, body, "POST")
         await self.send(Closed())
