@@ -40,6 +40,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+FUZZ_GATEWAY = settings(FUZZ, max_examples=100)  # each example is an HTTP request or two
 
 # ---- strategies ---------------------------------------------------------------------------
 
@@ -320,7 +321,7 @@ def test_fuzzed_shard_replies_cannot_crash_a_gateway(hostile_gateway: GatewayPro
     gateway = hostile_gateway
     client = httpx.Client(base_url=gateway.url, timeout=5)
 
-    @FUZZ
+    @FUZZ_GATEWAY
     @given(replies(), st.sampled_from(REQUESTS))
     def one(script: list[bytes | dict[str, Any]], req: tuple[str, str, bytes]) -> None:
         with SCRIPT_LOCK:
