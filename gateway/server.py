@@ -304,7 +304,12 @@ class LeanH2Protocol(H2Protocol):
       parked on flow control that will never come.
     - A request body must keep arriving as on HTTP/1.1; a stream whose body does not is
       answered 408 (if it was not answered yet) and reset, the connection lives on.
+    - A header block must be complete within the keep-alive timeout, even while other
+      streams keep the connection busy (h2 holds at most 64 CONTINUATION frames of it
+      meanwhile); otherwise the connection is closed.
     """
+
+    _head_since = -1.0  # when the incomplete header block in progress began (-1: none)
 
     def __init__(self, *args: Any, output: ConnectionOutput, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -373,15 +378,35 @@ class LeanH2Protocol(H2Protocol):
                 bodies.pop(event.stream_id, None)  # type: ignore[attr-defined]
         await super()._handle_events(events)
 
-    def body_deadline(self, received: int) -> float:
-        """The earliest time a request body in progress must have sent more (inf: none)."""
-        if not self._bodies:
+    def _head_deadline(self) -> float:
+        # h2 keeps an incomplete header block (HEADERS awaiting CONTINUATION) here.
+        if not getattr(self.connection.incoming_buffer, "_headers_buffer", None):
+            self._head_since = -1.0
             return inf
-        return min(_body_deadline(s, int(r), last) for s, r, last in self._bodies.values())
+        if self._head_since < 0:
+            self._head_since = trio.current_time()
+        return self._head_since + float(self.config.keep_alive_timeout)
+
+    def body_deadline(self, received: int) -> float:
+        """The earliest time a request body in progress must have sent more, or an
+        incomplete header block must be complete (inf: none)."""
+        deadline = self._head_deadline()
+        if not self._bodies:
+            return deadline
+        bodies = (_body_deadline(s, int(r), last) for s, r, last in self._bodies.values())
+        return min(deadline, *bodies)
 
     async def body_expired(self) -> None:
-        """Answer 408 and reset the streams whose bodies stopped arriving."""
+        """Answer 408 and reset the streams whose bodies stopped arriving; close the
+        connection on a header block that did not complete in time."""
         now = trio.current_time()
+        if self._head_deadline() <= now:
+            log.info("HTTP/2 header block incomplete for too long: connection closed")
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.connection.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                await self._flush()
+            await self.send(Closed())
+            return
         for stream_id, (since, received, last) in list(self._bodies.items()):
             if _body_deadline(since, int(received), last) > now:
                 continue

@@ -24,7 +24,9 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import httpx
+import hyperframe.frame
 import pytest
 import trio
 
@@ -335,6 +337,33 @@ async def test_trickled_request_head_is_cut(cluster: Supervisor) -> None:
         data = await trickle_header_lines(stream)
     assert trio.current_time() - start < 15
     assert not data.startswith(b"HTTP/1.1 2")
+
+
+async def test_incomplete_http2_header_block_closes_a_busy_connection(cluster: Supervisor) -> None:
+    """On HTTP/2 a header block left without its CONTINUATION is cut at the keep-alive
+    deadline, even while another stream (an SSE read) keeps the connection busy."""
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=10) as client:
+        response = await client.put("/v1/stream/busy", headers={"content-type": TEXT})
+        assert response.status_code == 201
+    stream = await connect(cluster)
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+    conn = h2.connection.H2Connection(config=config)
+    conn.initiate_connection()
+    host, port = address(cluster)
+    request = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", f"{host}:{port}".encode()),
+        (b":path", b"/v1/stream/busy?offset=-1&live=sse"),
+    ]
+    conn.send_headers(1, request, end_stream=True)
+    await stream.send_all(conn.data_to_send())
+    block = hpack.Encoder().encode([*request[:3], (b":path", b"/v1/stream/busy")])
+    half = hyperframe.frame.HeadersFrame(3, block[: len(block) // 2], flags=["END_STREAM"])
+    start = trio.current_time()
+    await stream.send_all(half.serialize())  # and never the CONTINUATION
+    await read_until_closed(stream, limit=30)
+    assert trio.current_time() - start < 15
 
 
 async def trickle_header_lines(stream: trio.SocketStream) -> bytes:
