@@ -453,6 +453,7 @@ async def test_unread_replies_are_dropped(tmp_path: Path) -> None:
         assert (await call(writer, decoder, request(2, "POST", "big", body)))["s"] == 204
         await trio.aclose_forcefully(writer)
 
+        before = shard.status_kib("VmRSS")
         reader, _, _ = await open_authenticated(shard.address, "shard-0")
         reads = [dict(request(10 + n, "GET", "big"), q="offset=-1") for n in range(60)]
         await reader.send_all(b"".join(wire.encode(r) for r in reads))
@@ -463,7 +464,12 @@ async def test_unread_replies_are_dropped(tmp_path: Path) -> None:
                 await trio.sleep(0.5)
                 if any("peer reads no replies" in line for line in shard.lines):
                     break
-        print(f"dropped after {time.monotonic() - started:.1f}s")
+        await trio.sleep(0.5)
+        peak, after = shard.status_kib("VmHWM"), shard.status_kib("VmRSS")
+        print(
+            f"dropped after {time.monotonic() - started:.1f}s; RSS {before // 1024} MiB,"
+            f" peak {peak // 1024} MiB, after {after // 1024} MiB"
+        )
         await trio.aclose_forcefully(reader)
         await assert_serves(shard)
 
