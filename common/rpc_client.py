@@ -277,11 +277,10 @@ class ShardConnection:
                 self._set_problem("disconnected", f"connect failed: {exc}")
             else:
                 try:
-                    async with stream:
-                        start = await self._handshake(stream)
-                        backoff = BACKOFF_MIN
-                        await self._serve(stream, *start)
-                        self._set_problem("disconnected", "connection lost")
+                    start = await self._handshake(stream)
+                    backoff = BACKOFF_MIN
+                    await self._serve(stream, *start)
+                    self._set_problem("disconnected", "connection lost")
                 except AuthError as exc:
                     self._set_problem(exc.reason, str(exc))
                     backoff = BACKOFF_MAX  # an impostor or a misconfiguration: no hurry
@@ -296,6 +295,7 @@ class ShardConnection:
                     self._set_problem("protocol error", repr(exc))
                 finally:
                     self._lost()
+                    await trio.aclose_forcefully(stream)  # a TLS goodbye could block
             await trio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
