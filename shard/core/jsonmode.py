@@ -160,15 +160,32 @@ def _next_piece(text: str, pos: int, end: int) -> tuple[int, int]:
     except _Invalid:
         if cut == end:
             raise  # the whole rest is invalid; no other cut can make it valid
-        # The cut fell inside a string or a nested value, or the window is invalid;
-        # find the boundaries message by message instead.
-        return _scan_piece(text, pos, end)
+        # The cut fell inside a string or a nested value (or the window is invalid).
+        # A decode succeeds only at a top-level comma, so try the commas that most
+        # often end a message, then fall back to finding them message by message.
+        for alternative in _likely_cuts(text, pos, cut):
+            try:
+                values = _decode_values(text, pos, alternative, single=False)
+            except _Invalid:
+                continue
+            cut = alternative
+            break
+        else:
+            return _scan_piece(text, pos, end)
     count = len(values)
     if count == 0:
         raise _Invalid("invalid JSON: empty array element")
     return cut, count
 
 
+def _likely_cuts(text: str, pos: int, cut: int) -> list[int]:
+    """Commas before `cut` right after a closing bracket, brace or quote (the last of
+    each), nearest first: where a message that is an object, array or string ends."""
+    found = {text.rfind(pattern, pos, cut + 1) + 1 for pattern in _MESSAGE_ENDS}
+    return sorted((c for c in found if pos < c < cut), reverse=True)
+
+
+_MESSAGE_ENDS = ("},", "],", '",')
 # Matches up to and including the MAX_RECORD_MESSAGES-th comma.
 _NTH_COMMA = re.compile("(?:[^,]*,){%d}" % MAX_RECORD_MESSAGES)  # noqa: UP031
 
