@@ -4,8 +4,8 @@ Validating and cutting a multi-megabyte JSON body takes seconds of CPU, and the 
 decoder holds the GIL, so it runs in a worker process (`shard.plan_worker`, one per
 shard, started on first use, exiting with the shard; bodies queue for it in order).
 Slicing the body into record pieces is a memcpy, done here in steps with a checkpoint
-between them. The core then only turns the pieces into records (`core.bodies`); small
-bodies never come here.
+between them. The core asks for this (`NeedBody`) only for a large body it is about to
+read, then turns the pieces into records (`core.bodies`); small bodies never come here.
 
 While a stream has a large body in preparation, its later writes queue behind it (`_gates`,
 FIFO), so writes still take effect in arrival order (producer sequences stay in order).
@@ -23,7 +23,7 @@ import msgpack
 import trio
 
 from shard.core import bodies, jsonmode
-from shard.core.model import BodyPieces, Request, Response
+from shard.core.model import BodyPieces, Request
 from shard.plan_worker import HEADER
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ SLICE_STEP_BYTES = 1024 * 1024  # body bytes copied between two checkpoints
 READS = ("GET", "HEAD")
 
 Handle = Callable[[Request], Awaitable[None]]
-Respond = Callable[[Response, bool], Awaitable[None]]
 
 
 class BodyOffload:
@@ -43,33 +42,30 @@ class BodyOffload:
         self._worker = PlanWorker()
 
     def engaged(self, request: Request) -> bool:
-        """Whether `request` must go through `run`: a write with a large body, or any
-        write on a stream whose earlier large write is still being prepared."""
+        """Whether `request` must go through `run`: a write whose body may be large
+        enough to cut off the loop, or any write on a stream that has one in progress."""
         if request.method in READS:
             return False
-        return request.path in self._gates or bodies.offload(request) is not None
+        return request.path in self._gates or len(request.body) > bodies.OFFLOAD_JSON_BYTES
 
-    async def run(self, request: Request, handle: Handle, respond: Respond) -> None:
-        """Prepare `request`'s body if large, then `handle` it, in the stream's order."""
+    async def run(self, request: Request, handle: Handle) -> None:
+        """`handle` the request in its stream's write order, offering the core to defer
+        a large body (it answers NeedBody if it needs it; see `prepare`)."""
         path = request.path
         gate = self._gates.get(path)
         if gate is None:
             gate = self._gates[path] = trio.Lock()
         try:
             async with gate:
-                json_body = bodies.offload(request)
-                if json_body is not None:
-                    prepared = await self._prepare(request.body, json_body)
-                    if prepared is None:
-                        await respond(_unavailable(), False)
-                        return
-                    request = dataclasses.replace(request, body_pieces=prepared)
-                await handle(request)
+                await handle(dataclasses.replace(request, defer_body=True))
         finally:
             if not gate.locked() and self._gates.get(path) is gate:
                 del self._gates[path]
 
-    async def _prepare(self, body: bytes, json_body: bool) -> BodyPieces | None:
+    async def prepare(self, request: Request, json_body: bool) -> Request | None:
+        """`request` with its body cut (NeedBody); None if that could not be done (the
+        request must then fail as not applied)."""
+        body = request.body
         if json_body:
             plan: jsonmode.Plan | None = None
             with trio.move_on_after(PLAN_TIMEOUT):
@@ -83,6 +79,9 @@ class BodyOffload:
                 return None
         else:
             plan = bodies.binary_plan(len(body))
+        return dataclasses.replace(request, body_pieces=await self._cut(body, json_body, plan))
+
+    async def _cut(self, body: bytes, json_body: bool, plan: jsonmode.Plan) -> BodyPieces:
         if isinstance(plan, str):
             return BodyPieces(json_body, (), plan)
         pieces: list[tuple[bytes, int]] = []
@@ -156,12 +155,3 @@ class PlanWorker:
         if process is not None:
             process.kill()
             await process.wait()
-
-
-def _unavailable() -> Response:
-    # The body was never looked at: nothing changed, a retry is safe.
-    return Response(
-        503,
-        (("content-type", "text/plain; charset=utf-8"), ("retry-after", "1")),
-        b"could not validate the request body in time; nothing was written",
-    )

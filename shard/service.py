@@ -21,6 +21,7 @@ from shard.alarms import AlarmLoop
 from shard.committer import Committer, Job, StorageUnavailable
 from shard.core.model import (
     CoreConfig,
+    NeedBody,
     NeedRecords,
     NeedSource,
     Record,
@@ -119,10 +120,8 @@ class ShardService:
     # -- HTTP requests -----------------------------------------------------------------------
 
     async def handle_http(self, request: Request, respond: Respond, send: SendChunk) -> None:
-        if self.offload.engaged(request):  # a large body: cut it off the loop first
-            await self.offload.run(
-                request, lambda ready: self._handle(ready, respond, send), respond
-            )
+        if self.offload.engaged(request):  # a large body: the core may defer it
+            await self.offload.run(request, lambda ready: self._handle(ready, respond, send))
         else:
             await self._handle(request, respond, send)
 
@@ -164,6 +163,16 @@ class ShardService:
                 decision = core.handle(
                     request, entry.committed, now, config, resume=resume, timed_out=timed_out
                 )
+            elif isinstance(decision, NeedBody):
+                # A large body the core needs: cut it off the loop, then decide again.
+                prepared = await self.offload.prepare(request, decision.json)
+                if prepared is None:
+                    message = "could not validate the request body in time; nothing was written"
+                    await respond(unavailable(message), False)
+                    return
+                request = prepared
+                now = time.time()
+                decision = core.handle(request, entry.pending, now, config)
             elif isinstance(decision, NeedSource):
                 await respond(await self.forks.create(entry, request, decision), False)
                 return

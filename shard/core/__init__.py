@@ -62,8 +62,9 @@ Offsets are `"%016d_%016d" % (0, position)`. An append is stored as one or more
 bounded records, contiguous, in one transaction (see `bodies`). Binary streams: positions
 count bytes. JSON streams: positions count messages, a record's data is its messages'
 JSON texts joined by "," (see `jsonmode`).
-  * A large request body may reach the core already cut (`Request.body_pieces`, built
-    off the runtime's event loop; see `bodies.offload`); the core uses those pieces.
+  * A runtime that sets `Request.defer_body` gets `NeedBody` for a large body the core
+    needs: it cuts the body off its event loop (`bodies.prepare`) and calls `handle`
+    again with the result in `Request.body_pieces` (see `bodies`).
 """
 
 from .forks import clip_below, create_fork, expire, export_fork, plan_export, release_fork
@@ -72,6 +73,7 @@ from .model import (
     Decision,
     ForkExport,
     ForkOrigin,
+    NeedBody,
     NeedRecords,
     NeedSource,
     ProducerState,
@@ -91,6 +93,7 @@ __all__ = [
     "Decision",
     "ForkExport",
     "ForkOrigin",
+    "NeedBody",
     "NeedRecords",
     "NeedSource",
     "ProducerState",

@@ -6,9 +6,12 @@ at any position then slices at most one bounded record. Binary bodies are cut ev
 `MAX_RECORD_BYTES`; JSON bodies are validated and cut at message boundaries by
 `jsonmode.plan_body`.
 
-Cutting is linear in the body's size. For large bodies (`offload`), the runtime cuts them
-before calling the core, off its event loop (`prepare` is pure; the JSON plan may run in a
-worker process) and passes the result in `Request.body_pieces`.
+Cutting is linear in the body's size. A runtime that can do it off its event loop sets
+`Request.defer_body`; once the core knows a large body (`is_large`) must be read, it
+answers `NeedBody`, and the runtime cuts it (`prepare` is pure; the JSON plan may run in a
+worker process) and asks again with the result in `Request.body_pieces`. Requests the
+core answers without reading the body (a missing or closed stream, a producer's retry)
+never cost a cut.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Sequence
 from . import jsonmode
 from .errors import bad_request
 from .headers import is_json
-from .model import BodyPieces, Record, Request
+from .model import BodyPieces, Record
 
 MAX_RECORD_BYTES = jsonmode.MAX_RECORD_BYTES  # binary data per record
 OFFLOAD_JSON_BYTES = jsonmode.INLINE_PLAN_BYTES  # larger JSON bodies are planned off-loop
@@ -33,18 +36,17 @@ def binary_plan(size: int) -> tuple[tuple[int, int, int], ...]:
     )
 
 
-def offload(request: Request) -> bool | None:
-    """Whether the runtime should cut this request's body before the core sees it: None
-    for no, else whether it is JSON (by the request's Content-Type; a body of the other
-    kind than the stream is refused by the core anyway, and a mismatched cut ignored)."""
-    body = request.body
-    if request.method not in ("POST", "PUT") or len(body) <= OFFLOAD_JSON_BYTES:
-        return None
-    ct = request.headers.get("content-type")
-    json_body = ct is not None and is_json(ct)
-    if not json_body and len(body) <= OFFLOAD_BINARY_BYTES:
-        return None
-    return json_body
+class BodyDeferred(Exception):  # noqa: N818 - a signal to `handle`, not an error
+    """Raised by `records` for a large body the runtime offered to cut (`defer_body`)."""
+
+    def __init__(self, json_body: bool) -> None:
+        super().__init__("large body")
+        self.json = json_body
+
+
+def is_large(body: bytes, json_body: bool) -> bool:
+    """Whether cutting `body` is worth moving off the event loop."""
+    return len(body) > (OFFLOAD_JSON_BYTES if json_body else OFFLOAD_BINARY_BYTES)
 
 
 def assemble(body: bytes, plan: jsonmode.Plan) -> tuple[tuple[tuple[bytes, int], ...], str | None]:
@@ -70,13 +72,19 @@ def records(
     prepared: BodyPieces | None = None,
     *,
     allow_empty: bool,
+    defer: bool = False,
 ) -> tuple[Record, ...]:
     """The records a body adds at `tail`, using the runtime's `prepared` pieces when they
     are of the stream's kind. 400 for an invalid JSON body, and for `[]` unless
-    `allow_empty` (an append of nothing, 9.1.3)."""
+    `allow_empty` (an append of nothing, 9.1.3). With `defer`, a large body without
+    pieces raises BodyDeferred instead of being cut here."""
     json_mode = is_json(content_type)
     pieces: Sequence[tuple[bytes, int]]
-    if prepared is not None and prepared.json == json_mode:
+    usable = prepared is not None and prepared.json == json_mode
+    if defer and not usable and is_large(body, json_mode):
+        raise BodyDeferred(json_mode)
+    if usable:
+        assert prepared is not None
         if prepared.error is not None:
             raise bad_request(prepared.error)
         pieces = prepared.pieces

@@ -37,8 +37,10 @@ class Request:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
-    # A large body already cut into record pieces by the runtime, off its event loop
-    # (see core.bodies); the core uses it instead of cutting `body` itself.
+    # The runtime can cut large bodies off its event loop: with `defer_body`, the core
+    # answers `NeedBody` instead of cutting a large body itself, once it knows the body
+    # is needed; the runtime then passes the cut in `body_pieces` (see core.bodies).
+    defer_body: bool = False
     body_pieces: BodyPieces | None = None
 
 
@@ -205,7 +207,17 @@ class StartSse:
     session: object
 
 
-Decision = Reply | NeedRecords | Wait | NeedSource | StartSse
+@dataclass(frozen=True)
+class NeedBody:
+    """The request's body is large and must be read: cut it off the event loop
+    (`core.bodies.prepare(request.body, json)`), then call `core.handle` again with the
+    result as `request.body_pieces` (and the state as it is then). Only answered to a
+    request with `defer_body` set."""
+
+    json: bool
+
+
+Decision = Reply | NeedRecords | Wait | NeedSource | StartSse | NeedBody
 
 
 @dataclass(frozen=True)

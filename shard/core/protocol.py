@@ -1,7 +1,7 @@
 """Request handling: one pure function per HTTP method on a stream (PROTOCOL.md 4-5, 8-10).
 
 `handle` dispatches; every branch either answers (`Reply`) or asks the runtime for
-something (`NeedRecords`, `Wait`, `NeedSource`, `StartSse`). Errors are raised as
+something (`NeedRecords`, `Wait`, `NeedSource`, `StartSse`, `NeedBody`). Errors are raised as
 `ProtocolError` while parsing and turned into replies here, so a rejected request never
 produces a state change.
 """
@@ -31,6 +31,7 @@ from .model import (
     BodyPieces,
     CoreConfig,
     Decision,
+    NeedBody,
     NeedRecords,
     NeedSource,
     Record,
@@ -105,6 +106,8 @@ def handle(
             return _delete(state, now)
     except ProtocolError as err:
         return Reply(err.response())
+    except bodies.BodyDeferred as deferred:
+        return NeedBody(deferred.json)
     return Reply(error_response(405, "method not allowed", (_ALLOW,)))
 
 
@@ -200,7 +203,12 @@ def _append(request: Request, state: StreamState | None, now: float) -> Reply:
     new_tail = tail
     if body:
         records = bodies.records(
-            state.content_type, body, tail, request.body_pieces, allow_empty=False
+            state.content_type,
+            body,
+            tail,
+            request.body_pieces,
+            allow_empty=False,
+            defer=request.defer_body,
         )
         new_tail = records[-1].end
         if new_tail > MAX_POSITION:
@@ -363,11 +371,18 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
     if params.source is not None:
         if body and params.content_type is not None and is_json(params.content_type):
             # Fail before taking a reference.
-            bodies.records(params.content_type, body, 0, request.body_pieces, allow_empty=True)
+            bodies.records(
+                params.content_type,
+                body,
+                0,
+                request.body_pieces,
+                allow_empty=True,
+                defer=request.defer_body,
+            )
         return NeedSource(params.source, params.fork_offset, params.sub_offset, params.content_type)
 
     content_type = params.content_type or DEFAULT_CONTENT_TYPE
-    records = initial_records(content_type, body, 0, request.body_pieces)
+    records = initial_records(content_type, body, 0, request.body_pieces, defer=request.defer_body)
     new_state = StreamState(
         path=request.path,
         content_type=content_type,
@@ -383,13 +398,19 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
 
 
 def initial_records(
-    content_type: str, body: bytes, tail: int, prepared: BodyPieces | None = None
+    content_type: str,
+    body: bytes,
+    tail: int,
+    prepared: BodyPieces | None = None,
+    *,
+    defer: bool = False,
 ) -> tuple[Record, ...]:
     """The records a create's body adds at `tail` (none for an empty body or `[]`).
-    Pass the request's `body_pieces` as `prepared`."""
+    Pass the request's `body_pieces` as `prepared` (and `defer_body` as `defer` where
+    the caller turns BodyDeferred into NeedBody)."""
     if not body:
         return ()
-    return bodies.records(content_type, body, tail, prepared, allow_empty=True)
+    return bodies.records(content_type, body, tail, prepared, allow_empty=True, defer=defer)
 
 
 def created(request: Request, state: StreamState, records: tuple[Record, ...]) -> Reply:

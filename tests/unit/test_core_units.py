@@ -342,19 +342,45 @@ def test_prepared_pieces_are_used_only_for_their_kind():
     assert bodies.records("application/json", b"[]", 0, allow_empty=True) == ()
 
 
-def test_only_large_writes_are_offloaded():
-    from shard.core.model import Request
+def test_large_bodies_are_cut_off_loop_only_when_the_core_needs_them():
+    from dataclasses import replace
 
+    from shard import core
+    from shard.core.model import NeedBody, Reply, Request, StreamState
+
+    config = CoreConfig()
     big = b"[" + b"1," * 40_000 + b"1]"
+    json_state = StreamState(path="j", content_type="application/json", created_at=1.0)
     json_ct = {"content-type": "application/json"}
-    assert bodies.offload(Request("POST", "a", "", json_ct, big)) is True
-    assert bodies.offload(Request("PUT", "a", "", json_ct, big)) is True
-    assert bodies.offload(Request("POST", "a", "", json_ct, b"[1]")) is None
-    assert bodies.offload(Request("GET", "a", "", json_ct, big)) is None
+
+    def decide(method, body, state, headers=json_ct, defer=True):
+        request = Request(method, "j", "", headers, body, defer_body=defer)
+        return request, core.handle(request, state, 2.0, config)
+
+    request, decision = decide("POST", big, json_state)
+    assert decision == NeedBody(json=True)
+    prepared = replace(request, body_pieces=bodies.prepare(big, True))
+    reply = core.handle(prepared, json_state, 2.0, config)
+    assert isinstance(reply, Reply) and reply.response.status == 204
+    assert reply.state.tail == 40_001 and len(reply.records) > 1
+    # Answered without the body: no cut is asked for.
+    assert decide("POST", big, None)[1].response.status == 404
+    closed = replace(json_state, closed=True)
+    assert decide("POST", big, closed)[1].response.status == 409
+    producer = {**json_ct, "producer-id": "p", "producer-epoch": "0", "producer-seq": "0"}
+    done = replace(json_state, producers={"p": ProducerState(0, 0)})
+    assert decide("POST", big, done, producer)[1].response.status == 204  # a retry
+    assert decide("PUT", big, json_state)[1].response.status == 200  # exists: body unread
+    assert isinstance(decide("PUT", big, None)[1], NeedBody)
+    # Small bodies, and runtimes that do not defer, are cut inline.
+    assert isinstance(decide("POST", b"[1,2]", json_state)[1], Reply)
+    assert isinstance(decide("POST", big, json_state, defer=False)[1], Reply)
+    # Binary bodies are deferred only when large enough to matter (a memcpy).
+    binary_state = replace(json_state, content_type="application/octet-stream")
     binary = {"content-type": "application/octet-stream"}
-    assert bodies.offload(Request("POST", "a", "", binary, big)) is None  # a quick memcpy
+    assert isinstance(decide("POST", bytes(500_000), binary_state, binary)[1], Reply)
     huge = bytes(2 * bodies.OFFLOAD_BINARY_BYTES)
-    assert bodies.offload(Request("POST", "a", "", binary, huge)) is False
+    assert decide("POST", huge, binary_state, binary)[1] == NeedBody(json=False)
 
 
 def test_producer_rules():
