@@ -192,6 +192,35 @@ async def test_sse_readers_that_never_read_keep_gateway_memory_bounded(
         assert response.status_code == 200
 
 
+async def test_http2_connection_not_reading_many_answers_is_dropped(cluster: Supervisor) -> None:
+    """Whole answers count too: 40 streams of 1 MiB reads on one HTTP/2 connection that
+    reads nothing pass its budget; the connection is closed and its buffers released."""
+    await fill_stream(cluster.url, "reads", 4 * MIB)
+    pid = gateway_pid(cluster)
+    before = rss(pid)
+    stream = await connect(cluster, rcvbuf=4096)
+    readers = H2Readers(stream)
+    conn = readers.conn
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    conn.increment_flow_control_window(2**31 - 1 - 65535)
+    host, port = address(cluster)
+    for i in range(40):
+        headers = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", f"{host}:{port}".encode()),
+            (b":path", f"/v1/stream/reads?offset=-1&reader={i}".encode()),
+        ]
+        conn.send_headers(conn.get_next_available_stream_id(), headers, end_stream=True)
+    await stream.send_all(conn.data_to_send())
+    await trio.sleep(3)
+    peak = rss(pid)
+    await read_until_closed(stream, limit=40)  # the server closes it
+    await stream.aclose()
+    assert peak - before < 80 * MIB, (peak - before) / MIB
+
+
 async def test_slow_sse_reader_is_dropped_and_its_connection_closed(cluster: Supervisor) -> None:
     """A reader more than its allowance behind is dropped: the server ends its connection
     (the client resumes from its last offset), it does not keep it open."""
