@@ -379,6 +379,16 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
                 allow_empty=True,
                 defer=request.defer_body,
             )
+        elif (
+            body
+            and params.content_type is None
+            and request.defer_body
+            and request.body_pieces is None
+            and bodies.is_large(body, True)
+        ):
+            # The fork inherits its type, likely JSON: have the body cut off the loop
+            # now (`create_fork` uses the pieces; a binary source ignores a JSON cut).
+            return NeedBody(True)
         return NeedSource(params.source, params.fork_offset, params.sub_offset, params.content_type)
 
     content_type = params.content_type or DEFAULT_CONTENT_TYPE

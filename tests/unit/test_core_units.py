@@ -346,7 +346,7 @@ def test_large_bodies_are_cut_off_loop_only_when_the_core_needs_them():
     from dataclasses import replace
 
     from shard import core
-    from shard.core.model import NeedBody, Reply, Request, StreamState
+    from shard.core.model import NeedBody, NeedSource, Reply, Request, StreamState
 
     config = CoreConfig()
     big = b"[" + b"1," * 40_000 + b"1]"
@@ -372,6 +372,12 @@ def test_large_bodies_are_cut_off_loop_only_when_the_core_needs_them():
     assert decide("POST", big, done, producer)[1].response.status == 204  # a retry
     assert decide("PUT", big, json_state)[1].response.status == 200  # exists: body unread
     assert isinstance(decide("PUT", big, None)[1], NeedBody)
+    # A fork's body is cut before the source is asked (its type may be inherited).
+    fork = {"stream-forked-from": "/v1/stream/src"}
+    request, decision = decide("PUT", big, None, fork)
+    assert decision == NeedBody(json=True)
+    ready = replace(request, body_pieces=bodies.prepare(big, True))
+    assert isinstance(core.handle(ready, None, 2.0, config), NeedSource)
     # Small bodies, and runtimes that do not defer, are cut inline.
     assert isinstance(decide("POST", b"[1,2]", json_state)[1], Reply)
     assert isinstance(decide("POST", big, json_state, defer=False)[1], Reply)
