@@ -428,24 +428,32 @@ def _check_request(message: dict[str, Any]) -> None:
         raise _bad(message, "q")
     if type(get("b", b"")) is not bytes:
         raise _bad(message, "b")
-    headers = get("h")
-    if headers is None:
-        message["h"] = []
-    elif type(headers) is not list:
-        raise _bad(message, "h")
-    else:
-        for pair in headers:
-            if type(pair) is not list or len(pair) != 2:
-                raise _bad(message, "h")
-            name, value = pair
-            if type(name) is not str or type(value) is not str:
-                raise _bad(message, "h")
+    _check_headers(message, response=False)
     if "q" not in message:
         message["q"] = ""
     if "b" not in message:
         message["b"] = b""
     if "a" in message and type(message["a"]) is not dict:
         raise _bad(message, "a")
+
+
+def _check_headers(message: dict[str, Any], *, response: bool) -> None:
+    """`h`: a list of [name, value] string pairs (an absent one becomes []). A response's
+    values become HTTP response headers, so no CR, LF or NUL may pass in them."""
+    headers = message.get("h")
+    if headers is None:
+        message["h"] = []
+        return
+    if type(headers) is not list:
+        raise _bad(message, "h")
+    for pair in headers:
+        if type(pair) is not list or len(pair) != 2:
+            raise _bad(message, "h")
+        name, value = pair
+        if type(name) is not str or type(value) is not str:
+            raise _bad(message, "h")
+        if response and ("\n" in value or "\r" in value or "\0" in value):
+            raise _bad(message, "h")
 
 
 def _check_response(message: dict[str, Any]) -> None:
@@ -456,21 +464,7 @@ def _check_response(message: dict[str, Any]) -> None:
     status = get("s", 200)
     if type(status) is not int or not 100 <= status <= 599:
         raise _bad(message, "s")
-    headers = get("h")
-    if headers is None:
-        message["h"] = []
-    elif type(headers) is not list:
-        raise _bad(message, "h")
-    else:
-        for pair in headers:
-            if type(pair) is not list or len(pair) != 2:
-                raise _bad(message, "h")
-            name, value = pair
-            if type(name) is not str or type(value) is not str:
-                raise _bad(message, "h")
-            # These become HTTP response headers: no CR, LF or NUL may pass.
-            if "\n" in value or "\r" in value or "\0" in value:
-                raise _bad(message, "h")
+    _check_headers(message, response=True)
     if type(get("b", b"")) is not bytes:
         raise _bad(message, "b")
     if type(get("more", False)) is not bool:
