@@ -26,6 +26,7 @@ from common.ring import Ring
 from common.rpc_client import ShardPool
 from shard import core
 from shard.committer import Committer, Job, StorageUnavailable
+from shard.core.errors import error_response, unavailable
 from shard.core.headers import is_json
 from shard.core.model import (
     CoreConfig,
@@ -49,16 +50,6 @@ Stage = Callable[..., None]
 
 MAX_SERVED_BYTES = 8 * 1024 * 1024  # per read_fork answer (a single record may exceed it)
 READ_RETRIES = 3  # a read whose stream was replaced while it waited on the source restarts
-
-
-def text_response(status: int, message: str, *extra: tuple[str, str]) -> Response:
-    return Response(
-        status, (("content-type", "text/plain; charset=utf-8"), *extra), message.encode()
-    )
-
-
-def unavailable(message: str) -> Response:
-    return text_response(503, message, ("retry-after", "1"))
 
 
 class ForkCoordinator:
@@ -256,7 +247,7 @@ class ForkCoordinator:
         """Count a new fork's reference on `source`, durably, and tell it where it forks.
         Reads one record at most (a sub-offset's anchor), whatever the source's size."""
         if not self.owns(source):
-            return text_response(421, "this shard does not own the source stream")
+            return error_response(421, "this shard does not own the source stream")
         async with self._ref_lock:
             entry = self._table.get(source)
             try:

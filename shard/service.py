@@ -19,6 +19,7 @@ from common.rpc_client import ShardPool
 from shard import core
 from shard.alarms import AlarmLoop
 from shard.committer import Committer, Job, StorageUnavailable
+from shard.core.errors import unavailable
 from shard.core.model import (
     CoreConfig,
     NeedBody,
@@ -43,16 +44,6 @@ log = logging.getLogger(__name__)
 
 Respond = Callable[[Response, bool], Awaitable[None]]  # (head, more body follows)
 SendChunk = Callable[[bytes, bool], Awaitable[None]]  # (body bytes, more follows)
-
-
-def text_response(status: int, message: str, *extra: tuple[str, str]) -> Response:
-    return Response(
-        status, (("content-type", "text/plain; charset=utf-8"), *extra), message.encode()
-    )
-
-
-def unavailable(message: str) -> Response:
-    return text_response(503, message, ("retry-after", "1"))
 
 
 class ShardService:

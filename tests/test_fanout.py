@@ -1,213 +1,225 @@
-"""Live fan-out: identical long-polls in flight together share one shard call.
+"""Shared SSE upstreams (gateway/fanout.py) against a real cluster and raw sockets.
 
-Against a real cluster: 200 long-poll readers of one stream all get the same data. Against
-the real gateway process in front of an in-test wire server (which records exactly what a
-shard would see): one upstream request per group of identical long-polls, a follower that
-hangs up does not cancel the others, the last one leaving cancels the shard's call.
+Many clients reading the same SSE share one shard call; a late joiner gets what it would
+have read on its own; `offset=now` is never shared; a client that stops reading is
+dropped without holding up the others; the last client leaving ends the shard call.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import uuid
-from collections.abc import Iterator
-from typing import Any
+import json
+import socket
+import time
 
 import httpx
 import pytest
 import trio
 
-from common.supervisor import Supervisor
-
 try:
-    from test_gateway_fakeshard import FakeShard, Reply
-    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
+    from cluster import running_cluster
 except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
+    from tests.cluster import running_cluster
 
-READERS = 200
-
-
-# -- a real cluster ------------------------------------------------------------------------
+TEXT = "text/plain"
 
 
-async def read_raw(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 GET on its own connection; a Content-Length response."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        await stream.send_all(request.encode())
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+class SseReader:
+    """A raw HTTP/1.1 SSE reader: the exact bytes, the events, and the end of the body."""
+
+    def __init__(self, url: str, path: str, query: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.sendall(f"GET {path}?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.buf = b""
+        head = self._until(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+        self.head = head.lower()
+        self.body = b""  # de-chunked
+        self.ended = False
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(self.buf)
+            self.buf += data
+        head, _, self.buf = self.buf.partition(marker)
+        return head
+
+    def read_chunk(self) -> bytes:
+        size = int(self._until(b"\r\n"), 16)
+        while len(self.buf) < size + 2:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        chunk, self.buf = self.buf[:size], self.buf[size + 2 :]
+        if size == 0:
+            self.ended = True
+        self.body += chunk
+        return chunk
+
+    def text_until(self, expected: str, timeout: float = 10) -> str:
+        """Read until the stream's text (all data events joined) is at least as long as
+        `expected`; return it. (A text stream's catch-up may merge appends into one event,
+        so the joined text is what two readers can be compared on.)"""
+        deadline = time.monotonic() + timeout
+        while len(self.text()) < len(expected):
+            assert time.monotonic() < deadline, self.body
+            self.read_chunk()
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.data())
+
+    def data(self) -> list[str]:
+        events = self.body.split(b"\n\n")
+        out = []
+        for event in events:
+            lines = event.split(b"\n")
+            if b"event: data" in lines:
+                out += [_field(line) for line in lines if line.startswith(b"data:")]
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-@pytest.mark.parametrize("cluster", [{"shards": 2, "long_poll_timeout": 20}], indirect=True)
-async def test_many_long_polls_get_the_same_data(cluster: Supervisor) -> None:
-    name = f"fanout-{uuid.uuid4().hex[:8]}"
-    port = int(cluster.url.rsplit(":", 1)[1])
-    async with httpx.AsyncClient(base_url=f"{cluster.url}/v1/stream/", timeout=30) as client:
-        created = await client.put(name, headers={"Content-Type": "text/plain"}, content=b"a")
-        assert created.status_code == 201
-        tail = created.headers["stream-next-offset"]
-        results: list[tuple[int, dict[str, str], bytes]] = []
-
-        async def reader() -> None:
-            results.append(await read_raw(port, f"/v1/stream/{name}?offset={tail}&live=long-poll"))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(READERS):
-                nursery.start_soon(reader)
-            await trio.sleep(1.0)  # let every reader park
-            appended = await client.post(
-                name, headers={"Content-Type": "text/plain"}, content=b"fan-out"
-            )
-            assert appended.status_code in (200, 204)
-        next_offset = appended.headers["stream-next-offset"]
-    assert len(results) == READERS
-    for status, headers, body in results:
-        assert status == 200
-        assert body == b"fan-out"
-        assert headers["stream-next-offset"] == next_offset
+def _field(line: bytes) -> str:
+    """An SSE field's value: after the colon and one optional space."""
+    value = line.split(b":", 1)[1]
+    return (value[1:] if value.startswith(b" ") else value).decode()
 
 
-# -- the gateway in front of a recording wire server ------------------------------------------
-
-RELEASE: dict[str, threading.Event] = {}  # answer the long-poll on this path once set
-CANCELLED: dict[str, threading.Event] = {}
-
-
-async def longpoll_shard(msg: dict[str, Any], reply: Reply) -> None:
-    """Holds each request until its path is released (then 200 with the path as body), or
-    until the gateway cancels it (recorded)."""
-    path = msg["p"]
-    release = RELEASE.setdefault(path, threading.Event())
-    try:
-        while not release.is_set():
-            await trio.sleep(0.01)
-        body = f"{path}?{msg['q']}".encode()
-        headers = [["content-type", "text/plain"], ["stream-next-offset", "7"]]
-        await reply({"k": "res", "i": msg["i"], "s": 200, "h": headers, "b": body, "more": False})
-    finally:
-        if trio.current_effective_deadline() == -math.inf:
-            CANCELLED.setdefault(path, threading.Event()).set()
+def append(url: str, path: str, text: str) -> None:
+    r = httpx.post(url + path, content=text.encode(), headers={"content-type": TEXT})
+    assert r.status_code == 204, r.text
 
 
-@pytest.fixture(scope="module")
-def shard() -> Iterator[ThreadedShard]:
-    threaded = ThreadedShard(FakeShard("s1", longpoll_shard))
-    threaded.start()
-    yield threaded
-    threaded.stop()
+@pytest.fixture
+async def one_shard(tmp_path):
+    async with running_cluster(tmp_path, shards=1, sse_max_duration=60) as cluster:
+        yield cluster
 
 
-@pytest.fixture(scope="module")
-def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
-    with gateway_for(shard) as gw:
-        yield gw
+def create(url: str, path: str) -> None:
+    r = httpx.put(url + path, headers={"content-type": TEXT})
+    assert r.status_code in (200, 201), r.text
 
 
-def upstream(shard: ThreadedShard, path: str) -> list[dict[str, Any]]:
-    return [m for m in list(shard.shard.requests) if m["p"] == path]
+async def test_late_joiner_reads_what_it_would_alone(one_shard) -> None:
+    url, path = one_shard.url, "/v1/stream/shared"
+
+    def scenario() -> None:
+        create(url, path)
+        append(url, path, "a")
+        early = SseReader(url, path, "offset=-1&live=sse")
+        assert early.status == 200 and b"text/event-stream" in early.head
+        assert early.text_until("a") == "a"
+        append(url, path, "b")
+        assert early.text_until("ab") == "ab"
+        late = SseReader(url, path, "offset=-1&live=sse")  # joins: replay of a and b
+        append(url, path, "c")
+        assert late.text_until("abc") == "abc"
+        assert late.data() == ["a", "b", "c"]  # the replay: the early reader's events
+        assert early.text_until("abc") == "abc"
+        alone = SseReader(url, path, "offset=-1&live=sse&cursor=x")  # another key
+        assert alone.text_until("abc") == "abc"
+        assert alone.data() == ["abc"]  # its own catch-up: one event
+        for reader in (early, late, alone):
+            reader.close()
+
+    await trio.to_thread.run_sync(scenario)
 
 
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
+async def test_offset_now_is_not_shared(one_shard) -> None:
+    url, path = one_shard.url, "/v1/stream/now"
+
+    def scenario() -> None:
+        create(url, path)
+        first = SseReader(url, path, "offset=now&live=sse")
+        first.read_chunk()  # its start (a control event)
+        append(url, path, "before|")
+        assert first.text_until("before|") == "before|"
+        second = SseReader(url, path, "offset=now&live=sse")
+        second.read_chunk()
+        append(url, path, "after|")
+        assert second.text_until("after|") == "after|"  # nothing from before its "now"
+        assert first.text_until("before|after|") == "before|after|"
+        first.close()
+        second.close()
+
+    await trio.to_thread.run_sync(scenario)
 
 
-async def test_identical_long_polls_share_one_upstream_call(
-    gateway: GatewayProcess, shard: ThreadedShard
-) -> None:
-    path = f"group-{uuid.uuid4().hex[:8]}"
-    target = f"/v1/stream/{path}?offset=3&live=long-poll"
-    other = f"/v1/stream/{path}?offset=4&live=long-poll"  # another offset: its own group
-    results: list[tuple[int, dict[str, str], bytes]] = []
+async def test_stalled_client_is_dropped_others_get_everything(one_shard) -> None:
+    url, path = one_shard.url, "/v1/stream/stall"
+    big = "x" * 60_000
 
-    async def reader(t: str) -> None:
-        results.append(await read_raw(gateway.port, t))
+    def scenario() -> None:
+        create(url, path)
+        stalled = SseReader(url, path, "offset=-1&live=sse")
+        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader = SseReader(url, path, "offset=-1&live=sse")
+        count = 40  # 2.4 MB: more than a stalled client may lag
+        expected = ""
+        for n in range(count):
+            message = f"{n}:{big}|"
+            append(url, path, message)
+            expected += message
+            if n % 4 == 0:
+                assert reader.text_until(expected) == expected
+        assert reader.text_until(expected, timeout=30) == expected
+        # The stalled client's connection was closed by the gateway: reading it to the
+        # end reaches EOF without a clean end of the chunked body.
+        stalled.sock.settimeout(10)
+        with pytest.raises(EOFError):
+            while True:
+                stalled.read_chunk()
+                assert not stalled.ended
+        reader.close()
 
-    async with trio.open_nursery() as nursery:
-        for n in range(READERS):
-            nursery.start_soon(reader, target if n % 10 else other)
-        await until(lambda: len(upstream(shard, path)) >= 2)
-        await trio.sleep(0.3)  # every reader connected and joined
-        RELEASE.setdefault(path, threading.Event()).set()
-    assert len(results) == READERS
-    assert {(s, b) for s, _, b in results} == {
-        (200, f"{path}?offset=3&live=long-poll".encode()),
-        (200, f"{path}?offset=4&live=long-poll".encode()),
-    }
-    assert all(h["stream-next-offset"] == "7" for _, h, _ in results)
-    assert sorted(m["q"] for m in upstream(shard, path)) == [
-        "offset=3&live=long-poll",
-        "offset=4&live=long-poll",
-    ]
-    # A plain read is never shared.
-    status, _, _ = await read_raw(gateway.port, f"/v1/stream/{path}?offset=3")
-    assert status == 200 and len(upstream(shard, path)) == 3
+    await trio.to_thread.run_sync(scenario)
 
 
-async def open_waiters(port: int, target: str, count: int) -> list[trio.SocketStream]:
-    """`count` raw connections that have each sent GET `target` (and read nothing)."""
-    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-    streams = []
-    for _ in range(count):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(request)
-        streams.append(stream)
-    return streams
+async def test_many_clients_one_stream_then_all_leave(one_shard) -> None:
+    url, path = one_shard.url, "/v1/stream/many"
+
+    def scenario() -> None:
+        create(url, path)
+        readers = [SseReader(url, path, "offset=-1&live=sse") for _ in range(50)]
+        for n in range(5):
+            append(url, path, f"m{n}")
+        for reader in readers:
+            assert reader.text_until("m0m1m2m3m4") == "m0m1m2m3m4"
+        for reader in readers:
+            reader.close()
+        # Everyone left: the upstream ends, and a new reader starts a fresh one.
+        time.sleep(0.3)
+        fresh = SseReader(url, path, "offset=-1&live=sse")
+        append(url, path, "m5")
+        assert fresh.text_until("m0m1m2m3m4m5") == "m0m1m2m3m4m5"
+        fresh.close()
+
+    await trio.to_thread.run_sync(scenario)
 
 
-async def test_follower_leaving_does_not_cancel_the_others(
-    gateway: GatewayProcess, shard: ThreadedShard
-) -> None:
-    path = f"leave-{uuid.uuid4().hex[:8]}"
-    target = f"/v1/stream/{path}?offset=3&live=long-poll"
-    quitters = await open_waiters(gateway.port, target, 3)
-    await until(lambda: len(upstream(shard, path)) == 1)
-    stayer: list[tuple[int, dict[str, str], bytes]] = []
+async def test_stream_closed_ends_every_response_cleanly(one_shard) -> None:
+    url, path = one_shard.url, "/v1/stream/closing"
 
-    async def stay() -> None:
-        stayer.append(await read_raw(gateway.port, target))
+    def scenario() -> None:
+        create(url, path)
+        readers = [SseReader(url, path, "offset=-1&live=sse") for _ in range(3)]
+        append(url, path, "last")
+        r = httpx.post(url + path, headers={"content-type": TEXT, "stream-closed": "true"})
+        assert r.status_code == 204, r.text
+        for reader in readers:
+            while not reader.ended:
+                reader.read_chunk()
+            assert reader.text() == "last"
+            control = [e for e in reader.body.split(b"\n\n") if b"event: control" in e][-1]
+            payload = json.loads(_field(control.split(b"\n")[-1]))
+            assert payload.get("streamClosed") is True
+            reader.close()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stay)
-        await trio.sleep(0.3)
-        for stream in quitters:  # including the one whose request started the call
-            await stream.aclose()
-        await trio.sleep(0.5)
-        assert not CANCELLED.get(path, threading.Event()).is_set()
-        RELEASE.setdefault(path, threading.Event()).set()
-    assert stayer[0][0] == 200 and stayer[0][2] == f"{path}?offset=3&live=long-poll".encode()
-    assert len(upstream(shard, path)) == 1
-    assert not CANCELLED.get(path, threading.Event()).is_set()
-
-
-async def test_last_waiter_leaving_cancels_upstream(
-    gateway: GatewayProcess, shard: ThreadedShard
-) -> None:
-    path = f"cancel-{uuid.uuid4().hex[:8]}"
-    target = f"/v1/stream/{path}?offset=3&live=long-poll"
-    streams = await open_waiters(gateway.port, target, 5)
-    await until(lambda: len(upstream(shard, path)) == 1)
-    await trio.sleep(0.2)
-    for stream in streams:
-        await stream.aclose()
-    cancelled = CANCELLED.setdefault(path, threading.Event())
-    await until(cancelled.is_set)
-    # A new identical request after that starts a fresh call (and gets its answer).
-    RELEASE.setdefault(path, threading.Event()).set()
-    status, _, body = await read_raw(gateway.port, target)
-    assert status == 200 and body == f"{path}?offset=3&live=long-poll".encode()
-    assert len(upstream(shard, path)) == 2
+    await trio.to_thread.run_sync(scenario)

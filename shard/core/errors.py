@@ -28,5 +28,10 @@ def error_response(
     return Response(status, (_TEXT, *headers), message.encode())
 
 
+def unavailable(message: str) -> Response:
+    """503 with Retry-After: the request certainly did not take effect; try again."""
+    return error_response(503, message, (("retry-after", "1"),))
+
+
 def bad_request(message: str) -> ProtocolError:
     return ProtocolError(400, message)

@@ -1,0 +1,213 @@
+"""Live fan-out: identical long-polls in flight together share one shard call.
+
+Against a real cluster: 200 long-poll readers of one stream all get the same data. Against
+the real gateway process in front of an in-test wire server (which records exactly what a
+shard would see): one upstream request per group of identical long-polls, a follower that
+hangs up does not cancel the others, the last one leaving cancels the shard's call.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from common.supervisor import Supervisor
+
+try:
+    from test_gateway_fakeshard import FakeShard, Reply
+    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
+except ImportError:  # tests/ became a package
+    from tests.test_gateway_fakeshard import FakeShard, Reply
+    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
+
+READERS = 200
+
+
+# -- a real cluster ------------------------------------------------------------------------
+
+
+async def read_raw(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 GET on its own connection; a Content-Length response."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        await stream.send_all(request.encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("cluster", [{"shards": 2, "long_poll_timeout": 20}], indirect=True)
+async def test_many_long_polls_get_the_same_data(cluster: Supervisor) -> None:
+    name = f"fanout-{uuid.uuid4().hex[:8]}"
+    port = int(cluster.url.rsplit(":", 1)[1])
+    async with httpx.AsyncClient(base_url=f"{cluster.url}/v1/stream/", timeout=30) as client:
+        created = await client.put(name, headers={"Content-Type": "text/plain"}, content=b"a")
+        assert created.status_code == 201
+        tail = created.headers["stream-next-offset"]
+        results: list[tuple[int, dict[str, str], bytes]] = []
+
+        async def reader() -> None:
+            results.append(await read_raw(port, f"/v1/stream/{name}?offset={tail}&live=long-poll"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(READERS):
+                nursery.start_soon(reader)
+            await trio.sleep(1.0)  # let every reader park
+            appended = await client.post(
+                name, headers={"Content-Type": "text/plain"}, content=b"fan-out"
+            )
+            assert appended.status_code in (200, 204)
+        next_offset = appended.headers["stream-next-offset"]
+    assert len(results) == READERS
+    for status, headers, body in results:
+        assert status == 200
+        assert body == b"fan-out"
+        assert headers["stream-next-offset"] == next_offset
+
+
+# -- the gateway in front of a recording wire server ------------------------------------------
+
+RELEASE: dict[str, threading.Event] = {}  # answer the long-poll on this path once set
+CANCELLED: dict[str, threading.Event] = {}
+
+
+async def longpoll_shard(msg: dict[str, Any], reply: Reply) -> None:
+    """Holds each request until its path is released (then 200 with the path as body), or
+    until the gateway cancels it (recorded)."""
+    path = msg["p"]
+    release = RELEASE.setdefault(path, threading.Event())
+    try:
+        while not release.is_set():
+            await trio.sleep(0.01)
+        body = f"{path}?{msg['q']}".encode()
+        headers = [["content-type", "text/plain"], ["stream-next-offset", "7"]]
+        await reply({"k": "res", "i": msg["i"], "s": 200, "h": headers, "b": body, "more": False})
+    finally:
+        if trio.current_effective_deadline() == -math.inf:
+            CANCELLED.setdefault(path, threading.Event()).set()
+
+
+@pytest.fixture(scope="module")
+def shard() -> Iterator[ThreadedShard]:
+    threaded = ThreadedShard(FakeShard("s1", longpoll_shard))
+    threaded.start()
+    yield threaded
+    threaded.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(shard: ThreadedShard) -> Iterator[GatewayProcess]:
+    with gateway_for(shard) as gw:
+        yield gw
+
+
+def upstream(shard: ThreadedShard, path: str) -> list[dict[str, Any]]:
+    return [m for m in list(shard.shard.requests) if m["p"] == path]
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_identical_long_polls_share_one_upstream_call(
+    gateway: GatewayProcess, shard: ThreadedShard
+) -> None:
+    path = f"group-{uuid.uuid4().hex[:8]}"
+    target = f"/v1/stream/{path}?offset=3&live=long-poll"
+    other = f"/v1/stream/{path}?offset=4&live=long-poll"  # another offset: its own group
+    results: list[tuple[int, dict[str, str], bytes]] = []
+
+    async def reader(t: str) -> None:
+        results.append(await read_raw(gateway.port, t))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(READERS):
+            nursery.start_soon(reader, target if n % 10 else other)
+        await until(lambda: len(upstream(shard, path)) >= 2)
+        await trio.sleep(0.3)  # every reader connected and joined
+        RELEASE.setdefault(path, threading.Event()).set()
+    assert len(results) == READERS
+    assert {(s, b) for s, _, b in results} == {
+        (200, f"{path}?offset=3&live=long-poll".encode()),
+        (200, f"{path}?offset=4&live=long-poll".encode()),
+    }
+    assert all(h["stream-next-offset"] == "7" for _, h, _ in results)
+    assert sorted(m["q"] for m in upstream(shard, path)) == [
+        "offset=3&live=long-poll",
+        "offset=4&live=long-poll",
+    ]
+    # A plain read is never shared.
+    status, _, _ = await read_raw(gateway.port, f"/v1/stream/{path}?offset=3")
+    assert status == 200 and len(upstream(shard, path)) == 3
+
+
+async def open_waiters(port: int, target: str, count: int) -> list[trio.SocketStream]:
+    """`count` raw connections that have each sent GET `target` (and read nothing)."""
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    streams = []
+    for _ in range(count):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(request)
+        streams.append(stream)
+    return streams
+
+
+async def test_follower_leaving_does_not_cancel_the_others(
+    gateway: GatewayProcess, shard: ThreadedShard
+) -> None:
+    path = f"leave-{uuid.uuid4().hex[:8]}"
+    target = f"/v1/stream/{path}?offset=3&live=long-poll"
+    quitters = await open_waiters(gateway.port, target, 3)
+    await until(lambda: len(upstream(shard, path)) == 1)
+    stayer: list[tuple[int, dict[str, str], bytes]] = []
+
+    async def stay() -> None:
+        stayer.append(await read_raw(gateway.port, target))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stay)
+        await trio.sleep(0.3)
+        for stream in quitters:  # including the one whose request started the call
+            await stream.aclose()
+        await trio.sleep(0.5)
+        assert not CANCELLED.get(path, threading.Event()).is_set()
+        RELEASE.setdefault(path, threading.Event()).set()
+    assert stayer[0][0] == 200 and stayer[0][2] == f"{path}?offset=3&live=long-poll".encode()
+    assert len(upstream(shard, path)) == 1
+    assert not CANCELLED.get(path, threading.Event()).is_set()
+
+
+async def test_last_waiter_leaving_cancels_upstream(
+    gateway: GatewayProcess, shard: ThreadedShard
+) -> None:
+    path = f"cancel-{uuid.uuid4().hex[:8]}"
+    target = f"/v1/stream/{path}?offset=3&live=long-poll"
+    streams = await open_waiters(gateway.port, target, 5)
+    await until(lambda: len(upstream(shard, path)) == 1)
+    await trio.sleep(0.2)
+    for stream in streams:
+        await stream.aclose()
+    cancelled = CANCELLED.setdefault(path, threading.Event())
+    await until(cancelled.is_set)
+    # A new identical request after that starts a fresh call (and gets its answer).
+    RELEASE.setdefault(path, threading.Event()).set()
+    status, _, body = await read_raw(gateway.port, target)
+    assert status == 200 and body == f"{path}?offset=3&live=long-poll".encode()
+    assert len(upstream(shard, path)) == 2
