@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import CONFORMANCE_SUMMARIES, running_cluster
+from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
 
 from common.supervisor import Supervisor
 

@@ -19,15 +19,11 @@ import httpx
 import msgpack
 import pytest
 import trio
+from support.auth import open_authenticated
 
 from common import wire
 from common.ring import Ring
 from common.rpc_security import SECRET_FILE_NAME, read_secret_file
-
-try:
-    from test_gateway_fakeshard import open_authenticated
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import open_authenticated
 
 pytestmark = pytest.mark.slow
 

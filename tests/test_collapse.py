@@ -17,15 +17,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.processes import GatewayProcess, gateway_for
 
 from common.supervisor import Supervisor
-
-try:
-    from test_gateway_fakeshard import FakeShard, Reply
-    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 
 READERS = 200
 

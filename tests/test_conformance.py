@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from cluster import CONFORMANCE_SUMMARIES, running_cluster
+from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
 
 CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
 VITEST = CONFORMANCE_DIR / "node_modules" / "vitest" / "vitest.mjs"

@@ -14,11 +14,7 @@ import time
 import httpx
 import pytest
 import trio
-
-try:
-    from cluster import running_cluster
-except ImportError:  # tests/ became a package
-    from tests.cluster import running_cluster
+from support.cluster import running_cluster
 
 TEXT = "text/plain"
 

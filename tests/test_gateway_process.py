@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.processes import GatewayProcess, gateway_for
 
-try:
-    from test_gateway_fakeshard import FakeShard, Reply, secret_args
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply, secret_args
-
-ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 4096
 CANCELLED: dict[str, threading.Event] = {}
 
@@ -94,110 +84,12 @@ async def scripted(msg: dict[str, Any], reply: Reply) -> None:
         await reply({"k": "res", "i": i, "s": 204, "h": [], "b": b"", "more": False})
 
 
-class ThreadedShard:
-    """A FakeShard running in its own thread and trio loop (lives across tests)."""
-
-    def __init__(self, shard: FakeShard) -> None:
-        self.shard = shard
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> int:
-        ready = threading.Event()
-
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.shard.run)
-                ready.set()
-
-        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
-        return self.shard.port
-
-    def stop(self) -> None:
-        trio.from_thread.run(self.shard.stop, trio_token=self._token)
-        assert self._thread is not None
-        self._thread.join(10)
-
-
-class GatewayProcess:
-    """`ds-cluster gateway` with the test cluster secret (`extra` options come last, so a
-    test may pass another --cluster-secret-file)."""
-
-    def __init__(self, shards: str, *extra: str) -> None:
-        self._secret_dir = tempfile.TemporaryDirectory()
-        argv = [
-            sys.executable,
-            "-m",
-            "common.cli",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            shards,
-            *secret_args(Path(self._secret_dir.name)),
-            *extra,
-        ]
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.url = ""
-        deadline = time.monotonic() + 30
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "listening on http://" in line:
-                self.url = line.rsplit(" ", 1)[1].strip()
-                break
-            assert time.monotonic() < deadline, "gateway did not start"
-        assert self.url, "".join(self.lines)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-
-    def _read_rest(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_ready(self, expect: int = 200, timeout: float = 10) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while True:
-            response = httpx.get(f"{self.url}/readyz")
-            if response.status_code == expect or time.monotonic() > deadline:
-                return response
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._secret_dir.cleanup()
-
-
 @pytest.fixture(scope="module")
 def shard() -> Iterator[ThreadedShard]:
     threaded = ThreadedShard(FakeShard("s1", scripted))
     threaded.start()
     yield threaded
     threaded.stop()
-
-
-@contextmanager
-def gateway_for(shard: ThreadedShard, *extra: str) -> Iterator[GatewayProcess]:
-    """A ready gateway process in front of `shard`; stopped after, and it must exit 0."""
-    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", *extra)
-    try:
-        assert gw.wait_ready().status_code == 200
-        yield gw
-    finally:
-        code = gw.stop()
-        assert code == 0, "".join(gw.lines[-30:])
 
 
 @pytest.fixture(scope="module")

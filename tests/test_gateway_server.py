@@ -8,7 +8,7 @@ graceful shutdown, chunked and 100-continue request bodies, HTTP/2 (prior knowle
 h2c upgrade).
 
 Most tests drive a real gateway process in front of the in-test fake shard (helpers from
-test_gateway_process.py); the last ones run `gateway.server.serve` in-process with a tiny
+tests/support); the last ones run `gateway.server.serve` in-process with a tiny
 ASGI app, where the test counts the server's socket writes or needs a short keep-alive
 timeout; one uses a real cluster.
 """
@@ -34,17 +34,12 @@ import pytest
 import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.processes import GatewayProcess, gateway_for
 
 from common.supervisor import Supervisor
 from gateway.main import hypercorn_config
 from gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPServer, serve
-
-try:
-    from test_gateway_fakeshard import FakeShard, Reply
-    from test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import FakeShard, Reply
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard, gateway_for
 
 # The gateway's own keep-alive timeout (hypercorn's default unless main.py changes it).
 KEEP_ALIVE = float(hypercorn_config(access_log=False, graceful_timeout=3).keep_alive_timeout)

@@ -23,7 +23,7 @@ import httpx
 import msgpack
 import pytest
 import trio
-from cluster import running_cluster
+from support.cluster import running_cluster
 
 from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool

@@ -29,11 +29,7 @@ import httpx
 import hyperframe.frame
 import pytest
 import trio
-
-try:
-    from cluster import running_cluster
-except ImportError:  # tests/ became a package
-    from tests.cluster import running_cluster
+from support.cluster import running_cluster
 
 from common.supervisor import Supervisor
 from gateway.budget import OutputBudget

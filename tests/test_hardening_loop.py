@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from cluster import running_cluster
+from support.cluster import running_cluster
 
 from common import watchdog
 from common.ring import Ring

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +23,15 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from support.auth import (
+    TEST_SECRET,
+    env_without_secret,
+    open_authenticated,
+    secret_args,
+    write_secret_file,
+)
+from support.fakeshard import FakeShard, Reply, ThreadedShard, answer_204
+from support.processes import GatewayProcess, ShardProcess, free_port
 
 from common import rpc_security, wire
 from common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
@@ -33,109 +39,12 @@ from common.ring import Ring
 from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
 from common.supervisor import ClusterConfig, Supervisor, SupervisorError
 
-try:
-    from test_gateway_fakeshard import (
-        TEST_SECRET,
-        FakeShard,
-        Reply,
-        answer_204,
-        open_authenticated,
-        secret_args,
-        write_secret_file,
-    )
-    from test_gateway_process import GatewayProcess, ThreadedShard
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import (
-        TEST_SECRET,
-        FakeShard,
-        Reply,
-        answer_204,
-        open_authenticated,
-        secret_args,
-        write_secret_file,
-    )
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_TYPE = "application/json"
 WRONG_SECRET = b"not-the-cluster-secret-0123456789abcdef0123456789"
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ShardProcess:
-    """`ds-cluster shard` started by hand (a one-shard ring unless `peers` says more)."""
-
-    def __init__(
-        self,
-        tmp: Path,
-        shard_id: str = "shard-0",
-        *extra: str,
-        port: int | None = None,
-        peers: str | None = None,
-        env: dict[str, str] | None = None,
-        wait: bool = True,
-    ) -> None:
-        self.shard_id = shard_id
-        self.port = port or free_port()
-        argv = [sys.executable, "-m", "common.cli", "shard", "--id", shard_id]
-        argv += ["--listen", f"127.0.0.1:{self.port}", "--data-dir", str(tmp / shard_id)]
-        argv += ["--peers", peers or f"{shard_id}=127.0.0.1:{self.port}", *extra]
-        (tmp / shard_id).mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env or _env_without_secret()
-        )
-        self.lines: list[str] = []
-        if not wait:
-            return
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + 30
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "serving on" in line:
-                break
-            assert time.monotonic() < deadline, "shard did not start"
-        assert self.proc.poll() is None, "".join(self.lines)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def status_kib(self, field: str) -> int:
-        """VmRSS / VmHWM of the process, in KiB (from /proc/PID/status)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise AssertionError(f"no {field} in /proc/{self.proc.pid}/status")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _env_without_secret() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("DS_CLUSTER_", "DS_RPC_"))}
 
 
 @contextmanager
@@ -624,7 +533,7 @@ def _run_to_exit(argv: list[str], env: dict[str, str] | None = None) -> tuple[in
         capture_output=True,
         text=True,
         timeout=30,
-        env=env or _env_without_secret(),
+        env=env or env_without_secret(),
     )
     return done.returncode, done.stderr
 
@@ -645,13 +554,13 @@ def test_no_secret_or_a_careless_one_refuses_to_start(tmp_path: Path) -> None:
         assert code == 2 and "chmod 600" in err, err
         code, err = _run_to_exit([*role, "--cluster-secret-file", str(short)])
         assert code == 2 and "fewer than 32 bytes" in err, err
-        env = dict(_env_without_secret(), DS_CLUSTER_SECRET="short")
+        env = dict(env_without_secret(), DS_CLUSTER_SECRET="short")
         code, err = _run_to_exit(role, env)
         assert code == 2 and "shorter than 32 bytes" in err, err
 
 
 async def test_secret_from_the_environment(tmp_path: Path) -> None:
-    env = dict(_env_without_secret(), DS_CLUSTER_SECRET=TEST_SECRET.decode())
+    env = dict(env_without_secret(), DS_CLUSTER_SECRET=TEST_SECRET.decode())
     shard = ShardProcess(tmp_path, "shard-0", env=env)
     try:
         await assert_serves(shard)
@@ -660,7 +569,7 @@ async def test_secret_from_the_environment(tmp_path: Path) -> None:
     finally:
         shard.stop()
     path = write_secret_file(tmp_path)
-    env = dict(_env_without_secret(), DS_CLUSTER_SECRET_FILE=str(path))
+    env = dict(env_without_secret(), DS_CLUSTER_SECRET_FILE=str(path))
     shard = ShardProcess(tmp_path, "shard-1", env=env)
     try:
         await assert_serves(shard)

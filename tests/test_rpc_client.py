@@ -8,14 +8,11 @@ from typing import Any
 
 import pytest
 import trio
+from support.auth import TEST_SECRET
+from support.fakeshard import FakeShard, Reply, forever
 
 from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
-
-try:
-    from test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, forever
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, forever
 
 
 def make_pool(shard: FakeShard, **kwargs: Any) -> ShardPool:
@@ -278,3 +275,8 @@ async def test_hung_shard_detected_by_heartbeat() -> None:
             with trio.fail_after(5):
                 await pool.wait_connected("s1")
         nursery.cancel_scope.cancel()
+
+
+def test_fake_shard_module_imports() -> None:
+    """The stand-in shard these tests talk to is importable from tests/support."""
+    assert FakeShard("x").shard_id == "x"

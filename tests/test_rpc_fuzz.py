@@ -22,18 +22,12 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.auth import TEST_SECRET, secret_args
+from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.processes import GatewayProcess, ShardProcess
 
 from common import wire
 from common.cluster_auth import ClientHandshake
-
-try:
-    from test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, secret_args
-    from test_gateway_process import GatewayProcess, ThreadedShard
-    from test_hardening_rpc import ShardProcess
-except ImportError:  # tests/ became a package
-    from tests.test_gateway_fakeshard import TEST_SECRET, FakeShard, Reply, secret_args
-    from tests.test_gateway_process import GatewayProcess, ThreadedShard
-    from tests.test_hardening_rpc import ShardProcess
 
 FUZZ = settings(
     max_examples=200,
@@ -283,7 +277,7 @@ def replies(draw: st.DrawFn) -> list[bytes | dict[str, Any]]:
     for _ in range(draw(st.integers(1, 3))):
         if draw(st.integers(0, 5)) == 0:
             # Garbage behind a length no frame may have: a shard that stalls inside a
-            # frame is the heartbeat's to catch (test_gateway_rpc), in seconds, not here.
+            # frame is the heartbeat's to catch (test_rpc_client), in seconds, not here.
             size = draw(st.integers(wire.MAX_FRAME_BYTES + 1, 2**32 - 1))
             items.append(struct.pack(">I", size) + draw(st.binary(max_size=100)))
             continue

@@ -1,4 +1,2 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
+"""Unit tests of the sans-IO core. `coresim` is importable through pytest's `pythonpath`
+(pyproject.toml)."""
