@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from common.lifeline import Lifeline, watch
@@ -17,10 +16,6 @@ SUBCOMMANDS = {
     "chaos": ("common.chaos", "chaos-test a local cluster (kills, stops, verification)"),
     "bench": ("common.bench", "benchmark a server, optionally side by side with another"),
 }
-
-
-def default_shard_count() -> int:
-    return max(2, os.cpu_count() or 2)
 
 
 def main(argv: list[str] | None = None) -> int:

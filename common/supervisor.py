@@ -47,7 +47,6 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from common.cli import default_shard_count
 from common.lifeline import Lifeline
 from common.rpc_security import (
     SECRET_FILE_NAME,
@@ -70,6 +69,11 @@ LIFELINE_GRACE = {"shard": 0.0, "gateway": 2.0}
 # While waiting for a previous cluster's children to exit: the longest sleep between
 # two looks at their locks or port (a PID we can watch wakes us sooner).
 _OWNER_RECHECK = 0.25
+
+
+def default_shard_count() -> int:
+    """One shard per core, at least two (so a local cluster always routes across shards)."""
+    return max(2, os.cpu_count() or 2)
 
 
 class SupervisorError(Exception):

@@ -13,22 +13,55 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 
-from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT
+from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
 from gateway.fanout import Streaming, Subscriber
-
-if TYPE_CHECKING:
-    from gateway.server import LeanH11Protocol, LeanTCPServer
 
 log = logging.getLogger(__name__)
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
+
+
+class Connection(Protocol):
+    """What an `SseClient` needs of its client connection (`gateway.server.LeanTCPServer`):
+    described here so that this module does not import the server that imports it."""
+
+    @property
+    def stream(self) -> trio.SocketStream: ...
+
+    @property
+    def output(self) -> ConnectionOutput:
+        """Response bytes queued for this client."""
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in a task of the connection (nothing if it is closing)."""
+
+    def stop_reading(self) -> None:
+        """Drop the connection: stop reading, abandon a write in progress."""
+
+
+class H11Connection(Protocol):
+    """What a `NativeExchange` needs of the HTTP/1.1 protocol it answers on
+    (`gateway.server.LeanH11Protocol`)."""
+
+    @property
+    def tcp(self) -> Connection: ...
+
+    async def send(self, event: Closed) -> None: ...
+
+    async def stream_send(self, event: StreamEvent) -> None: ...
+
+    async def send_answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, method: str
+    ) -> None: ...
+
+    async def until_gone(self) -> None: ...
 
 
 class NativeRoute(Protocol):
@@ -81,7 +114,7 @@ class NativeExchange:
 
     def __init__(
         self,
-        protocol: LeanH11Protocol,
+        protocol: H11Connection,
         route: NativeRoute,
         method: str,
         target: bytes,
@@ -204,7 +237,7 @@ class SseClient:
 
     __slots__ = ("_dropped", "_ended", "_flushing", "_live", "_on_end", "_queue", "_queued", "_tcp")
 
-    def __init__(self, tcp: LeanTCPServer, on_end: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, tcp: Connection, on_end: Callable[[], Awaitable[None]]) -> None:
         self._tcp = tcp
         self._on_end = on_end  # ends the response (in a task) once everything is written
         self._queue: deque[bytes] = deque()  # not yet written, in order
