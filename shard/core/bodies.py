@@ -79,6 +79,8 @@ def records(
     `allow_empty` (an append of nothing, 9.1.3). With `defer`, a large body without
     pieces raises BodyDeferred instead of being cut here."""
     json_mode = is_json(content_type)
+    if not json_mode and prepared is None and len(body) <= MAX_RECORD_BYTES:
+        return (Record(tail, tail + len(body), body),) if body else ()  # the common case
     pieces: Sequence[tuple[bytes, int]]
     usable = prepared is not None and prepared.json == json_mode
     if defer and not usable and is_large(body, json_mode):

@@ -52,6 +52,25 @@ _LONG_BEFORE_DOT = re.compile(r"\.(?<=[0-9]{200}\.)")
 _BIG_EXPONENT = re.compile(r"[eE](?:[+-]?[0-9]{3}|(?<=[0-9]{200}[eE]))")
 # An escape in the UTF-16 surrogate range (\uD800-\uDFFF), paired or not.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+# The same overflow rule on a whole body with its digits mapped to "0", "E" to "e" and
+# "+" deleted, as two substring tests: a body without either needs no check.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
+_LONG_DIGITS = b"0" * 200
+
+
+class _Suspects:
+    """What a body may hold that the C decoder accepts but strict JSON does not, from
+    one cheap look at the whole body; pieces are checked only for what it may hold."""
+
+    __slots__ = ("overflow", "surrogates")
+
+    def __init__(self, body: bytes) -> None:
+        self.overflow = False
+        if b"." in body or b"e" in body or b"E" in body:  # else there is no float at all
+            zeros = body.translate(_DIGITS_TO_ZERO, b"+")
+            self.overflow = b"e000" in zeros or (len(body) >= 200 and _LONG_DIGITS in zeros)
+        self.surrogates = b"\\u" in body and _SURROGATE_ESCAPE_BYTES.search(body) is not None
 
 
 class _Invalid(ValueError):
@@ -97,12 +116,13 @@ def _plan(body: bytes) -> Iterator[tuple[int, int, int]]:
     except UnicodeDecodeError:
         raise _Invalid("invalid JSON: body is not UTF-8") from None
     ascii_only = len(text) == len(body)
+    suspects = _Suspects(body)
     start = _WS_RE.match(text, 0).end()
     end = len(text.rstrip(_WS_CHARS))
     if start >= end:
         raise _Invalid("invalid JSON: empty body")
     if text[start] != "[":
-        _decode_values(text, start, end, single=True)
+        _decode_values(text, start, end, suspects, single=True)
         yield _to_bytes(text, body, ascii_only, start, end, 1)
         return
     if text[end - 1] != "]":
@@ -111,9 +131,16 @@ def _plan(body: bytes) -> Iterator[tuple[int, int, int]]:
     inner_end = start + 1 + len(text[start + 1 : end - 1].rstrip(_WS_CHARS))
     if pos >= inner_end:
         return  # []: no messages
+    if inner_end - pos < 2 * MAX_RECORD_MESSAGES - 1:
+        # Too short to need a cut or to hold too many messages: one decode of the array.
+        (values,) = _decode_values(text, start, end, suspects, single=True)
+        if not values:
+            raise _Invalid("invalid JSON")
+        yield _to_bytes(text, body, ascii_only, pos, inner_end, len(values))
+        return
     byte_pos = pos  # byte offset of text[pos] (equal to pos for ASCII bodies)
     while True:
-        cut, count = _next_piece(text, pos, inner_end)
+        cut, count = _next_piece(text, pos, inner_end, suspects)
         piece_end = pos + len(text[pos:cut].rstrip(_WS_CHARS))
         if ascii_only:
             yield pos, piece_end, count
@@ -141,7 +168,7 @@ def _to_bytes(
     return begin, begin + len(text[start:end].encode("utf-8")), count
 
 
-def _next_piece(text: str, pos: int, end: int) -> tuple[int, int]:
+def _next_piece(text: str, pos: int, end: int, suspects: _Suspects) -> tuple[int, int]:
     """The next record piece of an array's elements starting at `pos`: `(cut, count)`,
     `cut` being the index of the top-level comma that ends it (or `end`)."""
     limit = pos + MAX_RECORD_BYTES
@@ -150,13 +177,16 @@ def _next_piece(text: str, pos: int, end: int) -> tuple[int, int]:
     else:
         cut = text.rfind(",", pos, limit)
         if cut <= pos:
-            return _scan_piece(text, pos, end)  # a message larger than a record
-    structured = any(text.find(c, pos, cut) >= 0 for c in _STRUCTURED)
-    if structured and text.count(",", pos, cut) >= MAX_RECORD_MESSAGES:
+            return _scan_piece(text, pos, end, suspects)  # a message larger than a record
+    if (
+        cut - pos >= 2 * MAX_RECORD_MESSAGES - 1  # shorter cannot hold so many commas
+        and any(text.find(c, pos, cut) >= 0 for c in _STRUCTURED)
+        and text.count(",", pos, cut) >= MAX_RECORD_MESSAGES
+    ):
         match = _NTH_COMMA.match(text, pos, cut)
         cut = match.end() - 1 if match else cut
     try:
-        values = _decode_values(text, pos, cut, single=False)
+        values = _decode_values(text, pos, cut, suspects, single=False)
     except _Invalid:
         if cut == end:
             raise  # the whole rest is invalid; no other cut can make it valid
@@ -165,13 +195,13 @@ def _next_piece(text: str, pos: int, end: int) -> tuple[int, int]:
         # often end a message, then fall back to finding them message by message.
         for alternative in _likely_cuts(text, pos, cut):
             try:
-                values = _decode_values(text, pos, alternative, single=False)
+                values = _decode_values(text, pos, alternative, suspects, single=False)
             except _Invalid:
                 continue
             cut = alternative
             break
         else:
-            return _scan_piece(text, pos, end)
+            return _scan_piece(text, pos, end, suspects)
     count = len(values)
     if count == 0:
         raise _Invalid("invalid JSON: empty array element")
@@ -190,7 +220,7 @@ _MESSAGE_ENDS = ("},", "],", '",')
 _NTH_COMMA = re.compile("(?:[^,]*,){%d}" % MAX_RECORD_MESSAGES)  # noqa: UP031
 
 
-def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
+def _scan_piece(text: str, pos: int, end: int, suspects: _Suspects) -> tuple[int, int]:
     """Message by message from `pos`: up to MAX_RECORD_MESSAGES messages and about
     MAX_RECORD_BYTES of text. A message that would take the piece past MAX_RECORD_BYTES
     starts the next piece, so a large message is a record of its own (a read never has
@@ -209,7 +239,8 @@ def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
             raise _Invalid("invalid JSON")
         if count and stop - pos > MAX_RECORD_BYTES:
             return last_comma, count
-        _check_strict(text, idx, stop)
+        if suspects.overflow or suspects.surrogates:
+            _check_strict(text, idx, stop, suspects)
         count += 1
         idx = match_ws(text, stop).end()
         if idx >= end:
@@ -224,11 +255,13 @@ def _scan_piece(text: str, pos: int, end: int) -> tuple[int, int]:
             raise _Invalid("invalid JSON: trailing comma")
 
 
-def _decode_values(text: str, start: int, stop: int, *, single: bool) -> list[object]:
+def _decode_values(
+    text: str, start: int, stop: int, suspects: _Suspects, *, single: bool
+) -> list[object]:
     """Decode text[start:stop] (one value, or comma-separated values) strictly."""
     piece = text[start:stop]
     source = piece if single else "[" + piece + "]"
-    decoder = _STRICT_DECODER if _maybe_huge(piece) else _DECODER
+    decoder = _STRICT_DECODER if suspects.overflow and _maybe_huge(piece) else _DECODER
     try:
         value = decoder.decode(source)
     except (ValueError, RecursionError) as exc:
@@ -236,16 +269,18 @@ def _decode_values(text: str, start: int, stop: int, *, single: bool) -> list[ob
             raise
         raise _Invalid("invalid JSON") from None
     values = [value] if single else value
-    if "\\u" in piece and _SURROGATE_ESCAPE.search(piece):
+    if suspects.surrogates and "\\u" in piece and _SURROGATE_ESCAPE.search(piece):
         _check_surrogates(values)
     return values
 
 
-def _check_strict(text: str, start: int, stop: int) -> None:
+def _check_strict(text: str, start: int, stop: int, suspects: _Suspects) -> None:
     """`scan_once` accepted text[start:stop] leniently; apply the strict rules to it."""
     piece = text[start:stop]
-    if _maybe_huge(piece) or ("\\u" in piece and _SURROGATE_ESCAPE.search(piece)):
-        _decode_values(text, start, stop, single=True)
+    if (suspects.overflow and _maybe_huge(piece)) or (
+        suspects.surrogates and "\\u" in piece and _SURROGATE_ESCAPE.search(piece)
+    ):
+        _decode_values(text, start, stop, suspects, single=True)
 
 
 def _maybe_huge(piece: str) -> bool:
