@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from uhashring import HashRing
 
+from common.wire import RingInfo
+
 OWNER_CACHE_SIZE = 100_000  # paths whose owner is remembered (hashing costs ~10 us)
 
 
@@ -49,12 +51,9 @@ class Ring:
     def owns(self, shard_id: str, path: str) -> bool:
         return self.owner(path) == shard_id
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> RingInfo:
+        """The ring as the RPC handshake carries it."""
         return {"version": self.version, "shards": list(self.shard_ids)}
-
-    @classmethod
-    def from_wire(cls, data: dict) -> Ring:
-        return cls(int(data["version"]), tuple(data["shards"]))
 
 
 def parse_endpoints(spec: str) -> dict[str, tuple[str, int]]:

@@ -39,7 +39,6 @@ connection, as a lost connection does: a broken or hostile shard cannot crash a 
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -49,6 +48,7 @@ from typing import Any
 import trio
 
 from common import wire
+from common.backoff import jittered
 from common.cluster_auth import AuthError, ClientHandshake
 from common.ring import Ring
 
@@ -296,7 +296,7 @@ class ShardConnection:
                 finally:
                     self._lost()
                     await trio.aclose_forcefully(stream)  # a TLS goodbye could block
-            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+            await trio.sleep(jittered(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _set_problem(self, reason: str, detail: str) -> None:
@@ -520,7 +520,7 @@ class ShardPool:
         heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
     ) -> None:
         self.ring = ring
-        ring_info: wire.RingInfo = {"version": ring.version, "shards": list(ring.shard_ids)}
+        ring_info = ring.to_wire()
         self.connections = {
             shard_id: ShardConnection(
                 shard_id,

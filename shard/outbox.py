@@ -10,11 +10,11 @@ table only once the source's shard has applied it. Releases are idempotent on th
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from common.backoff import jittered
 from shard.committer import Committer, Job, StorageUnavailable
 from shard.peers import PeerUnavailable
 from shard.store import Store
@@ -77,7 +77,7 @@ class Outbox:
                     continue
                 self._due.pop(ref, None)
             if failed:
-                with trio.move_on_after(backoff * (0.8 + 0.4 * random.random())):
+                with trio.move_on_after(jittered(backoff)):
                     await self._wake.wait()
                 self._wake = trio.Event()
                 backoff = min(backoff * 2, MAX_BACKOFF)
