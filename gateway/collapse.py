@@ -24,9 +24,10 @@ from typing import Any
 
 import trio
 
+from gateway.answers import Answer
+
 log = logging.getLogger(__name__)
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 Fetch = Callable[[str, dict[str, Any]], Awaitable[Answer]]
 
 

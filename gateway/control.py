@@ -5,15 +5,18 @@ is connected, authenticated, on our ring version and reports healthy storage; el
 naming each shard that is not, with the reason (`{"ready": false, "shards": {"shard-1":
 "authentication failed"}, "disconnected": ["shard-1"]}`), so a load balancer keeps the
 gateway out of rotation and an operator sees why. Every response carries the transport
-headers.
+headers. Any other path, or another method, gets a plain-text error like every other
+error of the gateway (not the framework's HTML page).
 """
 
 from __future__ import annotations
 
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common.rpc_client import ShardPool
+from gateway.answers import error_answer
 from gateway.headers import NO_STORE, TRANSPORT
 
 _TRANSPORT = [(name.decode(), value.decode()) for name, value in (*TRANSPORT, NO_STORE)]
@@ -32,6 +35,19 @@ def create_control_app(pool: ShardPool) -> QuartTrio:
         if problems:
             return {"ready": False, "shards": problems, "disconnected": pool.disconnected()}, 503
         return {"ready": True}, 200
+
+    @app.errorhandler(HTTPException)
+    async def plain_text_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if isinstance(error, NotFound):
+            message = "not found: streams are under /v1/stream/; health at /healthz, /readyz"
+        else:
+            message = (error.name or "error").lower()
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            extra = ((b"allow", ", ".join(error.valid_methods).encode()),)
+        _, headers, body = error_answer(status, message, extra)
+        return Response(body, status=status, headers=[(k.decode(), v.decode()) for k, v in headers])
 
     @app.after_request
     async def transport_headers(response: Response) -> Response:

@@ -36,13 +36,13 @@ from typing import Any, Protocol
 import trio
 
 from common.rpc_client import Call, ShardError, ShardUnavailable
+from gateway.answers import Answer
 from gateway.budget import MAX_BEHIND, ConnectionOutput
 
 log = logging.getLogger(__name__)
 
 PREFIX_LIMIT = 64 * 1024  # bytes an upstream may have relayed and still take newcomers
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 Head = tuple[int, list[tuple[bytes, bytes]]]  # status, response headers
 
 

@@ -20,12 +20,12 @@ from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 
+from gateway.answers import Answer, body_too_large
 from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
 from gateway.fanout import Streaming, Subscriber
 
 log = logging.getLogger(__name__)
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 
 
 class Connection(Protocol):
@@ -204,7 +204,7 @@ class NativeExchange:
 
     async def refuse_too_large(self, declared: int = 0) -> None:
         """Answer 413 now; drain what follows unless the declared rest is too much."""
-        await self._send_answer(self._route.error(413, "request body too large"))
+        await self._send_answer(self._route.error(413, body_too_large(self._route.max_body_bytes)))
         self._parts = []
         self._size = 0
         self._draining = True

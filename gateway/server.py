@@ -72,6 +72,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from gateway.answers import error_answer
 from gateway.budget import (
     OUTPUT_STATE,
     UNLIMITED,
@@ -79,7 +80,6 @@ from gateway.budget import (
     ConnectionOutput,
     OutputBudget,
 )
-from gateway.headers import NO_STORE, TRANSPORT
 from gateway.native import NativeExchange, NativeRoute
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its h
 BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
 BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
 BODY_STALL = 15.0  # seconds a request body may send nothing at all
-_TIMEOUT_BODY = b"request body too slow\n"
+CONNECTION_CLOSE = (b"connection", b"close")
+_TIMEOUT = "request body too slow"
+_TIMEOUT_BODY = _TIMEOUT.encode() + b"\n"  # for HTTP/2 streams, written by hand
 
 
 def _body_deadline(since: float, received: int, last: float) -> float:
@@ -144,7 +146,7 @@ class LeanH11Protocol(H11Protocol):
         if chunked and length is not None:
             # Either framing may be what an intermediary used: answer, then close, so no
             # byte after this head is read as a request (RFC 9112 6.3).
-            return await self._refuse(400, b"both Content-Length and Transfer-Encoding\n")
+            return await self._refuse(400, "both Content-Length and Transfer-Encoding")
         route = self.native
         method = request.method.decode("ascii").upper()
         kind = route.takes(method, request.target) if route is not None else None
@@ -160,15 +162,9 @@ class LeanH11Protocol(H11Protocol):
         if length is not None and int(length) > route.max_body_bytes:
             await exchange.refuse_too_large(int(length))
 
-    async def _refuse(self, status: int, body: bytes) -> None:
+    async def _refuse(self, status: int, message: str) -> None:
         """Answer `status` before reading the body, and close the connection."""
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close"),
-            NO_STORE,
-            *TRANSPORT,
-        ]
+        _, headers, body = error_answer(status, message, (CONNECTION_CLOSE,))
         await self.send_answer(status, headers, body, "POST")
         await self.send(Closed())
 
@@ -190,7 +186,7 @@ class LeanH11Protocol(H11Protocol):
         """The request body stopped arriving: 408 if nothing was answered yet; close."""
         self._body_since = -1.0
         if self.connection.our_state is h11.SEND_RESPONSE:
-            await self._refuse(408, _TIMEOUT_BODY)
+            await self._refuse(408, _TIMEOUT)
         else:
             await self.send(Closed())
 
@@ -198,7 +194,7 @@ class LeanH11Protocol(H11Protocol):
         if isinstance(event, Response) and event.status_code >= 200 and _has_length(event.headers):
             headers = list(chain(event.headers, self.config.response_headers("h11")))
             if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-                headers.append((b"connection", b"close"))
+                headers.append(CONNECTION_CLOSE)
             self._held = self._encode(h11.Response(headers=headers, status_code=event.status_code))
             return
         if isinstance(event, Body):
@@ -224,7 +220,7 @@ class LeanH11Protocol(H11Protocol):
         large body in its own). What the native route answers with."""
         headers = [*headers, *self.config.response_headers("h11")]
         if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-            headers.append((b"connection", b"close"))
+            headers.append(CONNECTION_CLOSE)
         head = self._encode(h11.Response(headers=headers, status_code=status))
         if body and not suppress_body(method, status):
             data = self._encode(h11.Data(data=body))

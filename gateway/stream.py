@@ -41,8 +41,9 @@ from common import wire
 from common.paths import PREFIX_BYTES, PathError, stream_path
 from common.ring import Ring
 from common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from gateway.answers import Answer, body_too_large, error_answer
 from gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
-from gateway.collapse import Answer, Collapser
+from gateway.collapse import Collapser
 from gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
 from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
@@ -117,19 +118,6 @@ def _fields(checked: _Checked, method: str, query: bytes, body: bytes) -> dict[s
         "h": checked.forwarded,
         "b": body,
     }
-
-
-def error_answer(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Answer:
-    """A gateway-generated error: short text body, transport headers, never cached."""
-    body = message.encode() + b"\n"
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        NO_STORE,
-        *TRANSPORT,
-        *extra,
-    ]
-    return status, headers, body
 
 
 _PREFLIGHT_ANSWER: Answer = (
@@ -398,7 +386,7 @@ class StreamHandler:
                 except ValueError:
                     return error_answer(400, "bad Content-Length")
         if declared is not None and declared > self.max_body_bytes:
-            return error_answer(413, "request body too large")
+            return error_answer(413, body_too_large(self.max_body_bytes))
         if method == "PUT" and self._public[0][1]:  # creates: Location from the public base
             forwarded.extend([name, value] for name, value in self._public)
         return _Checked(path, forwarded)
@@ -431,7 +419,7 @@ class StreamHandler:
             if data:
                 size += len(data)
                 if size > limit:
-                    await send_error(send, 413, "request body too large")
+                    await send_error(send, 413, body_too_large(limit))
                     return None
                 parts.append(data)
             if not message.get("more_body", False):

@@ -22,6 +22,8 @@ import trio
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, gateway_for
 
+from gateway.answers import body_too_large
+
 MAX_BODY = 4096
 CANCELLED: dict[str, threading.Event] = {}
 
@@ -273,6 +275,49 @@ def test_body_limit_413(gateway: GatewayProcess) -> None:
     assert response.status_code == 413
     # nothing reached the shard for those
     assert httpx.post(url, content=b"z").json()["n"] == 1
+
+
+def test_unknown_routes_get_plain_text_errors_not_an_html_page(gateway: GatewayProcess) -> None:
+    """Outside /v1/stream/ the gateway's control app answers; its 404 and 405 are short
+    plain text like every other gateway error, with the transport headers."""
+    for response in (httpx.get(f"{gateway.url}/nope"), httpx.get(f"{gateway.url}/v1/streams")):
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+        assert "<" not in response.text and "/v1/stream/" in response.text
+        assert response.headers["cache-control"] == "no-store"
+        assert_transport_headers(response.headers)
+    response = httpx.post(f"{gateway.url}/healthz")
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.text == "method not allowed\n"
+    assert "GET" in response.headers["allow"]
+
+
+TOO_LARGE = "request body exceeds the limit of 4096 bytes (4 KiB)\n"
+
+
+def test_413_states_the_limit(gateway: GatewayProcess) -> None:
+    """Declared up front, counted while a chunked body streams (HTTP/1.1, native route),
+    and over HTTP/2 (the ASGI route): the 413 says what the limit is."""
+    assert MAX_BODY == 4096
+    url = f"{gateway.url}/v1/stream/echo/limit"
+    declared = httpx.post(url, content=b"x" * (MAX_BODY + 1))
+    chunked = httpx.post(url, content=iter([b"y" * 1000] * 10))
+    with httpx.Client(http1=False, http2=True) as h2:
+        over_h2 = h2.post(url, content=b"z" * (MAX_BODY + 1))
+        assert over_h2.http_version == "HTTP/2"
+    for response in (declared, chunked, over_h2):
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "text/plain; charset=utf-8"
+        assert response.text == TOO_LARGE
+
+
+def test_413_message_names_the_limit_in_bytes_and_units() -> None:
+    assert body_too_large(64 * 1024 * 1024) == (
+        "request body exceeds the limit of 67108864 bytes (64 MiB)"
+    )
+    assert body_too_large(1 << 30) == "request body exceeds the limit of 1073741824 bytes (1 GiB)"
+    assert body_too_large(1000) == "request body exceeds the limit of 1000 bytes"
 
 
 def test_options_preflight(gateway: GatewayProcess) -> None:
