@@ -1,8 +1,10 @@
-# Two entry points: `make up` runs a local cluster on :4437, `make test` runs every test
+# Two entry points: `make up` runs a local cluster on :4437 (`make up PORT=8080` elsewhere),
+# `make test` runs every test
 # (unit, end-to-end, and the official conformance suite at 1 and 4 shards).
 # Needs only python3 (with venv), node and npm; everything else is installed here.
 
 PYTHON ?= python3
+PORT ?= 4437
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -11,7 +13,7 @@ NODE_MODULES := conformance/node_modules/.package-lock.json
 .PHONY: up test install lint clean
 
 up: $(INSTALLED)
-	exec $(VENV)/bin/ds-cluster up --port 4437
+	exec $(VENV)/bin/ds-cluster up --port $(PORT)
 
 test: $(INSTALLED) $(NODE_MODULES) lint
 	$(PY) -m pytest -q
