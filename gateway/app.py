@@ -17,9 +17,10 @@ from gateway.stream import Receive, Scope, Send, StreamHandler
 def create_app(
     pool: ShardPool, ring: Ring, max_body_bytes: int, nursery: trio.Nursery, public_url: str = ""
 ) -> tuple[Any, StreamHandler]:
-    """The ASGI app and its stream handler (which `gateway.server` also calls directly
-    for most requests). `nursery` (gateway lifetime) hosts the live-read calls shared
-    between clients; `public_url` is where clients reach the gateway (for Location)."""
+    """The ASGI app and its stream handler (which the native route, `gateway.native`,
+    also calls directly for most requests). `nursery` (gateway lifetime) hosts the
+    live-read calls shared between clients; `public_url` is where clients reach the
+    gateway (for Location)."""
     stream = StreamHandler(pool, ring, max_body_bytes, nursery, public_url)
     control = create_control_app(pool)
 

@@ -71,4 +71,5 @@ class ConnectionOutput:
         self.held = 0
 
 
-UNLIMITED = OutputBudget(limit=1 << 62, connection_limit=1 << 62)
+NO_LIMIT = 1 << 62  # bytes: more than any process could ever hold
+UNLIMITED = OutputBudget(limit=NO_LIMIT, connection_limit=NO_LIMIT)

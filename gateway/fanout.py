@@ -5,7 +5,7 @@ woken for every event, each rendering and sending the same bytes. Here the gatew
 one upstream per key (stream path, raw query string, forwarded headers); its pump task,
 in the gateway-level nursery, frames each chunk for HTTP/1.1 chunked transfer once and
 hands the same bytes to every subscriber, which writes them to its client without a
-task of its own (see `gateway.server`).
+task of its own (see `SseClient` in `gateway.native`).
 
 Joining late: a request whose key matches a running upstream joins it while everything
 the upstream relayed so far (its prefix) is at most PREFIX_LIMIT bytes. The newcomer gets

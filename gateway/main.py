@@ -35,6 +35,7 @@ from gateway.budget import (
 from gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+LISTEN_BACKLOG = 1024  # connections the kernel queues before we accept them
 log = logging.getLogger("gateway")
 
 
@@ -99,7 +100,7 @@ def hypercorn_config(*, access_log: bool, graceful_timeout: float) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")  # via our root handler, once
     config.include_server_header = False
     config.graceful_timeout = graceful_timeout
-    config.backlog = 1024
+    config.backlog = LISTEN_BACKLOG
     return config
 
 

@@ -6,7 +6,7 @@ ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
 
-Three entries. `takes()` tells the native route in `gateway.server` which requests it
+Three entries. `takes()` tells the native route (`gateway.native`) which requests it
 serves; it then calls `answer()` for requests with one whole answer (long-polls included)
 and `stream()` for SSE reads, straight from the HTTP/1.1 connection with no ASGI in
 between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live
@@ -185,12 +185,13 @@ def is_long_poll(query: bytes) -> bool:
 # A shard's header name -> the name the client gets (lowercase bytes), or None when the
 # gateway drops it; filled as names are seen (a shard sends a few dozen distinct ones).
 _HEADER_NAMES: dict[str, bytes | None] = {}
+MAX_HEADER_NAMES = 1024  # a bound, should a shard ever send made-up names
 
 
 def _header_name(name: str) -> bytes | None:
     lname = name.lower()
     key = None if lname in DROPPED else lname.encode()
-    if len(_HEADER_NAMES) < 1024:  # a bound, should a shard ever send made-up names
+    if len(_HEADER_NAMES) < MAX_HEADER_NAMES:
         _HEADER_NAMES[name] = key
     return key
 
@@ -295,8 +296,8 @@ class StreamHandler:
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
     ) -> Answer | None:
-        """The whole answer to a request `takes` accepted: what the native route in
-        `gateway.server` calls, with no ASGI. A long-poll waits here, collapsed with its
+        """The whole answer to a request `takes` accepted: what the native route
+        (`gateway.native`) calls, with no ASGI. A long-poll waits here, collapsed with its
         identical peers; None if its client leaves first (`until_gone` returns)."""
         path_part, _, query = target.partition(b"?")
         checked = self._check(method, path_part, headers)
