@@ -23,20 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from support.processes import free_port
 
 from common.faultproxy import FaultProxy
 from common.rpc_security import ensure_secret_file
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_TYPE = "application/json"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the proxy on its own --------------------------------------------------------------

@@ -8,21 +8,11 @@ import uuid
 import httpx
 import pytest
 import trio
+from support.cluster import names_on_each_shard
 
-from common.ring import Ring
 from common.supervisor import Supervisor
 
 pytestmark = pytest.mark.parametrize("cluster", [2], indirect=True)
-
-
-def names_on_each_shard(cluster: Supervisor, prefix: str) -> dict[str, str]:
-    """One fresh stream name per shard id, chosen by the same ring the gateway uses."""
-    ring = Ring(1, tuple(cluster.shard_ids))
-    found: dict[str, str] = {}
-    while len(found) < len(ring.shard_ids):
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        found.setdefault(ring.owner(name), name)
-    return found
 
 
 def assert_transport(headers: httpx.Headers) -> None:

@@ -23,7 +23,8 @@ import httpx
 import msgpack
 import pytest
 import trio
-from support.cluster import running_cluster
+from support.cluster import names_on_each_shard, running_cluster
+from support.processes import rss
 
 from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool
@@ -41,16 +42,6 @@ MIB = 1024 * 1024
 
 def offset(position: int) -> str:
     return f"{0:016d}_{position:016d}"
-
-
-def names_on(cluster: Supervisor, prefix: str) -> dict[str, str]:
-    """One fresh stream name per shard id, placed by the ring the gateway uses."""
-    ring = Ring(1, tuple(cluster.shard_ids))
-    found: dict[str, str] = {}
-    while len(found) < len(ring.shard_ids):
-        name = f"{prefix}-{random.randrange(1 << 40):x}"
-        found.setdefault(ring.owner(name), name)
-    return found
 
 
 def url(name: str) -> str:
@@ -140,8 +131,8 @@ def pattern(start: int, size: int) -> bytes:
 
 @pytest.mark.parametrize("cluster", [3], indirect=True)
 async def test_forks_read_byte_exact_across_and_within_shards(cluster: Supervisor) -> None:
-    src = names_on(cluster, "src")["shard-0"]
-    forks = names_on(cluster, "fk")
+    src = names_on_each_shard(cluster, "src")["shard-0"]
+    forks = names_on_each_shard(cluster, "fk")
     cross, same = forks["shard-1"], forks["shard-0"]
     sizes = [5, 100_000, 7, 2_000_000, 3]  # one record larger than a read chunk (1 MiB)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
@@ -206,7 +197,7 @@ async def test_forks_read_byte_exact_across_and_within_shards(cluster: Superviso
 
 
 async def test_json_forks_clip_at_a_message_boundary(cluster: Supervisor) -> None:
-    src, cross = names_on(cluster, "json").values()
+    src, cross = names_on_each_shard(cluster, "json").values()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
         await create(client, src, JSON)
         await append(client, src, b"[1, 2, 3]", JSON)
@@ -234,9 +225,9 @@ async def test_json_forks_clip_at_a_message_boundary(cluster: Supervisor) -> Non
 
 @pytest.mark.parametrize("cluster", [3], indirect=True)
 async def test_fork_of_a_fork_across_three_shards(cluster: Supervisor) -> None:
-    names = names_on(cluster, "chain")
+    names = names_on_each_shard(cluster, "chain")
     a, b, c = names["shard-0"], names["shard-1"], names["shard-2"]
-    d = names_on(cluster, "chain-d")["shard-0"]
+    d = names_on_each_shard(cluster, "chain-d")["shard-0"]
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
         await create(client, a, TEXT, b"0123456789")
         await append(client, a, b"abcdefghij", TEXT)
@@ -278,8 +269,8 @@ async def test_fork_of_a_fork_across_three_shards(cluster: Supervisor) -> None:
 async def test_soft_deleted_source_stays_readable_through_its_forks_until_the_last_goes(
     cluster: Supervisor,
 ) -> None:
-    src = names_on(cluster, "gone")["shard-0"]
-    forks = names_on(cluster, "gone-f")
+    src = names_on_each_shard(cluster, "gone")["shard-0"]
+    forks = names_on_each_shard(cluster, "gone-f")
     remote, local = forks["shard-1"], forks["shard-0"]
     data = pattern(0, 300_000)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
@@ -305,7 +296,7 @@ async def test_soft_deleted_source_stays_readable_through_its_forks_until_the_la
 
 
 async def test_expired_source_stays_readable_through_its_fork(cluster: Supervisor) -> None:
-    src, f = names_on(cluster, "ttl").values()
+    src, f = names_on_each_shard(cluster, "ttl").values()
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
         await create(client, src, TEXT, b"short-lived", stream_ttl="1")
         assert (await fork(client, f, src, stream_ttl="3600")).status_code == 201
@@ -322,19 +313,12 @@ async def test_expired_source_stays_readable_through_its_fork(cluster: Superviso
 # Size and cost
 
 
-def shard_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("shard.db*"))
 
 
 async def test_ten_forks_of_a_30_mib_stream_copy_nothing(cluster: Supervisor) -> None:
-    src = names_on(cluster, "big30")["shard-0"]
+    src = names_on_each_shard(cluster, "big30")["shard-0"]
     async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as client:
         await create(client, src)
         for i in range(3):
@@ -344,19 +328,19 @@ async def test_ten_forks_of_a_30_mib_stream_copy_nothing(cluster: Supervisor) ->
         def disk() -> int:
             return sum(disk_bytes(cluster.data_dir / sid) for sid in cluster.shard_ids)
 
-        def rss() -> int:
-            return sum(shard_rss(pids[sid]) for sid in cluster.shard_ids)
+        def shards_rss() -> int:
+            return sum(rss(pids[sid]) for sid in cluster.shard_ids)
 
-        disk_before, rss_before = disk(), rss()
+        disk_before, rss_before = disk(), shards_rss()
         # Ten names, five on each shard: same-shard and cross-shard forks.
-        names = [n for i in range(5) for n in names_on(cluster, f"big30-{i}").values()]
+        names = [n for i in range(5) for n in names_on_each_shard(cluster, f"big30-{i}").values()]
         started = time.perf_counter()
         for name in names:
             r = await fork(client, name, src)
             assert r.status_code == 201, r.text
         took = time.perf_counter() - started
         disk_growth = disk() - disk_before
-        rss_growth = rss() - rss_before
+        rss_growth = shards_rss() - rss_before
         print(
             f"10 forks of a 30 MiB stream: {took:.3f} s, shards' disk +{disk_growth} B, "
             f"shards' RSS +{rss_growth / MIB:.1f} MiB"
@@ -371,7 +355,7 @@ async def test_ten_forks_of_a_30_mib_stream_copy_nothing(cluster: Supervisor) ->
 
 
 async def test_cross_shard_fork_of_a_source_over_256_mib(cluster: Supervisor) -> None:
-    src, f = names_on(cluster, "huge").values()
+    src, f = names_on_each_shard(cluster, "huge").values()
     piece = 56 * MIB
     total = 5 * piece  # 280 MiB, more than one RPC frame may carry
     async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as client:
@@ -403,7 +387,7 @@ async def test_cross_shard_fork_of_a_source_over_256_mib(cluster: Supervisor) ->
 async def test_fork_read_answers_503_while_its_source_shard_is_down_and_recovers(
     cluster: Supervisor,
 ) -> None:
-    names = names_on(cluster, "down")
+    names = names_on_each_shard(cluster, "down")
     src, f = names["shard-0"], names["shard-1"]
     source_shard = "shard-0"
     data = pattern(0, 50_000)
@@ -442,7 +426,7 @@ async def test_fork_read_answers_503_while_its_source_shard_is_down_and_recovers
 async def test_read_fork_is_served_only_for_a_reference_held_on_that_source(
     cluster: Supervisor,
 ) -> None:
-    names = names_on(cluster, "cap")
+    names = names_on_each_shard(cluster, "cap")
     src, other = names["shard-0"], names["shard-1"]
     source_shard = "shard-0"
     async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
@@ -488,7 +472,7 @@ async def test_forks_made_by_the_copying_code_keep_reading(tmp_path: Path) -> No
     """A fork whose inherited records were copied into its own shard (and whose origin has
     the old 5-item layout) reads its copy, also after its source is deleted."""
     async with running_cluster(tmp_path, shards=2) as cluster:
-        names = names_on(cluster, "legacy")
+        names = names_on_each_shard(cluster, "legacy")
         src, f = names["shard-0"], names["shard-1"]
         fork_shard = "shard-1"
         async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:

@@ -30,20 +30,13 @@ import hyperframe.frame
 import pytest
 import trio
 from support.cluster import running_cluster
+from support.processes import rss
 
 from common.supervisor import Supervisor
 from gateway.budget import OutputBudget
 
 MIB = 1024 * 1024
 TEXT = "text/plain"
-
-
-def rss(pid: int) -> int:
-    """Resident set size of process `pid`, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def gateway_pid(cluster: Supervisor) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from support.processes import free_port
 
 from shard.dirlock import DataDirBusy, DataDirLock
 
@@ -32,14 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 JSON = {"content-type": "application/json"}
 BINARY = {"content-type": "application/octet-stream"}
 STORAGE_503 = "storage unavailable; the write was not applied"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_dir(supervisor, shard_id: str = "shard-0") -> Path:

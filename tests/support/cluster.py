@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import trio
 
+from common.ring import Ring
 from common.supervisor import ClusterConfig, Supervisor
 
 LOG_TAIL_LINES = 40
@@ -61,3 +63,13 @@ def print_log_tails(log_dir: Path, lines: int = LOG_TAIL_LINES) -> None:
         tail = path.read_text(errors="replace").splitlines()[-lines:]
         print(f"----- {path.name} (last {len(tail)} lines) -----")
         print("\n".join(tail))
+
+
+def names_on_each_shard(cluster: Supervisor, prefix: str) -> dict[str, str]:
+    """One fresh stream name per shard id, chosen by the same ring the gateway uses."""
+    ring = Ring(1, tuple(cluster.shard_ids))
+    found: dict[str, str] = {}
+    while len(found) < len(ring.shard_ids):
+        name = f"{prefix}-{uuid4().hex[:8]}"
+        found.setdefault(ring.owner(name), name)
+    return found

@@ -26,6 +26,14 @@ from support.fakeshard import ThreadedShard
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def rss(pid: int) -> int:
+    """Resident set size of process `pid`, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
