@@ -94,16 +94,6 @@ def _stream_head(res: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]]]:
     return res["s"], _response_headers(res.get("h") or [], "GET", res["s"], None)
 
 
-def _is_sse(query: bytes) -> bool:
-    """Whether the query asks for live=sse (the last `live` wins, as on the shard)."""
-    live = None
-    for part in query.split(b"&"):
-        key, _, value = part.partition(b"=")
-        if key == b"live":
-            live = value
-    return live == b"sse"
-
-
 def _share_key(checked: _Checked, query: bytes) -> tuple[Any, ...]:
     """What identical live reads share a shard call on: path, raw query, forwarded headers."""
     return (checked.path, query, *[(k, v) for k, v in checked.forwarded])
@@ -346,9 +336,7 @@ class StreamHandler:
         query = target.partition(b"?")[2]
         if b"%" in query:
             return None
-        if b"live" not in query or is_long_poll(query):
-            return "answer"
-        return "stream" if _is_sse(query) else "answer"
+        return "stream" if _live_mode(query) == "sse" else "answer"
 
     def _check(
         self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
