@@ -168,7 +168,7 @@ def create_fork(
                 ttl = export.ttl
             elif export.expires_at_ts is not None:
                 expires_at, expires_at_ts = export.expires_at, export.expires_at_ts
-        own = initial_records(content_type, request.body, export.position)
+        own = initial_records(content_type, request.body, export.position, request.body_pieces)
         tail = own[-1].end if own else export.position
     except ProtocolError as err:
         return Reply(err.response())
