@@ -69,6 +69,11 @@ LIFELINE_GRACE = {"shard": 0.0, "gateway": 2.0}
 # While waiting for a previous cluster's children to exit: the longest sleep between
 # two looks at their locks or port (a PID we can watch wakes us sooner).
 _OWNER_RECHECK = 0.25
+DEFAULT_PORT = 4437  # the gateways' port unless told otherwise
+# How often to look again where no event announces a change (a freed port, readiness),
+# and how long one readiness probe may take.
+_POLL_INTERVAL = 0.1
+_READY_PROBE_TIMEOUT = 2.0
 
 
 def default_shard_count() -> int:
@@ -87,7 +92,7 @@ class ClusterConfig:
     shards: int = field(default_factory=default_shard_count)
     gateways: int = 1
     host: str = "127.0.0.1"  # the gateways' HTTP address
-    port: int = 4437  # 0: pick a free port
+    port: int = DEFAULT_PORT  # 0: pick a free port
     # The shards' RPC address, apart from `host`: exposing the gateways must not also
     # expose the shards, which trust whoever reaches them as a cluster member.
     shard_host: str = "127.0.0.1"
@@ -483,7 +488,7 @@ class Supervisor:
             if not announced:
                 log.info("%s:%d is busy (%s); waiting up to %.1f s", host, port, problem, remaining)
                 announced = True
-            await trio.sleep(min(remaining, 0.1))  # no event announces a freed port
+            await trio.sleep(min(remaining, _POLL_INTERVAL))  # no event announces a freed port
 
     def _open_lifeline(self) -> None:
         """The pipe whose closing tells every child we are gone (see common/lifeline.py)."""
@@ -508,7 +513,7 @@ class Supervisor:
         url = f"{self.url}/readyz"
         last = "no answer yet"
         with trio.move_on_after(self.config.ready_timeout) as scope:
-            async with httpx.AsyncClient(timeout=2.0) as client:
+            async with httpx.AsyncClient(timeout=_READY_PROBE_TIMEOUT) as client:
                 while True:
                     try:
                         response = await client.get(url)
@@ -517,7 +522,7 @@ class Supervisor:
                         last = f"status {response.status_code}"
                     except httpx.HTTPError as exc:
                         last = type(exc).__name__
-                    await trio.sleep(0.1)
+                    await trio.sleep(_POLL_INTERVAL)
         if scope.cancelled_caught:
             deaths = ", ".join(f"{e.name} {e.how}" for e in self.restarts[-5:]) or "none"
             raise SupervisorError(
@@ -629,7 +634,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "does not expose the shards (default: %(default)s)",
     )
     parser.add_argument(
-        "--port", type=int, default=4437, help="gateway port; 0 picks a free one (default: 4437)"
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="gateway port; 0 picks a free one (default: %(default)s)",
     )
     parser.add_argument(
         "--data-dir", type=Path, default=Path("./data"), help="data root (default: ./data)"
