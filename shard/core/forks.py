@@ -43,7 +43,7 @@ def plan_export(
     back, or the anchor position A. With a sub-offset, pass `export_fork` the record
     holding A (the first with end > A); without one it needs no records."""
     try:
-        return _anchor(state, offset, sub_offset, now, content_type)
+        return _anchor(state, offset, sub_offset, now, content_type)[1]
     except ProtocolError as err:
         return err.response()
 
@@ -62,7 +62,7 @@ def export_fork(
     then hand the export to the fork's shard. `records` need only hold the sub-offset's
     anchor record (see plan_export)."""
     try:
-        anchor = _anchor(state, offset, sub_offset, now, content_type)
+        source, anchor = _anchor(state, offset, sub_offset, now, content_type)
     except ProtocolError as err:
         return err.response()
     position = anchor + sub_offset
@@ -74,15 +74,15 @@ def export_fork(
                 400, "Stream-Fork-Sub-Offset names a position past the next data boundary"
             )
     export = ForkExport(
-        content_type=state.content_type,
-        ttl=state.ttl,
-        expires_at=state.expires_at,
-        expires_at_ts=state.expires_at_ts,
+        content_type=source.content_type,
+        ttl=source.ttl,
+        expires_at=source.expires_at,
+        expires_at_ts=source.expires_at_ts,
         offset=offset if offset is not None and offset != NOW else encode(anchor),
         sub_offset=sub_offset,
         position=position,
     )
-    return export, evolve(state, refcount=state.refcount + 1)
+    return export, evolve(source, refcount=source.refcount + 1)
 
 
 def clip_below(
@@ -111,11 +111,12 @@ def _anchor(
     sub_offset: int,
     now: float,
     content_type: str | None,
-) -> int:
+) -> tuple[StreamState, int]:
+    """The live source and the anchor position A, or the ProtocolError that refuses it."""
     code = status(state, now)
     if sub_offset < 0:  # the fork's shard parsed it; a peer's RPC may still send anything
         raise ProtocolError(400, "invalid Stream-Fork-Sub-Offset")
-    if code == 404:
+    if code == 404 or state is None:
         raise ProtocolError(404, "fork source stream not found")
     if code == 410:
         raise ProtocolError(409, "fork source stream was deleted")
@@ -127,16 +128,17 @@ def _anchor(
     elif offset == BEGINNING:
         anchor = 0
     else:
-        anchor = decode(offset)
-        if anchor is None:
+        decoded = decode(offset)
+        if decoded is None:
             raise ProtocolError(400, "invalid Stream-Fork-Offset")
-        if anchor > tail:
+        if decoded > tail:
             raise ProtocolError(400, "Stream-Fork-Offset is beyond the source stream's tail")
+        anchor = decoded
     if sub_offset > 0 and anchor >= tail:
         raise ProtocolError(
             400, "Stream-Fork-Sub-Offset names a position past the next data boundary"
         )
-    return anchor
+    return state, anchor
 
 
 def create_fork(

@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 from .errors import bad_request
 
@@ -45,6 +46,8 @@ Plan = tuple[tuple[int, int, int], ...] | str
 _WS = b" \t\n\r"
 _WS_CHARS = " \t\n\r"
 _WS_RE = re.compile(r"[ \t\n\r]*")
+# `*` matches at every position, so this match is never None.
+_match_ws = cast("Callable[[str, int], re.Match[str]]", _WS_RE.match)
 _STRUCTURED = ('"', "[", "{")
 # A float literal that might overflow to infinity needs a 3-digit exponent, or 200+
 # digits before its "." or exponent (below that, 10**(199+99) is still finite).
@@ -90,6 +93,8 @@ def _finite_float(text: str) -> float:
 
 # NaN/Infinity are Python extensions, not JSON: reject them.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# The decoder's one-value scanner: JSONDecoder.__init__ sets it; typeshed does not declare it.
+_SCAN_ONCE: Callable[[str, int], tuple[object, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 # The same, also rejecting overflowing floats; used only where _maybe_huge says so,
 # since a Python-level float hook is slower than the C default.
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
@@ -117,7 +122,7 @@ def _plan(body: bytes) -> Iterator[tuple[int, int, int]]:
         raise _Invalid("invalid JSON: body is not UTF-8") from None
     ascii_only = len(text) == len(body)
     suspects = _Suspects(body)
-    start = _WS_RE.match(text, 0).end()
+    start = _match_ws(text, 0).end()
     end = len(text.rstrip(_WS_CHARS))
     if start >= end:
         raise _Invalid("invalid JSON: empty body")
@@ -127,14 +132,14 @@ def _plan(body: bytes) -> Iterator[tuple[int, int, int]]:
         return
     if text[end - 1] != "]":
         raise _Invalid("invalid JSON")
-    pos = _WS_RE.match(text, start + 1).end()
+    pos = _match_ws(text, start + 1).end()
     inner_end = start + 1 + len(text[start + 1 : end - 1].rstrip(_WS_CHARS))
     if pos >= inner_end:
         return  # []: no messages
     if inner_end - pos < 2 * MAX_RECORD_MESSAGES - 1:
         # Too short to need a cut or to hold too many messages: one decode of the array.
         (values,) = _decode_values(text, start, end, suspects, single=True)
-        if not values:
+        if not isinstance(values, list) or not values:  # a "[" value is a list
             raise _Invalid("invalid JSON")
         yield _to_bytes(text, body, ascii_only, pos, inner_end, len(values))
         return
@@ -151,7 +156,7 @@ def _plan(body: bytes) -> Iterator[tuple[int, int, int]]:
             byte_pos += len(text[piece_end:cut].encode("utf-8"))
         if cut >= inner_end:
             return
-        nxt = _WS_RE.match(text, cut + 1).end()  # skip the comma and whitespace
+        nxt = _match_ws(text, cut + 1).end()  # skip the comma and whitespace
         if not ascii_only:
             byte_pos += len(text[cut:nxt].encode("utf-8"))
         pos = nxt
@@ -225,8 +230,8 @@ def _scan_piece(text: str, pos: int, end: int, suspects: _Suspects) -> tuple[int
     MAX_RECORD_BYTES of text. A message that would take the piece past MAX_RECORD_BYTES
     starts the next piece, so a large message is a record of its own (a read never has
     to split a record inside or right after one)."""
-    scan = _DECODER.scan_once
-    match_ws = _WS_RE.match
+    scan = _SCAN_ONCE
+    match_ws = _match_ws
     idx = pos
     count = 0
     last_comma = pos
@@ -334,8 +339,8 @@ def parse_body(body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
 def split_messages(data: bytes) -> list[bytes]:
     """The individual message texts of a record's data."""
     text = data.decode("utf-8")
-    scan = _DECODER.scan_once
-    match_ws = _WS_RE.match
+    scan = _SCAN_ONCE
+    match_ws = _match_ws
     out: list[bytes] = []
     n = len(text)
     idx = match_ws(text, 0).end()

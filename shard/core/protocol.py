@@ -117,7 +117,7 @@ def handle(
 
 def _head(request: Request, state: StreamState | None, now: float) -> Reply:
     code = status(state, now)
-    if code:
+    if code or state is None:
         return _absent(code, "HEAD")
     headers = [
         ("content-type", state.content_type),
@@ -135,7 +135,7 @@ def _head(request: Request, state: StreamState | None, now: float) -> Reply:
 
 def _delete(state: StreamState | None, now: float) -> Reply:
     code = status(state, now)
-    if code:
+    if code or state is None:
         return _absent(code, "DELETE")
     if state.refcount > 0:
         # Forks still read this data: keep it, hide the stream (4.2 soft-delete).
@@ -149,7 +149,7 @@ def _delete(state: StreamState | None, now: float) -> Reply:
 
 def _append(request: Request, state: StreamState | None, now: float) -> Reply:
     code = status(state, now)
-    if code:
+    if code or state is None:
         return _absent(code, "POST")
     headers = request.headers
     producer = parse_producer(headers)
@@ -362,7 +362,7 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
     code = status(state, now)
     if code == 410:
         raise ProtocolError(409, "path is held by a deleted stream that forks still reference")
-    if code == 0:
+    if code == 0 and state is not None:
         if params.matches(state):
             return Reply(Response(200, created_headers(request, state, 200)))
         raise ProtocolError(409, "stream exists with a different configuration")
@@ -450,7 +450,7 @@ def _read(
     if live is not None and live not in ("long-poll", "sse"):
         raise bad_request("invalid live mode: expected long-poll or sse")
     code = status(state, now)
-    if code:
+    if code or state is None:
         return _absent(code, "GET")
     if live is not None and offset is None:
         raise bad_request("live reads require an offset")
@@ -545,7 +545,7 @@ def finish_read(
     try:
         offset, live, cursor = parse_read_query(request.query)
         code = status(state, now)
-        if code:
+        if code or state is None:
             return _absent(code, "GET")
         tail = state.tail
         position = resume.position if resume is not None else read_position(offset, tail)
