@@ -15,9 +15,10 @@ release_fork); it knows nothing about HTTP.
 Each connection runs three kinds of task in the pool's nursery: a supervisor that
 connects (exponential backoff, 50 ms doubling to 0.5 s, jittered; optionally TLS) and
 runs the mutual authentication of common/cluster_auth.py; one reader that dispatches
-frames by request id into per-call inboxes; one writer that joins every queued frame
-into a single send_all. A shard that fails authentication, claims another id or is on
-another ring version is not used; `ShardPool.problems()` says why, for readiness.
+frames by request id into per-call inboxes; one writer that joins every queued small frame
+into a single send_all (a large body is sent as it is). A shard that fails authentication,
+claims another id or is on another ring version is not used; `ShardPool.problems()` says
+why, for readiness.
 
 Failure model, so callers never hang and never guess:
   * shard not connected: `open`/`call` raise ShardUnavailable(sent=False) at once;
@@ -248,10 +249,15 @@ class ShardConnection:
         message["i"] = call_id
         message["op"] = op
         message["r"] = self._ring_version
-        frame = wire.encode(message)  # raises WireError if too big: nothing registered yet
+        # raises WireError if too big: nothing registered yet. A large body stays its own
+        # piece, never copied behind its head.
+        parts = wire.encode_parts(message)
         call = Call(self, call_id)
         self._pending[call_id] = call
-        self._outbox.append((frame, call))
+        if len(parts) == 1:
+            self._outbox.append((parts[0], call))
+        else:
+            self._outbox.extend((part, call) for part in parts)
         self._wake.set()
         return call
 
@@ -490,7 +496,8 @@ class ShardConnection:
                 if not data:
                     log.info("shard %s: connection closed by the shard", self.shard_id)
                     return
-                messages = decoder.feed(data)
+                # A large reply is joined off the loop (wire.complete).
+                messages = await wire.complete(decoder.feed_deferred(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("shard %s: connection lost (read): %s", self.shard_id, exc)
         except wire.WireError as exc:

@@ -46,6 +46,8 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
+from common import bigjoin
+
 WIRE_VERSION = 2  # 2: authenticated handshake (hello, auth, ready), typed frames
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
@@ -98,16 +100,24 @@ class Misdirected(OpError):
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """One frame: length prefix + msgpack body. `v` is added when missing.
+    """One frame: length prefix + msgpack body. `v` is added when missing."""
+    parts = encode_parts(message)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def encode_parts(message: dict[str, Any]) -> list[bytes]:
+    """One frame as the pieces a writer sends one after the other: `[frame]`, or for a
+    large body `[length prefix + packed head, body]`. `v` is added when missing.
 
     A large `b` (body bytes) is not packed by msgpack, which would copy it into a growing
-    buffer and out again: the map is packed with `b` last and the body appended to it,
-    which is the same msgpack, with one copy of the body instead of three or four."""
+    buffer and out again, nor joined behind its head, which would copy it once more on the
+    event loop: the map is packed with `b` last, ending in the bin header, and the body
+    itself is the frame's second piece. On the wire that is the same msgpack."""
     message.setdefault("v", WIRE_VERSION)
     body = message.get("b")
     if type(body) is bytes and len(body) >= RAW_BODY_BYTES:
         packer = msgpack.Packer(use_bin_type=True)
-        head = [packer.pack_map_header(len(message))]
+        head = [b"", packer.pack_map_header(len(message))]
         for key, value in message.items():
             if key != "b":
                 head.append(packer.pack(key))
@@ -116,10 +126,11 @@ def encode(message: dict[str, Any]) -> bytes:
         head.append(_bin_header(len(body)))
         size = sum(map(len, head)) + len(body)
         _check_size(size)
-        return b"".join([_HEADER.pack(size), *head, body])
+        head[0] = _HEADER.pack(size)
+        return [b"".join(head), body]
     packed = msgpack.packb(message, use_bin_type=True)
     _check_size(len(packed))
-    return _HEADER.pack(len(packed)) + packed
+    return [_HEADER.pack(len(packed)) + packed]
 
 
 def _bin_header(size: int) -> bytes:
@@ -135,8 +146,9 @@ def _check_size(size: int) -> None:
 
 
 def coalesce(frames: list[bytes]) -> list[bytes]:
-    """What a writer sends for queued `frames`: runs of small frames joined into one
-    write, large frames written as they are (joining would copy them once more)."""
+    """What a writer sends for queued `frames` (whole frames, or the pieces of
+    `encode_parts`, in order): runs of small pieces joined into one write, large ones
+    written as they are (joining would copy them once more)."""
     if len(frames) == 1:
         return frames
     out: list[bytes] = []
@@ -160,6 +172,10 @@ class FrameDecoder:
     Sans-IO, so the same code serves the gateway, the shard and the tests. Frames are
     decoded straight out of the bytes fed (no copy); the pieces of a frame that spans
     several reads are kept as they came and joined once, when the frame is complete.
+
+    `feed_deferred` leaves that join to its caller for a frame of DEFER_BYTES or more
+    (an `Unjoined`; `complete` finishes it off the event loop), since joining tens of MB
+    is a copy long enough to stall a loop.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
@@ -191,15 +207,32 @@ class FrameDecoder:
         return self._need
 
     def feed(self, data: bytes) -> list[Frame]:
+        """The frames `data` completes, every one decoded and checked here."""
+        return self._feed(data, False)  # type: ignore[return-value]  # no Unjoined
+
+    def feed_deferred(self, data: bytes) -> list[Frame | Unjoined]:
+        """As `feed`, but a frame of DEFER_BYTES or more that spans several reads comes
+        back as an `Unjoined`, to be finished by `complete`."""
+        return self._feed(data, True)
+
+    def _feed(self, data: bytes, defer: bool) -> list[Frame | Unjoined]:
         if self._pieces:
             self._pieces.append(data)
             self._have += len(data)
             if self._have < self._need:
                 return []
-            data = b"".join(self._pieces)
+            pieces, need, have = self._pieces, self._need, self._have
             self._pieces = []
             self._have = self._need = 0
-        messages: list[Frame] = []
+            if defer and need >= DEFER_BYTES:
+                self.frame_started = None
+                first: list[Frame | Unjoined] = [_unjoined(pieces, need)]
+                if have == need:
+                    return first
+                # The last read also began what follows (bounded: part of one read).
+                return first + self._feed(b"".join(_slice(pieces, need, have)), defer)
+            data = b"".join(pieces)
+        messages: list[Frame | Unjoined] = []
         size = len(data)
         pos = 0
         with memoryview(data) as view:
@@ -221,6 +254,103 @@ class FrameDecoder:
             if size - pos < 4:
                 self._need = 4  # not even the length yet
         return messages
+
+
+DEFER_BYTES = 1024 * 1024  # frames from this size are joined off the loop (feed_deferred)
+HEAD_BYTES = 64 * 1024  # how far into a deferred frame its head (all but `b`) is looked for
+
+
+class Unjoined:
+    """A complete frame whose bytes are still the pieces they arrived in.
+
+    `pieces` joined is the body `b` when `head` holds every other field (the frame is in
+    the layout `encode_parts` writes: `b` last, a bin), or else the whole msgpack map
+    (`head` is None), decoded after the join as any frame."""
+
+    __slots__ = ("head", "pieces", "size")
+
+    def __init__(self, head: dict[str, Any] | None, pieces: list[bytes], size: int) -> None:
+        self.head = head
+        self.pieces = pieces
+        self.size = size
+
+    def finish(self, joined: bytes) -> Frame:
+        """The frame, checked by `parse` like every other, from `pieces` joined."""
+        if self.head is None:
+            return _decode(memoryview(joined))
+        self.head["b"] = joined
+        return parse(self.head)
+
+
+async def complete(items: list[Frame | Unjoined]) -> list[Frame]:
+    """The frames of a `feed_deferred`, each `Unjoined` joined in a worker thread (see
+    common/bigjoin.py) and checked. Between them the event loop keeps running."""
+    for index, item in enumerate(items):
+        if type(item) is Unjoined:
+            items[index] = item.finish(await bigjoin.join(item.pieces, item.size))
+    return items  # type: ignore[return-value]  # every Unjoined was replaced
+
+
+def _slice(pieces: list[bytes], start: int, stop: int) -> list[bytes]:
+    """The pieces covering bytes [start, stop) of their concatenation. Only the first
+    and the last may be cut (a copy of at most one read each); the rest are kept whole."""
+    out: list[bytes] = []
+    pos = 0
+    for piece in pieces:
+        end = pos + len(piece)
+        if end > start and pos < stop:
+            if pos >= start and end <= stop:
+                out.append(piece)
+            else:
+                out.append(piece[max(start - pos, 0) : min(stop, end) - pos])
+        pos = end
+        if pos >= stop:
+            break
+    return out
+
+
+def _unjoined(pieces: list[bytes], need: int) -> Unjoined:
+    """The complete frame in `pieces` (its first `need` bytes, length prefix included),
+    with its head decoded now when it is in encode_parts' layout."""
+    prefix = b"".join(_slice(pieces, 4, min(need, 4 + HEAD_BYTES)))
+    split = _split_head(prefix, need - 4)
+    if split is None:
+        return Unjoined(None, _slice(pieces, 4, need), need - 4)
+    head, body_start = split
+    return Unjoined(head, _slice(pieces, 4 + body_start, need), need - 4 - body_start)
+
+
+_BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of the length after the type
+
+
+def _split_head(prefix: bytes, length: int) -> tuple[dict[str, Any], int] | None:
+    """(every field but `b`, where `b`'s bytes start) if the frame of `length` bytes that
+    `prefix` begins is a map whose last entry is `b` holding a bin running to the frame's
+    end; None for any other shape (it is then decoded as a whole, errors and all)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=HEAD_BYTES)
+    unpacker.feed(prefix)
+    head: dict[str, Any] = {}
+    try:
+        entries = unpacker.read_map_header()
+        if entries < 1:
+            return None
+        for _ in range(entries - 1):
+            key = unpacker.unpack()
+            if type(key) is not str:
+                return None
+            head[key] = unpacker.unpack()
+        if unpacker.unpack() != "b":
+            return None
+        pos = unpacker.tell()
+    except Exception:  # out of data, malformed, unhashable: the whole-frame path decides
+        return None
+    width = _BIN_WIDTH.get(prefix[pos]) if pos < len(prefix) else None
+    if width is None or pos + 1 + width > len(prefix):
+        return None
+    start = pos + 1 + width
+    if start + int.from_bytes(prefix[pos + 1 : start], "big") != length:
+        return None
+    return head, start
 
 
 def _decode(body: memoryview) -> Frame:

@@ -20,6 +20,7 @@ from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 
+from common import bigjoin
 from gateway.answers import Answer, body_too_large
 from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
 from gateway.fanout import Streaming, Subscriber
@@ -153,9 +154,8 @@ class NativeExchange:
         elif isinstance(event, EndBody):
             if self._draining:
                 return await self._finish()
-            parts = self._parts
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            self._parts = []
+            parts, self._parts = self._parts, []
+            body = await bigjoin.join(parts, self._size)  # a large body: off the loop
             if self._streams:
                 return await self._start_stream(body)
             try:

@@ -37,7 +37,7 @@ from urllib.parse import unquote_plus
 
 import trio
 
-from common import wire
+from common import bigjoin, wire
 from common.paths import PREFIX_BYTES, PathError, stream_path
 from common.ring import Ring
 from common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
@@ -415,7 +415,7 @@ class StreamHandler:
                 break
         if not parts:
             return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return await bigjoin.join(parts, size)  # a large body is copied off the loop
 
     @staticmethod
     async def _relay_sse(

@@ -96,8 +96,8 @@ class FrameWriter:
     def send_nowait(self, message: dict[str, Any]) -> None:
         if self.overflowed:
             return
-        frame = wire.encode(message)
-        cost = len(frame) + FRAME_OVERHEAD
+        parts = wire.encode_parts(message)
+        cost = sum(map(len, parts)) + FRAME_OVERHEAD
         held = self._size + self._writing
         if held and (held + cost > self._budget or self._shared.used + cost > self._shared.limit):
             self.overflowed = True
@@ -107,18 +107,19 @@ class FrameWriter:
             log.warning("dropping connection: peer left over %d reply bytes unread", held)
             self._connection.cancel()
             return
-        self._queue(frame, cost)
+        self._queue(parts, cost)
 
     async def send(self, message: dict[str, Any]) -> None:
         """Queue a frame, waiting first while the peer is not keeping up."""
         while self._size + self._writing > HIGH_WATER:
             await self._drained.wait()
         if not self.overflowed:
-            frame = wire.encode(message)
-            self._queue(frame, len(frame) + FRAME_OVERHEAD)
+            parts = wire.encode_parts(message)
+            self._queue(parts, sum(map(len, parts)) + FRAME_OVERHEAD)
 
-    def _queue(self, frame: bytes, cost: int) -> None:
-        self._frames.append(frame)
+    def _queue(self, parts: list[bytes], cost: int) -> None:
+        """Queue one frame's pieces (a large body is one, sent without a copy)."""
+        self._frames += parts
         self._size += cost
         self._shared.used += cost
         self._wake.set()
@@ -258,7 +259,9 @@ class RpcServer:
                         data = await _receive(stream, decoder)
                         if not data:
                             break
-                        self._dispatch(decoder.feed(data), writer, calls, nursery)
+                        # A large frame's body is joined off the loop (wire.complete).
+                        frames = await wire.complete(decoder.feed_deferred(data))
+                        self._dispatch(frames, writer, calls, nursery)
                 except (wire.WireError, _Dropped) as exc:
                     log.warning("dropping connection: %s", exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
