@@ -96,7 +96,7 @@ class ForkCoordinator:
         for _ in range(READ_RETRIES):
             state, sid = entry.committed, entry.committed_sid
             fork = state.fork if state is not None else None
-            if fork is None or not fork.linked or position >= fork.position:
+            if state is None or fork is None or not fork.linked or position >= fork.position:
                 return self._table.read(entry, position, max_bytes)
             records = await self._inherited(state, position, max_bytes)
             if entry.committed_sid != sid:

@@ -138,7 +138,7 @@ class PlanWorker:
         return tuple((start, stop, count) for start, stop, count in reply)
 
     async def _read(self, stream: trio.abc.ReceiveStream, size: int) -> bytes:
-        pieces = [self._pending]
+        pieces: list[bytes | bytearray] = [self._pending]
         have = len(self._pending)
         while have < size:
             data = await stream.receive_some(max(size - have, 65536))

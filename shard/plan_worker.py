@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import sys
+from typing import BinaryIO
 
 import msgpack
 
@@ -22,8 +23,8 @@ from shard.core.jsonmode import plan_body
 HEADER = struct.Struct(">Q")
 
 
-def serve(inp: object, out: object) -> None:
-    read = inp.read  # type: ignore[attr-defined]
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    read = inp.read
     while True:
         header = read(HEADER.size)
         if len(header) < HEADER.size:
@@ -34,9 +35,9 @@ def serve(inp: object, out: object) -> None:
             return
         plan = plan_body(body)
         del body
-        payload = msgpack.packb(plan if isinstance(plan, str) else [list(p) for p in plan])
-        out.write(HEADER.pack(len(payload)) + payload)  # type: ignore[attr-defined]
-        out.flush()  # type: ignore[attr-defined]
+        payload: bytes = msgpack.packb(plan if isinstance(plan, str) else [list(p) for p in plan])
+        out.write(HEADER.pack(len(payload)) + payload)
+        out.flush()
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from shard.committer import Committer, Job, StorageUnavailable
 from shard.core.errors import unavailable
 from shard.core.model import (
     CoreConfig,
+    LiveSession,
     NeedBody,
     NeedRecords,
     NeedSource,
@@ -33,7 +34,6 @@ from shard.core.model import (
     StreamState,
     Wait,
 )
-from shard.core.sse import SseSession
 from shard.forks import ForkCoordinator
 from shard.offload import BodyOffload
 from shard.peers import PeerUnavailable
@@ -192,7 +192,7 @@ class ShardService:
         job: Job,
         entry: Entry,
         state: StreamState | None,
-        records: tuple = (),
+        records: tuple[Record, ...] = (),
         *,
         fresh: bool = False,
     ) -> None:
@@ -201,12 +201,12 @@ class ShardService:
         old_sid = entry.pending_sid
         if state is None:
             sid = old_sid if old_sid is not None else self.table.new_sid()
-        elif previous is None or fresh:
+        elif previous is None or fresh or old_sid is None:
             sid = self.table.new_sid()
         else:
-            sid = old_sid  # type: ignore[assignment]
+            sid = old_sid
         replaced = previous is not None and (state is None or sid != old_sid)
-        if replaced and previous.fork is not None:
+        if replaced and previous is not None and previous.fork is not None:
             job.outbox_put.append((previous.fork.ref, previous.fork.source, "due"))
         producers = previous.producers if previous is not None and not replaced else None
         job.writes.append(
@@ -230,7 +230,7 @@ class ShardService:
             entry.waiters -= 1
 
     async def _sse(
-        self, entry: Entry, session: SseSession, respond: Respond, send: SendChunk
+        self, entry: Entry, session: LiveSession, respond: Respond, send: SendChunk
     ) -> None:
         # The head goes out after the first read, so a fork whose source cannot be read
         # answers 503; a later failure ends the response (the client resumes).

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -109,7 +109,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 def encode_state(state: StreamState) -> bytes:
     fork = state.fork
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         [
             1,  # layout version
             state.content_type,
@@ -132,6 +132,7 @@ def encode_state(state: StreamState) -> bytes:
         ],
         use_bin_type=True,
     )
+    return packed
 
 
 def decode_state(path: str, blob: bytes, producers: dict[str, ProducerState]) -> StreamState:
@@ -179,7 +180,7 @@ class StreamWrite:
     old_sid: int | None  # the incarnation being replaced or purged, if any
     state: StreamState | None
     records: tuple[Record, ...] = ()
-    previous_producers: dict[str, ProducerState] | None = None
+    previous_producers: Mapping[str, ProducerState] | None = None
 
 
 @dataclass
@@ -216,7 +217,7 @@ class _GuardedReader:
         self.conn = conn
         self._store = store
 
-    def execute(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Cursor:
+    def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.DatabaseError as exc:
@@ -234,7 +235,7 @@ class _NoReader:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def execute(self, sql: str, params: Iterable[object] = ()) -> sqlite3.Cursor:
+    def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         raise StorageUnavailable(self._store.failure or "the database is not open")
 
 
@@ -351,7 +352,8 @@ class Store:
     def freelist_pages(self) -> int:
         """Pages freed by deletes and not yet returned to the filesystem."""
         conn = self._require_writer()
-        return conn.execute("PRAGMA freelist_count").fetchone()[0]
+        pages: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages
 
     def vacuum_step(self, pages: int) -> int:
         """Return up to `pages` free pages to the filesystem in one short transaction;
@@ -359,7 +361,7 @@ class Store:
         conn = self._require_writer()
         # executescript steps the pragma to completion (execute would free one page).
         conn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
-        left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        left: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
         if not left:
             # The database file shrinks when the WAL is copied back into it; do that now
             # rather than at the next automatic checkpoint, which may be a long way off.
@@ -411,7 +413,8 @@ class Store:
         return records
 
     def max_sid(self) -> int:
-        return self._reader.execute("SELECT coalesce(max(sid), 0) FROM streams").fetchone()[0]
+        sid: int = self._reader.execute("SELECT coalesce(max(sid), 0) FROM streams").fetchone()[0]
+        return sid
 
     def has_ref(self, ref: str) -> bool:
         return (
@@ -514,7 +517,7 @@ def _purge(conn: sqlite3.Connection, sid: int) -> None:
 
 
 def _changed_producers(
-    current: dict[str, ProducerState], previous: dict[str, ProducerState]
+    current: Mapping[str, ProducerState], previous: Mapping[str, ProducerState]
 ) -> Iterable[tuple[str, ProducerState]]:
     if current is previous:
         return ()

@@ -9,8 +9,9 @@ exactly that (one transaction, group-committed) before it sends the response.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -200,11 +201,24 @@ class NeedSource:
     content_type: str | None = None  # requested type: pass to plan_export/export_fork
 
 
+class LiveSession(Protocol):
+    """What the runtime drives of an SSE response: `core.sse.SseSession` (a protocol, so
+    that this module need not import the one that imports it)."""
+
+    head: Response
+    position: int  # what has been sent
+    read_bytes: int  # how much to fetch for the next step
+    done: bool
+    ends_at: float
+
+    def step(self, state: StreamState | None, records: Iterable[Record], now: float) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class StartSse:
     """Send `session.head`, then drive `session` (see core.sse.SseSession)."""
 
-    session: object
+    session: LiveSession
 
 
 @dataclass(frozen=True)
