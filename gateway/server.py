@@ -198,6 +198,11 @@ class LeanH11Protocol(H11Protocol):
             self._held = self._encode(h11.Response(headers=headers, status_code=event.status_code))
             return
         if isinstance(event, Body):
+            if len(event.data) >= SEPARATE_BODY_BYTES:  # its pieces, never joined
+                await self._flush_held()
+                for piece in self._encode_pieces(h11.Data(data=event.data)):
+                    await self.send(RawData(data=piece))
+                return
             data = self._encode(h11.Data(data=event.data))
         elif isinstance(event, EndBody):
             data = self._encode(h11.EndOfMessage())
@@ -223,15 +228,17 @@ class LeanH11Protocol(H11Protocol):
             headers.append(CONNECTION_CLOSE)
         head = self._encode(h11.Response(headers=headers, status_code=status))
         if body and not suppress_body(method, status):
-            data = self._encode(h11.Data(data=body))
+            pieces = self._encode_pieces(h11.Data(data=body))
         else:
-            data = b""
+            pieces = []
         end = self._encode(h11.EndOfMessage())
-        if len(data) < SEPARATE_BODY_BYTES:
+        if len(body) < SEPARATE_BODY_BYTES or not pieces:
+            data = b"".join(pieces)
             await self.send(RawData(data=head + data + end if data or end else head))
             return
         await self.send(RawData(data=head))
-        await self.send(RawData(data=data))
+        for piece in pieces:  # the body as it is (chunked framing in pieces of its own)
+            await self.send(RawData(data=piece))
         if end:
             await self.send(RawData(data=end))
 
@@ -253,18 +260,23 @@ class LeanH11Protocol(H11Protocol):
             await self.send(RawData(data=data))
 
     def _encode(self, event: Any) -> bytes:
-        """h11's bytes for `event`; b"" when the peer already broke the protocol (as
-        hypercorn's own `_send_h11_event`)."""
-        try:
-            # passthrough: h11 hands the body back as it is instead of joining a copy
-            pieces = self.connection.send_with_data_passthrough(event)
-        except h11.LocalProtocolError:
-            if self.connection.their_state != h11.ERROR:
-                raise
-            return b""
+        """h11's bytes for `event`, joined (for heads and small bodies)."""
+        pieces = self._encode_pieces(event)
         if not pieces:
             return b""
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _encode_pieces(self, event: Any) -> list[bytes]:
+        """h11's bytes for `event` as pieces; [] when the peer already broke the protocol
+        (as hypercorn's own `_send_h11_event`). A large body stays a piece of its own:
+        joining it to its chunk framing would copy it on the event loop."""
+        try:
+            # passthrough: h11 hands the body back as it is instead of joining a copy
+            return self.connection.send_with_data_passthrough(event) or []
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return []
 
 
 class _CountedStreamBuffer(StreamBuffer):
