@@ -11,6 +11,7 @@ import trio
 from support.auth import TEST_SECRET
 from support.fakeshard import FakeShard, Reply, forever
 
+from common import wire
 from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
 
@@ -74,6 +75,35 @@ async def test_many_concurrent_requests_out_of_order() -> None:
         nursery.cancel_scope.cancel()
     assert results == {n: f"body-{n}".encode() for n in range(500)}
     # all on the one connection
+    assert len(shard.hellos) == 1
+
+
+async def test_large_bodies_cross_the_pool_intact_beside_small_calls() -> None:
+    """Large request bodies go out as their own frame piece and large replies are joined
+    off the loop (wire.complete); both must arrive byte-exact and in their calls, with
+    small calls on the same connection interleaved."""
+    shard = FakeShard("s1", echo_shuffled)
+    sizes = [wire.DEFER_BYTES, wire.DEFER_BYTES + 3, 5 * 1024 * 1024 + 7, 64 * 1024]
+    bodies = {n: random.randbytes(size) for n, size in enumerate(sizes)}
+    bodies.update({n: f"small-{n}".encode() for n in range(len(sizes), 200)})
+    results: dict[int, bytes] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+
+            async def one(n: int) -> None:
+                fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": bodies[n]}
+                async with pool.open("s1", "http", fields) as call:
+                    results[n] = (await call.response())["b"]
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as inner:
+                    for n in bodies:
+                        inner.start_soon(one, n)
+        nursery.cancel_scope.cancel()
+    assert results.keys() == bodies.keys()
+    assert all(results[n] == bodies[n] for n in bodies)
     assert len(shard.hellos) == 1
 
 
