@@ -571,16 +571,21 @@ class Supervisor:
     async def _spawn(self, child: _Child) -> trio.Process:
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which then
         # stops the children in order instead of racing them.
-        options: dict = {"stdin": subprocess.DEVNULL, "process_group": 0}
-        if self._lifeline is not None:
-            options["pass_fds"] = (self._lifeline[0],)
+        pass_fds = (self._lifeline[0],) if self._lifeline is not None else ()
         if self.config.log_dir is None:
-            return await trio.lowlevel.open_process(child.argv, **options)
+            return await trio.lowlevel.open_process(
+                child.argv, stdin=subprocess.DEVNULL, process_group=0, pass_fds=pass_fds
+            )
         with open(Path(self.config.log_dir) / f"{child.name}.log", "ab") as logfile:
             logfile.write(f"--- {' '.join(child.argv)}\n".encode())
             logfile.flush()
             return await trio.lowlevel.open_process(
-                child.argv, stdout=logfile, stderr=subprocess.STDOUT, **options
+                child.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                pass_fds=pass_fds,
             )
 
     # ---- shutdown -----------------------------------------------------------------
@@ -708,8 +713,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         trio.run(_main, config)
     except* SupervisorError as group:  # also catches a bare one
-        for exc in group.exceptions:
-            log.error("%s", exc)
+        for error in group.exceptions:
+            log.error("%s", error)
         failed = True
     return 1 if failed else 0
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from array import array
-from typing import Any
+from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target
 from .procs import run_workers
@@ -76,7 +77,8 @@ class _Conn(asyncio.Protocol):
         self.finished = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A connection from create_connection: its transport is a stream transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.parser = ResponseParser()
 
     def send_next(self) -> None:
@@ -175,7 +177,7 @@ async def append_worker(
     transports = []
     for cid, streams in conns:
         tr, proto = await loop.create_connection(
-            lambda cid=cid, streams=streams: _Conn(gen, cid, streams), host, port
+            functools.partial(_Conn, gen, cid, streams), host, port
         )
         # hold the first request until everyone starts together
         transports.append(tr)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
-from typing import Any
+from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target
 from .procs import run_workers
@@ -47,7 +48,8 @@ class _Reader(asyncio.Protocol):
         self.done = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A connection from create_connection: its transport is a stream transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def start_pass(self) -> None:
         if time.monotonic() >= self.end_at:
@@ -107,7 +109,7 @@ async def catchup_worker(
     protos: list[_Reader] = []
     for paths in readers:
         _, proto = await loop.create_connection(
-            lambda paths=paths: _Reader(host, paths, size, end_at), host, port
+            functools.partial(_Reader, host, paths, size, end_at), host, port
         )
         protos.append(proto)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))

@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 from array import array
-from typing import Any
+from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target, build_request
 from .procs import _CTX, run_workers
@@ -46,7 +46,8 @@ class _Reader(asyncio.Protocol):
 
     # -- connection -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A connection from create_connection: its transport is a stream transport.
+        self.transport = cast(asyncio.Transport, transport)
         if self.w.mode == "sse":
             self.parser = ResponseParser(on_body=self.sse_bytes, on_head=self.sse_head)
         else:
@@ -270,16 +271,16 @@ def run_fanout(
                 if delay > 0:
                     time.sleep(delay)
                 s = i % streams
-                q = seqs[s]
+                seq = seqs[s]
                 seqs[s] += 1
-                body = b"m%dt%d;" % (q, time.monotonic_ns())
+                body = b"m%dt%d;" % (seq, time.monotonic_ns())
                 try:
                     resp = client.request("POST", paths[s], body, ct)
                     ok = 200 <= resp.status < 300
                 except OSError:
                     ok = False
                 if ok:
-                    acked[s].append(q)
+                    acked[s].append(seq)
                 else:
                     writer["errors"] += 1
             writer["elapsed"] = time.monotonic() - t0

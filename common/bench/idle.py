@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import resource
 import time
-from typing import Any
+from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target, build_request
 from .procs import _CTX, rss_kib, run_workers
@@ -31,7 +31,9 @@ class _Idle(asyncio.Protocol):
         self.parser = ResponseParser(on_body=lambda _b: None, on_head=self.head)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(build_request("GET", f"{self.path}?offset=-1&live=sse", self.w.host))  # type: ignore[attr-defined]
+        # A connection from create_connection: its transport is a stream transport.
+        stream = cast(asyncio.Transport, transport)
+        stream.write(build_request("GET", f"{self.path}?offset=-1&live=sse", self.w.host))
         self.w.transports.append(transport)
 
     def head(self, resp: Any) -> None:

@@ -18,7 +18,7 @@ import os
 import queue
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 _CTX = mp.get_context("spawn")
@@ -33,7 +33,9 @@ def raise_nofile(wanted: int) -> int:
     return new
 
 
-def _entry(fn: Callable[..., Awaitable[dict[str, Any]]], args: tuple, out: Any, index: int) -> None:
+def _entry(
+    fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]], args: tuple, out: Any, index: int
+) -> None:
     raise_nofile(1 << 20)  # load generators hold many sockets: take what the hard limit allows
     cpu0 = time.process_time()
     try:
@@ -45,7 +47,7 @@ def _entry(fn: Callable[..., Awaitable[dict[str, Any]]], args: tuple, out: Any, 
 
 
 def run_workers(
-    fn: Callable[..., Awaitable[dict[str, Any]]],
+    fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]],
     args_list: list[tuple],
     timeout: float,
     on_started: Callable[[], None] | None = None,

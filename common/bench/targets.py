@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from .http import SyncClient, Target
 from .procs import server_pids
@@ -43,7 +44,7 @@ class BenchTarget:
         self.tmp: str | None = None
         self.fixed_pids = pids
         self.log_dir = log_dir
-        self.log = None
+        self.log: BinaryIO | None = None
         self.target: Target
 
     @property

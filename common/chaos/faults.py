@@ -16,7 +16,7 @@ import os
 import random
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -34,6 +34,7 @@ def is_own_child(pid: int) -> bool:
     return fields[0] != "Z" and int(fields[1]) == os.getpid()
 
 
+@runtime_checkable
 class KillableSupervisor(Protocol):
     """A supervisor running as its own process (see process_cluster.py)."""
 

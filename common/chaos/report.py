@@ -145,7 +145,7 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
     kills = [e for e in result.faults if e.kind == "kill"]
     stops = [e for e in result.faults if e.kind == "stop"]
     supervisor_kills = [e for e in result.faults if e.kind == "supervisor-kill"]
-    modes = {}
+    modes: dict[str, int] = {}
     for r in result.readers:
         modes[r.mode] = modes.get(r.mode, 0) + 1
     figures = result.kill_figures()

@@ -27,7 +27,7 @@ import trio
 
 from common.ring import Ring
 
-from .faults import FaultInjector, is_own_child
+from .faults import FaultInjector, KillableSupervisor, is_own_child
 from .model import StreamPlan
 from .payload import BINARY, JSON, Decoder, PayloadError
 from .process_cluster import ProcessCluster
@@ -77,7 +77,7 @@ def supervised_cluster(options: ChaosOptions, data_dir: str) -> Cluster:
     """The real thing: `common.supervisor.Supervisor` launching shards and a gateway."""
     from common.supervisor import ClusterConfig, Supervisor
 
-    wanted = {
+    wanted: dict[str, Any] = {
         "shards": options.shards,
         "gateways": 1,
         "host": "127.0.0.1",
@@ -277,7 +277,7 @@ class Exercise:
         start = trio.current_time()
         self.injector: FaultInjector | None = None
         self.owns: Callable[[int], bool] = getattr(cluster, "owns", is_own_child)
-        killable = cluster if hasattr(cluster, "kill_supervisor") else None
+        killable = cluster if isinstance(cluster, KillableSupervisor) else None
         if not options.url and (
             options.kill_interval > 0 or (killable and options.kill_supervisor_interval > 0)
         ):
@@ -374,11 +374,12 @@ class Exercise:
             for k, fork in enumerate(self.forks):
                 at = options.duration * (0.15 + 0.35 * k / max(1, len(self.forks)))
                 writers.start_soon(self._fork_later, fork, at, writers, readers)
-            if self.injector:
+            injector = self.injector
+            if injector:
 
                 async def faults() -> None:
                     with fault_scope:
-                        await self.injector.run()
+                        await injector.run()
 
                 writers.start_soon(faults)
             await trio.sleep(options.duration)
@@ -390,6 +391,7 @@ class Exercise:
         self, fork: StreamPlan, at: float, writers: trio.Nursery, readers: trio.Nursery
     ) -> None:
         """Fork a single-writer stream at an offset its writer was acknowledged at."""
+        assert fork.fork_of is not None  # a fork's plan names its source
         source = self.fork_sources[fork.fork_of]
         await trio.sleep_until(self.run_.start + at)
         while not source.ledger.fork_points and not self.stop_writers.is_set():

@@ -160,7 +160,7 @@ class Writer:
             except TRANSIENT as exc:
                 run.stats.count_status(type(exc).__name__)
                 status = None
-            if status in (200, 204):
+            if response is not None and status in (200, 204):
                 ledger.acked.append(ids)
                 ledger.pending = None
                 run.stats.acked_batches += 1
@@ -176,7 +176,7 @@ class Writer:
                 self.progress.set()
                 self.progress = trio.Event()
                 return
-            if status is not None and status < 500 and status != 429:
+            if response is not None and status is not None and status < 500 and status != 429:
                 self._rejected(ids, response)
                 if not self._recover(response):
                     return
