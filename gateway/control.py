@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from common.rpc_client import ShardPool
@@ -47,7 +48,9 @@ def create_control_app(pool: ShardPool) -> QuartTrio:
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             extra = ((b"allow", ", ".join(error.valid_methods).encode()),)
         _, headers, body = error_answer(status, message, extra)
-        return Response(body, status=status, headers=[(k.decode(), v.decode()) for k, v in headers])
+        return Response(
+            body, status=status, headers=Headers([(k.decode(), v.decode()) for k, v in headers])
+        )
 
     @app.after_request
     async def transport_headers(response: Response) -> Response:
