@@ -9,10 +9,11 @@ is that peer failing, never data.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
+from common import wire
 from common.ring import Ring
 from common.rpc_client import ShardError, ShardPool, ShardUnavailable
 from shard.committer import StorageUnavailable
@@ -37,7 +38,7 @@ class LocalForks(Protocol):
     async def release(self, source: str, ref: str) -> None: ...
 
 
-def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
+def export_to_wire(export: Response | ForkExport) -> wire.Args:
     if isinstance(export, Response):
         return {"ok": False, "s": export.status, "h": list(export.headers), "b": export.body}
     return {
@@ -52,41 +53,62 @@ def export_to_wire(export: Response | ForkExport) -> dict[str, Any]:
     }
 
 
-def export_from_wire(data: dict[str, Any]) -> Response | ForkExport:
-    try:
-        if not data.get("ok"):
-            return Response(
-                int(data["s"]),
-                tuple((str(k), str(v)) for k, v in data.get("h", ())),
-                bytes(data.get("b", b"")),
-            )
-        export = ForkExport(
-            content_type=data["content_type"],
-            ttl=data["ttl"],
-            expires_at=data["expires_at"],
-            expires_at_ts=data["expires_at_ts"],
-            offset=data["offset"],
-            sub_offset=data["sub_offset"],
-            position=data["position"],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PeerUnavailable(f"malformed export_fork answer: {exc!r}") from None
+def export_from_wire(data: wire.Args) -> Response | ForkExport:
+    """A peer's `export_fork` answer, every field checked before use."""
+    if not data.get("ok"):
+        status, headers, body = data.get("s"), data.get("h", ()), data.get("b", b"")
+        if not (
+            type(status) is int
+            and isinstance(headers, list | tuple)
+            and all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in headers)
+            and isinstance(body, bytes)
+        ):
+            raise PeerUnavailable("malformed export_fork answer (a refusal)")
+        return Response(status, tuple((str(k), str(v)) for k, v in headers), body)
+    missing = [name for name in _EXPORT_FIELDS if name not in data]
+    if missing:
+        raise PeerUnavailable(f"malformed export_fork answer: no {', '.join(missing)}")
+    content_type, ttl, expires_at = data["content_type"], data["ttl"], data["expires_at"]
+    expires_at_ts, offset = data["expires_at_ts"], data["offset"]
+    sub_offset, position = data["sub_offset"], data["position"]
     if not (
-        isinstance(export.content_type, str)
-        and isinstance(export.offset, str)
-        and type(export.sub_offset) is int
-        and type(export.position) is int
-        and export.position >= 0
+        isinstance(content_type, str)
+        and (ttl is None or type(ttl) is int)
+        and (expires_at is None or isinstance(expires_at, str))
+        and (expires_at_ts is None or isinstance(expires_at_ts, int | float))
+        and isinstance(offset, str)
+        and type(sub_offset) is int
+        and type(position) is int
+        and position >= 0
     ):
         raise PeerUnavailable("malformed export_fork answer")
-    return export
+    return ForkExport(
+        content_type=content_type,
+        ttl=ttl,
+        expires_at=expires_at,
+        expires_at_ts=expires_at_ts,
+        offset=offset,
+        sub_offset=sub_offset,
+        position=position,
+    )
 
 
-def records_to_wire(records: list[Record]) -> dict[str, Any]:
+_EXPORT_FIELDS = (
+    "content_type",
+    "ttl",
+    "expires_at",
+    "expires_at_ts",
+    "offset",
+    "sub_offset",
+    "position",
+)
+
+
+def records_to_wire(records: list[Record]) -> wire.Args:
     return {"records": [[r.start, r.end, r.data] for r in records]}
 
 
-def records_from_wire(data: dict[str, Any]) -> list[Record]:
+def records_from_wire(data: wire.Args) -> list[Record]:
     """The records of a `read_fork` answer, checked: in order, each [start, end, bytes]."""
     raw = data.get("records")
     if not isinstance(raw, list):
@@ -139,7 +161,7 @@ class ForkPeers:
                 return await self._local.export(source, offset, sub_offset, ref, content_type)
             except StorageUnavailable as exc:
                 raise PeerUnavailable(str(exc)) from exc
-        args = {
+        args: wire.Args = {
             "source": source,
             "offset": offset,
             "sub_offset": sub_offset,
@@ -172,7 +194,7 @@ class ForkPeers:
         }
         return records_from_wire(await self._read_call(owner, args))
 
-    async def _read_call(self, owner: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _read_call(self, owner: str, args: wire.Args) -> wire.Args:
         """`read_fork` changes nothing, so a read that found the source's shard not yet
         (re)connected, e.g. just restarted, waits for it briefly and tries once more."""
         assert self._pool is not None
@@ -187,8 +209,8 @@ class ForkPeers:
         return await self._call(owner, "read_fork", args, READ_TIMEOUT)
 
     async def _call(
-        self, owner: str, op: str, args: dict[str, Any], timeout: float = RPC_TIMEOUT
-    ) -> dict[str, Any]:
+        self, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
+    ) -> wire.Args:
         assert self._pool is not None
         try:
             result = await self._pool.call(owner, op, args, timeout=timeout)

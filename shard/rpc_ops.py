@@ -11,19 +11,18 @@ storage and peer failures propagate and are answered `err unavailable`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from common import wire
 from shard.peers import export_to_wire, records_to_wire
 from shard.service import ShardService
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[wire.Args], Awaitable[wire.Args]]
 
 
 def handlers(service: ShardService) -> dict[str, Handler]:
     """The op -> handler registry the RPC server dispatches on."""
 
-    async def export_fork(args: dict[str, Any]) -> dict[str, Any]:
+    async def export_fork(args: wire.Args) -> wire.Args:
         source, offset, sub_offset, ref, content_type = (
             args.get("source"),
             args.get("offset"),
@@ -42,7 +41,7 @@ def handlers(service: ShardService) -> dict[str, Handler]:
         export = await service.forks.export(source, offset, sub_offset, ref, content_type)
         return export_to_wire(export)
 
-    async def release_fork(args: dict[str, Any]) -> dict[str, Any]:
+    async def release_fork(args: wire.Args) -> wire.Args:
         source, ref = args.get("source"), args.get("ref")
         if not (isinstance(source, str) and isinstance(ref, str)):
             raise wire.BadArguments("malformed release_fork arguments")
@@ -51,7 +50,7 @@ def handlers(service: ShardService) -> dict[str, Handler]:
         await service.forks.release(source, ref)
         return {"ok": True}
 
-    async def read_fork(args: dict[str, Any]) -> dict[str, Any]:
+    async def read_fork(args: wire.Args) -> wire.Args:
         """A fork's inherited read: only for a reference held on that source."""
         source, ref = args.get("source"), args.get("ref")
         position, limit, max_bytes = args.get("position"), args.get("limit"), args.get("max_bytes")
