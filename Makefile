@@ -23,6 +23,7 @@ install: $(INSTALLED) $(NODE_MODULES)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy common shard gateway
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,4 +38,4 @@ $(NODE_MODULES): conformance/package.json conformance/package-lock.json
 	touch $@
 
 clean:
-	rm -rf $(VENV) conformance/node_modules .pytest_cache
+	rm -rf $(VENV) conformance/node_modules .pytest_cache .mypy_cache
