@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -294,7 +295,7 @@ async def test_json_with_lone_surrogates_or_huge_numbers_is_refused(tmp_path: Pa
 async def test_writes_behind_a_large_body_keep_their_order(tmp_path: Path) -> None:
     """A large body is prepared off the loop; a producer's next append, sent while the
     first is still being prepared, must still land after it (no 409 for a seq gap)."""
-    big = b"[" + b",".join(b'{"n":%d,"s":"a,b"}' % i for i in range(150_000)) + b"]"
+    big = b"[" + b",".join(b'{"n":%d,"s":"a,b"}' % i for i in range(600_000)) + b"]"
     json_ct = {"content-type": "application/json", "producer-id": "p", "producer-epoch": "0"}
     statuses: dict[int, int] = {}
     async with (
@@ -303,20 +304,30 @@ async def test_writes_behind_a_large_body_keep_their_order(tmp_path: Path) -> No
     ):
         assert (await client.put("order/s", headers=json_ct)).status_code == 201
 
-        async def append(seq: int, body: bytes, delay: float) -> None:
-            await trio.sleep(delay)
+        uploaded = trio.Event()
+
+        async def big_body() -> AsyncIterator[bytes]:
+            yield big
+            uploaded.set()  # the client has written the whole body
+
+        async def append(seq: int, body: bytes | AsyncIterator[bytes]) -> None:
             r = await client.post(
                 "order/s", content=body, headers={**json_ct, "producer-seq": str(seq)}
             )
             statuses[seq] = r.status_code
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(append, 0, big, 0)
-            nursery.start_soon(append, 1, b'["after"]', 0.05)
-            nursery.start_soon(append, 2, b'["last"]', 0.1)
+            nursery.start_soon(append, 0, big_body())
+            # The next appends leave only once the big one has been sent (a server cannot
+            # order requests it has not received), while it is still being prepared.
+            await uploaded.wait()
+            await trio.sleep(0.2)
+            nursery.start_soon(append, 1, b'["after"]')
+            await trio.sleep(0.05)
+            nursery.start_soon(append, 2, b'["last"]')
         assert statuses == {0: 200, 1: 200, 2: 200}
-        r = await client.get("order/s", params={"offset": offset(149_999)})
-        assert r.content == b'[{"n":149999,"s":"a,b"},"after","last"]'
+        r = await client.get("order/s", params={"offset": offset(599_999)})
+        assert r.content == b'[{"n":599999,"s":"a,b"},"after","last"]'
 
 
 def _plan_workers(parent: int) -> list[int]:
