@@ -21,7 +21,7 @@ from shard.core.model import ForkExport, Record, Response
 
 RPC_TIMEOUT = 30.0
 READ_TIMEOUT = 15.0  # an inherited read waits on the source at most this long
-RECONNECT_GRACE = 2.0  # a read finding the source's shard unconnected waits this long once
+RECONNECT_GRACE = 2.0  # a read or export finding the peer unconnected waits this long once
 
 
 class PeerUnavailable(Exception):
@@ -168,7 +168,7 @@ class ForkPeers:
             "ref": ref,
             "content_type": content_type,
         }
-        return export_from_wire(await self._call(owner, "export_fork", args))
+        return export_from_wire(await self._patient_call(owner, "export_fork", args))
 
     async def release_fork(self, source: str, ref: str) -> None:
         owner = self.remote_owner(source)
@@ -192,21 +192,24 @@ class ForkPeers:
             "limit": limit,
             "max_bytes": max_bytes,
         }
-        return records_from_wire(await self._read_call(owner, args))
+        return records_from_wire(await self._patient_call(owner, "read_fork", args, READ_TIMEOUT))
 
-    async def _read_call(self, owner: str, args: wire.Args) -> wire.Args:
-        """`read_fork` changes nothing, so a read that found the source's shard not yet
-        (re)connected, e.g. just restarted, waits for it briefly and tries once more."""
+    async def _patient_call(
+        self, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
+    ) -> wire.Args:
+        """A call that found the peer not yet (re)connected (just started or restarted)
+        waits for it briefly and tries once more: safe for `read_fork`, which changes
+        nothing, and for `export_fork`, which counts a reference once per ref."""
         assert self._pool is not None
         try:
-            return await self._call(owner, "read_fork", args, READ_TIMEOUT)
+            return await self._call(owner, op, args, timeout)
         except PeerUnavailable as exc:
             cause = exc.__cause__
             if not (isinstance(cause, ShardUnavailable) and not cause.sent):
                 raise
         with trio.move_on_after(RECONNECT_GRACE):
             await self._pool.wait_connected(owner)
-        return await self._call(owner, "read_fork", args, READ_TIMEOUT)
+        return await self._call(owner, op, args, timeout)
 
     async def _call(
         self, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
