@@ -26,7 +26,8 @@ Piece = bytes | bytearray | memoryview
 async def join(pieces: Sequence[Piece], size: int | None = None) -> bytes:
     """The pieces joined, copied in a worker thread when `size` (their total length,
     computed when not given) is THRESHOLD or more. Pieces that are not `bytes` are
-    converted first, a copy each that holds the GIL: pass `bytes` of bounded size."""
+    converted first, a copy each that holds the GIL: pass `bytes` of bounded size.
+    A copy under way is not interrupted by cancellation (it ends within its own time)."""
     if len(pieces) == 1 and type(pieces[0]) is bytes:
         return pieces[0]
     if size is None:

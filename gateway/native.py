@@ -156,6 +156,7 @@ class NativeExchange:
                 return await self._finish()
             parts, self._parts = self._parts, []
             body = await bigjoin.join(parts, self._size)  # a large body: off the loop
+            del parts  # the pieces are garbage now; the answer may take a while
             if self._streams:
                 return await self._start_stream(body)
             try:
