@@ -148,12 +148,10 @@ class ShardService:
                 )
             elif isinstance(decision, Wait):
                 self.committer.touch(entry, now)
-                timed_out = await self._wait(entry, decision.position, decision.timeout)
+                await self._wait(entry, decision.position, decision.timeout)
                 resume = decision
                 now = time.time()
-                decision = core.handle(
-                    request, entry.committed, now, config, resume=resume, timed_out=timed_out
-                )
+                decision = core.handle(request, entry.committed, now, config, resume=resume)
             elif isinstance(decision, NeedBody):
                 # A large body the core needs: cut it off the loop, then decide again.
                 prepared = await self.offload.prepare(request, decision.json)
@@ -213,19 +211,19 @@ class ShardService:
             (entry, StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers))
         )
 
-    async def _wait(self, entry: Entry, position: int, timeout: float) -> bool:
-        """Park until the committed stream moves past `position`; True if timed out."""
+    async def _wait(self, entry: Entry, position: int, timeout: float) -> None:
+        """Park until the committed stream moves past `position`, closes or goes away,
+        or `timeout` seconds pass (the committed state then tells the core which)."""
         entry.waiters += 1
         try:
             with trio.move_on_after(timeout):
                 while True:
                     state = entry.committed
                     if state is None or state.closed or state.soft_deleted:
-                        return False
+                        return
                     if state.tail > position:
-                        return False
+                        return
                     await entry.changed_event().wait()
-            return True
         finally:
             entry.waiters -= 1
 

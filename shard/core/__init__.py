@@ -7,11 +7,11 @@ alarm loop; unit tests drive it with plain values. See `model` for the values.
 
 Public API (all pure; `now` is unix seconds; `config` a CoreConfig):
 
-  handle(request, state, now, config, *, resume=None, timed_out=False) -> Decision
+  handle(request, state, now, config, *, resume=None) -> Decision
       Any request on a stream. `state` is the runtime's current state for the path (None
       if there is none). For reads the runtime passes the *committed* state.
       `resume` is the Wait a long-poll waited on (so `offset=now` keeps its position);
-      `timed_out` says whether the wait ended by timeout.
+      whether the wait ended by timeout or by news, the committed state tells.
 
   finish_read(request, state, records, now, config, *, resume=None) -> Reply
       Second half of a read after NeedRecords.

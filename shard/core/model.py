@@ -184,7 +184,7 @@ class NeedRecords:
 class Wait:
     """Long-poll: wait until the stream's committed tail passes `position`, the stream
     closes or disappears, or `timeout` seconds pass; then call `core.handle` again with
-    `waited=True` (and `timed_out` saying which)."""
+    `resume=` this Wait (the committed state then says which of these happened)."""
 
     position: int
     timeout: float

@@ -27,7 +27,7 @@ def decode(token: str) -> int | None:
     Sentinels are not handled here (callers decide what `-1`/`now` mean)."""
     if len(token) != _LEN or not token.startswith(_PREFIX):
         return None
-    digits = token[17:]
+    digits = token[len(_PREFIX) :]
     if not (digits.isascii() and digits.isdigit()):
         return None
     return int(digits)

@@ -89,13 +89,12 @@ def handle(
     config: CoreConfig,
     *,
     resume: Wait | None = None,
-    timed_out: bool = False,
 ) -> Decision:
     """Decide what a request on a stream does (see the package docstring)."""
     method = request.method
     try:
         if method == "GET":
-            return _read(request, state, now, config, resume, timed_out)
+            return _read(request, state, now, config, resume)
         if method == "POST":
             return _append(request, state, now)
         if method == "PUT":
@@ -173,7 +172,9 @@ def _append(request: Request, state: StreamState | None, now: float) -> Reply:
         raise ProtocolError(409, "stream is closed", (CLOSED, tail_header))
 
     if body and media_type(ct) != media_type(state.content_type):
-        raise ProtocolError(409, "Content-Type does not match the stream's content type")
+        raise ProtocolError(
+            409, f"Content-Type does not match the stream's content type ({state.content_type})"
+        )
 
     new_producers = state.producers
     if producer is not None:
@@ -287,33 +288,41 @@ class CreateParams:
                     self.fork_offset = fork_offset
                     self.fork_position = _fork_offset_position(fork_offset)
 
-    def matches(self, state: StreamState) -> bool:
-        """Idempotent re-create (5.1, 4.2): same type, expiry, closure and fork origin."""
+    def difference(self, state: StreamState) -> str | None:
+        """Idempotent re-create (5.1, 4.2): None when type, expiry, closure and fork origin
+        all match `state`, else the header that differs (for the 409's message)."""
         fork = state.fork
         if self.closed != state.closed:
-            return False
+            return "Stream-Closed"
         if self.source is None:
+            if fork is not None:
+                return "Stream-Forked-From"
             ct = self.content_type or DEFAULT_CONTENT_TYPE
-            return (
-                fork is None
-                and media_type(ct) == media_type(state.content_type)
-                and self.ttl == state.ttl
-                and self.expires_at_ts == state.expires_at_ts
-            )
+            if media_type(ct) != media_type(state.content_type):
+                return "Content-Type"
+            if self.ttl != state.ttl:
+                return "Stream-TTL"
+            if self.expires_at_ts != state.expires_at_ts:
+                return "Stream-Expires-At"
+            return None
         # A fork inherits type and expiry when the request omits them.
-        if fork is None or fork.source != self.source or fork.sub_offset != self.sub_offset:
-            return False
+        if fork is None or fork.source != self.source:
+            return "Stream-Forked-From"
+        if fork.sub_offset != self.sub_offset:
+            return "Stream-Fork-Sub-Offset"
         if self.fork_position is not None and (
             self.fork_position != fork.position - fork.sub_offset
         ):
-            return False
+            return "Stream-Fork-Offset"
         if self.content_type is not None and media_type(self.content_type) != media_type(
             state.content_type
         ):
-            return False
+            return "Content-Type"
         if self.ttl is not None and self.ttl != state.ttl:
-            return False
-        return self.expires_at_ts is None or self.expires_at_ts == state.expires_at_ts
+            return "Stream-TTL"
+        if self.expires_at_ts is not None and self.expires_at_ts != state.expires_at_ts:
+            return "Stream-Expires-At"
+        return None
 
 
 def source_path(value: str) -> str:
@@ -363,9 +372,10 @@ def _create(request: Request, state: StreamState | None, now: float) -> Decision
     if code == 410:
         raise ProtocolError(409, "path is held by a deleted stream that forks still reference")
     if code == 0 and state is not None:
-        if params.matches(state):
+        differs = params.difference(state)
+        if differs is None:
             return Reply(Response(200, created_headers(request, state, 200)))
-        raise ProtocolError(409, "stream exists with a different configuration")
+        raise ProtocolError(409, f"stream exists with a different configuration: {differs}")
 
     body = request.body
     if params.source is not None:
@@ -444,7 +454,6 @@ def _read(
     now: float,
     config: CoreConfig,
     resume: Wait | None,
-    timed_out: bool,
 ) -> Decision:
     offset, live, cursor = parse_read_query(request.query)
     if live is not None and live not in ("long-poll", "sse"):

@@ -3,8 +3,7 @@
 The runtime sends `session.head`, then loops: fetch committed records with
 `end > session.position` (about `session.read_bytes` of them), write `session.step(state, records,
 now)`, stop when `session.done`; otherwise wait until the tail passes `session.position`,
-the stream closes or disappears, or `session.ends_at` (then end the response). The runtime
-may write `session.heartbeat()` while idle to keep intermediaries from timing out.
+the stream closes or disappears, or `session.ends_at` (then end the response).
 """
 
 from __future__ import annotations
@@ -124,10 +123,6 @@ class SseSession:
         if closed or now >= self.ends_at:
             self.done = True
         return b"".join(out)
-
-    def heartbeat(self) -> bytes:
-        """An SSE comment: keeps the connection warm without an event clients would see."""
-        return b": keepalive\n\n"
 
     def _control(self, at_tail: bool, closed: bool, now: float) -> bytes:
         offset = encode(self.position)

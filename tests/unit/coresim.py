@@ -86,7 +86,6 @@ class Sim:
                     self.now,
                     self.config,
                     resume=resume,
-                    timed_out=not woken,
                 )
                 continue
             if isinstance(decision, NeedSource):

@@ -149,3 +149,14 @@ def test_unknown_method():
     s.put("a")
     r = s.request("PATCH", "a")
     assert r.status == 405 and hdr(r, "allow")
+
+
+def test_conflicts_name_what_differs():
+    s = Sim()
+    assert s.put("a", stream_ttl="3600").status == 201
+    r = s.put("a", stream_ttl="7200")
+    assert r.status == 409 and r.body.endswith(b": Stream-TTL")
+    r = s.put("a", ct="application/json", stream_ttl="3600")
+    assert r.status == 409 and r.body.endswith(b": Content-Type")
+    r = s.post("a", "x", ct="application/json")
+    assert r.status == 409 and b"(text/plain)" in r.body
