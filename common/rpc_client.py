@@ -169,7 +169,7 @@ class Call:
         if kind == "res":
             if not msg["more"]:
                 self.done = True
-            return msg  # type: ignore[return-value]
+            return msg  # type: ignore[return-value]  # a `res`, checked by wire.parse
         self.done = True
         if kind == "err":
             raise ShardError(msg["code"], msg["msg"])
@@ -485,7 +485,7 @@ class ShardConnection:
                         decoder.frame_started = trio.current_time()
                     need = decoder.expected or 4
                     deadline = decoder.frame_started + FRAME_GRACE + need / MIN_FRAME_RATE
-                    data = b""
+                    data: wire.Received = b""
                     with trio.move_on_at(min(deadline, trio.current_time() + FRAME_STALL)):
                         data = await stream.receive_some(RECV_SIZE)
                     if not data and decoder.partial:

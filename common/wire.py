@@ -53,6 +53,7 @@ MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
+Received = bytes | bytearray  # what a trio stream's receive_some returns
 
 OPS = ("http", "ping", "export_fork", "release_fork", "read_fork")
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version")
@@ -179,7 +180,7 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
-        self._pieces: list[bytes] = []  # an incomplete frame's bytes, as received
+        self._pieces: list[Received] = []  # an incomplete frame's bytes, as received
         self._have = 0  # their total length
         self._need = 0  # bytes the incomplete frame needs in all (0: not known yet)
         self._max_frame = max_frame
@@ -206,16 +207,16 @@ class FrameDecoder:
         """Total bytes (length prefix included) the incomplete frame needs, 0 if unknown."""
         return self._need
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: Received) -> list[Frame]:
         """The frames `data` completes, every one decoded and checked here."""
         return self._feed(data, False)  # type: ignore[return-value]  # no Unjoined
 
-    def feed_deferred(self, data: bytes) -> list[Frame | Unjoined]:
+    def feed_deferred(self, data: Received) -> list[Frame | Unjoined]:
         """As `feed`, but a frame of DEFER_BYTES or more that spans several reads comes
         back as an `Unjoined`, to be finished by `complete`."""
         return self._feed(data, True)
 
-    def _feed(self, data: bytes, defer: bool) -> list[Frame | Unjoined]:
+    def _feed(self, data: Received, defer: bool) -> list[Frame | Unjoined]:
         if self._pieces:
             self._pieces.append(data)
             self._have += len(data)
@@ -269,7 +270,7 @@ class Unjoined:
 
     __slots__ = ("head", "pieces", "size")
 
-    def __init__(self, head: dict[str, Any] | None, pieces: list[bytes], size: int) -> None:
+    def __init__(self, head: dict[str, Any] | None, pieces: list[Received], size: int) -> None:
         self.head = head
         self.pieces = pieces
         self.size = size
@@ -291,10 +292,10 @@ async def complete(items: list[Frame | Unjoined]) -> list[Frame]:
     return items  # type: ignore[return-value]  # every Unjoined was replaced
 
 
-def _slice(pieces: list[bytes], start: int, stop: int) -> list[bytes]:
+def _slice(pieces: list[Received], start: int, stop: int) -> list[Received]:
     """The pieces covering bytes [start, stop) of their concatenation. Only the first
     and the last may be cut (a copy of at most one read each); the rest are kept whole."""
-    out: list[bytes] = []
+    out: list[Received] = []
     pos = 0
     for piece in pieces:
         end = pos + len(piece)
@@ -309,7 +310,7 @@ def _slice(pieces: list[bytes], start: int, stop: int) -> list[bytes]:
     return out
 
 
-def _unjoined(pieces: list[bytes], need: int) -> Unjoined:
+def _unjoined(pieces: list[Received], need: int) -> Unjoined:
     """The complete frame in `pieces` (its first `need` bytes, length prefix included),
     with its head decoded now when it is in encode_parts' layout."""
     prefix = b"".join(_slice(pieces, 4, min(need, 4 + HEAD_BYTES)))

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import trio
 
+from common import wire
 from common.rpc_client import Call, ShardError, ShardUnavailable
 from gateway.answers import Answer
 from gateway.budget import MAX_BEHIND, ConnectionOutput
@@ -104,8 +105,8 @@ class SseFanout:
         self,
         nursery: trio.Nursery,
         open_call: Callable[[str, dict[str, Any]], Call],
-        render: Callable[[dict[str, Any]], Head],
-        answer: Callable[[dict[str, Any]], Answer],
+        render: Callable[[wire.ResponseFrame], Head],
+        answer: Callable[[wire.ResponseFrame], Answer],
         failure: Callable[[ShardUnavailable | ShardError], Answer],
         failed: Answer,
     ) -> None:

@@ -271,8 +271,10 @@ class LeanH11Protocol(H11Protocol):
         (as hypercorn's own `_send_h11_event`). A large body stays a piece of its own:
         joining it to its chunk framing would copy it on the event loop."""
         try:
-            # passthrough: h11 hands the body back as it is instead of joining a copy
-            return self.connection.send_with_data_passthrough(event) or []
+            # passthrough: h11 hands the body back as it is instead of joining a copy.
+            # (After a websocket upgrade hypercorn's connection is an H11WSConnection,
+            # which has no such method: a response body after an upgrade raises here.)
+            return self.connection.send_with_data_passthrough(event) or []  # type: ignore[union-attr]
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:
                 raise

@@ -295,9 +295,11 @@ class RpcServer:
                     writer.send_nowait(_error(call_id, "unavailable", msg))
                 else:
                     scope = calls[call_id] = trio.CancelScope()
-                    nursery.start_soon(self._request, frame, writer, calls, scope)
+                    # mypy narrows the frame union on frame["k"], not on the local `kind`
+                    nursery.start_soon(self._request, frame, writer, calls, scope)  # type: ignore[arg-type]
             elif kind == "cancel":
-                scope = calls.get(frame["i"])
+                # `scope` was typed by the branch above (never None there)
+                scope = calls.get(frame["i"])  # type: ignore[assignment]
                 if scope is not None:
                     scope.cancel()
             else:
@@ -341,8 +343,8 @@ class RpcServer:
             calls.pop(call_id, None)
 
     async def _http(self, call_id: int, message: wire.RequestFrame, writer: FrameWriter) -> None:
-        path = message["p"]  # type: ignore[typeddict-item]  # op "http": parse checked m..b
-        header_map = {name.lower(): value for name, value in message["h"]}  # type: ignore[typeddict-item]
+        path = message["p"]  # op "http": parse checked that m, p, q, h and b are there
+        header_map = {name.lower(): value for name, value in message["h"]}
         try:
             check_canonical(path)
         except PathError as exc:
@@ -353,11 +355,11 @@ class RpcServer:
             )
             return
         request = Request(
-            message["m"],  # type: ignore[typeddict-item]
+            message["m"],
             path,
-            message["q"],  # type: ignore[typeddict-item]
+            message["q"],
             header_map,
-            message["b"],  # type: ignore[typeddict-item]
+            message["b"],
         )
 
         async def respond(response: Response, more: bool) -> None:
@@ -378,7 +380,7 @@ class RpcServer:
         await self.service.handle_http(request, respond, send)
 
 
-async def _receive(stream: trio.abc.Stream, decoder: wire.FrameDecoder) -> bytes:
+async def _receive(stream: trio.abc.Stream, decoder: wire.FrameDecoder) -> wire.Received:
     """The next bytes (b"" at EOF). Between frames a peer may idle; once a frame has
     started it must keep coming: a peer that sends half a frame and stalls would hold its
     bytes (up to MAX_FRAME_BYTES) forever."""
