@@ -447,22 +447,13 @@ class _Protocols(ProtocolWrapper):
         super().__init__(*args, **kwargs)
         self.output = output if output is not None else UNLIMITED.connection()
         if type(self.protocol) is H11Protocol:
-            self.protocol = LeanH11Protocol(
-                self.app,
-                self.config,
-                self.context,
-                self.task_group,
-                self.state,
-                self.ssl,
-                self.client,
-                self.server,
-                self.send,
-            )
+            self.protocol = LeanH11Protocol(*self._protocol_args())
             self.protocol.native = native
             self.protocol.tcp = tcp
 
-    def _h2(self) -> LeanH2Protocol:
-        return LeanH2Protocol(
+    def _protocol_args(self) -> tuple[Any, ...]:
+        """What hypercorn hands each protocol class, in its order."""
+        return (
             self.app,
             self.config,
             self.context,
@@ -472,8 +463,10 @@ class _Protocols(ProtocolWrapper):
             self.client,
             self.server,
             self.send,
-            output=self.output,
         )
+
+    def _h2(self) -> LeanH2Protocol:
+        return LeanH2Protocol(*self._protocol_args(), output=self.output)
 
     async def handle(self, event: Event) -> None:
         try:
