@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -56,6 +56,27 @@ def items_text(start: int, stop: int) -> bytes:
     return whole.rstrip(",").encode()
 
 
+async def time_appends(
+    client: httpx.AsyncClient,
+    path: str,
+    headers: dict[str, str],
+    body: Callable[[int], bytes],
+    latencies: list[float],
+    done: trio.Event,
+    interval: float,
+) -> None:
+    """Append `body(n)` to `path` one at a time until `done`, recording each latency: the
+    neighbour on the same shard whose answers show whether its loop was held."""
+    n = 0
+    while not done.is_set():
+        t0 = time.monotonic()
+        r = await client.post(path, content=body(n), headers=headers)
+        latencies.append(time.monotonic() - t0)
+        assert r.status_code == 204, r.text
+        n += 1
+        await trio.sleep(interval)
+
+
 def same_shard_paths(shards: int) -> tuple[str, str, str]:
     """Two stream paths owned by the same shard, and that shard's id."""
     ring = Ring(1, tuple(f"shard-{k}" for k in range(shards)))
@@ -91,16 +112,10 @@ async def test_huge_json_append_and_inner_read_do_not_stall_the_shard(tmp_path: 
             timings: dict[str, float] = {}
 
             async def probe() -> None:
-                # Appends to a stream on the same shard, back to back, timing each.
                 async with httpx.AsyncClient(base_url=base, timeout=30) as other:
-                    n = 0
-                    while not done.is_set():
-                        t0 = time.monotonic()
-                        r = await other.post(neighbour, content=b"[%d]" % n, headers=json_ct)
-                        latencies.append(time.monotonic() - t0)
-                        assert r.status_code == 204, r.text
-                        n += 1
-                        await trio.sleep(0.02)
+                    await time_appends(
+                        other, neighbour, json_ct, lambda n: b"[%d]" % n, latencies, done, 0.02
+                    )
 
             async def heavy() -> None:
                 try:
@@ -157,12 +172,7 @@ async def test_huge_binary_append_and_reads_inside_it_do_not_stall_the_shard(
         done = trio.Event()
 
         async def probe() -> None:
-            while not done.is_set():
-                t0 = time.monotonic()
-                r = await client.post(neighbour, content=b"x", headers=octets)
-                latencies.append(time.monotonic() - t0)
-                assert r.status_code == 204, r.text
-                await trio.sleep(0.02)
+            await time_appends(client, neighbour, octets, lambda n: b"x", latencies, done, 0.02)
 
         async def heavy() -> None:
             try:
@@ -229,12 +239,7 @@ async def test_a_50_mb_body_crosses_gateway_and_shard_without_a_long_copy_on_eit
 
         async def probe() -> None:
             async with httpx.AsyncClient(base_url=f"{cluster.url}/v1/stream/") as other:
-                while not done.is_set():
-                    t0 = time.monotonic()
-                    r = await other.post(neighbour, content=b"x", headers=octets)
-                    latencies.append(time.monotonic() - t0)
-                    assert r.status_code == 204, r.text
-                    await trio.sleep(0.01)
+                await time_appends(other, neighbour, octets, lambda n: b"x", latencies, done, 0.01)
 
         async def heavy() -> None:
             try:
