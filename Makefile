@@ -23,7 +23,7 @@ install: $(INSTALLED) $(NODE_MODULES)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy common shard gateway
+	$(VENV)/bin/mypy
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

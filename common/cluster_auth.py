@@ -27,7 +27,7 @@ import secrets
 
 import msgpack
 
-from common import wire
+from ds_cluster.common import wire
 
 NONCE_BYTES = 32
 _LABEL = "ds-cluster rpc auth v1"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from uhashring import HashRing
 
-from common.wire import RingInfo
+from ds_cluster.common.wire import RingInfo
 
 OWNER_CACHE_SIZE = 100_000  # paths whose owner is remembered (hashing costs ~10 us)
 

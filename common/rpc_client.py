@@ -48,10 +48,10 @@ from typing import Any
 
 import trio
 
-from common import wire
-from common.backoff import jittered
-from common.cluster_auth import AuthError, ClientHandshake
-from common.ring import Ring
+from ds_cluster.common import wire
+from ds_cluster.common.backoff import jittered
+from ds_cluster.common.cluster_auth import AuthError, ClientHandshake
+from ds_cluster.common.ring import Ring
 
 log = logging.getLogger(__name__)
 

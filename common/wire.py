@@ -46,7 +46,7 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
-from common import bigjoin
+from ds_cluster.common import bigjoin
 
 WIRE_VERSION = 2  # 2: authenticated handshake (hello, auth, ready), typed frames
 MAX_FRAME_BYTES = 256 * 1024 * 1024

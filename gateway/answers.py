@@ -10,7 +10,7 @@ here, so they all look alike.
 
 from __future__ import annotations
 
-from gateway.headers import NO_STORE, TRANSPORT
+from ds_cluster.gateway.headers import NO_STORE, TRANSPORT
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
 

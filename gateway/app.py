@@ -7,11 +7,11 @@ from typing import Any
 
 import trio
 
-from common.paths import PREFIX_BYTES
-from common.ring import Ring
-from common.rpc_client import ShardPool
-from gateway.control import create_control_app
-from gateway.stream import Receive, Scope, Send, StreamHandler
+from ds_cluster.common.paths import PREFIX_BYTES
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.gateway.control import create_control_app
+from ds_cluster.gateway.stream import Receive, Scope, Send, StreamHandler
 
 
 def create_app(

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from gateway.answers import Answer
+from ds_cluster.gateway.answers import Answer
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from common.rpc_client import ShardPool
-from gateway.answers import error_answer
-from gateway.headers import NO_STORE, TRANSPORT
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.gateway.answers import error_answer
+from ds_cluster.gateway.headers import NO_STORE, TRANSPORT
 
 _TRANSPORT = [(name.decode(), value.decode()) for name, value in (*TRANSPORT, NO_STORE)]
 

@@ -35,10 +35,10 @@ from typing import Any, Protocol
 
 import trio
 
-from common import wire
-from common.rpc_client import Call, ShardError, ShardUnavailable
-from gateway.answers import Answer
-from gateway.budget import MAX_BEHIND, ConnectionOutput
+from ds_cluster.common import wire
+from ds_cluster.common.rpc_client import Call, ShardError, ShardUnavailable
+from ds_cluster.gateway.answers import Answer
+from ds_cluster.gateway.budget import MAX_BEHIND, ConnectionOutput
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Values are pre-encoded byte pairs: the hot path only extends a list.
 
 from __future__ import annotations
 
-from common import wire
+from ds_cluster.common import wire
 
 ALLOWED_METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS")
 

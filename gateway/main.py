@@ -21,18 +21,18 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 
-from common import rpc_security, watchdog
-from common.limits import raise_open_file_limit
-from common.ring import Ring, parse_endpoints, parse_listen
-from common.rpc_client import ShardPool
-from gateway.app import create_app
-from gateway.budget import (
+from ds_cluster.common import rpc_security, watchdog
+from ds_cluster.common.limits import raise_open_file_limit
+from ds_cluster.common.ring import Ring, parse_endpoints, parse_listen
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.gateway.app import create_app
+from ds_cluster.gateway.budget import (
     MAX_CONNECTION_OUTPUT,
     MAX_PROCESS_OUTPUT,
     RPC_MAX_BUFFERED,
     OutputBudget,
 )
-from gateway.server import LeanConfig, serve
+from ds_cluster.gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 LISTEN_BACKLOG = 1024  # connections the kernel queues before we accept them

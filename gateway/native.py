@@ -20,10 +20,10 @@ from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 
-from common import bigjoin
-from gateway.answers import Answer, body_too_large
-from gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
-from gateway.fanout import Streaming, Subscriber
+from ds_cluster.common import bigjoin
+from ds_cluster.gateway.answers import Answer, body_too_large
+from ds_cluster.gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
+from ds_cluster.gateway.fanout import Streaming, Subscriber
 
 log = logging.getLogger(__name__)
 DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413

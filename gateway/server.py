@@ -72,15 +72,15 @@ from hypercorn.utils import (
     wrap_app,
 )
 
-from gateway.answers import error_answer
-from gateway.budget import (
+from ds_cluster.gateway.answers import error_answer
+from ds_cluster.gateway.budget import (
     OUTPUT_STATE,
     UNLIMITED,
     WRITE_TIMEOUT,
     ConnectionOutput,
     OutputBudget,
 )
-from gateway.native import NativeExchange, NativeRoute
+from ds_cluster.gateway.native import NativeExchange, NativeRoute
 
 log = logging.getLogger(__name__)
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head

@@ -37,15 +37,15 @@ from urllib.parse import unquote_plus
 
 import trio
 
-from common import bigjoin, wire
-from common.paths import PREFIX_BYTES, PathError, stream_path
-from common.ring import Ring
-from common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
-from gateway.answers import Answer, body_too_large, error_answer
-from gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
-from gateway.collapse import Collapser
-from gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
-from gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
+from ds_cluster.common import bigjoin, wire
+from ds_cluster.common.paths import PREFIX_BYTES, PathError, stream_path
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
+from ds_cluster.gateway.collapse import Collapser
+from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
+from ds_cluster.gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -28,9 +28,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from shard.core.model import evolve
-from shard.store import Batch, StorageUnavailable, Store, StreamWrite, describe, is_storage_error
-from shard.streams import Entry
+from ds_cluster.shard.core.model import evolve
+from ds_cluster.shard.store import (
+    Batch,
+    StorageUnavailable,
+    Store,
+    StreamWrite,
+    describe,
+    is_storage_error,
+)
+from ds_cluster.shard.streams import Entry
 
 __all__ = ["Committer", "Job", "StorageUnavailable"]
 

@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 import trio
 
-from common.ring import Ring
-from common.rpc_client import ShardPool
-from shard import core
-from shard.committer import Committer, Job, StorageUnavailable
-from shard.core.errors import error_response, unavailable
-from shard.core.headers import is_json
-from shard.core.model import (
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.shard import core
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.core.errors import error_response, unavailable
+from ds_cluster.shard.core.headers import is_json
+from ds_cluster.shard.core.model import (
     CoreConfig,
     ForkExport,
     NeedSource,
@@ -38,10 +38,10 @@ from shard.core.model import (
     Response,
     StreamState,
 )
-from shard.outbox import Outbox
-from shard.peers import ForkPeers, PeerUnavailable
-from shard.store import Store
-from shard.streams import Entry, StreamTable
+from ds_cluster.shard.outbox import Outbox
+from ds_cluster.shard.peers import ForkPeers, PeerUnavailable
+from ds_cluster.shard.store import Store
+from ds_cluster.shard.streams import Entry, StreamTable
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import trio
 
-from common import rpc_security, watchdog
-from common.limits import raise_open_file_limit
-from common.ring import Ring, parse_endpoints, parse_listen
-from common.rpc_client import ShardPool
-from shard import rpc_ops
-from shard.core.model import CoreConfig
-from shard.dirlock import DataDirBusy, DataDirLock
-from shard.rpc_server import RpcServer
-from shard.service import ShardService
-from shard.store import Store
+from ds_cluster.common import rpc_security, watchdog
+from ds_cluster.common.limits import raise_open_file_limit
+from ds_cluster.common.ring import Ring, parse_endpoints, parse_listen
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.shard import rpc_ops
+from ds_cluster.shard.core.model import CoreConfig
+from ds_cluster.shard.dirlock import DataDirBusy, DataDirLock
+from ds_cluster.shard.rpc_server import RpcServer
+from ds_cluster.shard.service import ShardService
+from ds_cluster.shard.store import Store
 
 log = logging.getLogger("shard")
 

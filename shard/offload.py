@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 import msgpack
 import trio
 
-from shard.core import bodies, jsonmode
-from shard.core.model import BodyPieces, Request
-from shard.plan_worker import HEADER
+from ds_cluster.shard.core import bodies, jsonmode
+from ds_cluster.shard.core.model import BodyPieces, Request
+from ds_cluster.shard.plan_worker import HEADER
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class PlanWorker:
             process = self._process
             if process is None or process.returncode is not None:
                 process = self._process = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "shard.plan_worker"],
+                    [sys.executable, "-m", "ds_cluster.shard.plan_worker"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                 )

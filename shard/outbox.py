@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from common.backoff import jittered
-from shard.committer import Committer, Job, StorageUnavailable
-from shard.peers import PeerUnavailable
-from shard.store import Store
+from ds_cluster.common.backoff import jittered
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.peers import PeerUnavailable
+from ds_cluster.shard.store import Store
 
 log = logging.getLogger(__name__)
 

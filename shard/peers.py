@@ -13,11 +13,11 @@ from typing import Protocol
 
 import trio
 
-from common import wire
-from common.ring import Ring
-from common.rpc_client import ShardError, ShardPool, ShardUnavailable
-from shard.committer import StorageUnavailable
-from shard.core.model import ForkExport, Record, Response
+from ds_cluster.common import wire
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
+from ds_cluster.shard.committer import StorageUnavailable
+from ds_cluster.shard.core.model import ForkExport, Record, Response
 
 RPC_TIMEOUT = 30.0
 READ_TIMEOUT = 15.0  # an inherited read waits on the source at most this long

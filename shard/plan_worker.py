@@ -1,4 +1,4 @@
-"""`python -m shard.plan_worker`: plans JSON bodies for a shard, in a process of its own.
+"""`python -m ds_cluster.shard.plan_worker`: plans JSON bodies for a shard, in a process of its own.
 
 The `json` decoder holds the GIL, so validating a 64 MiB body in a thread would still
 stop the shard's event loop; a separate process does not. The protocol on stdin/stdout
@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import msgpack
 
-from shard.core.jsonmode import plan_body
+from ds_cluster.shard.core.jsonmode import plan_body
 
 HEADER = struct.Struct(">Q")
 

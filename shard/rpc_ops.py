@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from common import wire
-from shard.peers import export_to_wire, records_to_wire
-from shard.service import ShardService
+from ds_cluster.common import wire
+from ds_cluster.shard.peers import export_to_wire, records_to_wire
+from ds_cluster.shard.service import ShardService
 
 Handler = Callable[[wire.Args], Awaitable[wire.Args]]
 

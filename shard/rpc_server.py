@@ -29,14 +29,14 @@ from typing import Any
 
 import trio
 
-from common import wire
-from common.cluster_auth import AuthError, ServerHandshake
-from common.paths import PathError, check_canonical
-from shard.committer import StorageUnavailable
-from shard.core.model import Request, Response
-from shard.peers import PeerUnavailable
-from shard.rpc_ops import Handler
-from shard.service import ShardService
+from ds_cluster.common import wire
+from ds_cluster.common.cluster_auth import AuthError, ServerHandshake
+from ds_cluster.common.paths import PathError, check_canonical
+from ds_cluster.shard.committer import StorageUnavailable
+from ds_cluster.shard.core.model import Request, Response
+from ds_cluster.shard.peers import PeerUnavailable
+from ds_cluster.shard.rpc_ops import Handler
+from ds_cluster.shard.service import ShardService
 
 log = logging.getLogger(__name__)
 

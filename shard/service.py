@@ -14,13 +14,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from common.ring import Ring
-from common.rpc_client import ShardPool
-from shard import core
-from shard.alarms import AlarmLoop
-from shard.committer import Committer, Job, StorageUnavailable
-from shard.core.errors import unavailable
-from shard.core.model import (
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.shard import core
+from ds_cluster.shard.alarms import AlarmLoop
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.core.errors import unavailable
+from ds_cluster.shard.core.model import (
     CoreConfig,
     LiveSession,
     NeedBody,
@@ -34,11 +34,11 @@ from shard.core.model import (
     StreamState,
     Wait,
 )
-from shard.forks import ForkCoordinator
-from shard.offload import BodyOffload
-from shard.peers import PeerUnavailable
-from shard.store import Store, StreamWrite
-from shard.streams import Entry, StreamTable
+from ds_cluster.shard.forks import ForkCoordinator
+from ds_cluster.shard.offload import BodyOffload
+from ds_cluster.shard.peers import PeerUnavailable
+from ds_cluster.shard.store import Store, StreamWrite
+from ds_cluster.shard.streams import Entry, StreamTable
 
 log = logging.getLogger(__name__)
 

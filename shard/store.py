@@ -50,7 +50,7 @@ from urllib.parse import quote
 
 import msgpack
 
-from shard.core.model import ForkOrigin, ProducerState, Record, StreamState
+from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState
 
 log = logging.getLogger(__name__)
 

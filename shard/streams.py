@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from shard.core.model import Record, StreamState
-from shard.store import StorageUnavailable, Store
+from ds_cluster.shard.core.model import Record, StreamState
+from ds_cluster.shard.store import StorageUnavailable, Store
 
 RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
 MAX_CACHED_ENTRIES = 50_000  # idle streams kept in memory beyond this are reloaded on use

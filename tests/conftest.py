@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
 
-from common.supervisor import Supervisor
+from ds_cluster.supervisor.cluster import Supervisor
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.backoff import JITTER_LOW, jittered
+from ds_cluster.common.backoff import JITTER_LOW, jittered
 
 
 def test_jittered_delays_stay_between_half_and_all_of_the_backoff_and_spread() -> None:

@@ -21,9 +21,9 @@ import pytest
 import trio
 from support.auth import open_authenticated
 
-from common import wire
-from common.ring import Ring
-from common.rpc_security import SECRET_FILE_NAME, read_secret_file
+from ds_cluster.common import wire
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_security import SECRET_FILE_NAME, read_secret_file
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +213,7 @@ async def small_gateway(cluster, tmp_path) -> AsyncIterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     shards = ",".join(f"{sid}=127.0.0.1:{p}" for sid, (_, p) in cluster.shard_addresses.items())
-    argv = [sys.executable, "-m", "common.cli", "gateway", "--listen", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "ds_cluster", "gateway", "--listen", f"127.0.0.1:{port}"]
     argv += ["--shards", shards, "--max-body-bytes", str(MAX_BODY)]
     argv += ["--cluster-secret-file", str(cluster.data_dir / SECRET_FILE_NAME)]
     log = open(tmp_path / "small-gateway.log", "wb")  # noqa: SIM115

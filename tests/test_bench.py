@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from common.bench.append import body_bytes, verify
-from common.bench.http import ResponseParser, SyncClient
-from common.bench.targets import REPO, BenchTarget
+from ds_cluster.tools.bench.append import body_bytes, verify
+from ds_cluster.tools.bench.http import ResponseParser, SyncClient
+from ds_cluster.tools.bench.targets import REPO, BenchTarget
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
     cmd = [
         sys.executable,
         "-m",
-        "common.cli",
+        "ds_cluster.cli",
         "bench",
         "--url",
         cluster.target.base,

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import trio
 
-from common import bigjoin, wire
+from ds_cluster.common import bigjoin, wire
 
 MB = 1024 * 1024
 

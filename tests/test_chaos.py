@@ -15,11 +15,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from common.chaos.faults import SUPERVISOR, FaultInjector
-from common.chaos.model import ReaderLog, StreamPlan, WriterLedger
-from common.chaos.payload import BINARY, JSON, Decoder, PayloadError, encode_batch, message_id
-from common.chaos.sse import SseParser
-from common.chaos.verify import verify
+from ds_cluster.tools.chaos.faults import SUPERVISOR, FaultInjector
+from ds_cluster.tools.chaos.model import ReaderLog, StreamPlan, WriterLedger
+from ds_cluster.tools.chaos.payload import (
+    BINARY,
+    JSON,
+    Decoder,
+    PayloadError,
+    encode_batch,
+    message_id,
+)
+from ds_cluster.tools.chaos.sse import SseParser
+from ds_cluster.tools.chaos.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +146,7 @@ def test_fork_prefix_and_readers() -> None:
 @pytest.mark.slow
 def test_short_chaos_run_passes(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
-    argv = [sys.executable, "-m", "common.cli", "chaos", "--duration", "25", "--shards", "3"]
+    argv = [sys.executable, "-m", "ds_cluster", "chaos", "--duration", "25", "--shards", "3"]
     argv += ["--kill-interval", "3", "--stop-probability", "0.3", "--seed", "20261128"]
     argv += ["--drain-timeout", "20", "--data-dir", str(tmp_path / "data")]
     argv += ["--report-json", str(report)]
@@ -180,7 +187,7 @@ def test_chaos_run_that_sigkills_the_supervisor_loses_nothing(tmp_path: Path) ->
     """SIGKILL `ds-cluster up` mid-run and start a new one on the same data dir: no
     acknowledged write lost or duplicated, and no child outlives its supervisor."""
     report = tmp_path / "report.json"
-    argv = [sys.executable, "-m", "common.cli", "chaos", "--duration", "22", "--shards", "2"]
+    argv = [sys.executable, "-m", "ds_cluster", "chaos", "--duration", "22", "--shards", "2"]
     argv += ["--kill-interval", "0", "--kill-supervisor-interval", "5", "--seed", "20261202"]
     argv += ["--drain-timeout", "20", "--data-dir", str(tmp_path / "data")]
     argv += ["--report-json", str(report)]

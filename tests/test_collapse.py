@@ -20,7 +20,7 @@ import trio
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, gateway_for
 
-from common.supervisor import Supervisor
+from ds_cluster.supervisor.cluster import Supervisor
 
 READERS = 200
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from shard import committer as committer_module
-from shard.committer import Committer, Job
-from shard.core.model import Record, StreamState
-from shard.store import Batch, StorageUnavailable, Store, StreamWrite
-from shard.streams import Entry
+from ds_cluster.shard import committer as committer_module
+from ds_cluster.shard.committer import Committer, Job
+from ds_cluster.shard.core.model import Record, StreamState
+from ds_cluster.shard.store import Batch, StorageUnavailable, Store, StreamWrite
+from ds_cluster.shard.streams import Entry
 
 MAIN = threading.get_ident()
 

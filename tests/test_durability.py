@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from common.ring import Ring
+from ds_cluster.common.ring import Ring
 
 pytestmark = pytest.mark.slow
 

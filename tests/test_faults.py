@@ -1,5 +1,5 @@
 """Faults beyond a kill: the gateway-to-shard link delayed, cut, refused, blackholed
-(through `common.faultproxy`), and a shard whose disk fills up.
+(through `tools.faultproxy`), and a shard whose disk fills up.
 
 Real shard and gateway processes started here directly, so the proxy can sit between
 them: the gateway is told the shard lives at the proxy's port. Writers are idempotent
@@ -25,8 +25,8 @@ import pytest
 import trio
 from support.processes import free_port
 
-from common.faultproxy import FaultProxy
-from common.rpc_security import ensure_secret_file
+from ds_cluster.common.rpc_security import ensure_secret_file
+from ds_cluster.tools.faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_TYPE = "application/json"
@@ -129,7 +129,7 @@ class ProxiedCluster:
         self.logs.append(log)
         with open(log, "ab") as f:
             return await trio.lowlevel.open_process(
-                [sys.executable, "-m", "common.cli", *argv],
+                [sys.executable, "-m", "ds_cluster", *argv],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

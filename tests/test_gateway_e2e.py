@@ -10,7 +10,7 @@ import pytest
 import trio
 from support.cluster import names_on_each_shard
 
-from common.supervisor import Supervisor
+from ds_cluster.supervisor.cluster import Supervisor
 
 pytestmark = pytest.mark.parametrize("cluster", [2], indirect=True)
 

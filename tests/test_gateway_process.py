@@ -22,7 +22,7 @@ import trio
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, gateway_for
 
-from gateway.answers import body_too_large
+from ds_cluster.gateway.answers import body_too_large
 
 MAX_BODY = 4096
 CANCELLED: dict[str, threading.Event] = {}

@@ -37,9 +37,9 @@ from h2.connection import H2Connection
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, gateway_for
 
-from common.supervisor import Supervisor
-from gateway.main import hypercorn_config
-from gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPServer, serve
+from ds_cluster.gateway.main import hypercorn_config
+from ds_cluster.gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPServer, serve
+from ds_cluster.supervisor.cluster import Supervisor
 
 # The gateway's own keep-alive timeout (hypercorn's default unless main.py changes it).
 KEEP_ALIVE = float(hypercorn_config(access_log=False, graceful_timeout=3).keep_alive_timeout)

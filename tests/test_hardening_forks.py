@@ -26,13 +26,13 @@ import trio
 from support.cluster import names_on_each_shard, running_cluster
 from support.processes import rss
 
-from common.ring import Ring
-from common.rpc_client import ShardError, ShardPool
-from common.rpc_security import SECRET_FILE_NAME, read_secret_file
-from common.supervisor import Supervisor
-from shard.core.model import ForkOrigin, StreamState
-from shard.peers import PeerUnavailable, records_from_wire
-from shard.store import decode_state, encode_state
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardError, ShardPool
+from ds_cluster.common.rpc_security import SECRET_FILE_NAME, read_secret_file
+from ds_cluster.shard.core.model import ForkOrigin, StreamState
+from ds_cluster.shard.peers import PeerUnavailable, records_from_wire
+from ds_cluster.shard.store import decode_state, encode_state
+from ds_cluster.supervisor.cluster import Supervisor
 
 BINARY = "application/octet-stream"
 TEXT = "text/plain"

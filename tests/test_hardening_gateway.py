@@ -32,8 +32,8 @@ import trio
 from support.cluster import running_cluster
 from support.processes import rss
 
-from common.supervisor import Supervisor
-from gateway.budget import OutputBudget
+from ds_cluster.gateway.budget import OutputBudget
+from ds_cluster.supervisor.cluster import Supervisor
 
 MIB = 1024 * 1024
 TEXT = "text/plain"

@@ -24,8 +24,8 @@ import pytest
 import trio
 from support.cluster import running_cluster
 
-from common import watchdog
-from common.ring import Ring
+from ds_cluster.common import watchdog
+from ds_cluster.common.ring import Ring
 
 pytestmark = pytest.mark.slow
 
@@ -347,7 +347,7 @@ def _plan_workers(parent: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"shard.plan_worker" in cmdline:
+        if ppid == parent and b"ds_cluster.shard.plan_worker" in cmdline:
             pids.append(int(proc.name))
     return pids
 

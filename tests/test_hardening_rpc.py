@@ -34,11 +34,11 @@ from support.auth import (
 from support.fakeshard import FakeShard, Reply, ThreadedShard, answer_204
 from support.processes import GatewayProcess, ShardProcess, free_port
 
-from common import rpc_security, wire
-from common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
-from common.ring import Ring
-from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
-from common.supervisor import ClusterConfig, Supervisor, SupervisorError
+from ds_cluster.common import rpc_security, wire
+from ds_cluster.common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_security import SECRET_FILE_NAME, ensure_secret_file, read_secret_file
+from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor, SupervisorError
 
 pytestmark = pytest.mark.slow
 
@@ -576,7 +576,7 @@ async def test_tls_round_trip(tmp_path: Path) -> None:
 
 def _run_to_exit(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", *argv],
+        [sys.executable, "-m", "ds_cluster", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,

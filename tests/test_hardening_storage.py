@@ -25,7 +25,7 @@ import pytest
 import trio
 from support.processes import free_port
 
-from shard.dirlock import DataDirBusy, DataDirLock
+from ds_cluster.shard.dirlock import DataDirBusy, DataDirLock
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ async def test_second_shard_on_the_same_dir_is_refused_naming_the_holder(start_c
             for _ in range(5):
                 assert (await writer.append()).status_code in (200, 204)
 
-            argv = [sys.executable, "-m", "common.cli", "shard", "--id", "shard-0"]
+            argv = [sys.executable, "-m", "ds_cluster", "shard", "--id", "shard-0"]
             argv += ["--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(directory)]
             secret = supervisor.data_dir / "cluster.secret"
             if secret.exists():

@@ -22,8 +22,8 @@ import httpx
 import pytest
 import trio
 
-from common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
-from common.supervisor import (
+from ds_cluster.common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
+from ds_cluster.supervisor.cluster import (
     LIFELINE_GRACE,
     ClusterConfig,
     Supervisor,
@@ -84,7 +84,7 @@ def _running(pid: int) -> bool:
 
 
 def _argv(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "common.cli", "up", "--shards", "2"]
+    argv = [sys.executable, "-m", "ds_cluster", "up", "--shards", "2"]
     return argv + ["--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra]
 
 
@@ -240,7 +240,7 @@ async def test_second_up_is_refused_while_a_shard_outside_any_supervisor_holds_i
     data = tmp_path / "data"
     (data / "shard-0").mkdir(parents=True)
     port = _free_ports("127.0.0.1", 1)[0]
-    argv = [sys.executable, "-m", "common.cli", "shard", "--id", "shard-0"]
+    argv = [sys.executable, "-m", "ds_cluster", "shard", "--id", "shard-0"]
     argv += ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data / "shard-0")]
     argv += ["--peers", f"shard-0=127.0.0.1:{port},shard-1=127.0.0.1:1"]
     argv += ["--cluster-secret-file", str(ensure_secret_file(data / SECRET_FILE_NAME))]
@@ -325,7 +325,7 @@ async def test_up_binds_shards_to_shard_host_and_passes_gateway_options(tmp_path
 
 def test_lifeline_flag_is_parsed_before_the_subcommand() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "--lifeline", "x:1", "up", "--help"],
+        [sys.executable, "-m", "ds_cluster", "--lifeline", "x:1", "up", "--help"],
         cwd=REPO,
         capture_output=True,
         timeout=30,
@@ -333,7 +333,7 @@ def test_lifeline_flag_is_parsed_before_the_subcommand() -> None:
     assert result.returncode == 2
     assert b"--lifeline wants FD[:GRACE]" in result.stderr
     result = subprocess.run(  # a descriptor this process was not given
-        [sys.executable, "-m", "common.cli", "--lifeline", "77", "up", "--shards", "0"],
+        [sys.executable, "-m", "ds_cluster", "--lifeline", "77", "up", "--shards", "0"],
         cwd=REPO,
         capture_output=True,
         timeout=30,

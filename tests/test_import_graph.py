@@ -1,15 +1,15 @@
-"""Our packages import one another without cycles, and `common` stands below the rest.
+"""Our packages import one another without cycles, and each stays in its layer.
 
-Every module of `common`, `gateway` and `shard` is parsed (not imported) with `ast`. Each
+Every module of `ds_cluster` (its own files and the top-level folders it links to) is parsed (not imported) with `ast`. Each
 `import` and `from ... import` of our own packages is an edge of the graph, wherever it
 stands: at module level, inside a function, or under `if TYPE_CHECKING:` (a cycle there
 is still two modules that each need the other). `importlib.import_module("literal")`
 counts as well. A parent package a submodule import runs first is not an edge: that is
 how Python loads packages, not a dependency of ours.
 
-One import goes by a computed name: the CLI's dispatch table (`common.cli.SUBCOMMANDS`,
+One import goes by a computed name: the CLI's dispatch table (`ds_cluster.cli.SUBCOMMANDS`,
 subcommand -> module, imported only when that subcommand runs). Its modules are edges of
-`common.cli` for the cycle check. Its dispatch to `gateway.main` and `shard.main` is the
+`ds_cluster.cli` for the cycle check. Its dispatch to `gateway.main` and `shard.main` is the
 one known exception to "common imports nothing of gateway or shard", until the CLI moves
 above all three packages. Any other import by a computed name fails the test, since this
 graph could not see it.
@@ -22,10 +22,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("common", "gateway", "shard")
-CLI = "common.cli"
-# What `common` may reach of `gateway`/`shard`: the CLI's by-name dispatch, nothing else.
-KNOWN_LAYER_EXCEPTIONS = {(CLI, "gateway.main"), (CLI, "shard.main")}
+NAMESPACE = "ds_cluster"
+# The top-level folders that `ds_cluster/` links to, by the name they install under.
+LINKED_FOLDERS = ("common", "gateway", "shard", "tools")
+CLI = "ds_cluster.cli"
+# Layer -> the layers it may import (its own included). The CLI sits above all of them.
+ALLOWED = {
+    "common": {"common"},
+    "gateway": {"common", "gateway"},
+    "shard": {"common", "shard"},
+    "supervisor": {"common", "supervisor"},
+    "tools": {"common", "gateway", "shard", "supervisor", "tools"},
+}
 
 Graph = dict[str, set[str]]
 
@@ -33,9 +41,14 @@ Graph = dict[str, set[str]]
 def our_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
     """Dotted module name -> file, for every module of our packages."""
     modules = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+    trees = [(root / folder, (NAMESPACE, folder)) for folder in LINKED_FOLDERS]
+    trees.append((root / NAMESPACE, (NAMESPACE,)))
+    for top, prefix in trees:
+        for path in sorted(top.rglob("*.py")):
+            relative = path.relative_to(top)
+            if relative.parts[0] in LINKED_FOLDERS and top.name == NAMESPACE:
+                continue  # a link to a folder walked on its own
+            parts = [*prefix, *relative.with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts.pop()
             modules[".".join(parts)] = path
@@ -50,7 +63,13 @@ def _owner(name: str, modules: Mapping[str, Path]) -> str | None:
 
 
 def _ours(name: str) -> bool:
-    return name.split(".")[0] in PACKAGES
+    return name.split(".")[0] == NAMESPACE
+
+
+def layer(module: str) -> str | None:
+    """`common`, `gateway`, `shard`, `supervisor` or `tools`; None for the CLI itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else None
 
 
 def _computed_imports(tree: ast.AST) -> Iterator[ast.Call]:
@@ -100,7 +119,7 @@ def imports_of(name: str, path: Path, modules: Mapping[str, Path]) -> tuple[set[
 
 
 def cli_dispatch(modules: Mapping[str, Path]) -> set[str]:
-    """The modules named in `common.cli.SUBCOMMANDS` (read from the source, not run)."""
+    """The modules named in `ds_cluster.cli.SUBCOMMANDS` (read from the source, not run)."""
     tree = ast.parse(modules[CLI].read_text())
     for node in tree.body:
         if (
@@ -189,16 +208,33 @@ def test_no_import_cycles_between_our_modules() -> None:
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
 
 
-def test_common_imports_nothing_of_gateway_or_shard() -> None:
+def test_every_package_stays_in_its_layer() -> None:
+    """`common` imports nothing else of ours, the gateway and the shard never import each
+    other, and nothing but the CLI reaches the CLI."""
     graph, _ = import_graph()
-    upward = {
+    crossings = sorted(
         (module, target)
         for module, targets in graph.items()
-        if module.startswith("common")
+        if (own := layer(module)) is not None
         for target in targets
-        if not target.startswith("common")
-    }
-    assert upward <= KNOWN_LAYER_EXCEPTIONS, sorted(upward - KNOWN_LAYER_EXCEPTIONS)
+        if layer(target) not in ALLOWED[own]
+    )
+    assert not crossings, crossings
+
+
+def test_nothing_imports_a_folder_by_its_bare_name() -> None:
+    """`import common...` would load a second copy of a module beside `ds_cluster.common...`
+    (two registries, two sets of globals): every import goes through the namespace."""
+    bare = []
+    for name, path in our_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            bare += [f"{name}:{node.lineno}" for n in names if n.split(".")[0] in LINKED_FOLDERS]
+    assert not bare, bare
 
 
 def test_every_import_has_a_name_the_graph_can_see() -> None:
@@ -210,9 +246,9 @@ def test_the_checker_finds_a_cycle_and_names_it() -> None:
     """The checker itself: the cycle the supervisor and the CLI once formed (the CLI
     dispatches to the supervisor by name; the supervisor imported a helper from the CLI)
     is found, and so is a longer one; an acyclic graph has none."""
-    assert cycles({CLI: {"common.supervisor"}, "common.supervisor": {CLI}}) == [
-        [CLI, "common.supervisor", CLI]
-    ]
+    assert cycles(
+        {CLI: {"ds_cluster.supervisor.cluster"}, "ds_cluster.supervisor.cluster": {CLI}}
+    ) == [[CLI, "ds_cluster.supervisor.cluster", CLI]]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
 
@@ -221,9 +257,12 @@ def test_the_checker_sees_function_level_relative_and_by_name_imports(tmp_path: 
     package = tmp_path / "common"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "a.py").write_text("def f():\n    from common import b\n")
+    (package / "a.py").write_text("def f():\n    from ds_cluster.common import b\n")
     (package / "b.py").write_text("from . import c\n")
-    (package / "c.py").write_text("import importlib\nimportlib.import_module('common.a')\n")
+    (package / "c.py").write_text(
+        "import importlib\nimportlib.import_module('ds_cluster.common.a')\n"
+    )
     modules = our_modules(tmp_path)
     graph = {name: imports_of(name, path, modules)[0] for name, path in modules.items()}
-    assert cycles(graph) == [["common.a", "common.b", "common.c", "common.a"]]
+    a, b, c = (f"ds_cluster.common.{x}" for x in "abc")
+    assert cycles(graph) == [[a, b, c, a]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.paths import MAX_PATH_BYTES, PathError, stream_path, stream_path_from_url
+from ds_cluster.common.paths import MAX_PATH_BYTES, PathError, stream_path, stream_path_from_url
 
 
 @pytest.mark.parametrize(

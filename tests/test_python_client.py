@@ -21,7 +21,7 @@ from durable_streams import (
     stream,
 )
 
-from common.supervisor import Supervisor
+from ds_cluster.supervisor.cluster import Supervisor
 
 pytestmark = pytest.mark.parametrize("cluster", [2], indirect=True)
 

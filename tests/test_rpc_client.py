@@ -11,9 +11,9 @@ import trio
 from support.auth import TEST_SECRET
 from support.fakeshard import FakeShard, Reply, forever
 
-from common import wire
-from common.ring import Ring
-from common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from ds_cluster.common import wire
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardTimeout, ShardUnavailable
 
 
 def make_pool(shard: FakeShard, **kwargs: Any) -> ShardPool:

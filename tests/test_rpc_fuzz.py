@@ -26,8 +26,8 @@ from support.auth import TEST_SECRET, secret_args
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, ShardProcess
 
-from common import wire
-from common.cluster_auth import ClientHandshake
+from ds_cluster.common import wire
+from ds_cluster.common.cluster_auth import ClientHandshake
 
 FUZZ = settings(
     max_examples=200,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from common.supervisor import ClusterConfig, Supervisor, SupervisorError
+from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor, SupervisorError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ async def test_two_gateways_share_the_port_and_survive_a_gateway_kill(cluster: S
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_up_stops_every_child_on_signal(tmp_path: Path, signum: int) -> None:
     """`ds-cluster up` as a user runs it: ready, then a signal, then nothing left behind."""
-    argv = [sys.executable, "-m", "common.cli", "up", "--shards", "2", "--port", "0"]
+    argv = [sys.executable, "-m", "ds_cluster", "up", "--shards", "2", "--port", "0"]
     argv += ["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "logs")]
     proc = await trio.lowlevel.open_process(
         argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -209,7 +209,7 @@ async def test_refuses_a_busy_port(tmp_path: Path) -> None:
 )
 def test_cli_rejects_bad_flags(flags: list[str], message: bytes) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "up", *flags],
+        [sys.executable, "-m", "ds_cluster", "up", *flags],
         cwd=REPO,
         capture_output=True,
         timeout=30,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from common.paths import PathError, stream_path_from_url
+from ds_cluster.common.paths import PathError, stream_path_from_url
 
 from . import bodies, jsonmode, producers
 from .cursor import next_cursor

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import trio
 
-from common import wire
-from common.cluster_auth import AuthError, ClientHandshake
+from ds_cluster.common import wire
+from ds_cluster.common.cluster_auth import AuthError, ClientHandshake
 
 TEST_SECRET = b"test-cluster-secret-0123456789abcdef0123456789abcdef"
 

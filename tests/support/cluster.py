@@ -1,6 +1,6 @@
 """Start a real ds-cluster for a test: real shard and gateway processes, real SQLite.
 
-The cluster runs under `common.supervisor.Supervisor` in a background trio task, on free
+The cluster runs under `ds_cluster.supervisor.cluster.Supervisor` in a background trio task, on free
 ports, with its data and one log file per child under the test's temporary directory.
 When the block exits every child is stopped; the tail of each child's log is printed so
 pytest shows it beside a failing test.
@@ -16,8 +16,8 @@ from uuid import uuid4
 
 import trio
 
-from common.ring import Ring
-from common.supervisor import ClusterConfig, Supervisor
+from ds_cluster.common.ring import Ring
+from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor
 
 LOG_TAIL_LINES = 40
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from common import wire
-from common.cluster_auth import AuthError, ServerHandshake
+from ds_cluster.common import wire
+from ds_cluster.common.cluster_auth import AuthError, ServerHandshake
 from support.auth import TEST_SECRET
 
 Reply = Callable[[Any], Awaitable[None]]  # a frame dict, or raw bytes

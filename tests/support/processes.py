@@ -1,6 +1,6 @@
 """Shard and gateway processes a test starts by hand (outside the supervisor).
 
-Each runs `python -m common.cli ...` from the repository root with the test cluster
+Each runs `python -m ds_cluster ...` from the repository root with the test cluster
 secret, reports its address once it listens, and keeps its stderr lines for the test to
 read (`.lines`).
 """
@@ -49,7 +49,7 @@ class GatewayProcess:
         argv = [
             sys.executable,
             "-m",
-            "common.cli",
+            "ds_cluster.cli",
             "gateway",
             "--listen",
             "127.0.0.1:0",
@@ -125,7 +125,7 @@ class ShardProcess:
     ) -> None:
         self.shard_id = shard_id
         self.port = port or free_port()
-        argv = [sys.executable, "-m", "common.cli", "shard", "--id", shard_id]
+        argv = [sys.executable, "-m", "ds_cluster", "shard", "--id", shard_id]
         argv += ["--listen", f"127.0.0.1:{self.port}", "--data-dir", str(tmp / shard_id)]
         argv += ["--peers", peers or f"{shard_id}=127.0.0.1:{self.port}", *extra]
         (tmp / shard_id).mkdir(parents=True, exist_ok=True)

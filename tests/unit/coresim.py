@@ -11,8 +11,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from shard import core
-from shard.core import (
+from ds_cluster.shard import core
+from ds_cluster.shard.core import (
     CoreConfig,
     NeedRecords,
     NeedSource,

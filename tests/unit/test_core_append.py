@@ -5,7 +5,7 @@ import json
 import pytest
 from coresim import Sim, hdr, jbody
 
-from shard.core import offsets
+from ds_cluster.shard.core import offsets
 
 P = "producer"
 

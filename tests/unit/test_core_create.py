@@ -2,7 +2,7 @@
 
 from coresim import Sim, hdr, jbody
 
-from shard.core import offsets
+from ds_cluster.shard.core import offsets
 
 
 def test_create_returns_201_with_headers():

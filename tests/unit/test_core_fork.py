@@ -3,7 +3,7 @@
 import pytest
 from coresim import Sim, hdr, jbody
 
-from shard.core import (
+from ds_cluster.shard.core import (
     CoreConfig,
     ForkExport,
     NeedSource,

@@ -2,7 +2,7 @@
 
 from coresim import Sim, hdr
 
-from shard.core import Reply, expire
+from ds_cluster.shard.core import Reply, expire
 
 
 def test_ttl_expiry_makes_stream_absent():

@@ -6,7 +6,7 @@ import json
 import pytest
 from coresim import Sim, hdr
 
-from shard.core import (
+from ds_cluster.shard.core import (
     CoreConfig,
     Reply,
     Request,
@@ -14,7 +14,7 @@ from shard.core import (
     handle,
     offsets,
 )
-from shard.core.sse import data_event
+from ds_cluster.shard.core.sse import data_event
 
 TAIL5 = offsets.encode(5)
 

@@ -7,8 +7,8 @@ loose (the CI box is shared) and only catches order-of-magnitude regressions.
 import json
 import timeit
 
-from shard import core
-from shard.core import CoreConfig, Record, Request, offsets
+from ds_cluster.shard import core
+from ds_cluster.shard.core import CoreConfig, Record, Request, offsets
 
 NOW = 1_800_000_000.0
 CFG = CoreConfig()

@@ -3,7 +3,16 @@
 import pytest
 from coresim import Sim, hdr, jbody
 
-from shard.core import CoreConfig, NeedRecords, Record, Reply, Request, finish_read, handle, offsets
+from ds_cluster.shard.core import (
+    CoreConfig,
+    NeedRecords,
+    Record,
+    Reply,
+    Request,
+    finish_read,
+    handle,
+    offsets,
+)
 
 PUBLIC = "public, max-age=60, stale-while-revalidate=300"
 

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from shard.core import bodies, jsonmode, offsets, producers
-from shard.core.cursor import current_interval, next_cursor
-from shard.core.errors import ProtocolError
-from shard.core.headers import (
+from ds_cluster.shard.core import bodies, jsonmode, offsets, producers
+from ds_cluster.shard.core.cursor import current_interval, next_cursor
+from ds_cluster.shard.core.errors import ProtocolError
+from ds_cluster.shard.core.headers import (
     is_json,
     is_sse_text,
     is_true,
@@ -20,7 +20,7 @@ from shard.core.headers import (
     parse_ttl,
     request_content_type,
 )
-from shard.core.model import BodyPieces, CoreConfig, ProducerState
+from ds_cluster.shard.core.model import BodyPieces, CoreConfig, ProducerState
 
 
 def test_offsets_roundtrip_and_order():
@@ -345,8 +345,8 @@ def test_prepared_pieces_are_used_only_for_their_kind():
 def test_large_bodies_are_cut_off_loop_only_when_the_core_needs_them():
     from dataclasses import replace
 
-    from shard import core
-    from shard.core.model import NeedBody, NeedSource, Reply, Request, StreamState
+    from ds_cluster.shard import core
+    from ds_cluster.shard.core.model import NeedBody, NeedSource, Reply, Request, StreamState
 
     config = CoreConfig()
     big = b"[" + b"1," * 40_000 + b"1]"

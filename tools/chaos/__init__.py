@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         keep_data=args.keep_data,
         report_json=args.report_json,
     )
-    from common.supervisor import SupervisorError
+    from ds_cluster.supervisor.cluster import SupervisorError
 
     result = None
     try:

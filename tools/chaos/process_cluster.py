@@ -22,7 +22,12 @@ from typing import Any
 
 import trio
 
-from common.supervisor import LIFELINE_GRACE, SupervisorError, _free_ports, wait_process_exit
+from ds_cluster.supervisor.cluster import (
+    LIFELINE_GRACE,
+    SupervisorError,
+    _free_ports,
+    wait_process_exit,
+)
 
 READY_LINE = re.compile(rb"ready at (http://\S+)")
 # Old children still running this long after their supervisor was SIGKILLed are orphans.
@@ -80,7 +85,7 @@ class ProcessCluster:
         options: Any,
         data_dir: str,
         *,
-        launcher: Sequence[str] = (sys.executable, "-m", "common.cli"),
+        launcher: Sequence[str] = (sys.executable, "-m", "ds_cluster"),
         ready_timeout: float = 90.0,
     ) -> None:
         self.port = _free_ports("127.0.0.1", 1)[0]  # below the ephemeral range: ours to keep

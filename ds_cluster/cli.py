@@ -6,15 +6,15 @@ import argparse
 import importlib
 import sys
 
-from common.lifeline import Lifeline, watch
+from ds_cluster.common.lifeline import Lifeline, watch
 
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
-    "shard": ("shard.main", "run one shard process"),
-    "gateway": ("gateway.main", "run the HTTP gateway"),
-    "up": ("common.supervisor", "launch and supervise a local cluster"),
-    "chaos": ("common.chaos", "chaos-test a local cluster (kills, stops, verification)"),
-    "bench": ("common.bench", "benchmark a server, optionally side by side with another"),
+    "shard": ("ds_cluster.shard.main", "run one shard process"),
+    "gateway": ("ds_cluster.gateway.main", "run the HTTP gateway"),
+    "up": ("ds_cluster.supervisor.cluster", "launch and supervise a local cluster"),
+    "chaos": ("ds_cluster.tools.chaos", "chaos-test a local cluster (kills, stops, verification)"),
+    "bench": ("ds_cluster.tools.bench", "benchmark a server, optionally side by side with another"),
 }
 
 

@@ -5,7 +5,7 @@ costs on top of HTTP parsing and response writing shows up as the distance to th
 The handler reads the whole body (as a real append must) and answers with a header of the
 same shape as an append acknowledgement, so both sides move about the same bytes.
 
-    python -m common.bench.baseline --listen 127.0.0.1:PORT [--workers N]
+    python -m ds_cluster.tools.bench.baseline --listen 127.0.0.1:PORT [--workers N]
 
 With --workers N > 1, hypercorn's own multi-process runner shares one listening socket.
 """
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config()
     config.bind = [args.listen]
     config.worker_class = "trio"
-    config.application_path = "common.bench.baseline:app"
+    config.application_path = "ds_cluster.tools.bench.baseline:app"
     config.accesslog = None
     config.errorlog = "-"
     config.loglevel = "WARNING"

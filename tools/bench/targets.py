@@ -4,7 +4,7 @@ Spec forms (for --url and --vs):
   http://HOST:PORT[/prefix]   a running server (prefix defaults to /v1/stream)
   ref:file | ref:memory       the Node reference server (conformance/start-reference.sh),
                               file-backed in a temporary data dir, or in memory
-  baseline[:W]                common.bench.baseline (bare ASGI on hypercorn-trio, W workers)
+  baseline[:W]                tools.bench.baseline (bare ASGI on hypercorn-trio, W workers)
   up:S[xG]                    `ds-cluster up --shards S --gateways G` on a temporary data dir
 Managed servers bind 127.0.0.1 on a free port and are stopped by PID when the bench ends.
 """
@@ -70,7 +70,7 @@ class BenchTarget:
             cmd = [
                 sys.executable,
                 "-m",
-                "common.bench.baseline",
+                "ds_cluster.tools.bench.baseline",
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--workers",
@@ -82,7 +82,7 @@ class BenchTarget:
             cmd = [
                 sys.executable,
                 "-m",
-                "common.cli",
+                "ds_cluster.cli",
                 "up",
                 "--shards",
                 shards or "2",

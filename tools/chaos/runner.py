@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from common.ring import Ring
+from ds_cluster.common.ring import Ring
 
 from .faults import FaultInjector, KillableSupervisor, is_own_child
 from .model import StreamPlan
@@ -74,8 +74,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def supervised_cluster(options: ChaosOptions, data_dir: str) -> Cluster:
-    """The real thing: `common.supervisor.Supervisor` launching shards and a gateway."""
-    from common.supervisor import ClusterConfig, Supervisor
+    """The real thing: `ds_cluster.supervisor.cluster.Supervisor` launching shards and a gateway."""
+    from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor
 
     wanted: dict[str, Any] = {
         "shards": options.shards,

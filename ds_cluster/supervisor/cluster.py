@@ -47,8 +47,8 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from common.lifeline import Lifeline
-from common.rpc_security import (
+from ds_cluster.common.lifeline import Lifeline
+from ds_cluster.common.rpc_security import (
     SECRET_FILE_NAME,
     SecurityError,
     ensure_secret_file,
@@ -106,7 +106,7 @@ class ClusterConfig:
     # Where clients reach the gateways (for Location headers); None: the URL `up` prints.
     public_url: str | None = None
     # How to run `ds-cluster` in a child: the current interpreter, so a venv carries over.
-    launcher: Sequence[str] = (sys.executable, "-m", "common.cli")
+    launcher: Sequence[str] = (sys.executable, "-m", "ds_cluster")
     # None: children inherit our stdout/stderr. A directory: each child appends to NAME.log.
     log_dir: Path | None = None
     ready_timeout: float = 60.0  # generous: a shard may be recovering a large WAL
