@@ -12,8 +12,9 @@ Kinds (fields beyond v, k, i):
                              r (caller's ring version)
             shard -> caller: role, id (the shard's), nonce, mac (its proof)
   auth    caller -> shard: mac (the caller's proof)
-  ready   shard -> caller: ring ({"version", "shards"}), health ({"storage": "ok" |
-          "failed: ..."}); the shard accepts requests from here on. Nothing but these
+  ready   shard -> caller: ring (a RingInfo: {"version", "shards", "endpoints"}),
+          health ({"storage": "ok" | "failed: ..."}); the shard accepts requests
+          from here on. Nothing but these
           frames, and none over MAX_HANDSHAKE_FRAME bytes, passes before `ready`: a peer
           that has not proven itself learns nothing, not even the ring.
   req     op (see OPS), r (caller's ring version), and per op:
@@ -24,17 +25,25 @@ Kinds (fields beyond v, k, i):
                                once. Any answer (even `err`) proves the peer alive; none
                                within a few seconds and the caller drops the connection.
             any other op:      a {...}  -- served by the shard's op registry
-                               (shard/rpc_ops.py: export_fork, release_fork, ...)
+                               (shard/rpc_ops.py: export_fork, release_fork, ring_get,
+                               ring_set, move_status, metrics, ...), `a` checked against
+                               ARG_SCHEMAS first
   res     s status, h [[name, value], ...], b body bytes, more (bool: body chunks follow)
           For non-http ops the result map is in `a`.
   chunk   b body bytes, more (bool)             -- streaming bodies (SSE)
   cancel  (caller -> shard) the caller gave up on request i; the shard stops its work
   err     code (see ERROR_CODES), msg, optional a -- request i failed before any `res`.
-          Code "version": the request's `r` is not the shard's ring version; it was not
-          executed, and `a` carries the shard's ring.
+          None of these codes ran the request:
+          "version":     the request's `r` is not the shard's ring version (ops outside
+                         RING_FREE_OPS); `a` = {"ring": RingInfo}, the shard's. A caller
+                         on an older ring adopts it; one on a newer ring sends the shard
+                         `ring_set` with its own. Either way it then retries.
+          "misdirected": the shard does not own the path under its ring;
+                         `a` = {"ring": RingInfo}: retry on the owner under that ring.
+          "moving":      the stream is moving to or from this shard right now;
+                         `a` = {"retry_after": seconds}: retry shortly.
 
-A shard that does not own a path under the caller's ring answers status 421 with code
-"misdirected". Every frame is checked against the schema below by `parse` (in the
+Every frame is checked against the schema below by `parse` (in the
 decoder) before anyone reads a field: a frame of the wrong shape is a WireError, which
 closes that connection only.
 """
@@ -48,15 +57,40 @@ import msgpack
 
 from ds_cluster.common import bigjoin
 
-WIRE_VERSION = 2  # 2: authenticated handshake (hello, auth, ready), typed frames
+WIRE_VERSION = 3  # 3: live rings (endpoints in RingInfo, err misdirected/moving carry a ring)
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 Received = bytes | bytearray  # what a trio stream's receive_some returns
 
-OPS = ("http", "ping", "export_fork", "release_fork", "read_fork")
-ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version")
+OPS = (
+    "http",
+    "ping",
+    "export_fork",
+    "release_fork",
+    "read_fork",
+    "ring_get",
+    "ring_set",
+    "move_status",
+    "metrics",
+)
+ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version", "moving")
+
+# Ops served whatever the caller's ring version: they exist to compare and exchange
+# rings, or to watch a move (a shard fences every other op with `err version`).
+RING_FREE_OPS = frozenset({"ping", "ring_get", "ring_set", "move_status", "metrics"})
+
+# The argument schema of each non-http op: field -> (accepted type, required). The server
+# checks a request's `a` against its op's entry before the handler runs (`check_args`), so
+# a new op is one entry here and one handler in shard/rpc_ops.py. Handlers still check
+# values (ranges, that a path is canonical) the types cannot say.
+ARG_SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
+    "ring_get": {},
+    "ring_set": {"ring": (dict, True)},
+    "move_status": {},
+    "metrics": {},
+}
 
 # Request headers the gateway forwards to shards; everything else is transport-level.
 FORWARDED_HEADERS = frozenset(
@@ -98,6 +132,32 @@ class Misdirected(OpError):
     """The op names a path this shard does not own (`err misdirected`)."""
 
     code = "misdirected"
+
+
+class Moving(OpError):
+    """The op names a stream that is moving to or from this shard (`err moving`)."""
+
+    code = "moving"
+
+
+def ring_free(op: str) -> bool:
+    """Whether `op` is served whatever the caller's ring: RING_FREE_OPS, and the moves'
+    own ops (`move_*`), which run between shards on different rings by nature."""
+    return op in RING_FREE_OPS or op.startswith("move_")
+
+
+def check_args(op: str, args: Args) -> None:
+    """`args` checked against `op`'s ARG_SCHEMAS entry (if it has one); BadArguments."""
+    schema = ARG_SCHEMAS.get(op)
+    if schema is None:
+        return
+    for name, (kind, required) in schema.items():
+        value = args.get(name)
+        if value is None:
+            if required:
+                raise BadArguments(f"{op}: missing argument {name!r}")
+        elif type(value) is not kind:
+            raise BadArguments(f"{op}: argument {name!r} is not a {kind.__name__}")
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -377,6 +437,7 @@ Header = list[str]  # [name, value]
 class RingInfo(TypedDict):
     version: int
     shards: list[str]
+    endpoints: dict[str, str]  # shard id -> "host:port" (those the sender knows)
 
 
 class HelloFrame(TypedDict):
@@ -471,7 +532,10 @@ def parse(message: object) -> Frame:
     if type(message) is not dict:
         raise WireError("frame is not a message map")
     if message.get("v") != WIRE_VERSION:
-        raise WireError(f"unsupported wire version {message.get('v')!r}")
+        raise WireError(
+            f"the peer speaks wire version {str(message.get('v'))[:20]}, this process "
+            f"speaks {WIRE_VERSION} (run the same ds-cluster release on every node)"
+        )
     kind = message.get("k")
     check = _CHECKS.get(kind) if type(kind) is str else None
     if check is None:
@@ -528,6 +592,8 @@ def _check_ready(message: dict[str, Any]) -> None:
         or type(ring.get("version")) is not int
         or type(shards := ring.get("shards")) is not list
         or not all(type(sid) is str for sid in shards)
+        or type(endpoints := ring.setdefault("endpoints", {})) is not dict
+        or not all(type(k) is str and type(v) is str for k, v in endpoints.items())
     ):
         raise _bad(message, "ring")
     health = message.setdefault("health", {})

@@ -176,10 +176,6 @@ class RpcServer:
         self._secret = secret
         self._ssl_context = ssl_context
         self._replies = ReplyBudget(PROCESS_REPLY_BUDGET)
-        self._ring: wire.RingInfo = {
-            "version": service.ring.version,
-            "shards": list(service.ring.shard_ids),
-        }
         health = getattr(service, "health", None)
         self._health: Callable[[], dict[str, Any]] | None = health if callable(health) else None
 
@@ -214,7 +210,8 @@ class RpcServer:
         self, stream: trio.abc.Stream, decoder: wire.FrameDecoder
     ) -> list[wire.Frame] | None:
         """Run the handshake; returns frames received after it, or None (dropped)."""
-        handshake = ServerHandshake(self._secret, shard_id=self.service.shard_id, ring=self._ring)
+        ring = self.service.ring.to_wire()
+        handshake = ServerHandshake(self._secret, shard_id=self.service.shard_id, ring=ring)
         frames: list[wire.Frame] = []
         with trio.move_on_after(HELLO_TIMEOUT):
             try:
@@ -288,7 +285,7 @@ class RpcServer:
                 if frame["op"] == "ping":
                     health = {"health": self.health()}
                     writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": health})
-                elif frame["r"] != self._ring["version"]:
+                elif frame["r"] != self.service.ring.version and not wire.ring_free(frame["op"]):
                     writer.send_nowait(self._wrong_ring(call_id, frame["r"]))
                 elif len(calls) >= MAX_CALLS:
                     msg = f"over {MAX_CALLS} requests in flight on this connection"
@@ -306,8 +303,9 @@ class RpcServer:
                 raise _Dropped(f"unexpected {kind!r} frame")
 
     def _wrong_ring(self, call_id: int, theirs: int) -> dict[str, Any]:
-        msg = f"ring version {theirs} is not this shard's ({self._ring['version']})"
-        return {**_error(call_id, "version", msg), "a": {"ring": dict(self._ring)}}
+        ring = self.service.ring
+        msg = f"ring version {theirs} is not this shard's ({ring.version})"
+        return {**_error(call_id, "version", msg), "a": {"ring": ring.to_wire()}}
 
     async def _request(
         self,
@@ -323,6 +321,7 @@ class RpcServer:
                 if op == "http":
                     await self._http(call_id, message, writer)
                 elif op in self.handlers:
+                    wire.check_args(op, message["a"])
                     with trio.move_on_after(OP_TIMEOUT) as deadline:
                         result = await self.handlers[op](message["a"])
                     if deadline.cancelled_caught:
@@ -350,9 +349,9 @@ class RpcServer:
         except PathError as exc:
             raise wire.BadArguments(str(exc)) from None
         if not self.service.owns(path):
-            writer.send_nowait(
-                {"k": "res", "i": call_id, "s": 421, "h": [], "b": b"misdirected", "more": False}
-            )
+            msg = f"not the owner of {path[:100]!r} under ring v{self.service.ring.version}"
+            error = _error(call_id, "misdirected", msg)
+            writer.send_nowait({**error, "a": {"ring": self.service.ring.to_wire()}})
             return
         request = Request(
             message["m"],
