@@ -6,7 +6,8 @@ scheduler's I/O wait hooks: the time from the end of one I/O wait to the start o
 next is one batch of task steps, during which no socket was looked at. A batch longer
 than `STALL_THRESHOLD` is logged as a WARNING with its length. Only the two I/O hooks
 are implemented, so it costs two calls per scheduler pass and nothing per task step.
-`max_stall` keeps the longest batch seen, for metrics.
+`max_stall` keeps the longest batch seen, and `histogram` every batch of at least
+`HISTOGRAM_MIN` seconds (`ds_loop_stall_seconds`), for metrics.
 
 To say *where* the loop was stuck, a daemon thread looks every `SAMPLE_INTERVAL` and,
 when the current batch has run longer than the threshold, records the loop thread's stack
@@ -25,9 +26,13 @@ import traceback
 
 import trio
 
+from ds_cluster.common.metrics import Histogram
+
 STALL_THRESHOLD = 0.100  # seconds; a longer blocked stretch is logged
 SAMPLE_INTERVAL = 0.050  # seconds between the sampler thread's looks at the loop
 LOG_INTERVAL = 1.0  # seconds: at most one warning per interval (the rest are counted)
+HISTOGRAM_MIN = 0.001  # seconds: shorter batches are the loop working normally
+STALL_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 log = logging.getLogger("watchdog")
 
@@ -40,6 +45,7 @@ class LoopWatchdog(trio.abc.Instrument):
         self.threshold = threshold
         self.max_stall = 0.0  # seconds: the longest blocked stretch seen so far
         self.stalls = 0  # how many were over the threshold
+        self.histogram = Histogram(STALL_BUCKETS)  # batches of HISTOGRAM_MIN or longer
         self._since: float | None = None  # when the running batch started (None: idle)
         # (batch start, the loop's stack), taken by the sampler during a long batch
         self._sample: tuple[float, str] | None = None
@@ -59,6 +65,8 @@ class LoopWatchdog(trio.abc.Instrument):
         blocked = now - since
         if blocked > self.max_stall:
             self.max_stall = blocked
+        if blocked >= HISTOGRAM_MIN:
+            self.histogram.observe(blocked)
         if blocked > self.threshold:
             self.stalls += 1
             self._report(since, now, blocked)
