@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from ds_cluster import envflags
 from ds_cluster.common.lifeline import Lifeline, watch
 
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
@@ -35,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == wanted:
             module = importlib.import_module(module_name)
             module.add_arguments(sp)
-            sp.set_defaults(_module=module)
+            envflags.apply(sp)  # every option also reads DS_<OPTION>; the command line wins
+            sp.set_defaults(_module=module, _parser=sp)
     args = parser.parse_args(args_argv)
+    envflags.resolve(args._parser, args)
     if args.lifeline is not None:
         try:
             watch(args.lifeline)
