@@ -23,8 +23,9 @@ from hypercorn.config import Config
 
 from ds_cluster.common import rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
-from ds_cluster.common.ring import Ring, parse_endpoints, parse_listen
+from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
 from ds_cluster.gateway.app import create_app
 from ds_cluster.gateway.budget import (
     MAX_CONNECTION_OUTPUT,
@@ -41,7 +42,10 @@ log = logging.getLogger("gateway")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
-    parser.add_argument("--shards", required=True, metavar="ID=HOST:PORT,...")
+    parser.add_argument(
+        "--shards", default="", metavar="ID=HOST:PORT,...", help="every shard of the ring"
+    )
+    add_pattern_arguments(parser)  # or the shards by their DNS names and count
     parser.add_argument("--ring-version", type=int, default=1)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
@@ -165,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         args.security = rpc_security.from_args(args, server=False)
-        endpoints = parse_endpoints(args.shards)
+        endpoints = shard_endpoints(args.shards, args, flag="--shards")
         if not endpoints:
-            raise ValueError("--shards lists no shard")
+            raise ValueError("no shard: give --shards or --shard-dns-pattern")
         host, port = parse_listen(args.listen)
         public_url(args.public_url, (host, port))  # refused before binding when malformed
         sock = bind_socket(host, port, reuse_port=args.reuse_port)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from ds_cluster.common.metrics import Histogram
 from ds_cluster.shard.core.model import evolve
 from ds_cluster.shard.store import (
     Batch,
@@ -52,6 +54,23 @@ REOPEN_FIRST_DELAY = 0.05  # after a storage failure, the first reopen attempt..
 REOPEN_MAX_DELAY = 1.0  # ...and the longest wait between attempts (doubling in between)
 VACUUM_MIN_FREE_PAGES = 256  # free pages (4 KiB) worth returning to the filesystem...
 VACUUM_STEP_PAGES = 256  # ...in steps of this many, each its own short transaction
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # jobs per group commit
+# seconds per group commit
+COMMIT_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
 
 
 @dataclass(eq=False)
@@ -90,6 +109,10 @@ class Committer:
             self._recovered.set()
         store.on_failure = self._storage_failed
         self._vacuum_due = False
+        # Metrics (`ds_commit_batch_size`, `ds_commit_duration_seconds`): one observation
+        # per group commit that carried requests' writes.
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+        self.durations = Histogram(COMMIT_BUCKETS)
 
     def health(self) -> str:
         """ "ok", or "failed: <reason>" while the storage refuses writes."""
@@ -167,6 +190,7 @@ class Committer:
             del self._dirty[path]
             if entry.committed is not None:
                 batch.touches.append((path, entry.committed))
+        started = time.perf_counter()
         try:
             await self._commit(batch, size)
         except Exception as exc:
@@ -175,6 +199,9 @@ class Committer:
                 self._store.mark_failed(describe(exc))
             self._fail(jobs, exc)
             return
+        if jobs:
+            self.durations.observe(time.perf_counter() - started)
+            self.batch_sizes.observe(len(jobs))
         if any(w.state is None or w.old_sid not in (None, w.sid) for w in batch.streams):
             self._check_free_pages()  # a stream's data was purged
         for job in jobs:

@@ -14,8 +14,9 @@ import trio
 
 from ds_cluster.common import rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
-from ds_cluster.common.ring import Ring, parse_endpoints, parse_listen
+from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
+from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
 from ds_cluster.shard import rpc_ops
 from ds_cluster.shard.core.model import CoreConfig
 from ds_cluster.shard.dirlock import DataDirBusy, DataDirLock
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peers", default="", help="ID=HOST:PORT,... of every shard in the ring (may include self)"
     )
+    add_pattern_arguments(parser)  # or the peers by their DNS names and count
     parser.add_argument("--ring-version", type=int, default=1)
     parser.add_argument("--long-poll-timeout", type=float, default=30.0, metavar="S")
     parser.add_argument("--sse-max-duration", type=float, default=60.0, metavar="S")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> None:
     host, port = parse_listen(args.listen)
     watchdog.install(args.id)  # logs event-loop stalls over 100 ms
-    peers = parse_endpoints(args.peers)
+    peers = shard_endpoints(args.peers, args, flag="--peers")
     peers.pop(args.id, None)
     ring = Ring(args.ring_version, (args.id, *peers))
     config = CoreConfig(

@@ -61,6 +61,9 @@ AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum value
 # After a checkpoint the WAL is cut back to this size (it keeps its high-water mark
 # otherwise: one 50 MB append would leave a 50 MB WAL file behind for good).
 JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
+# The `outbox` status of a subscription notice (shard/subscriptions/notices.py): a
+# stream whose new tail the owners of matching subscriptions must still be told.
+NOTICE_STATUS = "notify"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -308,6 +311,17 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
 
+    def connect_side(self, schema: str) -> sqlite3.Connection:
+        """Another connection to this database, with the same VFS and pragmas, for a
+        module that keeps its own tables and transactions (`shard.subscriptions`);
+        `schema` (CREATE ... IF NOT EXISTS) is applied first. Raises StorageUnavailable."""
+        try:
+            conn = self._connect()
+            conn.executescript(schema)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnavailable(describe(exc)) from exc
+        return conn
+
     def _connect(self) -> sqlite3.Connection:
         uri = f"file:{quote(str(self.path))}?vfs={VFS}"  # a '?' or '%' in the path stays one
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -433,7 +447,21 @@ class Store:
         )
 
     def load_outbox(self) -> list[tuple[str, str, str]]:
-        return list(self._reader.execute("SELECT ref, source, status FROM outbox"))
+        """Fork releases ('provisional', 'due'); subscription notices share the table
+        (`load_notices`), so that they commit with the appends that cause them."""
+        return list(
+            self._reader.execute(
+                "SELECT ref, source, status FROM outbox WHERE status != ?", (NOTICE_STATUS,)
+            )
+        )
+
+    def load_notices(self) -> list[tuple[str, str]]:
+        """Subscription notices not yet delivered: (key, stream path)."""
+        return list(
+            self._reader.execute(
+                "SELECT ref, source FROM outbox WHERE status = ?", (NOTICE_STATUS,)
+            )
+        )
 
     def fork_ref_in_use(self, ref: str) -> bool:
         return (
