@@ -33,10 +33,12 @@ EXPOSED = (
     "ETag",
     "Location",
     "Retry-After",
+    "WWW-Authenticate",
 )
 
-# Request headers a browser may send cross-origin: exactly what the gateway forwards.
-ALLOWED_REQUEST_HEADERS = tuple(sorted(wire.FORWARDED_HEADERS))
+# Request headers a browser may send cross-origin: what the gateway forwards, and the
+# bearer token it checks itself (never forwarded).
+ALLOWED_REQUEST_HEADERS = tuple(sorted(wire.FORWARDED_HEADERS | {"authorization"}))
 
 TRANSPORT: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),

@@ -30,18 +30,22 @@ Location.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from functools import partial
+from time import time
 from typing import Any, NamedTuple, final
 from urllib.parse import unquote_plus
 
 import trio
 
 from ds_cluster.common import bigjoin, wire
-from ds_cluster.common.paths import PREFIX_BYTES, PathError, stream_path
+from ds_cluster.common.paths import PREFIX_BYTES, PathError, stream_path, stream_path_from_url
 from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
 from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.auth import Denied
+from ds_cluster.gateway.auth_files import AuthFiles
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
@@ -140,6 +144,12 @@ def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
     return error_answer(status, exc.msg or exc.code, (_RETRY_AFTER,) if retry else ())
 
 
+def denied_answer(denied: Denied) -> Answer:
+    """A refused token's 401 / 403, with its `WWW-Authenticate` challenge."""
+    challenge = (b"www-authenticate", denied.www_authenticate.encode())
+    return error_answer(denied.status, denied.message, (challenge,))
+
+
 async def send_answer(send: Send, answer: Answer) -> None:
     status, headers, body = answer
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -229,10 +239,13 @@ class StreamHandler:
         max_body_bytes: int,
         nursery: trio.Nursery,
         public_url: str = "",
+        auth: AuthFiles | None = None,
     ) -> None:
         """`nursery`: gateway-lifetime nursery for the shard calls that live reads share.
-        `public_url`: scheme://host[:port] clients reach the gateway at (Location)."""
+        `public_url`: scheme://host[:port] clients reach the gateway at (Location).
+        `auth`: when given, every stream request needs a token that covers it."""
         self.pool = pool
+        self.auth = auth
         self.ring = ring
         self.max_body_bytes = max_body_bytes
         scheme, _, host = public_url.partition("://")
@@ -343,7 +356,9 @@ class StreamHandler:
         self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
     ) -> _Checked | Answer:
         """What any front end checks before forwarding: path shape, method, header
-        well-formedness and declared size. An error Answer, or what to forward."""
+        well-formedness, declared size and, with auth on, the client's token (every path
+        to a shard, native or ASGI, whole answer or shared live read, passes here). An
+        error Answer, or what to forward."""
         try:
             path = stream_path(raw_path[PREFIX_LEN:])
         except PathError as exc:
@@ -355,6 +370,7 @@ class StreamHandler:
         # Forward only the protocol's headers, well-formed; note the declared length.
         forwarded: list[list[str]] = []
         declared = None
+        authorization: bytes | None = None
         for name, value in headers:
             key = _FORWARDED.get(name)
             if key is not None:
@@ -375,11 +391,35 @@ class StreamHandler:
                     declared = int(value)
                 except ValueError:
                     return error_answer(400, "bad Content-Length")
+            elif name == b"authorization" and self.auth is not None:
+                if authorization is not None:
+                    return error_answer(400, "header authorization given twice")
+                authorization = value
+        if self.auth is not None:
+            refused = self._authorize(method, path, authorization, forwarded)
+            if refused is not None:
+                return refused
         if declared is not None and declared > self.max_body_bytes:
             return error_answer(413, body_too_large(self.max_body_bytes))
         if method == "PUT" and self._public[0][1]:  # creates: Location from the public base
             forwarded.extend([name, value] for name, value in self._public)
         return _Checked(path, forwarded)
+
+    def _authorize(
+        self, method: str, path: str, authorization: bytes | None, forwarded: list[list[str]]
+    ) -> Answer | None:
+        """None when the token covers the request; else its 401 / 403."""
+        assert self.auth is not None
+        fork_source = None
+        if method == "PUT":
+            for key, value in forwarded:
+                if key == "stream-forked-from":
+                    with contextlib.suppress(PathError):  # the shard answers 400
+                        fork_source = stream_path_from_url(value.strip())
+        decision = self.auth.current().decide(method, path, authorization, fork_source, time())
+        if type(decision) is Denied:
+            return denied_answer(decision)
+        return None
 
     async def _exchange(self, checked: _Checked, method: str, query: bytes, body: bytes) -> Answer:
         """One request/response with the owning shard, rendered for the client."""
