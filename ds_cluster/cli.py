@@ -14,6 +14,12 @@ SUBCOMMANDS = {
     "shard": ("ds_cluster.shard.main", "run one shard process"),
     "gateway": ("ds_cluster.gateway.main", "run the HTTP gateway"),
     "up": ("ds_cluster.supervisor.cluster", "launch and supervise a local cluster"),
+    "scale": ("ds_cluster.supervisor.scale_command", "move a running local cluster to N shards"),
+    "status": ("ds_cluster.supervisor.status_command", "ring, shards, streams and moves"),
+    "rebalance": (
+        "ds_cluster.supervisor.rebalance_command",
+        "move shards onto a new ring without a supervisor (Kubernetes)",
+    ),
     "chaos": ("ds_cluster.tools.chaos", "chaos-test a local cluster (kills, stops, verification)"),
     "bench": ("ds_cluster.tools.bench", "benchmark a server, optionally side by side with another"),
 }

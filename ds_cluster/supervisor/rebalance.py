@@ -135,8 +135,8 @@ class Progress:
         errors = "; ".join(f"{sid}: {s.error}" for sid, s in sorted(self.shards.items()) if s.error)
         text = (
             f"ring v{self.ring.version}: moved {self.moved_streams} streams "
-            f"({_size(self.moved_bytes)}), left {self.left_streams} streams "
-            f"({_size(self.left_bytes)}), {self.pending_in} incoming; "
+            f"({size_text(self.moved_bytes)}), left {self.left_streams} streams "
+            f"({size_text(self.left_bytes)}), {self.pending_in} incoming; "
             + (f"waiting for {', '.join(waiting)}" if waiting else "all shards done")
         )
         return text + (f" [{errors}]" if errors else "") + f" ({self.elapsed:.1f} s)"
@@ -155,12 +155,16 @@ class Progress:
         }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]  # a float from here on, for display only
-    return f"{n} B"
+def size_text(n: int) -> str:
+    """A byte count for people: 512 B, 1.5 KiB, 3.2 MiB."""
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 async def current_rings(
