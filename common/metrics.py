@@ -200,3 +200,14 @@ class Families(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return iter(self._families)
+
+
+def loop_stall_family(histogram: Histogram | None) -> HistogramMetricFamily:
+    """`ds_loop_stall_seconds` from the process's loop watchdog (`common.watchdog`)."""
+    series: dict[tuple[str, ...], Histogram] = {(): histogram} if histogram is not None else {}
+    return histogram_family(
+        "ds_loop_stall_seconds",
+        "Event-loop batches of 1 ms or more: time the loop ran tasks without looking at a socket",
+        (),
+        series,
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from ds_cluster.common import wire
+from ds_cluster.shard.metrics import ShardMetrics
 from ds_cluster.shard.peers import export_to_wire, records_to_wire
 from ds_cluster.shard.service import ShardService
 
@@ -21,6 +22,7 @@ Handler = Callable[[wire.Args], Awaitable[wire.Args]]
 
 def handlers(service: ShardService) -> dict[str, Handler]:
     """The op -> handler registry the RPC server dispatches on."""
+    shard_metrics = ShardMetrics(service.counters, service.committer)
 
     async def export_fork(args: wire.Args) -> wire.Args:
         source, offset, sub_offset, ref, content_type = (
@@ -71,4 +73,13 @@ def handlers(service: ShardService) -> dict[str, Handler]:
             raise wire.BadArguments("no such fork reference on this source")
         return records_to_wire(records)
 
-    return {"export_fork": export_fork, "release_fork": release_fork, "read_fork": read_fork}
+    async def metrics(args: wire.Args) -> wire.Args:
+        """This shard's metric samples, for a gateway's /metrics (`shard.metrics`)."""
+        return {"families": shard_metrics.samples()}
+
+    return {
+        "export_fork": export_fork,
+        "release_fork": release_fork,
+        "read_fork": read_fork,
+        "metrics": metrics,
+    }

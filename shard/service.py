@@ -35,6 +35,7 @@ from ds_cluster.shard.core.model import (
     Wait,
 )
 from ds_cluster.shard.forks import ForkCoordinator
+from ds_cluster.shard.metrics import ShardCounters, count_stored_streams
 from ds_cluster.shard.offload import BodyOffload
 from ds_cluster.shard.peers import PeerUnavailable
 from ds_cluster.shard.store import Store, StreamWrite
@@ -60,6 +61,7 @@ class ShardService:
         self.store = store
         self.config = config
         self.table = StreamTable(store)
+        self.counters = ShardCounters()  # for metrics (`shard.metrics`)
         self.committer = Committer(store, self._after_commit)
         self.alarms = AlarmLoop(self._expire)
         self.offload = BodyOffload()
@@ -83,6 +85,7 @@ class ShardService:
                 try:
                     for path, deadline in self.store.load_deadlines():
                         self.alarms.arm(path, deadline)
+                    self.counters.streams = count_stored_streams(self.store)
                     await nursery.start(self.forks.run)
                     break
                 except StorageUnavailable as exc:  # failed again meanwhile: wait, retry
@@ -100,8 +103,13 @@ class ShardService:
         return self.ring.owns(self.shard_id, path)
 
     def _after_commit(self, jobs: list[Job]) -> None:
+        counters = self.counters
         for job in jobs:
             for entry, write in job.writes:
+                if write.old_sid is None and write.state is not None:  # a new row
+                    counters.streams += 1
+                elif write.old_sid is not None and write.state is None:  # one purged
+                    counters.streams -= 1
                 if write.state is not None:
                     self.alarms.arm(entry.path, write.state.deadline())
             for ref, source, status in job.outbox_put:
@@ -134,7 +142,9 @@ class ShardService:
         resume: Wait | None = None
         while True:
             if isinstance(decision, Reply):
-                await respond(await self._settle(entry, decision, now), False)
+                response = await self._settle(entry, decision, now)
+                self._count(request, decision, response)
+                await respond(response, False)
                 return
             if isinstance(decision, NeedRecords):
                 self.committer.touch(entry, now)
@@ -185,6 +195,15 @@ class ShardService:
             self.committer.touch(entry, now)
         return reply.response
 
+    def _count(self, request: Request, reply: Reply, response: Response) -> None:
+        """Count a committed append, or a read's body bytes, for metrics."""
+        if request.method == "POST":
+            if reply.records and response is reply.response:  # committed (not a 503)
+                self.counters.appends += 1
+                self.counters.append_bytes += sum(len(record.data) for record in reply.records)
+        elif request.method == "GET":
+            self.counters.read_bytes += len(response.body)
+
     def _stage(
         self,
         job: Job,
@@ -215,6 +234,7 @@ class ShardService:
         """Park until the committed stream moves past `position`, closes or goes away,
         or `timeout` seconds pass (the committed state then tells the core which)."""
         entry.waiters += 1
+        self.counters.long_polls += 1
         try:
             with trio.move_on_after(timeout):
                 while True:
@@ -226,6 +246,7 @@ class ShardService:
                     await entry.changed_event().wait()
         finally:
             entry.waiters -= 1
+            self.counters.long_polls -= 1
 
     async def _sse(
         self, entry: Entry, session: LiveSession, respond: Respond, send: SendChunk
@@ -234,6 +255,7 @@ class ShardService:
         # answers 503; a later failure ends the response (the client resumes).
         started = False
         entry.waiters += 1
+        self.counters.sse_sessions += 1
         try:
             with trio.move_on_at(trio.current_time() + (session.ends_at - time.time())):
                 while not session.done:
@@ -254,6 +276,7 @@ class ShardService:
                         started = True
                     out = session.step(state, records, time.time())
                     if out:
+                        self.counters.read_bytes += len(out)
                         await send(out, not session.done)
                     if session.done:
                         return
@@ -262,6 +285,7 @@ class ShardService:
                         await entry.changed_event().wait()
         finally:
             entry.waiters -= 1
+            self.counters.sse_sessions -= 1
         if not started:
             await respond(session.head, True)
         await send(b"", False)
