@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from ds_cluster.common import rpc_security, watchdog
+from ds_cluster.common import logs, rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
@@ -47,16 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SQLite synchronous mode; NORMAL may lose the last commits on power loss",
     )
     parser.add_argument("--log-level", default="INFO")
+    logs.add_arguments(parser)
     rpc_security.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     raise_open_file_limit()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup("shard", args.id, level=args.log_level, log_format=args.log_format)
     try:
         args.security = rpc_security.from_args(args, server=True)
     except rpc_security.SecurityError as exc:
