@@ -3,9 +3,10 @@
 The listening socket is bound here (with SO_REUSEPORT under --reuse-port, so several
 gateway processes can share one port and the kernel spreads connections over them) and
 served by `gateway.server.serve`. Once it listens, one line goes to stderr:
-`ds-cluster gateway listening on http://HOST:PORT` (with the real port when 0 was asked).
-SIGINT/SIGTERM: stop accepting, give requests in flight hypercorn's graceful timeout, close
-the shard connections, exit 0.
+`ds-cluster gateway listening on http://HOST:PORT` (https with --tls-cert/--tls-key;
+with the real port when 0 was asked). SIGINT/SIGTERM: stop accepting, give requests in
+flight hypercorn's graceful timeout, close the shard connections, exit 0. SIGHUP: reload
+what can be reloaded (the TLS certificate) and go on.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import trio
 from hypercorn.config import Config
 
-from ds_cluster.common import rpc_security, watchdog
+from ds_cluster.common import logs, rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
+from ds_cluster.gateway import tls
+from ds_cluster.gateway.access import AccessLog, with_request_ids
 from ds_cluster.gateway.app import create_app
 from ds_cluster.gateway.budget import (
     MAX_CONNECTION_OUTPUT,
@@ -49,8 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ring-version", type=int, default=1)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
-    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--access-log", action="store_true", help="log every request (logger `access`)"
+    )
     parser.add_argument("--log-level", default="INFO")
+    logs.add_arguments(parser)
+    tls.add_arguments(parser)
     parser.add_argument(
         "--graceful-timeout", type=float, default=3.0, help="seconds to finish in-flight work"
     )
@@ -76,11 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rpc_security.add_arguments(parser)
 
 
-def public_url(given: str, bound: tuple[str, int]) -> str:
+def public_url(given: str, bound: tuple[str, int], scheme: str = "http") -> str:
     """The gateway's public base URL: `given` (checked), else the listen address."""
     if not given:
         host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        return f"http://{host}:{bound[1]}"
+        return f"{scheme}://{host}:{bound[1]}"
     scheme, sep, rest = given.partition("://")
     if scheme not in ("http", "https") or not sep or not rest.strip("/") or "/" in rest.strip("/"):
         raise ValueError(f"--public-url {given!r}: expected http(s)://host[:port]")
@@ -98,9 +106,11 @@ def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def hypercorn_config(*, access_log: bool, graceful_timeout: float) -> Config:
+def hypercorn_config(*, graceful_timeout: float) -> Config:
+    """Hypercorn's own access log stays off: `gateway.access` writes ours."""
     config = LeanConfig()
-    config.accesslog = "-" if access_log else None
+    config.accesslog = None
+    config.ssl_handshake_timeout = tls.HANDSHAKE_TIMEOUT
     config.errorlog = logging.getLogger("hypercorn.error")  # via our root handler, once
     config.include_server_header = False
     config.graceful_timeout = graceful_timeout
@@ -114,13 +124,25 @@ async def serve_gateway(
     ring = Ring(args.ring_version, tuple(endpoints))
     watchdog.install("gateway")  # logs event-loop stalls over 100 ms
     bound = sock.getsockname()
-    base = public_url(args.public_url, bound)
+    server_tls: tls.ServerTLS | None = args.tls
+    scheme = "http" if server_tls is None else "https"
+    base = public_url(args.public_url, bound, scheme)
     output = OutputBudget(args.max_output_bytes, args.max_connection_output_bytes)
-    config = hypercorn_config(access_log=args.access_log, graceful_timeout=args.graceful_timeout)
+    config = hypercorn_config(graceful_timeout=args.graceful_timeout)
+    access = AccessLog() if args.access_log else None
     sock.listen(config.backlog)
+    listener: trio.SocketListener | tls.TLSListener
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    if server_tls is not None:
+        listener = tls.TLSListener(listener, server_tls)
+    reloaders: list[Callable[[], object]] = []  # what SIGHUP reloads
+    if server_tls is not None:
+        reloaders.append(server_tls.reload)
     name = f"gateway-{socket.gethostname()}-{os.getpid()}"
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        trio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
 
         async def shutdown_trigger() -> None:
             async for signum in signals:
@@ -140,6 +162,8 @@ async def serve_gateway(
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
             app, stream = create_app(pool, ring, args.max_body_bytes, shared, base)
+            app = with_request_ids(app, access)
+            shared.start_soon(_reload_on_hangup, hangups, reloaders)
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     partial(
@@ -150,24 +174,32 @@ async def serve_gateway(
                         shutdown_trigger=shutdown_trigger,
                         native=stream,
                         output=output,
+                        access=access,
                     )
                 )
                 print(
-                    f"ds-cluster gateway listening on http://{bound[0]}:{bound[1]}",
+                    f"ds-cluster gateway listening on {scheme}://{bound[0]}:{bound[1]}",
                     file=sys.stderr,
                     flush=True,
                 )
             shared.cancel_scope.cancel()  # hypercorn is done: nobody waits on them
 
 
+async def _reload_on_hangup(
+    hangups: AsyncIterator[int], reloaders: list[Callable[[], object]]
+) -> None:
+    """SIGHUP: run every reloader (each logs what it did)."""
+    async for _ in hangups:
+        log.info("SIGHUP: reloading")
+        for reload in reloaders:
+            reload()
+
+
 def run(args: argparse.Namespace) -> int:
     raise_open_file_limit()
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup("gateway", args.listen, level=args.log_level, log_format=args.log_format)
     try:
+        args.tls = tls.ServerTLS.from_args(args)
         args.security = rpc_security.from_args(args, server=False)
         endpoints = shard_endpoints(args.shards, args, flag="--shards")
         if not endpoints:
@@ -175,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         host, port = parse_listen(args.listen)
         public_url(args.public_url, (host, port))  # refused before binding when malformed
         sock = bind_socket(host, port, reuse_port=args.reuse_port)
-    except (ValueError, OSError, rpc_security.SecurityError) as exc:
+    except (ValueError, OSError, rpc_security.SecurityError, tls.TLSError) as exc:
         print(f"ds-cluster gateway: {exc}", file=sys.stderr)
         return 2
     trio.run(serve_gateway, args, endpoints, sock)

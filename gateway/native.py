@@ -13,14 +13,17 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Protocol
 
 import trio
 from hypercorn.events import Closed
 from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.utils import suppress_body
 
 from ds_cluster.common import bigjoin
+from ds_cluster.gateway.access import REQUEST_ID, AccessLog, request_id
 from ds_cluster.gateway.answers import Answer, body_too_large
 from ds_cluster.gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
@@ -110,7 +113,10 @@ class NativeExchange:
 
     A body over the limit is answered 413 at once; the rest of it is then read and
     dropped (up to DRAIN_LIMIT bytes) before the connection is reused or closed, so the
-    client reads the 413 instead of a connection reset."""
+    client reads the 413 instead of a connection reset.
+
+    Every answer carries the request's X-Request-Id; with an `access` log, the exchange
+    writes its line once answered (an SSE read: once it ends)."""
 
     idle = False
 
@@ -122,8 +128,14 @@ class NativeExchange:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         streams: bool = False,
+        access: AccessLog | None = None,
     ) -> None:
         self._protocol = protocol
+        self._rid = request_id(headers)
+        self._access = access
+        self._started = perf_counter() if access is not None else 0.0
+        self._status = 0  # of a streamed response, logged when it ends
+        self._client: SseClient | None = None
         self._route = route
         self._method = method
         self._target = target
@@ -140,6 +152,7 @@ class NativeExchange:
             self._done = True
             if self._leave is not None:
                 self._leave()
+                self._log_stream()
             return
         if self._done:
             return
@@ -178,7 +191,7 @@ class NativeExchange:
         """Join the shared upstream, write the head, and hand the socket to an
         `SseClient`. The exchange then stays open, with no task of its own, until the
         upstream ends it or the connection closes (StreamClosed)."""
-        client = SseClient(self._protocol.tcp, self._end_stream)
+        client = self._client = SseClient(self._protocol.tcp, self._end_stream)
         try:
             result = await self._route.stream(
                 self._method, self._target, self._headers, body, client
@@ -191,9 +204,11 @@ class NativeExchange:
             await self._send_answer(result)
             return await self._finish()
         self._leave = result.leave
+        self._status = result.status
         # No Content-Length: h11 frames the body in chunks, and the head goes out at once.
+        headers = [*result.headers, (REQUEST_ID, self._rid)]
         await self._protocol.stream_send(
-            Response(stream_id=1, headers=result.headers, status_code=result.status)
+            Response(stream_id=1, headers=headers, status_code=result.status)
         )
         client.start(result.prefix)
 
@@ -202,6 +217,7 @@ class NativeExchange:
         connection is then reused (keep-alive) as after any response."""
         if not self._done:
             await self._protocol.stream_send(EndBody(stream_id=1))
+            self._log_stream()
             await self._finish()
 
     async def refuse_too_large(self, declared: int = 0) -> None:
@@ -215,7 +231,24 @@ class NativeExchange:
 
     async def _send_answer(self, answer: Answer) -> None:
         status, headers, body = answer
+        headers = [*headers, (REQUEST_ID, self._rid)]
         await self._protocol.send_answer(status, headers, body, self._method)
+        if self._access is not None:
+            sent = 0 if suppress_body(self._method, status) else len(body)
+            self._log(status, sent)
+
+    def _log(self, status: int, sent: int) -> None:
+        assert self._access is not None
+        path = self._target.partition(b"?")[0].decode("latin-1")
+        self._access.write(
+            self._rid, self._method, path, status, self._started, self._size, sent, "native"
+        )
+
+    def _log_stream(self) -> None:
+        """The access line of an SSE read, once it is over (the first call only)."""
+        if self._access is not None and self._client is not None:
+            self._log(self._status, self._client.sent)
+            self._client = None
 
     async def _finish(self) -> None:
         """The exchange is over: the protocol recycles the connection (or closes it when
@@ -237,7 +270,17 @@ class SseClient:
     connection is reused like after any other response.
     """
 
-    __slots__ = ("_dropped", "_ended", "_flushing", "_live", "_on_end", "_queue", "_queued", "_tcp")
+    __slots__ = (
+        "_dropped",
+        "_ended",
+        "_flushing",
+        "_live",
+        "_on_end",
+        "_queue",
+        "_queued",
+        "_tcp",
+        "sent",
+    )
 
     def __init__(self, tcp: Connection, on_end: Callable[[], Awaitable[None]]) -> None:
         self._tcp = tcp
@@ -248,6 +291,7 @@ class SseClient:
         self._ended = False  # the upstream is over
         self._dropped = False  # the client fell too far behind (or went): no more writes
         self._flushing = False
+        self.sent = 0  # bytes written to the socket (for the access log)
 
     def start(self, prefix: bytes) -> None:
         """The head is written: write `prefix`, then what was delivered meanwhile."""
@@ -287,6 +331,7 @@ class SseClient:
             while queue:
                 data = queue[0]
                 written = os.write(fd, data)
+                self.sent += written
                 self._queued -= written
                 output.release(written)
                 if written < len(data):

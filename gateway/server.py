@@ -27,8 +27,11 @@ one that asks for more while over budget is dropped. A request with both Content
 Transfer-Encoding is answered 400 and the connection closed (RFC 9112 6.3).
 
 The listening loop, graceful shutdown and lifespan handling follow hypercorn's
-`worker_serve`. Plain TCP only (the gateway terminates no TLS; HTTP/2 still works with
-prior knowledge or an h2c upgrade, through hypercorn's own classes).
+`worker_serve`. Plain TCP, or TLS on listeners from `gateway.tls` (ALPN picks HTTP/2 or
+HTTP/1.1; without TLS HTTP/2 works with prior knowledge or an h2c upgrade). Under TLS the
+native route still serves appends, reads and long-polls; reads and writes go through the
+connection's `trio.SSLStream` instead of the raw socket, and SSE reads take the ASGI path
+(the native SSE writer writes to the socket without a task, which TLS cannot).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from itertools import chain
 from math import inf
@@ -72,6 +75,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from ds_cluster.gateway.access import AccessLog
 from ds_cluster.gateway.answers import error_answer
 from ds_cluster.gateway.budget import (
     OUTPUT_STATE,
@@ -81,9 +85,12 @@ from ds_cluster.gateway.budget import (
     OutputBudget,
 )
 from ds_cluster.gateway.native import NativeExchange, NativeRoute
+from ds_cluster.gateway.tls import TLSListener
 
 log = logging.getLogger(__name__)
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
+TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
+TLS_CLOSE_TIMEOUT = 1.0  # seconds to send TLS close_notify before the socket just closes
 BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
 BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
 BODY_STALL = 15.0  # seconds a request body may send nothing at all
@@ -133,6 +140,7 @@ class LeanH11Protocol(H11Protocol):
     _body_since = -1.0  # when the request body in progress began (-1: none)
     _body_bytes = 0
     native: NativeRoute | None = None
+    access: AccessLog | None = None  # writes the access log of native requests
     tcp: LeanTCPServer  # the connection (set by LeanTCPServer)
 
     async def _create_stream(self, request: h11.Request) -> None:
@@ -150,12 +158,15 @@ class LeanH11Protocol(H11Protocol):
         route = self.native
         method = request.method.decode("ascii").upper()
         kind = route.takes(method, request.target) if route is not None else None
-        # Shared SSE frames are written as HTTP/1.1 chunks: other versions go through ASGI.
-        if kind is None or (kind == "stream" and request.http_version != b"1.1"):
+        # Shared SSE frames are written as HTTP/1.1 chunks to the raw socket: other
+        # versions and TLS go through ASGI.
+        if kind is None or (kind == "stream" and (request.http_version != b"1.1" or self.ssl)):
             return await super()._create_stream(request)
         assert route is not None
+        streams = kind == "stream"
+        headers = list(request.headers)
         exchange = NativeExchange(
-            self, route, method, request.target, list(request.headers), kind == "stream"
+            self, route, method, request.target, headers, streams, self.access
         )
         self.stream = exchange  # type: ignore[assignment]
         self.keep_alive_requests += 1
@@ -246,6 +257,8 @@ class LeanH11Protocol(H11Protocol):
         """Return once the client has closed its side (or reset the connection), for a
         request answered inline while nobody reads the socket. Data from the client
         (a pipelined request) is left unread, and ends the watch: it cannot be both."""
+        if self.ssl:
+            return await self.tcp.until_gone_tls()
         sock = self.tcp.stream.socket
         try:
             await trio.lowlevel.wait_readable(sock)
@@ -442,6 +455,7 @@ class _Protocols(ProtocolWrapper):
         native: NativeRoute | None = None,
         tcp: Any = None,
         output: ConnectionOutput | None = None,
+        access: AccessLog | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -449,7 +463,10 @@ class _Protocols(ProtocolWrapper):
         if type(self.protocol) is H11Protocol:
             self.protocol = LeanH11Protocol(*self._protocol_args())
             self.protocol.native = native
+            self.protocol.access = access
             self.protocol.tcp = tcp
+        elif type(self.protocol) is H2Protocol:  # chosen by ALPN under TLS
+            self.protocol = self._h2()
 
     def _protocol_args(self) -> tuple[Any, ...]:
         """What hypercorn hands each protocol class, in its order."""
@@ -506,9 +523,13 @@ class LeanTCPServer(TCPServer):
         native: NativeRoute | None = None,
         connections: Connections | None = None,
         output: OutputBudget = UNLIMITED,
+        access: AccessLog | None = None,
     ) -> None:
         super().__init__(*args)
         self._native = native
+        self._access = access
+        self.tls = isinstance(self.stream, trio.SSLStream)
+        self._unread = b""  # under TLS: client bytes read while watching for its leaving
         self._connections = connections if connections is not None else Connections()
         self._keep_alive = float(self.config.keep_alive_timeout)
         self._idle_until = inf  # while idle: when the connection times out
@@ -517,8 +538,18 @@ class LeanTCPServer(TCPServer):
         self.output = output.connection()  # response bytes queued for this client
 
     async def run(self) -> None:
-        sock = self.stream.socket
         try:
+            if self.tls:
+                try:
+                    with trio.fail_after(float(self.config.ssl_handshake_timeout)):
+                        await self.stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    return  # no TLS session: nothing to serve (closed below)
+                alpn = self.stream.selected_alpn_protocol() or "http/1.1"
+                sock = self.stream.transport_stream.socket
+            else:
+                alpn = "http/1.1"
+                sock = self.stream.socket
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
             # Per connection, so the ASGI app finds this connection's output budget.
@@ -531,14 +562,15 @@ class LeanTCPServer(TCPServer):
                     self.context,
                     task_group,
                     state,
-                    False,
+                    self.tls,
                     client,
                     server,
                     self.protocol_send,
-                    "http/1.1",
+                    alpn,
                     native=self._native,
                     tcp=self,
                     output=self.output,
+                    access=self._access,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
@@ -574,7 +606,8 @@ class LeanTCPServer(TCPServer):
         (which is also the deadline of a request head) and infinite while a request is in
         progress (hypercorn's read_timeout is not used). While a request body is arriving,
         each read also has the body's deadline (`body_deadline`)."""
-        receive = self.stream.socket.recv  # the trio socket: no per-call error mapping
+        # The trio socket: no per-call error mapping.
+        receive = self._receive_tls if self.tls else self.stream.socket.recv
         protocols = self.protocol
         deadline = inf  # of the request body in progress
         with trio.CancelScope(deadline=self._idle_until) as scope:
@@ -602,6 +635,39 @@ class LeanTCPServer(TCPServer):
                 await self._initiate_server_close()
             return
         await self.protocol.handle(Closed())
+
+    async def _receive_tls(self, max_bytes: int) -> bytes:
+        if self._unread:
+            data, self._unread = self._unread, b""
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def until_gone_tls(self) -> None:
+        """`LeanH11Protocol.until_gone` under TLS, where the raw socket's bytes cannot be
+        peeked at: read the TLS stream (this runs in the reader task, which is awaiting
+        the answer). Bytes that arrive (a pipelined request) are kept for the reader,
+        and end the watch."""
+        try:
+            data = await self.stream.receive_some(MAX_RECV)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if data:
+            self._unread += bytes(data)
+            await trio.sleep_forever()
+
+    async def _close(self) -> None:
+        """Close the connection; under TLS, the close_notify gets TLS_CLOSE_TIMEOUT
+        seconds (the socket itself closes in any case)."""
+        if not self.tls:
+            return await super()._close()
+        with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+            await self.stream.aclose()
+
+    async def _initiate_server_close(self) -> None:
+        if not self.tls:
+            return await super()._initiate_server_close()
+        await self.protocol.handle(Closed())
+        await self._close()
 
     def _set_idle(self, idle: bool) -> None:
         if idle:
@@ -655,6 +721,8 @@ class LeanTCPServer(TCPServer):
         socket takes it. Shielded from the caller's cancellation (a half-written
         response cannot be taken back), but not from a socket that takes nothing for
         WRITE_TIMEOUT seconds or the connection being dropped: BrokenResourceError."""
+        if self.tls:
+            return await self._write_tls(data)
         fd = self.stream.socket.fileno()
         try:
             written = os.write(fd, data)
@@ -676,22 +744,39 @@ class LeanTCPServer(TCPServer):
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
 
+    async def _write_tls(self, data: bytes) -> None:
+        """`_write` through the TLS stream: each TLS_WRITE_PIECE must go out within
+        WRITE_TIMEOUT (a cancelled TLS write breaks the stream: the connection ends)."""
+        view = memoryview(data)
+        with trio.CancelScope(shield=True) as scope:
+            self._write_scope = scope
+            try:
+                for start in range(0, len(view), TLS_WRITE_PIECE):
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    await self.stream.send_all(view[start : start + TLS_WRITE_PIECE])
+            finally:
+                self._write_scope = None
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
+
 
 async def serve(
     app: Callable[..., Awaitable[None]],
     config: Config,
-    listeners: list[trio.SocketListener],
+    listeners: Sequence[trio.SocketListener | TLSListener],
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     native: NativeRoute | None = None,
     output: OutputBudget | None = None,
+    access: AccessLog | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the ASGI `app` on plain-TCP `listeners` until `shutdown_trigger` returns, then
-    give connections `config.graceful_timeout` seconds to finish (as hypercorn's
-    `worker_serve`, which this follows). HTTP/1.1 requests `native` accepts skip ASGI;
-    with an access log configured, every request goes through ASGI (where it is logged).
-    `output`: the budget for response bytes queued for clients (default: unbounded)."""
+    """Serve the ASGI `app` on `listeners` (plain TCP or `gateway.tls`) until
+    `shutdown_trigger` returns, then give connections `config.graceful_timeout` seconds to
+    finish (as hypercorn's `worker_serve`, which this follows). HTTP/1.1 requests `native`
+    accepts skip ASGI; `access` logs them (the ASGI app logs its own, see
+    `gateway.access`). `output`: the budget for response bytes queued for clients
+    (default: unbounded)."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -701,7 +786,8 @@ async def serve(
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
             binds = [
-                f"http://{repr_socket_addr(lst.socket.family, lst.socket.getsockname())}"
+                f"{'https' if isinstance(lst, TLSListener) else 'http'}://"
+                f"{repr_socket_addr(lst.socket.family, lst.socket.getsockname())}"
                 for lst in listeners
             ]
             for bind in binds:
@@ -714,9 +800,10 @@ async def serve(
                 config,
                 context,
                 ConnectionState(lifespan_state.copy()),
-                native=None if config.accesslog else native,
+                native=native,
                 connections=connections,
                 output=output if output is not None else UNLIMITED,
+                access=access,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -726,7 +813,7 @@ async def serve(
                         partial(
                             trio.serve_listeners,
                             handler,
-                            listeners,
+                            list[trio.abc.Listener[Any]](listeners),
                             handler_nursery=server_nursery,
                         )
                     )

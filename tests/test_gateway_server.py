@@ -42,7 +42,7 @@ from ds_cluster.gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPSe
 from ds_cluster.supervisor.cluster import Supervisor
 
 # The gateway's own keep-alive timeout (hypercorn's default unless main.py changes it).
-KEEP_ALIVE = float(hypercorn_config(access_log=False, graceful_timeout=3).keep_alive_timeout)
+KEEP_ALIVE = float(hypercorn_config(graceful_timeout=3).keep_alive_timeout)
 
 # ---------------------------------------------------------------------------------------
 # A strict raw HTTP/1.1 client: requests go out byte for byte; responses are parsed by
