@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from ds_cluster.common import logs
 from ds_cluster.common.lifeline import Lifeline
 from ds_cluster.common.rpc_security import (
     SECRET_FILE_NAME,
@@ -56,6 +57,7 @@ from ds_cluster.common.rpc_security import (
 )
 
 log = logging.getLogger("ds_cluster.supervisor")
+LOG_FORMATS = logs.FORMATS
 
 _MARKER = "cluster.json"
 _LOCK = ".supervisor.lock"
@@ -102,7 +104,11 @@ class ClusterConfig:
     synchronous: str | None = None  # "FULL" | "NORMAL"; None: the shard's default
     max_body_bytes: int | None = None  # gateways; None: the gateway's default
     log_level: str | None = None  # gateways and shards; None: their default
+    log_format: str | None = None  # "text" | "json", every process; None: text
     access_log: bool = False  # gateways: log every request
+    # HTTPS on the gateways (certificate chain and key, PEM); None: plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     # Where clients reach the gateways (for Location headers); None: the URL `up` prints.
     public_url: str | None = None
     # How to run `ds-cluster` in a child: the current interpreter, so a venv carries over.
@@ -132,6 +138,10 @@ class ClusterConfig:
             raise ValueError("--synchronous must be FULL or NORMAL")
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError("--max-body-bytes must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.log_format is not None and self.log_format not in LOG_FORMATS:
+            raise ValueError("--log-format must be text or json")
         if self.public_url is not None:
             # Checked here too: a gateway refusing it would only show as a crash loop.
             url = urlsplit(self.public_url)
@@ -307,6 +317,10 @@ class Supervisor:
             if c.process is not None and c.process.returncode is None
         }
 
+    def gateway_pids(self) -> list[int]:
+        """PIDs of the gateways currently running."""
+        return [pid for name, pid in self.child_pids().items() if name.startswith("gateway-")]
+
     # ---- lifecycle ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -358,7 +372,8 @@ class Supervisor:
         """Ports outside the ephemeral range; argv per child, from the config alone."""
         cfg = self.config
         shard_ports = _free_ports(cfg.shard_host, cfg.shards)
-        self.url = f"http://{_url_host(_connect_host(cfg.host))}:{port}"
+        scheme = "http" if cfg.tls_cert is None else "https"
+        self.url = f"{scheme}://{_url_host(_connect_host(cfg.host))}:{port}"
         self.shard_addresses = {
             sid: (cfg.shard_host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
         }
@@ -385,6 +400,8 @@ class Supervisor:
                 argv += ["--synchronous", cfg.synchronous.upper()]
             if cfg.log_level is not None:
                 argv += ["--log-level", cfg.log_level]
+            if cfg.log_format is not None:
+                argv += ["--log-format", cfg.log_format]
             self._children.append(_Child(sid, "shard", argv))
         for g in range(cfg.gateways):
             argv = [*self._launcher("gateway"), "gateway", "--listen", f"{cfg.host}:{port}"]
@@ -395,8 +412,13 @@ class Supervisor:
                 argv += ["--max-body-bytes", str(cfg.max_body_bytes)]
             if cfg.log_level is not None:
                 argv += ["--log-level", cfg.log_level]
+            if cfg.log_format is not None:
+                argv += ["--log-format", cfg.log_format]
             if cfg.access_log:
                 argv.append("--access-log")
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                argv += ["--tls-cert", str(Path(cfg.tls_cert).resolve())]
+                argv += ["--tls-key", str(Path(cfg.tls_key).resolve())]
             argv += ["--public-url", cfg.public_url or self.url]
             self._children.append(_Child(f"gateway-{g}", "gateway", argv))
         if cfg.log_dir is not None:
@@ -509,11 +531,13 @@ class Supervisor:
         return argv
 
     async def _wait_ready(self) -> None:
-        """Poll GET /readyz on the gateway until 200: another process has no event to await."""
+        """Poll GET /readyz on the gateway until 200: another process has no event to await.
+        Over HTTPS the certificate is not verified: the probe only reads a status from our
+        own child on this machine, and the certificate may name only public hosts."""
         url = f"{self.url}/readyz"
         last = "no answer yet"
         with trio.move_on_after(self.config.ready_timeout) as scope:
-            async with httpx.AsyncClient(timeout=_READY_PROBE_TIMEOUT) as client:
+            async with httpx.AsyncClient(timeout=_READY_PROBE_TIMEOUT, verify=False) as client:
                 while True:
                     try:
                         response = await client.get(url)
@@ -670,7 +694,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="log level of the supervisor, gateways and shards (default: INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text or json lines, for the supervisor, gateways and shards (default: text)",
+    )
     parser.add_argument("--access-log", action="store_true", help="gateways log every request")
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PEM", help="gateways serve HTTPS"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PEM", help="the certificate's key"
+    )
     parser.add_argument(
         "--public-url",
         default=None,
@@ -684,10 +720,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level or logging.INFO,
-        format="%(asctime)s supervisor %(levelname)s %(message)s",
-    )
+    log_format = args.log_format or "text"
+    logs.setup("supervisor", "supervisor", level=args.log_level, log_format=log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness probe's requests
     try:
         config = ClusterConfig(
@@ -702,7 +736,10 @@ def run(args: argparse.Namespace) -> int:
             synchronous=args.synchronous,
             max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
+            log_format=args.log_format,
             access_log=args.access_log,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             public_url=args.public_url,
             log_dir=args.log_dir,
         )
@@ -721,7 +758,10 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(config: ClusterConfig) -> None:
     supervisor = Supervisor(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        trio.open_signal_receiver(signal.SIGHUP) as hangups,
+    ):
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -730,5 +770,15 @@ async def _main(config: ClusterConfig) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
+            async def pass_on_hangups() -> None:
+                """SIGHUP reloads the gateways' certificates (and what else they reload)."""
+                async for _ in hangups:
+                    gateways = supervisor.gateway_pids()
+                    log.info("SIGHUP: passed on to %d gateway(s)", len(gateways))
+                    for pid in gateways:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGHUP)
+
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(pass_on_hangups)
             await nursery.start(supervisor.run)
