@@ -3,7 +3,8 @@
     ds-cluster rebalance --shard-endpoints shard-0=HOST:PORT,shard-1=HOST:PORT,... \
         --cluster-secret-file FILE [--ring-version auto|N]
 
-`--shard-endpoints` is the new ring: every shard that is to own streams afterwards.
+`--shard-endpoints` is the new ring: every shard that is to own streams afterwards (or
+`--shard-dns-pattern 'ds-shard-{i}.ds-shard:7000' --shard-count N`, as in Kubernetes).
 Shards that leave are found in the ring the current shards hold, and drained. With
 `--ring-version auto` (the default) the version is one above the newest ring any shard
 holds, or that ring itself when it already is this one (a rerun waits for its moves).
