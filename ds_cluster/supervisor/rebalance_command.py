@@ -22,7 +22,8 @@ import sys
 import trio
 
 from ds_cluster.common import rpc_security
-from ds_cluster.common.ring import Ring, parse_endpoints
+from ds_cluster.common.ring import Ring
+from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
 from ds_cluster.supervisor.rebalance import (
     STALL_TIMEOUT,
     Progress,
@@ -36,10 +37,11 @@ from ds_cluster.supervisor.rebalance import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-endpoints",
-        required=True,
+        default="",
         metavar="ID=HOST:PORT,...",
         help="every shard of the new ring, with its RPC address",
     )
+    add_pattern_arguments(parser)  # or the new ring's shards by their DNS names and count
     parser.add_argument(
         "--ring-version",
         default="auto",
@@ -65,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s rebalance %(levelname)s %(name)s: %(message)s",
     )
     try:
-        endpoints = parse_endpoints(args.shard_endpoints)
+        endpoints = shard_endpoints(args.shard_endpoints, args, flag="--shard-endpoints")
         if not endpoints:
-            raise ValueError("--shard-endpoints lists no shard")
+            raise ValueError("no shard: give --shard-endpoints or --shard-dns-pattern")
         version = None if args.ring_version == "auto" else int(args.ring_version)
         if version is not None and version < 1:
             raise ValueError("--ring-version must be auto or a positive integer")
