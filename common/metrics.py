@@ -14,6 +14,7 @@ sends is still bounded and validated before it reaches the exposition.
 from __future__ import annotations
 
 import math
+import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -44,6 +45,9 @@ DURATION_BUCKETS = (
 MAX_FAMILIES = 200  # metric families one shard may send
 MAX_SAMPLES = 5000  # samples one shard may send, all families together
 MAX_TEXT = 200  # characters in a name, label name or label value
+# The classic names, which every Prometheus version reads (no quoting needed).
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 METRIC_TYPES = frozenset(
     {"counter", "gauge", "histogram", "summary", "info", "stateset", "unknown", "untyped"}
 )
@@ -141,7 +145,7 @@ def from_wire(data: object, extra: Mapping[str, str]) -> list[Metric]:
             raise BadSamples("a family is not [name, type, help, unit, samples]")
         name, typ, documentation, unit, rows = item
         if not (
-            _is_text(name)
+            _is_name(name, _METRIC_NAME)
             and typ in METRIC_TYPES
             and type(documentation) is str
             and len(documentation) <= 1000
@@ -159,10 +163,11 @@ def from_wire(data: object, extra: Mapping[str, str]) -> list[Metric]:
                 raise BadSamples(f"bad sample in {name!r}")
             sample_name, labels, value = row
             if not (
-                _is_text(sample_name)
+                _is_name(sample_name, _METRIC_NAME)
+                and sample_name.startswith(name)
                 and type(labels) is dict
                 and len(labels) <= 20
-                and all(_is_text(k) and _is_text(v, empty=True) for k, v in labels.items())
+                and all(_is_name(k, _LABEL_NAME) and _is_text(v) for k, v in labels.items())
                 and type(value) in (float, int)
             ):
                 raise BadSamples(f"bad sample in {name!r}")
@@ -171,8 +176,12 @@ def from_wire(data: object, extra: Mapping[str, str]) -> list[Metric]:
     return out
 
 
-def _is_text(value: object, *, empty: bool = False) -> bool:
-    return type(value) is str and (empty or value != "") and len(value) <= MAX_TEXT
+def _is_text(value: object) -> bool:
+    return type(value) is str and len(value) <= MAX_TEXT
+
+
+def _is_name(value: object, pattern: re.Pattern[str]) -> bool:
+    return type(value) is str and len(value) <= MAX_TEXT and pattern.fullmatch(value) is not None
 
 
 def merge(families: Iterable[Metric]) -> list[Metric]:

@@ -116,7 +116,16 @@ class SseFanout:
         self._answer = answer
         self._failure = failure
         self._failed = failed
-        self._upstreams: dict[Hashable, _Upstream] = {}
+        self._upstreams: dict[Hashable, _Upstream] = {}  # those that take newcomers
+        self._running: set[_Upstream] = set()  # every upstream whose pump runs
+
+    def upstreams(self) -> int:
+        """Shard calls running now (for metrics)."""
+        return len(self._running)
+
+    def subscribers(self) -> int:
+        """Clients of all upstreams now (for metrics)."""
+        return sum(len(upstream.subscribers) for upstream in self._running)
 
     async def join(
         self,
@@ -168,6 +177,7 @@ class SseFanout:
     async def _pump(
         self, key: Hashable | None, upstream: _Upstream, shard_id: str, fields: dict[str, Any]
     ) -> None:
+        self._running.add(upstream)
         try:
             with upstream.scope:
                 async with self._open(shard_id, fields) as call:
@@ -190,6 +200,7 @@ class SseFanout:
         except Exception:  # a bug here must not take the gateway's nursery down
             log.exception("shared SSE upstream failed")
         finally:
+            self._running.discard(upstream)
             self._close(key, upstream)
             if upstream.head is None:
                 upstream.answer = upstream.answer or self._failed

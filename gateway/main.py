@@ -28,6 +28,7 @@ from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
+from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway import tls
 from ds_cluster.gateway.access import AccessLog, with_request_ids
 from ds_cluster.gateway.app import create_app
@@ -80,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=MAX_CONNECTION_OUTPUT,
         help="response bytes one connection may have queued before it is dropped",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="record no metrics and serve no /metrics (to measure what they cost)",
     )
     rpc_security.add_arguments(parser)
 
@@ -163,6 +169,8 @@ async def serve_gateway(
         ):
             app, stream = create_app(pool, ring, args.max_body_bytes, shared, base)
             app = with_request_ids(app, access)
+            if not args.no_metrics:  # outermost: a request's duration includes the rest
+                app = gateway_metrics.enable(pool, stream).instrument(app)
             shared.start_soon(_reload_on_hangup, hangups, reloaders)
             async with trio.open_nursery() as nursery:
                 await nursery.start(

@@ -23,6 +23,7 @@ from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.utils import suppress_body
 
 from ds_cluster.common import bigjoin
+from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import REQUEST_ID, AccessLog, request_id
 from ds_cluster.gateway.answers import Answer, body_too_large
 from ds_cluster.gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
@@ -131,6 +132,15 @@ class NativeExchange:
         access: AccessLog | None = None,
     ) -> None:
         self._protocol = protocol
+        recorder = gateway_metrics.current  # None: metrics are off
+        self._metric: gateway_metrics.Exchange | None = None
+        if recorder is not None:
+            live = (
+                "sse" if streams else gateway_metrics.live_label(method, target.partition(b"?")[2])
+            )
+            scheme = "https" if getattr(protocol, "ssl", False) else "http"
+            self._metric = recorder.exchange(method, scheme, live)
+        self._answered = 0  # the status sent, for metrics (0: none yet)
         self._rid = request_id(headers)
         self._access = access
         self._started = perf_counter() if access is not None else 0.0
@@ -149,6 +159,7 @@ class NativeExchange:
 
     async def handle(self, event: StreamEvent) -> None:
         if isinstance(event, StreamClosed):
+            self._end_metric()
             self._done = True
             if self._leave is not None:
                 self._leave()
@@ -204,6 +215,7 @@ class NativeExchange:
             await self._send_answer(result)
             return await self._finish()
         self._leave = result.leave
+        self._answered = result.status
         self._status = result.status
         # No Content-Length: h11 frames the body in chunks, and the head goes out at once.
         headers = [*result.headers, (REQUEST_ID, self._rid)]
@@ -231,6 +243,7 @@ class NativeExchange:
 
     async def _send_answer(self, answer: Answer) -> None:
         status, headers, body = answer
+        self._answered = status
         headers = [*headers, (REQUEST_ID, self._rid)]
         await self._protocol.send_answer(status, headers, body, self._method)
         if self._access is not None:
@@ -253,8 +266,15 @@ class NativeExchange:
     async def _finish(self) -> None:
         """The exchange is over: the protocol recycles the connection (or closes it when
         the request body was not read to its end)."""
+        self._end_metric()
         self._done = True
         await self._protocol.stream_send(StreamClosed(stream_id=1))
+
+    def _end_metric(self) -> None:
+        """The request is over for metrics (the first call only)."""
+        metric, self._metric = self._metric, None
+        if metric is not None:
+            metric.end(self._answered)
 
 
 class SseClient:

@@ -1,0 +1,263 @@
+"""The gateway's metrics: what it records per request, and `/metrics`, where a scrape
+gets the gateway's own samples and every shard's, in the Prometheus text format.
+
+Per request (the hot path) only plain Python runs: a dict lookup and a `Histogram`
+observation (`common.metrics`), a few hundred nanoseconds; prometheus_client's own
+metric classes take a lock per update and are used only at scrape time, through a
+collector. Names and labels follow the OpenTelemetry HTTP semantic conventions
+(`http.server.request.duration` -> `http_server_request_duration_seconds`, with
+`http_request_method`, `http_response_status_code`, `http_route` and `url_scheme`), plus
+`live` (none | long-poll | sse) so that live reads, which last by design, do not skew
+the durations of the rest. No label carries a stream path.
+
+A scrape asks every shard for its samples with the `metrics` RPC op, all at once, each
+within SHARD_TIMEOUT; the answers are labelled `shard="<id>"`. A shard that does not
+answer in time (or is not connected) is reported as `ds_shard_up{shard=...} 0`, and the
+scrape goes on without its samples.
+
+`current` is the process's recorder, set by `enable` at start-up (None: metrics are off,
+`--no-metrics`); the native route and the control app find it there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from time import perf_counter
+from typing import Any
+
+import trio
+from prometheus_client import GCCollector, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from ds_cluster.common import watchdog
+from ds_cluster.common.metrics import (
+    DURATION_BUCKETS,
+    Families,
+    Histogram,
+    build_info,
+    from_wire,
+    histogram_family,
+    loop_stall_family,
+    merge,
+)
+from ds_cluster.common.paths import PREFIX_BYTES
+from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
+from ds_cluster.gateway.stream import StreamHandler, _live_mode
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what every Prometheus version reads
+SHARD_TIMEOUT = 1.0  # seconds a scrape waits for a shard's samples
+STREAM_ROUTE = "/v1/stream/{path}"
+CONTROL_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Methods are labelled as they are; any other is "_OTHER" (OpenTelemetry's rule), so a
+# client cannot make up label values.
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"}
+)
+DURATION_LABELS = (
+    "http_request_method",
+    "http_response_status_code",
+    "http_route",
+    "live",
+    "url_scheme",
+)
+ACTIVE_LABELS = ("http_request_method", "url_scheme")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "_OTHER"
+
+
+def live_label(method: str, query: bytes) -> str:
+    """`live` as the shard will read it: "long-poll", "sse", else "none"."""
+    if method != "GET":
+        return "none"
+    live = _live_mode(query)
+    return live if live in ("long-poll", "sse") else "none"
+
+
+class Exchange:
+    """One request being recorded: `end` it once, with the status sent (0: none was)."""
+
+    __slots__ = ("_active", "_labels", "_recorder", "_started")
+
+    def __init__(self, recorder: GatewayMetrics, method: str, scheme: str, live: str) -> None:
+        self._recorder = recorder
+        self._labels = (method, scheme, live)
+        self._active = (method, scheme)
+        active = recorder.active
+        active[self._active] = active.get(self._active, 0) + 1
+        self._started = perf_counter()
+
+    def end(self, status: int, route: str = STREAM_ROUTE) -> None:
+        recorder = self._recorder
+        recorder.active[self._active] -= 1
+        if status:
+            method, scheme, live = self._labels
+            key = (method, str(status), route, live, scheme)
+            histogram = recorder.durations.get(key)
+            if histogram is None:
+                histogram = recorder.durations[key] = Histogram(DURATION_BUCKETS)
+            histogram.observe(perf_counter() - self._started)
+
+
+class GatewayMetrics:
+    """The gateway's recorder (hot path) and its scrape."""
+
+    def __init__(self, pool: ShardPool, stream: StreamHandler) -> None:
+        self._pool = pool
+        self._stream = stream
+        # (method, status, route, live, scheme) -> durations; bounded by the label values
+        # (methods, statuses 100-599, four routes, three live modes, two schemes).
+        self.durations: dict[tuple[str, ...], Histogram] = {}
+        self.active: dict[tuple[str, str], int] = {}  # (method, scheme) -> in progress
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_GatewayCollector(self))
+
+    def exchange(self, method: str, scheme: str, live: str) -> Exchange:
+        """Start recording a request (`method` as sent; it is normalised here)."""
+        return Exchange(self, method_label(method), scheme, live)
+
+    def instrument(self, app: ASGIApp) -> ASGIApp:
+        """`app` with every HTTP request recorded: the requests the native route
+        (`gateway.native`, which records its own) leaves to ASGI."""
+
+        async def recorded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+            if raw_path.startswith(PREFIX_BYTES):
+                route = STREAM_ROUTE
+                live = live_label(scope["method"], scope.get("query_string", b""))
+            else:
+                route = scope["path"] if scope["path"] in CONTROL_ROUTES else ""
+                live = "none"
+            exchange = self.exchange(scope["method"], scope.get("scheme", "http"), live)
+            status = 0
+
+            async def send_and_note(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await app(scope, receive, send_and_note)
+            finally:
+                exchange.end(status, route)
+
+        return recorded
+
+    async def scrape(self) -> bytes:
+        """The text exposition: this gateway's families and every shard's, merged."""
+        answers: dict[str, list[Metric] | None] = {}
+        async with trio.open_nursery() as nursery:
+            for shard_id in self._pool.connections:
+                nursery.start_soon(self._fetch, shard_id, answers)
+        up = GaugeMetricFamily(
+            "ds_shard_up",
+            "1 if the shard answered this gateway's scrape in time, else 0",
+            labels=["shard"],
+        )
+        families: list[Metric] = [*self.registry.collect(), up]
+        for shard_id in self._pool.connections:
+            samples = answers.get(shard_id)
+            up.add_metric([shard_id], 0.0 if samples is None else 1.0)
+            families.extend(samples or ())
+        return generate_latest(Families(merge(families)))
+
+    async def _fetch(self, shard_id: str, answers: dict[str, list[Metric] | None]) -> None:
+        answers[shard_id] = None
+        try:
+            with trio.move_on_after(SHARD_TIMEOUT):
+                result = await self._pool.call(shard_id, "metrics", {}, SHARD_TIMEOUT)
+                answers[shard_id] = from_wire(result.get("families"), {"shard": shard_id})
+        except (ShardUnavailable, ShardError, ValueError) as exc:
+            log.debug("no metrics from %s: %s", shard_id, exc)
+
+    def live_readers(self) -> tuple[int, int]:
+        """(long-poll clients waiting, SSE clients) on this gateway."""
+        collapser = self._stream.collapser
+        # The collapser keeps its groups to itself; counting them is read-only.
+        long_polls = sum(len(group.waiters) for group in collapser._groups.values())
+        return long_polls, self._stream.fanout.subscribers()
+
+
+class _GatewayCollector(Collector):
+    """The gateway's own families, built from the recorder at scrape time."""
+
+    def __init__(self, recorder: GatewayMetrics) -> None:
+        self._recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        recorder = self._recorder
+        yield histogram_family(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP requests, until the response ended (live reads included, "
+            "labelled by live mode)",
+            DURATION_LABELS,
+            dict(recorder.durations),
+        )
+        active = GaugeMetricFamily(
+            "http_server_active_requests",
+            "HTTP requests in progress (held SSE and long-poll reads included)",
+            labels=list(ACTIVE_LABELS),
+        )
+        for (method, scheme), count in recorder.active.items():
+            active.add_metric([method, scheme], count)
+        yield active
+        long_polls, sse = recorder.live_readers()
+        live = GaugeMetricFamily(
+            "ds_live_readers", "Live-read clients held by this gateway", labels=["mode"]
+        )
+        live.add_metric(["long-poll"], long_polls)
+        live.add_metric(["sse"], sse)
+        yield live
+        yield GaugeMetricFamily(
+            "ds_sse_shared_upstreams",
+            "Shard SSE calls this gateway holds, each shared by the clients reading the same",
+            value=recorder._stream.fanout.upstreams(),
+        )
+        inflight = GaugeMetricFamily(
+            "ds_rpc_inflight",
+            "RPC calls to the shard in progress (a shared SSE call until it ends)",
+            labels=["shard"],
+        )
+        for shard_id, conn in recorder._pool.connections.items():
+            inflight.add_metric([shard_id], _inflight(conn))
+        yield inflight
+        dog = watchdog.current()
+        yield loop_stall_family(dog.histogram if dog is not None else None)
+        yield build_info()
+
+
+def _inflight(conn: object) -> int:
+    """Calls in flight on a shard connection. The RPC client offers no count, so this
+    reads its map of pending calls (the connected protocol's, or the connection's own in
+    older layouts); 0 when neither is there (not connected)."""
+    protocol = getattr(conn, "_protocol", None)
+    pending = getattr(protocol if protocol is not None else conn, "pending", None)
+    if pending is None:
+        pending = getattr(conn, "_pending", None)
+    return len(pending) if isinstance(pending, dict) else 0
+
+
+current: GatewayMetrics | None = None
+
+
+def enable(pool: ShardPool, stream: StreamHandler) -> GatewayMetrics:
+    """Make a recorder this process's `current` one."""
+    global current
+    current = GatewayMetrics(pool, stream)
+    return current
