@@ -161,6 +161,7 @@ def test_the_real_command_reads_the_environment() -> None:
     done = run_cli(["gateway", "--help"], {})
     assert "DS_MAX_BODY_BYTES" in done.stdout and done.returncode == 0
     # --shards from the environment: the gateway gets past parsing to its own check
-    done = run_cli(["gateway", "--listen", "127.0.0.1:0"], {"DS_SHARDS": "s0=nohost"})
+    secret = {"DS_CLUSTER_SECRET": "s" * 64}
+    done = run_cli(["gateway", "--listen", "127.0.0.1:0"], {"DS_SHARDS": "s0=nohost", **secret})
     assert done.returncode == 2
     assert "bad endpoint 's0=nohost'" in done.stderr
