@@ -5,8 +5,9 @@ Every response carries `X-Request-Id`: the client's own when it sent a usable on
 operator find the request's log line. With `--access-log`, one line per request goes to
 the `access` logger, written by whichever path served the request (no ASGI detour, so
 the access log does not turn the native route off): request id, method, route template,
-path, status, duration, bytes in and out, and `via` (native or asgi). With
-`--log-format json` each of those is a field of the line (`common/logs.py`).
+path, status (499: the client left before the answer), duration, bytes in and out, and
+`via` (native or asgi). With `--log-format json` each of those is a field of the line
+(`common/logs.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 REQUEST_ID = b"x-request-id"
 MAX_REQUEST_ID = 128
 STREAM_ROUTE = "/v1/stream/{path}"
+CLIENT_GONE = 499  # logged status of a request whose client left before its answer
 _USABLE_ID = re.compile(rb"[!-~]{1,%d}" % MAX_REQUEST_ID)
 _KNOWN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -115,7 +117,7 @@ def with_request_ids(app: App, access: AccessLog | None) -> App:
             return await app(scope, receive, send)
         started = perf_counter()
         rid = request_id(scope["headers"])
-        counts = [0, 0, 500]  # bytes in, bytes out, status
+        counts = [0, 0, 0]  # bytes in, bytes out, status (0: no response started)
 
         async def counted_receive() -> Message:
             message = await receive()
@@ -131,11 +133,15 @@ def with_request_ids(app: App, access: AccessLog | None) -> App:
                 counts[1] += len(message.get("body", b""))
             await send(message)
 
+        failed = True
         try:
             await app(scope, counted_receive, send_with_id)
+            failed = False
         finally:
-            path = scope.get("path", "")
             received, sent, status = counts
+            if not status:  # hypercorn answers 500 for a failed app, nothing to one gone
+                status = 500 if failed else CLIENT_GONE
+            path = scope.get("path", "")
             access.write(rid, scope["method"], path, status, started, received, sent, "asgi")
 
     return logged

@@ -24,7 +24,7 @@ from hypercorn.utils import suppress_body
 
 from ds_cluster.common import bigjoin
 from ds_cluster.gateway import metrics as gateway_metrics
-from ds_cluster.gateway.access import REQUEST_ID, AccessLog, request_id
+from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, request_id
 from ds_cluster.gateway.answers import Answer, body_too_large
 from ds_cluster.gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
@@ -192,6 +192,8 @@ class NativeExchange:
                 log.exception("native route failed on %s %r", self._method, self._target)
                 answer = self._route.error(500, "internal error")
             if answer is None:  # the client left: nothing to write, the connection ends
+                if self._access is not None:
+                    self._log(CLIENT_GONE, 0)
                 self._done = True
                 await self._protocol.send(Closed())
                 return
