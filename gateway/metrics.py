@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what every Prometheus version reads
 SHARD_TIMEOUT = 1.0  # seconds a scrape waits for a shard's samples
 STREAM_ROUTE = "/v1/stream/{path}"
+MAX_SERIES_KEYS = 1000  # method spellings remembered (each maps to a bounded label set)
 CONTROL_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 # Methods are labelled as they are; any other is "_OTHER" (OpenTelemetry's rule), so a
 # client cannot make up label values.
@@ -85,29 +86,44 @@ def live_label(method: str, query: bytes) -> str:
     return live if live in ("long-poll", "sse") else "none"
 
 
+class Series:
+    """The requests of one (method, scheme, live) label set: how many are in progress,
+    and their durations by status (stream requests) or by (status, route) (the rest)."""
+
+    __slots__ = ("active", "labels", "other", "stream")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels  # (method, scheme, live), the method normalised
+        self.active = 0
+        self.stream: dict[int, Histogram] = {}  # status -> durations, route STREAM_ROUTE
+        self.other: dict[tuple[int, str], Histogram] = {}  # (status, route) -> durations
+
+
 class Exchange:
     """One request being recorded: `end` it once, with the status sent (0: none was)."""
 
-    __slots__ = ("_active", "_labels", "_recorder", "_started")
+    __slots__ = ("_series", "_started")
 
-    def __init__(self, recorder: GatewayMetrics, method: str, scheme: str, live: str) -> None:
-        self._recorder = recorder
-        self._labels = (method, scheme, live)
-        self._active = (method, scheme)
-        active = recorder.active
-        active[self._active] = active.get(self._active, 0) + 1
+    def __init__(self, series: Series) -> None:
+        series.active += 1
+        self._series = series
         self._started = perf_counter()
 
-    def end(self, status: int, route: str = STREAM_ROUTE) -> None:
-        recorder = self._recorder
-        recorder.active[self._active] -= 1
-        if status:
-            method, scheme, live = self._labels
-            key = (method, str(status), route, live, scheme)
-            histogram = recorder.durations.get(key)
+    def end(self, status: int, route: str | None = None) -> None:
+        """`route`: the route template, None for STREAM_ROUTE."""
+        series = self._series
+        series.active -= 1
+        if not status:
+            return
+        if route is None:
+            histogram = series.stream.get(status)
             if histogram is None:
-                histogram = recorder.durations[key] = Histogram(DURATION_BUCKETS)
-            histogram.observe(perf_counter() - self._started)
+                histogram = series.stream[status] = Histogram(DURATION_BUCKETS)
+        else:
+            histogram = series.other.get((status, route))
+            if histogram is None:
+                histogram = series.other[(status, route)] = Histogram(DURATION_BUCKETS)
+        histogram.observe(perf_counter() - self._started)
 
 
 class GatewayMetrics:
@@ -116,10 +132,10 @@ class GatewayMetrics:
     def __init__(self, pool: ShardPool, stream: StreamHandler) -> None:
         self._pool = pool
         self._stream = stream
-        # (method, status, route, live, scheme) -> durations; bounded by the label values
-        # (methods, statuses 100-599, four routes, three live modes, two schemes).
-        self.durations: dict[tuple[str, ...], Histogram] = {}
-        self.active: dict[tuple[str, str], int] = {}  # (method, scheme) -> in progress
+        # (method as sent, scheme, live) -> its series; a method outside METHODS shares
+        # the "_OTHER" series, and at most MAX_SERIES_KEYS such spellings are remembered.
+        self._lookup: dict[tuple[str, str, str], Series] = {}
+        self.series: dict[tuple[str, str, str], Series] = {}  # by normalised labels
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -127,7 +143,19 @@ class GatewayMetrics:
 
     def exchange(self, method: str, scheme: str, live: str) -> Exchange:
         """Start recording a request (`method` as sent; it is normalised here)."""
-        return Exchange(self, method_label(method), scheme, live)
+        series = self._lookup.get((method, scheme, live))
+        if series is None:
+            series = self._series_for(method, scheme, live)
+        return Exchange(series)
+
+    def _series_for(self, method: str, scheme: str, live: str) -> Series:
+        labels = (method_label(method), scheme, live)
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = Series(labels)
+        if len(self._lookup) < MAX_SERIES_KEYS:
+            self._lookup[(method, scheme, live)] = series
+        return series
 
     def instrument(self, app: ASGIApp) -> ASGIApp:
         """`app` with every HTTP request recorded: the requests the native route
@@ -137,8 +165,8 @@ class GatewayMetrics:
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+            route: str | None = None  # STREAM_ROUTE
             if raw_path.startswith(PREFIX_BYTES):
-                route = STREAM_ROUTE
                 live = live_label(scope["method"], scope.get("query_string", b""))
             else:
                 route = scope["path"] if scope["path"] in CONTROL_ROUTES else ""
@@ -202,28 +230,36 @@ class _GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         recorder = self._recorder
+        durations: dict[tuple[str, ...], Histogram] = {}
+        active: dict[tuple[str, str], int] = {}
+        for (method, scheme, live), series in recorder.series.items():
+            for status, histogram in series.stream.items():
+                durations[(method, str(status), STREAM_ROUTE, live, scheme)] = histogram
+            for (status, route), histogram in series.other.items():
+                durations[(method, str(status), route, live, scheme)] = histogram
+            active[(method, scheme)] = active.get((method, scheme), 0) + series.active
         yield histogram_family(
             "http_server_request_duration_seconds",
             "Duration of HTTP requests, until the response ended (live reads included, "
             "labelled by live mode)",
             DURATION_LABELS,
-            dict(recorder.durations),
+            durations,
         )
-        active = GaugeMetricFamily(
+        in_progress = GaugeMetricFamily(
             "http_server_active_requests",
             "HTTP requests in progress (held SSE and long-poll reads included)",
             labels=list(ACTIVE_LABELS),
         )
-        for (method, scheme), count in recorder.active.items():
-            active.add_metric([method, scheme], count)
-        yield active
+        for (method, scheme), count in active.items():
+            in_progress.add_metric([method, scheme], count)
+        yield in_progress
         long_polls, sse = recorder.live_readers()
-        live = GaugeMetricFamily(
+        readers = GaugeMetricFamily(
             "ds_live_readers", "Live-read clients held by this gateway", labels=["mode"]
         )
-        live.add_metric(["long-poll"], long_polls)
-        live.add_metric(["sse"], sse)
-        yield live
+        readers.add_metric(["long-poll"], long_polls)
+        readers.add_metric(["sse"], sse)
+        yield readers
         yield GaugeMetricFamily(
             "ds_sse_shared_upstreams",
             "Shard SSE calls this gateway holds, each shared by the clients reading the same",
