@@ -74,6 +74,10 @@ OPS = (
     "ring_set",
     "move_status",
     "metrics",
+    "move_query",
+    "move_begin",
+    "move_chunk",
+    "move_finish",
 )
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version", "moving")
 
@@ -90,6 +94,24 @@ ARG_SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
     "ring_set": {"ring": (dict, True)},
     "move_status": {},
     "metrics": {},
+    # between shards, moving streams (shard/handoff.py); each carries the sender's ring
+    "move_query": {"ring": (dict, True), "from": (str, True), "path": (str, False)},
+    "move_begin": {"ring": (dict, True), "from": (str, True), "path": (str, True)},
+    "move_chunk": {
+        "ring": (dict, True),
+        "from": (str, True),
+        "path": (str, True),
+        "records": (list, True),
+    },
+    "move_finish": {
+        "ring": (dict, True),
+        "from": (str, True),
+        "path": (str, True),
+        "state": (bytes, True),
+        "producers": (list, True),
+        "refs": (list, True),
+        "end": (int, True),
+    },
 }
 
 # Request headers the gateway forwards to shards; everything else is transport-level.

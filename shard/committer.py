@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ds_cluster.common import wire
 from ds_cluster.common.metrics import Histogram
 from ds_cluster.shard.core.model import evolve
 from ds_cluster.shard.store import (
     Batch,
+    Statement,
     StorageUnavailable,
     Store,
     StreamWrite,
@@ -41,7 +43,7 @@ from ds_cluster.shard.store import (
 )
 from ds_cluster.shard.streams import Entry
 
-__all__ = ["Committer", "Job", "StorageUnavailable"]
+__all__ = ["Committer", "Job", "StorageUnavailable", "StreamMoving"]
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +75,39 @@ COMMIT_BUCKETS = (
 )
 
 
+MOVING_RETRY_AFTER = 0.2  # seconds a caller told `moving` waits before it retries
+
+
+class StreamMoving(wire.Moving):
+    """The stream is moving to or from this shard: nothing was done; retry shortly
+    (answered `err moving` with `a = {"retry_after": ...}`)."""
+
+    def __init__(self, path: str, retry_after: float = MOVING_RETRY_AFTER) -> None:
+        super().__init__(f"{path[:100]!r} is moving between shards; retry shortly")
+        self.path = path
+        self.args_map: wire.Args | None = {"retry_after": retry_after}
+
+
+def _never(path: str) -> bool:
+    return False
+
+
 @dataclass(eq=False)
 class Job:
-    """One request's durable changes, committed atomically with its batch."""
+    """One request's durable changes, committed atomically with its batch.
+
+    `statements` are further bookkeeping for the same transaction (moves, settings), with
+    `extra_bytes` the data they carry; `unfenced` marks the moves' own jobs, which may
+    write streams that are fenced for requests."""
 
     writes: list[tuple[Entry, StreamWrite]] = field(default_factory=list)
     refs_added: list[tuple[str, str]] = field(default_factory=list)
     refs_removed: list[str] = field(default_factory=list)
     outbox_put: list[tuple[str, str, str]] = field(default_factory=list)
     outbox_removed: list[str] = field(default_factory=list)
+    statements: list[Statement] = field(default_factory=list)
+    extra_bytes: int = 0
+    unfenced: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
 
@@ -113,6 +139,9 @@ class Committer:
         # per group commit that carried requests' writes.
         self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         self.durations = Histogram(COMMIT_BUCKETS)
+        # Whether a stream may not be written now (moving away or still arriving): set by
+        # the service; checked at submit, the one door every write goes through.
+        self.fenced: Callable[[str], bool] = _never
 
     def health(self) -> str:
         """ "ok", or "failed: <reason>" while the storage refuses writes."""
@@ -129,7 +158,13 @@ class Committer:
         self._wake.set()
 
     def submit(self, job: Job) -> Job:
-        """Queue `job`; the caller has already moved each entry's pending state forward."""
+        """Queue `job`; the caller has already moved each entry's pending state forward.
+
+        Raises StreamMoving (and queues nothing) if the job writes a fenced stream."""
+        if not job.unfenced:
+            for entry, _write in job.writes:
+                if self.fenced(entry.path):
+                    raise StreamMoving(entry.path)
         for entry, write in job.writes:
             entry.pending = write.state
             entry.pending_sid = write.sid
@@ -184,6 +219,8 @@ class Committer:
             batch.refs_removed += job.refs_removed
             batch.outbox_put += job.outbox_put
             batch.outbox_removed += job.outbox_removed
+            batch.statements += job.statements
+            size += job.extra_bytes
         for path, entry in list(self._dirty.items()):
             if path in written or entry.inflight:
                 continue

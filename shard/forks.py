@@ -18,14 +18,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from ds_cluster.common.ring import Ring
+from ds_cluster.common.ring import RingHolder
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.shard import core
-from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable, StreamMoving
 from ds_cluster.shard.core.errors import error_response, unavailable
 from ds_cluster.shard.core.headers import is_json
 from ds_cluster.shard.core.model import (
@@ -52,13 +52,17 @@ MAX_SERVED_BYTES = 8 * 1024 * 1024  # per read_fork answer (a single record may 
 READ_RETRIES = 3  # a read whose stream was replaced while it waited on the source restarts
 
 
+async def _always(path: str) -> None:
+    """Every stream may be served (a coordinator without a handoff: unit uses)."""
+
+
 class ForkCoordinator:
     """Both sides of forks on one shard; the `peers` reach the other shards."""
 
     def __init__(
         self,
         shard_id: str,
-        ring: Ring,
+        ring: RingHolder,
         store: Store,
         committer: Committer,
         table: StreamTable,
@@ -76,6 +80,8 @@ class ForkCoordinator:
         self.peers = ForkPeers(ring, shard_id, self, pool)  # pool: None for one shard
         self.outbox = Outbox(store, committer, self.peers.release_fork)
         self._ref_lock = trio.Lock()  # reference changes are rare; serialize them
+        # Raises StreamMoving while a source stream we own is not here yet (shard.handoff).
+        self.admit: Callable[[str], Awaitable[None]] = _always
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver pending releases (those left by a previous run first)."""
@@ -84,7 +90,7 @@ class ForkCoordinator:
         await self.outbox.run()
 
     def owns(self, path: str) -> bool:
-        return self._ring.owns(self._shard_id, path)
+        return self._ring.current.owns(self._shard_id, path)
 
     # -- reads: any stream, a linked fork's inherited part from its source --------------
 
@@ -128,6 +134,7 @@ class ForkCoordinator:
         `source` with end > `position`, cut at `limit`, for the holder of reference `ref`
         only (None if `ref` is not held on `source`). Soft-deleted and expired sources
         still answer: they keep their records while referenced."""
+        await self.admit(source)
         return await self._follow(source, ref, position, limit, min(max_bytes, MAX_SERVED_BYTES))
 
     async def _follow(
@@ -222,6 +229,9 @@ class ForkCoordinator:
         except StorageUnavailable:
             await self._release_later(ref, need.source)
             return unavailable("storage unavailable; the fork was not created")
+        except StreamMoving:  # the fork's own path left this shard meanwhile
+            await self._release_later(ref, need.source)
+            raise
         return reply.response
 
     async def _release_later(self, ref: str, source: str) -> None:
@@ -248,6 +258,7 @@ class ForkCoordinator:
         Reads one record at most (a sub-offset's anchor), whatever the source's size."""
         if not self.owns(source):
             return error_response(421, "this shard does not own the source stream")
+        await self.admit(source)
         async with self._ref_lock:
             entry = self._table.get(source)
             try:
@@ -287,6 +298,7 @@ class ForkCoordinator:
 
     async def release(self, source: str, ref: str) -> None:
         """A fork of `source` is gone: drop its reference; purge a soft-deleted source."""
+        await self.admit(source)
         async with self._ref_lock:
             if not self._store.has_ref(ref):
                 return  # already released (a retried delivery)

@@ -20,6 +20,7 @@ from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoin
 from ds_cluster.shard import rpc_ops
 from ds_cluster.shard.core.model import CoreConfig
 from ds_cluster.shard.dirlock import DataDirBusy, DataDirLock
+from ds_cluster.shard.ring_state import ShardRing
 from ds_cluster.shard.rpc_server import RpcServer
 from ds_cluster.shard.service import ShardService
 from ds_cluster.shard.store import Store
@@ -79,24 +80,28 @@ def run(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> None:
     host, port = parse_listen(args.listen)
     watchdog.install(args.id)  # logs event-loop stalls over 100 ms
-    peers = shard_endpoints(args.peers, args, flag="--peers")
-    peers.pop(args.id, None)
-    ring = Ring(args.ring_version, (args.id, *peers))
+    endpoints = shard_endpoints(args.peers, args, flag="--peers")
+    peers = {sid: ep for sid, ep in endpoints.items() if sid != args.id}
+    ring = Ring(args.ring_version, (args.id, *peers), endpoints)
     config = CoreConfig(
         long_poll_timeout=args.long_poll_timeout, sse_max_duration=args.sse_max_duration
     )
     store = Store(args.data_dir, synchronous=args.synchronous)
+    # The newer of this ring and the one in the database wins (at start-up, shard.ring_state)
+    rings = ShardRing(args.id, ring, store)
     try:
         security: rpc_security.RpcSecurity = args.security
         async with ShardPool(
-            peers,
+            {**rings.stored_endpoints(), **peers},
             ring,
             role="shard",
             name=args.id,
             secret=security.secret,
             ssl_context=security.client_ssl,
+            drop_departed=False,  # a shard that leaves the ring may still hand over streams
         ) as pool:
-            service = ShardService(args.id, ring, store, config, pool if peers else None)
+            rings.on_change.append(lambda old, new: _follow(pool, new))
+            service = ShardService(args.id, rings, store, config, pool)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)
@@ -114,12 +119,17 @@ async def serve(args: argparse.Namespace) -> None:
                     "serving on %s:%s (ring v%d: %s)",
                     bound[0],
                     bound[1],
-                    ring.version,
-                    ",".join(ring.shard_ids),
+                    service.ring.version,
+                    ",".join(service.ring.shard_ids),
                 )
     finally:
         store.close()
         log.info("stopped")
+
+
+def _follow(pool: ShardPool, ring: Ring) -> None:
+    """The RPC pool follows the shard's ring (it connects to the new shards)."""
+    pool.adopt(ring)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -14,14 +14,18 @@ from typing import Protocol
 import trio
 
 from ds_cluster.common import wire
-from ds_cluster.common.ring import Ring
+from ds_cluster.common.ring import RingHolder
 from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
-from ds_cluster.shard.committer import StorageUnavailable
+from ds_cluster.shard.committer import StorageUnavailable, StreamMoving
 from ds_cluster.shard.core.model import ForkExport, Record, Response
 
 RPC_TIMEOUT = 30.0
 READ_TIMEOUT = 15.0  # an inherited read waits on the source at most this long
 RECONNECT_GRACE = 2.0  # a read or export finding the peer unconnected waits this long once
+MOVING_GRACE = 3.0  # a source that is moving between shards is retried this long
+MOVING_PAUSE = 0.1  # between those tries
+# Answers that mean "ask again, maybe elsewhere": the source is moving, or its owner changed.
+RETRY_CODES = frozenset({"moving", "misdirected", "version"})
 
 
 class PeerUnavailable(Exception):
@@ -131,11 +135,32 @@ def records_from_wire(data: wire.Args) -> list[Record]:
     return records
 
 
+async def call_peer(
+    pool: ShardPool | None, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
+) -> wire.Args:
+    """One op on the peer `owner`; PeerUnavailable (naming the error code, if any) when
+    it cannot answer or refuses."""
+    if pool is None:
+        raise PeerUnavailable(f"{op} on {owner}: no peers configured")
+    try:
+        result = await pool.call(owner, op, args, timeout=timeout)
+    except (ShardUnavailable, ShardError) as exc:
+        raise PeerUnavailable(f"{op} on {owner}: {exc}") from exc
+    if not isinstance(result, dict):
+        raise PeerUnavailable(f"{op} on {owner}: malformed answer")
+    return result
+
+
+def _retryable(exc: PeerUnavailable) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, ShardError) and cause.code in RETRY_CODES
+
+
 class ForkPeers:
-    """Routes fork RPCs by the ring. `pool` is None for a single-shard ring."""
+    """Routes fork RPCs by the ring. `pool` is None when this shard has no peers."""
 
     def __init__(
-        self, ring: Ring, shard_id: str, local: LocalForks, pool: ShardPool | None = None
+        self, ring: RingHolder, shard_id: str, local: LocalForks, pool: ShardPool | None = None
     ) -> None:
         self._ring = ring
         self._shard_id = shard_id
@@ -144,8 +169,8 @@ class ForkPeers:
 
     def remote_owner(self, source: str) -> str | None:
         """The peer that owns `source`, or None when this shard does."""
-        owner = self._ring.owner(source)
-        return None if owner == self._shard_id or self._pool is None else owner
+        owner = self._ring.current.owner(source)
+        return None if owner == self._shard_id else owner
 
     async def export_fork(
         self,
@@ -159,7 +184,7 @@ class ForkPeers:
         if owner is None:
             try:
                 return await self._local.export(source, offset, sub_offset, ref, content_type)
-            except StorageUnavailable as exc:
+            except (StorageUnavailable, StreamMoving) as exc:
                 raise PeerUnavailable(str(exc)) from exc
         args: wire.Args = {
             "source": source,
@@ -168,17 +193,17 @@ class ForkPeers:
             "ref": ref,
             "content_type": content_type,
         }
-        return export_from_wire(await self._patient_call(owner, "export_fork", args))
+        return export_from_wire(await self._patient_call(source, "export_fork", args))
 
     async def release_fork(self, source: str, ref: str) -> None:
         owner = self.remote_owner(source)
         if owner is None:
             try:
                 await self._local.release(source, ref)
-            except StorageUnavailable as exc:
+            except (StorageUnavailable, StreamMoving) as exc:
                 raise PeerUnavailable(str(exc)) from exc
             return
-        await self._call(owner, "release_fork", {"source": source, "ref": ref})
+        await call_peer(self._pool, owner, "release_fork", {"source": source, "ref": ref})
 
     async def read_fork(
         self, owner: str, source: str, ref: str, position: int, limit: int, max_bytes: int
@@ -192,33 +217,33 @@ class ForkPeers:
             "limit": limit,
             "max_bytes": max_bytes,
         }
-        return records_from_wire(await self._patient_call(owner, "read_fork", args, READ_TIMEOUT))
+        del owner  # routed by the source's path: its owner may change while we ask
+        return records_from_wire(await self._patient_call(source, "read_fork", args, READ_TIMEOUT))
 
     async def _patient_call(
-        self, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
+        self, source: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
     ) -> wire.Args:
-        """A call that found the peer not yet (re)connected (just started or restarted)
-        waits for it briefly and tries once more: safe for `read_fork`, which changes
-        nothing, and for `export_fork`, which counts a reference once per ref."""
-        assert self._pool is not None
-        try:
-            return await self._call(owner, op, args, timeout)
-        except PeerUnavailable as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, ShardUnavailable) and not cause.sent):
-                raise
-        with trio.move_on_after(RECONNECT_GRACE):
-            await self._pool.wait_connected(owner)
-        return await self._call(owner, op, args, timeout)
-
-    async def _call(
-        self, owner: str, op: str, args: wire.Args, timeout: float = RPC_TIMEOUT
-    ) -> wire.Args:
-        assert self._pool is not None
-        try:
-            result = await self._pool.call(owner, op, args, timeout=timeout)
-        except (ShardUnavailable, ShardError) as exc:
-            raise PeerUnavailable(f"{op} on {owner}: {exc}") from exc
-        if not isinstance(result, dict):
-            raise PeerUnavailable(f"{op} on {owner}: malformed answer")
-        return result
+        """An op on the owner of `source`, patiently: a peer not yet (re)connected (just
+        started or restarted) is waited for briefly once, and a source moving between
+        shards (or whose owner changed) is asked again, on its owner by the newest ring,
+        for up to MOVING_GRACE. Safe for `read_fork`, which changes nothing, and for
+        `export_fork`, which counts a reference once per ref."""
+        waited = False
+        deadline = trio.current_time() + MOVING_GRACE
+        while True:
+            owner = self.remote_owner(source)
+            if owner is None:
+                raise PeerUnavailable(f"{source!r} is now this shard's: ask again")
+            try:
+                return await call_peer(self._pool, owner, op, args, timeout)
+            except PeerUnavailable as exc:
+                cause = exc.__cause__
+                if isinstance(cause, ShardUnavailable) and not cause.sent and not waited:
+                    waited = True
+                    assert self._pool is not None
+                    with trio.move_on_after(RECONNECT_GRACE):
+                        await self._pool.wait_connected(owner)
+                    continue
+                if not _retryable(exc) or trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(MOVING_PAUSE)

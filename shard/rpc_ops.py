@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from ds_cluster.shard.ring_ops import ring_handlers
+
 from ds_cluster.common import wire
 from ds_cluster.shard.metrics import ShardMetrics
 from ds_cluster.shard.peers import export_to_wire, records_to_wire
@@ -78,6 +80,7 @@ def handlers(service: ShardService) -> dict[str, Handler]:
         return {"families": shard_metrics.samples()}
 
     return {
+        **ring_handlers(service),
         "export_fork": export_fork,
         "release_fork": release_fork,
         "read_fork": read_fork,

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from ds_cluster.common import wire
 from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.shard import core
 from ds_cluster.shard.alarms import AlarmLoop
-from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable, StreamMoving
 from ds_cluster.shard.core.errors import unavailable
 from ds_cluster.shard.core.model import (
     CoreConfig,
@@ -35,9 +36,11 @@ from ds_cluster.shard.core.model import (
     Wait,
 )
 from ds_cluster.shard.forks import ForkCoordinator
+from ds_cluster.shard.handoff import Handoff
 from ds_cluster.shard.metrics import ShardCounters, count_stored_streams
 from ds_cluster.shard.offload import BodyOffload
-from ds_cluster.shard.peers import PeerUnavailable
+from ds_cluster.shard.peers import PeerUnavailable, call_peer
+from ds_cluster.shard.ring_state import ShardRing
 from ds_cluster.shard.store import Store, StreamWrite
 from ds_cluster.shard.streams import Entry, StreamTable
 
@@ -51,13 +54,14 @@ class ShardService:
     def __init__(
         self,
         shard_id: str,
-        ring: Ring,
+        rings: ShardRing,
         store: Store,
         config: CoreConfig,
         pool: ShardPool | None = None,
     ) -> None:
         self.shard_id = shard_id
-        self.ring = ring
+        self.rings = rings  # the newest ring, kept in the database (`shard.ring_state`)
+        self.pool = pool
         self.store = store
         self.config = config
         self.table = StreamTable(store)
@@ -66,8 +70,21 @@ class ShardService:
         self.alarms = AlarmLoop(self._expire)
         self.offload = BodyOffload()
         self.forks = ForkCoordinator(
-            shard_id, ring, store, self.committer, self.table, config, self._stage, pool
+            shard_id, rings.holder, store, self.committer, self.table, config, self._stage, pool
         )
+        # Streams moving in and out when the ring changes (`shard.handoff`).
+        self.handoff = Handoff(rings, store, self.committer, self.table, self.call_peer)
+        self.committer.fenced = self.handoff.fenced
+        self.forks.admit = self.handoff.admit
+
+    @property
+    def ring(self) -> Ring:
+        """The newest ring this shard has adopted."""
+        return self.rings.current
+
+    async def call_peer(self, shard_id: str, op: str, args: wire.Args, timeout: float) -> wire.Args:
+        """An op on another shard (PeerUnavailable if it cannot answer or refuses)."""
+        return await call_peer(self.pool, shard_id, op, args, timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -83,10 +100,12 @@ class ShardService:
             while True:
                 await self.committer.wait_storage_ok()
                 try:
+                    await self.rings.start(self.committer)
                     for path, deadline in self.store.load_deadlines():
                         self.alarms.arm(path, deadline)
                     self.counters.streams = count_stored_streams(self.store)
                     await nursery.start(self.forks.run)
+                    await nursery.start(self.handoff.run)
                     break
                 except StorageUnavailable as exc:  # failed again meanwhile: wait, retry
                     log.warning("recovering state at start-up failed: %s", exc)
@@ -112,6 +131,7 @@ class ShardService:
                     counters.streams -= 1
                 if write.state is not None:
                     self.alarms.arm(entry.path, write.state.deadline())
+                self.handoff.after_commit(entry.path, write.state)
             for ref, source, status in job.outbox_put:
                 if status == "due":
                     self.forks.outbox.add(ref, source)
@@ -125,6 +145,7 @@ class ShardService:
             await self._handle(request, respond, send)
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
+        await self.handoff.admit(request.path)  # StreamMoving while it is on its way here
         entry = self.table.get(request.path)
         try:
             await self._dispatch(entry, request, respond, send)
@@ -159,6 +180,8 @@ class ShardService:
             elif isinstance(decision, Wait):
                 self.committer.touch(entry, now)
                 await self._wait(entry, decision.position, decision.timeout)
+                if self.handoff.fenced(entry.path):
+                    raise StreamMoving(entry.path)  # the long-poll resumes on its new owner
                 resume = decision
                 now = time.time()
                 decision = core.handle(request, entry.committed, now, config, resume=resume)
@@ -237,7 +260,7 @@ class ShardService:
         self.counters.long_polls += 1
         try:
             with trio.move_on_after(timeout):
-                while True:
+                while not self.handoff.fenced(entry.path):
                     state = entry.committed
                     if state is None or state.closed or state.soft_deleted:
                         return
@@ -259,6 +282,8 @@ class ShardService:
         try:
             with trio.move_on_at(trio.current_time() + (session.ends_at - time.time())):
                 while not session.done:
+                    if self.handoff.fenced(entry.path):
+                        raise StreamMoving(entry.path)  # the reader resumes on the new owner
                     state = entry.committed
                     position = session.position
                     records: list[Record] = []
@@ -293,6 +318,8 @@ class ShardService:
     # -- expiry --------------------------------------------------------------------------------
 
     async def _expire(self, path: str) -> float | None:
+        if not self.owns(path):
+            return None  # its new owner keeps its deadline
         try:
             entry = self.table.get(path)
         except StorageUnavailable:
@@ -311,6 +338,8 @@ class ShardService:
                 await self.committer.submit(job).wait()
             except StorageUnavailable:
                 return time.time() + 1.0  # retry once storage is back
+            except StreamMoving:
+                return None  # moving away (its new owner expires it) or arriving (re-armed)
             return None
         finally:
             self.table.release_if_idle(entry)

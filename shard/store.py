@@ -107,6 +107,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     source TEXT NOT NULL,
     status TEXT NOT NULL
 );
+-- the shard's own settings that must survive it: its newest ring, the shards that may
+-- still hold streams it owns (see shard/handoff.py)
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+-- streams arriving from their old owner: records staged under `sid` up to `received`;
+-- the stream's row in `streams` is written only when the whole of it has arrived
+CREATE TABLE IF NOT EXISTS arrivals (
+    path TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sid INTEGER NOT NULL UNIQUE,
+    received INTEGER NOT NULL
+);
+-- the last completed arrival of each path: a sender that retries after a crash is told
+-- the stream is already here (the import is idempotent)
+CREATE TABLE IF NOT EXISTS arrived (
+    path TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
 """
 
 
@@ -186,6 +208,71 @@ class StreamWrite:
     previous_producers: Mapping[str, ProducerState] | None = None
 
 
+@dataclass(frozen=True)
+class Statement:
+    """One more statement for a batch's transaction (the moves' bookkeeping, settings):
+    built by this module's functions below, so every SQL text lives here."""
+
+    sql: str
+    params: Sequence[object] | Sequence[Sequence[object]] = ()
+    many: bool = False
+
+
+def put_meta(key: str, value: bytes) -> Statement:
+    return Statement("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def stage_arrival(path: str, source: str, version: int, sid: int) -> Statement:
+    """Begin receiving `path` from `source`: its records will be staged under `sid`."""
+    return Statement(
+        "INSERT OR REPLACE INTO arrivals (path, source, version, sid, received) "
+        "VALUES (?, ?, ?, ?, 0)",
+        (path, source, version, sid),
+    )
+
+
+def stage_records(path: str, sid: int, records: Sequence[Record], received: int) -> list[Statement]:
+    """An arriving stream's next records, and how far it has now arrived."""
+    return [
+        Statement(
+            "INSERT OR REPLACE INTO records (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
+            [(sid, r.end, r.start, r.data) for r in records],
+            many=True,
+        ),
+        Statement("UPDATE arrivals SET received = ? WHERE path = ?", (received, path)),
+    ]
+
+
+def finish_arrival(path: str, source: str, version: int) -> list[Statement]:
+    """The stream has arrived whole (its row is written in the same transaction)."""
+    return [
+        Statement("DELETE FROM arrivals WHERE path = ?", (path,)),
+        Statement(
+            "INSERT OR REPLACE INTO arrived (path, source, version) VALUES (?, ?, ?)",
+            (path, source, version),
+        ),
+    ]
+
+
+def drop_arrival(path: str, sid: int) -> list[Statement]:
+    """Discard a half-received stream (its sender starts it again)."""
+    return [
+        Statement("DELETE FROM records WHERE sid = ?", (sid,)),
+        Statement("DELETE FROM arrivals WHERE path = ?", (path,)),
+    ]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A stream being received (a row of `arrivals`)."""
+
+    path: str
+    source: str
+    version: int
+    sid: int
+    received: int
+
+
 @dataclass
 class Batch:
     """Everything one transaction writes."""
@@ -196,6 +283,7 @@ class Batch:
     refs_removed: list[str] = field(default_factory=list)
     outbox_put: list[tuple[str, str, str]] = field(default_factory=list)  # (ref, source, status)
     outbox_removed: list[str] = field(default_factory=list)
+    statements: list[Statement] = field(default_factory=list)
 
 
 class StorageUnavailable(Exception):
@@ -427,8 +515,58 @@ class Store:
         return records
 
     def max_sid(self) -> int:
-        sid: int = self._reader.execute("SELECT coalesce(max(sid), 0) FROM streams").fetchone()[0]
+        """The highest stream id in use, staged arrivals included."""
+        sid: int = self._reader.execute(
+            "SELECT max((SELECT coalesce(max(sid), 0) FROM streams), "
+            "(SELECT coalesce(max(sid), 0) FROM arrivals))"
+        ).fetchone()[0]
         return sid
+
+    def has_stream(self, path: str) -> bool:
+        return (
+            self._reader.execute("SELECT 1 FROM streams WHERE path = ?", (path,)).fetchone()
+            is not None
+        )
+
+    def load_meta(self, key: str) -> bytes | None:
+        row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def load_arrivals(self) -> list[Arrival]:
+        return [
+            Arrival(*row)
+            for row in self._reader.execute(
+                "SELECT path, source, version, sid, received FROM arrivals"
+            )
+        ]
+
+    def load_arrived(self, path: str) -> tuple[str, int] | None:
+        """(source, ring version) of the last completed arrival of `path`, if any."""
+        row = self._reader.execute(
+            "SELECT source, version FROM arrived WHERE path = ?", (path,)
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
+    def paths_after(self, path: str, limit: int) -> list[tuple[str, int]]:
+        """(path, tail) of up to `limit` streams after `path` in path order: a scan of
+        every stream in slices short enough for the loop."""
+        rows = self._reader.execute(
+            "SELECT path, state FROM streams WHERE path > ? ORDER BY path LIMIT ?", (path, limit)
+        ).fetchall()
+        return [(p, decode_state(p, blob, {}).tail) for p, blob in rows]
+
+    def refs_on(self, path: str) -> list[str]:
+        """The fork references held on stream `path`."""
+        rows = self._reader.execute("SELECT ref FROM fork_refs WHERE path = ?", (path,))
+        return [ref for (ref,) in rows]
+
+    def counts(self) -> tuple[int, int]:
+        """(streams, bytes in use by the database): for status reports, cheaply."""
+        streams: int = self._reader.execute("SELECT count(*) FROM streams").fetchone()[0]
+        pages: int = self._reader.execute("PRAGMA page_count").fetchone()[0]
+        free: int = self._reader.execute("PRAGMA freelist_count").fetchone()[0]
+        size: int = self._reader.execute("PRAGMA page_size").fetchone()[0]
+        return streams, (pages - free) * size
 
     def has_ref(self, ref: str) -> bool:
         return (
@@ -496,6 +634,11 @@ class Store:
             conn.executemany(
                 "DELETE FROM outbox WHERE ref = ?", [(r,) for r in batch.outbox_removed]
             )
+            for statement in batch.statements:
+                if statement.many:
+                    conn.executemany(statement.sql, statement.params)  # type: ignore[arg-type]
+                else:
+                    conn.execute(statement.sql, statement.params)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

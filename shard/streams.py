@@ -147,6 +147,10 @@ class StreamTable:
                 del entries[path]
                 excess -= 1
 
+    def live_entries(self) -> list[Entry]:
+        """Entries with live readers parked on them (to wake when the ring changes)."""
+        return [entry for entry in self._entries.values() if entry.waiters]
+
     def release_if_idle(self, entry: Entry) -> None:
         if entry.absent() and self._entries.get(entry.path) is entry:
             del self._entries[entry.path]

@@ -1,0 +1,306 @@
+"""Streams move between shards when the ring changes, with nothing lost (real processes).
+
+Shards and a gateway are started by hand on free ports; the ring is changed the way an
+operator's tool does it, with `ring_set` on an authenticated RPC connection, and the
+moves are watched with `move_status` until every shard says it is done. Every stream
+is then read back through the gateway, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from support.auth import TEST_SECRET, secret_args
+from support.processes import GatewayProcess, ShardProcess, free_port
+
+from ds_cluster.common import wire
+from ds_cluster.common.ring import Ring, format_endpoint
+from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
+
+pytestmark = pytest.mark.slow
+
+JSON_TYPE = "application/json"
+BYTES_TYPE = "application/octet-stream"
+MOVE_DEADLINE = 120.0  # seconds for every move of a ring change to finish (a busy machine)
+
+
+@dataclass
+class Cluster:
+    """Shards s0..s{n-1} on fixed ports (all reserved up front), a gateway in front."""
+
+    tmp: Path
+    ports: dict[str, int]
+    shards: dict[str, ShardProcess] = field(default_factory=dict)
+    ring: Ring | None = None
+    gateway: GatewayProcess | None = None
+    admin: ShardPool | None = None
+
+    def endpoints(self, ids: list[str]) -> dict[str, tuple[str, int]]:
+        return {sid: ("127.0.0.1", self.ports[sid]) for sid in ids}
+
+    def ring_of(self, version: int, ids: list[str]) -> Ring:
+        return Ring(version, tuple(ids), self.endpoints(ids))
+
+    def peers_arg(self, ring: Ring) -> str:
+        return ",".join(f"{sid}={format_endpoint(ep)}" for sid, ep in ring.endpoints.items())
+
+    def start(self, shard_id: str, ring: Ring) -> ShardProcess:
+        """Start (or restart) `shard_id` with `ring` on its command line."""
+        shard = ShardProcess(
+            self.tmp,
+            shard_id,
+            *secret_args(self.tmp),
+            "--ring-version",
+            str(ring.version),
+            "--log-level",
+            "INFO",
+            port=self.ports[shard_id],
+            peers=self.peers_arg(ring),
+        )
+        self.shards[shard_id] = shard
+        return shard
+
+    def kill(self, shard_id: str) -> None:
+        shard = self.shards[shard_id]
+        shard.proc.send_signal(signal.SIGKILL)
+        shard.proc.wait(10)
+
+    async def call(self, shard_id: str, op: str, args: wire.Args, timeout: float = 10) -> wire.Args:
+        assert self.admin is not None
+        deadline = trio.current_time() + 20
+        while True:
+            try:
+                return await self.admin.call(shard_id, op, args, timeout=timeout)
+            except ShardUnavailable:
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.1)
+
+    async def set_ring(self, ring: Ring, via: str) -> None:
+        """`ring_set` on one shard (it tells the others), as an operator's tool does."""
+        answer = await self.call(via, "ring_set", {"ring": ring.to_wire()})
+        assert answer["ring"]["version"] == ring.version
+        self.ring = ring
+
+    async def wait_moved(self, ids: list[str], deadline: float = MOVE_DEADLINE) -> list[dict]:
+        """Poll `move_status` on `ids` until every one is done under the newest ring."""
+        assert self.ring is not None
+        give_up = trio.current_time() + deadline
+        while True:
+            statuses = []
+            for sid in ids:
+                try:
+                    statuses.append(await self.call(sid, "move_status", {}, timeout=5))
+                except (ShardUnavailable, ShardError):
+                    statuses.append({"done": False})
+            if all(s.get("done") and s["ring"]["version"] == self.ring.version for s in statuses):
+                return statuses
+            assert trio.current_time() < give_up, f"moves not done: {statuses}"
+            await trio.sleep(0.3)
+
+    def new_gateway(self) -> str:
+        """A gateway started on the newest ring (a gateway also learns rings live; a
+        fresh one shows what a client sees with no gateway state behind it)."""
+        assert self.ring is not None
+        if self.gateway is not None:
+            self.gateway.stop()
+        self.gateway = GatewayProcess(
+            self.peers_arg(self.ring), "--ring-version", str(self.ring.version)
+        )
+        assert self.gateway.wait_ready(timeout=30).status_code == 200
+        return self.gateway.url
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        for shard in self.shards.values():
+            shard.stop()
+
+
+@asynccontextmanager
+async def cluster_of(tmp: Path, initial: int, spare: int = 1) -> AsyncIterator[Cluster]:
+    ids = [f"s{i}" for i in range(initial + spare)]
+    cluster = Cluster(tmp, {sid: free_port() for sid in ids})
+    ring = cluster.ring_of(1, ids[:initial])
+    cluster.ring = ring
+    try:
+        for sid in ids[:initial]:
+            cluster.start(sid, ring)
+        cluster.gateway = GatewayProcess(cluster.peers_arg(ring))
+        assert cluster.gateway.wait_ready(timeout=30).status_code == 200
+        async with ShardPool(
+            cluster.endpoints(ids),
+            ring,
+            role="gateway",
+            name="admin",
+            secret=TEST_SECRET,
+            drop_departed=False,
+        ) as admin:
+            cluster.admin = admin
+            yield cluster
+    finally:
+        cluster.stop()
+        for sid, shard in cluster.shards.items():
+            print(f"----- {sid} -----")
+            print("".join(shard.lines[-40:]))
+
+
+# -- streams of every kind -------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    """What a stream must read back as."""
+
+    content_type: str
+    body: bytes
+    closed: bool = False
+    ttl: str | None = None
+    expires_at: str | None = None
+
+
+async def make_streams(http: httpx.AsyncClient, prefix: str, count: int) -> dict[str, Expected]:
+    """`count` groups of streams: bytes, JSON, closed, TTL, Expires-At, an idempotent
+    producer's, a fork of a bytes stream with its own appends."""
+    out: dict[str, Expected] = {}
+    for i in range(count):
+        base = f"{prefix}-{i}"
+        raw = os.urandom(300 + i)
+        await put(http, f"{base}-b", BYTES_TYPE)
+        await post(http, f"{base}-b", raw, BYTES_TYPE)
+        out[f"{base}-b"] = Expected(BYTES_TYPE, raw)
+
+        await put(http, f"{base}-j", JSON_TYPE)
+        await post(http, f"{base}-j", json.dumps([{"n": i}, {"m": "x" * i}]).encode(), JSON_TYPE)
+        out[f"{base}-j"] = Expected(JSON_TYPE, json.dumps([{"n": i}, {"m": "x" * i}]).encode())
+
+        await put(http, f"{base}-c", BYTES_TYPE)
+        await post(http, f"{base}-c", b"last", BYTES_TYPE, {"Stream-Closed": "true"})
+        out[f"{base}-c"] = Expected(BYTES_TYPE, b"last", closed=True)
+
+        await put(http, f"{base}-t", BYTES_TYPE, {"Stream-TTL": "3600"})
+        await post(http, f"{base}-t", b"ttl", BYTES_TYPE)
+        out[f"{base}-t"] = Expected(BYTES_TYPE, b"ttl", ttl="3600")
+
+        expires = "2099-01-01T00:00:00Z"
+        await put(http, f"{base}-e", BYTES_TYPE, {"Stream-Expires-At": expires})
+        out[f"{base}-e"] = Expected(BYTES_TYPE, b"", expires_at=expires)
+
+        await put(http, f"{base}-p", BYTES_TYPE)
+        for seq in range(3):
+            await post(http, f"{base}-p", b"p%d" % seq, BYTES_TYPE, producer(seq))
+        out[f"{base}-p"] = Expected(BYTES_TYPE, b"p0p1p2")
+
+        await put(http, f"{base}-f", BYTES_TYPE, {"Stream-Forked-From": f"/v1/stream/{base}-b"})
+        await post(http, f"{base}-f", b"+fork", BYTES_TYPE)
+        out[f"{base}-f"] = Expected(BYTES_TYPE, raw + b"+fork")
+    return out
+
+
+def producer(seq: int, epoch: int = 0, pid: str = "writer-1") -> dict[str, str]:
+    return {"Producer-Id": pid, "Producer-Epoch": str(epoch), "Producer-Seq": str(seq)}
+
+
+async def put(
+    http: httpx.AsyncClient, name: str, ctype: str, headers: dict[str, str] | None = None
+) -> None:
+    r = await http.put(f"/v1/stream/{name}", headers={"Content-Type": ctype, **(headers or {})})
+    assert r.status_code in (200, 201), (name, r.status_code, r.text)
+
+
+async def post(
+    http: httpx.AsyncClient,
+    name: str,
+    body: bytes,
+    ctype: str,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    r = await http.post(
+        f"/v1/stream/{name}", content=body, headers={"Content-Type": ctype, **(headers or {})}
+    )
+    assert r.status_code in (200, 204), (name, r.status_code, r.text)
+    return r
+
+
+async def read_all(http: httpx.AsyncClient, name: str) -> httpx.Response:
+    """The whole stream in one or more catch-up reads (the bodies joined)."""
+    offset = "-1"
+    body = b""
+    first: httpx.Response | None = None
+    while True:
+        r = await http.get(f"/v1/stream/{name}", params={"offset": offset})
+        assert r.status_code == 200, (name, r.status_code, r.text)
+        first = first or r
+        body += r.content
+        if r.headers.get("stream-up-to-date") == "true" or not r.content:
+            break
+        offset = r.headers["stream-next-offset"]
+    first._content = body  # type: ignore[attr-defined]
+    return first
+
+
+async def check_streams(http: httpx.AsyncClient, expected: dict[str, Expected]) -> None:
+    for name, want in expected.items():
+        r = await read_all(http, name)
+        got = r.content
+        if want.content_type == JSON_TYPE:
+            assert json.loads(got) == json.loads(b"[" + want.body[1:-1] + b"]"), name
+        else:
+            assert got == want.body, name
+        head = await http.head(f"/v1/stream/{name}")
+        assert head.status_code == 200, (name, head.status_code)
+        assert (head.headers.get("stream-closed") == "true") == want.closed, name
+        if want.ttl:
+            assert head.headers.get("stream-ttl") == want.ttl, name
+        if want.expires_at:
+            assert head.headers.get("stream-expires-at") == want.expires_at, name
+
+
+def counts(statuses: list[dict]) -> list[int]:
+    return [s["streams"] for s in statuses]
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+async def test_two_to_three_and_back_with_every_kind_of_stream(tmp_path: Path) -> None:
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=30) as http:
+            expected = await make_streams(http, "kind", 6)
+            before = await cluster.wait_moved(["s0", "s1"])
+            assert sum(counts(before)) == len(expected)
+
+            three = cluster.ring_of(2, ["s0", "s1", "s2"])
+            cluster.start("s2", three)
+            await cluster.set_ring(three, via="s0")
+            after = await cluster.wait_moved(["s0", "s1", "s2"])
+            assert sum(counts(after)) == len(expected), after
+            assert counts(after)[2] > 0, after  # the new shard got its share
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            await check_streams(http, expected)
+
+            # an idempotent producer's retry across the move is still a duplicate
+            for name in [n for n in expected if n.endswith("-p")]:
+                r = await post(http, name, b"p2", BYTES_TYPE, producer(2))
+                assert r.status_code == 204, (name, r.status_code)
+                r = await post(http, name, b"p3", BYTES_TYPE, producer(3))
+                expected[name].body += b"p3"
+            await check_streams(http, expected)
+
+            two = cluster.ring_of(3, ["s0", "s1"])
+            await cluster.set_ring(two, via="s1")
+            back = await cluster.wait_moved(["s0", "s1", "s2"])
+            assert counts(back)[2] == 0, back  # the leaving shard handed everything over
+            assert sum(counts(back)) == len(expected), back
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            await check_streams(http, expected)
