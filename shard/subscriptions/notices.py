@@ -1,0 +1,171 @@
+"""Telling subscription owners that streams on this shard have new tails.
+
+A write to a stream that a registration matches (`Registry`) adds a notice row to the
+store's `outbox` in the write's own transaction (`stage`, from the service's staging of
+the write): once the write is acknowledged, its notice is durable, whatever happens to
+this process next. A delivery loop then sends each owner, over the shard RPC, the current
+committed tail of every noticed path (`sub_notify`, one call per owner for all its
+subscriptions and paths), and deletes the rows the owner has acknowledged. While a
+path's row is waiting, later writes to it add nothing: one notice covers every write
+before its delivery reads the tail, so appends cost one row per delivery round, not one
+per append. After a restart the rows left are delivered again (owners take tails as a
+maximum, so a repeat is harmless).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ds_cluster.common.backoff import jittered
+from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
+from ds_cluster.shard.core.offsets import encode
+from ds_cluster.shard.store import NOTICE_STATUS
+from ds_cluster.shard.subscriptions.registry import Registry
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 5.0
+MAX_PATHS_PER_ROUND = 5_000
+BUSY_DELAY = 0.02  # a path written during its delivery is delivered again after this
+
+Item = list[object]  # [sub id, path, tail offset or None]
+# (owner shard, items) -> the subscription ids the owner does not know (they are gone)
+Send = Callable[[str, list[Item]], Awaitable[list[str]]]
+Probe = Callable[[str], tuple[int | None, bool]]  # path -> (committed tail, writes in flight)
+
+
+class Notices:
+    def __init__(
+        self,
+        registry: Registry,
+        committer: Committer,
+        owner_of: Callable[[str], str],
+        probe: Probe,
+        send: Send,
+        forget: Callable[[list[str]], Awaitable[None]],
+    ) -> None:
+        self._registry = registry
+        self._committer = committer
+        self._owner_of = owner_of
+        self._probe = probe
+        self._send = send
+        self._forget = forget
+        self._staged: dict[str, tuple[str, Job | None]] = {}  # path -> (row key, its job)
+        self._ready: dict[str, str] = {}  # path -> key of a committed row
+        self._wake = trio.Event()
+        self._keys = itertools.count()
+        self._prefix = f"n{time.time_ns():x}-"
+
+    def stage(self, job: Job, path: str) -> None:
+        """`job` writes `path`: add a notice row to it unless one is already waiting."""
+        if not self._registry.matches(path):
+            return
+        staged = self._staged.get(path)
+        if staged is not None:
+            other = staged[1]
+            if other is None or not other.done.is_set() or other.error is None:
+                return  # a row waits (or commits) that covers this write too
+        key = f"{self._prefix}{next(self._keys)}"
+        self._staged[path] = (key, job)
+        job.outbox_put.append((key, path, NOTICE_STATUS))
+
+    def committed(self, key: str, path: str) -> None:
+        """A notice row committed (from the service's after-commit hook)."""
+        staged = self._staged.get(path)
+        if staged is not None and staged[0] == key:
+            self._staged[path] = (key, None)
+            self._ready[path] = key
+            self._wake.set()
+
+    def recover(self, rows: list[tuple[str, str]]) -> None:
+        """Rows left by an earlier run: deliver them again (duplicates go at once)."""
+        duplicates = []
+        for key, path in rows:
+            if path in self._ready:
+                duplicates.append(key)
+                continue
+            self._staged[path] = (key, None)
+            self._ready[path] = key
+        if duplicates:
+            self._committer.submit(Job(outbox_removed=duplicates))
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = MIN_BACKOFF
+        while True:
+            if not self._ready:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            taken = dict(itertools.islice(self._ready.items(), MAX_PATHS_PER_ROUND))
+            for path in taken:
+                del self._ready[path]
+                self._staged.pop(path, None)
+            failed, again = await self._deliver(taken)
+            if again and not failed:
+                await trio.sleep(BUSY_DELAY)  # let the writes in flight commit first
+            elif failed:
+                with trio.move_on_after(jittered(backoff)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            else:
+                backoff = MIN_BACKOFF
+
+    async def _deliver(self, taken: dict[str, str]) -> tuple[bool, bool]:
+        """One round: the tails of `taken` paths to their subscriptions' owners. Paths
+        whose delivery failed, or that changed meanwhile without a newer row, are put
+        back; the rest of the rows are deleted. Returns (a delivery failed, some path must
+        go again)."""
+        snapshot: dict[str, int | None] = {}
+        by_owner: dict[str, list[Item]] = {}
+        paths_of: dict[str, set[str]] = {}
+        for path in taken:
+            try:
+                tail, _busy = self._probe(path)
+            except StorageUnavailable:
+                tail = -1  # unknown: retried below
+            snapshot[path] = tail
+            for sub_id in self._registry.matches(path):
+                owner = self._owner_of(sub_id)
+                offset = None if tail is None else encode(max(tail, 0))
+                by_owner.setdefault(owner, []).append([sub_id, path, offset])
+                paths_of.setdefault(owner, set()).add(path)
+        retry = {path for path, tail in snapshot.items() if tail == -1}
+        failed = bool(retry)
+        gone: list[str] = []
+        for owner, items in by_owner.items():
+            try:
+                gone += await self._send(owner, items)
+            except Exception as exc:  # PeerUnavailable, storage: the rows wait
+                log.info("subscription notices to %s deferred: %s", owner, exc)
+                retry |= paths_of[owner]
+                failed = True
+        if gone:
+            await self._forget(gone)
+        done: list[str] = []
+        for path, key in taken.items():
+            if path not in retry and path not in self._staged:
+                try:
+                    tail, busy = self._probe(path)
+                except StorageUnavailable:
+                    tail, busy = -1, True
+                if busy or tail != snapshot[path]:
+                    retry.add(path)  # written since the snapshot, by a write with no row
+            if path in retry and path not in self._staged:
+                self._staged[path] = (key, None)
+                self._ready[path] = key
+            else:
+                done.append(key)
+        if done:
+            # if this fails, the rows are delivered again after a restart: harmless
+            with contextlib.suppress(StorageUnavailable):
+                await self._committer.submit(Job(outbox_removed=done)).wait()
+        return failed, bool(retry)

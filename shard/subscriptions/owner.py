@@ -1,0 +1,480 @@
+"""The subscriptions this shard owns: their HTTP API, wakes, leases and deliveries.
+
+A subscription is owned by the shard its id hashes to (`owner_key`); every request about
+it comes here (the gateway routes `__ds/subscriptions/:id/...` by id). Rules are decided
+by `shard.core.subscriptions`; this module keeps the state in memory, persists every
+change before answering (`SubDb.save`), asks the shards that own the streams for
+registrations and tails (`Peers`), and delivers wakes: webhooks over HTTP (signed,
+retried with backoff persisted in the state), pull-wake events appended to the wake
+stream as an idempotent producer whose epoch is the wake's generation, so a wake event
+is written once per generation even when its append is retried after a crash.
+
+One task (`run`) sleeps until the next due time of any subscription (a webhook attempt,
+a lease end) or until a change; deliveries run as tasks of its nursery, each under a
+deadline. Changes to one subscription are serialized by its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from secrets import token_hex
+from typing import Any, Protocol
+
+import httpcore  # noqa: F401 - imported with us, not on the loop by the first client
+import httpx
+import trio
+
+from ds_cluster.shard.committer import StorageUnavailable
+from ds_cluster.shard.core import subscriptions as rules
+from ds_cluster.shard.core.subscriptions import Sub, SubConfig, SubError
+from ds_cluster.shard.subscriptions.db import SubDb
+from ds_cluster.shard.subscriptions.keys import SigningKeys
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TIMEOUT = 10.0  # seconds for one webhook attempt, connect to last byte
+MAX_WEBHOOK_ANSWER = 64 * 1024  # bytes of a webhook's answer read (for `{done: true}`)
+JSON = ("content-type", "application/json")
+
+HttpAnswer = tuple[int, list[tuple[str, str]], bytes]
+
+
+def owner_key(sub_id: str) -> str:
+    """What the ring hashes to place a subscription."""
+    return f"__ds/subscriptions/{sub_id}"
+
+
+class SubscriptionsUnavailable(Exception):
+    """A shard the request needs could not be reached; nothing was decided."""
+
+
+class Peers(Protocol):
+    """The shards that own streams, this one included (`shard.subscriptions`)."""
+
+    async def register(
+        self, sub_id: str, pattern: str | None, paths: tuple[str, ...]
+    ) -> dict[str, str]: ...
+
+    async def unregister(self, sub_id: str, paths: list[str] | None, everywhere: bool) -> None: ...
+
+    async def tails(self, paths: list[str]) -> dict[str, str | None]: ...
+
+    async def append_wake(self, path: str, body: bytes, producer: str, epoch: int) -> int: ...
+
+
+def answer(
+    status: int, body: dict[str, Any] | None = None, extra: tuple[tuple[str, str], ...] = ()
+) -> HttpAnswer:
+    if body is None:
+        return status, list(extra), b""
+    return status, [JSON, *extra], json.dumps(body, separators=(",", ":")).encode()
+
+
+class SubOwner:
+    def __init__(self, db: SubDb, keys: SigningKeys, peers: Peers) -> None:
+        self._db = db
+        self._keys = keys
+        self._peers = peers
+        self._subs: dict[str, Sub] = {}
+        self._creating: dict[str, list[tuple[str, str | None]]] = {}  # id -> notices held
+        self._locks: dict[str, trio.Lock] = {}
+        self._attempting: set[str] = set()
+        self._changed = trio.Event()
+        self._client: httpx.AsyncClient | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self._subs = {sub.id: sub for sub in self._db.load_subs()}
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        async with (
+            httpx.AsyncClient(
+                timeout=WEBHOOK_TIMEOUT, follow_redirects=False, limits=limits, trust_env=False
+            ) as client,
+            trio.open_nursery() as nursery,
+        ):
+            self._client = client
+            while True:
+                now = time.time()
+                due = self._next_due(now, nursery)
+                self._changed = trio.Event()
+                with trio.move_on_after(max(0.0, due - now)):
+                    await self._changed.wait()
+
+    def _next_due(self, now: float, nursery: trio.Nursery) -> float:
+        """Start what is due now; return when the next thing is due."""
+        soonest = now + 3600
+        for sub in list(self._subs.values()):
+            if sub.delivering:
+                if sub.id in self._attempting:
+                    continue
+                at = sub.next_attempt_at or now
+                if at <= now:
+                    self._attempting.add(sub.id)
+                    nursery.start_soon(self._attempt, sub.id)
+                else:
+                    soonest = min(soonest, at)
+            elif sub.lease_until is not None:
+                if sub.lease_until <= now:
+                    nursery.start_soon(self._expire, sub.id)
+                    soonest = min(soonest, now + 0.05)
+                else:
+                    soonest = min(soonest, sub.lease_until)
+        return soonest
+
+    @asynccontextmanager
+    async def _locked(self, sub_id: str) -> AsyncIterator[Sub | None]:
+        lock = self._locks.setdefault(sub_id, trio.Lock())
+        try:
+            async with lock:
+                yield self._subs.get(sub_id)
+        finally:
+            if not lock.statistics().tasks_waiting and not lock.locked():
+                self._locks.pop(sub_id, None)
+
+    async def _save(self, sub: Sub) -> None:
+        await self._db.save([sub])
+        self._changed.set()
+
+    # -- wakes ---------------------------------------------------------------------------------
+
+    async def _wake_if_pending(self, sub: Sub) -> bool:
+        """Under the sub's lock: start a wake if it is idle with pending work."""
+        if not rules.should_wake(sub):
+            return False
+        rules.start_wake(sub, f"w_{token_hex(12)}", time.time())
+        if sub.config.type == "pull-wake":
+            sub.delivering = True  # the wake event is still to be appended
+            sub.next_attempt_at = time.time()
+        return True
+
+    async def _attempt(self, sub_id: str) -> None:
+        """One delivery attempt of the current wake: a webhook POST or a wake event."""
+        try:
+            async with self._locked(sub_id) as sub:
+                if sub is None or not sub.delivering:
+                    return
+                wake_id, generation = sub.wake_id, sub.generation
+                if sub.config.type == "webhook":
+                    token = rules.make_token(self._keys.token_key, sub, time.time())
+                    body = rules.webhook_body(sub, token)
+                else:
+                    body = rules.wake_event(
+                        sub, rules.first_pending(sub) or "", int(time.time() * 1000)
+                    )
+                    producer = f"__ds-sub-{sub.id}-{sub.hash[:12]}-{sub.created_at}"
+            if sub.config.type == "webhook":
+                ok, done = await self._post_webhook(sub.config.webhook_url or "", body)
+            else:
+                ok, done = (
+                    await self._append_event(
+                        sub.config.wake_stream or "", body, producer, generation
+                    ),
+                    False,
+                )
+            async with self._locked(sub_id) as sub:
+                if sub is None or sub.wake_id != wake_id or not sub.delivering:
+                    return
+                now = time.time()
+                if ok:
+                    if sub.config.type == "webhook":
+                        rules.delivered(sub, now, done)
+                        if done:
+                            await self._wake_if_pending(sub)
+                    else:
+                        sub.delivering = False
+                        sub.attempts = 0
+                        sub.next_attempt_at = None
+                else:
+                    rules.delivery_failed(sub, now, random.random())
+                    if sub.config.type == "pull-wake":
+                        sub.status = "active"  # `failed` is about webhook retries
+                await self._save(sub)
+        finally:
+            self._attempting.discard(sub_id)
+            self._changed.set()
+
+    async def _post_webhook(self, url: str, body: bytes) -> tuple[bool, bool]:
+        """(accepted, answered `{done: true}`)."""
+        assert self._client is not None
+        headers = {
+            "content-type": "application/json",
+            "webhook-signature": self._keys.signature_header(body, int(time.time())),
+        }
+        try:
+            with trio.fail_after(WEBHOOK_TIMEOUT + 1):
+                async with self._client.stream("POST", url, content=body, headers=headers) as res:
+                    raw = b""
+                    async for chunk in res.aiter_bytes():
+                        raw += chunk
+                        if len(raw) > MAX_WEBHOOK_ANSWER:
+                            break
+        except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
+            log.info("webhook %s failed: %s", url, exc)
+            return False, False
+        if not 200 <= res.status_code < 300:
+            log.info("webhook %s answered %d", url, res.status_code)
+            return False, False
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        return True, isinstance(parsed, dict) and parsed.get("done") is True
+
+    async def _append_event(
+        self, wake_stream: str, body: bytes, producer: str, generation: int
+    ) -> bool:
+        try:
+            status = await self._peers.append_wake(wake_stream, body, producer, generation)
+        except Exception as exc:  # the wake stream's shard is unavailable: retried
+            log.info("wake event to %s deferred: %s", wake_stream, exc)
+            return False
+        if status in (200, 204, 403):  # written, a duplicate, or a newer generation's
+            return True
+        log.info("wake event to %s refused (%d); retried", wake_stream, status)
+        return False
+
+    async def _expire(self, sub_id: str) -> None:
+        async with self._locked(sub_id) as sub:
+            if sub is None or not rules.lease_expired(sub, time.time()):
+                return
+            await self._wake_if_pending(sub)
+            await self._save(sub)
+
+    # -- notices from the shards that own the streams --------------------------------------
+
+    async def notify(self, items: list[tuple[str, str, str | None]]) -> list[str]:
+        """New tails of linked or matching streams; returns the ids this shard does not
+        own a subscription for (their registrations can go)."""
+        by_sub: dict[str, list[tuple[str, str | None]]] = {}
+        for sub_id, path, tail in items:
+            by_sub.setdefault(sub_id, []).append((path, tail))
+        gone = []
+        changed: list[Sub] = []
+        for sub_id, tails in by_sub.items():
+            held = self._creating.get(sub_id)
+            if held is not None:
+                held.extend(tails)
+                continue
+            async with self._locked(sub_id) as sub:
+                if sub is None:
+                    gone.append(sub_id)
+                    continue
+                touched = False
+                for path, tail in tails:
+                    touched |= rules.note_tail(sub, path, tail)
+                touched |= await self._wake_if_pending(sub)
+                if touched:
+                    changed.append(sub)
+        if changed:
+            await self._db.save(changed)
+            self._changed.set()
+        return gone
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def http(self, method: str, path: str, auth: str, base: str, body: bytes) -> HttpAnswer:
+        """A request under `__ds/`: the JWK Set, or a subscription route."""
+        try:
+            return await self._route(method, path, auth, base, body)
+        except SubError as exc:
+            return answer(exc.status, exc.body())
+        except (SubscriptionsUnavailable, StorageUnavailable) as exc:
+            refusal = _error("UNAVAILABLE", f"try again: {exc}")
+            return answer(503, refusal, (("retry-after", "1"),))
+
+    async def _route(self, method: str, path: str, auth: str, base: str, body: bytes) -> HttpAnswer:
+        if path == "__ds/jwks.json":
+            if method not in ("GET", "HEAD"):
+                return answer(
+                    405, _error("METHOD_NOT_ALLOWED", "use GET"), (("allow", "GET, HEAD"),)
+                )
+            headers = [
+                ("content-type", "application/jwk-set+json"),
+                ("cache-control", "public, max-age=300"),
+            ]
+            return 200, headers, self._keys.jwks()
+        parts = path.split("/")
+        if len(parts) < 3 or parts[1] != "subscriptions" or not parts[2]:
+            raise SubError(404, "NOT_FOUND", "no such Durable Streams control route")
+        sub_id = rules.check_id(parts[2])
+        rest = parts[3:]
+        if not rest:
+            if method == "PUT":
+                return await self._create(sub_id, rules.parse_config(body), base)
+            if method in ("GET", "HEAD"):
+                sub = self._subs.get(sub_id)
+                if sub is None:
+                    raise _not_found()
+                return answer(200, rules.describe(sub, self._keys.kid))
+            if method == "DELETE":
+                await self._delete(sub_id)
+                return answer(204)
+            return _not_allowed("GET, PUT, DELETE")
+        action = rest[0]
+        if action == "streams" and len(rest) == 1:
+            if method != "POST":
+                return _not_allowed("POST")
+            await self._add_streams(sub_id, rules.parse_streams_body(body))
+            return answer(204)
+        if action == "streams":
+            if method != "DELETE":
+                return _not_allowed("DELETE")
+            await self._remove_stream(sub_id, rules.check_stream_path("/".join(rest[1:])))
+            return answer(204)
+        if len(rest) == 1 and action in ("callback", "claim", "ack", "release"):
+            if method != "POST":
+                return _not_allowed("POST")
+            data = rules.parse_json(body)
+            if not isinstance(data, dict):
+                raise rules.invalid("the request body must be a JSON object")
+            if action == "claim":
+                return await self._claim(sub_id, data)
+            return await self._finish(sub_id, action, auth, data)
+        raise SubError(404, "NOT_FOUND", "no such subscription route")
+
+    async def _create(self, sub_id: str, config: SubConfig, base: str) -> HttpAnswer:
+        async with self._locked(sub_id) as existing:
+            if existing is not None:
+                if existing.hash != rules.config_hash(config):
+                    raise SubError(
+                        409,
+                        "SUBSCRIPTION_ALREADY_EXISTS",
+                        "a subscription with this id exists with a different configuration",
+                    )
+                return answer(200, rules.describe(existing, self._keys.kid))
+            self._creating[sub_id] = []
+            try:
+                tails = await self._peers.register(sub_id, config.pattern, config.streams)
+                created_at = (
+                    datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                )
+                sub = rules.new_sub(sub_id, config, created_at, base, tails)
+                for path, tail in self._creating[sub_id]:
+                    rules.note_tail(sub, path, tail)
+                self._subs[sub_id] = sub
+                await self._wake_if_pending(sub)
+                try:
+                    await self._save(sub)
+                except BaseException:
+                    self._subs.pop(sub_id, None)
+                    raise
+            finally:
+                self._creating.pop(sub_id, None)
+            return answer(201, rules.describe(sub, self._keys.kid))
+
+    async def _delete(self, sub_id: str) -> None:
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                return
+            del self._subs[sub_id]
+            try:
+                await self._db.save([], deleted=[sub_id])
+            except BaseException:
+                self._subs[sub_id] = sub
+                raise
+        self._changed.set()
+        # Registrations left behind (a shard unreachable now) are dropped at that
+        # shard's next notice: this shard answers that the subscription is gone.
+        try:
+            await self._peers.unregister(sub_id, None, everywhere=True)
+        except Exception as exc:
+            log.info("unregistering %s: %s (dropped at the next notice)", sub_id, exc)
+
+    async def _add_streams(self, sub_id: str, paths: tuple[str, ...]) -> None:
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                raise _not_found()
+            tails = await self._peers.register(sub_id, None, paths)
+            rules.add_explicit(sub, {p: tails.get(p, rules.ZERO_OFFSET) for p in paths})
+            await self._save(sub)
+
+    async def _remove_stream(self, sub_id: str, path: str) -> None:
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                raise _not_found()
+            rules.remove_explicit(sub, path)
+            await self._save(sub)
+        try:
+            await self._peers.unregister(sub_id, [path], everywhere=False)
+        except Exception as exc:
+            log.info("unregistering %s from %s: %s", sub_id, path, exc)
+
+    async def _refresh(self, sub: Sub) -> None:
+        """Ask the streams' owners for the linked streams' current tails."""
+        tails = await self._peers.tails(list(sub.links))
+        for path, tail in tails.items():
+            if path in sub.links:
+                rules.note_tail(sub, path, tail if tail is not None else rules.ZERO_OFFSET)
+
+    async def _claim(self, sub_id: str, data: dict[str, Any]) -> HttpAnswer:
+        worker = data.get("worker")
+        if not isinstance(worker, str) or not worker or len(worker) > 200:
+            raise rules.invalid("worker must be a non-empty string")
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                raise _not_found()
+            if sub.config.type != "pull-wake":
+                raise rules.invalid("subscription is not pull-wake")
+            if sub.holder is not None:
+                rules.claim(sub, worker, time.time())  # raises ALREADY_CLAIMED
+            await self._refresh(sub)
+            if sub.wake_id is None:
+                if not rules.has_pending(sub):
+                    raise SubError(409, "NO_PENDING_WORK", "the subscription has no pending work")
+                await self._wake_if_pending(sub)
+            now = time.time()
+            rules.claim(sub, worker, now)
+            token = rules.make_token(self._keys.token_key, sub, now)
+            await self._save(sub)
+            return answer(200, rules.claim_body(sub, token))
+
+    async def _finish(
+        self, sub_id: str, action: str, auth: str, data: dict[str, Any]
+    ) -> HttpAnswer:
+        """callback (webhook), ack and release (pull-wake): fenced by token, generation
+        and wake id."""
+        token = rules.bearer(auth)
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                raise _not_found()
+            kind = "webhook" if action == "callback" else "pull-wake"
+            if sub.config.type != kind:
+                raise rules.invalid(f"subscription is not {kind}")
+            now = time.time()
+            claims = rules.read_token(self._keys.token_key, token, sub_id, now)
+            rules.check_fence(sub, claims, data.get("generation"), data.get("wake_id"))
+            if action == "release":
+                rules.end_wake(sub)
+                await self._wake_if_pending(sub)
+                await self._save(sub)
+                return answer(204)
+            acks = rules.parse_acks(data)
+            if any(sub.links.get(p) is not None and o > sub.links[p].tail for p, o in acks):
+                await self._refresh(sub)  # the worker may have read past what we know
+            rules.check_acks(sub, acks)
+            done = data.get("done") is True
+            rules.apply_acks(sub, acks, now, done)
+            next_wake = await self._wake_if_pending(sub) if done else False
+            await self._save(sub)
+            return answer(200, {"ok": True, "next_wake": next_wake})
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _not_found() -> SubError:
+    return SubError(404, "SUBSCRIPTION_NOT_FOUND", "subscription not found")
+
+
+def _not_allowed(allow: str) -> HttpAnswer:
+    return answer(405, _error("METHOD_NOT_ALLOWED", "method not allowed"), (("allow", allow),))
