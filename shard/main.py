@@ -101,7 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
             drop_departed=False,  # a shard that leaves the ring may still hand over streams
         ) as pool:
             rings.on_change.append(lambda old, new: _follow(pool, new))
-            service = ShardService(args.id, rings, store, config, pool)
+            service = ShardService(args.id, rings, store, config, pool, secret=security.secret)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(service.run)

@@ -18,6 +18,7 @@ from ds_cluster.common import wire
 from ds_cluster.shard.metrics import ShardMetrics
 from ds_cluster.shard.peers import export_to_wire, records_to_wire
 from ds_cluster.shard.service import ShardService
+from ds_cluster.shard.subscriptions import ops as subscription_ops
 
 Handler = Callable[[wire.Args], Awaitable[wire.Args]]
 
@@ -85,4 +86,5 @@ def handlers(service: ShardService) -> dict[str, Handler]:
         "release_fork": release_fork,
         "read_fork": read_fork,
         "metrics": metrics,
+        **subscription_ops.handlers(service.subs),
     }

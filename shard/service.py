@@ -41,8 +41,9 @@ from ds_cluster.shard.metrics import ShardCounters, count_stored_streams
 from ds_cluster.shard.offload import BodyOffload
 from ds_cluster.shard.peers import PeerUnavailable, call_peer
 from ds_cluster.shard.ring_state import ShardRing
-from ds_cluster.shard.store import Store, StreamWrite
+from ds_cluster.shard.store import NOTICE_STATUS, Store, StreamWrite
 from ds_cluster.shard.streams import Entry, StreamTable
+from ds_cluster.shard.subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ class ShardService:
         store: Store,
         config: CoreConfig,
         pool: ShardPool | None = None,
+        secret: bytes = b"",
     ) -> None:
+        """`secret`: the cluster secret, from which the webhook signing key and the
+        subscription token key are derived (`shard.subscriptions.keys`)."""
         self.shard_id = shard_id
         self.rings = rings  # the newest ring, kept in the database (`shard.ring_state`)
         self.pool = pool
@@ -71,6 +75,16 @@ class ShardService:
         self.offload = BodyOffload()
         self.forks = ForkCoordinator(
             shard_id, rings.holder, store, self.committer, self.table, config, self._stage, pool
+        )
+        self.subs = Subscriptions(
+            shard_id,
+            lambda: self.ring,
+            store,
+            self.committer,
+            self.table,
+            secret,
+            pool,
+            self.handle_http,
         )
         # Streams moving in and out when the ring changes (`shard.handoff`).
         self.handoff = Handoff(rings, store, self.committer, self.table, self.call_peer)
@@ -105,6 +119,7 @@ class ShardService:
                         self.alarms.arm(path, deadline)
                     self.counters.streams = count_stored_streams(self.store)
                     await nursery.start(self.forks.run)
+                    await nursery.start(self.subs.run)
                     await nursery.start(self.handoff.run)
                     break
                 except StorageUnavailable as exc:  # failed again meanwhile: wait, retry
@@ -135,6 +150,8 @@ class ShardService:
             for ref, source, status in job.outbox_put:
                 if status == "due":
                     self.forks.outbox.add(ref, source)
+                elif status == NOTICE_STATUS:
+                    self.subs.notices.committed(ref, source)
 
     # -- HTTP requests -----------------------------------------------------------------------
 
@@ -252,6 +269,12 @@ class ShardService:
         job.writes.append(
             (entry, StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers))
         )
+        # New data, or the stream gone: matching subscriptions' owners are told after
+        # the commit, from a notice row committed with this write.
+        new_tail = state.tail if state is not None else None
+        old_tail = previous.tail if previous is not None else None
+        if new_tail != old_tail and (new_tail is None or new_tail > 0):
+            self.subs.notices.stage(job, entry.path)
 
     async def _wait(self, entry: Entry, position: int, timeout: float) -> None:
         """Park until the committed stream moves past `position`, closes or goes away,
