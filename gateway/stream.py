@@ -49,6 +49,7 @@ from ds_cluster.gateway.auth_files import AuthFiles
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
+from ds_cluster.gateway.reserved import RESERVED_PREFIX, ReservedRoutes, is_reserved
 from ds_cluster.gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 
 Scope = dict[str, Any]
@@ -249,6 +250,7 @@ class StreamHandler:
         self.ring = ring
         self.max_body_bytes = max_body_bytes
         scheme, _, host = public_url.partition("://")
+        self.reserved = ReservedRoutes(pool, lambda: self.ring, public_url, failure_answer)
         self._public = (("host", host.rstrip("/")), ("x-forwarded-proto", scheme))
         # Reads only (a GET is safe to retry), when the gateway stops under them.
         stopping = error_answer(503, "gateway stopping", (_RETRY_AFTER,))
@@ -266,6 +268,9 @@ class StreamHandler:
         body = await self._read_body(receive, send)
         if body is None:
             return
+        if is_reserved(checked.path):  # control routes before stream routes
+            control = await self.reserved.answer(method, checked.path, scope["headers"], body)
+            return await send_answer(send, control)
         query = scope["query_string"]
         output = scope.get("state", {}).get(OUTPUT_STATE) or UNLIMITED.connection()
         del scope  # an SSE may be held long
@@ -307,6 +312,8 @@ class StreamHandler:
         checked = self._check(method, path_part, headers)
         if type(checked) is not _Checked:
             return checked
+        if is_reserved(checked.path):  # control routes before stream routes
+            return await self.reserved.answer(method, checked.path, headers, body)
         if method == "GET" and is_long_poll(query):
             fields = _fields(checked, method, query, body)
             owner = self.ring.owner(checked.path)
@@ -345,7 +352,7 @@ class StreamHandler:
         prefix, and a GET whose query is percent-encoded, parsed there the shard's way)."""
         if not target.startswith(PREFIX_BYTES):
             return None
-        if method != "GET":
+        if method != "GET" or target.startswith(RESERVED_PREFIX):
             return "answer"
         query = target.partition(b"?")[2]
         if b"%" in query:
