@@ -6,7 +6,7 @@ served by `gateway.server.serve`. Once it listens, one line goes to stderr:
 `ds-cluster gateway listening on http://HOST:PORT` (https with --tls-cert/--tls-key;
 with the real port when 0 was asked). SIGINT/SIGTERM: stop accepting, give requests in
 flight hypercorn's graceful timeout, close the shard connections, exit 0. SIGHUP: reload
-what can be reloaded (the TLS certificate) and go on.
+what can be reloaded (the TLS certificate, the auth files) and go on.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
 from ds_cluster.gateway import metrics as gateway_metrics
-from ds_cluster.gateway import tls
+from ds_cluster.gateway import auth_files, tls
 from ds_cluster.gateway.access import AccessLog, with_request_ids
 from ds_cluster.gateway.app import create_app
 from ds_cluster.gateway.budget import (
@@ -88,6 +88,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="record no metrics and serve no /metrics (to measure what they cost)",
     )
     rpc_security.add_arguments(parser)
+    add_auth_arguments(parser)
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Client authentication (off unless a file is given); see docs/auth.md."""
+    parser.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="require bearer tokens from this JSON file on stream requests "
+        "(reloaded when it changes, and on SIGHUP)",
+    )
+    parser.add_argument(
+        "--auth-jwt-key",
+        metavar="FILE",
+        help="also accept JWTs signed with this key: an HS256 secret, a PEM public key "
+        "(RSA, EC, Ed25519) or a JWKS",
+    )
+    parser.add_argument(
+        "--auth-metrics",
+        action="store_true",
+        help="/metrics needs a token with the metrics right (default: open)",
+    )
 
 
 def public_url(given: str, bound: tuple[str, int], scheme: str = "http") -> str:
@@ -167,7 +189,11 @@ async def serve_gateway(
             ) as pool,
             trio.open_nursery() as shared,  # long-poll calls shared by clients
         ):
-            app, stream = create_app(pool, ring, args.max_body_bytes, shared, base)
+            auth: auth_files.AuthFiles | None = args.auth
+            if auth is not None:
+                auth.start(shared)
+                reloaders.append(auth.reload_soon)
+            app, stream = create_app(pool, ring, args.max_body_bytes, shared, base, auth)
             app = with_request_ids(app, access)
             if not args.no_metrics:  # outermost: a request's duration includes the rest
                 app = gateway_metrics.enable(pool, stream).instrument(app)
@@ -214,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("no shard: give --shards or --shard-dns-pattern")
         host, port = parse_listen(args.listen)
         public_url(args.public_url, (host, port))  # refused before binding when malformed
+        args.auth = auth_files.from_args(args.auth_tokens, args.auth_jwt_key, args.auth_metrics)
+        if args.auth is not None:
+            log.info("client auth on (%s)", args.auth.describe())
         sock = bind_socket(host, port, reuse_port=args.reuse_port)
     except (ValueError, OSError, rpc_security.SecurityError, tls.TLSError) as exc:
         print(f"ds-cluster gateway: {exc}", file=sys.stderr)

@@ -106,6 +106,10 @@ class ClusterConfig:
     log_level: str | None = None  # gateways and shards; None: their default
     log_format: str | None = None  # "text" | "json", every process; None: text
     access_log: bool = False  # gateways: log every request
+    # Client auth on the gateways (docs/auth.md): a tokens file and/or a JWT key; None: off.
+    auth_tokens: Path | None = None
+    auth_jwt_key: Path | None = None
+    auth_metrics: bool = False  # /metrics needs a token with the metrics right
     # HTTPS on the gateways (certificate chain and key, PEM); None: plain HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -419,6 +423,12 @@ class Supervisor:
             if cfg.tls_cert is not None and cfg.tls_key is not None:
                 argv += ["--tls-cert", str(Path(cfg.tls_cert).resolve())]
                 argv += ["--tls-key", str(Path(cfg.tls_key).resolve())]
+            if cfg.auth_tokens is not None:
+                argv += ["--auth-tokens", str(Path(cfg.auth_tokens).resolve())]
+            if cfg.auth_jwt_key is not None:
+                argv += ["--auth-jwt-key", str(Path(cfg.auth_jwt_key).resolve())]
+            if cfg.auth_metrics:
+                argv.append("--auth-metrics")
             argv += ["--public-url", cfg.public_url or self.url]
             self._children.append(_Child(f"gateway-{g}", "gateway", argv))
         if cfg.log_dir is not None:
@@ -715,6 +725,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the URL printed when ready)",
     )
     parser.add_argument(
+        "--auth-tokens",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gateways require bearer tokens from this JSON file (docs/auth.md)",
+    )
+    parser.add_argument(
+        "--auth-jwt-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gateways also accept JWTs signed with this key (HS256 secret, PEM, JWKS)",
+    )
+    parser.add_argument(
+        "--auth-metrics", action="store_true", help="gateways' /metrics needs a token too"
+    )
+    parser.add_argument(
         "--log-dir", type=Path, default=None, help="write each child's log to DIR/NAME.log"
     )
 
@@ -741,6 +768,9 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             public_url=args.public_url,
+            auth_tokens=args.auth_tokens,
+            auth_jwt_key=args.auth_jwt_key,
+            auth_metrics=args.auth_metrics,
             log_dir=args.log_dir,
         )
     except ValueError as exc:
