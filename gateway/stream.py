@@ -49,8 +49,8 @@ from ds_cluster.gateway.auth_files import AuthFiles
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
-from ds_cluster.gateway.reserved import RESERVED_PREFIX, ReservedRoutes, is_reserved
 from ds_cluster.gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
+from ds_cluster.gateway.reserved import RESERVED_PREFIX, ReservedRoutes, is_reserved
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -119,8 +119,8 @@ class ShardService:
                         self.alarms.arm(path, deadline)
                     self.counters.streams = count_stored_streams(self.store)
                     await nursery.start(self.forks.run)
-                    await nursery.start(self.subs.run)
                     await nursery.start(self.handoff.run)
+                    await nursery.start(self.subs.run)
                     break
                 except StorageUnavailable as exc:  # failed again meanwhile: wait, retry
                     log.warning("recovering state at start-up failed: %s", exc)
