@@ -28,8 +28,8 @@ from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
-from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway import auth_files, tls
+from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import AccessLog, with_request_ids
 from ds_cluster.gateway.app import create_app
 from ds_cluster.gateway.budget import (
