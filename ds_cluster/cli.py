@@ -20,6 +20,10 @@ SUBCOMMANDS = {
         "ds_cluster.supervisor.rebalance_command",
         "move shards onto a new ring without a supervisor (Kubernetes)",
     ),
+    "shard-drain": (
+        "ds_cluster.tools.drain",
+        "a shard pod's preStop hook: on a scale-down, wait until its streams have moved",
+    ),
     "chaos": ("ds_cluster.tools.chaos", "chaos-test a local cluster (kills, stops, verification)"),
     "bench": ("ds_cluster.tools.bench", "benchmark a server, optionally side by side with another"),
 }

@@ -12,7 +12,9 @@ manifests' ports kept), form a working cluster.
 from __future__ import annotations
 
 import argparse
+import http.server
 import importlib
+import json
 import os
 import random
 import re
@@ -22,9 +24,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ import yaml
 from ds_cluster import envflags
 from ds_cluster.cli import SUBCOMMANDS
 from ds_cluster.common.shard_pattern import expand
+from ds_cluster.tools.drain import split_pod_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
@@ -200,13 +204,20 @@ def test_every_command_flag_variable_and_port_exists(
             for value in env.values():
                 if value.startswith("/"):
                     assert any(value.startswith(m + "/") for m in mounts), value
+            hook = container.get("lifecycle", {}).get("preStop", {}).get("exec")
+            if hook is not None:  # a ds-cluster subcommand, run with the container's env
+                assert hook["command"][0] == "ds-cluster"
+                seen.add(hook["command"][1])
+                hook_parser = subcommand_parser(hook["command"][1])
+                envflags.apply(hook_parser, env)
+                envflags.resolve(hook_parser, hook_parser.parse_args(hook["command"][2:]))
             volumes = {v["name"] for v in spec.get("volumes", [])}
             templates = {
                 t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])
             }
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes | templates
-    assert {"shard", "gateway"} <= seen
+    assert {"shard", "gateway", "rebalance", "shard-drain"} <= seen
 
 
 def test_ring_pattern_matches_the_statefulset_and_its_service(
@@ -254,13 +265,24 @@ def test_pods_run_unprivileged(rendered: tuple[str, list[dict[str, Any]]]) -> No
     for workload in workloads(documents):
         spec = pod_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["automountServiceAccountToken"] is False
+        # Only shard pods hold an API token: their preStop hook reads the replica count.
+        token = workload["kind"] == "StatefulSet"
+        assert spec["automountServiceAccountToken"] is token
         for container in spec["containers"] + spec.get("initContainers", []):
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False
             assert context["readOnlyRootFilesystem"] is True
             assert context["capabilities"]["drop"] == ["ALL"]
             assert {"requests", "limits"} <= container["resources"].keys()
+    (role,) = [d for d in documents if d["kind"] == "Role"]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["statefulsets"],
+            "resourceNames": ["ds-shard"],
+            "verbs": ["get"],
+        }
+    ]
 
 
 # --- the small overlay's processes, started for real -------------------------------------
@@ -316,64 +338,77 @@ class Mapper:
         return value
 
 
-def pod_process(
-    workload: dict[str, Any],
-    ordinal: int,
-    host_index: int,
-    maps: dict[str, dict[str, str]],
-    mapper: Mapper,
-    secret: str,
-) -> tuple[str, list[str], dict[str, str]]:
-    """(pod name, argv, env) for one replica of `workload`, mapped to this machine. The
-    init container's copy of the cluster secret is done here (0400, like `install -m`)."""
-    pod = f"{workload['metadata']['name']}-{ordinal}"
-    (container,) = ds_cluster_containers(workload)
-    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-    for volume in set(mounts.values()):
-        (mapper.root / pod / volume).mkdir(parents=True, exist_ok=True)
-    env = container_env(container, maps, pod)
-    for name, value in env.items():
-        env[name] = mapper.path(value, pod, mounts)
-    if "DS_SHARD_DNS_PATTERN" in env:
-        env["DS_SHARD_DNS_PATTERN"] = mapper.dns_pattern(env["DS_SHARD_DNS_PATTERN"])
-    secret_file = Path(env["DS_CLUSTER_SECRET_FILE"])
-    secret_file.write_text(secret)
-    secret_file.chmod(0o400)
-    argv = list(container["args"])
-    for i, word in enumerate(argv):
-        if argv[i - 1] == "--listen":
-            argv[i] = mapper.listen(word, host_index)
-        else:
-            argv[i] = mapper.path(word, pod, mounts)
-    return pod, argv, env
+class LocalPods:
+    """The rendered manifests' pods, run as local processes: each container's args and
+    environment (its ConfigMaps, its `env`, the pod's name for `metadata.name`), with the
+    init container's copy of the cluster secret done here (0400, like its `install -m`)."""
+
+    def __init__(self, root: Path, documents: list[dict[str, Any]]) -> None:
+        self.root, self.documents = root, documents
+        self.maps = configmaps(documents)
+        self.mapper = Mapper(root)
+        self.secret = secrets.token_hex(32)
+        self.pods: list[Pod] = []
+
+    def command(
+        self, workload: dict[str, Any], ordinal: int, host_index: int, words: list[str]
+    ) -> tuple[str, list[str], dict[str, str]]:
+        """(pod name, argv, env) of `words` (the container's args, or a hook's command
+        after `ds-cluster`) in replica `ordinal` of `workload`, mapped to this machine."""
+        pod = f"{workload['metadata']['name']}-{ordinal}"
+        (container,) = ds_cluster_containers(workload)
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        for volume in set(mounts.values()):
+            (self.root / pod / volume).mkdir(parents=True, exist_ok=True)
+        env = container_env(container, self.maps, pod)
+        for name, value in env.items():
+            env[name] = self.mapper.path(value, pod, mounts)
+        if "DS_SHARD_DNS_PATTERN" in env:
+            env["DS_SHARD_DNS_PATTERN"] = self.mapper.dns_pattern(env["DS_SHARD_DNS_PATTERN"])
+        secret_file = Path(env["DS_CLUSTER_SECRET_FILE"])
+        if not secret_file.exists():
+            secret_file.write_text(self.secret)
+            secret_file.chmod(0o400)
+        argv = list(words)
+        for i, word in enumerate(argv):
+            if i and argv[i - 1] in ("--listen", "--shard-address"):
+                argv[i] = self.mapper.listen(word, host_index)
+            else:
+                argv[i] = self.mapper.path(word, pod, mounts)
+        return pod, argv, env
+
+    def start(self, workload: dict[str, Any], ordinal: int, host_index: int) -> Pod:
+        (container,) = ds_cluster_containers(workload)
+        name, argv, env = self.command(workload, ordinal, host_index, container["args"])
+        pod = Pod(name, argv, env, self.root / f"{name}.log")
+        self.pods.append(pod)
+        return pod
+
+    def stop(self) -> None:
+        for pod in reversed(self.pods):
+            pod.stop()
+
+    def print_logs(self) -> None:
+        for log in sorted(self.root.glob("*.log")):
+            print(f"--- {log.name} ---\n{log.read_text()}")
 
 
 @contextmanager
-def small_cluster(root: Path) -> Iterator[tuple[str, dict[str, Any], list[Pod]]]:
-    documents = render(KUBERNETES / "overlays" / "small")
-    maps = configmaps(documents)
-    mapper = Mapper(root)
-    secret = secrets.token_hex(32)
-    shards = find(documents, "StatefulSet", "ds-shard")
-    gateway = find(documents, "Deployment", "ds-gateway")
-    pods = []
-    with ExitStack() as stack:
+def small_cluster(root: Path) -> Iterator[tuple[str, LocalPods]]:
+    """The small overlay's shards and gateway, running; yields the gateway's URL."""
+    local = LocalPods(root, render(KUBERNETES / "overlays" / "small"))
+    shards = find(local.documents, "StatefulSet", "ds-shard")
+    try:
         for ordinal in range(shards["spec"]["replicas"]):
-            name, argv, env = pod_process(shards, ordinal, ordinal, maps, mapper, secret)
-            pods.append(Pod(name, argv, env, root / f"{name}.log"))
-            stack.callback(pods[-1].stop)
-        name, argv, env = pod_process(gateway, 0, 200, maps, mapper, secret)
-        gateway_pod = Pod(name, argv, env, root / f"{name}.log")
-        pods.append(gateway_pod)
-        stack.callback(gateway_pod.stop)
-        (container,) = ds_cluster_containers(gateway)
-        url = "http://" + argv[argv.index("--listen") + 1]
-        try:
-            yield url, container, pods
-        except BaseException:
-            for pod in pods:
-                print(f"--- {pod.name} ---\n{pod.log.read_text()}")
-            raise
+            local.start(shards, ordinal, ordinal)
+        gateway = local.start(find(local.documents, "Deployment", "ds-gateway"), 0, 200)
+        url = "http://" + gateway.process.args[gateway.process.args.index("--listen") + 1]
+        yield url, local
+    except BaseException:
+        local.print_logs()
+        raise
+    finally:
+        local.stop()
 
 
 def wait_ready(client: httpx.Client, url: str, pods: list[Pod], deadline: float) -> None:
@@ -394,31 +429,149 @@ def wait_ready(client: httpx.Client, url: str, pods: list[Pod], deadline: float)
 
 @pytest.mark.slow
 def test_small_overlay_processes_form_a_working_cluster(tmp_path: Path) -> None:
-    with small_cluster(tmp_path) as (url, gateway, pods), httpx.Client(timeout=30) as client:
-        wait_ready(client, url, pods, time.monotonic() + 90)
+    with small_cluster(tmp_path) as (url, local), httpx.Client(timeout=30) as client:
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+        shard_pods, gateway_pod = local.pods[:-1], local.pods[-1]
         # The shards answer the probe the manifests give them (a TCP connect to their port).
-        for pod in pods[:-1]:
-            host, _, port = pod.process.args[pod.process.args.index("--listen") + 1].rpartition(":")
+        for pod in shard_pods:
+            address = pod.process.args[pod.process.args.index("--listen") + 1]
+            host, _, port = address.rpartition(":")
             socket.create_connection((host, int(port)), timeout=5).close()
         # The gateway answers its probes, and the scrape path, where the manifests say.
+        (gateway,) = ds_cluster_containers(find(local.documents, "Deployment", "ds-gateway"))
         for probe in ("readinessProbe", "livenessProbe"):
             assert client.get(url + gateway[probe]["httpGet"]["path"]).status_code == 200
         assert client.get(url + "/metrics").status_code == 200
-        # Streams on every shard: create, append, read through the gateway.
-        bodies = {}
-        for n in range(12):
-            path = f"/v1/stream/deploy-{n}"
-            created = client.put(path.join([url, ""]), headers={"Content-Type": "text/plain"})
-            assert created.status_code == 201, created.text
-            for part in ("a", "b"):
-                appended = client.post(
-                    url + path, content=f"{part}{n};", headers={"Content-Type": "text/plain"}
-                )
-                assert appended.status_code in (200, 204), appended.text
-            bodies[path] = f"a{n};b{n};"
-        for path, body in bodies.items():
-            read = client.get(url + path, params={"offset": "-1"})
-            assert read.status_code == 200 and read.text == body
-        # ... and the streams are spread over both shards (each wrote to its own database).
-        for pod in pods[:-1]:
+        bodies = write_streams(client, url, 12)
+        assert_streams(client, url, bodies)
+        # ... spread over both shards (each wrote to its own database).
+        for pod in shard_pods:
             assert any(tmp_path.joinpath(pod.name).rglob("shard.db"))
+        assert gateway_pod.process.poll() is None
+
+
+def write_streams(client: httpx.Client, url: str, count: int) -> dict[str, str]:
+    """Create `count` streams and append twice to each; {path: expected body}."""
+    bodies = {}
+    for n in range(count):
+        path = f"/v1/stream/deploy-{n}"
+        created = client.put(url + path, headers={"Content-Type": "text/plain"})
+        assert created.status_code == 201, created.text
+        for part in ("a", "b"):
+            appended = client.post(
+                url + path, content=f"{part}{n};", headers={"Content-Type": "text/plain"}
+            )
+            assert appended.status_code in (200, 204), appended.text
+        bodies[path] = f"a{n};b{n};"
+    return bodies
+
+
+def assert_streams(client: httpx.Client, url: str, bodies: dict[str, str]) -> None:
+    for path, body in bodies.items():
+        read = client.get(url + path, params={"offset": "-1"})
+        assert read.status_code == 200 and read.text == body, (path, read.status_code, read.text)
+
+
+# --- the shards' preStop hook: drain on a scale-down, not on a restart -------------------
+
+
+@contextmanager
+def kubernetes_api(root: Path, replicas: int) -> Iterator[dict[str, str]]:
+    """A stand-in for the API server's one answer the hook needs (the StatefulSet), and the
+    pod's service account folder; yields the hook's environment for both."""
+    account = root / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("the-token")
+    (account / "namespace").write_text("ds-cluster")
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            asked.append(self.path)
+            wanted = "/apis/apps/v1/namespaces/ds-cluster/statefulsets/ds-shard"
+            if self.path != wanted or self.headers["Authorization"] != "Bearer the-token":
+                self.send_error(403)
+                return
+            body = json.dumps({"kind": "StatefulSet", "spec": {"replicas": replicas}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield {
+            "DS_KUBERNETES_API": f"http://127.0.0.1:{server.server_address[1]}",
+            "DS_SERVICE_ACCOUNT_DIR": str(account),
+        }
+        assert asked, "the hook never asked the API"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def drain_hook(local: LocalPods, ordinal: int, extra: dict[str, str]) -> subprocess.Popen[str]:
+    """Shard `ordinal`'s preStop hook, as the StatefulSet gives it, started."""
+    shards = find(local.documents, "StatefulSet", "ds-shard")
+    (container,) = ds_cluster_containers(shards)
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "ds-cluster"
+    _, argv, env = local.command(shards, ordinal, ordinal, command[1:])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DS_", "KUBERNETES_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ds_cluster", *argv],
+        cwd=REPO_ROOT,
+        env={**environ, **env, **extra},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_pod_names_split_into_statefulset_and_ordinal() -> None:
+    assert split_pod_name("ds-shard-12") == ("ds-shard", 12)
+    for bad in ("ds-shard", "ds-shard-", "-3", "ds-shard-x"):
+        with pytest.raises(ValueError):
+            split_pod_name(bad)
+
+
+@pytest.mark.slow
+def test_drain_hook_lets_a_restarting_shard_go_at_once(tmp_path: Path) -> None:
+    with (
+        small_cluster(tmp_path) as (url, local),
+        httpx.Client(timeout=30) as client,
+        kubernetes_api(tmp_path, replicas=2) as api,
+    ):
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+        hook = drain_hook(local, 1, api)
+        out, _ = hook.communicate(timeout=60)
+        assert hook.returncode == 0, out
+        assert "stays (2 replicas)" in out
+    # Without the API it cannot tell, and a shard its ring still has is not held either.
+    with small_cluster(tmp_path / "again") as (url, local), httpx.Client(timeout=30) as client:
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+        hook = drain_hook(local, 1, {})
+        out, _ = hook.communicate(timeout=60)
+        assert hook.returncode == 0, out
+        assert "cannot read StatefulSet ds-shard's replica count" in out
+        assert "not draining" in out
+
+
+@pytest.mark.slow
+def test_drain_hook_holds_a_leaving_shard_while_its_ring_has_it(tmp_path: Path) -> None:
+    with (
+        small_cluster(tmp_path) as (url, local),
+        httpx.Client(timeout=30) as client,
+        kubernetes_api(tmp_path, replicas=1) as api,
+    ):
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+        hook = drain_hook(local, 1, {**api, "DS_TIMEOUT": "3"})
+        out, _ = hook.communicate(timeout=60)
+        assert hook.returncode == 1, out  # no ring change came: it waited, then gave up
+        assert "leaves (1 replicas)" in out and "not drained in 3 s" in out
