@@ -286,6 +286,8 @@ class Handoff:
                 return {"status": "done"}  # it arrived before (the sender was restarted)
             if staged is not None:
                 if staged.source == source:
+                    if staged.received:
+                        log.info("resuming %r from %s at %d", path, source, staged.received)
                     return {"status": "staging", "received": staged.received}
                 raise StreamMoving(path)  # another shard is sending it (an older ring's move)
             entry = self._table.get(path)

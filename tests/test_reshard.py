@@ -8,9 +8,11 @@ is then read back through the gateway, byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -304,3 +306,155 @@ async def test_two_to_three_and_back_with_every_kind_of_stream(tmp_path: Path) -
             assert sum(counts(back)) == len(expected), back
         async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
             await check_streams(http, expected)
+
+
+# -- big streams, and either side killed mid-move ----------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def big_body(name: str, size: int) -> bytes:
+    """`size` bytes that differ per stream and per MiB (cheap to make, sure to compare)."""
+    block = hashlib.sha256(name.encode()).digest() * (MIB // 32)
+    return b"".join(bytes([i % 251]) + block[1:] for i in range((size + MIB - 1) // MIB))[:size]
+
+
+async def fill_big(http: httpx.AsyncClient, name: str, size: int, piece: int = 4 * MIB) -> bytes:
+    body = big_body(name, size)
+    await put(http, name, BYTES_TYPE)
+    for start in range(0, size, piece):
+        await post(http, name, body[start : start + piece], BYTES_TYPE)
+    return body
+
+
+def names_moving(ring_from: Ring, ring_to: Ring, source: str, target: str, prefix: str) -> str:
+    """A fresh stream name that `ring_from` puts on `source` and `ring_to` on `target`."""
+    for i in range(100_000):
+        name = f"{prefix}-{i}"
+        if ring_from.owner(name) == source and ring_to.owner(name) == target:
+            return name
+    raise AssertionError("no such name")
+
+
+async def wait_sending(cluster: Cluster, source: str, at_least: int) -> None:
+    """Until `source` has sent `at_least` bytes of the moves in progress (and is not done)."""
+    deadline = trio.current_time() + 60
+    while True:
+        status = await cluster.call(source, "move_status", {}, timeout=5)
+        assert not status["done"], f"the move ended before the kill: {status}"
+        if status["moved_out"]["bytes"] >= at_least:
+            return
+        assert trio.current_time() < deadline, status
+        await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("victim", ["source", "target"])
+async def test_a_side_killed_mid_move_then_restarted_loses_nothing(
+    tmp_path: Path, victim: str
+) -> None:
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=60) as http:
+            big = names_moving(cluster.ring, three, "s0", "s2", f"big-{victim}")
+            body = await fill_big(http, big, 48 * MIB)
+            expected = await make_streams(http, f"small-{victim}", 3)
+        cluster.start("s2", three)
+        await cluster.set_ring(three, via="s0")
+        await wait_sending(cluster, "s0", 4 * MIB)
+        killed = "s0" if victim == "source" else "s2"
+        cluster.kill(killed)
+        # Restarted as a supervisor would: with the command line it had (s0: the old
+        # ring; its database holds the new one, which wins).
+        cluster.start(killed, cluster.ring_of(1, ["s0", "s1"]) if killed == "s0" else three)
+        statuses = await cluster.wait_moved(["s0", "s1", "s2"])
+        assert statuses[0]["ring"]["version"] == 2
+        # the move went on from what had arrived, not from the start
+        assert any("resuming" in line for line in cluster.shards["s2"].lines), "no resume"
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=60) as http:
+            r = await read_all(http, big)
+            assert len(r.content) == len(body) and r.content == body
+            await check_streams(http, expected)
+            # the moved stream is writable on its new owner, at the offset it had
+            tail = (await http.head(f"/v1/stream/{big}")).headers["stream-next-offset"]
+            await post(http, big, b"after", BYTES_TYPE)
+            r = await http.get(f"/v1/stream/{big}", params={"offset": tail})
+            assert r.content == b"after"
+
+
+async def rpc_append(pool: ShardPool, path: str, body: bytes, method: str = "POST") -> float:
+    """POST `body` to `path` through an RPC client that follows rings (the gateway's
+    routing), until it is taken; returns how long that took."""
+    started = time.monotonic()
+    while True:
+        fields: wire.RequestFields = {
+            "m": method,
+            "p": path,
+            "q": "",
+            "h": [["content-type", BYTES_TYPE]],
+            "b": body,
+        }
+        try:
+            async with await pool.open_routed(path, "http", fields) as call:
+                res = await call.response()
+            assert res["s"] in (200, 201, 204), res
+            return time.monotonic() - started
+        except (ShardError, ShardUnavailable):
+            await trio.sleep(0.05)  # past the router's own deadline: the client retries
+
+
+def peak_kib(shard: ShardProcess) -> int:
+    return shard.status_kib("VmHWM")
+
+
+def reset_peak(shard: ShardProcess) -> None:
+    """Start VmHWM again from the current RSS (Linux: clear_refs 5)."""
+    Path(f"/proc/{shard.proc.pid}/clear_refs").write_text("5")
+
+
+async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path: Path) -> None:
+    size = 50 * MIB
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None and cluster.admin
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=60) as http:
+            big = names_moving(cluster.ring, three, "s0", "s2", "huge")
+            body = await fill_big(http, big, size)
+            stays = names_moving(cluster.ring, three, "s0", "s0", "stays")
+            await put(http, stays, BYTES_TYPE)
+        new = cluster.start("s2", three)
+        fresh = names_moving(three, three, "s2", "s2", "fresh")  # created on the new shard
+        source = cluster.shards["s0"]
+        reset_peak(source)
+        source_before, target_before = source.status_kib("VmRSS"), new.status_kib("VmRSS")
+        stalls: dict[str, float] = {stays: 0.0, fresh: 0.0}
+        moved_in = 0.0
+
+        async def probe(path: str, stop: trio.Event) -> None:
+            if path == fresh:
+                stalls[path] = await rpc_append(cluster.admin, path, b"", method="PUT")
+            while not stop.is_set():
+                stalls[path] = max(stalls[path], await rpc_append(cluster.admin, path, b"x"))
+                await trio.sleep(0.02)
+
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            started = time.monotonic()
+            await cluster.set_ring(three, via="s0")
+            nursery.start_soon(probe, stays, stop)
+            nursery.start_soon(probe, fresh, stop)
+            await cluster.wait_moved(["s0", "s1", "s2"])
+            moved_in = time.monotonic() - started
+            stop.set()
+        source_growth = (peak_kib(source) - source_before) / 1024
+        target_growth = (peak_kib(new) - target_before) / 1024
+        print(
+            f"50 MiB moved in {moved_in:.1f} s; peak RSS growth: source {source_growth:.0f} "
+            f"MiB, target {target_growth:.0f} MiB; longest append elsewhere: on the source "
+            f"{stalls[stays]:.3f} s, on the target {stalls[fresh]:.3f} s"
+        )
+        assert source_growth < 40 and target_growth < 40  # well under the stream's size
+        assert stalls[stays] < 1.0 and stalls[fresh] < 1.0
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=60) as http:
+            r = await read_all(http, big)
+            assert r.content == body
