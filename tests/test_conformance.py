@@ -3,17 +3,22 @@
 The suite (npm `@durable-streams/server-conformance-tests`, pinned in conformance/) runs
 under vitest in a Node process; the cluster runs under the supervisor here. The shards'
 long-poll timeout is shortened to 2 s because some suite tests wait at most 5 s for a
-long-poll to end. Needs `npm ci` in conformance/ (`make test` does it).
+long-poll to end. Needs `npm ci` in conformance/ (`make test` does it). One run has
+client auth on (docs/auth.md): the suite sends a token that covers every stream
+(DS_AUTH_TOKEN), after a check that a request without it is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
@@ -40,19 +45,38 @@ def summarize(report: dict) -> tuple[dict[str, int], dict[str, list[str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shards", [1, 4])
-async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
+@pytest.mark.parametrize(("shards", "auth"), [(1, False), (4, False), (2, True)])
+async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed (the conformance suite runs under Node)")
     if not VITEST.exists():
         pytest.fail(f"{VITEST} missing: run `npm ci` in {CONFORMANCE_DIR} (make test does)")
     report_path = tmp_path / "vitest-report.json"
+    options: dict[str, Any] = {}
+    token_env: dict[str, str] = {}
+    if auth:
+        token = secrets.token_urlsafe(32)
+        tokens_file = tmp_path / "tokens.json"
+        entry = {
+            "name": "suite",
+            "token": token,
+            "prefixes": [""],
+            "rights": ["read", "write", "admin"],
+        }
+        tokens_file.write_text(json.dumps({"tokens": [entry]}))
+        options["auth_tokens"] = tokens_file
+        token_env["DS_AUTH_TOKEN"] = token
     async with running_cluster(
-        tmp_path, shards=shards, long_poll_timeout=LONG_POLL_TIMEOUT_S
+        tmp_path, shards=shards, long_poll_timeout=LONG_POLL_TIMEOUT_S, **options
     ) as supervisor:
+        if auth:  # the suite runs against a server that refuses requests without the token
+            async with httpx.AsyncClient() as client:
+                refused = await client.get(f"{supervisor.url}/v1/stream/any?offset=-1")
+            assert refused.status_code == 401, refused.text
         env = {
             **os.environ,
+            **token_env,
             "DS_BASE_URL": supervisor.url,
             "DS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_TIMEOUT_S * 1000),
         }
@@ -76,7 +100,7 @@ async def test_conformance_suite(tmp_path: Path, shards: int) -> None:
     passed, failed = counts.get("passed", 0), counts.get("failed", 0)
     skipped = sum(n for status, n in counts.items() if status not in ("passed", "failed"))
     line = (
-        f"conformance, {shards} shard(s), {elapsed:.0f} s: "
+        f"conformance, {shards} shard(s){', auth on' if auth else ''}, {elapsed:.0f} s: "
         f"{passed} passed, {failed} failed, {skipped} skipped"
     )
     CONFORMANCE_SUMMARIES.append(line)
