@@ -575,3 +575,38 @@ def test_drain_hook_holds_a_leaving_shard_while_its_ring_has_it(tmp_path: Path) 
         out, _ = hook.communicate(timeout=60)
         assert hook.returncode == 1, out  # no ring change came: it waited, then gave up
         assert "leaves (1 replicas)" in out and "not drained in 3 s" in out
+
+
+# --- the image ---------------------------------------------------------------------------
+
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    done = subprocess.run(
+        [tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_builds_from_the_packages_and_runs_unprivileged() -> None:
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base.group(1))  # exact tag
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    assert stages == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    final = text[text.rindex("\nFROM ") :]
+    assert "COPY --from" not in final and "pip uninstall --yes pip" in final
+    assert re.search(r"^USER 10001:10001$", final, re.M)
+    assert re.search(r'^ENTRYPOINT \["ds-cluster"\]$', final, re.M)
+    # Every folder the package is made of (ds_cluster/ and what its links point to) is
+    # copied into the build stage and let through by the build context's ignore file.
+    namespace = REPO_ROOT / "ds_cluster"
+    linked = {p.resolve().name for p in namespace.iterdir() if p.is_symlink()}
+    copied = set(re.findall(r"^COPY (\S+) \1$", text, re.M))
+    assert {"ds_cluster", *linked} <= copied
+    allowed = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    assert {f"!{name}/" for name in copied} <= set(allowed)
