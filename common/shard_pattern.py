@@ -47,6 +47,7 @@ def expand(address_pattern: str, count: int, id_pattern: str = "") -> dict[str, 
         raise ValueError(f"--shard-dns-pattern {address_pattern!r} has no {PLACEHOLDER}")
     if not 1 <= count <= MAX_SHARDS:
         raise ValueError(f"--shard-count {count}: expected 1..{MAX_SHARDS}")
+    parse_listen(address_pattern.replace(PLACEHOLDER, "0"), None)  # HOST:PORT, or refused
     if not id_pattern:
         id_pattern = address_pattern.rpartition(":")[0].split(".")[0]
     if PLACEHOLDER not in id_pattern:

@@ -37,7 +37,7 @@ import yaml
 
 from ds_cluster import envflags
 from ds_cluster.cli import SUBCOMMANDS
-from ds_cluster.common.shard_pattern import expand
+from ds_cluster.common.shard_pattern import expand, shard_endpoints
 from ds_cluster.tools.drain import split_pod_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -610,3 +610,45 @@ def test_dockerfile_builds_from_the_packages_and_runs_unprivileged() -> None:
     assert {"ds_cluster", *linked} <= copied
     allowed = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
     assert {f"!{name}/" for name in copied} <= set(allowed)
+
+
+# --- shard addresses from a pattern ----------------------------------------------------
+
+
+def test_pattern_expands_to_ids_and_addresses() -> None:
+    assert expand("ds-shard-{i}.ds-shard:7000", 3) == {
+        "ds-shard-0": ("ds-shard-0.ds-shard", 7000),
+        "ds-shard-1": ("ds-shard-1.ds-shard", 7000),
+        "ds-shard-2": ("ds-shard-2.ds-shard", 7000),
+    }
+    assert expand("10.0.{i}.5:7000", 2, "s{i}") == {
+        "s0": ("10.0.0.5", 7000),
+        "s1": ("10.0.1.5", 7000),
+    }
+
+
+@pytest.mark.parametrize(
+    ("pattern", "count", "ids", "message"),
+    [
+        ("ds-shard.ds-shard:7000", 2, "", "has no {i}"),
+        ("ds-shard-{i}.ds-shard:7000", 0, "", "expected 1..1024"),
+        ("ds-shard-{i}.ds-shard:7000", 2, "same", "has no {i}"),
+        ("ds-shard-{i}.ds-shard", 2, "", "expected HOST:PORT"),
+        ("ds-shard-{i}:7000", 2, "a={i}", "makes a bad id"),
+    ],
+)
+def test_bad_patterns_are_refused(pattern: str, count: int, ids: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        expand(pattern, count, ids)
+
+
+def test_pattern_and_list_exclude_each_other() -> None:
+    given = argparse.Namespace(shard_dns_pattern="s-{i}.s:1", shard_count=2, shard_id_pattern="")
+    with pytest.raises(ValueError, match="exclude each other"):
+        shard_endpoints("a=h:1", given, flag="--shards")
+    assert list(shard_endpoints("", given, flag="--shards")) == ["s-0", "s-1"]
+    listed = argparse.Namespace(shard_dns_pattern="", shard_count=2, shard_id_pattern="")
+    with pytest.raises(ValueError, match="need --shard-dns-pattern"):
+        shard_endpoints("a=h:1", listed, flag="--shards")
+    listed.shard_count = 0
+    assert shard_endpoints("a=h:1", listed, flag="--shards") == {"a": ("h", 1)}
