@@ -458,3 +458,91 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
         async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=60) as http:
             r = await read_all(http, big)
             assert r.content == body
+
+
+async def test_three_to_four_moves_a_quarter_of_the_streams(tmp_path: Path) -> None:
+    async with cluster_of(tmp_path, initial=3, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None
+        three = cluster.ring
+        names = [f"q-{i}" for i in range(240)]
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=30) as http:
+            for name in names:
+                await put(http, name, BYTES_TYPE)
+                await post(http, name, name.encode(), BYTES_TYPE)
+        four = cluster.ring_of(2, ["s0", "s1", "s2", "s3"])
+        cluster.start("s3", four)
+        await cluster.set_ring(four, via="s1")
+        statuses = await cluster.wait_moved(["s0", "s1", "s2", "s3"])
+        moved = sum(s["moved_out"]["streams"] for s in statuses)
+        should = sum(1 for n in names if three.owner(n) != four.owner(n))
+        print(f"3 -> 4 shards: {moved} of {len(names)} streams moved ({moved / len(names):.0%})")
+        assert moved == should == statuses[3]["streams"]  # exactly those the new ring moves
+        assert 0.15 < moved / len(names) < 0.35
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            for name in names:
+                assert (await read_all(http, name)).content == name.encode()
+
+
+async def test_idempotent_writers_across_a_move_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    """Producers append through a ring-following RPC client while their streams move;
+    a write whose outcome is unknown is retried with the same sequence number."""
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None and cluster.admin
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        streams = [names_moving(cluster.ring, three, f"s{i % 2}", "s2", f"w{i}") for i in range(4)]
+        streams.append(names_moving(cluster.ring, three, "s1", "s1", "wstay"))
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=30) as http:
+            for name in streams:
+                await put(http, name, BYTES_TYPE)
+        writes = 150
+        retries = 0
+        took: list[float] = []
+        last_write = 0.0
+
+        async def writer(path: str) -> None:
+            nonlocal retries, last_write
+            for seq in range(writes):
+                started = time.monotonic()
+                headers = [["content-type", BYTES_TYPE]]
+                headers += [[k.lower(), v] for k, v in producer(seq, pid=path).items()]
+                while True:
+                    fields: wire.RequestFields = {
+                        "m": "POST",
+                        "p": path,
+                        "q": "",
+                        "h": headers,
+                        "b": b"%d," % seq,
+                    }
+                    try:
+                        async with await cluster.admin.open_routed(path, "http", fields) as call:
+                            res = await call.response()
+                        if res["s"] in (200, 204):
+                            took.append(time.monotonic() - started)
+                            last_write = time.monotonic()
+                            break
+                        assert res["s"] == 503, res
+                    except (ShardError, ShardUnavailable):
+                        pass
+                    retries += 1
+                    await trio.sleep(0.05)
+
+        cluster.start("s2", three)
+        async with trio.open_nursery() as nursery:
+            for name in streams:
+                nursery.start_soon(writer, name)
+            await trio.sleep(0.3)
+            ring_set_at = time.monotonic()
+            await cluster.set_ring(three, via="s1")
+        assert last_write > ring_set_at + 0.5  # they kept writing through the move
+        await cluster.wait_moved(["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            for name in streams:
+                got = (await read_all(http, name)).content
+                assert got == b"".join(b"%d," % seq for seq in range(writes)), name
+        took.sort()
+        p99, worst = took[int(len(took) * 0.99)], took[-1]
+        print(
+            f"{len(streams)} writers x {writes} appends across a move: {retries} retries, "
+            f"append latency p99 {p99:.3f} s, longest {worst:.3f} s"
+        )
+        assert worst < 3.0
