@@ -546,3 +546,98 @@ async def test_idempotent_writers_across_a_move_lose_and_duplicate_nothing(tmp_p
             f"append latency p99 {p99:.3f} s, longest {worst:.3f} s"
         )
         assert worst < 3.0
+
+
+async def test_fork_references_and_releases_follow_their_streams(tmp_path: Path) -> None:
+    """A soft-deleted source keeps its data for its fork across moves; the fork's
+    release, sent after both moved, reaches the source's new owner and purges it."""
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None
+        two = cluster.ring
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        source = names_moving(two, three, "s0", "s2", "fsrc")
+        fork = names_moving(two, three, "s1", "s1", "fork")
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=30) as http:
+            await put(http, source, BYTES_TYPE)
+            await post(http, source, b"inherited", BYTES_TYPE)
+            await put(http, fork, BYTES_TYPE, {"Stream-Forked-From": f"/v1/stream/{source}"})
+            await post(http, fork, b"+own", BYTES_TYPE)
+        cluster.start("s2", three)
+        await cluster.set_ring(three, via="s0")
+        await cluster.wait_moved(["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            assert (await http.delete(f"/v1/stream/{source}")).status_code == 204
+            assert (await http.head(f"/v1/stream/{source}")).status_code == 410  # soft-deleted
+            assert (await read_all(http, fork)).content == b"inherited+own"
+        back = cluster.ring_of(3, ["s0", "s1"])
+        await cluster.set_ring(back, via="s2")
+        await cluster.wait_moved(["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            assert (await read_all(http, fork)).content == b"inherited+own"
+            assert (await http.delete(f"/v1/stream/{fork}")).status_code == 204
+            deadline = time.monotonic() + 20
+            while (await http.head(f"/v1/stream/{source}")).status_code != 404:
+                assert time.monotonic() < deadline, "the source was never purged"
+                await trio.sleep(0.1)
+
+
+async def test_live_readers_of_a_moving_stream_are_released_and_resume(tmp_path: Path) -> None:
+    """A long-poll and an SSE response parked on the old owner end with `moving` at
+    once; read again on the new owner from the same offset they see what follows."""
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.gateway is not None and cluster.ring is not None and cluster.admin
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        name = names_moving(cluster.ring, three, "s0", "s2", "live")
+        async with httpx.AsyncClient(base_url=cluster.gateway.url, timeout=30) as http:
+            await put(http, name, BYTES_TYPE)
+            tail = (await post(http, name, b"before", BYTES_TYPE)).headers["stream-next-offset"]
+        outcomes: dict[str, str] = {}
+
+        async def long_poll() -> None:
+            fields: wire.RequestFields = {
+                "m": "GET",
+                "p": name,
+                "q": f"offset={tail}&live=long-poll",
+                "h": [],
+                "b": b"",
+            }
+            async with cluster.admin.open("s0", "http", fields) as call:
+                try:
+                    res = await call.response()
+                    outcomes["long-poll"] = f"answered {res['s']}"
+                except ShardError as exc:
+                    outcomes["long-poll"] = exc.code
+
+        async def sse() -> None:
+            fields: wire.RequestFields = {
+                "m": "GET",
+                "p": name,
+                "q": f"offset={tail}&live=sse",
+                "h": [],
+                "b": b"",
+            }
+            async with cluster.admin.open("s0", "http", fields) as call:
+                try:
+                    res = await call.response()
+                    assert res["s"] == 200
+                    async for _ in call.chunks():
+                        pass
+                    outcomes["sse"] = "ended"
+                except ShardError as exc:
+                    outcomes["sse"] = exc.code
+
+        cluster.start("s2", three)
+        started = time.monotonic()
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_poll)
+                nursery.start_soon(sse)
+                await trio.sleep(0.5)
+                await cluster.set_ring(three, via="s1")
+        assert outcomes == {"long-poll": "moving", "sse": "moving"}, outcomes
+        assert time.monotonic() - started < 10  # not the long-poll's 30 s timeout
+        await cluster.wait_moved(["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.new_gateway(), timeout=30) as http:
+            await post(http, name, b"after", BYTES_TYPE)
+            r = await http.get(f"/v1/stream/{name}", params={"offset": tail})
+            assert r.content == b"after"
