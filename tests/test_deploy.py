@@ -377,6 +377,27 @@ class LocalPods:
                 argv[i] = self.mapper.path(word, pod, mounts)
         return pod, argv, env
 
+    def use(self, documents: list[dict[str, Any]]) -> None:
+        """What `kubectl apply` of another rendering changes for pods started from now on."""
+        self.documents, self.maps = documents, configmaps(documents)
+
+    def run_job(self) -> subprocess.CompletedProcess[str]:
+        """The rendered Job's container, run to its end."""
+        job = find(self.documents, "Job")
+        (container,) = ds_cluster_containers(job)
+        name, argv, env = self.command(job, 0, 0, container["args"])
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("DS_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "ds_cluster", *argv],
+            cwd=REPO_ROOT,
+            env={**environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        (self.root / f"{name}.log").write_text(done.stdout + done.stderr)
+        return done
+
     def start(self, workload: dict[str, Any], ordinal: int, host_index: int) -> Pod:
         (container,) = ds_cluster_containers(workload)
         name, argv, env = self.command(workload, ordinal, host_index, container["args"])
@@ -475,15 +496,24 @@ def assert_streams(client: httpx.Client, url: str, bodies: dict[str, str]) -> No
 # --- the shards' preStop hook: drain on a scale-down, not on a restart -------------------
 
 
+class FakeApi:
+    """The hook's environment for the API stand-in, and the replica count it answers."""
+
+    def __init__(self, env: dict[str, str], replicas: int) -> None:
+        self.env, self.replicas = env, replicas
+        self.asked: list[str] = []
+
+
 @contextmanager
-def kubernetes_api(root: Path, replicas: int) -> Iterator[dict[str, str]]:
+def kubernetes_api(root: Path, replicas: int) -> Iterator[FakeApi]:
     """A stand-in for the API server's one answer the hook needs (the StatefulSet), and the
-    pod's service account folder; yields the hook's environment for both."""
+    pod's service account folder."""
     account = root / "serviceaccount"
     account.mkdir()
     (account / "token").write_text("the-token")
     (account / "namespace").write_text("ds-cluster")
-    asked: list[str] = []
+    api = FakeApi({"DS_SERVICE_ACCOUNT_DIR": str(account)}, replicas)
+    asked = api.asked
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
@@ -492,7 +522,8 @@ def kubernetes_api(root: Path, replicas: int) -> Iterator[dict[str, str]]:
             if self.path != wanted or self.headers["Authorization"] != "Bearer the-token":
                 self.send_error(403)
                 return
-            body = json.dumps({"kind": "StatefulSet", "spec": {"replicas": replicas}}).encode()
+            body = json.dumps({"kind": "StatefulSet", "spec": {"replicas": api.replicas}})
+            body = body.encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -505,11 +536,9 @@ def kubernetes_api(root: Path, replicas: int) -> Iterator[dict[str, str]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    api.env["DS_KUBERNETES_API"] = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield {
-            "DS_KUBERNETES_API": f"http://127.0.0.1:{server.server_address[1]}",
-            "DS_SERVICE_ACCOUNT_DIR": str(account),
-        }
+        yield api
         assert asked, "the hook never asked the API"
     finally:
         server.shutdown()
@@ -549,7 +578,7 @@ def test_drain_hook_lets_a_restarting_shard_go_at_once(tmp_path: Path) -> None:
         kubernetes_api(tmp_path, replicas=2) as api,
     ):
         wait_ready(client, url, local.pods, time.monotonic() + 90)
-        hook = drain_hook(local, 1, api)
+        hook = drain_hook(local, 1, api.env)
         out, _ = hook.communicate(timeout=60)
         assert hook.returncode == 0, out
         assert "stays (2 replicas)" in out
@@ -571,7 +600,7 @@ def test_drain_hook_holds_a_leaving_shard_while_its_ring_has_it(tmp_path: Path) 
         kubernetes_api(tmp_path, replicas=1) as api,
     ):
         wait_ready(client, url, local.pods, time.monotonic() + 90)
-        hook = drain_hook(local, 1, {**api, "DS_TIMEOUT": "3"})
+        hook = drain_hook(local, 1, {**api.env, "DS_TIMEOUT": "3"})
         out, _ = hook.communicate(timeout=60)
         assert hook.returncode == 1, out  # no ring change came: it waited, then gave up
         assert "leaves (1 replicas)" in out and "not drained in 3 s" in out
@@ -652,3 +681,58 @@ def test_pattern_and_list_exclude_each_other() -> None:
         shard_endpoints("a=h:1", listed, flag="--shards")
     listed.shard_count = 0
     assert shard_endpoints("a=h:1", listed, flag="--shards") == {"a": ("h", 1)}
+
+
+def rendered_with_shards(root: Path, count: int) -> list[dict[str, Any]]:
+    """The small overlay after the one edit that scales it: its shard count."""
+    tree = root / f"kubernetes-{count}"
+    shutil.copytree(KUBERNETES, tree)
+    kustomization = tree / "overlays" / "small" / "kustomization.yaml"
+    text = kustomization.read_text()
+    kustomization.write_text(re.sub(r"(- name: ds-shard\n\s+count: )\d+", rf"\g<1>{count}", text))
+    return render(tree / "overlays" / "small")
+
+
+def moved_streams(job: subprocess.CompletedProcess[str]) -> int:
+    assert job.returncode == 0, job.stdout + job.stderr
+    found = re.search(
+        r"^done: every shard serves on ring v\d+; moved (\d+) streams", job.stdout, re.M
+    )
+    assert found, job.stdout
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+def test_scaling_through_the_manifests_moves_streams_up_and_drains_down(tmp_path: Path) -> None:
+    with (
+        small_cluster(tmp_path) as (url, local),
+        httpx.Client(timeout=30) as client,
+        kubernetes_api(tmp_path, replicas=2) as api,
+    ):
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+        bodies = write_streams(client, url, 30)
+        # Up, 2 -> 3: the StatefulSet starts ds-shard-2 and the Job ds-rebalance-to-3 runs.
+        local.use(rendered_with_shards(tmp_path, 3))
+        api.replicas = 3
+        assert find(local.documents, "Job")["metadata"]["name"] == "ds-rebalance-to-3"
+        newcomer = local.start(find(local.documents, "StatefulSet", "ds-shard"), 2, 2)
+        moved_up = moved_streams(local.run_job())
+        assert 0 < moved_up < len(bodies)  # about a third of them
+        assert_streams(client, url, bodies)
+        # Down, 3 -> 2: ds-shard-2 is stopped; its preStop hook holds it while the Job
+        # ds-rebalance-to-2 moves its streams away, then lets it go.
+        api.replicas = 2
+        hook = drain_hook(local, 2, api.env)
+        local.use(rendered_with_shards(tmp_path, 2))
+        time.sleep(1)
+        assert hook.poll() is None, hook.communicate()[0]  # held: its ring still has it
+        moved_down = moved_streams(local.run_job())
+        out, _ = hook.communicate(timeout=120)
+        assert hook.returncode == 0 and "drained" in out, out
+        print(f"moved {moved_up} of {len(bodies)} streams up, {moved_down} down")
+        newcomer.stop()
+        assert_streams(client, url, bodies)
+        for path in bodies:  # and they take writes where they are now
+            appended = client.post(url + path, content="c;", headers={"Content-Type": "text/plain"})
+            assert appended.status_code in (200, 204), appended.text
+        assert_streams(client, url, {path: body + "c;" for path, body in bodies.items()})
