@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     logs.setup("shard", args.id, level=args.log_level, log_format=args.log_format)
     try:
         args.security = rpc_security.from_args(args, server=True)
-    except rpc_security.SecurityError as exc:
+        shard_endpoints(args.peers, args, flag="--peers")  # a bad list is refused here
+    except (rpc_security.SecurityError, ValueError) as exc:
         print(f"ds-cluster shard {args.id}: {exc}", file=sys.stderr)
         return 2
     # Before anything touches SQLite: a second process on these files corrupts them.
