@@ -50,7 +50,12 @@ from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
 from ds_cluster.gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
-from ds_cluster.gateway.reserved import RESERVED_PREFIX, ReservedRoutes, is_reserved
+from ds_cluster.gateway.reserved import (
+    RESERVED_PREFIX,
+    ReservedRoutes,
+    is_reserved,
+    own_credentials,
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -402,7 +407,9 @@ class StreamHandler:
                 if authorization is not None:
                     return error_answer(400, "header authorization given twice")
                 authorization = value
-        if self.auth is not None:
+        # Subscription callbacks, acks and releases carry the subscription's own token,
+        # which its owner checks; the JWK Set is public.
+        if self.auth is not None and not own_credentials(method, path):
             refused = self._authorize(method, path, authorization, forwarded)
             if refused is not None:
                 return refused
