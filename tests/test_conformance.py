@@ -5,7 +5,8 @@ under vitest in a Node process; the cluster runs under the supervisor here. The 
 long-poll timeout is shortened to 2 s because some suite tests wait at most 5 s for a
 long-poll to end. Needs `npm ci` in conformance/ (`make test` does it). One run has
 client auth on (docs/auth.md): the suite sends a token that covers every stream
-(DS_AUTH_TOKEN), after a check that a request without it is refused.
+(DS_AUTH_TOKEN), after a check that a request without it is refused. One runs over
+https (1 shard; a test CA from `trustme`, which Node trusts through NODE_EXTRA_CA_CERTS).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trustme
 from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
 
 CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
@@ -44,9 +46,24 @@ def summarize(report: dict) -> tuple[dict[str, int], dict[str, list[str]]]:
     return dict(counts), dict(failures)
 
 
+def _https_files(tmp_path: Path) -> dict[str, Path]:
+    """A test CA (tmp_path/ca.pem) and the gateway's certificate and key from it."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return {"tls_cert": cert, "tls_key": key}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("shards", "auth"), [(1, False), (4, False), (2, True)])
-async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool) -> None:
+@pytest.mark.parametrize(
+    ("shards", "auth", "tls"),
+    [(1, False, False), (4, False, False), (2, True, False), (1, False, True)],
+    ids=["1", "4", "2-auth", "1-https"],
+)
+async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool, tls: bool) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed (the conformance suite runs under Node)")
@@ -67,6 +84,9 @@ async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool) -> Non
         tokens_file.write_text(json.dumps({"tokens": [entry]}))
         options["auth_tokens"] = tokens_file
         token_env["DS_AUTH_TOKEN"] = token
+    if tls:
+        options.update(_https_files(tmp_path))
+        token_env["NODE_EXTRA_CA_CERTS"] = str(tmp_path / "ca.pem")
     async with running_cluster(
         tmp_path, shards=shards, long_poll_timeout=LONG_POLL_TIMEOUT_S, **options
     ) as supervisor:
@@ -101,7 +121,8 @@ async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool) -> Non
     passed, failed = counts.get("passed", 0), counts.get("failed", 0)
     skipped = sum(n for status, n in counts.items() if status not in ("passed", "failed"))
     line = (
-        f"conformance, {shards} shard(s){', auth on' if auth else ''}, {elapsed:.0f} s: "
+        f"conformance, {shards} shard(s){', auth on' if auth else ''}"
+        f"{', over https' if tls else ''}, {elapsed:.0f} s: "
         f"{passed} passed, {failed} failed, {skipped} skipped"
     )
     CONFORMANCE_SUMMARIES.append(line)
