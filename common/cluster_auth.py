@@ -1,8 +1,9 @@
 """Mutual authentication of an RPC connection: both ends prove they hold the cluster secret.
 
 Sans-IO: the two state machines below turn received frames into frames to send and
-raise AuthError when the peer fails; `common.rpc_client` and `shard.rpc_server` move the
-bytes. The exchange (after TCP, or TLS, is up):
+raise AuthError when the peer fails; the RPC's state machines (`common.rpc_core`) drive
+them, its transport (`common.rpc_transport`) moves the bytes. The exchange (after TCP,
+or TLS, is up):
 
     caller -> shard   hello {role, id, nonce_c, r}
     shard  -> caller  hello {role: "shard", id, nonce_s, mac_s}
@@ -86,8 +87,9 @@ class ClientHandshake:
         self._proven = False
         self.peer_ring: wire.RingInfo | None = None  # the shard's ring, from `ready`
 
-    def hello(self) -> dict[str, object]:
+    def hello(self) -> wire.HelloFrame:
         return {
+            "v": wire.WIRE_VERSION,
             "k": "hello",
             "role": self._role,
             "id": self._name,
@@ -95,7 +97,7 @@ class ClientHandshake:
             "r": self._ring["version"],
         }
 
-    def on_server_hello(self, frame: wire.Frame) -> dict[str, object]:
+    def on_server_hello(self, frame: wire.Frame) -> wire.AuthFrame:
         """Check the shard's proof; return our `auth` frame."""
         if frame["k"] != "hello":
             raise AuthError("authentication failed", f"expected hello, got {frame['k']}")
@@ -114,7 +116,11 @@ class ClientHandshake:
         if mac is None or not hmac.compare_digest(mac, expected):
             raise AuthError("authentication failed", "the shard did not prove the secret")
         self._proven = True
-        return {"k": "auth", "mac": _transcript_mac(self._secret, "caller", *args)}
+        return {
+            "v": wire.WIRE_VERSION,
+            "k": "auth",
+            "mac": _transcript_mac(self._secret, "caller", *args),
+        }
 
     def on_ready(self, frame: wire.Frame) -> dict[str, str]:
         """The shard accepted us; returns the health map it sent (its ring: `peer_ring`)."""
@@ -137,7 +143,7 @@ class ServerHandshake:
         self.peer_ring_version: int | None = None
         self.authenticated = False
 
-    def on_client_hello(self, frame: wire.Frame) -> dict[str, object]:
+    def on_client_hello(self, frame: wire.Frame) -> wire.HelloFrame:
         if frame["k"] != "hello" or self._args is not None:
             raise AuthError("authentication failed", f"expected hello, got {frame['k']}")
         if frame["role"] not in ("gateway", "shard"):
@@ -149,6 +155,7 @@ class ServerHandshake:
         self.peer_ring_version = ring
         self._args = (frame["role"], frame["id"], self._shard_id, frame["nonce"], self._nonce, ring)
         return {
+            "v": wire.WIRE_VERSION,
             "k": "hello",
             "role": "shard",
             "id": self._shard_id,
@@ -156,7 +163,7 @@ class ServerHandshake:
             "mac": _transcript_mac(self._secret, "shard", *self._args),
         }
 
-    def on_auth(self, frame: wire.Frame, health: dict[str, str]) -> dict[str, object]:
+    def on_auth(self, frame: wire.Frame, health: dict[str, str]) -> wire.ReadyFrame:
         """Check the caller's proof; return the `ready` frame."""
         if frame["k"] != "auth" or self._args is None:
             raise AuthError("authentication failed", f"expected auth, got {frame['k']}")
@@ -164,4 +171,9 @@ class ServerHandshake:
         if not hmac.compare_digest(frame["mac"], expected):
             raise AuthError("authentication failed", f"{self.peer} did not prove the secret")
         self.authenticated = True
-        return {"k": "ready", "ring": dict(self._ring), "health": dict(health)}
+        ring: wire.RingInfo = {
+            "version": self._ring["version"],
+            "shards": list(self._ring["shards"]),
+            "endpoints": dict(self._ring.get("endpoints", {})),
+        }
+        return {"v": wire.WIRE_VERSION, "k": "ready", "ring": ring, "health": dict(health)}

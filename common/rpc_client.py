@@ -11,13 +11,25 @@ release_fork); it knows nothing about HTTP.
             res = await call.response()        # the `res` frame: s, h, b, more
             async for data in call.chunks():   # `chunk` bodies while more
                 ...
+        # the same, sent to whichever shard owns `path` under the newest ring
+        async with await pool.open_routed("a", "http", {...}) as call:
+            ...
 
-Each connection runs three kinds of task in the pool's nursery: a supervisor that
-connects (exponential backoff, 50 ms doubling to 0.5 s, jittered; optionally TLS) and
-runs the mutual authentication of common/cluster_auth.py; one reader that dispatches
-frames by request id into per-call inboxes; one writer that joins every queued small frame
-into a single send_all (a large body is sent as it is). A shard that fails authentication,
-claims another id or is on another ring version is not used; `ShardPool.problems()` says
+The pool follows the ring (see common/ring.py): it holds the newest ring it has seen
+(`pool.rings`, a RingHolder), learned from the shards' `ready` frames and from `err`
+answers that carry one, and keeps one connection per shard of that ring: a new ring's
+new shards are connected, the connections of shards that left it are closed, without a
+restart. `open_routed` hides a ring change from its caller: it retries on the owner under
+the newer ring (`err misdirected`, `err version`), brings a shard on an older ring up to
+date first (`ring_set`), and waits out a stream that is moving (`err moving`), all within
+ROUTE_DEADLINE seconds.
+
+Each connection runs its tasks in the pool's nursery: a supervisor that connects
+(exponential backoff, 50 ms doubling to 0.5 s, jittered; optionally TLS) and runs the
+mutual authentication of common/cluster_auth.py, then a reader that dispatches frames by
+request id into per-call inboxes and the writer of common/rpc_transport.py. The state of
+the connection and of each request is the sans-IO core's (common/rpc_core.py). A shard
+that fails authentication or claims another id is not used; `ShardPool.problems()` says
 why, for readiness.
 
 Failure model, so callers never hang and never guess:
@@ -25,11 +37,13 @@ Failure model, so callers never hang and never guess:
   * connection drops: every call in flight on it fails at once with ShardUnavailable;
     `sent` says whether its request frame was handed to the socket (True: the outcome is
     unknown, the shard may have acted; False: it certainly did not);
-  * the shard answers `err`: ShardError(code, msg);
+  * the shard answers `err`: ShardError(code, msg, args);
   * leaving `open(...)` before the response is complete sends `cancel` to the shard.
   * the shard stops answering (hung, SIGSTOPped, link blackholed): a `ping` op every
     HEARTBEAT_INTERVAL s unanswered for HEARTBEAT_TIMEOUT s drops the connection, which
     fails the calls on it as above;
+  * more than MAX_QUEUED request bytes waiting to be written to one shard: `open` raises
+    ShardUnavailable(sent=False) (the shard is not keeping up).
 A streaming response whose unread chunks exceed `max_buffered` bytes (a consumer slower
 than the shard) is cancelled on the shard and fails with ShardUnavailable(sent=True).
 Frames from the shard are checked by `wire.parse`; one that breaks the protocol (a second
@@ -42,16 +56,18 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import cast
 
 import trio
 
-from ds_cluster.common import wire
+from ds_cluster.common import rpc_core, wire
 from ds_cluster.common.backoff import jittered
 from ds_cluster.common.cluster_auth import AuthError, ClientHandshake
-from ds_cluster.common.ring import Ring
+from ds_cluster.common.ring import Endpoint, Ring, RingHolder
+from ds_cluster.common.rpc_transport import FrameReader, FrameWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +76,12 @@ BACKOFF_MAX = 0.5  # a restarted shard is reconnected within half a second of li
 HELLO_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TIMEOUT = 8.0  # a busy shard (thousands of cancels at once) is not a hung one
-RECV_SIZE = 256 * 1024
 PING_GRACE = 1.0  # extra wait for a ping answer after our own loop may have stalled
 MAX_BUFFERED = 16 * 1024 * 1024
-FRAME_STALL = 10.0  # seconds a started frame may go without a byte
-FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
-MIN_FRAME_RATE = 1024 * 1024  # bytes/s
+MAX_QUEUED = 256 * 1024 * 1024  # request bytes queued for one shard before `open` refuses
+ROUTE_DEADLINE = 2.0  # seconds `open_routed` keeps retrying a ring change or a move
+ROUTE_BACKOFF = 0.05  # first pause between such retries (doubling, jittered)
+MAX_RETRY_AFTER = 1.0  # longest pause a shard's `moving` answer may ask of one retry
 
 
 class ShardUnavailable(Exception):
@@ -83,46 +99,64 @@ class ShardTimeout(ShardUnavailable):
 
 
 class ShardError(Exception):
-    """The shard answered the request with an `err` frame."""
+    """The shard answered the request with an `err` frame (`args`: its `a`, if any)."""
 
-    def __init__(self, code: str, msg: str) -> None:
+    def __init__(self, code: str, msg: str, args: wire.Args | None = None) -> None:
         super().__init__(f"{code}: {msg}")
         self.code = code
         self.msg = msg
+        self.args_map: wire.Args = args or {}
+
+    @property
+    def retry_after(self) -> float:
+        """What an `err moving` asks the caller to wait before retrying, in seconds."""
+        return retry_after(self.args_map)
 
 
-# Sentinels the reader puts into a call's channel when the call cannot continue.
-_DROPPED = object()
-_OVERFLOW = object()
+def retry_after(args: wire.Args) -> float:
+    """The `retry_after` seconds of an `err moving`'s `a` (1 when absent or malformed)."""
+    value = args.get("retry_after")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return 1.0
 
 
-class Call:
+class _Stop:
+    """Why a call's inbox ends without a frame (a sentinel, put by the connection)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+_DROPPED = _Stop("connection lost")
+_OVERFLOW = _Stop("consumer too slow")
+Delivered = wire.Frame | _Stop
+RingSink = Callable[[object, str], None]  # (a RingInfo heard of, from which shard)
+# A request's fields as `wire.RequestFields` describes them (m, p, q, h, b; or a); any
+# mapping of that shape, so callers need not spell the TypedDict.
+Fields = wire.RequestFields | Mapping[str, object]
+
+
+class Call(rpc_core.CallState):
     """One request in flight. Created by ShardPool.open / ShardConnection.open."""
 
-    __slots__ = (
-        "_conn",
-        "_gen",
-        "id",
-        "_inbox",
-        "_waiter",
-        "sent",
-        "done",
-        "buffered",
-        "answered",
-    )
+    __slots__ = ("_conn", "_inbox", "_waiter", "done", "buffered")
 
-    def __init__(self, conn: ShardConnection, call_id: int) -> None:
+    def __init__(self, conn: ShardConnection) -> None:
+        super().__init__()
         self._conn = conn
-        self._gen = conn._generation
-        self.id = call_id
         # The frames the connection's reader delivered and the task parked for the next one:
         # a deque and a task instead of a memory channel, made for every request.
-        self._inbox: deque[Any] = deque()
+        self._inbox: deque[Delivered] = deque()
         self._waiter: trio.lowlevel.Task | None = None
-        self.sent = False  # the writer handed our frame to the socket
         self.done = False  # the final frame (or an error) has been received
         self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
-        self.answered = False  # its `res` has arrived (a second one is a protocol error)
+
+    @property
+    def shard_id(self) -> str:
+        return self._conn.shard_id
 
     async def __aenter__(self) -> Call:
         return self
@@ -134,7 +168,7 @@ class Call:
             self.done = True
             self._conn._abandon(self)
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: Delivered) -> None:
         """Deliver a frame (or a sentinel); called by the connection, never blocks."""
         self._inbox.append(item)
         waiter = self._waiter
@@ -142,48 +176,56 @@ class Call:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
 
-    async def _next(self) -> Any:
+    async def _next(self) -> Delivered:
         """The next delivered item, waiting for it if none is there yet."""
         if not self._inbox:
             self._waiter = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         return self._inbox.popleft()
 
-    def _abort_wait(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+    def _abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def _unavailable(self, item: object) -> ShardUnavailable:
+    async def _peek(self) -> Delivered:
+        """The next item, left in the inbox (for `open_routed`). Cancel-safe."""
+        item = await self._next()
+        self._inbox.appendleft(item)
+        return item
+
+    def _unavailable(self, stop: _Stop) -> ShardUnavailable:
         self.done = True
-        if item is _OVERFLOW:
-            return ShardUnavailable(self._conn.shard_id, "consumer too slow", sent=True)
+        if stop is _OVERFLOW:
+            return ShardUnavailable(self._conn.shard_id, stop.reason, sent=True)
         reason = "connection lost" if self.sent else "connection lost before sending"
         return ShardUnavailable(self._conn.shard_id, reason, sent=self.sent)
 
     async def response(self) -> wire.ResponseFrame:
         """The `res` frame (s, h, b, more; or `a` for non-http ops). Cancel-safe."""
         msg = await self._next()
-        if type(msg) is not dict:
+        if isinstance(msg, _Stop):
             raise self._unavailable(msg)
-        kind = msg["k"]
-        if kind == "res":
+        if msg["k"] == "res":
             if not msg["more"]:
                 self.done = True
-            return msg  # type: ignore[return-value]  # a `res`, checked by wire.parse
+            return msg
         self.done = True
-        if kind == "err":
-            raise ShardError(msg["code"], msg["msg"])
-        raise ShardError("internal", f"unexpected {kind!r} frame before the response")
+        if msg["k"] == "err":
+            raise ShardError(msg["code"], msg["msg"], msg.get("a"))
+        raise ShardError("internal", f"unexpected {msg['k']!r} frame before the response")
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Bodies of the `chunk` frames that follow a `res` with more=True."""
         while not self.done:
             msg = await self._next()
-            if type(msg) is not dict:
+            if isinstance(msg, _Stop):
                 raise self._unavailable(msg)
             if msg["k"] == "err":
                 self.done = True
-                raise ShardError(msg["code"], msg["msg"])
+                raise ShardError(msg["code"], msg["msg"], msg.get("a"))
+            if msg["k"] != "chunk":
+                self.done = True
+                raise ShardError("internal", f"unexpected {msg['k']!r} frame in a stream")
             body = msg["b"]
             self.buffered -= len(body)
             if not msg["more"]:
@@ -198,11 +240,11 @@ class ShardConnection:
     def __init__(
         self,
         shard_id: str,
-        address: tuple[str, int],
+        address: Endpoint,
         *,
         role: str,
         name: str,
-        ring: wire.RingInfo,
+        rings: RingHolder,
         secret: bytes,
         ssl_context: ssl.SSLContext | None = None,
         max_buffered: int = MAX_BUFFERED,
@@ -214,67 +256,74 @@ class ShardConnection:
         self.address = address
         self._role = role
         self._name = name
-        self._ring = ring
+        self._rings = rings
         self._secret = secret
         self._ssl_context = ssl_context
-        self._ring_version = ring["version"]
         self._max_buffered = max_buffered
-        self._generation = 0  # bumped on each (dis)connection; stale calls are ignored
-        self._connected = False
-        self._next_id = 0
-        self._pending: dict[int, Call] = {}
-        self._outbox: list[tuple[bytes, Call | None]] = []
-        self._wake = trio.Event()
+        self._protocol: rpc_core.CallerProtocol[Call] | None = None  # while connected
+        self._writer: FrameWriter | None = None
         self.problem = "not connected yet"  # why not connected (for readiness)
+        self.tried = False  # a first connection attempt has ended (either way)
         self.health: dict[str, str] = {}  # the shard's last health report (ready, pings)
         self.connected_event = trio.Event()  # set while connected; replaced when lost
+        self.scope = trio.CancelScope()  # cancelled when the shard leaves the ring
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._protocol is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent or queued and not yet complete."""
+        return len(self._protocol.pending) if self._protocol is not None else 0
+
+    @property
+    def _pending(self) -> Mapping[int, Call]:
+        """The calls in flight (read by the gateway's metrics; prefer `in_flight`)."""
+        return self._protocol.pending if self._protocol is not None else {}
 
     # -- calls -----------------------------------------------------------------------
 
-    def open(self, op: str, fields: Mapping[str, Any]) -> Call:
+    def open(self, op: str, fields: Fields) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
-        A dict `fields` becomes the frame itself (k, i, op, r are set in it): pass a fresh one.
+        A dict `fields` becomes the frame itself (k, i, op, r are set in it): pass a
+        fresh one.
         """
-        if not self._connected:
+        protocol, writer = self._protocol, self._writer
+        if protocol is None or writer is None:
             raise ShardUnavailable(self.shard_id, "not connected", sent=False)
-        self._next_id += 1
-        call_id = self._next_id
-        message = fields if type(fields) is dict else dict(fields)
-        message["k"] = "req"
-        message["i"] = call_id
-        message["op"] = op
-        message["r"] = self._ring_version
-        # raises WireError if too big: nothing registered yet. A large body stays its own
-        # piece, never copied behind its head.
-        parts = wire.encode_parts(message)
-        call = Call(self, call_id)
-        self._pending[call_id] = call
-        if len(parts) == 1:
-            self._outbox.append((parts[0], call))
-        else:
-            self._outbox.extend((part, call) for part in parts)
-        self._wake.set()
+        call = Call(self)
+        given = fields if type(fields) is dict else dict(fields)
+        frame = protocol.request(op, cast(wire.RequestFields, given), call, self._rings.version)
+        try:
+            # WireError if too big. A large body stays its own piece, never copied.
+            parts = wire.encode_parts(frame)
+        except BaseException:
+            protocol.abandon(call)
+            raise
+        if not writer.try_queue(parts, call):
+            protocol.abandon(call)
+            raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
         return call
 
     def _abandon(self, call: Call) -> None:
         """The caller left before the response completed: tell the shard to stop."""
-        if self._pending.pop(call.id, None) is None or call._gen != self._generation:
+        protocol, writer = self._protocol, self._writer
+        if protocol is None or writer is None or call._conn is not self:
             return
+        if protocol.pending.get(call.id) is not call:
+            return  # complete, or a call of an earlier connection
+        protocol.abandon(call)
         if call.sent:
-            self._outbox.append((wire.encode({"k": "cancel", "i": call.id}), None))
-            self._wake.set()
+            writer.send_nowait(rpc_core.cancel(call.id))
         else:  # still queued: just do not send it
-            self._outbox = [item for item in self._outbox if item[1] is not call]
+            writer.discard(call)
 
     # -- connection lifecycle -------------------------------------------------------
 
-    async def run(self) -> None:
-        """Connect, authenticate, serve, reconnect; forever (until cancelled by the pool)."""
+    async def run(self, on_ring: RingSink) -> None:
+        """Connect, authenticate, serve, reconnect; forever (until cancelled)."""
         backoff = BACKOFF_MIN
         while True:
             try:
@@ -283,9 +332,11 @@ class ShardConnection:
                 self._set_problem("disconnected", f"connect failed: {exc}")
             else:
                 try:
-                    start = await self._handshake(stream)
+                    reader, protocol = await self._handshake(stream)
                     backoff = BACKOFF_MIN
-                    await self._serve(stream, *start)
+                    if protocol.peer_ring is not None:
+                        on_ring(protocol.peer_ring, self.shard_id)
+                    await self._serve(stream, reader, protocol, on_ring)
                     self._set_problem("disconnected", "connection lost")
                 except AuthError as exc:
                     self._set_problem(exc.reason, str(exc))
@@ -302,6 +353,7 @@ class ShardConnection:
                 finally:
                     self._lost()
                     await trio.aclose_forcefully(stream)  # a TLS goodbye could block
+            self.tried = True
             await trio.sleep(jittered(backoff))
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -322,61 +374,54 @@ class ShardConnection:
 
     async def _handshake(
         self, stream: trio.abc.Stream
-    ) -> tuple[wire.FrameDecoder, list[wire.Frame]]:
-        """Authenticate both ways (TLS first, when configured); returns the decoder and any
-        frames that came after `ready`. Raises AuthError, WireError or TooSlowError."""
+    ) -> tuple[FrameReader, rpc_core.CallerProtocol[Call]]:
+        """Authenticate both ways (TLS first, when configured). Raises AuthError,
+        WireError or TooSlowError."""
+        ring = self._rings.current.to_wire()
         handshake = ClientHandshake(
-            self._secret,
-            role=self._role,
-            name=self._name,
-            shard_id=self.shard_id,
-            ring=self._ring,
+            self._secret, role=self._role, name=self._name, shard_id=self.shard_id, ring=ring
         )
-        decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
-        frames: deque[wire.Frame] = deque()
-
-        async def next_frame(refused: str) -> wire.Frame:
-            while not frames:
-                data = await stream.receive_some(RECV_SIZE)
-                if not data:
-                    raise AuthError(refused, "the shard closed the connection")
-                frames.extend(decoder.feed(data))
-            return frames.popleft()
-
+        protocol = rpc_core.CallerProtocol[Call](handshake)
+        reader = FrameReader(stream)
         with trio.fail_after(self._hello_timeout):
             if isinstance(stream, trio.SSLStream):
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     raise AuthError("TLS handshake failed", str(exc.__cause__ or exc)) from None
-            await stream.send_all(wire.encode(handshake.hello()))
-            auth = handshake.on_server_hello(await next_frame("disconnected"))
-            await stream.send_all(wire.encode(auth))
-            self.health = handshake.on_ready(await next_frame("authentication failed"))
-        peer_ring = handshake.peer_ring
-        assert peer_ring is not None
-        if peer_ring["version"] != self._ring_version:
-            raise AuthError(
-                f"ring version {peer_ring['version']}, expected {self._ring_version}",
-                "not routing to a shard on another ring",
-            )
-        decoder.max_frame = wire.MAX_FRAME_BYTES
-        return decoder, list(frames)
+            await stream.send_all(wire.encode(protocol.hello()))
+            refused = "disconnected"
+            while not protocol.ready:
+                frame = await reader.next_frame()
+                if frame is None:
+                    raise AuthError(refused, "the shard closed the connection")
+                reply = protocol.on_handshake(frame)
+                if reply is not None:
+                    await stream.send_all(wire.encode(reply))
+                    refused = "authentication failed"
+        self.health = protocol.health
+        return reader, protocol
 
     async def _serve(
-        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, early: list[wire.Frame]
+        self,
+        stream: trio.abc.Stream,
+        reader: FrameReader,
+        protocol: rpc_core.CallerProtocol[Call],
+        on_ring: RingSink,
     ) -> None:
         """Run reader and writer until either ends; the connection is then lost."""
-        self._generation += 1
-        self._connected = True
-        self.problem = ""
-        self.connected_event.set()
-        log.info("shard %s: connected to %s:%s", self.shard_id, *self.address)
+        early = reader.authenticated()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer, stream, nursery.cancel_scope)
+            writer = FrameWriter(stream, nursery.cancel_scope, MAX_QUEUED)
+            self._writer = writer
+            self._protocol = protocol
+            self.problem = ""
+            self.connected_event.set()
+            log.info("shard %s: connected to %s:%s", self.shard_id, *self.address)
+            nursery.start_soon(writer.run)
             if self._heartbeat is not None:
                 nursery.start_soon(self._pinger, *self._heartbeat, nursery.cancel_scope)
-            await self._reader(stream, decoder, early)
+            await self._reader(reader, protocol, early, on_ring)
             nursery.cancel_scope.cancel()
 
     async def _pinger(self, interval: float, timeout: float, scope: trio.CancelScope) -> None:
@@ -418,105 +463,70 @@ class ShardConnection:
 
     def _lost(self) -> None:
         """Fail every call in flight and every queued frame; new calls fail fast."""
-        was_connected = self._connected
-        self._connected = False
-        self._generation += 1
-        if was_connected:
-            self.connected_event = trio.Event()
-        pending, self._pending = self._pending, {}
-        self._outbox = []
-        for call in pending.values():
+        protocol, self._protocol = self._protocol, None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.release()
+        if protocol is None:
+            return
+        self.connected_event = trio.Event()
+        for call in protocol.lost():
             call._put(_DROPPED)
 
-    async def _writer(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
-        try:
-            while True:
-                if not self._outbox:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    continue
-                batch, self._outbox = self._outbox, []
-                for _, call in batch:
-                    if call is not None:
-                        call.sent = True
-                for data in wire.coalesce([frame for frame, _ in batch]):
-                    await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("shard %s: connection lost (write): %s", self.shard_id, exc)
-            scope.cancel()
-
     async def _reader(
-        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, messages: list[wire.Frame]
+        self,
+        reader: FrameReader,
+        protocol: rpc_core.CallerProtocol[Call],
+        frames: list[wire.Frame],
+        on_ring: RingSink,
     ) -> None:
         """Dispatch frames to their calls; returns when the connection ends."""
-        pending = self._pending
+        on_frame = protocol.on_frame
         try:
             while True:
-                for msg in messages:
-                    kind = msg["k"]
-                    if kind != "res" and kind != "chunk" and kind != "err":
-                        raise wire.WireError(f"unexpected {kind!r} frame from a shard")
-                    call = pending.get(msg["i"])
+                for frame in frames:
+                    call = on_frame(frame)
+                    if frame["k"] == "err" and "a" in frame:
+                        ring = frame["a"].get("ring")
+                        if ring is not None:
+                            on_ring(ring, self.shard_id)
                     if call is None:
                         continue  # a call we abandoned, or a stray id
-                    if kind == "chunk":
-                        if not call.answered:
-                            raise wire.WireError("a chunk before its response")
-                        if msg["more"]:
-                            call.buffered += len(msg["b"])
-                            if call.buffered > self._max_buffered:
-                                self._overflow(call)
-                                continue
-                        else:
-                            del pending[call.id]
-                    elif kind == "res":
-                        if call.answered:
-                            raise wire.WireError("a second response to one request")
-                        call.answered = True
-                        if not msg["more"]:
-                            del pending[call.id]
-                    else:
-                        del pending[call.id]
-                    call._put(msg)
-                if decoder.partial:
-                    # A frame the shard started must keep coming (it cannot hold us and
-                    # the bytes it sent so far forever), as on the shard's side.
-                    if decoder.frame_started is None:
-                        decoder.frame_started = trio.current_time()
-                    need = decoder.expected or 4
-                    deadline = decoder.frame_started + FRAME_GRACE + need / MIN_FRAME_RATE
-                    data: wire.Received = b""
-                    with trio.move_on_at(min(deadline, trio.current_time() + FRAME_STALL)):
-                        data = await stream.receive_some(RECV_SIZE)
-                    if not data and decoder.partial:
-                        log.warning("shard %s: a frame stalled or was cut off", self.shard_id)
-                        return
-                else:
-                    data = await stream.receive_some(RECV_SIZE)
-                if not data:
+                    if frame["k"] == "chunk" and frame["more"]:
+                        call.buffered += len(frame["b"])
+                        if call.buffered > self._max_buffered:
+                            self._overflow(protocol, call)
+                            continue
+                    call._put(frame)
+                received = await reader.frames()
+                if received is None:
                     log.info("shard %s: connection closed by the shard", self.shard_id)
                     return
-                # A large reply is joined off the loop (wire.complete).
-                messages = await wire.complete(decoder.feed_deferred(data))
+                frames = received
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("shard %s: connection lost (read): %s", self.shard_id, exc)
         except wire.WireError as exc:
             log.warning("shard %s: protocol error: %s", self.shard_id, exc)
 
-    def _overflow(self, call: Call) -> None:
+    def _overflow(self, protocol: rpc_core.CallerProtocol[Call], call: Call) -> None:
         """A streaming call's consumer fell too far behind: cancel it on the shard."""
-        del self._pending[call.id]
-        self._outbox.append((wire.encode({"k": "cancel", "i": call.id}), None))
-        self._wake.set()
+        protocol.abandon(call)
+        if self._writer is not None:
+            self._writer.send_nowait(rpc_core.cancel(call.id))
         call._put(_OVERFLOW)
 
 
 class ShardPool:
-    """Connections to every shard in `endpoints`, owned by this async context manager."""
+    """Connections to every shard of the newest ring, owned by this async context manager.
+
+    `endpoints` are the addresses known at start (merged with the ring's own); `ring`
+    the ring to start from. `drop_departed`: close the connection of a shard once a
+    newer ring leaves it out (a gateway); False keeps it (a shard, which may still have
+    streams to hand over to it)."""
 
     def __init__(
         self,
-        endpoints: Mapping[str, tuple[str, int]],
+        endpoints: Mapping[str, Endpoint],
         ring: Ring,
         *,
         role: str,
@@ -525,31 +535,34 @@ class ShardPool:
         ssl_context: ssl.SSLContext | None = None,
         max_buffered: int = MAX_BUFFERED,
         heartbeat: tuple[float, float] | None = (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT),
+        drop_departed: bool = True,
     ) -> None:
-        self.ring = ring
-        ring_info = ring.to_wire()
-        self.connections = {
-            shard_id: ShardConnection(
-                shard_id,
-                address,
-                role=role,
-                name=name,
-                ring=ring_info,
-                secret=secret,
-                ssl_context=ssl_context,
-                max_buffered=max_buffered,
-                heartbeat=heartbeat,
-            )
-            for shard_id, address in endpoints.items()
-        }
-        self._nursery_cm: Any = None
+        self._addresses: dict[str, Endpoint] = {**ring.endpoints, **endpoints}
+        self.rings = RingHolder(ring)
+        self._role = role
+        self._name = name
+        self._secret = secret
+        self._ssl_context = ssl_context
+        self._max_buffered = max_buffered
+        self._heartbeat = heartbeat
+        self._drop_departed = drop_departed
+        self.connections: dict[str, ShardConnection] = {}
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
+        for shard_id, address in endpoints.items():  # given addresses, even outside the ring
+            self._add(shard_id, address)
+
+    @property
+    def ring(self) -> Ring:
+        """The newest ring seen."""
+        return self.rings.current
 
     async def __aenter__(self) -> ShardPool:
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
-        for conn in self.connections.values():
-            nursery.start_soon(conn.run, name=f"shard-conn-{conn.shard_id}")
         self._nursery = nursery
+        for conn in self.connections.values():
+            self._start(conn)
         return self
 
     async def __aexit__(
@@ -557,12 +570,81 @@ class ShardPool:
     ) -> bool | None:
         # The body's own exception is not handed to the nursery, so it propagates as it is
         # rather than wrapped in an ExceptionGroup; a crashed connection task still raises.
+        assert self._nursery is not None and self._nursery_cm is not None
         self._nursery.cancel_scope.cancel()
         await self._nursery_cm.__aexit__(None, None, None)
         return None
 
+    # -- the ring ------------------------------------------------------------------
+
+    def adopt(self, ring: Ring) -> bool:
+        """Take `ring` if newer than ours (True): connect to its new shards, and close
+        the connections of shards it leaves out (with `drop_departed`)."""
+        known = {sid: ep for sid, ep in self._addresses.items() if sid in ring.shard_ids}
+        ring = ring.with_endpoints({**known, **ring.endpoints})
+        if not self.rings.adopt(ring):
+            return False
+        self._addresses.update(ring.endpoints)
+        log.info("ring v%d adopted: %s", ring.version, ",".join(ring.shard_ids))
+        for shard_id in ring.shard_ids:
+            address = ring.endpoints.get(shard_id)
+            if address is not None:
+                self._add(shard_id, address)
+        if self._drop_departed:
+            for shard_id in [sid for sid in self.connections if sid not in ring.shard_ids]:
+                log.info("shard %s left the ring: closing its connection", shard_id)
+                self.connections.pop(shard_id).scope.cancel()
+        return True
+
+    def _heard(self, info: object, shard_id: str) -> None:
+        """A shard sent its ring (ready, err): adopt it if newer and well-formed."""
+        if type(info) is dict and info.get("version", -1) <= self.rings.version:
+            return  # the common case: nothing newer (checked without building a Ring)
+        try:
+            ring = Ring.from_wire(info)
+        except ValueError as exc:
+            log.warning("shard %s sent a malformed ring: %s", shard_id, exc)
+            return
+        self.adopt(ring)
+
+    def _add(self, shard_id: str, address: Endpoint) -> None:
+        """A connection to `shard_id` at `address` (replacing one to another address)."""
+        if self._role == "shard" and shard_id == self._name:
+            return  # a shard does not call itself
+        old = self.connections.get(shard_id)
+        if old is not None:
+            if old.address == address:
+                return
+            old.scope.cancel()
+        conn = ShardConnection(
+            shard_id,
+            address,
+            role=self._role,
+            name=self._name,
+            rings=self.rings,
+            secret=self._secret,
+            ssl_context=self._ssl_context,
+            max_buffered=self._max_buffered,
+            heartbeat=self._heartbeat,
+        )
+        self.connections[shard_id] = conn
+        if self._nursery is not None:
+            self._start(conn)
+
+    def _start(self, conn: ShardConnection) -> None:
+        assert self._nursery is not None
+
+        async def run() -> None:
+            with conn.scope:
+                await conn.run(self._heard)
+
+        self._nursery.start_soon(run, name=f"shard-conn-{conn.shard_id}")
+
+    # -- state -----------------------------------------------------------------------
+
     def connected(self, shard_id: str) -> bool:
-        return self.connections[shard_id].connected
+        conn = self.connections.get(shard_id)
+        return conn is not None and conn.connected
 
     def all_connected(self) -> bool:
         return all(conn.connected for conn in self.connections.values())
@@ -571,26 +653,32 @@ class ShardPool:
         return [sid for sid, conn in self.connections.items() if not conn.connected]
 
     def problems(self) -> dict[str, str]:
-        """Shards that cannot serve now, with the reason: not connected (and why: e.g.
-        "authentication failed"), or connected but reporting failed storage."""
+        """Shards of the ring that cannot serve now, with the reason: not connected (and
+        why: e.g. "authentication failed"), no address known, or connected but reporting
+        failed storage."""
         out: dict[str, str] = {}
-        for sid, conn in self.connections.items():
-            if not conn.connected:
-                out[sid] = conn.problem or "disconnected"
+        for sid in self.ring.shard_ids:
+            if self._role == "shard" and sid == self._name:
                 continue
-            storage = conn.health.get("storage", "ok")
-            if storage != "ok":
+            conn = self.connections.get(sid)
+            if conn is None:
+                out[sid] = "no address known"
+            elif not conn.connected:
+                out[sid] = conn.problem or "disconnected"
+            elif (storage := conn.health.get("storage", "ok")) != "ok":
                 out[sid] = f"storage {storage}"
         return out
 
     async def wait_connected(self, shard_id: str | None = None) -> None:
         """Wait until one shard (or, with None, every shard) is connected."""
         conns = self.connections.values() if shard_id is None else [self.connections[shard_id]]
-        for conn in conns:
+        for conn in list(conns):
             while not conn.connected:
                 await conn.connected_event.wait()
 
-    def open(self, shard_id: str, op: str, fields: Mapping[str, Any]) -> Call:
+    # -- calls -----------------------------------------------------------------------
+
+    def open(self, shard_id: str, op: str, fields: Fields) -> Call:
         """Send a request now (fail-fast); use the result as an async context manager."""
         try:
             conn = self.connections[shard_id]
@@ -599,8 +687,8 @@ class ShardPool:
         return conn.open(op, fields)
 
     async def call(
-        self, shard_id: str, op: str, args: Mapping[str, Any], timeout: float
-    ) -> dict[str, Any]:
+        self, shard_id: str, op: str, args: Mapping[str, object], timeout: float
+    ) -> wire.Args:
         """A simple op: send `a`=args, return the result map `a` of the `res`.
 
         Raises ShardUnavailable (ShardTimeout after `timeout` seconds) or ShardError.
@@ -611,3 +699,64 @@ class ShardPool:
             if scope.cancelled_caught:
                 raise ShardTimeout(shard_id, f"no answer within {timeout}s", sent=call.sent)
             return res.get("a", {})
+
+    async def open_routed(
+        self, path: str, op: str, fields: Fields, deadline: float = ROUTE_DEADLINE
+    ) -> Call:
+        """`open` on the owner of `path` under the newest ring, once the shard has taken
+        the request: a ring change or a move on the way is retried (see the module's
+        docstring) until `deadline` seconds after the first such answer; the call is
+        returned with its first frame unread (`response()` raises ShardError with the
+        last answer if none was taken in time). Raises ShardUnavailable as `open`."""
+        give_up: float | None = None
+        backoff = ROUTE_BACKOFF
+        while True:
+            ring = self.rings.current
+            shard_id = ring.owner(path)
+            conn = self.connections.get(shard_id)
+            if conn is not None and not conn.connected and not conn.tried:
+                # A shard we just heard of: its first connection is under way.
+                with trio.move_on_after(deadline):
+                    await conn.connected_event.wait()
+            call = self.open(shard_id, op, fields)
+            try:
+                first = await call._peek()
+            except BaseException:
+                await call.__aexit__(None, None, None)
+                raise
+            if isinstance(first, _Stop) or first["k"] != "err":
+                return call
+            code = first["code"]
+            if code not in ("version", "misdirected", "moving"):
+                return call
+            now = trio.current_time()
+            give_up = now + deadline if give_up is None else give_up
+            if now >= give_up:
+                return call
+            theirs = first.get("a", {}).get("ring")
+            wait = jittered(backoff)
+            if code == "moving":
+                wait = min(max(retry_after(first.get("a", {})), wait), MAX_RETRY_AFTER)
+            elif type(theirs) is dict and theirs.get("version", 0) < self.rings.version:
+                # The shard is behind: bring it up to our ring, then ask again at once.
+                await self._push_ring(shard_id, give_up - now)
+                wait = 0.0
+            elif self.rings.version > ring.version:
+                wait = 0.0  # its answer taught us a newer ring: route again at once
+            backoff = min(backoff * 2, MAX_RETRY_AFTER)
+            if wait:
+                await trio.sleep(min(wait, max(give_up - trio.current_time(), 0.0)))
+
+    async def _push_ring(self, shard_id: str, timeout: float) -> None:
+        """Send our ring to a shard on an older one (`ring_set`); failures only log (the
+        retry that follows reports them)."""
+        try:
+            result = await self.call(
+                shard_id, "ring_set", {"ring": self.ring.to_wire()}, timeout=max(timeout, 0.1)
+            )
+        except (ShardUnavailable, ShardError) as exc:
+            log.warning(
+                "shard %s: could not bring it to ring v%d: %s", shard_id, self.rings.version, exc
+            )
+            return
+        self._heard(result.get("ring"), shard_id)

@@ -51,7 +51,8 @@ closes that connection only.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal, NotRequired, TypedDict, cast
+from collections.abc import Mapping
+from typing import Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
@@ -63,6 +64,7 @@ MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven it
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 Received = bytes | bytearray  # what a trio stream's receive_some returns
+Decoded = dict[str, object]  # a map as msgpack decoded it, before `parse` checked it
 
 OPS = (
     "http",
@@ -139,9 +141,14 @@ class WireError(Exception):
 
 
 class OpError(Exception):
-    """An op handler refuses a request; answered as an `err` frame of `code`."""
+    """An op handler refuses a request; answered as an `err` frame of `code`, with
+    `args` as its `a` when given (what the code's contract says it carries)."""
 
     code = "internal"
+
+    def __init__(self, msg: str = "", args: Args | None = None) -> None:
+        super().__init__(msg)
+        self.args_map = args
 
 
 class BadArguments(OpError):
@@ -182,13 +189,13 @@ def check_args(op: str, args: Args) -> None:
             raise BadArguments(f"{op}: argument {name!r} is not a {kind.__name__}")
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: Mapping[str, object]) -> bytes:
     """One frame: length prefix + msgpack body. `v` is added when missing."""
     parts = encode_parts(message)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def encode_parts(message: dict[str, Any]) -> list[bytes]:
+def encode_parts(message: Mapping[str, object]) -> list[bytes]:
     """One frame as the pieces a writer sends one after the other: `[frame]`, or for a
     large body `[length prefix + packed head, body]`. `v` is added when missing.
 
@@ -196,7 +203,8 @@ def encode_parts(message: dict[str, Any]) -> list[bytes]:
     buffer and out again, nor joined behind its head, which would copy it once more on the
     event loop: the map is packed with `b` last, ending in the bin header, and the body
     itself is the frame's second piece. On the wire that is the same msgpack."""
-    message.setdefault("v", WIRE_VERSION)
+    if "v" not in message:  # frames from rpc_core's constructors carry it already
+        cast(dict[str, object], message)["v"] = WIRE_VERSION
     body = message.get("b")
     if type(body) is bytes and len(body) >= RAW_BODY_BYTES:
         packer = msgpack.Packer(use_bin_type=True)
@@ -352,7 +360,7 @@ class Unjoined:
 
     __slots__ = ("head", "pieces", "size")
 
-    def __init__(self, head: dict[str, Any] | None, pieces: list[Received], size: int) -> None:
+    def __init__(self, head: Decoded | None, pieces: list[Received], size: int) -> None:
         self.head = head
         self.pieces = pieces
         self.size = size
@@ -406,13 +414,13 @@ def _unjoined(pieces: list[Received], need: int) -> Unjoined:
 _BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of the length after the type
 
 
-def _split_head(prefix: bytes, length: int) -> tuple[dict[str, Any], int] | None:
+def _split_head(prefix: bytes, length: int) -> tuple[Decoded, int] | None:
     """(every field but `b`, where `b`'s bytes start) if the frame of `length` bytes that
     `prefix` begins is a map whose last entry is `b` holding a bin running to the frame's
     end; None for any other shape (it is then decoded as a whole, errors and all)."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=HEAD_BYTES)
     unpacker.feed(prefix)
-    head: dict[str, Any] = {}
+    head: Decoded = {}
     try:
         entries = unpacker.read_map_header()
         if entries < 1:
@@ -499,6 +507,18 @@ class RequestFrame(TypedDict):
     b: NotRequired[bytes]
 
 
+class RequestFields(TypedDict, total=False):
+    """What a caller gives for one request: an http op's m, p, q, h, b, or another op's
+    `a`. It becomes the request frame itself (`rpc_core.request`)."""
+
+    m: str
+    p: str
+    q: str
+    h: list[Header]
+    b: bytes
+    a: Args
+
+
 class ResponseFrame(TypedDict):
     k: Literal["res"]
     v: int
@@ -566,29 +586,29 @@ def parse(message: object) -> Frame:
     return cast(Frame, message)
 
 
-def _bad(message: dict[str, Any], field: str) -> WireError:
+def _bad(message: Decoded, field: str) -> WireError:
     return WireError(f"{message['k']} frame: bad or missing {field!r}")
 
 
-def _call_id(message: dict[str, Any]) -> None:
+def _call_id(message: Decoded) -> None:
     i = message.get("i")
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
         raise _bad(message, "i")
 
 
-def _args(message: dict[str, Any]) -> None:
+def _args(message: Decoded) -> None:
     if type(message.setdefault("a", {})) is not dict:
         raise _bad(message, "a")
 
 
-def _body(message: dict[str, Any]) -> None:
+def _body(message: Decoded) -> None:
     if type(message.setdefault("b", b"")) is not bytes:
         raise _bad(message, "b")
     if type(message.setdefault("more", False)) is not bool:
         raise _bad(message, "more")
 
 
-def _check_hello(message: dict[str, Any]) -> None:
+def _check_hello(message: Decoded) -> None:
     for field in ("role", "id"):
         value = message.get(field)
         if type(value) is not str or not 0 < len(value) <= 200:
@@ -602,12 +622,12 @@ def _check_hello(message: dict[str, Any]) -> None:
         raise _bad(message, "mac")
 
 
-def _check_auth(message: dict[str, Any]) -> None:
+def _check_auth(message: Decoded) -> None:
     if type(message.get("mac")) is not bytes:
         raise _bad(message, "mac")
 
 
-def _check_ready(message: dict[str, Any]) -> None:
+def _check_ready(message: Decoded) -> None:
     ring = message.get("ring")
     if (
         type(ring) is not dict
@@ -625,7 +645,7 @@ def _check_ready(message: dict[str, Any]) -> None:
         raise _bad(message, "health")
 
 
-def _check_request(message: dict[str, Any]) -> None:
+def _check_request(message: Decoded) -> None:
     # The hot path (every append and read): plain local checks, no helper calls.
     get = message.get
     i = get("i")
@@ -656,7 +676,7 @@ def _check_request(message: dict[str, Any]) -> None:
         raise _bad(message, "a")
 
 
-def _check_headers(message: dict[str, Any], *, response: bool) -> None:
+def _check_headers(message: Decoded, *, response: bool) -> None:
     """`h`: a list of [name, value] string pairs (an absent one becomes []). A response's
     values become HTTP response headers, so no CR, LF or NUL may pass in them."""
     headers = message.get("h")
@@ -675,7 +695,7 @@ def _check_headers(message: dict[str, Any], *, response: bool) -> None:
             raise _bad(message, "h")
 
 
-def _check_response(message: dict[str, Any]) -> None:
+def _check_response(message: Decoded) -> None:
     get = message.get
     i = get("i")
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
@@ -698,16 +718,16 @@ def _check_response(message: dict[str, Any]) -> None:
         message["more"] = False
 
 
-def _check_chunk(message: dict[str, Any]) -> None:
+def _check_chunk(message: Decoded) -> None:
     _call_id(message)
     _body(message)
 
 
-def _check_cancel(message: dict[str, Any]) -> None:
+def _check_cancel(message: Decoded) -> None:
     _call_id(message)
 
 
-def _check_error(message: dict[str, Any]) -> None:
+def _check_error(message: Decoded) -> None:
     _call_id(message)
     if type(message.get("code")) is not str:
         raise _bad(message, "code")

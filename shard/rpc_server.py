@@ -2,22 +2,27 @@
 
 A connection first authenticates (common/cluster_auth.py: both sides prove the cluster
 secret; optionally under TLS) within HELLO_TIMEOUT, with frames of at most
-wire.MAX_HANDSHAKE_FRAME bytes; until then it is served nothing. Then a reader decodes
-frames (checked by `wire.parse`), answers `ping` inline, starts one task per request in
-the connection's nursery and routes `cancel`; a coalescing writer sends replies.
+wire.MAX_HANDSHAKE_FRAME bytes; until then it is served nothing. Then the reader of
+common/rpc_transport.py decodes frames (checked by `wire.parse`), the connection's state
+machine (`rpc_core.ShardProtocol`) admits each request, this module answers `ping` inline
+and starts one task per other request in the connection's nursery, and routes `cancel`;
+the transport's coalescing writer sends replies.
 
 Every frame is untrusted, and a connection costs bounded memory and time:
   * a frame of the wrong shape, or a protocol breach, closes that connection only (its
     requests are cancelled), with one log line; never the process;
-  * a request whose ring version is not ours gets `err version` (with our ring) unrun;
+  * a request on another ring version than ours gets `err version` (with our ring) unrun,
+    except the ops that exchange rings (wire.RING_FREE_OPS); an http request for a path
+    we do not own under our ring gets `err misdirected` (with our ring);
   * replies queued and not yet sent are capped (REPLY_BUDGET per connection,
     PROCESS_REPLY_BUDGET in all): a peer that does not read them is dropped; http
-    answers wait instead, above HIGH_WATER, and a peer that reads nothing for
-    WRITE_STALL_TIMEOUT (plus the batch's size at MIN_FRAME_RATE) is dropped;
-  * a frame that has started must keep arriving (FRAME_STALL_TIMEOUT without a byte, or
-    slower than MIN_FRAME_RATE after FRAME_GRACE, and the connection is dropped);
-  * at most MAX_CALLS requests run at once per connection; beyond, `err unavailable`;
-  * registry ops (shard/rpc_ops.py) get OP_TIMEOUT seconds.
+    answers wait instead, above rpc_transport.HIGH_WATER, and a peer that reads nothing
+    for rpc_transport.WRITE_STALL (plus the batch's size at MIN_FRAME_RATE) is dropped;
+  * a frame that has started must keep arriving (rpc_transport.FrameStalled);
+  * at most rpc_core.MAX_CALLS requests run at once per connection; beyond, `err
+    unavailable`;
+  * registry ops (shard/rpc_ops.py) get OP_TIMEOUT seconds, their arguments checked
+    against wire.ARG_SCHEMAS first.
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import trio
 
-from ds_cluster.common import wire
+from ds_cluster.common import rpc_core, wire
 from ds_cluster.common.cluster_auth import AuthError, ServerHandshake
 from ds_cluster.common.paths import PathError, check_canonical
+from ds_cluster.common.rpc_transport import FrameReader, FrameWriter, WriteBudget
 from ds_cluster.shard.committer import StorageUnavailable
 from ds_cluster.shard.core.model import Request, Response
 from ds_cluster.shard.peers import PeerUnavailable
@@ -40,124 +45,12 @@ from ds_cluster.shard.service import ShardService
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 256 * 1024
-HIGH_WATER = 4 * 1024 * 1024  # buffered bytes before streaming senders wait
 REPLY_BUDGET = 32 * 1024 * 1024  # unsent reply bytes a connection may hold, then it is dropped
 PROCESS_REPLY_BUDGET = 256 * 1024 * 1024  # the same over all connections
-FRAME_OVERHEAD = 128  # bytes a queued frame costs beyond its length (object, list slot)
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
-FRAME_STALL_TIMEOUT = 10.0  # seconds a started frame may go without a byte
-WRITE_STALL_TIMEOUT = 15.0  # seconds a write may wait on a peer that does not read
-FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
-MIN_FRAME_RATE = 1024 * 1024  # bytes/s
-MAX_CALLS = 50_000  # requests in flight per connection (one gateway multiplexes its clients)
 OP_TIMEOUT = 30.0  # seconds for a registry op (export_fork, ...)
 
-
-class _Dropped(Exception):
-    """The connection must close (the reason is logged where it is raised)."""
-
-
-class ReplyBudget:
-    """Unsent reply bytes over every connection of the process (PROCESS_REPLY_BUDGET)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-
-class FrameWriter:
-    """Queues frames and writes them in coalesced batches from one task.
-
-    Answers that can wait (http responses and bodies: `send`) wait while more than
-    HIGH_WATER bytes are unsent. Answers that cannot (`send_nowait`: pings, op results,
-    errors) are capped instead: the one that would take this connection's unsent bytes
-    past `budget`, or the process's past its shared budget, closes the connection (a
-    connection with nothing unsent may always queue one, so a large answer still goes)."""
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        connection: trio.CancelScope,
-        shared: ReplyBudget,
-        budget: int = REPLY_BUDGET,
-    ) -> None:
-        self._stream = stream
-        self._connection = connection
-        self._shared = shared
-        self._budget = budget
-        self._frames: list[bytes] = []
-        self._size = 0  # queued bytes (with FRAME_OVERHEAD each)
-        self._writing = 0  # bytes of the batch being written
-        self._wake = trio.Event()
-        self._drained = trio.Event()
-        self.overflowed = False
-
-    def send_nowait(self, message: dict[str, Any]) -> None:
-        if self.overflowed:
-            return
-        parts = wire.encode_parts(message)
-        cost = sum(map(len, parts)) + FRAME_OVERHEAD
-        held = self._size + self._writing
-        if held and (held + cost > self._budget or self._shared.used + cost > self._shared.limit):
-            self.overflowed = True
-            self._shared.used -= self._size
-            self._frames = []
-            self._size = 0
-            log.warning("dropping connection: peer left over %d reply bytes unread", held)
-            self._connection.cancel()
-            return
-        self._queue(parts, cost)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        """Queue a frame, waiting first while the peer is not keeping up."""
-        while self._size + self._writing > HIGH_WATER:
-            await self._drained.wait()
-        if not self.overflowed:
-            parts = wire.encode_parts(message)
-            self._queue(parts, sum(map(len, parts)) + FRAME_OVERHEAD)
-
-    def _queue(self, parts: list[bytes], cost: int) -> None:
-        """Queue one frame's pieces (a large body is one, sent without a copy)."""
-        self._frames += parts
-        self._size += cost
-        self._shared.used += cost
-        self._wake.set()
-
-    def release(self) -> None:
-        """The connection is over: its unsent bytes no longer count."""
-        self._shared.used -= self._size + self._writing
-        self._frames = []
-        self._size = self._writing = 0
-
-    async def run(self) -> None:
-        """Write until cancelled; a broken connection cancels the connection."""
-        try:
-            while True:
-                if not self._frames:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                frames, self._frames = self._frames, []
-                self._writing, self._size = self._size, 0
-                self._drained.set()
-                self._drained = trio.Event()
-                for data in wire.coalesce(frames):
-                    with trio.move_on_after(
-                        WRITE_STALL_TIMEOUT + len(data) / MIN_FRAME_RATE
-                    ) as stalled:
-                        await self._stream.send_all(data)
-                    if stalled.cancelled_caught:
-                        log.warning("dropping connection: peer reads no replies")
-                        self._connection.cancel()
-                        return
-                del frames, data
-                self._shared.used -= self._writing
-                self._writing = 0
-                self._drained.set()
-                self._drained = trio.Event()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self._connection.cancel()
+Protocol = rpc_core.ShardProtocol[trio.CancelScope]
 
 
 class RpcServer:
@@ -175,9 +68,11 @@ class RpcServer:
         self.handlers = handlers
         self._secret = secret
         self._ssl_context = ssl_context
-        self._replies = ReplyBudget(PROCESS_REPLY_BUDGET)
+        self._replies = WriteBudget(PROCESS_REPLY_BUDGET)
         health = getattr(service, "health", None)
-        self._health: Callable[[], dict[str, Any]] | None = health if callable(health) else None
+        self._health: Callable[[], Mapping[str, object]] | None = (
+            health if callable(health) else None
+        )
 
     def health(self) -> dict[str, str]:
         """The service's health map (storage state), as strings for the wire."""
@@ -193,12 +88,10 @@ class RpcServer:
         if self._ssl_context is not None:
             stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
         try:
-            decoder = wire.FrameDecoder(wire.MAX_HANDSHAKE_FRAME)
-            early = await self._authenticate(stream, decoder)
-            if early is None:
-                return
-            decoder.max_frame = wire.MAX_FRAME_BYTES
-            await self._serve(stream, decoder, early)
+            reader = FrameReader(stream)
+            protocol = await self._authenticate(stream, reader)
+            if protocol is not None:
+                await self._serve(stream, reader, protocol)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except Exception:  # a bug must cost this connection, never the process
@@ -206,28 +99,20 @@ class RpcServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _authenticate(
-        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder
-    ) -> list[wire.Frame] | None:
-        """Run the handshake; returns frames received after it, or None (dropped)."""
+    async def _authenticate(self, stream: trio.abc.Stream, reader: FrameReader) -> Protocol | None:
+        """Run the handshake; the connection's state machine, or None (dropped)."""
         ring = self.service.ring.to_wire()
         handshake = ServerHandshake(self._secret, shard_id=self.service.shard_id, ring=ring)
-        frames: list[wire.Frame] = []
+        protocol: Protocol = rpc_core.ShardProtocol(handshake)
         with trio.move_on_after(HELLO_TIMEOUT):
             try:
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                while not handshake.authenticated:
-                    while not frames:
-                        data = await stream.receive_some(RECV_SIZE)
-                        if not data:
-                            return None
-                        frames = decoder.feed(data)
-                    frame = frames.pop(0)
-                    if frame["k"] == "hello":
-                        reply = handshake.on_client_hello(frame)
-                    else:
-                        reply = handshake.on_auth(frame, self.health())
+                while not protocol.authenticated:
+                    frame = await reader.next_frame()
+                    if frame is None:
+                        return None
+                    reply = protocol.on_handshake(frame, self.health())
                     await stream.send_all(wire.encode(reply))
             except (AuthError, wire.WireError) as exc:
                 log.warning("refusing connection: %s", exc)
@@ -235,31 +120,26 @@ class RpcServer:
             except trio.BrokenResourceError as exc:
                 log.info("connection lost during the handshake: %s", exc.__cause__ or exc)
                 return None
-            log.debug("authenticated %s", handshake.peer)
-            return frames
+            log.debug("authenticated %s", protocol.peer)
+            return protocol
         log.warning("dropping connection: no handshake within %ss", HELLO_TIMEOUT)
         return None
 
     async def _serve(
-        self, stream: trio.abc.Stream, decoder: wire.FrameDecoder, early: list[wire.Frame]
+        self, stream: trio.abc.Stream, reader: FrameReader, protocol: Protocol
     ) -> None:
         """Run the connection (reader here, writer and requests as tasks) until it ends."""
-        calls: dict[int, trio.CancelScope] = {}
         writer: FrameWriter | None = None
         try:
             async with trio.open_nursery() as nursery:
-                writer = FrameWriter(stream, nursery.cancel_scope, self._replies)
+                writer = FrameWriter(stream, nursery.cancel_scope, REPLY_BUDGET, self._replies)
                 nursery.start_soon(writer.run)
                 try:
-                    self._dispatch(early, writer, calls, nursery)
-                    while True:
-                        data = await _receive(stream, decoder)
-                        if not data:
-                            break
-                        # A large frame's body is joined off the loop (wire.complete).
-                        frames = await wire.complete(decoder.feed_deferred(data))
-                        self._dispatch(frames, writer, calls, nursery)
-                except (wire.WireError, _Dropped) as exc:
+                    frames: list[wire.Frame] | None = reader.authenticated()
+                    while frames is not None:
+                        self._dispatch(frames, protocol, writer, nursery)
+                        frames = await reader.frames()
+                except wire.WireError as exc:
                     log.warning("dropping connection: %s", exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # the peer went away (or TLS broke)
@@ -271,47 +151,37 @@ class RpcServer:
     def _dispatch(
         self,
         frames: list[wire.Frame],
+        protocol: Protocol,
         writer: FrameWriter,
-        calls: dict[int, trio.CancelScope],
         nursery: trio.Nursery,
     ) -> None:
         """Answer pings, fence other rings, start requests, route cancels."""
         for frame in frames:
-            kind = frame["k"]
-            if kind == "req":
-                call_id = frame["i"]
-                if call_id in calls:
-                    raise _Dropped(f"request id {call_id} already in flight")
+            if frame["k"] == "req":
                 if frame["op"] == "ping":
-                    health = {"health": self.health()}
-                    writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": health})
-                elif frame["r"] != self.service.ring.version and not wire.ring_free(frame["op"]):
-                    writer.send_nowait(self._wrong_ring(call_id, frame["r"]))
-                elif len(calls) >= MAX_CALLS:
-                    msg = f"over {MAX_CALLS} requests in flight on this connection"
-                    writer.send_nowait(_error(call_id, "unavailable", msg))
-                else:
-                    scope = calls[call_id] = trio.CancelScope()
-                    # mypy narrows the frame union on frame["k"], not on the local `kind`
-                    nursery.start_soon(self._request, frame, writer, calls, scope)  # type: ignore[arg-type]
-            elif kind == "cancel":
-                # `scope` was typed by the branch above (never None there)
-                scope = calls.get(frame["i"])  # type: ignore[assignment]
-                if scope is not None:
-                    scope.cancel()
+                    if frame["i"] in protocol.calls:
+                        raise rpc_core.ProtocolError(f"request id {frame['i']} already in flight")
+                    writer.send_nowait(rpc_core.result(frame["i"], {"health": self.health()}))
+                    continue
+                refusal = protocol.admit(frame, self.service.ring)
+                if refusal is not None:
+                    writer.send_nowait(refusal)
+                    continue
+                scope = trio.CancelScope()
+                protocol.started(frame["i"], scope)
+                nursery.start_soon(self._request, frame, protocol, writer, scope)
+            elif frame["k"] == "cancel":
+                running = protocol.on_cancel(frame)
+                if running is not None:
+                    running.cancel()
             else:
-                raise _Dropped(f"unexpected {kind!r} frame")
-
-    def _wrong_ring(self, call_id: int, theirs: int) -> dict[str, Any]:
-        ring = self.service.ring
-        msg = f"ring version {theirs} is not this shard's ({ring.version})"
-        return {**_error(call_id, "version", msg), "a": {"ring": ring.to_wire()}}
+                raise rpc_core.ProtocolError(f"unexpected {frame['k']!r} frame")
 
     async def _request(
         self,
         message: wire.RequestFrame,
+        protocol: Protocol,
         writer: FrameWriter,
-        calls: dict[int, trio.CancelScope],
         scope: trio.CancelScope,
     ) -> None:
         call_id = message["i"]
@@ -326,20 +196,21 @@ class RpcServer:
                         result = await self.handlers[op](message["a"])
                     if deadline.cancelled_caught:
                         msg = f"{op} took over {OP_TIMEOUT}s"
-                        writer.send_nowait(_error(call_id, "unavailable", msg))
+                        writer.send_nowait(rpc_core.error(call_id, "unavailable", msg))
                     else:
-                        writer.send_nowait({"k": "res", "i": call_id, "s": 200, "a": result})
+                        writer.send_nowait(rpc_core.result(call_id, result))
                 else:
-                    writer.send_nowait(_error(call_id, "bad_request", f"unknown op {op[:60]!r}"))
+                    msg = f"unknown op {op[:60]!r}"
+                    writer.send_nowait(rpc_core.error(call_id, "bad_request", msg))
         except (StorageUnavailable, PeerUnavailable) as exc:
-            writer.send_nowait(_error(call_id, "unavailable", str(exc)))
+            writer.send_nowait(rpc_core.error(call_id, "unavailable", str(exc)))
         except wire.OpError as exc:
-            writer.send_nowait(_error(call_id, exc.code, str(exc)))
+            writer.send_nowait(rpc_core.error(call_id, exc.code, str(exc), exc.args_map))
         except Exception:
             log.exception("request %s failed", call_id)
-            writer.send_nowait(_error(call_id, "internal", "internal error"))
+            writer.send_nowait(rpc_core.error(call_id, "internal", "internal error"))
         finally:
-            calls.pop(call_id, None)
+            protocol.finished(call_id)
 
     async def _http(self, call_id: int, message: wire.RequestFrame, writer: FrameWriter) -> None:
         path = message["p"]  # op "http": parse checked that m, p, q, h and b are there
@@ -349,51 +220,18 @@ class RpcServer:
         except PathError as exc:
             raise wire.BadArguments(str(exc)) from None
         if not self.service.owns(path):
-            msg = f"not the owner of {path[:100]!r} under ring v{self.service.ring.version}"
-            error = _error(call_id, "misdirected", msg)
-            writer.send_nowait({**error, "a": {"ring": self.service.ring.to_wire()}})
+            ring = self.service.ring
+            msg = f"not the owner of {path[:100]!r} under ring v{ring.version}"
+            writer.send_nowait(rpc_core.ring_error(call_id, "misdirected", msg, ring))
             return
-        request = Request(
-            message["m"],
-            path,
-            message["q"],
-            header_map,
-            message["b"],
-        )
+        request = Request(message["m"], path, message["q"], header_map, message["b"])
 
         async def respond(response: Response, more: bool) -> None:
             await writer.send(
-                {
-                    "k": "res",
-                    "i": call_id,
-                    "s": response.status,
-                    "h": response.headers,
-                    "b": response.body,
-                    "more": more,
-                }
+                rpc_core.response(call_id, response.status, response.headers, response.body, more)
             )
 
         async def send(data: bytes, more: bool) -> None:
-            await writer.send({"k": "chunk", "i": call_id, "b": data, "more": more})
+            await writer.send(rpc_core.chunk(call_id, data, more))
 
         await self.service.handle_http(request, respond, send)
-
-
-async def _receive(stream: trio.abc.Stream, decoder: wire.FrameDecoder) -> wire.Received:
-    """The next bytes (b"" at EOF). Between frames a peer may idle; once a frame has
-    started it must keep coming: a peer that sends half a frame and stalls would hold its
-    bytes (up to MAX_FRAME_BYTES) forever."""
-    if not decoder.partial:
-        return await stream.receive_some(RECV_SIZE)
-    now = trio.current_time()
-    if decoder.frame_started is None:
-        decoder.frame_started = now
-    deadline = decoder.frame_started + FRAME_GRACE + (decoder.expected or 4) / MIN_FRAME_RATE
-    with trio.move_on_at(min(deadline, now + FRAME_STALL_TIMEOUT)) as stalled:
-        return await stream.receive_some(RECV_SIZE)
-    assert stalled.cancelled_caught
-    raise _Dropped(f"frame of {decoder.expected} bytes stalled at {decoder.partial}")
-
-
-def _error(call_id: int, code: str, msg: str) -> dict[str, Any]:
-    return {"k": "err", "i": call_id, "code": code, "msg": msg}

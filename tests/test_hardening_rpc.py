@@ -461,14 +461,7 @@ async def test_ring_version_fence(tmp_path: Path) -> None:
         answer = await call(stream, decoder, request(2, "HEAD", "fenced", r=1))
         assert answer["k"] == "res" and answer["s"] == 404  # it did not run
         await trio.aclose_forcefully(stream)
-
-        # A gateway on another ring version does not route to the shard, and says why.
-        gateway = GatewayProcess(f"shard-0=127.0.0.1:{shard.port}", "--ring-version", "2")
-        try:
-            wait_problems(gateway, {"shard-0": "ring version 1, expected 2"})
-            assert httpx.put(f"{gateway.url}/v1/stream/fenced").status_code == 503
-        finally:
-            assert gateway.stop() == 0
+        # (A gateway on a newer ring brings the shard to it: tests/test_ring_live.py.)
 
 
 async def version_error(msg: dict[str, Any], reply: Reply) -> None:

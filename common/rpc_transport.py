@@ -1,0 +1,227 @@
+"""The RPC's trio transport: moves frames between a socket and the sans-IO core.
+
+One `FrameReader` and one `FrameWriter` per connection, on both ends (the caller's,
+common/rpc_client.py, and the shard's, shard/rpc_server.py). Everything read comes from
+an untrusted peer, so every wait has a deadline and every buffer a bound:
+
+  * reading: between frames a peer may idle (liveness is the caller's heartbeat), but a
+    frame that has started must keep coming: FRAME_STALL seconds without a byte, or
+    slower than MIN_FRAME_RATE after FRAME_GRACE, and `FrameStalled` drops the
+    connection (else a peer could hold up to MAX_FRAME_BYTES of ours with half a frame);
+  * large frames are joined off the event loop (`wire.complete`);
+  * writing: one task writes every queued frame in coalesced batches (many small replies
+    in one send); a batch the peer does not read for WRITE_STALL seconds (plus its size
+    at MIN_FRAME_RATE) drops the connection; queued bytes are bounded per connection
+    and, optionally, per process (`WriteBudget`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+
+import trio
+
+from ds_cluster.common import wire
+from ds_cluster.common.rpc_core import CallState
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024  # bytes asked of the socket per read
+FRAME_STALL = 10.0  # seconds a started frame may go without a byte
+FRAME_GRACE = 10.0  # seconds any frame gets, plus its size at MIN_FRAME_RATE
+MIN_FRAME_RATE = 1024 * 1024  # bytes/s
+WRITE_STALL = 15.0  # seconds a write may wait on a peer that does not read
+HIGH_WATER = 4 * 1024 * 1024  # unsent bytes above which `FrameWriter.send` waits
+FRAME_OVERHEAD = 128  # bytes a queued frame costs beyond its length (object, list slot)
+
+
+class FrameStalled(wire.WireError):
+    """A frame the peer started stopped arriving (or crawls): drop the connection."""
+
+
+class FrameReader:
+    """Frames from one connection: one at a time during the handshake (small frames,
+    `next_frame`), then in batches as they arrive (`frames`)."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = wire.MAX_HANDSHAKE_FRAME):
+        self._stream = stream
+        self.decoder = wire.FrameDecoder(max_frame)
+        self._early: deque[wire.Frame] = deque()  # decoded, not yet taken
+
+    async def next_frame(self) -> wire.Frame | None:
+        """The next frame (None: the peer closed). For the handshake: no deadline of its
+        own (the handshake has one), no deferred join (its frames are small)."""
+        while not self._early:
+            data = await self._stream.receive_some(RECV_SIZE)
+            if not data:
+                return None
+            self._early.extend(self.decoder.feed(data))
+        return self._early.popleft()
+
+    def authenticated(self) -> list[wire.Frame]:
+        """The peer proved itself: frames may now be large. Returns the frames that
+        came right behind the handshake."""
+        self.decoder.max_frame = wire.MAX_FRAME_BYTES
+        early = list(self._early)
+        self._early.clear()
+        return early
+
+    async def frames(self) -> list[wire.Frame] | None:
+        """The frames the next read completes (maybe none; None: the peer closed)."""
+        data = await self._receive()
+        if not data:
+            return None
+        return await wire.complete(self.decoder.feed_deferred(data))
+
+    async def _receive(self) -> wire.Received:
+        decoder = self.decoder
+        if not decoder.partial:
+            return await self._stream.receive_some(RECV_SIZE)
+        now = trio.current_time()
+        if decoder.frame_started is None:
+            decoder.frame_started = now
+        need = decoder.expected or 4
+        deadline = decoder.frame_started + FRAME_GRACE + need / MIN_FRAME_RATE
+        with trio.move_on_at(min(deadline, now + FRAME_STALL)):
+            return await self._stream.receive_some(RECV_SIZE)
+        raise FrameStalled(f"frame of {decoder.expected} bytes stalled at {decoder.partial}")
+
+
+class WriteBudget:
+    """Unsent bytes over every connection of a process that shares it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+class FrameWriter:
+    """Queues frames and writes them in coalesced batches from one task (`run`).
+
+    Three ways in. `try_queue` (a caller's requests) queues within the budgets or says
+    no. `send_nowait` (answers that cannot wait: pings, op results, errors) queues within
+    the budgets or else drops the connection: a peer that leaves that much unread is not
+    reading. `send` (streamed answers) waits while more than HIGH_WATER bytes are
+    unsent. Whatever the budgets, a connection with nothing unsent may always queue one
+    frame, so a large one still goes. A queued frame may have an owner (a request), told
+    `sent` when its batch is handed to the socket."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: trio.CancelScope,
+        budget: int,
+        shared: WriteBudget | None = None,
+    ) -> None:
+        self._stream = stream
+        self._connection = connection
+        self._budget = budget
+        self._shared = shared if shared is not None else WriteBudget(budget)
+        self._frames: list[bytes] = []
+        self._owners: list[CallState | None] = []  # parallel to _frames: no tuple per frame
+        self._size = 0  # queued bytes (with FRAME_OVERHEAD each)
+        self._writing = 0  # bytes of the batch being written
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self.overflowed = False
+
+    def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
+        """Queue one frame's pieces (`wire.encode_parts`) if the budgets allow."""
+        cost = _cost(parts)
+        held = self._size + self._writing
+        if held and (held + cost > self._budget or self._shared.used + cost > self._shared.limit):
+            return False
+        self._queue(parts, cost, owner)
+        return True
+
+    def send_nowait(self, frame: Mapping[str, object]) -> None:
+        if self.overflowed:
+            return
+        if not self.try_queue(wire.encode_parts(frame)):
+            held = self._size + self._writing
+            self.overflowed = True
+            self.release()
+            log.warning("dropping connection: peer left over %d bytes unread", held)
+            self._connection.cancel()
+
+    async def send(self, frame: Mapping[str, object]) -> None:
+        """Queue a frame, waiting first while the peer is not keeping up."""
+        while self._size + self._writing > HIGH_WATER:
+            await self._drained.wait()
+        if not self.overflowed:
+            parts = wire.encode_parts(frame)
+            self._queue(parts, _cost(parts), None)
+
+    def _queue(self, parts: list[bytes], cost: int, owner: CallState | None) -> None:
+        """One frame's pieces (a large body is one, sent without a copy)."""
+        self._frames += parts
+        if len(parts) == 1:
+            self._owners.append(owner)
+        else:
+            self._owners += [owner] * len(parts)
+        self._size += cost
+        self._shared.used += cost
+        self._wake.set()
+
+    def discard(self, owner: CallState) -> None:
+        """Drop `owner`'s frame, if still queued (its caller gave up before it went)."""
+        if owner not in self._owners:
+            return
+        frames: list[bytes] = []
+        owners: list[CallState | None] = []
+        dropped = FRAME_OVERHEAD
+        for frame, queued_for in zip(self._frames, self._owners, strict=True):
+            if queued_for is owner:
+                dropped += len(frame)
+            else:
+                frames.append(frame)
+                owners.append(queued_for)
+        self._frames, self._owners = frames, owners
+        self._size -= dropped
+        self._shared.used -= dropped
+
+    def release(self) -> None:
+        """The connection is over: its unsent bytes no longer count."""
+        self._shared.used -= self._size + self._writing
+        self._frames = []
+        self._owners = []
+        self._size = self._writing = 0
+
+    async def run(self) -> None:
+        """Write until cancelled; a broken or stalled peer cancels the connection."""
+        try:
+            while True:
+                if not self._frames:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                frames, self._frames = self._frames, []
+                owners, self._owners = self._owners, []
+                self._writing, self._size = self._size, 0
+                for owner in owners:
+                    if owner is not None:
+                        owner.sent = True
+                del owners
+                self._drained.set()
+                self._drained = trio.Event()
+                for data in wire.coalesce(frames):
+                    with trio.move_on_after(WRITE_STALL + len(data) / MIN_FRAME_RATE) as stalled:
+                        await self._stream.send_all(data)
+                    if stalled.cancelled_caught:
+                        log.warning("dropping connection: peer reads no replies")
+                        self._connection.cancel()
+                        return
+                del frames, data
+                self._shared.used -= self._writing
+                self._writing = 0
+                self._drained.set()
+                self._drained = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("connection lost (write): %s", exc)
+            self._connection.cancel()
+
+
+def _cost(parts: list[bytes]) -> int:
+    return (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + FRAME_OVERHEAD
