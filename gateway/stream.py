@@ -274,7 +274,7 @@ class StreamHandler:
         if body is None:
             return
         if is_reserved(checked.path):  # control routes before stream routes
-            control = await self.reserved.answer(method, checked.path, scope["headers"], body)
+            control = await self._control(method, checked.path, scope["headers"], body)
             return await send_answer(send, control)
         query = scope["query_string"]
         output = scope.get("state", {}).get(OUTPUT_STATE) or UNLIMITED.connection()
@@ -318,7 +318,7 @@ class StreamHandler:
         if type(checked) is not _Checked:
             return checked
         if is_reserved(checked.path):  # control routes before stream routes
-            return await self.reserved.answer(method, checked.path, headers, body)
+            return await self._control(method, checked.path, headers, body)
         if method == "GET" and is_long_poll(query):
             fields = _fields(checked, method, query, body)
             owner = self.ring.owner(checked.path)
@@ -418,6 +418,16 @@ class StreamHandler:
         if method == "PUT" and self._public[0][1]:  # creates: Location from the public base
             forwarded.extend([name, value] for name, value in self._public)
         return _Checked(path, forwarded)
+
+    async def _control(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Answer:
+        """A reserved `__ds` route. The Authorization header goes to the owner only where it
+        carries the subscription's own token (callback, ack, release): a client's token
+        never leaves the gateway."""
+        if not own_credentials(method, path):
+            headers = []
+        return await self.reserved.answer(method, path, headers, body)
 
     def _authorize(
         self, method: str, path: str, authorization: bytes | None, forwarded: list[list[str]]

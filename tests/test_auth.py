@@ -356,12 +356,16 @@ SEEN: list[dict[str, Any]] = []
 
 async def recording(msg: dict[str, Any], reply: Reply) -> None:
     SEEN.append(msg)
-    await reply({"k": "res", "i": msg["i"], "s": 204, "h": [], "b": b"", "more": False})
+    if msg["op"] == "http":
+        await reply({"k": "res", "i": msg["i"], "s": 204, "h": [], "b": b"", "more": False})
+    else:  # a reserved route's op: a plain result
+        result = {"s": 204, "h": [], "b": b""}
+        await reply({"k": "res", "i": msg["i"], "a": result, "more": False})
 
 
 def test_authorization_header_never_reaches_a_shard(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
-    write_tokens(tokens_file, BASE_TOKENS)
+    write_tokens(tokens_file, [*BASE_TOKENS, token("subs", LATER, ["__ds/"], ["write"])])
     shard = ThreadedShard(FakeShard("s1", recording))
     shard.start()
     try:
@@ -374,15 +378,19 @@ def test_authorization_header_never_reaches_a_shard(tmp_path: Path) -> None:
                     headers={**bearer(WRITER), "Content-Type": "text/plain"},
                 )
                 assert r.status_code == 204, r.text
-            assert len(SEEN) == 3
+            # A reserved route a client token opens: the token stays at the gateway too.
+            r = httpx.put(f"{gw.url}/v1/stream/__ds/subscriptions/s1", headers=bearer(LATER))
+            assert r.status_code == 204, r.text
+            assert len(SEEN) == 4
             for msg in SEEN:
-                assert all(name.lower() != "authorization" for name, _ in msg["h"]), msg
-                assert WRITER not in repr(msg)
+                assert WRITER not in repr(msg) and LATER not in repr(msg), msg
+                if msg["op"] == "http":
+                    assert all(name.lower() != "authorization" for name, _ in msg["h"]), msg
             # A refused request never reaches the shard.
             for credential in (None, READER, "x" * 20):
                 r = httpx.post(f"{gw.url}/v1/stream/orders/seen", headers=bearer(credential))
                 assert r.status_code in (401, 403)
-            assert len(SEEN) == 3
+            assert len(SEEN) == 4
     finally:
         shard.stop()
 
