@@ -190,8 +190,9 @@ class GatewayMetrics:
     async def scrape(self) -> bytes:
         """The text exposition: this gateway's families and every shard's, merged."""
         answers: dict[str, list[Metric] | None] = {}
+        shard_ids = list(self._pool.connections)  # the ring may change meanwhile
         async with trio.open_nursery() as nursery:
-            for shard_id in self._pool.connections:
+            for shard_id in shard_ids:
                 nursery.start_soon(self._fetch, shard_id, answers)
         up = GaugeMetricFamily(
             "ds_shard_up",
@@ -199,7 +200,7 @@ class GatewayMetrics:
             labels=["shard"],
         )
         families: list[Metric] = [*self.registry.collect(), up]
-        for shard_id in self._pool.connections:
+        for shard_id in shard_ids:
             samples = answers.get(shard_id)
             up.add_metric([shard_id], 0.0 if samples is None else 1.0)
             families.extend(samples or ())
@@ -211,8 +212,10 @@ class GatewayMetrics:
             with trio.move_on_after(SHARD_TIMEOUT):
                 result = await self._pool.call(shard_id, "metrics", {}, SHARD_TIMEOUT)
                 answers[shard_id] = from_wire(result.get("families"), {"shard": shard_id})
-        except (ShardUnavailable, ShardError, ValueError) as exc:
-            log.debug("no metrics from %s: %s", shard_id, exc)
+        except (ShardUnavailable, ShardError) as exc:
+            log.debug("no metrics from %s: %s", shard_id, exc)  # ds_shard_up says so
+        except ValueError as exc:  # BadSamples: the shard sent something else
+            log.warning("metrics from %s refused: %s", shard_id, exc)
 
     def live_readers(self) -> tuple[int, int]:
         """(long-poll clients waiting, SSE clients) on this gateway."""
