@@ -43,7 +43,7 @@ import trio
 
 from ds_cluster.common import wire
 from ds_cluster.common.backoff import jittered
-from ds_cluster.common.ring import Ring
+from ds_cluster.common.ring import Ring, RingHolder
 from ds_cluster.shard.committer import Committer, Job, StreamMoving
 from ds_cluster.shard.core.model import ProducerState, Record, StreamState
 from ds_cluster.shard.peers import PeerUnavailable, records_from_wire, records_to_wire
@@ -99,13 +99,21 @@ class Handoff:
         committer: Committer,
         table: StreamTable,
         call: Call,
+        *,
+        releases: Callable[[], int] = lambda: 0,
+        heard: RingHolder | None = None,
     ) -> None:
+        """`releases`: how many fork releases this shard has still to deliver (a shard
+        that leaves the ring is done only once they are); `heard`: rings this shard's
+        RPC client learned from its peers' answers, adopted here too."""
         self.ring = ring
         self.me = ring.shard_id
         self._store = store
         self._committer = committer
         self._table = table
         self._call = call
+        self._releases = releases
+        self._heard = heard
         # -- sending
         self._outgoing: OrderedDict[str, Outgoing] = OrderedDict()
         self._urgent: list[str] = []
@@ -140,7 +148,19 @@ class Handoff:
                 nursery.start_soon(self._send_loop)
             nursery.start_soon(self._prune_loop)
             nursery.start_soon(self._push_loop)
+            if self._heard is not None:
+                nursery.start_soon(self._follow_heard, self._heard)
             task_status.started()
+
+    async def _follow_heard(self, heard: RingHolder) -> None:
+        """Adopt a newer ring that a peer's answer taught our RPC client."""
+        while True:
+            ring = await heard.wait_newer(self.ring.current.version)
+            try:
+                await self.ring.adopt(ring)
+            except StorageUnavailable as exc:
+                log.warning("cannot adopt ring v%d now: %s", ring.version, exc)
+                await trio.sleep(RETRY_MAX)
 
     def fenced(self, path: str) -> bool:
         """Whether requests may not write `path` now: gone to another owner, or arriving."""
@@ -376,7 +396,10 @@ class Handoff:
         streams, nbytes = self._store.counts()
         ring = self.ring.current
         scanned = self._scanned == ring.version
+        releases = self._releases()
+        leaving = self.me not in ring.shard_ids
         done = scanned and not self._outgoing and not self._staging
+        done = done and not (leaving and releases)
         return {
             "ring": ring.to_wire(),
             "streams": streams,
@@ -387,6 +410,7 @@ class Handoff:
             },
             "moved_out": {"streams": self.sent_streams, "bytes": self.sent_bytes},
             "pending_in": len(self._staging),
+            "pending_releases": releases,
             "scanned": scanned,
             "done": done,
         }

@@ -41,6 +41,11 @@ class Outbox:
         self._due: dict[str, str] = {}  # ref -> source path
         self._wake = trio.Event()
 
+    @property
+    def pending(self) -> int:
+        """Releases not yet delivered (a shard leaving the ring waits for them)."""
+        return len(self._due)
+
     def add(self, ref: str, source: str) -> None:
         self._due[ref] = source
         self._wake.set()

@@ -87,7 +87,15 @@ class ShardService:
             self.handle_http,
         )
         # Streams moving in and out when the ring changes (`shard.handoff`).
-        self.handoff = Handoff(rings, store, self.committer, self.table, self.call_peer)
+        self.handoff = Handoff(
+            rings,
+            store,
+            self.committer,
+            self.table,
+            self.call_peer,
+            releases=lambda: self.forks.outbox.pending,
+            heard=pool.rings if pool is not None else None,
+        )
         self.committer.fenced = self.handoff.fenced
         self.forks.admit = self.handoff.admit
 
