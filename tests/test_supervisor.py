@@ -181,14 +181,6 @@ async def test_crash_loop_backs_off_and_startup_fails_clearly(tmp_path: Path) ->
     assert supervisor.child_pids() == {}
 
 
-async def test_refuses_a_data_dir_laid_out_for_another_shard_count(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "cluster.json").write_text('{"shards": 3}\n')
-    with pytest.raises(SupervisorError, match="--shards 3"):
-        await Supervisor(ClusterConfig(shards=2, port=0, data_dir=data)).run()
-
-
 async def test_refuses_a_busy_port(tmp_path: Path) -> None:
     with trio.socket.socket() as busy:
         await busy.bind(("127.0.0.1", 0))

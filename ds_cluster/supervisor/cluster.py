@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
-import json
 import logging
 import os
 import random
@@ -39,9 +39,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,17 +49,21 @@ import trio
 
 from ds_cluster.common import logs
 from ds_cluster.common.lifeline import Lifeline
+from ds_cluster.common.ring import Endpoint, Ring, format_endpoint
 from ds_cluster.common.rpc_security import (
     SECRET_FILE_NAME,
     SecurityError,
     ensure_secret_file,
     read_secret_file,
 )
+from ds_cluster.supervisor import control, record
+from ds_cluster.supervisor.rebalance import STALL_TIMEOUT, shard_states
+from ds_cluster.supervisor.record import ClusterRecord, RecordError
+from ds_cluster.supervisor.scaling import Scaler, ScaleRefused
 
 log = logging.getLogger("ds_cluster.supervisor")
 LOG_FORMATS = logs.FORMATS
 
-_MARKER = "cluster.json"
 _LOCK = ".supervisor.lock"
 # Each shard holds an exclusive flock on DATA/shard-K/shard.lock for its whole life, with
 # its PID inside; the OS drops it when the process dies.
@@ -91,7 +95,9 @@ class SupervisorError(Exception):
 class ClusterConfig:
     """Everything `ds-cluster up` needs; plain values so tools can build one directly."""
 
-    shards: int = field(default_factory=default_shard_count)
+    # None: the count the data dir records (default_shard_count() for a new one). Another
+    # count than the recorded one starts the recorded cluster, then scales it (scaling.py).
+    shards: int | None = None
     gateways: int = 1
     host: str = "127.0.0.1"  # the gateways' HTTP address
     port: int = DEFAULT_PORT  # 0: pick a free port
@@ -130,10 +136,14 @@ class ClusterConfig:
     # exit before refusing the data dir or the port: they exit within LIFELINE_GRACE of
     # their supervisor's death.
     owner_wait: float = 5.0
+    # A scale fails when no stream or byte moved for this long while moves remain.
+    scale_stall_timeout: float = STALL_TIMEOUT
 
     def __post_init__(self) -> None:
-        if self.shards < 1:
+        if self.shards is not None and self.shards < 1:
             raise ValueError("--shards must be at least 1")
+        if self.shards is not None and self.shards > record.MAX_SHARDS:
+            raise ValueError(f"--shards must be at most {record.MAX_SHARDS}")
         if self.gateways < 1:
             raise ValueError("--gateways must be at least 1")
         if not 0 <= self.port <= 65535:
@@ -186,6 +196,7 @@ class _Child:
     argv: list[str]
     process: trio.Process | None = None
     starts: int = 0
+    retired: bool = False  # stopped for good (a shard that left the ring): not restarted
 
 
 def _connect_host(host: str) -> str:
@@ -195,6 +206,11 @@ def _connect_host(host: str) -> str:
     if host == "::":
         return "::1"
     return host
+
+
+def _peers(ring: Ring) -> str:
+    """`ID=HOST:PORT,...` of a ring's shards, as `--peers` and `--shards` take them."""
+    return ",".join(f"{sid}={format_endpoint(ep)}" for sid, ep in sorted(ring.endpoints.items()))
 
 
 def _url_host(host: str) -> str:
@@ -302,7 +318,14 @@ class Supervisor:
         self.restarts: list[RestartEvent] = []
         self.shard_addresses: dict[str, tuple[str, int]] = {}
         self.url: str = ""
+        self.record = ClusterRecord(record.shard_ids(config.shards or default_shard_count()))
+        self.ring = self._serving_ring()  # the newest ring children are started on
+        self.secret = b""
+        self.scaler = Scaler(self, stall_timeout=config.scale_stall_timeout, echo=self._echo_scale)
+        self._scale_at_start: int | None = None  # `up --shards N` on a dir of another count
+        self._new_dir = True
         self._children: list[_Child] = []
+        self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._lock_file: IO[str] | None = None
         self._lifeline: tuple[int, int] | None = None  # (read end, write end)
@@ -311,7 +334,8 @@ class Supervisor:
 
     @property
     def shard_ids(self) -> list[str]:
-        return [f"shard-{k}" for k in range(self.config.shards)]
+        """The shards of the newest ring (the target ring while a scale runs)."""
+        return list(self.ring.shard_ids)
 
     def child_pids(self) -> dict[str, int]:
         """PIDs of the children currently running, by name ("shard-0", "gateway-0", ...)."""
@@ -333,6 +357,7 @@ class Supervisor:
         failure: SupervisorError | None = None
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for child in self._children:
                     nursery.start_soon(self._supervise, child)
                 try:
@@ -342,14 +367,21 @@ class Supervisor:
                     failure = exc
                     nursery.cancel_scope.cancel()
                 else:
-                    log.info("cluster ready at %s (%d shards)", self.url, self.config.shards)
+                    self.save_record(self.record)  # a new dir holds a cluster from now on
+                    await nursery.start(self.scaler.run)
+                    await nursery.start(control.serve, self.data_dir, self._control)
+                    log.info("cluster ready at %s (%d shards)", self.url, len(self.shard_ids))
                     print(
                         f"ds-cluster ready at {self.url} (streams under {self.url}/v1/stream/)",
                         flush=True,
                     )
+                    if self.record.scale is not None or self._scale_at_start is not None:
+                        wanted = self._scale_at_start or len(self.record.scale.shards)  # type: ignore[union-attr]  # one of the two is set
+                        self.scaler.request(wanted)
                     task_status.started(self.url)
         finally:
             self._stopping = True
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._stop_all()
             self._close_lifeline()  # the children are gone: nobody reads it any more
@@ -365,6 +397,9 @@ class Supervisor:
             await self._wait_for_shard_locks()
             port = self.config.port or _free_ports(self.config.host, 1)[0]
             await self._wait_for_port(self.config.host, port)
+            for sid in self.record.running_shards:
+                if sid in self.record.ports:  # a recorded shard keeps its address
+                    await self._wait_for_port(self.config.shard_host, self.record.ports[sid])
             self._open_lifeline()
             self._build_children(port)
         except BaseException:
@@ -373,72 +408,219 @@ class Supervisor:
             raise
 
     def _build_children(self, port: int) -> None:
-        """Ports outside the ephemeral range; argv per child, from the config alone."""
+        """Ports outside the ephemeral range; argv per child, from the record and config."""
         cfg = self.config
-        shard_ports = _free_ports(cfg.shard_host, cfg.shards)
+        self._assign_ports()
         scheme = "http" if cfg.tls_cert is None else "https"
         self.url = f"{scheme}://{_url_host(_connect_host(cfg.host))}:{port}"
-        self.shard_addresses = {
-            sid: (cfg.shard_host, p) for sid, p in zip(self.shard_ids, shard_ports, strict=True)
-        }
-        peers = ",".join(
-            f"{sid}={_connect_host(h)}:{p}" for sid, (h, p) in self.shard_addresses.items()
-        )
+        self._port = port
         secret_file = ensure_secret_file(self.data_dir / SECRET_FILE_NAME)
         try:
-            read_secret_file(secret_file)  # children would refuse it: say so once, here
+            self.secret = read_secret_file(secret_file)  # children would refuse it: say so here
         except SecurityError as exc:
             raise SupervisorError(str(exc)) from None
-        secret = ["--cluster-secret-file", str(secret_file)]
+        self._secret_file = secret_file
+        serving = self._serving_ring()
+        target = self._target_ring()
+        self.ring = target or serving
         self._children = []
-        for sid, (host, sport) in self.shard_addresses.items():
-            shard_dir = self.data_dir / sid
-            shard_dir.mkdir(exist_ok=True)
-            argv = [*self._launcher("shard"), "shard", "--id", sid, "--listen", f"{host}:{sport}"]
-            argv += ["--data-dir", str(shard_dir), "--peers", peers, *secret]
-            if cfg.long_poll_timeout is not None:
-                argv += ["--long-poll-timeout", str(cfg.long_poll_timeout)]
-            if cfg.sse_max_duration is not None:
-                argv += ["--sse-max-duration", str(cfg.sse_max_duration)]
-            if cfg.synchronous is not None:
-                argv += ["--synchronous", cfg.synchronous.upper()]
-            if cfg.log_level is not None:
-                argv += ["--log-level", cfg.log_level]
-            if cfg.log_format is not None:
-                argv += ["--log-format", cfg.log_format]
-            self._children.append(_Child(sid, "shard", argv))
+        for sid in self.record.running_shards:
+            ring = target if target is not None and sid in target.shard_ids else serving
+            self._children.append(_Child(sid, "shard", self._shard_argv(sid, ring)))
         for g in range(cfg.gateways):
-            argv = [*self._launcher("gateway"), "gateway", "--listen", f"{cfg.host}:{port}"]
-            argv += ["--shards", peers, *secret]
-            if cfg.gateways > 1:
-                argv.append("--reuse-port")
-            if cfg.max_body_bytes is not None:
-                argv += ["--max-body-bytes", str(cfg.max_body_bytes)]
-            if cfg.log_level is not None:
-                argv += ["--log-level", cfg.log_level]
-            if cfg.log_format is not None:
-                argv += ["--log-format", cfg.log_format]
-            if cfg.access_log:
-                argv.append("--access-log")
-            if cfg.tls_cert is not None and cfg.tls_key is not None:
-                argv += ["--tls-cert", str(Path(cfg.tls_cert).resolve())]
-                argv += ["--tls-key", str(Path(cfg.tls_key).resolve())]
-            if cfg.auth_tokens is not None:
-                argv += ["--auth-tokens", str(Path(cfg.auth_tokens).resolve())]
-            if cfg.auth_jwt_key is not None:
-                argv += ["--auth-jwt-key", str(Path(cfg.auth_jwt_key).resolve())]
-            if cfg.auth_metrics:
-                argv.append("--auth-metrics")
-            argv += ["--public-url", cfg.public_url or self.url]
-            self._children.append(_Child(f"gateway-{g}", "gateway", argv))
+            self._children.append(_Child(f"gateway-{g}", "gateway", self._gateway_argv(self.ring)))
         if cfg.log_dir is not None:
             Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
 
-    def _claim_data_dir(self) -> None:
-        """One supervisor per data dir, and never on a dir laid out for another shard count.
+    def _assign_ports(self) -> None:
+        """A port for every shard that has none recorded yet (they are kept across runs:
+        a ring names its shards' addresses, and shards remember their ring)."""
+        missing = [sid for sid in self.record.running_shards if sid not in self.record.ports]
+        if missing:
+            ports = dict(zip(missing, self.pick_ports(len(missing)), strict=True))
+            self.record = dataclasses.replace(self.record, ports={**self.record.ports, **ports})
+        self.shard_addresses = {
+            sid: (self.config.shard_host, self.record.ports[sid])
+            for sid in self.record.running_shards
+        }
 
-        Streams are placed by hashing over the shard ids; a different count would hide
-        every stream whose owner changed, so refuse rather than lose data silently.
+    def _endpoint(self, sid: str) -> Endpoint:
+        return _connect_host(self.config.shard_host), self.record.ports[sid]
+
+    def ring_of(self, shards: tuple[str, ...], version: int) -> Ring:
+        """The ring of `shards` (each with its recorded port) at `version`."""
+        return Ring(version, shards, {sid: self._endpoint(sid) for sid in shards})
+
+    def _serving_ring(self) -> Ring:
+        rec = self.record
+        if all(sid in rec.ports for sid in rec.shards):
+            return self.ring_of(rec.shards, rec.ring_version)
+        return Ring(rec.ring_version, rec.shards)
+
+    def _target_ring(self) -> Ring | None:
+        journal = self.record.scale
+        return None if journal is None else self.ring_of(journal.shards, journal.ring_version)
+
+    def _shard_argv(self, sid: str, ring: Ring) -> list[str]:
+        cfg = self.config
+        host, sport = self.shard_addresses[sid]
+        shard_dir = self.data_dir / sid
+        shard_dir.mkdir(exist_ok=True)
+        argv = [*self._launcher("shard"), "shard", "--id", sid, "--listen", f"{host}:{sport}"]
+        argv += ["--data-dir", str(shard_dir), "--peers", _peers(ring)]
+        argv += ["--ring-version", str(ring.version)]
+        argv += ["--cluster-secret-file", str(self._secret_file)]
+        if cfg.long_poll_timeout is not None:
+            argv += ["--long-poll-timeout", str(cfg.long_poll_timeout)]
+        if cfg.sse_max_duration is not None:
+            argv += ["--sse-max-duration", str(cfg.sse_max_duration)]
+        if cfg.synchronous is not None:
+            argv += ["--synchronous", cfg.synchronous.upper()]
+        if cfg.log_level is not None:
+            argv += ["--log-level", cfg.log_level]
+        if cfg.log_format is not None:
+            argv += ["--log-format", cfg.log_format]
+        return argv
+
+    def _gateway_argv(self, ring: Ring) -> list[str]:
+        cfg = self.config
+        argv = [*self._launcher("gateway"), "gateway", "--listen", f"{cfg.host}:{self._port}"]
+        argv += ["--shards", _peers(ring), "--ring-version", str(ring.version)]
+        argv += ["--cluster-secret-file", str(self._secret_file)]
+        if cfg.gateways > 1:
+            argv.append("--reuse-port")
+        if cfg.max_body_bytes is not None:
+            argv += ["--max-body-bytes", str(cfg.max_body_bytes)]
+        if cfg.log_level is not None:
+            argv += ["--log-level", cfg.log_level]
+        if cfg.log_format is not None:
+            argv += ["--log-format", cfg.log_format]
+        if cfg.access_log:
+            argv.append("--access-log")
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            argv += ["--tls-cert", str(Path(cfg.tls_cert).resolve())]
+            argv += ["--tls-key", str(Path(cfg.tls_key).resolve())]
+        if cfg.auth_tokens is not None:
+            argv += ["--auth-tokens", str(Path(cfg.auth_tokens).resolve())]
+        if cfg.auth_jwt_key is not None:
+            argv += ["--auth-jwt-key", str(Path(cfg.auth_jwt_key).resolve())]
+        if cfg.auth_metrics:
+            argv.append("--auth-metrics")
+        argv += ["--public-url", cfg.public_url or self.url]
+        return argv
+
+    # ---- what a scale asks of the supervisor (scaling.ShardHost) --------------------
+
+    def save_record(self, new: ClusterRecord) -> None:
+        """Record `new` in the data dir (atomically), then hold it."""
+        record.save(self.data_dir, new)
+        self.record = new
+        self._new_dir = False
+
+    def pick_ports(self, count: int) -> list[int]:
+        """`count` free shard ports, none already given to a shard of this cluster."""
+        taken = set(self.record.ports.values()) | {self._port_or_zero()}
+        ports: list[int] = []
+        while len(ports) < count:
+            ports += [p for p in _free_ports(self.config.shard_host, count) if p not in taken]
+            taken.update(ports)
+        return ports[:count]
+
+    def _port_or_zero(self) -> int:
+        return getattr(self, "_port", 0)
+
+    def shard_endpoints(self) -> dict[str, Endpoint]:
+        """Where every shard this supervisor runs listens."""
+        return {sid: self._endpoint(sid) for sid in self.shard_addresses}
+
+    async def start_shards(self, ring: Ring, shards: tuple[str, ...]) -> None:
+        """Start (and from now on supervise) new shard processes on `ring`."""
+        assert self._nursery is not None, "the cluster is not running"
+        for sid in shards:
+            if any(c.name == sid and not c.retired for c in self._children):
+                continue  # already running (a resumed scale)
+            self.shard_addresses[sid] = (self.config.shard_host, self.record.ports[sid])
+            child = _Child(sid, "shard", self._shard_argv(sid, ring))
+            self._children.append(child)
+            self._nursery.start_soon(self._supervise, child)
+            log.info("starting %s on ring v%d", sid, ring.version)
+
+    def use_ring(self, ring: Ring) -> None:
+        """Children restarted from now on (for any reason) start on `ring`."""
+        self.ring = ring
+        for child in self._children:
+            if child.kind == "gateway":
+                child.argv = self._gateway_argv(ring)
+            elif child.name in ring.shard_ids:
+                child.argv = self._shard_argv(child.name, ring)
+
+    async def retire_shards(self, shards: tuple[str, ...]) -> None:
+        """Stop shards that left the ring, for good (they handed over every stream)."""
+        leaving = [c for c in self._children if c.kind == "shard" and c.name in shards]
+        for child in leaving:
+            child.retired = True
+        await _terminate(
+            [c.process for c in leaving if c.process is not None and c.process.returncode is None],
+            self.config.stop_grace,
+        )
+        self._children = [c for c in self._children if c not in leaving]
+        for sid in shards:
+            self.shard_addresses.pop(sid, None)
+
+    def _echo_scale(self, text: str) -> None:
+        print(f"ds-cluster scale: {text}", flush=True)
+
+    # ---- control channel (control.py) -----------------------------------------------
+
+    async def _control(self, request: dict[str, Any], send: control.Send) -> None:
+        op = request["op"]
+        if op == "scale":
+            try:
+                run = self.scaler.request(request.get("shards"))
+            except ScaleRefused as exc:
+                raise control.RequestError(str(exc)) from None
+            await run.follow(send)
+        elif op == "status":
+            await send({"type": "result", "ok": True, "status": await self.status()})
+        else:
+            raise control.RequestError(f"unknown op {op!r:.40}; ops: scale, status")
+
+    async def status(self) -> dict[str, Any]:
+        """The ring, each shard's address, pid, streams and bytes, and the scale under way."""
+        states = await shard_states(self.shard_endpoints(), secret=self.secret)
+        pids = self.child_pids()
+        shards: dict[str, Any] = {}
+        for sid in sorted(self.shard_addresses, key=record.shard_order):
+            state = states.get(sid)
+            shards[sid] = {
+                "address": format_endpoint(self._endpoint(sid)),
+                "pid": pids.get(sid),
+                "in_ring": sid in self.ring.shard_ids,
+                **(state.to_json() if state is not None else {"error": "no answer"}),
+            }
+        scale = self.scaler.current
+        return {
+            "url": self.url,
+            "data_dir": str(self.data_dir),
+            "ring": self.ring.to_wire(),
+            "serving_ring_version": self.record.ring_version,
+            "scale": None
+            if self.record.scale is None
+            else {
+                "shards": len(self.record.scale.shards),
+                "ring_version": self.record.scale.ring_version,
+                "running": scale is not None and scale.result is None,
+            },
+            "shards": shards,
+            "gateways": {n: p for n, p in pids.items() if n.startswith("gateway-")},
+        }
+
+    def _claim_data_dir(self) -> None:
+        """One supervisor per data dir; read what it holds (record.py).
+
+        With no --shards the recorded count is used; another count starts the recorded
+        cluster and then scales it once ready, so no stream is ever hidden by a ring
+        that does not place it where it is.
         """
         lock = open(self.data_dir / _LOCK, "w")  # noqa: SIM115 -- held for the whole run
         try:
@@ -449,22 +631,22 @@ class Supervisor:
                 f"{self.data_dir} is in use by another ds-cluster supervisor"
             ) from None
         self._lock_file = lock
-        marker = self.data_dir / _MARKER
-        if marker.exists():
-            try:
-                recorded = json.loads(marker.read_text())["shards"]
-            except (ValueError, KeyError, TypeError) as exc:
-                self._release_lock()
-                raise SupervisorError(f"{marker} is unreadable: {exc}") from exc
-            if recorded != self.config.shards:
-                self._release_lock()
-                raise SupervisorError(
-                    f"{self.data_dir} holds a cluster of {recorded} shards; start it with "
-                    f"--shards {recorded} (re-sharding is not supported) or use another "
-                    "--data-dir"
-                )
+        try:
+            recorded = record.load(self.data_dir)
+        except RecordError as exc:
+            self._release_lock()
+            raise SupervisorError(str(exc)) from None
+        wanted = self.config.shards
+        if recorded is None:
+            self.record = ClusterRecord(record.shard_ids(wanted or default_shard_count()))
+            self._new_dir = True
         else:
-            marker.write_text(json.dumps({"shards": self.config.shards}) + "\n")
+            self.record = recorded
+            self._new_dir = False
+            final = recorded.scale.shards if recorded.scale else recorded.shards
+            if wanted is not None and record.shard_ids(wanted) != final:
+                self._scale_at_start = wanted
+        self.ring = self._serving_ring()
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
@@ -584,7 +766,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("%s: cannot start %s: %s", child.name, child.argv[0], exc)
                 returncode = None
-            if self._stopping:
+            if self._stopping or child.retired:
                 return
             uptime = trio.current_time() - started
             if uptime >= cfg.restart_reset_after:
@@ -600,6 +782,8 @@ class Supervisor:
                 delay,
             )
             await trio.sleep(delay)
+            if child.retired:
+                return
             delay = min(delay * 2, cfg.restart_max_delay)
 
     async def _spawn(self, child: _Child) -> trio.Process:
@@ -659,8 +843,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards",
         type=int,
-        default=default_shard_count(),
-        help="number of shard processes (default: %(default)s, from the CPU count)",
+        default=None,
+        help="number of shard processes (default: the count the data dir records; for a new "
+        f"one {default_shard_count()}, from the CPU count); another count than the recorded "
+        "one starts the cluster, then moves it to that many shards, as `ds-cluster scale`",
     )
     parser.add_argument("--gateways", type=int, default=1, help="gateway processes (default: 1)")
     parser.add_argument(

@@ -130,7 +130,7 @@ def render(status: dict[str, Any]) -> str:
                 size_text(shard.get("bytes", 0)),
                 f"{out.get('streams', 0)} ({size_text(out.get('bytes', 0))})",
                 str(shard.get("pending_in")),
-                "yes" if shard.get("done") else "no",
+                shard["error"] if "error" in shard else ("yes" if shard.get("done") else "no"),
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
