@@ -12,12 +12,13 @@ path, status (499: the client left before the answer), duration, bytes in and ou
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
+
+from ds_cluster.common.logs import LineWriter
 
 REQUEST_ID = b"x-request-id"
 MAX_REQUEST_ID = 128
@@ -56,10 +57,11 @@ def route_template(path: str) -> str:
 
 
 class AccessLog:
-    """Writes one line per request to the `access` logger."""
+    """Writes one line per request to the `access` logger (create it after
+    `common.logs.setup`, whose format and stream it writes to)."""
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.logger = logger or logging.getLogger("access")
+    def __init__(self) -> None:
+        self._lines = LineWriter("access")
 
     def write(
         self,
@@ -74,12 +76,9 @@ class AccessLog:
     ) -> None:
         """`started`: perf_counter() when the request head was read."""
         duration = perf_counter() - started
-        self.logger.info(
-            "%s %s %d",
-            method,
-            path,
-            status,
-            extra={
+        self._lines.write(
+            f"{method} {path} {status}",
+            {
                 "request_id": rid.decode("ascii"),
                 "method": method,
                 "route": route_template(path),
