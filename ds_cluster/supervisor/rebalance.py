@@ -228,7 +228,16 @@ async def _call_when_connected(
 def _pool(
     endpoints: Mapping[str, Endpoint], ring: Ring, secret: bytes, ssl_context: ssl.SSLContext | None
 ) -> ShardPool:
-    return ShardPool(endpoints, ring, role=ROLE, name=NAME, secret=secret, ssl_context=ssl_context)
+    # drop_departed=False: a shard that leaves the ring is still asked until it is done.
+    return ShardPool(
+        endpoints,
+        ring,
+        role=ROLE,
+        name=NAME,
+        secret=secret,
+        ssl_context=ssl_context,
+        drop_departed=False,
+    )
 
 
 def plan_ring(
