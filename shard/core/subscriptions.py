@@ -42,6 +42,7 @@ TOKEN_TTL_S = 3_600
 RESERVED = "__ds"
 
 Kind = Literal["webhook", "pull-wake"]
+Change = Literal["", "tail", "links"]
 
 
 class SubError(Exception):
@@ -336,7 +337,10 @@ class Link:
 
 @dataclass
 class Sub:
-    """A subscription's whole durable state, kept by the shard that owns its id."""
+    """A subscription's whole durable state, kept by the shard that owns its id.
+
+    The links' `tail`s are a cache: the streams' owners know the truth and are asked
+    again whenever a wake ends, so a tail that moved is not worth a write of its own."""
 
     id: str
     config: SubConfig
@@ -435,26 +439,28 @@ def remove_explicit(sub: Sub, path: str) -> None:
         del sub.links[path]
 
 
-def note_tail(sub: Sub, path: str, tail: str | None) -> bool:
+def note_tail(sub: Sub, path: str, tail: str | None) -> Change:
     """A stream's owner reports `path`'s committed tail (None: the stream is gone). A
     stream the pattern matches and that is not linked yet is linked before its first
-    data (acked `BEFORE_FIRST`). Returns whether the state changed."""
+    data (acked `BEFORE_FIRST`). Returns what changed: "links" (a link came or went:
+    to be persisted before the notice is acknowledged), "tail" (a known tail moved:
+    tails can always be asked again, see `Sub`) or "" (nothing)."""
     link = sub.links.get(path)
     if tail is None:
         if link is None:
-            return False
+            return ""
         del sub.links[path]
         sub.snapshot.pop(path, None)
-        return True
+        return "links"
     if link is None:
         if sub.config.pattern is None or not glob_match(sub.config.pattern, path):
-            return False
+            return ""
         link = sub.links[path] = Link(path, glob=True, acked=BEFORE_FIRST, tail=tail)
-        return True
+        return "links"
     if tail > link.tail:
         link.tail = tail
-        return True
-    return False
+        return "tail"
+    return ""
 
 
 def has_pending(sub: Sub) -> bool:

@@ -14,7 +14,6 @@ maximum, so a repeat is harmless).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -165,7 +164,7 @@ class Notices:
             else:
                 done.append(key)
         if done:
-            # if this fails, the rows are delivered again after a restart: harmless
-            with contextlib.suppress(StorageUnavailable):
-                await self._committer.submit(Job(outbox_removed=done)).wait()
+            # Not awaited: the deletion joins the next group commit (if it fails, the
+            # rows are delivered again after a restart: harmless).
+            self._committer.submit(Job(outbox_removed=done))
         return failed, bool(retry)

@@ -156,6 +156,16 @@ class SubOwner:
             sub.next_attempt_at = time.time()
         return True
 
+    async def _rewake(self, sub: Sub) -> bool:
+        """Under the sub's lock, after a wake ended: the linked streams' current tails
+        (tails noted during the wake were not persisted), then a new wake if work is
+        pending."""
+        try:
+            await self._refresh(sub)
+        except (SubscriptionsUnavailable, StorageUnavailable) as exc:
+            log.info("tails of %s not refreshed: %s", sub.id, exc)
+        return await self._wake_if_pending(sub)
+
     async def _attempt(self, sub_id: str) -> None:
         """One delivery attempt of the current wake: a webhook POST or a wake event."""
         try:
@@ -188,7 +198,7 @@ class SubOwner:
                     if sub.config.type == "webhook":
                         rules.delivered(sub, now, done)
                         if done:
-                            await self._wake_if_pending(sub)
+                            await self._rewake(sub)
                     else:
                         sub.delivering = False
                         sub.attempts = 0
@@ -246,7 +256,7 @@ class SubOwner:
         async with self._locked(sub_id) as sub:
             if sub is None or not rules.lease_expired(sub, time.time()):
                 return
-            await self._wake_if_pending(sub)
+            await self._rewake(sub)
             await self._save(sub)
 
     # -- notices from the shards that own the streams --------------------------------------
@@ -268,11 +278,10 @@ class SubOwner:
                 if sub is None:
                     gone.append(sub_id)
                     continue
-                touched = False
+                linked = False
                 for path, tail in tails:
-                    touched |= rules.note_tail(sub, path, tail)
-                touched |= await self._wake_if_pending(sub)
-                if touched:
+                    linked |= rules.note_tail(sub, path, tail) == "links"
+                if await self._wake_if_pending(sub) or linked:
                     changed.append(sub)
         if changed:
             await self._db.save(changed)
@@ -454,7 +463,7 @@ class SubOwner:
             rules.check_fence(sub, claims, data.get("generation"), data.get("wake_id"))
             if action == "release":
                 rules.end_wake(sub)
-                await self._wake_if_pending(sub)
+                await self._rewake(sub)
                 await self._save(sub)
                 return answer(204)
             acks = rules.parse_acks(data)
@@ -463,7 +472,7 @@ class SubOwner:
             rules.check_acks(sub, acks)
             done = data.get("done") is True
             rules.apply_acks(sub, acks, now, done)
-            next_wake = await self._wake_if_pending(sub) if done else False
+            next_wake = await self._rewake(sub) if done else False
             await self._save(sub)
             return answer(200, {"ok": True, "next_wake": next_wake})
 
