@@ -111,6 +111,14 @@ class Subscriptions:
     def _owner_of(self, sub_id: str) -> str:
         return self._ring().owner(owner_key(sub_id))
 
+    def routes_here(self, path: str) -> bool:
+        """Whether a `__ds/...` request belongs on this shard: a subscription's routes on
+        its owner; the JWK Set anywhere (every shard holds the same key)."""
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[1] == "subscriptions":
+            return self._owner_of(parts[2]) == self._shard_id
+        return True
+
     def _probe(self, path: str) -> tuple[int | None, bool]:
         entry = self._table.get(path)
         try:

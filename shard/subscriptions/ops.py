@@ -53,6 +53,8 @@ def handlers(subs: Subscriptions) -> dict[str, Handler]:
             and isinstance(body, bytes)
         ):
             raise wire.BadArguments("malformed sub_http arguments")
+        if not subs.routes_here(path):
+            raise wire.Misdirected("not the owner of this subscription")
         status, headers, out = await subs.owner.http(method, path, auth, base, body)
         return {"s": status, "h": [list(pair) for pair in headers], "b": out}
 
