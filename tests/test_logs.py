@@ -93,6 +93,35 @@ def test_setup_replaces_the_root_handlers() -> None:
         root.setLevel(saved[1])
 
 
+def test_line_writer_writes_what_the_formatter_would() -> None:
+    """The access log's fast writer: the same fields, format and stream as `setup`."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        for log_format in logs.FORMATS:
+            out = io.StringIO()
+            logs.setup("gateway", "h:1", log_format=log_format, stream=out)
+            logs.LineWriter("access").write('GET /a"b 200', {"status": 200, "path": '/a"b'})
+            logging.getLogger("access").info('GET /a"b 200', extra={"status": 200, "path": '/a"b'})
+            fast, slow = out.getvalue().splitlines()
+            if log_format == "json":
+                fast_line, slow_line = json.loads(fast), json.loads(slow)
+                assert fast_line.pop("ts") and slow_line.pop("ts")
+                assert fast_line == slow_line
+                assert fast_line["path"] == '/a"b' and fast_line["role"] == "gateway"
+            else:
+                assert fast.split(" ", 1)[1] == slow.split(" ", 1)[1].replace(
+                    'path=/a"b status=200', 'status=200 path=/a"b'
+                )
+            logging.getLogger("access").setLevel(logging.WARNING)
+            logs.LineWriter("access").write("not written", {})
+            logging.getLogger("access").setLevel(logging.NOTSET)
+            assert "not written" not in out.getvalue()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
 @pytest.mark.parametrize(
     ("given", "kept"),
     [
