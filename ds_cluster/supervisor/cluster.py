@@ -138,6 +138,7 @@ class ClusterConfig:
     owner_wait: float = 5.0
     # A scale fails when no stream or byte moved for this long while moves remain.
     scale_stall_timeout: float = STALL_TIMEOUT
+    print_scale_progress: bool = False  # `up` prints a scale's progress on its stdout
 
     def __post_init__(self) -> None:
         if self.shards is not None and self.shards < 1:
@@ -321,7 +322,11 @@ class Supervisor:
         self.record = ClusterRecord(record.shard_ids(config.shards or default_shard_count()))
         self.ring = self._serving_ring()  # the newest ring children are started on
         self.secret = b""
-        self.scaler = Scaler(self, stall_timeout=config.scale_stall_timeout, echo=self._echo_scale)
+        self.scaler = Scaler(
+            self,
+            stall_timeout=config.scale_stall_timeout,
+            echo=self._echo_scale if config.print_scale_progress else None,
+        )
         self._scale_at_start: int | None = None  # `up --shards N` on a dir of another count
         self._new_dir = True
         self._children: list[_Child] = []
@@ -953,6 +958,7 @@ def run(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            print_scale_progress=True,
             public_url=args.public_url,
             auth_tokens=args.auth_tokens,
             auth_jwt_key=args.auth_jwt_key,

@@ -5,7 +5,8 @@ reordered and that every live reader saw a gap-free, duplicate-free sequence.
 Modules: `payload` (message ids and encodings), `sse` (SSE parsing), `workload`
 (idempotent writers, live readers, forks), `faults` (signals and unavailability),
 `verify` (pure verdict), `report` (progress and summary), `runner` (the phases),
-`process_cluster` (`ds-cluster up` as a child process, for supervisor kills).
+`process_cluster` (`ds-cluster up` as a child process, for supervisor kills), `scaling`
+(changes of the shard count while the load runs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import trio
 
 from .runner import ChaosOptions, exit_code, run_chaos
+from .scaling import parse_range
 
 __all__ = ["ChaosOptions", "add_arguments", "run", "run_chaos"]
 
@@ -38,6 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="mean seconds between SIGKILLs of the supervisor itself, each followed by a new "
         "`up` on the same data dir; the supervisor then runs as a child process; "
         "0 = never (%(default)s)",
+    )
+    a(
+        "--scale-interval",
+        type=float,
+        default=d.scale_interval,
+        help="mean seconds between changes of the shard count (`ds-cluster scale` through the "
+        "supervisor's control socket); 0 = never (%(default)s)",
+    )
+    a(
+        "--scale-range",
+        default=None,
+        metavar="LO:HI",
+        help="shard counts the scaling stays within (default: --shards to --shards + 1)",
     )
     a("--seed", type=int, default=None, help="random seed (printed when not given)")
     a(
@@ -76,11 +91,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scale_range is not None:
+        try:
+            parse_range(args.scale_range)
+        except ValueError as bad_range:
+            print(f"ds-cluster chaos: {bad_range}", file=sys.stderr)
+            return 2
+    if args.scale_interval > 0 and args.url:
+        print("ds-cluster chaos: --scale-interval needs a cluster of its own (no --url)")
+        return 2
     options = ChaosOptions(
         duration=args.duration,
         shards=args.shards,
         kill_interval=args.kill_interval,
         kill_supervisor_interval=args.kill_supervisor_interval,
+        scale_interval=args.scale_interval,
+        scale_range=args.scale_range,
         seed=args.seed,
         stop_probability=args.stop_probability,
         streams_per_shard=args.streams_per_shard,

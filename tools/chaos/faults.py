@@ -104,6 +104,15 @@ class FaultInjector:
             if started_rel >= event.at and not self._is_open(event):
                 event.recovered_after = now - event.at
 
+    def left_ring(self, shards: set[str]) -> None:
+        """`shards` left the ring (a scale down): their open faults have nothing left to
+        recover (no stream is theirs any more), so they are closed as such."""
+        for shard in shards:
+            for event in self._open.pop(shard, []):
+                if event.kind != "supervisor-kill":
+                    event.left_ring = True
+            # a supervisor kill waits for the shards that remain, not for this one
+
     def _is_open(self, event: FaultEvent) -> bool:
         return any(e is event for events in self._open.values() for e in events)
 

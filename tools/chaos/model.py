@@ -72,6 +72,9 @@ class FaultEvent:
     # a kill: when the supervisor started the successor; a supervisor kill: when the new
     # supervisor was ready
     respawned_after: float | None = None
+    # the shard left the ring (a scale down) before it served a write again: nothing of
+    # it is left to be unavailable
+    left_ring: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ class Stats:
     rejected: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
     forks_created: int = 0
+    # seconds from a batch's first attempt to its acknowledgement, retries included
+    write_latencies: list[float] = field(default_factory=list)
 
     def count_status(self, key: str) -> None:
         self.status_counts[key] = self.status_counts.get(key, 0) + 1
+
+    def client_errors(self) -> dict[str, int]:
+        """Answers in 400-499 that writers or readers got (the status counts' 4xx)."""
+        return {k: n for k, n in self.status_counts.items() if k.split()[-1].startswith("4")}

@@ -91,7 +91,10 @@ class ProcessCluster:
         self.port = _free_ports("127.0.0.1", 1)[0]  # below the ephemeral range: ours to keep
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = Path(data_dir) / "logs"
-        self.argv = [*launcher, "up", "--shards", str(options.shards), "--gateways", "1"]
+        # `--shards` only the first time: a later `up` serves the count the data dir
+        # records, which a scale may have changed (another count would scale it back).
+        self.first_argv = ["--shards", str(options.shards)]
+        self.argv = [*launcher, "up", "--gateways", "1"]
         self.argv += ["--host", "127.0.0.1", "--port", str(self.port), "--data-dir", data_dir]
         self.argv += ["--log-dir", str(self.log_dir)]
         self.argv += ["--long-poll-timeout", str(options.long_poll_timeout)]
@@ -172,10 +175,11 @@ class ProcessCluster:
         self.generations += 1
         log_path = self.log_dir / "supervisor.log"
         with open(log_path, "ab") as log:
-            log.write(f"--- generation {self.generations}: {' '.join(self.argv)}\n".encode())
+            argv = self.argv + (self.first_argv if self.generations == 1 else [])
+            log.write(f"--- generation {self.generations}: {' '.join(argv)}\n".encode())
             log.flush()
             process = await trio.lowlevel.open_process(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
             )
         self.process = process
         assert self._nursery is not None and process.stdout is not None

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 from .model import FaultEvent, ReaderLog, Stats, Violation
+from .scaling import ScaleEvent
 from .verify import Verdict
 
 
@@ -25,6 +26,8 @@ class ChaosResult:
     health_detail: list[str] = field(default_factory=list)
     data_dir: str | None = None
     kill_supervisor_interval: float = 0.0
+    scales: list[ScaleEvent] = field(default_factory=list)
+    scale_interval: float = 0.0
 
     @property
     def violations(self) -> list[Violation]:
@@ -59,6 +62,27 @@ class ChaosResult:
             "median_unavailability_kill": statistics.median(down) if down else None,
             "median_respawn": statistics.median(respawn) if respawn else None,
             "longest_respawn": respawn[-1] if respawn else None,
+        }
+
+    def write_figures(self) -> dict[str, float | None]:
+        """Write latency from first attempt to acknowledgement: p99 and longest (a write
+        stalled by a move, a kill or a stop waits, retries, and is counted whole)."""
+        latencies = sorted(self.stats.write_latencies)
+        if not latencies:
+            return {"write_p99": None, "longest_write": None}
+        return {
+            "write_p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "longest_write": latencies[-1],
+        }
+
+    def scale_figures(self) -> dict[str, object]:
+        done = [e for e in self.scales if e.ok]
+        return {
+            "scale_events": len(done),
+            "scale_failures": len(self.scales) - len(done),
+            "streams_moved": sum(e.moved_streams for e in done),
+            "bytes_moved": sum(e.moved_bytes for e in done),
+            "longest_scale": max((e.took or 0.0 for e in done), default=None),
         }
 
     def supervisor_figures(self) -> dict[str, float | None]:
@@ -104,6 +128,11 @@ class ChaosResult:
             "longest_unavailability_supervisor_kill": self.unavailability("supervisor-kill"),
             **self.kill_figures(),
             **self.supervisor_figures(),
+            **self.write_figures(),
+            "client_errors": self.stats.client_errors(),
+            "scale_interval": self.scale_interval,
+            **self.scale_figures(),
+            "scales": [asdict(e) for e in self.scales],
             "healthy": self.healthy,
             "faults": [asdict(e) for e in self.faults],
             "violations": [asdict(v) for v in self.violations],
@@ -133,6 +162,12 @@ def progress_line(
         + f"down {','.join(down) or '-'}, readers got {reader_messages}, "
         f"violations {violations}"
     )
+
+
+def _recovery(event: FaultEvent) -> str:
+    if event.recovered_after is not None:
+        return _secs(event.recovered_after)
+    return "left the ring" if event.left_ring else "NOT RECOVERED"
 
 
 def _secs(value: float | None) -> str:
@@ -184,8 +219,28 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
             f"supervisor's restart delay: median {_secs(figures['median_respawn'])}, "
             f"longest {_secs(figures['longest_respawn'])}",
         ),
+        (
+            "write latency",
+            f"p99 {_secs(result.write_figures()['write_p99'])}, "
+            f"longest {_secs(result.write_figures()['longest_write'])} (first try to ack)",
+        ),
+        (
+            "client errors (4xx)",
+            ", ".join(f"{k}: {n}" for k, n in sorted(s.client_errors().items())) or "none",
+        ),
         ("cluster healthy at end", "yes" if result.healthy else "NO"),
     ]
+    if result.scales:
+        moves = result.scale_figures()
+        rows.insert(
+            -1,
+            (
+                "scale events",
+                f"{moves['scale_events']} done, {moves['scale_failures']} failed; "
+                f"{moves['streams_moved']} streams moved; longest scale "
+                f"{_secs(moves['longest_scale'])}",  # type: ignore[arg-type]  # float | None
+            ),
+        )
     if supervisor_kills:
         rows.insert(
             -1,
@@ -206,11 +261,22 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
         every = f"a fault every ~{result.kill_interval:g}s"
     if result.kill_supervisor_interval > 0:
         every += f", a supervisor kill every ~{result.kill_supervisor_interval:g}s"
+    if result.scale_interval > 0:
+        every += f", a scale every ~{result.scale_interval:g}s"
     lines = [
         f"ds-cluster chaos: seed {result.seed}, {result.shards} shards, "
         f"{result.duration:.0f}s, {every}",
         *(f"  {k.ljust(width)}  {val}" for k, val in rows),
     ]
+    if result.scales:
+        lines.append("")
+        lines.append(f"  {'#':>3}  {'at':>7}  scale    took     moved")
+        for i, scale in enumerate(result.scales, 1):
+            took = _secs(scale.took) if scale.ok else f"FAILED: {scale.message}"
+            lines.append(
+                f"  {i:>3}  {scale.at:6.1f}s  {scale.before} -> {scale.after}   {took:<8} "
+                f"{scale.moved_streams} streams, {scale.moved_bytes} bytes"
+            )
     if result.faults:
         lines.append("")
         kind_width = max(len(e.kind) for e in result.faults)
@@ -224,7 +290,7 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
                 extra = f" ({what} after {e.respawned_after:.2f}s)"
             lines.append(
                 f"  {i:>3}  {e.at:6.1f}s  {e.shard:<10} {e.kind:<{kind_width}} {e.pid:>7}  "
-                f"{_secs(e.recovered_after) if e.recovered_after is not None else 'NOT RECOVERED'}"
+                f"{_recovery(e)}"
                 f"{extra}"
             )
     violations = result.violations

@@ -20,6 +20,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -32,6 +33,7 @@ from .model import StreamPlan
 from .payload import BINARY, JSON, Decoder, PayloadError
 from .process_cluster import ProcessCluster
 from .report import ChaosResult, progress_line, summary
+from .scaling import ScaleDriver, parse_range
 from .verify import verify
 from .workload import Reader, Run, Writer, create_stream
 
@@ -42,6 +44,8 @@ class ChaosOptions:
     shards: int = 4
     kill_interval: float = 5.0
     kill_supervisor_interval: float = 0.0  # > 0: run `up` as a process and SIGKILL it
+    scale_interval: float = 0.0  # > 0: change the shard count about this often
+    scale_range: str | None = None  # "LO:HI" shard counts; default: shards:shards+1
     seed: int | None = None
     stop_probability: float = 0.2  # share of faults that are a SIGSTOP of a few seconds
     streams_per_shard: int = 3
@@ -222,7 +226,7 @@ async def run_chaos(
         async with trio.open_nursery() as cluster_nursery:
             await cluster_nursery.start(cluster.run)
             try:
-                result = await _exercise(options, cluster, seed, rng, out)
+                result = await _exercise(options, cluster, seed, rng, out, Path(data_dir))
             finally:
                 cluster_nursery.cancel_scope.cancel()
         # Checked once the cluster is stopped: children outliving a supervisor.
@@ -242,12 +246,17 @@ async def run_chaos(
 
 
 async def _exercise(
-    options: ChaosOptions, cluster: Cluster, seed: int, rng: random.Random, out: Callable
+    options: ChaosOptions,
+    cluster: Cluster,
+    seed: int,
+    rng: random.Random,
+    out: Callable,
+    data_dir: Path,
 ) -> ChaosResult:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
     timeout = httpx.Timeout(options.request_timeout)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        exercise = Exercise(options, cluster, seed, rng, client, out)
+        exercise = Exercise(options, cluster, seed, rng, client, out, data_dir)
         await exercise.run()
         return await exercise.result()
 
@@ -263,6 +272,7 @@ class Exercise:
         rng: random.Random,
         client: httpx.AsyncClient,
         out: Callable[[str], None],
+        data_dir: Path | None = None,
     ) -> None:
         self.options = options
         self.cluster = cluster
@@ -301,6 +311,22 @@ class Exercise:
             on_write_ok=self.injector.note_write_ok if self.injector else lambda s, t: None,
         )
         self.run_.start = start
+        self.scaler: ScaleDriver | None = None
+        if options.scale_interval > 0 and not options.url and data_dir is not None:
+            shard_range = parse_range(
+                options.scale_range or f"{len(self.shards)}:{len(self.shards) + 1}"
+            )
+            self.scaler = ScaleDriver(
+                data_dir,
+                shard_range,
+                options.scale_interval,
+                rng,
+                start=start,
+                shards=len(self.shards),
+                log=out,
+                on_begin=self._scale_begins,
+                on_done=self._scale_done,
+            )
         self.writers: list[Writer] = []
         for i, plan in enumerate(self.plans):
             # The first stream of every shard is shared by two producers.
@@ -314,6 +340,23 @@ class Exercise:
         self.stop_writers = trio.Event()
         self.finals: dict[str, list[str]] = {}
         self.health: list[str] = []
+
+    def _scale_begins(self, target: int) -> None:
+        """Faults may hit the shards of both rings while streams move between them."""
+        ids = set(self.shards) | {f"shard-{k}" for k in range(target)}
+        self.shards[:] = sorted(ids, key=lambda sid: int(sid.rsplit("-", 1)[1]))
+
+    def _scale_done(self, count: int) -> None:
+        """The cluster serves on `count` shards: faults pick among them, and each stream
+        counts as its new owner's (for the time a fault's shard takes to write again)."""
+        ids = [f"shard-{k}" for k in range(count)]
+        left = set(self.shards) - set(ids)
+        self.shards[:] = ids
+        ring = Ring(1, tuple(ids))
+        for plan in self.plans + self.forks:
+            plan.shard = ring.owner(plan.path)
+        if self.injector:
+            self.injector.left_ring(left)
 
     def _add_writer(self, plan: StreamPlan, name: str) -> Writer:
         writer = Writer(self.run_, plan, name, self.options.write_pause)
@@ -382,6 +425,14 @@ class Exercise:
                         await injector.run()
 
                 writers.start_soon(faults)
+            scaler = self.scaler
+            if scaler:
+
+                async def scales() -> None:
+                    with fault_scope:
+                        await scaler.run()
+
+                writers.start_soon(scales)
             await trio.sleep(options.duration)
             fault_scope.cancel()
             self.stop_writers.set()
@@ -467,11 +518,13 @@ class Exercise:
     async def _check_health(self) -> None:
         if self.injector:
             for event in self.injector.events:
-                if event.recovered_after is None:
+                if event.recovered_after is None and not event.left_ring:
                     self.health.append(
                         f"{event.shard} served no write after the {event.kind} at {event.at:.1f}s"
                     )
             self.health.extend(self.injector.problems)
+        if self.scaler:
+            self.health.extend(self.scaler.problems)
             pids = self.cluster.child_pids()
             for name, pid in pids.items():
                 if not self.owns(pid):
@@ -524,6 +577,8 @@ class Exercise:
             streams=len(self.plans),
             healthy=not self.health,
             health_detail=self.health,
+            scales=self.scaler.events if self.scaler else [],
+            scale_interval=self.options.scale_interval,
         )
 
 

@@ -144,6 +144,7 @@ class Writer:
         body = encode_batch(plan.content_type, ids)
         ledger.pending = ids
         attempt = 0
+        first_try = trio.current_time()
         while True:
             started = trio.current_time()
             response: httpx.Response | None = None
@@ -172,6 +173,7 @@ class Writer:
                     if offset:
                         ledger.fork_points.append((offset, len(ledger.acked) - 1))
                 self.seq += 1
+                run.stats.write_latencies.append(trio.current_time() - first_try)
                 run.on_write_ok(plan.shard, started)
                 self.progress.set()
                 self.progress = trio.Event()
@@ -272,6 +274,8 @@ class Reader:
             timeout=httpx.Timeout(self.run.request_timeout + self.idle),
         )
         status = response.status_code
+        if status not in (200, 204):
+            self.run.stats.count_status(f"reader {status}")
         next_offset = response.headers.get("stream-next-offset")
         if status in (200, 204) and next_offset:
             ids = self.decoder.feed(response.content) if status == 200 else []
@@ -291,6 +295,7 @@ class Reader:
         progressed = False
         async with self.run.client.stream("GET", url, params=params, timeout=timeout) as response:
             if response.status_code != 200:
+                self.run.stats.count_status(f"reader {response.status_code}")
                 await response.aread()
                 if response.status_code < 500 and response.status_code not in (404, 429):
                     self._fail(f"SSE at {self.offset} answered {response.status_code}")
