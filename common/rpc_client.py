@@ -549,7 +549,7 @@ class ShardPool:
         self.connections: dict[str, ShardConnection] = {}
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
-        for shard_id, address in endpoints.items():  # given addresses, even outside the ring
+        for shard_id, address in self._addresses.items():  # the ring's, and any given
             self._add(shard_id, address)
 
     @property

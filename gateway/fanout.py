@@ -17,7 +17,11 @@ they are asked, so they are never shared (the caller passes no key).
 
 The last subscriber leaving cancels the upstream call (the shard is told `cancel`); the
 upstream ending (stream closed, the shard's SSE lifetime, a lost shard connection) ends
-every subscriber's response, and clients resume from their last offset.
+every subscriber's response, and clients resume from their last offset. A stream moving
+to another shard (a ring change) does not end it: its old owner ends the call with `err
+moving` (or `misdirected`), and the upstream reads on at the owner under the newest ring
+from the last control event's `streamNextOffset` it relayed, so its clients see neither a
+gap nor a duplicate (at most a repeated control event).
 
 The pump never waits for a client: the shard call's inbox stays empty, and each
 subscriber bounds its own backlog. Native HTTP/1.1 clients get chunk-framed bytes
@@ -28,10 +32,12 @@ join upstreams of their own that relay raw bytes, each read by a `QueuedSubscrib
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote_plus
 
 import trio
 
@@ -43,6 +49,14 @@ from ds_cluster.gateway.budget import MAX_BEHIND, ConnectionOutput
 log = logging.getLogger(__name__)
 
 PREFIX_LIMIT = 64 * 1024  # bytes an upstream may have relayed and still take newcomers
+RESUMABLE = frozenset({"moving", "misdirected", "version"})  # a stream's owner changed
+MAX_RESUMES = 8  # owner changes one upstream follows (each retried ~2 s by the pool)
+# SSE framing (PROTOCOL.md 5.8): events end in a blank line, so a control event starts a
+# chunk or follows "\n\n"; a data event's payload cannot hold "\n\n" (each line of it is
+# prefixed "data:"), so no payload passes for a control event.
+_CONTROL = b"event: control\ndata:"
+_NEXT_OFFSET = b'"streamNextOffset":"'
+_OFFSET = re.compile(rb"[A-Za-z0-9_.~-]{1,64}")  # what may go back into a query unquoted
 
 Head = tuple[int, list[tuple[bytes, bytes]]]  # status, response headers
 
@@ -77,6 +91,7 @@ class _Upstream:
         "framed",
         "head",
         "joinable",
+        "offset",
         "prefix",
         "ready",
         "scope",
@@ -92,19 +107,21 @@ class _Upstream:
         self.prefix: list[bytes] = []  # frames relayed so far, while joinable
         self.size = 0
         self.joinable = True
+        self.offset: str | None = None  # the last control event's streamNextOffset relayed
         self.subscribers: set[Subscriber] = set()
         self.scope = trio.CancelScope()  # the pump's; cancelled when the last client leaves
 
 
 class SseFanout:
-    """Runs shared upstreams. `open_call(shard_id, fields)` starts a shard call;
+    """Runs shared upstreams. `open_call(route, fields)` starts a shard call on the owner
+    of `route` (a stream path);
     `render(res)` turns its first `res` frame into the response head; `answer(res)` /
     `failure(exc)` into the complete answer when it does not stream or fails."""
 
     def __init__(
         self,
         nursery: trio.Nursery,
-        open_call: Callable[[str, dict[str, Any]], Call],
+        open_call: Callable[[str, dict[str, Any]], Awaitable[Call]],
         render: Callable[[wire.ResponseFrame], Head],
         answer: Callable[[wire.ResponseFrame], Answer],
         failure: Callable[[ShardUnavailable | ShardError], Answer],
@@ -130,7 +147,7 @@ class SseFanout:
     async def join(
         self,
         key: Hashable | None,
-        shard_id: str,
+        route: str,
         fields: dict[str, Any],
         sub: Subscriber,
         framed: bool = True,
@@ -146,7 +163,7 @@ class SseFanout:
             upstream = _Upstream(framed)
             if key is not None:
                 self._upstreams[key] = upstream
-            self._nursery.start_soon(self._pump, key, upstream, shard_id, fields)
+            self._nursery.start_soon(self._pump, key, upstream, route, fields)
         prefix = b"".join(upstream.prefix)  # relayed before `sub` came: sent as the prefix
         upstream.subscribers.add(sub)
         leave = _leaver(self, key, upstream, sub)
@@ -175,25 +192,25 @@ class SseFanout:
             del self._upstreams[key]
 
     async def _pump(
-        self, key: Hashable | None, upstream: _Upstream, shard_id: str, fields: dict[str, Any]
+        self, key: Hashable | None, upstream: _Upstream, route: str, fields: dict[str, Any]
     ) -> None:
         self._running.add(upstream)
         try:
             with upstream.scope:
-                async with self._open(shard_id, fields) as call:
-                    res = await call.response()
-                    if not res.get("more"):
-                        upstream.answer = self._answer(res)
-                        return
-                    upstream.head = self._render(res)
-                    upstream.ready.set()
-                    body = res.get("b")
-                    del res, fields
-                    if body:
-                        self._relay(key, upstream, body)
-                    del body
-                    async for data in call.chunks():
-                        self._relay(key, upstream, data)
+                resumes = 0
+                while True:
+                    try:
+                        return await self._relay_call(key, upstream, route, fields)
+                    except ShardError as exc:
+                        # The stream moved to another shard under the reader: read on
+                        # there from the last offset relayed (no gap, no duplicate).
+                        if upstream.head is None or exc.code not in RESUMABLE:
+                            raise
+                        if resumes >= MAX_RESUMES:
+                            raise
+                        resumes += 1
+                        log.info("SSE upstream on %r: %s; resuming on its owner", route, exc)
+                        fields = _resumed(fields, upstream.offset)
         except (ShardUnavailable, ShardError) as exc:
             if upstream.head is None:
                 upstream.answer = self._failure(exc)
@@ -210,7 +227,32 @@ class SseFanout:
                     _call(sub.end)
                 upstream.subscribers.clear()
 
+    async def _relay_call(
+        self, key: Hashable | None, upstream: _Upstream, route: str, fields: dict[str, Any]
+    ) -> None:
+        """One shard call of the upstream: its head (unless resuming), then its bytes."""
+        async with await self._open(route, fields) as call:
+            res = await call.response()
+            if upstream.head is None:
+                if not res.get("more"):
+                    upstream.answer = self._answer(res)
+                    return
+                upstream.head = self._render(res)
+                upstream.ready.set()
+            elif not res.get("more"):
+                return  # a resumed read that does not stream (say, deleted meanwhile): end
+            body = res.get("b")
+            del res
+            if body:
+                self._relay(key, upstream, body)
+            del body
+            async for data in call.chunks():
+                self._relay(key, upstream, data)
+
     def _relay(self, key: Hashable | None, upstream: _Upstream, data: bytes) -> None:
+        offset = _last_offset(data)
+        if offset is not None:
+            upstream.offset = offset
         frame = b"%x\r\n%b\r\n" % (len(data), data) if upstream.framed else data
         if upstream.joinable:
             upstream.prefix.append(frame)
@@ -294,3 +336,34 @@ def _leaver(
             fanout._leave(key, upstream, sub)
 
     return leave
+
+
+def _last_offset(data: bytes) -> str | None:
+    """The `streamNextOffset` of the last control event in `data` (whole SSE events, as
+    a shard sends them), or None when there is none."""
+    at = data.rfind(b"\n\n" + _CONTROL)
+    if at >= 0:
+        at += 2
+    elif not data.startswith(_CONTROL):
+        return None
+    start = data.find(_NEXT_OFFSET, at)
+    if start < 0:
+        return None
+    start += len(_NEXT_OFFSET)
+    end = data.find(b'"', start, start + 65)
+    match = _OFFSET.fullmatch(data, start, end) if end > 0 else None
+    return match.group().decode() if match else None
+
+
+def _resumed(fields: dict[str, Any], offset: str | None) -> dict[str, Any]:
+    """The `http` fields of an SSE read that goes on from `offset` (the original read's
+    fields when nothing was relayed yet): its query with `offset` replaced."""
+    query: str = fields["q"]
+    if offset is not None:
+        kept = [
+            part
+            for part in query.split("&")
+            if part and unquote_plus(part.partition("=")[0]) != "offset"
+        ]
+        query = "&".join([*kept, f"offset={offset}"])
+    return {"m": fields["m"], "p": fields["p"], "q": query, "h": fields["h"], "b": b""}

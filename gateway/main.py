@@ -149,7 +149,9 @@ def hypercorn_config(*, graceful_timeout: float) -> Config:
 async def serve_gateway(
     args: argparse.Namespace, endpoints: dict[str, tuple[str, int]], sock: socket.socket
 ) -> None:
-    ring = Ring(args.ring_version, tuple(endpoints))
+    # The ring to start from, with every shard's address; the pool follows newer rings
+    # the shards tell it of (`ShardPool.adopt`), without a restart.
+    ring = Ring(args.ring_version, tuple(endpoints), endpoints)
     watchdog.install("gateway")  # logs event-loop stalls over 100 ms
     bound = sock.getsockname()
     server_tls: tls.ServerTLS | None = args.tls

@@ -31,6 +31,7 @@ Location.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from time import time
@@ -71,12 +72,14 @@ _LIST_HEADERS = frozenset({"if-none-match"})  # may repeat; joined with ", "
 _NO_LENGTH_STATUS = frozenset({204, 304})
 # err codes from a shard -> (HTTP status, retry-after?). Retry-After only where the shard
 # says it did not run the request: "unavailable" (its storage refused the write before
-# anything was stored) and "version" (refused before running).
+# anything was stored), and the ring's codes, which the pool retried for a while already
+# (`ShardPool.open_routed`): a ring change never shows the client a 421 or any 4xx.
 _ERROR_STATUS = {
     "bad_request": (400, False),
-    "misdirected": (421, False),
+    "misdirected": (503, True),
     "unavailable": (503, True),
     "version": (503, True),
+    "moving": (503, True),
     "internal": (500, False),
 }
 
@@ -147,7 +150,11 @@ def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
             return error_answer(504, f"shard timed out ({exc.reason}); {UNKNOWN_OUTCOME}")
         return error_answer(502, f"shard connection lost ({exc.reason}); {UNKNOWN_OUTCOME}")
     status, retry = _ERROR_STATUS.get(exc.code, (502, False))
-    return error_answer(status, exc.msg or exc.code, (_RETRY_AFTER,) if retry else ())
+    if not retry:
+        return error_answer(status, exc.msg or exc.code)
+    seconds = math.ceil(exc.retry_after) if exc.code == "moving" else 1
+    retry_after = _RETRY_AFTER if seconds <= 1 else (b"retry-after", str(seconds).encode())
+    return error_answer(status, exc.msg or exc.code, (retry_after,))
 
 
 def denied_answer(denied: Denied) -> Answer:
@@ -252,7 +259,7 @@ class StreamHandler:
         `auth`: when given, every stream request needs a token that covers it."""
         self.pool = pool
         self.auth = auth
-        self.ring = ring
+        pool.adopt(ring)  # the pool routes on the newest ring it has seen, this one or later
         self.max_body_bytes = max_body_bytes
         scheme, _, host = public_url.partition("://")
         self.reserved = ReservedRoutes(pool, lambda: self.ring, public_url, failure_answer)
@@ -263,6 +270,11 @@ class StreamHandler:
         self.fanout = SseFanout(
             nursery, self._open_sse, _stream_head, _whole_answer, failure_answer, stopping
         )
+
+    @property
+    def ring(self) -> Ring:
+        """The newest ring (the pool's: it follows the shards' answers)."""
+        return self.pool.ring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -283,11 +295,11 @@ class StreamHandler:
         if live not in ("long-poll", "sse"):  # any other live value: the shard refuses it
             return await send_answer(send, await self._exchange(checked, method, query, body))
         fields = _fields(checked, method, query, body)
-        owner = self.ring.owner(checked.path)
+        route = checked.path  # its owner is looked up at each try, on the newest ring
         if live == "long-poll":
             until_gone = partial(_until_disconnect, receive)
             key: tuple[Any, ...] | None = _share_key(checked, query)
-            answer = await self.collapser.wait(key, owner, fields, until_gone)
+            answer = await self.collapser.wait(key, route, fields, until_gone)
             if answer is not None:
                 await send_answer(send, answer)
             return
@@ -296,7 +308,7 @@ class StreamHandler:
         key = None if b"%" in query or b"offset=now" in query else _share_key(checked, query)
         del checked, body
         sub = QueuedSubscriber(output)
-        result = await self.fanout.join(key, owner, fields, sub, framed=False)
+        result = await self.fanout.join(key, route, fields, sub, framed=False)
         del fields
         if not isinstance(result, Streaming):
             return await send_answer(send, result)
@@ -321,8 +333,8 @@ class StreamHandler:
             return await self._control(method, checked.path, headers, body)
         if method == "GET" and is_long_poll(query):
             fields = _fields(checked, method, query, body)
-            owner = self.ring.owner(checked.path)
-            return await self.collapser.wait(_share_key(checked, query), owner, fields, until_gone)
+            key = _share_key(checked, query)
+            return await self.collapser.wait(key, checked.path, fields, until_gone)
         return await self._exchange(checked, method, query, body)
 
     async def stream(
@@ -344,11 +356,22 @@ class StreamHandler:
         key = None
         if b"offset=now" not in query:  # a read from "now" starts where the stream is
             key = _share_key(checked, query)
-        return await self.fanout.join(key, self.ring.owner(checked.path), fields, subscriber)
+        return await self.fanout.join(key, checked.path, fields, subscriber)
 
     @staticmethod
     def error(status: int, message: str) -> Answer:
         return error_answer(status, message)
+
+    def refuse(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Answer | None:
+        """With client auth on, what `_check` answers a request whose body is still to
+        come, so that the native route reads no body for a refused client (ASGI requests
+        are checked before their body anyway). None: read the body and go on."""
+        if self.auth is None:
+            return None
+        checked = self._check(method, target.partition(b"?")[0], headers)
+        return checked if type(checked) is not _Checked else None
 
     @staticmethod
     def takes(method: str, target: bytes) -> str | None:
@@ -448,11 +471,13 @@ class StreamHandler:
     async def _exchange(self, checked: _Checked, method: str, query: bytes, body: bytes) -> Answer:
         """One request/response with the owning shard, rendered for the client."""
         fields = _fields(checked, method, query, body)
-        return await self._call(self.ring.owner(checked.path), fields, method)
+        return await self._call(checked.path, fields, method)
 
-    async def _call(self, shard_id: str, fields: dict[str, Any], method: str) -> Answer:
+    async def _call(self, path: str, fields: dict[str, Any], method: str) -> Answer:
+        """The owner of `path`'s whole answer (a ring change or a move on the way is
+        retried by `open_routed`)."""
         try:
-            async with self.pool.open(shard_id, "http", fields) as call:
+            async with await self.pool.open_routed(path, "http", fields) as call:
                 res = await call.response()
         except (ShardUnavailable, ShardError) as exc:
             return failure_answer(exc)
@@ -513,12 +538,12 @@ class StreamHandler:
             with trio.move_on_after(WRITE_TIMEOUT):
                 await send({"type": "http.response.body", "body": b""})
 
-    def _open_sse(self, shard_id: str, fields: dict[str, Any]) -> Call:
-        return self.pool.open(shard_id, "http", fields)
+    async def _open_sse(self, path: str, fields: dict[str, Any]) -> Call:
+        return await self.pool.open_routed(path, "http", fields)
 
-    async def _fetch(self, shard_id: str, fields: dict[str, Any]) -> Answer:
+    async def _fetch(self, path: str, fields: dict[str, Any]) -> Answer:
         """One long-poll upstream, rendered once for every client sharing it."""
-        return await self._call(shard_id, fields, "GET")
+        return await self._call(path, fields, "GET")
 
 
 async def _until_disconnect(receive: Receive) -> None:
