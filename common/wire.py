@@ -97,7 +97,12 @@ ARG_SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
     "move_status": {},
     "metrics": {},
     # between shards, moving streams (shard/handoff.py); each carries the sender's ring
-    "move_query": {"ring": (dict, True), "from": (str, True), "path": (str, False)},
+    "move_query": {
+        "ring": (dict, True),
+        "from": (str, True),
+        "path": (str, False),
+        "version": (int, False),
+    },
     "move_begin": {"ring": (dict, True), "from": (str, True), "path": (str, True)},
     "move_chunk": {
         "ring": (dict, True),

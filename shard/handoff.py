@@ -54,6 +54,8 @@ from ds_cluster.shard.store import (
     Store,
     StreamWrite,
     decode_state,
+    depart,
+    departed,
     drop_arrival,
     encode_state,
     finish_arrival,
@@ -238,6 +240,7 @@ class Handoff:
             try:
                 result = await self._call(shard_id, "move_query", dict(args), QUERY_TIMEOUT)
                 answers[shard_id] = bool(result.get("have"))
+                await self._newer(result.get("ring"))
             except PeerUnavailable as exc:
                 log.info("cannot ask %s about %r: %s", shard_id, path, exc)
                 answers[shard_id] = None
@@ -262,27 +265,38 @@ class Handoff:
         await self.ring.adopt(ring)
         return ring
 
+    async def _newer(self, info: object) -> None:
+        """A peer answered with its ring: adopt it if it is newer (a malformed one is
+        that peer's problem, not ours)."""
+        if isinstance(info, dict) and info.get("version", -1) > self.ring.current.version:
+            try:
+                await self.take_ring(info)
+            except (wire.BadArguments, StorageUnavailable) as exc:
+                log.warning("not adopting a peer's ring: %s", exc)
+
     def _owned(self, path: str) -> None:
         ring = self.ring.current
         if not ring.owns(self.me, path):
             raise wire.Misdirected(f"not the owner of {path[:100]!r} under ring v{ring.version}")
 
-    async def query(self, asker: str, path: str | None) -> wire.Args:
+    async def query(self, asker: str, path: str | None, version: int | None = None) -> wire.Args:
         """`move_query`: do we hold `path` (and send it first), or hold anything for
-        `asker` at all?"""
+        `asker` at all? With `version`: did `path` arrive whole from `asker` under it?"""
+        if path is not None and version is not None:
+            return {"arrived": self._store.load_arrived(path) == (asker, version)}
         if path is not None:
             have = path in self._staging or self._store.has_stream(path)
             if have and not self.ring.current.owns(self.me, path) and path not in self._urgent:
                 self._urgent.append(path)
                 self._outgoing.setdefault(path, Outgoing(0))
                 self._work.set()
-            return {"have": have}
+            return {"have": have, "ring": self.ring.current.to_wire()}
         ring = self.ring.current
         if self._scanned != ring.version:
             holding = -1
         else:
             holding = sum(1 for p in self._outgoing if ring.owner(p) == asker)
-        return {"holding": holding, "receiving": len(self._staging)}
+        return {"holding": holding, "receiving": len(self._staging), "ring": ring.to_wire()}
 
     def _lock(self, path: str) -> trio.Lock:
         lock = self._locks.get(path)
@@ -514,6 +528,9 @@ class Handoff:
                 self._outgoing.pop(path, None)
                 return
             base: wire.Args = {"ring": ring.to_wire(), "from": self.me, "path": path}
+            if await self._arrived_elsewhere(path, target, base):
+                await self._drop(entry, sid)  # its last owner has it: ours is stale
+                return
             answer = await self._move_call(target, "move_begin", base)
             status = answer.get("status")
             sent = 0
@@ -549,6 +566,9 @@ class Handoff:
                     "refs": self._store.refs_on(path),
                     "end": position,
                 }
+                await self._committer.submit(
+                    Job(statements=[depart(path, target, ring.version)], unfenced=True)
+                ).wait()
                 answer = await self._move_call(target, "move_finish", finish)
                 status = answer.get("status")
             if status != "done":
@@ -558,6 +578,19 @@ class Handoff:
             log.debug("handed %r (%d bytes) to %s", path, sent, target)
         finally:
             self._table.release_if_idle(entry)
+
+    async def _arrived_elsewhere(self, path: str, target: str, base: wire.Args) -> bool:
+        """Whether `path` was committed by the shard we sent it to under an older ring
+        (we were killed before deleting our copy, and the ring changed since): then
+        that shard has it, and ours must not be sent anywhere."""
+        departure = self._store.load_departure(path)
+        if departure is None or departure[0] == target:
+            return False
+        earlier, version = departure
+        answer = await self._call(
+            earlier, "move_query", {**base, "version": version}, QUERY_TIMEOUT
+        )
+        return bool(answer.get("arrived"))
 
     def _read(self, sid: int, position: int) -> list[Record]:
         """The next chunk's records after `position`, read in slices."""
@@ -577,7 +610,12 @@ class Handoff:
         await entry.wait_settled()
         refs = self._store.refs_on(entry.path)
         write = StreamWrite(entry.path, sid, sid, None)
-        job = Job(writes=[(entry, write)], refs_removed=refs, unfenced=True)
+        job = Job(
+            writes=[(entry, write)],
+            refs_removed=refs,
+            statements=[departed(entry.path)],
+            unfenced=True,
+        )
         await self._committer.submit(job).wait()
         self._outgoing.pop(entry.path, None)
 
@@ -645,6 +683,7 @@ class Handoff:
             for shard_id in sources:
                 try:
                     answer = await self._call(shard_id, "move_query", dict(args), QUERY_TIMEOUT)
+                    await self._newer(answer.get("ring"))
                 except PeerUnavailable as exc:
                     log.debug("source %s: %s", shard_id, exc)
                     continue

@@ -56,7 +56,10 @@ def ring_handlers(service: ShardService) -> dict[str, Handler]:
     async def move_query(args: wire.Args) -> wire.Args:
         sender = _sender(args)
         await handoff.take_ring(args.get("ring"))
-        return await handoff.query(sender, _path(args, required=False))
+        version = args.get("version")
+        if version is not None and type(version) is not int:
+            raise wire.BadArguments("move_query: version is not an integer")
+        return await handoff.query(sender, _path(args, required=False), version)
 
     async def move_begin(args: wire.Args) -> wire.Args:
         sender, path = _sender(args), _path(args)

@@ -122,6 +122,13 @@ CREATE TABLE IF NOT EXISTS arrivals (
     sid INTEGER NOT NULL UNIQUE,
     received INTEGER NOT NULL
 );
+-- streams this shard has sent whole to `target` and not yet deleted: after a crash it
+-- asks that shard whether the stream arrived before it sends it anywhere else
+CREATE TABLE IF NOT EXISTS departures (
+    path TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
 -- the last completed arrival of each path: a sender that retries after a crash is told
 -- the stream is already here (the import is idempotent)
 CREATE TABLE IF NOT EXISTS arrived (
@@ -252,6 +259,18 @@ def finish_arrival(path: str, source: str, version: int) -> list[Statement]:
             (path, source, version),
         ),
     ]
+
+
+def depart(path: str, target: str, version: int) -> Statement:
+    """`path` is about to be committed by `target` (then deleted here: `departed`)."""
+    return Statement(
+        "INSERT OR REPLACE INTO departures (path, target, version) VALUES (?, ?, ?)",
+        (path, target, version),
+    )
+
+
+def departed(path: str) -> Statement:
+    return Statement("DELETE FROM departures WHERE path = ?", (path,))
 
 
 def drop_arrival(path: str, sid: int) -> list[Statement]:
@@ -539,6 +558,13 @@ class Store:
                 "SELECT path, source, version, sid, received FROM arrivals"
             )
         ]
+
+    def load_departure(self, path: str) -> tuple[str, int] | None:
+        """(target, ring version) `path` was last sent whole to, if not yet deleted."""
+        row = self._reader.execute(
+            "SELECT target, version FROM departures WHERE path = ?", (path,)
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else None
 
     def load_arrived(self, path: str) -> tuple[str, int] | None:
         """(source, ring version) of the last completed arrival of `path`, if any."""
