@@ -277,11 +277,6 @@ class ShardConnection:
         """Requests sent or queued and not yet complete."""
         return len(self._protocol.pending) if self._protocol is not None else 0
 
-    @property
-    def _pending(self) -> Mapping[int, Call]:
-        """The calls in flight (read by the gateway's metrics; prefer `in_flight`)."""
-        return self._protocol.pending if self._protocol is not None else {}
-
     # -- calls -----------------------------------------------------------------------
 
     def open(self, op: str, fields: Fields) -> Call:

@@ -274,22 +274,11 @@ class _GatewayCollector(Collector):
             labels=["shard"],
         )
         for shard_id, conn in recorder._pool.connections.items():
-            inflight.add_metric([shard_id], _inflight(conn))
+            inflight.add_metric([shard_id], conn.in_flight)
         yield inflight
         dog = watchdog.current()
         yield loop_stall_family(dog.histogram if dog is not None else None)
         yield build_info()
-
-
-def _inflight(conn: object) -> int:
-    """Calls in flight on a shard connection. The RPC client offers no count, so this
-    reads its map of pending calls (the connected protocol's, or the connection's own in
-    older layouts); 0 when neither is there (not connected)."""
-    protocol = getattr(conn, "_protocol", None)
-    pending = getattr(protocol if protocol is not None else conn, "pending", None)
-    if pending is None:
-        pending = getattr(conn, "_pending", None)
-    return len(pending) if isinstance(pending, dict) else 0
 
 
 current: GatewayMetrics | None = None
