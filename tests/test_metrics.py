@@ -143,6 +143,7 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
         "http_server_request_duration_seconds_count", **posts
     )
     assert answered == sum(count + 1 for count, _ in sent.values())
+    assert after.value("http_server_active_requests", http_request_method="POST") == 0
     # Every shard's families arrive labelled with it (process CPU and memory included).
     for family in (
         "ds_appends",
@@ -176,6 +177,33 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
             assert not any(name in value for name in names.values()), sample
         if "http_route" in sample.labels:
             assert sample.labels["http_route"] in ROUTES, sample
+
+
+async def test_requests_over_http2_are_recorded_too(cluster: Any) -> None:
+    """HTTP/2 goes through the ASGI app (not the native route): the same labels."""
+    name = "metrics-h2"
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, timeout=30) as client,
+        httpx.AsyncClient(base_url=cluster.url, timeout=30, http1=False, http2=True) as h2,
+    ):
+        before = await scrape(client)
+        response = await h2.put(f"/v1/stream/{name}", headers=BINARY)
+        assert (response.http_version, response.status_code) == ("HTTP/2", 201)
+        for _ in range(3):
+            response = await h2.post(f"/v1/stream/{name}", content=b"abc", headers=BINARY)
+            assert response.status_code in (200, 204)
+        assert (await h2.get("/nowhere")).status_code == 404
+        after = await scrape(client)
+    stream = {"http_route": "/v1/stream/{path}", "live": "none", "url_scheme": "http"}
+    name_ = "http_server_request_duration_seconds_count"
+    for method, count in (("PUT", 1), ("POST", 3)):
+        moved = after.total(name_, http_request_method=method, **stream) - before.total(
+            name_, http_request_method=method, **stream
+        )
+        assert moved == count, method
+    assert after.value(name_, http_route="", http_response_status_code="404") == 1
+    assert after.total("ds_appends_total") - before.total("ds_appends_total") == 3
+    assert after.value("http_server_active_requests", http_request_method="POST") == 0
 
 
 @pytest.mark.parametrize("cluster", [{"shards": 1, "long_poll_timeout": 60}], indirect=True)
