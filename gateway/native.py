@@ -105,6 +105,12 @@ class NativeRoute(Protocol):
     def error(self, status: int, message: str) -> Answer:
         """An error rendered as the route renders its own (413, 500 from here)."""
 
+    def refuse(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Answer | None:
+        """An answer to give at the head of a request with a body, before the body is
+        read (a refused client token), or None to read the body and go on."""
+
 
 class NativeExchange:
     """One request on the native route. Stands where hypercorn's HTTPStream would: it
@@ -236,7 +242,13 @@ class NativeExchange:
 
     async def refuse_too_large(self, declared: int = 0) -> None:
         """Answer 413 now; drain what follows unless the declared rest is too much."""
-        await self._send_answer(self._route.error(413, body_too_large(self._route.max_body_bytes)))
+        await self.refuse(
+            self._route.error(413, body_too_large(self._route.max_body_bytes)), declared
+        )
+
+    async def refuse(self, answer: Answer, declared: int = 0) -> None:
+        """Answer now, before the body is read; drain what follows (as after a 413)."""
+        await self._send_answer(answer)
         self._parts = []
         self._size = 0
         self._draining = True

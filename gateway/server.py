@@ -170,8 +170,13 @@ class LeanH11Protocol(H11Protocol):
         )
         self.stream = exchange  # type: ignore[assignment]
         self.keep_alive_requests += 1
-        if length is not None and int(length) > route.max_body_bytes:
-            await exchange.refuse_too_large(int(length))
+        declared = int(length) if length is not None else 0
+        if chunked or declared > 0:  # a body is coming: a refused client sends it in vain
+            refused = route.refuse(method, request.target, headers)
+            if refused is not None:
+                return await exchange.refuse(refused, declared)
+        if declared > route.max_body_bytes:
+            await exchange.refuse_too_large(declared)
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer `status` before reading the body, and close the connection."""

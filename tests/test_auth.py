@@ -292,6 +292,34 @@ async def test_live_reads_refused_before_joining(authed: Supervisor) -> None:
         assert "news" in got["sse"]
 
 
+async def test_refused_before_the_body_is_sent(authed: Supervisor) -> None:
+    """A refused client's body is not waited for: the answer comes after the head alone
+    (without the early answer, the gateway would wait for the body, then answer 408)."""
+    host, port = authed.url.removeprefix("http://").rsplit(":", 1)
+    heads = [
+        b"content-length: 1000000\r\n",
+        b"transfer-encoding: chunked\r\n",
+    ]
+    for framing in heads:
+        for credential, status in (
+            (b"", b"401"),
+            (f"authorization: Bearer {READER}\r\n".encode(), b"403"),
+        ):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(
+                    b"POST /v1/stream/orders/big HTTP/1.1\r\nhost: x\r\n"
+                    b"content-type: text/plain\r\n" + framing + credential + b"\r\n"
+                )
+                with trio.fail_after(30):
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        data = await stream.receive_some(4096)
+                        assert data, head
+                        head += data
+            assert head.startswith(b"HTTP/1.1 " + status), head
+
+
 async def wait_for_line(log_file: Path, text: str, after: int, timeout: float = 30) -> None:
     with trio.fail_after(timeout):
         while text not in log_file.read_text(errors="replace")[after:]:
