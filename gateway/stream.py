@@ -373,17 +373,6 @@ class StreamHandler:
         checked = self._check(method, target.partition(b"?")[0], headers)
         return checked if type(checked) is not _Checked else None
 
-    def refuse(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> Answer | None:
-        """With client auth on, what `_check` answers a request whose body is still to
-        come, so that the native route reads no body for a refused client (ASGI requests
-        are checked before their body anyway). None: read the body and go on."""
-        if self.auth is None:
-            return None
-        checked = self._check(method, target.partition(b"?")[0], headers)
-        return checked if type(checked) is not _Checked else None
-
     @staticmethod
     def takes(method: str, target: bytes) -> str | None:
         """How the native route serves this request: "answer" (one whole answer, long-polls
