@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgpack
 import pytest
 import trio
+import trustme
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -204,6 +207,34 @@ async def test_requests_over_http2_are_recorded_too(cluster: Any) -> None:
     assert after.value(name_, http_route="", http_response_status_code="404") == 1
     assert after.total("ds_appends_total") - before.total("ds_appends_total") == 3
     assert after.value("http_server_active_requests", http_request_method="POST") == 0
+
+
+async def test_requests_over_tls_are_labelled_https(start_cluster: Any, tmp_path: Path) -> None:
+    """Under TLS the native route (HTTP/1.1) and HTTP/2 (ALPN) both say url_scheme=https."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with start_cluster(shards=1, tls_cert=cert, tls_key=key) as cluster:
+        assert cluster.url.startswith("https://")
+        async with (
+            httpx.AsyncClient(base_url=cluster.url, timeout=30, verify=trusted) as h1,
+            httpx.AsyncClient(base_url=cluster.url, timeout=30, verify=trusted, http2=True) as h2,
+        ):
+            assert (await h1.put("/v1/stream/tls", headers=BINARY)).status_code == 201
+            for client in (h1, h2, h2):
+                response = await client.post("/v1/stream/tls", content=b"z", headers=BINARY)
+                assert response.status_code in (200, 204)
+            assert response.http_version == "HTTP/2"
+            after = await scrape(h1)
+    posts = {"http_request_method": "POST", "http_route": "/v1/stream/{path}"}
+    name = "http_server_request_duration_seconds_count"
+    assert after.total(name, url_scheme="https", **posts) == 3
+    assert after.total(name, url_scheme="http", **posts) == 0
+    assert after.value("ds_appends_total", shard="shard-0") == 3
 
 
 @pytest.mark.parametrize("cluster", [{"shards": 1, "long_poll_timeout": 60}], indirect=True)
