@@ -481,18 +481,17 @@ def should_wake(sub: Sub) -> bool:
 
 
 def start_wake(sub: Sub, wake_id: str, now: float) -> None:
-    """A new wake: the next generation, the tails it covers. A webhook wake is then
-    delivered (the lease starts once the receiver has it); a pull-wake one waits for a
-    claim."""
+    """A new wake: the next generation, the tails it covers, to be delivered from `now`
+    on: a webhook POST (the lease starts once the receiver has it) or a pull-wake event
+    (then the wake waits for a claim)."""
     sub.generation += 1
     sub.wake_id = wake_id
     sub.snapshot = {link.path: link.tail for link in sub.links.values()}
     sub.holder = None
     sub.lease_until = None
-    if sub.config.type == "webhook":
-        sub.delivering = True
-        sub.attempts = 0
-        sub.next_attempt_at = now
+    sub.delivering = True
+    sub.attempts = 0
+    sub.next_attempt_at = now
 
 
 def end_wake(sub: Sub) -> None:
@@ -530,10 +529,19 @@ def retry_delay(attempts: int, unit_random: float) -> float:
 
 
 def delivery_failed(sub: Sub, now: float, unit_random: float) -> None:
-    """The attempt failed: status `failed` until a later attempt succeeds."""
+    """The attempt failed: tried again after `retry_delay`; a webhook subscription is
+    `failed` until a later attempt succeeds."""
     sub.attempts += 1
-    sub.status = "failed"
+    if sub.config.type == "webhook":
+        sub.status = "failed"
     sub.next_attempt_at = now + retry_delay(sub.attempts, unit_random)
+
+
+def event_written(sub: Sub) -> None:
+    """A pull-wake wake's event is in the wake stream: the wake waits for a claim."""
+    sub.delivering = False
+    sub.attempts = 0
+    sub.next_attempt_at = None
 
 
 def claim(sub: Sub, worker: str, now: float) -> None:

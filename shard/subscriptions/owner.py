@@ -84,7 +84,7 @@ class SubOwner:
         self._subs: dict[str, Sub] = {}
         self._creating: dict[str, list[tuple[str, str | None]]] = {}  # id -> notices held
         self._locks: dict[str, trio.Lock] = {}
-        self._attempting: set[str] = set()
+        self._attempting: set[str] = set()  # subs with a delivery or lease expiry running
         self._changed = trio.Event()
         self._client: httpx.AsyncClient | None = None
 
@@ -124,8 +124,9 @@ class SubOwner:
                     soonest = min(soonest, at)
             elif sub.lease_until is not None:
                 if sub.lease_until <= now:
-                    nursery.start_soon(self._expire, sub.id)
-                    soonest = min(soonest, now + 0.05)
+                    if sub.id not in self._attempting:
+                        self._attempting.add(sub.id)
+                        nursery.start_soon(self._expire, sub.id)
                 else:
                     soonest = min(soonest, sub.lease_until)
         return soonest
@@ -151,9 +152,6 @@ class SubOwner:
         if not rules.should_wake(sub):
             return False
         rules.start_wake(sub, f"w_{token_hex(12)}", time.time())
-        if sub.config.type == "pull-wake":
-            sub.delivering = True  # the wake event is still to be appended
-            sub.next_attempt_at = time.time()
         return True
 
     async def _rewake(self, sub: Sub) -> bool:
@@ -200,14 +198,14 @@ class SubOwner:
                         if done:
                             await self._rewake(sub)
                     else:
-                        sub.delivering = False
-                        sub.attempts = 0
-                        sub.next_attempt_at = None
+                        rules.event_written(sub)
                 else:
                     rules.delivery_failed(sub, now, random.random())
-                    if sub.config.type == "pull-wake":
-                        sub.status = "active"  # `failed` is about webhook retries
                 await self._save(sub)
+        except (StorageUnavailable, SubscriptionsUnavailable) as exc:
+            log.warning("delivery of %s: %s; tried again later", sub_id, exc)
+        except Exception:  # a bug costs this attempt, not the shard
+            log.exception("delivery of %s failed", sub_id)
         finally:
             self._attempting.discard(sub_id)
             self._changed.set()
@@ -253,11 +251,19 @@ class SubOwner:
         return False
 
     async def _expire(self, sub_id: str) -> None:
-        async with self._locked(sub_id) as sub:
-            if sub is None or not rules.lease_expired(sub, time.time()):
-                return
-            await self._rewake(sub)
-            await self._save(sub)
+        try:
+            async with self._locked(sub_id) as sub:
+                if sub is None or not rules.lease_expired(sub, time.time()):
+                    return
+                await self._rewake(sub)
+                await self._save(sub)
+        except StorageUnavailable as exc:
+            log.warning("lease expiry of %s not saved: %s", sub_id, exc)
+        except Exception:  # a bug costs this expiry, not the shard
+            log.exception("lease expiry of %s failed", sub_id)
+        finally:
+            self._attempting.discard(sub_id)
+            self._changed.set()
 
     # -- notices from the shards that own the streams --------------------------------------
 
@@ -367,9 +373,9 @@ class SubOwner:
                     datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
                 )
                 sub = rules.new_sub(sub_id, config, created_at, base, tails)
-                for path, tail in self._creating[sub_id]:
+                for path, tail in self._creating.pop(sub_id):
                     rules.note_tail(sub, path, tail)
-                self._subs[sub_id] = sub
+                self._subs[sub_id] = sub  # later notices wait for our lock, then apply
                 await self._wake_if_pending(sub)
                 try:
                     await self._save(sub)

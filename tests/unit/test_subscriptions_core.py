@@ -245,6 +245,7 @@ def test_acks_are_checked_before_any_applies() -> None:
 
 def test_an_expired_lease_clears_the_wake_and_pending_work_wakes_again() -> None:
     sub = woken(_pending_sub())
+    rules.event_written(sub)
     rules.claim(sub, "w", NOW)
     assert not rules.lease_expired(sub, NOW + 1)
     assert rules.lease_expired(sub, NOW + sub.config.lease_ttl_ms / 1000)
@@ -307,3 +308,12 @@ def test_descriptions_hold_no_secret() -> None:
     payload = json.loads(rules.webhook_body(woken(sub), "tok"))
     assert payload["callback_url"] == "http://gw/v1/stream/__ds/subscriptions/s1/callback"
     assert payload["streams"][0]["has_pending"] is True
+
+
+def test_a_pull_wake_event_is_retried_without_failing_the_subscription() -> None:
+    sub = woken(_pending_sub())
+    assert sub.delivering  # the wake event is still to be appended
+    rules.delivery_failed(sub, NOW, 0.5)
+    assert sub.status == "active" and sub.next_attempt_at == NOW + 1.0
+    rules.event_written(sub)
+    assert not sub.delivering and sub.next_attempt_at is None and sub.wake_id == "w1"
