@@ -593,6 +593,30 @@ def test_drain_hook_lets_a_restarting_shard_go_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_drain_hook_does_not_hold_an_unknown_pod_whose_shard_is_silent(tmp_path: Path) -> None:
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    secret = tmp_path / "secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o400)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DS_", "KUBERNETES_"))}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "ds_cluster", "shard-drain", "--id", "ds-shard-1"]
+        + ["--shard-address", address, "--cluster-secret-file", str(secret)],
+        cwd=REPO_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "did not answer in 15 s: not draining" in done.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
 def test_drain_hook_holds_a_leaving_shard_while_its_ring_has_it(tmp_path: Path) -> None:
     with (
         small_cluster(tmp_path) as (url, local),

@@ -42,6 +42,7 @@ SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 POLL_INTERVAL = 1.0
 CALL_TIMEOUT = 10.0
 API_TIMEOUT = 10.0
+UNSURE_TIMEOUT = 15.0  # not known to be leaving: how long to try to learn the shard's ring
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +100,9 @@ def statefulset_replicas(api: str, account: Path, name: str, timeout: float = AP
         url, headers={"Authorization": f"Bearer {token}"}, verify=verify, timeout=timeout
     )
     answer.raise_for_status()
-    replicas = json.loads(answer.content).get("spec", {}).get("replicas")
+    statefulset = json.loads(answer.content)
+    spec = statefulset.get("spec") if type(statefulset) is dict else None
+    replicas = spec.get("replicas") if type(spec) is dict else None
     if type(replicas) is not int or replicas < 0:
         raise ValueError(f"StatefulSet {name} has no replica count: {replicas!r}")
     return replicas
@@ -173,9 +176,10 @@ async def drain(
 ) -> bool:
     """Wait until the shard's ring leaves it out and it has nothing left to send; True
     then. When `leaving` is not known (False) and the ring still has the shard, False at
-    once: it may be a restart, which must not wait."""
+    once: it may be a restart, which must not wait (nor wait long for an answer)."""
     endpoints = {shard_id: address}
     said = ""
+    unsure_until = trio.current_time() + UNSURE_TIMEOUT
     async with ShardPool(
         endpoints,
         Ring(0, (shard_id,), endpoints),
@@ -186,15 +190,20 @@ async def drain(
         drop_departed=False,
     ) as pool:
         while True:
-            await pool.wait_connected(shard_id)
-            try:
-                answer = await pool.call(shard_id, "move_status", {}, timeout=CALL_TIMEOUT)
-                state = ShardState.from_answer(answer)
-                ring = Ring.from_wire(answer.get("ring"))
-            except (ShardUnavailable, ShardError, RebalanceError, ValueError) as exc:
-                log.info("move_status: %s; asking again", exc)
-                await trio.sleep(poll_interval)
-                continue
+            with trio.move_on_at(unsure_until if not leaving else float("inf")):
+                await pool.wait_connected(shard_id)
+                try:
+                    answer = await pool.call(shard_id, "move_status", {}, timeout=CALL_TIMEOUT)
+                    state = ShardState.from_answer(answer)
+                    ring = Ring.from_wire(answer.get("ring"))
+                except (ShardUnavailable, ShardError, RebalanceError, ValueError) as exc:
+                    log.info("move_status: %s; asking again", exc)
+                    await trio.sleep(poll_interval)
+                    continue
+                unsure_until = float("inf")  # the shard answers: its ring decides from now on
+            if unsure_until != float("inf"):
+                log.warning("%s did not answer in %g s: not draining", shard_id, UNSURE_TIMEOUT)
+                return False
             in_ring = shard_id in ring.shard_ids
             if not in_ring and state.done:
                 log.info(
