@@ -37,16 +37,25 @@ async def _setup(
     paths = [f"t{i}/s{j}" for i in range(groups) for j in range(per)]
     limiter = trio.CapacityLimiter(32)
 
-    async def put(path: str, body: bytes = b"") -> None:
+    async def idempotent_put(path: str, body: bytes) -> None:
+        """A PUT, again after a dropped connection (the same PUT again is a 200)."""
         async with limiter:
-            r = await client.put(f"/v1/stream/{path}", content=body, headers=JSON)
-            assert r.status_code in (200, 201), r.text
+            for attempt in range(5):
+                try:
+                    r = await client.put(f"/v1/stream/{path}", content=body, headers=JSON)
+                except httpx.TransportError:
+                    if attempt == 4:
+                        raise
+                    continue
+                assert r.status_code in (200, 201), r.text
+                return
+
+    async def put(path: str, body: bytes = b"") -> None:
+        await idempotent_put(path, body)
 
     async def subscribe_group(i: int) -> None:
-        async with limiter:
-            config = {"type": "pull-wake", "pattern": f"t{i}/*", "wake_stream": "wake/bench"}
-            r = await client.put(f"/v1/stream/__ds/subscriptions/bench-{i}", json=config)
-            assert r.status_code in (200, 201), r.text
+        config = {"type": "pull-wake", "pattern": f"t{i}/*", "wake_stream": "wake/bench"}
+        await idempotent_put(f"__ds/subscriptions/bench-{i}", json.dumps(config).encode())
 
     async with trio.open_nursery() as nursery:
         for path in paths:
@@ -69,7 +78,11 @@ async def _load(url: str, paths: list[str], connections: int, duration: float) -
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             end = trio.current_time() + duration
             while trio.current_time() < end:
-                r = await client.post(f"/v1/stream/{rng.choice(paths)}", content=body, headers=JSON)
+                path = rng.choice(paths)
+                try:
+                    r = await client.post(f"/v1/stream/{path}", content=body, headers=JSON)
+                except httpx.TransportError:
+                    continue  # not acknowledged: not counted
                 assert r.status_code in (200, 204), r.text
                 done += 1
 
