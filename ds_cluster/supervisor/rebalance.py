@@ -57,6 +57,9 @@ class ShardState:
     pending_in: int = 0
     done: bool = False
     error: str = ""
+    # streams and bytes this process sent away so far (`moved_out`, when the shard says)
+    sent_streams: int = 0
+    sent_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,23 +75,32 @@ class ShardState:
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any]) -> ShardState:
         """A `move_status` answer checked field by field (RebalanceError if malformed)."""
-        ring, out = answer.get("ring"), answer.get("moving_out")
         try:
-            version = Ring.from_wire(ring).version
+            version = Ring.from_wire(answer.get("ring")).version
         except ValueError as exc:
             raise RebalanceError(f"a shard answered move_status with a bad ring: {exc}") from None
-        values = (
-            answer.get("streams"),
-            answer.get("bytes"),
-            out.get("streams") if type(out) is dict else None,
-            out.get("bytes") if type(out) is dict else None,
-            answer.get("pending_in"),
-        )
+        out, sent = answer.get("moving_out"), answer.get("moved_out")
         done = answer.get("done")
-        if not all(type(v) is int and v >= 0 for v in values) or type(done) is not bool:
+        if type(out) is not dict or type(done) is not bool:
             raise RebalanceError(f"a shard answered move_status malformed: {dict(answer)!r:.200}")
-        streams, nbytes, out_streams, out_bytes, pending = values
-        return cls(version, streams, nbytes, out_streams, out_bytes, pending, answer["done"])  # type: ignore[arg-type]  # checked ints above
+        optional = sent if type(sent) is dict else {}
+        return cls(
+            version,
+            _count(answer.get("streams")),
+            _count(answer.get("bytes")),
+            _count(out.get("streams")),
+            _count(out.get("bytes")),
+            _count(answer.get("pending_in")),
+            done,
+            sent_streams=_count(optional.get("streams", 0)),
+            sent_bytes=_count(optional.get("bytes", 0)),
+        )
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise RebalanceError(f"a shard answered move_status with a bad count: {value!r:.40}")
+    return value
 
 
 @dataclass
@@ -101,6 +113,9 @@ class Progress:
     # The most streams/bytes seen left to move: what has moved is that minus what is left.
     peak_streams: int = 0
     peak_bytes: int = 0
+    # Each shard before the new ring was sent: a move that ends between two polls is seen
+    # as what its source no longer holds.
+    before: dict[str, ShardState] = field(default_factory=dict)
 
     @property
     def left_streams(self) -> int:
@@ -116,11 +131,38 @@ class Progress:
 
     @property
     def moved_streams(self) -> int:
-        return self.peak_streams - self.left_streams
+        return max(
+            self.peak_streams - self.left_streams,
+            self._handed_over("streams"),
+            self._sent("sent_streams"),
+        )
 
     @property
     def moved_bytes(self) -> int:
-        return self.peak_bytes - self.left_bytes
+        """From the shards' own counts of bytes sent when they give them; else as the
+        polls saw them move (a shard's `bytes` is its storage, which does not shrink as
+        streams leave)."""
+        return max(self.peak_bytes - self.left_bytes, self._sent("sent_bytes"))
+
+    def _sent(self, what: str) -> int:
+        """What the shards sent since the ring changed (a restarted shard counts anew)."""
+        total = 0
+        for sid, now in self.shards.items():
+            if now.error:
+                continue
+            old = self.before.get(sid)
+            sent, earlier = getattr(now, what), getattr(old, what) if old else 0
+            total += sent - earlier if sent >= earlier else sent
+        return total
+
+    def _handed_over(self, what: str) -> int:
+        """How many fewer streams the shards hold than before the ring changed (new
+        streams only add, so this is what moved away, at least)."""
+        return sum(
+            max(0, getattr(old, what) - getattr(self.shards[sid], what))
+            for sid, old in self.before.items()
+            if not old.error and sid in self.shards and not self.shards[sid].error
+        )
 
     @property
     def done(self) -> bool:
@@ -265,10 +307,12 @@ async def rebalance(
     ssl_context: ssl.SSLContext | None = None,
     stall_timeout: float = STALL_TIMEOUT,
     poll_interval: float = POLL_INTERVAL,
+    before: dict[str, ShardState] | None = None,
 ) -> Progress:
     """Move the cluster onto `new_ring`; return the final progress (done). See the module
     docstring. RebalanceError when a shard holds a newer ring, or nothing moved for
-    `stall_timeout` seconds."""
+    `stall_timeout` seconds. `before`: the shards' states before anything could move
+    (`shard_states`), for the figures; taken here when not given."""
     known: dict[str, Endpoint] = {**endpoints, **new_ring.endpoints}
     rings = await current_rings(known, secret=secret, ssl_context=ssl_context)
     newer = [f"{sid} (v{r.version})" for sid, r in rings.items() if r.version > new_ring.version]
@@ -288,6 +332,13 @@ async def rebalance(
     state = Progress(new_ring)
     started = trio.current_time()
     async with _pool(known, new_ring, secret, ssl_context) as pool:
+        if before is None:
+            baseline = Progress(new_ring)
+            with trio.move_on_after(CALL_TIMEOUT):
+                await pool.wait_connected()
+            await _poll(pool, known, None, baseline)
+            before = baseline.shards
+        state.before = before
         await _send_ring(pool, known, new_ring)
         last_change = trio.current_time()
         last_left: tuple[int, int, int] | None = None

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from ds_cluster.common.ring import Endpoint, Ring
-from ds_cluster.supervisor.rebalance import Progress, RebalanceError, rebalance
+from ds_cluster.supervisor.rebalance import Progress, RebalanceError, rebalance, shard_states
 from ds_cluster.supervisor.record import MAX_SHARDS, ClusterRecord, shard_ids
 
 log = logging.getLogger("ds_cluster.supervisor")
@@ -179,6 +179,8 @@ class Scaler:
             f"ring v{ring.version}: {len(before)} -> {len(ring.shard_ids)} shards"
             + (f"; leaving: {', '.join(leaving)}" if leaving else ""),
         )
+        # Before a new shard starts: it brings its ring to its peers, and moves begin.
+        baseline = await shard_states(host.shard_endpoints(), secret=host.secret)
         await host.start_shards(ring, tuple(s for s in ring.shard_ids if s not in before))
         host.use_ring(ring)
 
@@ -198,6 +200,7 @@ class Scaler:
             report,
             secret=host.secret,
             stall_timeout=self.stall_timeout,
+            before=baseline,
         )
         if leaving:
             await host.retire_shards(leaving)

@@ -17,7 +17,7 @@ import sys
 import trio
 
 from .runner import ChaosOptions, exit_code, run_chaos
-from .scaling import parse_range
+from .scaling import parse_counts, parse_range
 
 __all__ = ["ChaosOptions", "add_arguments", "run", "run_chaos"]
 
@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LO:HI",
         help="shard counts the scaling stays within (default: --shards to --shards + 1)",
+    )
+    a(
+        "--scale-to",
+        default=None,
+        metavar="N,M,...",
+        help="scale to these counts in turn (one every --scale-interval), then no more",
     )
     a("--seed", type=int, default=None, help="random seed (printed when not given)")
     a(
@@ -91,9 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.scale_range is not None:
+    if args.scale_range is not None or args.scale_to is not None:
         try:
-            parse_range(args.scale_range)
+            parse_range(args.scale_range or "1:2")
+            parse_counts(args.scale_to or "1")
         except ValueError as bad_range:
             print(f"ds-cluster chaos: {bad_range}", file=sys.stderr)
             return 2
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         kill_supervisor_interval=args.kill_supervisor_interval,
         scale_interval=args.scale_interval,
         scale_range=args.scale_range,
+        scale_to=args.scale_to,
         seed=args.seed,
         stop_probability=args.stop_probability,
         streams_per_shard=args.streams_per_shard,

@@ -33,7 +33,7 @@ from .model import StreamPlan
 from .payload import BINARY, JSON, Decoder, PayloadError
 from .process_cluster import ProcessCluster
 from .report import ChaosResult, progress_line, summary
-from .scaling import ScaleDriver, parse_range
+from .scaling import ScaleDriver, parse_counts, parse_range
 from .verify import verify
 from .workload import Reader, Run, Writer, create_stream
 
@@ -46,6 +46,7 @@ class ChaosOptions:
     kill_supervisor_interval: float = 0.0  # > 0: run `up` as a process and SIGKILL it
     scale_interval: float = 0.0  # > 0: change the shard count about this often
     scale_range: str | None = None  # "LO:HI" shard counts; default: shards:shards+1
+    scale_to: str | None = None  # "N,M,...": these counts in turn instead, then no more
     seed: int | None = None
     stop_probability: float = 0.2  # share of faults that are a SIGSTOP of a few seconds
     streams_per_shard: int = 3
@@ -326,6 +327,7 @@ class Exercise:
                 log=out,
                 on_begin=self._scale_begins,
                 on_done=self._scale_done,
+                sequence=parse_counts(options.scale_to) if options.scale_to else None,
             )
         self.writers: list[Writer] = []
         for i, plan in enumerate(self.plans):

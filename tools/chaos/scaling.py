@@ -2,7 +2,8 @@
 
 At random intervals (mean `--scale-interval` seconds) the run asks the cluster's
 supervisor, over its control socket, for another shard count within `--scale-range
-LO:HI` (up from LO, down from HI, else either way), exactly as `ds-cluster scale` does,
+LO:HI` (up from LO, down from HI, else either way), or the next count of `--scale-to
+N,M,...` (then no more), exactly as `ds-cluster scale` does,
 and records how long the scale took and how many streams and bytes moved. While a scale
 runs, shard faults may hit the old and the new shards alike (the source and the target
 of a move); once it is done, faults pick among the shards of the new ring.
@@ -40,6 +41,14 @@ class ScaleEvent:
     message: str = ""
 
 
+def parse_counts(text: str) -> list[int]:
+    """`N,M,...` shard counts; ValueError unless each is at least 1."""
+    counts = [part.strip() for part in text.split(",")]
+    if not counts or not all(c.isdigit() and int(c) >= 1 for c in counts):
+        raise ValueError(f"--scale-to {text!r}: expected shard counts N,M,...")
+    return [int(c) for c in counts]
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """`LO:HI` shard counts; ValueError unless 1 <= LO < HI."""
     lo, sep, hi = text.partition(":")
@@ -61,6 +70,7 @@ class ScaleDriver:
         log: Callable[[str], None],
         on_begin: Callable[[int], None],
         on_done: Callable[[int], None],
+        sequence: list[int] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.lo, self.hi = shard_range
@@ -71,13 +81,16 @@ class ScaleDriver:
         self.log = log
         self.on_begin = on_begin  # (target count) when a scale is asked for
         self.on_done = on_done  # (count served) when it finished
+        self.sequence = list(sequence) if sequence is not None else None
         self.events: list[ScaleEvent] = []
         self.problems: list[str] = []
 
     def now(self) -> float:
         return trio.current_time() - self.start
 
-    def _next_count(self) -> int:
+    def _next_count(self) -> int | None:
+        if self.sequence is not None:
+            return self.sequence.pop(0) if self.sequence else None
         if self.shards <= self.lo:
             return self.shards + 1
         if self.shards >= self.hi:
@@ -88,8 +101,11 @@ class ScaleDriver:
         """Scale until cancelled; a scale in progress is seen through first (shielded)."""
         while True:
             await trio.sleep(self.interval * (0.75 + 0.5 * self.rng.random()))
+            target = self._next_count()
+            if target is None:
+                return  # the sequence is done
             with trio.CancelScope(shield=True):
-                await self.scale_once(self._next_count())
+                await self.scale_once(target)
 
     async def scale_once(self, target: int) -> ScaleEvent:
         event = ScaleEvent(at=self.now(), before=self.shards, after=target)
