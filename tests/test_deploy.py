@@ -170,6 +170,16 @@ def test_scaling_is_one_edit_of_the_replica_count(overlay: str, tmp_path: Path) 
     assert find(documents, "StatefulSet", "ds-shard")["spec"]["replicas"] == 7
     assert configmaps(documents)["ds-ring"]["DS_SHARD_COUNT"] == "7"
     assert find(documents, "Job")["metadata"]["name"] == "ds-rebalance-to-7"
+    # Nothing else changes: no pod template, so applying it restarts no running pod.
+    before = render(KUBERNETES / "overlays" / overlay)
+    for kind, name, section, key in (
+        ("StatefulSet", "ds-shard", "spec", "replicas"),
+        ("ConfigMap", "ds-ring", "data", "DS_SHARD_COUNT"),
+        ("Job", None, "metadata", "name"),
+    ):
+        was = find(before, kind, name)[section][key]
+        find(documents, kind, name)[section][key] = was
+    assert documents == before
 
 
 def test_every_command_flag_variable_and_port_exists(
