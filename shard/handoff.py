@@ -539,7 +539,7 @@ class Handoff:
                 if type(position) is not int or position < 0:
                     raise MoveFailed(f"bad move_begin answer from {target}")
                 while True:
-                    records = self._read(sid, position)
+                    records = await self._read(sid, position)
                     if not records:
                         break
                     answer = await self._move_call(
@@ -592,11 +592,14 @@ class Handoff:
         )
         return bool(answer.get("arrived"))
 
-    def _read(self, sid: int, position: int) -> list[Record]:
-        """The next chunk's records after `position`, read in slices."""
+    async def _read(self, sid: int, position: int) -> list[Record]:
+        """The next chunk's records after `position`, read in slices with the loop let go
+        in between (a slice is a millisecond or two of SQLite)."""
         records: list[Record] = []
         size = 0
         while size < CHUNK_BYTES:
+            if records:
+                await trio.sleep(0)
             more = self._store.read_records(sid, position, SLICE_BYTES)
             if not more:
                 break
