@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 15.0
 RECONNECT_GRACE = 2.0
+PAGE = 500  # streams read from the database between two checkpoints of the loop
 
 HandleHttp = Callable[
     [
@@ -143,20 +144,31 @@ class Subscriptions:
             self.registry.add(*row)
         tails: dict[str, str] = {}
         if pattern is not None:
-            for path, position in self.db.streams_under(literal_prefix(pattern)):
-                if glob_match(pattern, path):
-                    tails[path] = encode(position)
-            await trio.lowlevel.checkpoint()
-        for path, tail in self.db.stream_tails(paths).items():
-            tails[path] = ZERO_OFFSET if tail is None else encode(tail)
+            prefix, after = literal_prefix(pattern), None
+            while True:  # in pages, so that a pattern over many streams holds no loop long
+                page, after = self.db.streams_under(prefix, after, PAGE)
+                for path, position in page:
+                    if glob_match(pattern, path):
+                        tails[path] = encode(position)
+                if after is None:
+                    break
+                await trio.sleep(0)
+        for path, tail in (await self.local_tails(paths)).items():
+            tails[path] = ZERO_OFFSET if tail is None else tail
         return tails
 
     async def local_unregister(self, sub_id: str, paths: list[str] | None) -> None:
         await self.db.unregister(sub_id, paths)
         self.registry.remove(sub_id, paths)
 
-    def local_tails(self, paths: list[str]) -> dict[str, str | None]:
-        return {p: None if t is None else encode(t) for p, t in self.db.stream_tails(paths).items()}
+    async def local_tails(self, paths: list[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for start in range(0, len(paths), PAGE):
+            if start:
+                await trio.sleep(0)
+            for path, tail in self.db.stream_tails(paths[start : start + PAGE]).items():
+                out[path] = None if tail is None else encode(tail)
+        return out
 
     async def _forget(self, sub_ids: list[str]) -> None:
         for sub_id in sub_ids:
@@ -205,7 +217,7 @@ class Subscriptions:
         out: dict[str, str | None] = {}
         for shard, mine in by_shard.items():
             if shard == self._shard_id:
-                out.update(self.local_tails(mine))
+                out.update(await self.local_tails(mine))
             else:
                 result = await self._call(shard, "sub_tails", {"paths": mine})
                 out.update(_tail_map(result.get("tails")))

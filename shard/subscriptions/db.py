@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -94,26 +94,35 @@ class SubDb:
             out[path] = _tail(path, rows[0][0]) if rows else None
         return out
 
-    def streams_under(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """(path, committed tail) of live streams whose path starts with `prefix`
-        (a pattern's literal prefix; "" for all), in path order."""
+    def streams_under(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, int]], str | None]:
+        """One page of (path, committed tail) of the live streams whose path starts with
+        `prefix` (a pattern's literal prefix; "" for all), in path order after `after`;
+        and where the next page starts (None: that was the last)."""
         if prefix and not prefix.endswith("/"):  # the pattern is one path
+            if after is not None:
+                return [], None
             rows = self._read("SELECT path, state FROM streams WHERE path = ?", (prefix,))
-        elif prefix:
-            rows = self._read(
-                "SELECT path, state FROM streams WHERE path >= ? AND path < ?",
-                (prefix, prefix[:-1] + "0"),  # '0' follows '/'
-            )
         else:
-            rows = self._read("SELECT path, state FROM streams")
+            low, high = prefix, (prefix[:-1] + "0") if prefix else "\U0010ffff"  # '0' > '/'
+            if after is not None:
+                low = after
+            rows = self._read(
+                "SELECT path, state FROM streams WHERE path > ? AND path < ? ORDER BY path LIMIT ?",
+                (low, high, limit),
+            )
+        page = []
         for path, blob in rows:
             tail = _tail(str(path), blob)
             if tail is not None:
-                yield str(path), tail
+                page.append((str(path), tail))
+        last = str(rows[-1][0]) if len(rows) == limit else None
+        return page, last
 
     # -- writes (worker thread) -------------------------------------------------------------
 
-    async def save(self, subs: list[Sub], deleted: list[str] = ()) -> None:  # type: ignore[assignment]
+    async def save(self, subs: Sequence[Sub], deleted: Sequence[str] = ()) -> None:
         """Durably store these subscriptions' states (and delete `deleted`). Callers
         that come while a transaction runs share the next one."""
         for sub in subs:
@@ -184,11 +193,11 @@ class SubDb:
         self._run(conn, apply)
 
     @staticmethod
-    def _run(conn: sqlite3.Connection, body: object) -> None:
+    def _run(conn: sqlite3.Connection, body: Callable[[], object]) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                body()  # type: ignore[operator]
+                body()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

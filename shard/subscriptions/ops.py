@@ -93,7 +93,7 @@ def handlers(subs: Subscriptions) -> dict[str, Handler]:
         return {"gone": await subs.owner.notify(items)}
 
     async def sub_tails(args: wire.Args) -> wire.Args:
-        tails = subs.local_tails(_paths(args.get("paths"), "sub_tails"))
+        tails = await subs.local_tails(_paths(args.get("paths"), "sub_tails"))
         return {"tails": [[path, tail] for path, tail in tails.items()]}
 
     return {
