@@ -273,18 +273,25 @@ async def test_live_reads_are_counted_while_held(cluster: Any) -> None:
             assert held.value("ds_sse_shared_upstreams") == 1
             assert held.value("http_server_active_requests", http_request_method="GET") >= 2
             assert held.value("ds_rpc_inflight", shard="shard-0") >= 2
-            # An append answers the long-poll; the SSE reader is then dropped by us.
+            # An append answers the long-poll. A second long-poll and the SSE reader are
+            # then left by their client: counted while held, not observed as answered.
             response = await client.post(url, content=b"y", headers=BINARY)
             assert response.status_code in (200, 204)
+            tail = response.headers["stream-next-offset"]
             await eventually(client, lambda s: s.value("ds_live_readers", mode="long-poll") == 0)
+            assert long_poll_status == [200]
+            nursery.start_soon(long_poll)
+            await eventually(client, lambda s: s.value("ds_live_readers", mode="long-poll") == 1)
             nursery.cancel_scope.cancel()
         assert long_poll_status == [200]
         after = await eventually(
             client,
             lambda s: (
-                s.value("ds_live_readers", mode="sse") == 0
+                s.value("ds_live_readers", mode="long-poll") == 0
+                and s.value("ds_live_readers", mode="sse") == 0
                 and s.value("ds_sse_shared_upstreams") == 0
                 and s.value("ds_shard_live_reads", mode="sse") == 0
+                and s.value("ds_shard_live_reads", mode="long-poll") == 0
             ),
         )
     route = {"http_request_method": "GET", "http_route": "/v1/stream/{path}"}
