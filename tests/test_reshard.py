@@ -649,3 +649,44 @@ async def test_live_readers_of_a_moving_stream_are_released_and_resume(tmp_path:
             await post(http, name, b"after", BYTES_TYPE)
             r = await http.get(f"/v1/stream/{name}", params={"offset": tail})
             assert r.content == b"after"
+
+
+async def test_malformed_move_ops_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    async with cluster_of(tmp_path, initial=2, spare=0) as cluster:
+        assert cluster.ring is not None
+        ring = cluster.ring.to_wire()
+        mine = names_moving(cluster.ring, cluster.ring, "s0", "s0", "bad")
+        theirs = names_moving(cluster.ring, cluster.ring, "s1", "s1", "bad")
+        base = {"ring": ring, "from": "s1", "path": mine}
+
+        async def refused(op: str, args: wire.Args, code: str = "bad_request") -> None:
+            with pytest.raises(ShardError) as err:
+                await cluster.call("s0", op, args)
+            assert err.value.code == code, (op, err.value)
+
+        await refused("move_begin", {"ring": ring, "from": "s1"})  # no path
+        await refused("move_begin", {**base, "ring": {"version": "x", "shards": []}})
+        await refused("move_begin", {**base, "path": "../x"})
+        await refused("move_begin", {**base, "path": theirs}, code="misdirected")
+        await refused("move_chunk", {**base, "records": [[0, 1, b"x"]]})  # not receiving
+        assert (await cluster.call("s0", "move_begin", base)) == {
+            "status": "staging",
+            "received": 0,
+        }
+        for records in ([[5, 1, b"x"]], [[0, 1, "x"]], [[0, 1]], [[-1, 1, b"x"]], "x"):
+            await refused("move_chunk", {**base, "records": records})
+        good = await cluster.call("s0", "move_chunk", {**base, "records": [[0, 3, b"abc"]]})
+        assert good == {"received": 3}
+        await refused("move_chunk", {**base, "records": [[1, 4, b"bcd"]]})  # overlaps
+        finish = {**base, "producers": [], "refs": [], "end": 3}
+        await refused("move_finish", {**finish, "state": b"\x00garbage"})
+        await refused("move_finish", {**finish, "state": b"", "producers": [["p", "1", 2]]})
+        await refused("move_query", {"ring": ring, "from": "s1", "version": "2"})
+        status = await cluster.call("s0", "move_status", {})
+        assert status["pending_in"] == 1 and not status["done"]  # still only staged
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+            r = await http.get(f"/v1/stream/{mine}", params={"offset": "-1"})
+            assert r.status_code == 503  # staged, never served
+            await put(http, "still-serving", BYTES_TYPE)
+            await post(http, "still-serving", b"ok", BYTES_TYPE)
+            assert (await read_all(http, "still-serving")).content == b"ok"
