@@ -232,3 +232,27 @@ def test_bad_jwt_keys() -> None:
         parse_jwt_keys(b"-----BEGIN PUBLIC KEY-----\ngarbage\n-----END PUBLIC KEY-----\n")
     with pytest.raises(AuthConfigError, match="keys"):
         parse_jwt_keys(b'{"keys": []}')
+
+
+def test_jwt_audience_and_jwk_without_alg() -> None:
+    authorizer = Authorizer(None, parse_jwt_keys(SECRET))
+    with_aud = hs256(
+        {"exp": NOW + 60, "aud": "elsewhere", "ds_prefixes": [""], "ds_rights": ["read"]}
+    )
+    denied = authorizer.decide("GET", "a", bearer(with_aud), None, NOW)
+    assert isinstance(denied, Denied) and "audience" in denied.message
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    assert "alg" not in jwk  # the key type's algorithm is used
+    authorizer = Authorizer(None, parse_jwt_keys(json.dumps(jwk).encode()))
+    token = jwt.encode(
+        {"exp": NOW + 60, "ds_prefixes": [""], "ds_rights": ["read"]}, private, "RS256"
+    )
+    assert isinstance(authorizer.decide("GET", "a", bearer(token), None, NOW), Allowed)
+
+
+def test_a_verified_jwt_is_still_checked_for_expiry_each_time() -> None:
+    authorizer = Authorizer(None, parse_jwt_keys(SECRET))
+    token = bearer(hs256({"exp": NOW + 60, "ds_prefixes": [""], "ds_rights": ["read"]}))
+    assert isinstance(authorizer.decide("GET", "a", token, None, NOW), Allowed)
+    assert isinstance(authorizer.decide("GET", "a", token, None, NOW + 61), Denied)
