@@ -400,6 +400,16 @@ class Sub:
         return sub
 
 
+def matches(config: SubConfig, path: str) -> bool:
+    """Whether the pattern links `path`. Never the subscription's own wake stream: its
+    wake events would wake it again, for ever."""
+    return (
+        config.pattern is not None
+        and path != config.wake_stream
+        and glob_match(config.pattern, path)
+    )
+
+
 def new_sub(
     sub_id: str, config: SubConfig, created_at: str, base_url: str, tails: dict[str, str]
 ) -> Sub:
@@ -411,7 +421,7 @@ def new_sub(
         sub.links[path] = Link(path, explicit=True, acked=tail, tail=tail)
     if config.pattern is not None:
         for path, tail in tails.items():
-            if glob_match(config.pattern, path):
+            if matches(config, path):
                 link = sub.links.setdefault(path, Link(path, acked=tail, tail=tail))
                 link.glob = True
     return sub
@@ -453,7 +463,7 @@ def note_tail(sub: Sub, path: str, tail: str | None) -> Change:
         sub.snapshot.pop(path, None)
         return "links"
     if link is None:
-        if sub.config.pattern is None or not glob_match(sub.config.pattern, path):
+        if not matches(sub.config, path):
             return ""
         link = sub.links[path] = Link(path, glob=True, acked=BEFORE_FIRST, tail=tail)
         return "links"

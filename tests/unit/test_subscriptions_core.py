@@ -317,3 +317,11 @@ def test_a_pull_wake_event_is_retried_without_failing_the_subscription() -> None
     assert sub.status == "active" and sub.next_attempt_at == NOW + 1.0
     rules.event_written(sub)
     assert not sub.delivering and sub.next_attempt_at is None and sub.wake_id == "w1"
+
+
+def test_a_pattern_never_links_its_own_wake_stream() -> None:
+    cfg = config(pattern="**", wake_stream="wake/pool")
+    sub = sub_with({"wake/pool": encode(3), "events/a": encode(1)}, cfg)
+    assert set(sub.links) == {"events/a"}
+    assert not rules.note_tail(sub, "wake/pool", encode(4))
+    assert rules.note_tail(sub, "wake/other", encode(4)) == "links"
