@@ -275,3 +275,221 @@ async def test_scale_3_to_4_to_3_under_idempotent_writers_and_live_readers(
         f"write latency p99 {figures['write_p99']:.2f} s, longest {figures['longest_write']:.2f} s"
     )
     assert result.scales[0].moved_streams >= 1 and result.scales[1].moved_streams >= 1
+
+
+# ---- SIGKILL mid-move --------------------------------------------------------------------
+
+BIG = 6 * 1024 * 1024  # bytes per big stream: a move of several chunks (shard/handoff.py)
+PIECE = 512 * 1024
+BINARY = {"content-type": "application/octet-stream"}
+
+
+def big_body(name: str) -> bytes:
+    seed = name.encode() * (1 + 4096 // len(name))
+    return (seed[:4096] * (BIG // 4096 + 1))[:BIG]
+
+
+class UpProcess:
+    """`ds-cluster up` as its own process, so that it can be SIGKILLed like any other."""
+
+    def __init__(self, data: Path, port: int, log_dir: Path) -> None:
+        self.argv = [sys.executable, "-m", "ds_cluster", "up", "--port", str(port)]
+        self.argv += ["--data-dir", str(data), "--log-dir", str(log_dir)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_dir = log_dir
+        self.process: trio.Process | None = None
+        self.output = bytearray()
+
+    async def start(self, nursery: trio.Nursery, *extra: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / "up.stderr", "ab") as stderr:
+            self.process = await trio.lowlevel.open_process(
+                [*self.argv, *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr
+            )
+        ready = trio.Event()
+        nursery.start_soon(self._drain, self.process, ready)
+        with trio.fail_after(120):
+            await ready.wait()
+
+    async def _drain(self, process: trio.Process, ready: trio.Event) -> None:
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            self.output += chunk
+            if b"ready at" in self.output:
+                ready.set()
+        assert ready.is_set(), f"up exited early: {self.output.decode(errors='replace')}"
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(30):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+class Appender:
+    """An idempotent producer appending numbered lines to one stream until stopped."""
+
+    def __init__(self, client: httpx.AsyncClient, path: str) -> None:
+        self.client, self.path = client, path
+        self.acked: list[str] = []
+        self.errors: list[str] = []
+
+    async def run(self, stop: trio.Event) -> None:
+        seq = 0
+        while not stop.is_set():
+            line = f"{self.path}:{seq:06d}\n"
+            headers = {**TEXT, "producer-id": "p", "producer-epoch": "0"}
+            headers["producer-seq"] = str(seq)
+            while True:
+                try:
+                    response = await self.client.post(
+                        f"/v1/stream/{self.path}", headers=headers, content=line.encode()
+                    )
+                    if response.status_code in (200, 204):
+                        break
+                    if 400 <= response.status_code < 500 and response.status_code != 429:
+                        self.errors.append(f"{response.status_code} {response.text[:100]}")
+                        return
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.1)
+            self.acked.append(line)
+            seq += 1
+            await trio.sleep(0.05)
+
+
+async def read_all(client: httpx.AsyncClient, path: str) -> bytes:
+    out, offset = bytearray(), "-1"
+    with trio.fail_after(120):
+        while True:
+            response = await client.get(f"/v1/stream/{path}", params={"offset": offset})
+            if response.status_code != 200:
+                await trio.sleep(0.2)  # a restarting cluster: 503 until it is back
+                continue
+            out += response.content
+            offset = response.headers["stream-next-offset"]
+            if response.headers.get("stream-up-to-date") == "true":
+                return bytes(out)
+
+
+async def supervisor_status(data: Path) -> dict[str, Any]:
+    async for line in control.request(data, {"op": "status"}, idle_timeout=30):
+        if line.get("type") == "result":
+            return dict(line["status"])
+    raise AssertionError("no status")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["source", "target", "supervisor"])
+async def test_a_sigkill_mid_move_loses_nothing_and_the_move_completes(
+    tmp_path: Path, victim: str
+) -> None:
+    """2 -> 3 shards with big streams moving to the new shard and writers appending; SIGKILL
+    the source shard, the target shard or the supervisor while streams are in flight. After
+    the restart (by the supervisor, or a new `up` that resumes the journaled scale) the
+    cluster serves on 3 shards and every stream holds exactly what was acknowledged."""
+    from ds_cluster.supervisor.cluster import _free_ports
+
+    data = tmp_path / "data"
+    up = UpProcess(data, _free_ports("127.0.0.1", 1)[0], tmp_path / "logs")
+    three = Ring(2, record.shard_ids(3))
+    movers = [p for p in (f"big-{i}" for i in range(200)) if three.owner(p) == "shard-2"][:4]
+    smalls = [f"small-{i}" for i in range(12)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await up.start(nursery, "--shards", "2")
+            async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
+                for path in movers:
+                    assert (
+                        await client.put(f"/v1/stream/{path}", headers=BINARY)
+                    ).status_code == 201
+                    body = big_body(path)
+                    for at in range(0, BIG, PIECE):
+                        response = await client.post(
+                            f"/v1/stream/{path}", headers=BINARY, content=body[at : at + PIECE]
+                        )
+                        assert response.status_code in (200, 204), response.text
+                await put_streams(client, smalls)
+                appenders = [Appender(client, p) for p in smalls]
+                stop = trio.Event()
+                async with trio.open_nursery() as load:
+                    for appender in appenders:
+                        load.start_soon(appender.run, stop)
+                    await trio.sleep(1)
+                    scale = ds_cluster_async("scale", "--data-dir", str(data), "--shards", "3")
+                    results: list[subprocess.CompletedProcess[str]] = []
+
+                    async def run_scale() -> None:
+                        results.append(await scale)
+
+                    load.start_soon(run_scale)
+                    # Wait for streams in flight, then kill.
+                    killed = await _kill_mid_move(data, up, victim)
+                    print(f"killed {victim}: {killed}")
+                    if victim == "supervisor":
+                        with trio.fail_after(30):
+                            while up.process is not None and up.process.returncode is None:
+                                await trio.sleep(0.1)
+                        await up.start(nursery)  # no --shards: the record, and its journal
+                    with trio.fail_after(240):
+                        while True:
+                            recorded = record.load(data)
+                            assert recorded is not None
+                            if recorded.scale is None:
+                                break
+                            await trio.sleep(0.5)
+                    await trio.sleep(1)
+                    stop.set()
+                assert recorded.shards == record.shard_ids(3)
+                if victim != "supervisor":
+                    assert results and results[0].returncode == 0, results
+                    assert "serves on 3 shards" in results[0].stdout
+                for path in movers:
+                    assert await read_all(client, path) == big_body(path), path
+                for appender in appenders:
+                    assert not appender.errors, (appender.path, appender.errors)
+                    content = (await read_all(client, appender.path)).decode()
+                    assert content == appender.path + "".join(appender.acked), appender.path
+                status = await supervisor_status(data)
+                assert status["ring"]["shards"] == ["shard-0", "shard-1", "shard-2"]
+                assert status["scale"] is None
+                assert sum(s["streams"] for s in status["shards"].values()) >= len(movers) + 12
+            await up.stop()
+            nursery.cancel_scope.cancel()
+    finally:
+        await up.stop()
+        print(up.output.decode(errors="replace")[-3000:])
+        from support.cluster import print_log_tails
+
+        print_log_tails(tmp_path / "logs")
+
+
+async def _kill_mid_move(data: Path, up: UpProcess, victim: str) -> str:
+    """Wait until a stream is in flight to the new shard, then SIGKILL the victim."""
+    with trio.fail_after(120):
+        while True:
+            try:
+                status = await supervisor_status(data)
+            except control.ControlError:
+                await trio.sleep(0.2)
+                continue
+            shards = status["shards"]
+            sending = [
+                sid
+                for sid, s in shards.items()
+                if s.get("moving_out", {}).get("streams", 0) > 0 and s.get("pid")
+            ]
+            if sending and "shard-2" in shards and shards["shard-2"].get("pid"):
+                break
+            await trio.sleep(0.1)
+    if victim == "supervisor":
+        assert up.process is not None
+        up.process.kill()
+        return f"supervisor pid {up.process.pid}"
+    sid = sending[0] if victim == "source" else "shard-2"
+    os.kill(shards[sid]["pid"], 9)
+    return f"{sid} pid {shards[sid]['pid']}"
