@@ -182,6 +182,25 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
             assert sample.labels["http_route"] in ROUTES, sample
 
 
+async def test_stored_streams_are_counted_across_deletes_and_restarts(cluster: Any) -> None:
+    victim = "shard-0"
+    paths = [names_on_each_shard(cluster, f"counted-{i}")[victim] for i in range(3)]
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+        for path in paths:
+            response = await client.put(f"/v1/stream/{path}", headers=BINARY)
+            assert response.status_code == 201
+        assert (await client.delete(f"/v1/stream/{paths[0]}")).status_code in (200, 204)
+        assert (await scrape(client)).value("ds_streams", shard=victim) == 2
+        pid = cluster.child_pids()[victim]
+        os.kill(pid, signal.SIGKILL)  # restarted by the supervisor: counted from its database
+        with trio.fail_after(30):
+            while cluster.child_pids().get(victim) in (None, pid):
+                await trio.sleep(0.05)
+        restarted = await eventually(client, lambda s: s.value("ds_shard_up", shard=victim) == 1)
+        assert restarted.value("ds_streams", shard=victim) == 2
+        assert restarted.value("ds_appends_total", shard=victim) == 0  # a new process
+
+
 async def test_requests_over_http2_are_recorded_too(cluster: Any) -> None:
     """HTTP/2 goes through the ASGI app (not the native route): the same labels."""
     name = "metrics-h2"
