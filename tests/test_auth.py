@@ -379,6 +379,14 @@ def test_invalid_files_stop_the_gateway_at_start(tmp_path: Path) -> None:
         assert option in done.stderr and problem in done.stderr, done.stderr
 
 
+def test_up_refuses_a_missing_auth_file(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "ds_cluster", "up", "--port", "0"]
+    argv += ["--data-dir", str(tmp_path / "data"), "--auth-tokens", str(tmp_path / "none.json")]
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--auth-tokens" in done.stderr and "not a readable file" in done.stderr
+
+
 SEEN: list[dict[str, Any]] = []
 
 

@@ -153,6 +153,15 @@ class ClusterConfig:
             raise ValueError("--synchronous must be FULL or NORMAL")
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError("--max-body-bytes must be at least 1")
+        for option, given in (
+            ("--auth-tokens", self.auth_tokens),
+            ("--auth-jwt-key", self.auth_jwt_key),
+        ):
+            # Checked here too (the content by the gateways, which refuse a bad one).
+            if given is not None and not (Path(given).is_file() and os.access(given, os.R_OK)):
+                raise ValueError(f"{option} {given}: not a readable file")
+        if self.auth_metrics and self.auth_tokens is None and self.auth_jwt_key is None:
+            raise ValueError("--auth-metrics needs --auth-tokens or --auth-jwt-key")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
