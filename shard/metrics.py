@@ -45,8 +45,7 @@ class ShardCounters:
 def count_stored_streams(store: Store) -> int:
     """The streams in the database, counted once at start-up; the service then keeps the
     count as commits create and purge them."""
-    row = store._reader.execute("SELECT count(*) FROM streams").fetchone()
-    return int(row[0]) if row else 0
+    return store.counts()[0]
 
 
 class ShardCollector(Collector):
