@@ -1,8 +1,8 @@
 """The gateway's metrics: what it records per request, and `/metrics`, where a scrape
 gets the gateway's own samples and every shard's, in the Prometheus text format.
 
-Per request (the hot path) only plain Python runs: a dict lookup and a `Histogram`
-observation (`common.metrics`), a few hundred nanoseconds; prometheus_client's own
+Per request (the hot path) only plain Python runs: a dict lookup, two clock reads and a
+`Histogram` observation (`common.metrics`), about a microsecond; prometheus_client's own
 metric classes take a lock per update and are used only at scrape time, through a
 collector. Names and labels follow the OpenTelemetry HTTP semantic conventions
 (`http.server.request.duration` -> `http_server_request_duration_seconds`, with
