@@ -80,6 +80,11 @@ OPS = (
     "move_begin",
     "move_chunk",
     "move_finish",
+    "sub_http",
+    "sub_register",
+    "sub_unregister",
+    "sub_notify",
+    "sub_tails",
 )
 ERROR_CODES = ("bad_request", "misdirected", "unavailable", "internal", "version", "moving")
 
@@ -92,6 +97,19 @@ RING_FREE_OPS = frozenset({"ping", "ring_get", "ring_set", "move_status", "metri
 # a new op is one entry here and one handler in shard/rpc_ops.py. Handlers still check
 # values (ranges, that a path is canonical) the types cannot say.
 ARG_SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
+    # subscriptions (shard/subscriptions/ops.py): a gateway's __ds request, and between
+    # a subscription's owner and the shards that own its streams
+    "sub_http": {
+        "m": (str, True),
+        "p": (str, True),
+        "auth": (str, True),
+        "base": (str, True),
+        "b": (bytes, True),
+    },
+    "sub_register": {"sub": (str, True), "pattern": (str, False), "paths": (list, True)},
+    "sub_unregister": {"sub": (str, True), "paths": (list, False)},
+    "sub_notify": {"items": (list, True)},
+    "sub_tails": {"paths": (list, True)},
     "ring_get": {},
     "ring_set": {"ring": (dict, True)},
     "move_status": {},
