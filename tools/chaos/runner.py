@@ -419,22 +419,17 @@ class Exercise:
             for k, fork in enumerate(self.forks):
                 at = options.duration * (0.15 + 0.35 * k / max(1, len(self.forks)))
                 writers.start_soon(self._fork_later, fork, at, writers, readers)
-            injector = self.injector
-            if injector:
+            injector, scaler = self.injector, self.scaler
 
-                async def faults() -> None:
-                    with fault_scope:
-                        await injector.run()
+            async def faults() -> None:
+                with fault_scope:
+                    async with trio.open_nursery() as both:
+                        if injector:
+                            both.start_soon(injector.run)
+                        if scaler:
+                            both.start_soon(scaler.run)
 
-                writers.start_soon(faults)
-            scaler = self.scaler
-            if scaler:
-
-                async def scales() -> None:
-                    with fault_scope:
-                        await scaler.run()
-
-                writers.start_soon(scales)
+            writers.start_soon(faults)
             await trio.sleep(options.duration)
             fault_scope.cancel()
             self.stop_writers.set()
