@@ -145,7 +145,10 @@ class Call(rpc_core.CallState):
     __slots__ = ("_conn", "_inbox", "_waiter", "done", "buffered")
 
     def __init__(self, conn: ShardConnection) -> None:
-        super().__init__()
+        # CallState's fields, set here rather than through super(): one per request
+        self.id = 0
+        self.answered = False
+        self.sent = False
         self._conn = conn
         # The frames the connection's reader delivered and the task parked for the next one:
         # a deque and a task instead of a memory channel, made for every request.

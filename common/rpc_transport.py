@@ -129,11 +129,21 @@ class FrameWriter:
 
     def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
         """Queue one frame's pieces (`wire.encode_parts`) if the budgets allow."""
-        cost = _cost(parts)
+        cost = (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + FRAME_OVERHEAD
         held = self._size + self._writing
-        if held and (held + cost > self._budget or self._shared.used + cost > self._shared.limit):
+        shared = self._shared
+        if held and (held + cost > self._budget or shared.used + cost > shared.limit):
             return False
-        self._queue(parts, cost, owner)
+        # _queue, inlined: every request passes here
+        if len(parts) == 1:
+            self._frames.append(parts[0])
+            self._owners.append(owner)
+        else:
+            self._frames += parts
+            self._owners += [owner] * len(parts)
+        self._size += cost
+        shared.used += cost
+        self._wake.set()
         return True
 
     def send_nowait(self, frame: Mapping[str, object]) -> None:
