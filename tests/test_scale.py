@@ -164,6 +164,68 @@ async def test_a_start_on_a_busy_port_leaves_the_data_dir_as_it_was(tmp_path: Pa
         assert (data / "cluster.json").read_bytes() == before
 
 
+@pytest.mark.slow
+async def test_up_with_another_count_moves_the_recorded_cluster_to_it(tmp_path: Path) -> None:
+    """`up --shards 3` on a dir recorded with 2 starts the 2, then scales: every stream is
+    still there, the record and the gateway's ring say 3, `status --url` shows them."""
+    names = [f"grown-{i}" for i in range(16)]
+    async with (
+        running_cluster(tmp_path, shards=2) as first,
+        httpx.AsyncClient(base_url=first.url, timeout=30) as client,
+    ):
+        await put_streams(client, names)
+    async with running_cluster(tmp_path, shards=3) as cluster:
+        with trio.fail_after(120):
+            while (recorded := record.load(cluster.data_dir)) is None or recorded.scale:
+                await trio.sleep(0.2)
+        assert recorded.shards == record.shard_ids(3) and recorded.ring_version == 2
+        assert cluster.shard_ids == ["shard-0", "shard-1", "shard-2"]
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+            await assert_streams(client, names)
+        status = await ds_cluster_async("status", "--url", cluster.url, "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        parsed = json.loads(status.stdout)
+        assert parsed["ring"]["version"] == 2
+        assert parsed["ring"]["shards"] == ["shard-0", "shard-1", "shard-2"]
+        assert sum(s["streams"] for s in parsed["shards"].values()) >= len(names)
+        assert all(s["done"] and s["ring_version"] == 2 for s in parsed["shards"].values())
+        text = await ds_cluster_async("status", "--url", cluster.url)
+        assert "ring v2: shard-0, shard-1, shard-2" in text.stdout
+        assert parsed["shards"]["shard-2"]["streams"] > 0  # shard-2 took its share
+
+
+@pytest.mark.slow
+async def test_rebalance_command_drains_a_shard_without_the_supervisor(tmp_path: Path) -> None:
+    """`ds-cluster rebalance` (the Kubernetes driver) given two of three shards: the third
+    hands everything over and reports done; a rerun finds nothing left to do."""
+    names = [f"drained-{i}" for i in range(16)]
+    async with running_cluster(tmp_path, shards=3) as cluster:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+            await put_streams(client, names)
+        endpoints = ",".join(
+            f"{sid}=127.0.0.1:{port}"
+            for sid, (_, port) in sorted(cluster.shard_addresses.items())
+            if sid != "shard-2"
+        )
+        secret = str(cluster.data_dir / "cluster.secret")
+        argv = ("rebalance", "--shard-endpoints", endpoints, "--cluster-secret-file", secret)
+        first = await ds_cluster_async(*argv)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "every shard serves on ring v2" in first.stdout
+        again = await ds_cluster_async(*argv)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "ring v2" in again.stdout and "moved 0 streams" in again.stdout
+        status = await supervisor_status(cluster.data_dir)
+        assert status["shards"]["shard-2"]["streams"] == 0
+        assert status["shards"]["shard-2"]["ring_version"] == 2
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+            await assert_streams(client, names)
+        bad = await ds_cluster_async(
+            "rebalance", "--shard-endpoints", "nonsense", "--cluster-secret-file", secret
+        )
+        assert bad.returncode == 2 and "expected ID=HOST:PORT" in bad.stderr
+
+
 # ---- the control socket --------------------------------------------------------------
 
 
