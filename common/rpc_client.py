@@ -708,6 +708,7 @@ class ShardPool:
         last answer if none was taken in time). Raises ShardUnavailable as `open`."""
         give_up: float | None = None
         backoff = ROUTE_BACKOFF
+        pushed: set[str] = set()  # shards sent our ring already
         while True:
             ring = self.rings.current
             shard_id = ring.owner(path)
@@ -735,8 +736,14 @@ class ShardPool:
             wait = jittered(backoff)
             if code == "moving":
                 wait = min(max(retry_after(first.get("a", {})), wait), MAX_RETRY_AFTER)
-            elif type(theirs) is dict and theirs.get("version", 0) < self.rings.version:
-                # The shard is behind: bring it up to our ring, then ask again at once.
+            elif (
+                type(theirs) is dict
+                and theirs.get("version", 0) < self.rings.version
+                and shard_id not in pushed
+            ):
+                # The shard is behind: bring it up to our ring, then ask again at once
+                # (once per shard: if it stays behind, the backoff paces the retries).
+                pushed.add(shard_id)
                 await self._push_ring(shard_id, give_up - now)
                 wait = 0.0
             elif self.rings.version > ring.version:

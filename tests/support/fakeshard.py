@@ -108,7 +108,11 @@ class FakeShard:
                                 version = msg.get("r", 0)
                                 if self.ring_version is not None:
                                     version = self.ring_version
-                                ring = {"version": version, "shards": [self.shard_id]}
+                                ring = {
+                                    "version": version,
+                                    "shards": [self.shard_id],
+                                    "endpoints": {},
+                                }
                                 handshake = ServerHandshake(
                                     self.secret, shard_id=self.shard_id, ring=ring
                                 )
