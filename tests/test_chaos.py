@@ -25,6 +25,7 @@ from ds_cluster.tools.chaos.payload import (
     encode_batch,
     message_id,
 )
+from ds_cluster.tools.chaos.scaling import ScaleDriver, parse_counts, parse_range
 from ds_cluster.tools.chaos.sse import SseParser
 from ds_cluster.tools.chaos.verify import verify
 
@@ -180,6 +181,53 @@ async def test_a_supervisor_kill_recovers_only_once_every_shard_wrote_again() ->
     assert event.recovered_after is None and injector.down() == ["shard-1"]
     injector.note_write_ok("shard-1", trio.current_time())
     assert event.recovered_after is not None and injector.down() == []
+
+
+async def test_a_kill_of_a_shard_that_then_left_the_ring_is_closed_as_such() -> None:
+    start = trio.current_time()
+    injector = FaultInjector(
+        dict,
+        ["shard-0", "shard-3"],
+        random.Random(1),
+        start=start,
+        kill_interval=0,
+        stop_probability=0,
+    )
+    event = injector._record("shard-3", "kill", 7)
+    assert injector.down() == ["shard-3"]
+    injector.left_ring({"shard-3"})
+    assert injector.down() == [] and event.left_ring and event.recovered_after is None
+
+
+def test_scale_plans_stay_in_range_or_follow_the_sequence() -> None:
+    assert parse_range("3:4") == (3, 4) and parse_counts("4, 3") == [4, 3]
+    for bad in ("4:3", "0:2", "3", "a:b"):
+        with pytest.raises(ValueError):
+            parse_range(bad)
+    for bad in ("", "0", "4,x"):
+        with pytest.raises(ValueError):
+            parse_counts(bad)
+
+    def driver(sequence: list[int] | None = None) -> ScaleDriver:
+        return ScaleDriver(
+            Path("unused"),
+            (3, 5),
+            1.0,
+            random.Random(3),
+            start=0.0,
+            shards=3,
+            log=print,
+            on_begin=print,
+            on_done=print,
+            sequence=sequence,
+        )
+
+    ranged = driver()
+    for _ in range(20):
+        ranged.shards = ranged._next_count() or 0
+        assert 3 <= ranged.shards <= 5
+    planned = driver([4, 3])
+    assert [planned._next_count(), planned._next_count(), planned._next_count()] == [4, 3, None]
 
 
 @pytest.mark.slow
