@@ -337,7 +337,6 @@ class Supervisor:
             echo=self._echo_scale if config.print_scale_progress else None,
         )
         self._scale_at_start: int | None = None  # `up --shards N` on a dir of another count
-        self._new_dir = True
         self._children: list[_Child] = []
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -529,7 +528,6 @@ class Supervisor:
         """Record `new` in the data dir (atomically), then hold it."""
         record.save(self.data_dir, new)
         self.record = new
-        self._new_dir = False
 
     def pick_ports(self, count: int) -> list[int]:
         """`count` free shard ports, none already given to a shard of this cluster."""
@@ -653,10 +651,8 @@ class Supervisor:
         wanted = self.config.shards
         if recorded is None:
             self.record = ClusterRecord(record.shard_ids(wanted or default_shard_count()))
-            self._new_dir = True
         else:
             self.record = recorded
-            self._new_dir = False
             final = recorded.scale.shards if recorded.scale else recorded.shards
             if wanted is not None and record.shard_ids(wanted) != final:
                 self._scale_at_start = wanted

@@ -105,7 +105,6 @@ class Scaler:
         self.stall_timeout = stall_timeout
         self.echo = echo  # also print progress here (`up` prints to its stdout)
         self.current: ScaleRun | None = None
-        self.last_progress: Progress | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -187,7 +186,6 @@ class Scaler:
         said: list[object] = [None]
 
         def report(progress: Progress) -> None:
-            self.last_progress = progress
             figures = progress.to_json()
             key = {k: v for k, v in figures.items() if k != "elapsed"}
             if key != said[0]:  # a line when something moved, not every poll
