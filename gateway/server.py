@@ -404,7 +404,25 @@ class LeanH2Protocol(H2Protocol):
                     bodies[event.stream_id] = [now, 0, now]  # type: ignore[attr-defined]
             elif kind is h2.events.StreamEnded or kind is h2.events.StreamReset:
                 bodies.pop(event.stream_id, None)  # type: ignore[attr-defined]
-        await super()._handle_events(events)
+        # hypercorn hands a DataReceived to its stream without checking the stream is still
+        # there: the body of a request answered early (a 401 or 400 sent before its
+        # END_STREAM) raised KeyError and dropped the connection. Each DataReceived is
+        # checked just before hypercorn sees it; one for a stream already answered only
+        # gives its flow-control window back.
+        segment: list[h2.events.Event] = []
+        for event in events:
+            if type(event) is h2.events.DataReceived:
+                if segment:
+                    await super()._handle_events(segment)
+                    segment = []
+                if event.stream_id not in self.streams:
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.connection.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    continue
+            segment.append(event)
+        await super()._handle_events(segment)
 
     def _head_deadline(self) -> float:
         # h2 keeps an incomplete header block (HEADERS awaiting CONTINUATION) here.

@@ -217,6 +217,29 @@ async def test_right_tokens_do_everything(authed: Supervisor, keys: Keys) -> Non
         assert r.status_code in (200, 204), r.text
 
 
+async def test_http2_and_the_asgi_path_decide_alike(authed: Supervisor) -> None:
+    """HTTP/2 (prior knowledge) and percent-encoded live queries go through ASGI, not the
+    native route: the same decisions there."""
+    base = f"{authed.url}/v1/stream"
+    name = f"orders/h2-{uuid4().hex[:8]}"
+    plain = {"Content-Type": "text/plain"}
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as h2:
+        r = await h2.put(f"{base}/{name}", headers=plain)
+        assert r.http_version == "HTTP/2" and r.status_code == 401, r.text
+        r = await h2.put(f"{base}/{name}", headers={**plain, **bearer(READER)})
+        assert r.status_code == 403, r.text
+        r = await h2.put(f"{base}/{name}", headers={**plain, **bearer(WRITER)})
+        assert r.status_code == 201, r.text
+        r = await h2.post(f"{base}/{name}", headers={**plain, **bearer(OTHER)}, content=b"no")
+        assert r.status_code == 403, r.text
+        r = await h2.get(f"{base}/{name}?offset=-1&live=sse")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == REALM
+    async with httpx.AsyncClient(timeout=30) as h1:
+        for query in ("offset=-1&live=%73se", "offset=-1&live=long%2Dpoll"):
+            r = await h1.get(f"{base}/{name}?{query}")
+            assert r.status_code == 401, (query, r.text)
+
+
 async def test_health_metrics_and_preflight(authed: Supervisor) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         assert (await client.get(f"{authed.url}/healthz")).status_code == 200
