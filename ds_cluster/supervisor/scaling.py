@@ -35,6 +35,8 @@ from ds_cluster.supervisor.record import MAX_SHARDS, ClusterRecord, shard_ids
 
 log = logging.getLogger("ds_cluster.supervisor")
 
+HEARTBEAT = 10.0  # seconds between progress lines while nothing changes
+
 
 class ScaleRefused(Exception):
     """A scale request that cannot be taken now (bad count, another scale running)."""
@@ -183,13 +185,18 @@ class Scaler:
         await host.start_shards(ring, tuple(s for s in ring.shard_ids if s not in before))
         host.use_ring(ring)
 
-        said: list[object] = [None]
+        said: dict[str, object] = {}  # the figures last said
+        said_at = 0.0
 
         def report(progress: Progress) -> None:
+            nonlocal said, said_at
             figures = progress.to_json()
             key = {k: v for k, v in figures.items() if k != "elapsed"}
-            if key != said[0]:  # a line when something moved, not every poll
-                said[0] = key
+            now = trio.current_time()
+            # A line when something moved, not every poll; and one now and then while
+            # nothing does, so whoever follows knows the supervisor is still at it.
+            if key != said or now - said_at >= HEARTBEAT:
+                said, said_at = key, now
                 self._say(run, progress.line(), progress=figures)
 
         final = await rebalance(
