@@ -100,7 +100,6 @@ class AuthFiles:
         self._checked_at = time.monotonic()
         self._nursery: trio.Nursery | None = None
         self._reloading = False
-        self.reloads = 0  # successful reloads, for logs and tests
 
     def start(self, nursery: trio.Nursery) -> None:
         """Where reloads run (the gateway's lifetime nursery); until then none happen."""
@@ -135,7 +134,6 @@ class AuthFiles:
             return False
         self.authorizer = loaded.authorizer
         self._status = loaded.status
-        self.reloads += 1
         log.info("auth files reloaded (%s)", self.describe())
         return True
 
