@@ -223,10 +223,14 @@ class Handoff:
 
     async def _wait_arrival(self, path: str) -> None:
         """Wait briefly for `path` to arrive; StreamMoving if it does not."""
+        if path not in self._staging and self._store.has_stream(path):
+            return  # it arrived while we asked
         event = self._arrived.setdefault(path, trio.Event())
         with trio.move_on_after(ARRIVAL_WAIT):
             await event.wait()
         if path in self._staging or not self._store.has_stream(path):
+            if self._arrived.get(path) is event and not event.is_set():
+                del self._arrived[path]  # the next request waits on a fresh one
             raise StreamMoving(path)
 
     async def _ask_sources(self, path: str) -> bool:
@@ -401,9 +405,11 @@ class Handoff:
             event = self._arrived.pop(path, None)
             if event is not None:
                 event.set()
-            self._locks.pop(path, None)
             log.debug("received %r from %s", path, source)
-            return {"status": "done"}
+        lock = self._locks.get(path)
+        if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
+            del self._locks[path]  # nobody else is on this path: forget its lock
+        return {"status": "done"}
 
     def status(self) -> wire.Args:
         """`move_status`: what is left to send and to receive under the newest ring."""

@@ -27,6 +27,9 @@ from support.processes import GatewayProcess, ShardProcess, free_port
 from ds_cluster.common import wire
 from ds_cluster.common.ring import Ring, format_endpoint
 from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
+from ds_cluster.shard.committer import Committer
+from ds_cluster.shard.ring_state import ShardRing
+from ds_cluster.shard.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -444,12 +447,23 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
                 stalls[path] = max(stalls[path], took[-1])
                 await trio.sleep(0.02)
 
+        recreates: list[int] = []
+
+        async def recreate(stop: trio.Event) -> None:
+            """PUTs of the moving stream meanwhile: an idempotent re-create (200) once it
+            has arrived, or 503; never a new stream (201) racing the arriving one."""
+            async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+                while not stop.is_set():
+                    r = await http.put(f"/v1/stream/{big}", headers={"Content-Type": BYTES_TYPE})
+                    recreates.append(r.status_code)
+
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             started = time.monotonic()
             await cluster.set_ring(three, via="s0")
             nursery.start_soon(probe, stays, stop)
             nursery.start_soon(probe, fresh, stop)
+            nursery.start_soon(recreate, stop)
             await cluster.wait_moved(["s0", "s1", "s2"])
             moved_in = time.monotonic() - started
             stop.set()
@@ -463,6 +477,7 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
             f"{stalls[stays]:.3f} s, on the target {stalls[fresh]:.3f} s"
         )
         assert source_growth < 40 and target_growth < 40  # well under the stream's size
+        assert recreates and set(recreates) <= {200, 503}, recreates
         # Generous: source and target share one disk here, and the machine is shared.
         assert stalls[stays] < 3.0 and stalls[fresh] < 3.0
         async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
@@ -690,3 +705,49 @@ async def test_malformed_move_ops_are_refused_and_change_nothing(tmp_path: Path)
             await put(http, "still-serving", BYTES_TYPE)
             await post(http, "still-serving", b"ok", BYTES_TYPE)
             assert (await read_all(http, "still-serving")).content == b"ok"
+
+
+# -- the shard's ring at start-up (a real database, no processes) -----------------------------
+
+
+async def start_ring(data: Path, command_line: Ring, me: str = "s0") -> ShardRing:
+    """A ShardRing started on the database in `data`, as a shard starts it."""
+    store = Store(data)
+    committer = Committer(store, lambda jobs: None)
+    rings = ShardRing(me, command_line, store)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run)
+            await rings.start(committer)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    return rings
+
+
+def ring_of(version: int, *ids: str, port: int = 7000) -> Ring:
+    return Ring(version, ids, {sid: ("127.0.0.1", port + i) for i, sid in enumerate(ids)})
+
+
+async def test_a_fresh_cluster_has_no_sources_and_a_joining_shard_asks_everyone(
+    tmp_path: Path,
+) -> None:
+    fresh = await start_ring(tmp_path / "a", ring_of(1, "s0", "s1"))
+    assert fresh.current.version == 1 and fresh.sources == {}
+    joining = await start_ring(tmp_path / "b", ring_of(3, "s0", "s1", "s2"))
+    assert set(joining.sources) == {"s1", "s2"}
+
+
+async def test_the_newer_of_the_stored_and_the_command_line_ring_wins(tmp_path: Path) -> None:
+    data = tmp_path / "s0"
+    await start_ring(data, ring_of(1, "s0", "s1"))
+    newer = await start_ring(data, ring_of(2, "s0", "s1", "s2"))
+    assert newer.current.shard_ids == ("s0", "s1", "s2")
+    assert set(newer.sources) == {"s1", "s2"}  # the old ring's others and the new ones
+    # restarted with its first command line: the stored ring (v2) stays, with the
+    # command line's addresses for the shards both name (ports may have moved)
+    again = await start_ring(data, ring_of(1, "s0", "s1", port=8000))
+    assert again.current.version == 2 and again.current.shard_ids == ("s0", "s1", "s2")
+    assert again.current.endpoints["s1"] == ("127.0.0.1", 8001)
+    assert again.current.endpoints["s2"] == ("127.0.0.1", 7002)
+    assert set(again.sources) == {"s1", "s2"}
