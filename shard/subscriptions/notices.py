@@ -5,7 +5,9 @@ store's `outbox` in the write's own transaction (`stage`, from the service's sta
 the write): once the write is acknowledged, its notice is durable, whatever happens to
 this process next. A delivery loop then sends each owner, over the shard RPC, the current
 committed tail of every noticed path (`sub_notify`, one call per owner for all its
-subscriptions and paths), and deletes the rows the owner has acknowledged. While a
+subscriptions and paths), and deletes the rows the owner has acknowledged (within the
+transaction of the next write on this shard, so under load a notice costs no commit of
+its own; after a second without writes, alone). While a
 path's row is waiting, later writes to it add nothing: one notice covers every write
 before its delivery reads the tail, so appends cost one row per delivery round, not one
 per append. After a restart the rows left are delivered again (owners take tails as a
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 MAX_PATHS_PER_ROUND = 5_000
+REMOVAL_DELAY = 1.0  # delivered rows wait this long for a write to delete them with
 BUSY_DELAY = 0.02  # a path written during its delivery is delivered again after this
 
 Item = list[object]  # [sub id, path, tail offset or None]
@@ -59,11 +62,17 @@ class Notices:
         self._staged: dict[str, tuple[str, Job | None]] = {}  # path -> (row key, its job)
         self._ready: dict[str, str] = {}  # path -> key of a committed row
         self._wake = trio.Event()
+        self._removals: list[str] = []  # keys of delivered rows, to delete with a write
+        self._removals_due = trio.Event()
         self._keys = itertools.count()
         self._prefix = f"n{time.time_ns():x}-"
 
     def stage(self, job: Job, path: str) -> None:
-        """`job` writes `path`: add a notice row to it unless one is already waiting."""
+        """`job` writes `path`: add a notice row to it unless one is already waiting.
+        Rows already delivered are deleted in the same transaction, for free."""
+        if self._removals:
+            job.outbox_removed += self._removals
+            self._removals = []
         if not self._registry.matches(path):
             return
         staged = self._staged.get(path)
@@ -97,6 +106,23 @@ class Notices:
         self._wake.set()
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_removals)
+            await self._deliver_rounds()
+
+    async def _flush_removals(self) -> None:
+        """Delivered rows are deleted by the next write's transaction (`stage`); when no
+        write comes for REMOVAL_DELAY seconds, by a transaction of their own."""
+        while True:
+            await self._removals_due.wait()
+            self._removals_due = trio.Event()
+            await trio.sleep(REMOVAL_DELAY)
+            if self._removals:
+                done, self._removals = self._removals, []
+                # Not awaited: if it fails, the rows are delivered again after a restart.
+                self._committer.submit(Job(outbox_removed=done))
+
+    async def _deliver_rounds(self) -> None:
         backoff = MIN_BACKOFF
         while True:
             if not self._ready:
@@ -164,7 +190,6 @@ class Notices:
             else:
                 done.append(key)
         if done:
-            # Not awaited: the deletion joins the next group commit (if it fails, the
-            # rows are delivered again after a restart: harmless).
-            self._committer.submit(Job(outbox_removed=done))
+            self._removals += done
+            self._removals_due.set()
         return failed, bool(retry)
