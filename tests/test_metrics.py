@@ -35,6 +35,7 @@ from ds_cluster.common.metrics import (
     merge,
     to_wire,
 )
+from ds_cluster.gateway.metrics import MAX_SERIES_KEYS, GatewayMetrics, live_label, method_label
 
 BINARY = {"content-type": "application/octet-stream"}
 ROUTES = {"/v1/stream/{path}", "/healthz", "/readyz", "/metrics", ""}
@@ -408,3 +409,24 @@ def test_families_of_one_name_merge_and_mismatched_types_are_dropped() -> None:
     merged = merge([ours, theirs, odd])
     assert len(merged) == 1
     assert [s.value for s in merged[0].samples] == [5.0, 7.0]
+
+
+def test_label_values_come_from_fixed_sets() -> None:
+    assert method_label("POST") == "POST"
+    assert method_label("BREW") == "_OTHER"
+    assert live_label("GET", b"offset=-1&live=sse") == "sse"
+    assert live_label("GET", b"offset=-1&live=long%2Dpoll") == "long-poll"
+    assert live_label("GET", b"offset=-1&live=forever") == "none"
+    assert live_label("POST", b"live=sse") == "none"
+
+
+def test_made_up_methods_share_one_series_and_are_remembered_boundedly() -> None:
+    recorder = GatewayMetrics.__new__(GatewayMetrics)  # the recorder alone: no pool, no app
+    recorder._lookup, recorder.series = {}, {}
+    for i in range(MAX_SERIES_KEYS + 500):
+        recorder.exchange(f"M{i}", "http", "none").end(405)
+    assert list(recorder.series) == [("_OTHER", "http", "none")]
+    series = recorder.series[("_OTHER", "http", "none")]
+    assert series.active == 0
+    assert sum(series.stream[405].counts) == MAX_SERIES_KEYS + 500
+    assert len(recorder._lookup) == MAX_SERIES_KEYS
