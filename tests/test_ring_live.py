@@ -20,8 +20,10 @@ from support.auth import TEST_SECRET, open_authenticated, secret_args
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, ShardProcess, free_port, gateway_for
 
+from ds_cluster.common import wire
 from ds_cluster.common.ring import Ring, format_endpoint
 from ds_cluster.common.rpc_client import ROUTE_DEADLINE, ShardError, ShardPool
+from ds_cluster.gateway import fanout
 
 
 class RingShard:
@@ -416,3 +418,29 @@ async def test_a_gateway_on_a_newer_ring_brings_the_shard_to_it(tmp_path: Path) 
         if gateway is not None:
             assert gateway.stop() == 0
         shards.stop()
+
+
+# ---- pure pieces -------------------------------------------------------------------------
+
+
+def test_an_sse_upstream_resumes_from_the_last_control_event() -> None:
+    data = b'event: data\ndata:x\n\nevent: control\ndata:{"streamNextOffset":"0000_0002"}\n\n'
+    assert fanout._last_offset(data) == "0000_0002"
+    assert fanout._last_offset(data + b"event: data\ndata:y\n\n") == "0000_0002"
+    two = data + b'event: control\ndata:{"streamNextOffset":"0000_0003","upToDate":true}\n\n'
+    assert fanout._last_offset(two) == "0000_0003"
+    # A payload that looks like a control event is not one (its lines start with data:).
+    fake = b'event: data\ndata:event: control\ndata:{"streamNextOffset":"9999_9999"}\n\n'
+    assert fanout._last_offset(fake) is None
+    assert fanout._last_offset(b'event: control\ndata:{"streamNextOffset":"a&b=c"}\n\n') is None
+    fields = {"m": "GET", "p": "s", "q": "offset=-1&live=sse&cursor=5", "h": [], "b": b""}
+    resumed = fanout._resumed(fields, "0000_0003")
+    assert resumed["q"] == "live=sse&cursor=5&offset=0000_0003"
+    assert fanout._resumed(fields, None)["q"] == fields["q"]  # nothing relayed yet
+
+
+def test_a_peer_on_another_wire_version_is_named_in_the_error() -> None:
+    frame = wire.encode({"v": 2, "k": "cancel", "i": 1})
+    expected = f"wire version 2, this process speaks {wire.WIRE_VERSION}"
+    with pytest.raises(wire.WireError, match=expected):
+        wire.FrameDecoder().feed(frame)
