@@ -744,12 +744,19 @@ def test_scaling_through_the_manifests_moves_streams_up_and_drains_down(tmp_path
         kubernetes_api(tmp_path, replicas=2) as api,
     ):
         wait_ready(client, url, local.pods, time.monotonic() + 90)
+        assert moved_streams(local.run_job()) == 0  # the first deployment's Job: to-2
         bodies = write_streams(client, url, 30)
         # Up, 2 -> 3: the StatefulSet starts ds-shard-2 and the Job ds-rebalance-to-3 runs.
         local.use(rendered_with_shards(tmp_path, 3))
         api.replicas = 3
         assert find(local.documents, "Job")["metadata"]["name"] == "ds-rebalance-to-3"
         newcomer = local.start(find(local.documents, "StatefulSet", "ds-shard"), 2, 2)
+        # A gateway that starts before the Job ran (its shard count already says 3)
+        # routes every stream to the shard that has it.
+        late = local.start(find(local.documents, "Deployment", "ds-gateway"), 1, 201)
+        late_url = "http://" + late.process.args[late.process.args.index("--listen") + 1]
+        wait_ready(client, late_url, local.pods, time.monotonic() + 90)
+        assert_streams(client, late_url, bodies)
         moved_up = moved_streams(local.run_job())
         assert 0 < moved_up < len(bodies)  # about a third of them
         assert_streams(client, url, bodies)

@@ -286,11 +286,14 @@ def plan_ring(
     rings: Mapping[str, Ring], shard_ids: tuple[str, ...], endpoints: Mapping[str, Endpoint]
 ) -> Ring:
     """The ring to move to for `ring-version auto`: the newest ring the shards hold if it
-    already is `shard_ids` at `endpoints` (a rerun), else one version above it."""
+    already is `shard_ids` at `endpoints` (a rerun), else one version above it. Version 0
+    is never kept: it is the provisional ring of processes started from a DNS pattern
+    (Kubernetes), which a pod started later with another shard count also claims."""
     newest = max(rings.values(), key=lambda r: r.version, default=None)
     wanted = Ring(newest.version + 1 if newest else 1, shard_ids, endpoints)
     if (
         newest is not None
+        and newest.version > 0
         and newest.shard_ids == wanted.shard_ids
         and all(newest.endpoints.get(sid) == ep for sid, ep in wanted.endpoints.items())
     ):
