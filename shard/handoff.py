@@ -45,6 +45,7 @@ from ds_cluster.common import wire
 from ds_cluster.common.backoff import jittered
 from ds_cluster.common.ring import Ring, RingHolder
 from ds_cluster.shard.committer import Committer, Job, StreamMoving
+from ds_cluster.shard.core.bodies import MAX_RECORD_BYTES
 from ds_cluster.shard.core.model import ProducerState, Record, StreamState
 from ds_cluster.shard.peers import PeerUnavailable, records_from_wire, records_to_wire
 from ds_cluster.shard.ring_state import ShardRing
@@ -59,6 +60,7 @@ from ds_cluster.shard.store import (
     drop_arrival,
     encode_state,
     finish_arrival,
+    purge_slice,
     stage_arrival,
     stage_records,
 )
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024  # record bytes per move_chunk frame (one record may exceed it)
 SLICE_BYTES = 256 * 1024  # record bytes read from SQLite on the loop at a time
 SENDERS = 3  # streams sent at once
+PURGE_SLICE_RECORDS = 32  # records deleted per transaction when a sent copy is dropped
 MOVE_TIMEOUT = 30.0  # seconds for one move RPC
 QUERY_TIMEOUT = 2.0  # seconds a source has to say whether it holds a path
 ARRIVAL_WAIT = 1.0  # a request for a stream on its way waits this long, then `moving`
@@ -615,8 +618,20 @@ class Handoff:
         return records
 
     async def _drop(self, entry: Entry, sid: int) -> None:
-        """The new owner has the stream: delete our copy (its references went with it)."""
+        """The new owner has the stream: delete our copy (its references went with it).
+
+        A large copy's records go first, a slice per transaction (in a worker thread):
+        one transaction deleting 50 MiB would hold every other write of this shard
+        behind it for seconds. Nothing reads them meanwhile (the stream is fenced), and
+        if we are killed halfway the new owner's `arrived` mark says the stream is there."""
         await entry.wait_settled()
+        while self._store.count_records(sid, PURGE_SLICE_RECORDS + 1) > PURGE_SLICE_RECORDS:
+            job = Job(
+                statements=[purge_slice(sid, PURGE_SLICE_RECORDS)],
+                extra_bytes=PURGE_SLICE_RECORDS * MAX_RECORD_BYTES,  # off the loop
+                unfenced=True,
+            )
+            await self._committer.submit(job).wait()
         refs = self._store.refs_on(entry.path)
         write = StreamWrite(entry.path, sid, sid, None)
         job = Job(

@@ -273,6 +273,15 @@ def departed(path: str) -> Statement:
     return Statement("DELETE FROM departures WHERE path = ?", (path,))
 
 
+def purge_slice(sid: int, records: int) -> Statement:
+    """Delete the first `records` records of stream `sid` (a large purge, in steps)."""
+    return Statement(
+        "DELETE FROM records WHERE sid = ? AND end_pos IN "
+        "(SELECT end_pos FROM records WHERE sid = ? ORDER BY end_pos LIMIT ?)",
+        (sid, sid, records),
+    )
+
+
 def drop_arrival(path: str, sid: int) -> list[Statement]:
     """Discard a half-received stream (its sender starts it again)."""
     return [
@@ -540,6 +549,13 @@ class Store:
             "(SELECT coalesce(max(sid), 0) FROM arrivals))"
         ).fetchone()[0]
         return sid
+
+    def count_records(self, sid: int, limit: int) -> int:
+        """How many records stream `sid` has, counting no further than `limit`."""
+        count: int = self._reader.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM records WHERE sid = ? LIMIT ?)", (sid, limit)
+        ).fetchone()[0]
+        return count
 
     def has_stream(self, path: str) -> bool:
         return (

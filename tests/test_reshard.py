@@ -478,8 +478,9 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
         )
         assert source_growth < 40 and target_growth < 40  # well under the stream's size
         assert recreates and set(recreates) <= {200, 503}, recreates
-        # Generous: source and target share one disk here, and the machine is shared.
-        assert stalls[stays] < 3.0 and stalls[fresh] < 3.0
+        # Generous (source and target share one disk here, and the machine is shared),
+        # yet under what dropping the sent copy in one transaction cost (over 2 s).
+        assert stalls[stays] < 1.5 and stalls[fresh] < 1.5
         async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
             r = await read_all(http, big)
             assert r.content == body
