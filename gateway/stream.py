@@ -157,6 +157,12 @@ def failure_answer(exc: ShardUnavailable | ShardError) -> Answer:
     return error_answer(status, exc.msg or exc.code, (retry_after,))
 
 
+def _own_credentials(method: str, path: str) -> bool:
+    """A reserved route that carries its own credentials (`reserved.own_credentials`),
+    never a stream whose path merely looks like one (`orders/subscriptions/x/ack`)."""
+    return is_reserved(path) and own_credentials(method, path)
+
+
 def denied_answer(denied: Denied) -> Answer:
     """A refused token's 401 / 403, with its `WWW-Authenticate` challenge."""
     challenge = (b"www-authenticate", denied.www_authenticate.encode())
@@ -432,7 +438,7 @@ class StreamHandler:
                 authorization = value
         # Subscription callbacks, acks and releases carry the subscription's own token,
         # which its owner checks; the JWK Set is public.
-        if self.auth is not None and not own_credentials(method, path):
+        if self.auth is not None and not _own_credentials(method, path):
             refused = self._authorize(method, path, authorization, forwarded)
             if refused is not None:
                 return refused
@@ -448,7 +454,7 @@ class StreamHandler:
         """A reserved `__ds` route. The Authorization header goes to the owner only where it
         carries the subscription's own token (callback, ack, release): a client's token
         never leaves the gateway."""
-        if not own_credentials(method, path):
+        if not _own_credentials(method, path):
             headers = []
         return await self.reserved.answer(method, path, headers, body)
 

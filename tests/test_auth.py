@@ -188,6 +188,24 @@ async def test_every_operation_refused_and_nothing_changes(authed: Supervisor, k
                 assert r.status_code == 200, (name, r.status_code, r.text)
 
 
+async def test_stream_paths_shaped_like_subscription_routes_need_a_token(
+    authed: Supervisor,
+) -> None:
+    """Only the reserved `__ds/subscriptions/<id>/{callback,ack,release}` POSTs carry their
+    own credentials; a stream whose path merely looks like one needs a client token."""
+    base = f"{authed.url}/v1/stream"
+    plain = {"Content-Type": "text/plain"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for action in ("callback", "ack", "release"):
+            path = f"orders/subscriptions/{uuid4().hex[:8]}/{action}"
+            r = await client.put(f"{base}/{path}", headers=plain)
+            assert r.status_code == 401, (path, r.status_code, r.text)
+            r = await client.post(f"{base}/{path}", headers=plain, content=b"sneaky")
+            assert r.status_code == 401, (path, r.status_code, r.text)
+            r = await client.get(f"{base}/{path}?offset=-1", headers=bearer(READER))
+            assert r.status_code == 404, (path, r.status_code, r.text)
+
+
 async def test_right_tokens_do_everything(authed: Supervisor, keys: Keys) -> None:
     base = f"{authed.url}/v1/stream"
     source = f"orders/all-{uuid4().hex[:8]}"
