@@ -8,7 +8,7 @@ duplicate."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -285,112 +285,174 @@ def sse_payloads(buffer: bytearray) -> list[bytes]:
     return out
 
 
+class Traffic:
+    """An idempotent writer and two live readers (SSE, long-poll) of one stream through
+    a gateway, and a writer on a stream that does not move, run while a ring changes."""
+
+    APPENDS = 60
+
+    def __init__(self, http: httpx.AsyncClient, name: str, stays: str) -> None:
+        self.http, self.name, self.stays = http, name, stays
+        self.expected = b"".join(b"r%03d;" % n for n in range(self.APPENDS))
+        self.sse_got, self.poll_got = bytearray(), bytearray()
+        self.statuses: list[int] = []
+        self.durations: list[float] = []  # each write, its retries after a 503 included
+        self.sse_ready, self.writes_done = trio.Event(), trio.Event()
+
+    async def run(self, change: Callable[[], Awaitable[None]]) -> None:
+        """Create the streams, start the clients, `change` the ring while they run, and
+        return once every client is done."""
+        for stream in (self.name, self.stays):
+            r = await self.http.put(f"/v1/stream/{stream}", headers={"Content-Type": TEXT})
+            assert r.status_code == 201, r.text
+        with trio.fail_after(MOVE_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.sse_reader)
+                nursery.start_soon(self.long_poller)
+                await self.sse_ready.wait()
+                nursery.start_soon(self.writer)
+                await trio.sleep(0.5)  # some writes before the change
+                await change()
+
+    async def sse_reader(self) -> None:
+        buffer = bytearray()
+        url = f"/v1/stream/{self.name}?offset=-1&live=sse"
+        async with self.http.stream("GET", url) as response:
+            assert response.status_code == 200
+            self.sse_ready.set()
+            async for data in response.aiter_raw():
+                buffer += data
+                for payload in sse_payloads(buffer):
+                    self.sse_got.extend(payload)
+                if len(self.sse_got) >= len(self.expected):
+                    return
+
+    async def long_poller(self) -> None:
+        offset = "-1"
+        while len(self.poll_got) < len(self.expected):
+            query = {"offset": offset, "live": "long-poll"}
+            r = await self.http.get(f"/v1/stream/{self.name}", params=query)
+            assert r.status_code in (200, 204), (r.status_code, r.text)
+            self.poll_got.extend(r.content)
+            offset = r.headers["stream-next-offset"]
+
+    async def writer(self) -> None:
+        for n in range(self.APPENDS):
+            headers = {"Content-Type": TEXT, "Producer-Id": "w", "Producer-Epoch": "0"}
+            headers["Producer-Seq"] = str(n)
+            started = time.monotonic()
+            while True:  # a 503 (with Retry-After) is retried: same seq, no duplicate
+                r = await self.http.post(
+                    f"/v1/stream/{self.name}", content=b"r%03d;" % n, headers=headers
+                )
+                self.statuses.append(r.status_code)
+                if r.status_code != 503:
+                    break
+                await trio.sleep(float(r.headers["retry-after"]))
+            assert r.status_code in (200, 204), (n, r.status_code, r.text)
+            self.durations.append(time.monotonic() - started)
+            r = await self.http.post(
+                f"/v1/stream/{self.stays}", content=b"s", headers={"Content-Type": TEXT}
+            )
+            assert r.status_code == 204, r.text
+            await trio.sleep(0.05)
+        self.writes_done.set()
+
+    async def check(self, gateway: GatewayProcess, version: int) -> None:
+        """Every write landed once, in order; both readers saw exactly that; no client
+        error; the gateway follows the new ring, and resumed the SSE on the new owner."""
+        assert self.writes_done.is_set()
+        r = await self.http.get(f"/v1/stream/{self.name}", params={"offset": "-1"})
+        assert r.status_code == 200 and r.content == self.expected
+        assert bytes(self.sse_got) == self.expected
+        assert bytes(self.poll_got) == self.expected
+        assert all(s < 400 or s == 503 for s in self.statuses), self.statuses
+        assert any(f"ring v{version} adopted" in line for line in gateway.lines)
+        assert any("resuming on its owner" in line for line in gateway.lines)
+        assert (await self.http.get("/readyz")).status_code == 200
+        print(f"longest write {max(self.durations):.3f}s; statuses {sorted(set(self.statuses))}")
+
+
+async def owner_now(admin: ShardPool, ids: list[str], name: str) -> str:
+    """The one shard that serves `name` (the others send callers elsewhere)."""
+    owners = []
+    for sid in ids:
+        async with admin.open(sid, "http", {**get(name), "m": "HEAD"}) as call:
+            try:
+                if (await call.response())["s"] == 200:
+                    owners.append(sid)
+            except ShardError as exc:
+                assert exc.code == "misdirected", exc
+    assert len(owners) == 1, owners
+    return owners[0]
+
+
 @pytest.mark.slow
-async def test_writers_and_live_readers_follow_a_ring_change_through_an_old_gateway(
+async def test_clients_follow_a_new_shard_through_a_gateway_on_the_old_ring(
     tmp_path: Path,
 ) -> None:
     shards = Shards(tmp_path, ["s0", "s1"])
     one, two = shards.ring(1, ["s0"]), shards.ring(2, ["s0", "s1"])
-    name = owned_by(two, "s1", "moving-")  # a stream the ring change moves from s0 to s1
-    stays = owned_by(two, "s0", "staying-")
-    appends = 60
-    expected = b"".join(b"r%03d;" % n for n in range(appends))
     gateway: GatewayProcess | None = None
     try:
         shards.start("s0", one)
-        gateway = GatewayProcess(shards.spec(one))  # on ring v1 throughout: it learns v2
+        gateway = GatewayProcess(shards.spec(one))  # on ring v1: it learns v2 from s0
         assert gateway.wait_ready(timeout=30).status_code == 200
-        statuses: list[int] = []
-        durations: list[float] = []
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
             admin_pool(shards, two) as admin,
         ):
-            for stream in (name, stays):
-                r = await http.put(f"/v1/stream/{stream}", headers={"Content-Type": TEXT})
-                assert r.status_code == 201, r.text
-            sse_got = bytearray()
-            poll_got = bytearray()
-            sse_ready, writes_done = trio.Event(), trio.Event()
+            # a stream the ring change moves from s0 to s1, and one it leaves on s0
+            traffic = Traffic(http, owned_by(two, "s1", "moving-"), owned_by(two, "s0", "stay-"))
 
-            async def sse_reader() -> None:
-                buffer = bytearray()
-                url = f"/v1/stream/{name}?offset=-1&live=sse"
-                async with http.stream("GET", url) as response:
-                    assert response.status_code == 200
-                    sse_ready.set()
-                    async for data in response.aiter_raw():
-                        buffer += data
-                        for payload in sse_payloads(buffer):
-                            sse_got.extend(payload)
-                        if len(sse_got) >= len(expected):
-                            return
+            async def grow() -> None:
+                shards.start("s1", two)
+                await admin.call("s0", "ring_set", {"ring": two.to_wire()}, timeout=10)
+                await wait_moved(admin, ["s0", "s1"], 2)
 
-            async def long_poller() -> None:
-                offset = "-1"
-                while len(poll_got) < len(expected):
-                    query = {"offset": offset, "live": "long-poll"}
-                    r = await http.get(f"/v1/stream/{name}", params=query)
-                    assert r.status_code in (200, 204), (r.status_code, r.text)
-                    poll_got.extend(r.content)
-                    offset = r.headers["stream-next-offset"]
+            await traffic.run(grow)
+            await traffic.check(gateway, 2)
+            assert await owner_now(admin, ["s0", "s1"], traffic.name) == "s1"
+    finally:
+        if gateway is not None:
+            assert gateway.stop() == 0
+        shards.stop()
 
-            async def writer() -> None:
-                for n in range(appends):
-                    headers = {
-                        "Content-Type": TEXT,
-                        "Producer-Id": "w",
-                        "Producer-Epoch": "0",
-                        "Producer-Seq": str(n),
-                    }
-                    started = time.monotonic()
-                    while True:  # a 503 (with Retry-After) is retried: same seq, no duplicate
-                        r = await http.post(
-                            f"/v1/stream/{name}", content=b"r%03d;" % n, headers=headers
-                        )
-                        statuses.append(r.status_code)
-                        if r.status_code != 503:
-                            break
-                        await trio.sleep(float(r.headers["retry-after"]))
-                    assert r.status_code in (200, 204), (n, r.status_code, r.text)
-                    durations.append(time.monotonic() - started)
-                    r = await http.post(
-                        f"/v1/stream/{stays}", content=b"s", headers={"Content-Type": TEXT}
-                    )
-                    assert r.status_code == 204, r.text
-                    await trio.sleep(0.05)
-                writes_done.set()
 
-            with trio.fail_after(MOVE_DEADLINE):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(sse_reader)
-                    nursery.start_soon(long_poller)
-                    await sse_ready.wait()
-                    nursery.start_soon(writer)
-                    await trio.sleep(0.5)  # some writes on s0 first
-                    shards.start("s1", two)
-                    await admin.call("s0", "ring_set", {"ring": two.to_wire()}, timeout=10)
-                    await wait_moved(admin, ["s0", "s1"], 2)
-            assert writes_done.is_set()
-            # Every write landed once, in order; the readers saw exactly that.
-            r = await http.get(f"/v1/stream/{name}", params={"offset": "-1"})
-            assert r.status_code == 200 and r.content == expected
-            assert bytes(sse_got) == expected
-            assert bytes(poll_got) == expected
-            assert all(s < 400 or s == 503 for s in statuses), statuses
-            # The gateway follows ring v2 and serves from s1.
-            assert any("ring v2 adopted" in line for line in gateway.lines), gateway.lines[-20:]
-            assert (await http.get("/readyz")).status_code == 200
-            # The SSE upstream was ended by its old owner and read on at the new one.
-            assert any("resuming on its owner" in line for line in gateway.lines)
-            # s1 holds the stream now; s0 sends callers there.
-            async with admin.open("s1", "http", {**get(name), "m": "HEAD"}) as call:
-                assert (await call.response())["s"] == 200
-            async with admin.open("s0", "http", {**get(name), "m": "HEAD"}) as call:
-                with pytest.raises(ShardError) as info:
-                    await call.response()
-                assert info.value.code == "misdirected"
-            print(f"longest write (stall) {max(durations):.3f}s; statuses {set(statuses)}")
+@pytest.mark.slow
+async def test_clients_follow_a_departing_shard_s_streams_and_the_gateway_lets_it_go(
+    tmp_path: Path,
+) -> None:
+    shards = Shards(tmp_path, ["s0", "s1"])
+    two, three = shards.ring(1, ["s0", "s1"]), shards.ring(2, ["s0"])
+    gateway: GatewayProcess | None = None
+    try:
+        for sid in ("s0", "s1"):
+            shards.start(sid, two)
+        gateway = GatewayProcess(shards.spec(two))
+        assert gateway.wait_ready(timeout=30).status_code == 200
+        async with (
+            httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+            admin_pool(shards, two) as admin,
+        ):
+            traffic = Traffic(http, owned_by(two, "s1", "leaving-"), owned_by(two, "s0", "stay-"))
+
+            async def shrink() -> None:
+                await admin.call("s1", "ring_set", {"ring": three.to_wire()}, timeout=10)
+                await wait_moved(admin, ["s0", "s1"], 2)
+
+            await traffic.run(shrink)
+            await traffic.check(gateway, 2)
+            admin.adopt(three)
+            assert await owner_now(admin, ["s0", "s1"], traffic.name) == "s0"
+            # The gateway closed its connection to s1: s1 may go, the gateway stays ready.
+            shards.procs["s1"].stop()
+            assert any("shard s1 left the ring" in line for line in gateway.lines)
+            await trio.sleep(1.5)  # a connection it still held would now report a problem
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            r = await http.get(f"/v1/stream/{traffic.name}", params={"offset": "-1"})
+            assert r.content == traffic.expected
     finally:
         if gateway is not None:
             assert gateway.stop() == 0
