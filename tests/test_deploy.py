@@ -765,7 +765,10 @@ def test_scaling_through_the_manifests_moves_streams_up_and_drains_down(tmp_path
         api.replicas = 2
         hook = drain_hook(local, 2, api.env)
         local.use(rendered_with_shards(tmp_path, 2))
-        time.sleep(1)
+        late = local.start(find(local.documents, "Deployment", "ds-gateway"), 2, 202)
+        late_url = "http://" + late.process.args[late.process.args.index("--listen") + 1]
+        wait_ready(client, late_url, local.pods, time.monotonic() + 90)
+        assert_streams(client, late_url, bodies)  # its count says 2: it follows the ring of 3
         assert hook.poll() is None, hook.communicate()[0]  # held: its ring still has it
         moved_down = moved_streams(local.run_job())
         out, _ = hook.communicate(timeout=120)
