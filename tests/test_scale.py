@@ -175,10 +175,14 @@ async def test_up_with_another_count_moves_the_recorded_cluster_to_it(tmp_path: 
     ):
         await put_streams(client, names)
     async with running_cluster(tmp_path, shards=3) as cluster:
-        with trio.fail_after(120):
-            while (recorded := record.load(cluster.data_dir)) is None or recorded.scale:
+        with trio.fail_after(120):  # the scale starts once the recorded 2 are ready
+            while True:
+                recorded = record.load(cluster.data_dir)
+                assert recorded is not None
+                if recorded.shards == record.shard_ids(3) and recorded.scale is None:
+                    break
                 await trio.sleep(0.2)
-        assert recorded.shards == record.shard_ids(3) and recorded.ring_version == 2
+        assert recorded.ring_version == 2
         assert cluster.shard_ids == ["shard-0", "shard-1", "shard-2"]
         async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
             await assert_streams(client, names)
