@@ -82,6 +82,7 @@ MAX_QUEUED = 256 * 1024 * 1024  # request bytes queued for one shard before `ope
 ROUTE_DEADLINE = 2.0  # seconds `open_routed` keeps retrying a ring change or a move
 ROUTE_BACKOFF = 0.05  # first pause between such retries (doubling, jittered)
 MAX_RETRY_AFTER = 1.0  # longest pause a shard's `moving` answer may ask of one retry
+DEPART_GRACE = 90.0  # seconds a departed shard's calls in flight get (a held SSE, say)
 
 
 class ShardUnavailable(Exception):
@@ -270,6 +271,7 @@ class ShardConnection:
         self.health: dict[str, str] = {}  # the shard's last health report (ready, pings)
         self.connected_event = trio.Event()  # set while connected; replaced when lost
         self.scope = trio.CancelScope()  # cancelled when the shard leaves the ring
+        self._drained: trio.Event | None = None  # set when in_flight reaches 0 (`drained`)
 
     @property
     def connected(self) -> bool:
@@ -279,6 +281,17 @@ class ShardConnection:
     def in_flight(self) -> int:
         """Requests sent or queued and not yet complete."""
         return len(self._protocol.pending) if self._protocol is not None else 0
+
+    async def drained(self) -> None:
+        """Return once no request is in flight (for a connection given no new ones)."""
+        while self.in_flight:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.in_flight:
+            self._drained.set()
+            self._drained = None
 
     # -- calls -----------------------------------------------------------------------
 
@@ -313,6 +326,7 @@ class ShardConnection:
         if protocol.pending.get(call.id) is not call:
             return  # complete, or a call of an earlier connection
         protocol.abandon(call)
+        self._check_drained()
         if call.sent:
             writer.send_nowait(rpc_core.cancel(call.id))
         else:  # still queued: just do not send it
@@ -470,6 +484,7 @@ class ShardConnection:
         self.connected_event = trio.Event()
         for call in protocol.lost():
             call._put(_DROPPED)
+        self._check_drained()
 
     async def _reader(
         self,
@@ -496,6 +511,8 @@ class ShardConnection:
                             self._overflow(protocol, call)
                             continue
                     call._put(frame)
+                if self._drained is not None:
+                    self._check_drained()
                 received = await reader.frames()
                 if received is None:
                     log.info("shard %s: connection closed by the shard", self.shard_id)
@@ -591,8 +608,22 @@ class ShardPool:
         if self._drop_departed:
             for shard_id in [sid for sid in self.connections if sid not in ring.shard_ids]:
                 log.info("shard %s left the ring: closing its connection", shard_id)
-                self.connections.pop(shard_id).scope.cancel()
+                self._retire(self.connections.pop(shard_id))
         return True
+
+    def _retire(self, conn: ShardConnection) -> None:
+        """Close `conn` once the calls in flight on it are answered (within DEPART_GRACE):
+        a shard that left the ring still answers what it was asked before."""
+        if self._nursery is None:
+            conn.scope.cancel()
+            return
+
+        async def retire() -> None:
+            with trio.move_on_after(DEPART_GRACE):
+                await conn.drained()
+            conn.scope.cancel()
+
+        self._nursery.start_soon(retire, name=f"shard-retire-{conn.shard_id}")
 
     def _heard(self, info: object, shard_id: str) -> None:
         """A shard sent its ring (ready, err): adopt it if newer and well-formed."""
