@@ -644,7 +644,7 @@ class ShardPool:
         if old is not None:
             if old.address == address:
                 return
-            old.scope.cancel()
+            self._retire(old)  # the shard moved: new calls go to its new address
         conn = ShardConnection(
             shard_id,
             address,
