@@ -338,7 +338,9 @@ async def test_scale_3_to_4_to_3_under_idempotent_writers_and_live_readers(
         f"(ring says {moved_fraction(paths, 3, 4):.0%} of paths move; 1/4 expected); "
         f"4 -> 3: moved {result.scales[1].moved_streams}; scales took "
         f"{result.scales[0].took:.1f} s and {result.scales[1].took:.1f} s; "
-        f"write latency p99 {figures['write_p99']:.2f} s, longest {figures['longest_write']:.2f} s"
+        f"write latency p99 {figures['write_p99']:.2f} s, longest {figures['longest_write']:.2f} s "
+        f"({figures['longest_write_moved_stream'] or 0:.2f} s on a moved stream, "
+        f"{figures['longest_write_unmoved_stream'] or 0:.2f} s on the others)"
     )
     assert result.scales[0].moved_streams >= 1 and result.scales[1].moved_streams >= 1
 

@@ -21,6 +21,7 @@ class StreamPlan:
     fork_offset: str | None = None
     prefix: list[str] = field(default_factory=list)
     created: bool = False
+    moves: int = 0  # how many scales changed its owner
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Stats:
     forks_created: int = 0
     # seconds from a batch's first attempt to its acknowledgement, retries included
     write_latencies: list[float] = field(default_factory=list)
+    longest_write_by_stream: dict[str, float] = field(default_factory=dict)
 
     def count_status(self, key: str) -> None:
         self.status_counts[key] = self.status_counts.get(key, 0) + 1

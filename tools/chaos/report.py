@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
+from typing import TypedDict
 
 from .model import FaultEvent, ReaderLog, Stats, Violation
 from .scaling import ScaleEvent
 from .verify import Verdict
+
+
+class ScaleFigures(TypedDict):
+    longest_write_moved_stream: float | None
+    longest_write_unmoved_stream: float | None
+    scale_events: int
+    scale_failures: int
+    streams_moved: int
+    bytes_moved: int
+    longest_scale: float | None
 
 
 @dataclass
@@ -27,6 +38,7 @@ class ChaosResult:
     data_dir: str | None = None
     kill_supervisor_interval: float = 0.0
     scales: list[ScaleEvent] = field(default_factory=list)
+    moved_paths: list[str] = field(default_factory=list)  # streams a scale moved
     scale_interval: float = 0.0
 
     @property
@@ -75,9 +87,17 @@ class ChaosResult:
             "longest_write": latencies[-1],
         }
 
-    def scale_figures(self) -> dict[str, object]:
+    def scale_figures(self) -> ScaleFigures:
         done = [e for e in self.scales if e.ok]
+        longest = self.stats.longest_write_by_stream
+        moved = set(self.moved_paths)
         return {
+            "longest_write_moved_stream": max(
+                (t for p, t in longest.items() if p in moved), default=None
+            ),
+            "longest_write_unmoved_stream": max(
+                (t for p, t in longest.items() if p not in moved), default=None
+            ),
             "scale_events": len(done),
             "scale_failures": len(self.scales) - len(done),
             "streams_moved": sum(e.moved_streams for e in done),
@@ -238,7 +258,15 @@ def summary(result: ChaosResult, max_violations: int = 40) -> str:
                 "scale events",
                 f"{moves['scale_events']} done, {moves['scale_failures']} failed; "
                 f"{moves['streams_moved']} streams moved; longest scale "
-                f"{_secs(moves['longest_scale'])}",  # type: ignore[arg-type]  # float | None
+                f"{_secs(moves['longest_scale'])}",
+            ),
+        )
+        rows.insert(
+            -1,
+            (
+                "longest write",
+                f"{_secs(moves['longest_write_moved_stream'])} on a stream a scale moved, "
+                f"{_secs(moves['longest_write_unmoved_stream'])} on the others",
             ),
         )
     if supervisor_kills:

@@ -356,7 +356,9 @@ class Exercise:
         self.shards[:] = ids
         ring = Ring(1, tuple(ids))
         for plan in self.plans + self.forks:
-            plan.shard = ring.owner(plan.path)
+            owner = ring.owner(plan.path)
+            plan.moves += owner != plan.shard
+            plan.shard = owner
         if self.injector:
             self.injector.left_ring(left)
 
@@ -575,6 +577,7 @@ class Exercise:
             healthy=not self.health,
             health_detail=self.health,
             scales=self.scaler.events if self.scaler else [],
+            moved_paths=[p.path for p in self.plans + self.forks if p.moves],
             scale_interval=self.options.scale_interval,
         )
 

@@ -173,7 +173,10 @@ class Writer:
                     if offset:
                         ledger.fork_points.append((offset, len(ledger.acked) - 1))
                 self.seq += 1
-                run.stats.write_latencies.append(trio.current_time() - first_try)
+                took = trio.current_time() - first_try
+                run.stats.write_latencies.append(took)
+                longest = run.stats.longest_write_by_stream
+                longest[plan.path] = max(took, longest.get(plan.path, 0.0))
                 run.on_write_ok(plan.shard, started)
                 self.progress.set()
                 self.progress = trio.Event()
