@@ -1,7 +1,7 @@
 """The gateway's own endpoints (everything outside /v1/stream/), on quart-trio.
 
-GET /healthz: 200 while the process serves. GET /readyz: 200 once every shard of the ring
-is connected, authenticated, on our ring version and reports healthy storage; else 503
+GET /healthz: 200 while the process serves. GET /readyz: 200 once every shard of the
+newest ring is connected, authenticated and reports healthy storage; else 503
 naming each shard that is not, with the reason (`{"ready": false, "shards": {"shard-1":
 "authentication failed"}, "disconnected": ["shard-1"]}`), so a load balancer keeps the
 gateway out of rotation and an operator sees why. GET /metrics: the gateway's and every
