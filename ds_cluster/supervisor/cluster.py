@@ -337,6 +337,8 @@ class Supervisor:
             echo=self._echo_scale if config.print_scale_progress else None,
         )
         self._scale_at_start: int | None = None  # `up --shards N` on a dir of another count
+        self._port = 0  # the gateways' (chosen in _build_children)
+        self._secret_file = self.data_dir / SECRET_FILE_NAME
         self._children: list[_Child] = []
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -388,8 +390,10 @@ class Supervisor:
                         f"ds-cluster ready at {self.url} (streams under {self.url}/v1/stream/)",
                         flush=True,
                     )
-                    if self.record.scale is not None or self._scale_at_start is not None:
-                        wanted = self._scale_at_start or len(self.record.scale.shards)  # type: ignore[union-attr]  # one of the two is set
+                    # A journaled scale is finished first, then `--shards`, if it differs.
+                    journal = self.record.scale
+                    wanted = self._scale_at_start or (len(journal.shards) if journal else None)
+                    if wanted is not None:
                         self.scaler.request(wanted)
                     task_status.started(self.url)
         finally:
@@ -531,15 +535,12 @@ class Supervisor:
 
     def pick_ports(self, count: int) -> list[int]:
         """`count` free shard ports, none already given to a shard of this cluster."""
-        taken = set(self.record.ports.values()) | {self._port_or_zero()}
+        taken = set(self.record.ports.values()) | {self._port}
         ports: list[int] = []
         while len(ports) < count:
             ports += [p for p in _free_ports(self.config.shard_host, count) if p not in taken]
             taken.update(ports)
         return ports[:count]
-
-    def _port_or_zero(self) -> int:
-        return getattr(self, "_port", 0)
 
     def shard_endpoints(self) -> dict[str, Endpoint]:
         """Where every shard this supervisor runs listens."""
