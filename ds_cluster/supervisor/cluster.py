@@ -6,8 +6,15 @@ that dies (with exponential backoff so a crash loop does not spin), and on cance
 or SIGINT/SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period).
 
 Shard ids (`shard-0` .. `shard-{N-1}`) and their data directories (`DATA/shard-K`) are a
-function of N alone, so a cluster restarted on the same `--data-dir` finds its streams
-again; ports may change between runs because routing is by shard id, not by address.
+function of N alone. `DATA/cluster.json` (record.py) records the shards, the ring version
+and each shard's port, so a cluster restarted on the same `--data-dir` finds its streams
+and its addresses again (a ring names its shards' addresses, and shards remember it).
+
+The shard count changes live (scaling.py): `ds-cluster scale` asks over the control
+socket `DATA/supervisor.sock` (control.py), `up --shards N` on a dir recorded with
+another count asks itself once ready. The supervisor then starts and stops shard
+processes and drives the moves (rebalance.py); children restarted afterwards start on
+the newest ring.
 
 One owner per data dir: a supervisor holds `DATA/.supervisor.lock`, and each shard its
 own `DATA/shard-K/shard.lock`. Children hold a lifeline to their supervisor and exit
