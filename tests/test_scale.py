@@ -269,6 +269,18 @@ async def test_the_control_socket_is_private_bounded_and_refuses_bad_requests(
             line = json.dumps({"op": "scale", "shards": bad}).encode() + b"\n"
             assert b'"ok":false' in await _raw_control(path, line)
 
+        # At most MAX_CLIENTS at once: one more is refused at once, not queued.
+        idle = [
+            trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            for _ in range(control.MAX_CLIENTS)
+        ]
+        for sock in idle:
+            await sock.connect(str(path))
+        await trio.sleep(0.5)
+        assert b"too many control connections" in await _raw_control(path, b"")
+        for sock in idle:
+            sock.close()
+
         # A client that sends nothing is dropped after the deadline; the rest goes on.
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.connect(str(path))

@@ -98,7 +98,9 @@ async def serve(
             while True:
                 conn, _ = await listener.accept()
                 stream = trio.SocketStream(conn)
-                if limit.borrowed_tokens >= MAX_CLIENTS:
+                try:
+                    limit.acquire_on_behalf_of_nowait(stream)  # taken here, not in the task
+                except trio.WouldBlock:
                     await _refuse(stream, "too many control connections")
                     continue
                 nursery.start_soon(_serve_one, stream, handler, limit)
@@ -118,7 +120,7 @@ async def _refuse(stream: trio.SocketStream, message: str) -> None:
 async def _serve_one(
     stream: trio.SocketStream, handler: Handler, limit: trio.CapacityLimiter
 ) -> None:
-    async with limit:
+    try:
         try:
             with trio.fail_after(REQUEST_DEADLINE):
                 request = await _read_request(stream)
@@ -145,6 +147,8 @@ async def _serve_one(
             pass  # the client left or stopped reading: what it asked for goes on
         finally:
             await trio.aclose_forcefully(stream)
+    finally:
+        limit.release_on_behalf_of(stream)
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
