@@ -43,6 +43,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -171,6 +172,13 @@ class ClusterConfig:
             raise ValueError("--auth-metrics needs --auth-tokens or --auth-jwt-key")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert is not None and self.tls_key is not None:
+            # Checked here too: a gateway refusing them would only show as a crash loop.
+            try:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"--tls-cert {self.tls_cert} / --tls-key: {exc}") from None
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ValueError("--log-format must be text or json")
         if self.public_url is not None:
