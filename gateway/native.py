@@ -195,7 +195,7 @@ class NativeExchange:
                     self._method, self._target, self._headers, body, self._protocol.until_gone
                 )
             except Exception:
-                log.exception("native route failed on %s %r", self._method, self._target)
+                self._log_failure()
                 answer = self._route.error(500, "internal error")
             if answer is None:  # the client left: nothing to write, the connection ends
                 if self._access is not None:
@@ -216,7 +216,7 @@ class NativeExchange:
                 self._method, self._target, self._headers, body, client
             )
         except Exception:
-            log.exception("native route failed on %s %r", self._method, self._target)
+            self._log_failure()
             result = self._route.error(500, "internal error")
         self._headers = []  # an SSE response may be held for minutes: keep nothing
         if not isinstance(result, Streaming):
@@ -270,6 +270,12 @@ class NativeExchange:
         self._access.write(
             self._rid, self._method, path, status, self._started, self._size, sent, "native"
         )
+
+    def _log_failure(self) -> None:
+        """The route raised: log it with the request's id (the client gets it in the 500)."""
+        rid = self._rid.decode("ascii")
+        extra = {"request_id": rid}
+        log.exception("native route failed on %s %r", self._method, self._target, extra=extra)
 
     def _log_stream(self) -> None:
         """The access line of an SSE read, once it is over (the first call only)."""
