@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -355,6 +356,50 @@ async def test_scale_3_to_4_to_3_under_idempotent_writers_and_live_readers(
         f"{figures['longest_write_unmoved_stream'] or 0:.2f} s on the others)"
     )
     assert result.scales[0].moved_streams >= 1 and result.scales[1].moved_streams >= 1
+
+
+@pytest.mark.slow
+async def test_a_scale_that_cannot_finish_fails_clearly_and_resumes_later(tmp_path: Path) -> None:
+    """The new shard is SIGSTOPped as it starts: `scale` exits 1 with the reason once
+    nothing moved for the stall timeout, the journal stays and the cluster serves; after
+    SIGCONT the same command finishes the scale."""
+    names = [f"stuck-{i}" for i in range(16)]
+    async with running_cluster(tmp_path, shards=2, scale_stall_timeout=4.0) as cluster:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+            await put_streams(client, names)
+        argv = ("scale", "--data-dir", str(cluster.data_dir), "--shards", "3")
+        results: list[subprocess.CompletedProcess[str]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def scale() -> None:
+                results.append(await ds_cluster_async(*argv))
+
+            nursery.start_soon(scale)
+            with trio.fail_after(60):
+                while (pid := cluster.child_pids().get("shard-2")) is None:
+                    await trio.sleep(0.01)
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            failed = results[0]
+            assert failed.returncode == 1, failed.stdout + failed.stderr
+            assert "nothing moved for 4 s" in failed.stderr
+            assert "running the same scale again resumes it" in failed.stderr
+            recorded = record.load(cluster.data_dir)
+            assert recorded is not None and recorded.scale is not None
+            assert recorded.shards == record.shard_ids(2)  # still the serving record
+            stays = [n for n in names if Ring(2, record.shard_ids(3)).owner(n) != "shard-2"]
+            async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+                await assert_streams(client, stays)  # what does not move is served
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = await ds_cluster_async(*argv)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "serves on 3 shards" in done.stdout
+        recorded = record.load(cluster.data_dir)
+        assert recorded is not None and recorded.scale is None
+        assert recorded.shards == record.shard_ids(3)
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as client:
+            await assert_streams(client, names)
 
 
 # ---- SIGKILL mid-move --------------------------------------------------------------------

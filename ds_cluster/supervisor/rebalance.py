@@ -317,7 +317,9 @@ async def rebalance(
     `stall_timeout` seconds. `before`: the shards' states before anything could move
     (`shard_states`), for the figures; taken here when not given."""
     known: dict[str, Endpoint] = {**endpoints, **new_ring.endpoints}
-    rings = await current_rings(known, secret=secret, ssl_context=ssl_context)
+    # Bounded short: a shard that does not answer now gets the ring from its peers or from
+    # a later poll, and meanwhile progress is reported.
+    rings = await current_rings(known, secret=secret, ssl_context=ssl_context, timeout=CALL_TIMEOUT)
     newer = [f"{sid} (v{r.version})" for sid, r in rings.items() if r.version > new_ring.version]
     if newer:
         raise RebalanceError(
@@ -362,7 +364,7 @@ async def rebalance(
 async def _send_ring(pool: ShardPool, shards: Mapping[str, Endpoint], ring: Ring) -> None:
     """`ring_set` on every shard (each also passes it on; a shard that is down now gets it
     from its peers, or from the next poll)."""
-    with trio.move_on_after(CONNECT_TIMEOUT):
+    with trio.move_on_after(CALL_TIMEOUT):
         async with trio.open_nursery() as nursery:
             for sid in shards:
                 nursery.start_soon(_set_ring, pool, sid, ring)
