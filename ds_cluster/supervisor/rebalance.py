@@ -36,6 +36,7 @@ log = logging.getLogger("ds_cluster.rebalance")
 POLL_INTERVAL = 0.5
 CALL_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 30.0  # a shard just started (or restarting) gets this long to answer
+LEAVE_GRACE = 5.0  # seconds between "all done" and "leaving shards may stop"
 STALL_TIMEOUT = 120.0  # no stream or byte moved for this long while moves remain: failure
 ROLE = "gateway"  # the handshake's caller roles are "gateway" and "shard"
 NAME = "rebalance"
@@ -352,6 +353,12 @@ async def rebalance(
             state.elapsed = trio.current_time() - started
             progress(state)
             if state.done:
+                if set(known) - set(new_ring.shard_ids):
+                    # The remaining shards ask each shard of the old ring, every couple of
+                    # seconds, whether it still holds anything for them, and stop asking
+                    # once it says no; a shard may report done before it asked. A leaving
+                    # shard stopped by then could never answer: give them the time.
+                    await trio.sleep(LEAVE_GRACE)
                 return state
             left = (state.left_streams, state.left_bytes, state.pending_in)
             if left != last_left:

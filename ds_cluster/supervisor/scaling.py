@@ -36,7 +36,6 @@ from ds_cluster.supervisor.record import MAX_SHARDS, ClusterRecord, shard_ids
 log = logging.getLogger("ds_cluster.supervisor")
 
 HEARTBEAT = 10.0  # seconds between progress lines while nothing changes
-RETIRE_GRACE = 5.0  # seconds a leaving shard stays up after every shard reported done
 
 
 class ScaleRefused(Exception):
@@ -209,11 +208,6 @@ class Scaler:
             before=baseline,
         )
         if leaving:
-            # The remaining shards ask each shard of the old ring, every couple of seconds,
-            # whether it still holds anything for them, and stop asking once it says no; a
-            # shard can report done before it asked. A leaving shard that is gone by then
-            # cannot answer, so it stays up a little longer.
-            await trio.sleep(RETIRE_GRACE)
             await host.retire_shards(leaving)
             self._say(run, f"stopped {', '.join(leaving)} (empty)")
         host.save_record(host.record.finish_scale())
