@@ -729,6 +729,19 @@ class ShardPool:
                 raise ShardTimeout(shard_id, f"no answer within {timeout}s", sent=call.sent)
             return res.get("a", {})
 
+    async def call_routed(
+        self, key: str, op: str, args: Mapping[str, object], timeout: float
+    ) -> wire.Args:
+        """`call` on the owner of `key` under the newest ring, a ring change or a move on
+        the way retried as by `open_routed`."""
+        call: Call | None = None
+        with trio.move_on_after(timeout):
+            call = await self.open_routed(key, op, {"a": dict(args)})
+            async with call:
+                return (await call.response()).get("a", {})
+        sent = call is not None and call.sent
+        raise ShardTimeout(self.ring.owner(key), f"no answer within {timeout}s", sent=sent)
+
     async def open_routed(
         self, path: str, op: str, fields: Fields, deadline: float = ROUTE_DEADLINE
     ) -> Call:

@@ -71,7 +71,7 @@ class ReservedRoutes:
                 auth = value.decode("latin-1")
         args = {"m": method, "p": path, "auth": auth, "base": self._base, "b": body}
         try:
-            result = await self._pool.call(self._ring().owner(key), "sub_http", args, CALL_TIMEOUT)
+            result = await self._pool.call_routed(key, "sub_http", args, CALL_TIMEOUT)
         except (ShardUnavailable, ShardError) as exc:
             return self._failure(exc)
         status, pairs, out = result.get("s"), result.get("h"), result.get("b")

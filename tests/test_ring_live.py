@@ -48,10 +48,13 @@ class RingShard:
         if msg["r"] != ring.version:
             err = {"code": "version", "msg": "other ring", "a": {"ring": ring.to_wire()}}
             return await reply({"k": "err", "i": i, **err})
-        if not ring.owns(self.fake.shard_id, msg["p"]):
+        path = msg["p"] if msg["op"] == "http" else msg["a"]["key"]
+        if not ring.owns(self.fake.shard_id, path):
             err = {"code": "misdirected", "msg": "not mine", "a": {"ring": ring.to_wire()}}
             return await reply({"k": "err", "i": i, **err})
-        self.served.append(msg["p"])
+        self.served.append(path)
+        if msg["op"] != "http":
+            return await reply({"k": "res", "i": i, "a": {"by": self.fake.shard_id}})
         body = self.fake.shard_id.encode()
         await reply({"k": "res", "i": i, "s": 200, "h": [], "b": body, "more": False})
 
@@ -90,6 +93,11 @@ async def test_the_pool_follows_rings_the_shards_answer_with() -> None:
             path = owned_by(both, "s2")
             assert await routed_body(pool, path) == b"s2"
             assert pool.ring == both and pool.connected("s2") and s2.served == [path]
+
+            # An op routed by a key follows the ring the same way.
+            key = owned_by(both, "s1", "k")
+            got = await pool.call_routed(key, "sub_http", {"key": key}, timeout=10)
+            assert got == {"by": "s1"} and s1.served == [key]
 
             # A ring without s1: its connection is closed; everything goes to s2.
             only_s2 = Ring(3, ("s2",), {"s2": address(s2.fake)})
