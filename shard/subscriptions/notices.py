@@ -35,6 +35,7 @@ MIN_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 MAX_PATHS_PER_ROUND = 5_000
 REMOVAL_DELAY = 1.0  # delivered rows wait this long for a write to delete them with
+GATHER_DELAY = 0.02  # a round starts this long after the first notice of a quiet spell
 BUSY_DELAY = 0.02  # a path written during its delivery is delivered again after this
 
 Item = list[object]  # [sub id, path, tail offset or None]
@@ -128,6 +129,9 @@ class Notices:
             if not self._ready:
                 await self._wake.wait()
                 self._wake = trio.Event()
+                # Gather what commits meanwhile into the same round: one RPC per owner
+                # then carries many appends' notices, not one each.
+                await trio.sleep(GATHER_DELAY)
                 continue
             taken = dict(itertools.islice(self._ready.items(), MAX_PATHS_PER_ROUND))
             for path in taken:
