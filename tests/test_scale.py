@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from support.cluster import running_cluster
+from support.cluster import print_log_tails, running_cluster
 
 from ds_cluster.common.ring import Ring
 from ds_cluster.supervisor import control, record
-from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor, SupervisorError
+from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor, SupervisorError, _free_ports
 from ds_cluster.supervisor.record import ClusterRecord, RecordError, ScaleJournal
 from ds_cluster.tools.chaos import ChaosOptions, run_chaos
 
@@ -517,8 +517,6 @@ async def test_a_sigkill_mid_move_loses_nothing_and_the_move_completes(
     the source shard, the target shard or the supervisor while streams are in flight. After
     the restart (by the supervisor, or a new `up` that resumes the journaled scale) the
     cluster serves on 3 shards and every stream holds exactly what was acknowledged."""
-    from ds_cluster.supervisor.cluster import _free_ports
-
     data = tmp_path / "data"
     up = UpProcess(data, _free_ports("127.0.0.1", 1)[0], tmp_path / "logs")
     three = Ring(2, record.shard_ids(3))
@@ -588,8 +586,6 @@ async def test_a_sigkill_mid_move_loses_nothing_and_the_move_completes(
     finally:
         await up.stop()
         print(up.output.decode(errors="replace")[-3000:])
-        from support.cluster import print_log_tails
-
         print_log_tails(tmp_path / "logs")
 
 
