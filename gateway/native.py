@@ -50,6 +50,14 @@ class Connection(Protocol):
     def stop_reading(self) -> None:
         """Drop the connection: stop reading, abandon a write in progress."""
 
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is TLS (no raw-socket writes then)."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write `data` after the connection's other writes; BrokenResourceError when the
+        client is gone or takes nothing for WRITE_TIMEOUT seconds."""
+
 
 class H11Connection(Protocol):
     """What a `NativeExchange` needs of the HTTP/1.1 protocol it answers on
@@ -307,7 +315,8 @@ class SseClient:
     behind, over budget, or whose socket takes nothing for WRITE_TIMEOUT seconds is
     dropped (its connection closes; SSE clients resume from their last offset).
     When the upstream ends, the response is ended once everything is written, and the
-    connection is reused like after any other response.
+    connection is reused like after any other response. Under TLS, where a write cannot
+    go to the socket without yielding, the flusher task writes every frame in order.
     """
 
     __slots__ = (
@@ -364,6 +373,13 @@ class SseClient:
         """Write what the socket takes now; the flusher waits for room for the rest."""
         if self._dropped:
             return
+        if self._tcp.tls:
+            if self._queue:
+                self._flushing = True
+                self._tcp.spawn(self._flush_tls)
+            elif self._ended:
+                self._tcp.spawn(self._on_end)
+            return
         fd = self._tcp.stream.socket.fileno()
         queue = self._queue
         output = self._tcp.output
@@ -399,6 +415,26 @@ class SseClient:
         if stalled.cancelled_caught:
             return self._drop()
         self._write_queued()
+
+    async def _flush_tls(self) -> None:
+        """Write the queue through the TLS stream until it is empty (frames delivered
+        meanwhile included), then end the response if the upstream has ended."""
+        queue = self._queue
+        try:
+            while queue and not self._dropped:
+                data = queue.popleft()
+                try:
+                    await self._tcp.send_bytes(data)
+                finally:
+                    self._queued -= len(data)
+                    self._tcp.output.release(len(data))
+                self.sent += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return self._drop()
+        finally:
+            self._flushing = False
+        if self._ended and not self._dropped:
+            self._tcp.spawn(self._on_end)
 
     def _drop(self) -> None:
         if not self._dropped:

@@ -29,9 +29,8 @@ Transfer-Encoding is answered 400 and the connection closed (RFC 9112 6.3).
 The listening loop, graceful shutdown and lifespan handling follow hypercorn's
 `worker_serve`. Plain TCP, or TLS on listeners from `gateway.tls` (ALPN picks HTTP/2 or
 HTTP/1.1; without TLS HTTP/2 works with prior knowledge or an h2c upgrade). Under TLS the
-native route still serves appends, reads and long-polls; reads and writes go through the
-connection's `trio.SSLStream` instead of the raw socket, and SSE reads take the ASGI path
-(the native SSE writer writes to the socket without a task, which TLS cannot).
+native route serves the same requests; reads and writes go through the connection's
+`trio.SSLStream` instead of the raw socket.
 """
 
 from __future__ import annotations
@@ -158,9 +157,8 @@ class LeanH11Protocol(H11Protocol):
         route = self.native
         method = request.method.decode("ascii").upper()
         kind = route.takes(method, request.target) if route is not None else None
-        # Shared SSE frames are written as HTTP/1.1 chunks to the raw socket: other
-        # versions and TLS go through ASGI.
-        if kind is None or (kind == "stream" and (request.http_version != b"1.1" or self.ssl)):
+        # Shared SSE frames are written as HTTP/1.1 chunks: other versions go through ASGI.
+        if kind is None or (kind == "stream" and request.http_version != b"1.1"):
             return await super()._create_stream(request)
         assert route is not None
         streams = kind == "stream"
@@ -766,6 +764,12 @@ class LeanTCPServer(TCPServer):
                 self._write_scope = None
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write `data` after any write in progress, outside the output budget (the
+        caller counted it): how a native SSE client writes under TLS."""
+        async with self.send_lock:
+            await self._write(data)
 
     async def _write_tls(self, data: bytes) -> None:
         """`_write` through the TLS stream: each TLS_WRITE_PIECE must go out within

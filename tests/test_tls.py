@@ -2,8 +2,8 @@
 
 - The official Python client (`durable-streams`) and httpx over https://, HTTP/1.1 and
   HTTP/2 chosen by ALPN; health and readiness reachable.
-- Appends, reads and long-polls over TLS on HTTP/1.1 take the native route (the access
-  log says which path served a request); SSE over TLS streams (through ASGI).
+- Appends, reads, long-polls and SSE reads over TLS on HTTP/1.1 take the native route
+  (the access log says which path served a request).
 - SIGHUP reloads the certificate: a new connection sees the new one, an open one goes on;
   a bad new certificate is refused and the previous one keeps serving.
 - A client that opens a connection and never completes the handshake costs only that
@@ -201,6 +201,49 @@ async def test_native_route_serves_appends_and_long_polls_under_tls(
         read = await client.get(url, params={"offset": "-1"}, headers={"x-request-id": "tls-h2"})
         assert read.text == "helloworld"
     assert (await access_line(log_dir, "tls-h2"))["via"] == "asgi"
+
+
+async def test_native_sse_under_tls(tls_cluster: Supervisor, pki: Pki) -> None:
+    """SSE over TLS on HTTP/1.1 is written by the native SSE client (through the TLS
+    stream, in order): the replay, then frames appended while it reads, to two readers
+    sharing one upstream."""
+    log_dir = Path(tls_cluster.config.log_dir or "")
+    url = _url(tls_cluster, "sse")
+    context = pki.client_context()
+    async with httpx.AsyncClient(verify=context, timeout=30) as client:
+        await client.put(url, headers={"content-type": TEXT})
+        await client.post(url, content="a" * 70_000, headers={"content-type": TEXT})
+
+    async def read(rid: str, seen: list[bytes]) -> None:
+        params = {"offset": "-1", "live": "sse"}
+        async with (
+            httpx.AsyncClient(verify=context, timeout=30) as client,
+            client.stream("GET", url, params=params, headers={"x-request-id": rid}) as res,
+        ):
+            assert res.status_code == 200 and res.http_version == "HTTP/1.1"
+            async for chunk in res.aiter_bytes():
+                seen.append(chunk)
+                if b"<end>" in b"".join(seen):
+                    return
+
+    got: dict[str, list[bytes]] = {"tls-sse-1": [], "tls-sse-2": []}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for rid, seen in got.items():
+                nursery.start_soon(read, rid, seen)
+            await trio.sleep(1)
+            async with httpx.AsyncClient(verify=context) as writer:
+                for n in range(5):
+                    body = f"<{n}>" if n < 4 else "<end>"
+                    await writer.post(url, content=body, headers={"content-type": TEXT})
+    for rid, seen in got.items():
+        text = b"".join(seen).decode()
+        data = "".join(
+            line[5:] for line in text.splitlines() if line.startswith("data:") and "{" not in line
+        )
+        assert data == "a" * 70_000 + "<0><1><2><3><end>", (rid, text[-300:])
+        line = await access_line(log_dir, rid)
+        assert line["via"] == "native" and line["bytes_out"] >= 70_000, line
 
 
 async def test_long_poll_client_leaving_under_tls(tls_cluster: Supervisor, pki: Pki) -> None:
