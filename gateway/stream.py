@@ -9,8 +9,8 @@ transport headers; everything else is the shard's answer, passed through.
 Three entries. `takes()` tells the native route (`gateway.native`) which requests it
 serves; it then calls `answer()` for requests with one whole answer (long-polls included)
 and `stream()` for SSE reads, straight from the HTTP/1.1 connection with no ASGI in
-between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, SSE over TLS,
-percent-encoded live queries), the same way.
+between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live
+queries), the same way.
 
 Client disconnects: only live reads can wait long, so only they watch their client (a
 native long-poll watches its idle socket, an ASGI one its receive channel), and the shard
