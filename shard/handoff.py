@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024  # record bytes per move_chunk frame (one record may exceed it)
 SLICE_BYTES = 256 * 1024  # record bytes read from SQLite on the loop at a time
-SENDERS = 3  # streams sent at once
+SENDERS = 3  # streams sent at once in the background
+URGENT_SENDERS = 8  # and beside them, streams a request waits for on their new owner
 PURGE_SLICE_RECORDS = 32  # records deleted per transaction when a sent copy is dropped
 MOVE_TIMEOUT = 30.0  # seconds for one move RPC
 QUERY_TIMEOUT = 2.0  # seconds a source has to say whether it holds a path
@@ -122,6 +123,8 @@ class Handoff:
         # -- sending
         self._outgoing: OrderedDict[str, Outgoing] = OrderedDict()
         self._urgent: list[str] = []
+        self._urgent_sending = 0
+        self._nursery: trio.Nursery | None = None
         self._active: set[str] = set()
         self._work = trio.Event()
         self._scanned = -1  # the ring version whose streams have all been looked at
@@ -148,6 +151,7 @@ class Handoff:
             self._staging[arrival.path] = arrival
         self._rescan.set()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._scan_loop)
             for _ in range(SENDERS):
                 nursery.start_soon(self._send_loop)
@@ -293,10 +297,8 @@ class Handoff:
             return {"arrived": self._store.load_arrived(path) == (asker, version)}
         if path is not None:
             have = path in self._staging or self._store.has_stream(path)
-            if have and not self.ring.current.owns(self.me, path) and path not in self._urgent:
-                self._urgent.append(path)
-                self._outgoing.setdefault(path, Outgoing(0))
-                self._work.set()
+            if have and not self.ring.current.owns(self.me, path):
+                self._hurry(path)
             return {"have": have, "ring": self.ring.current.to_wire()}
         ring = self.ring.current
         if self._scanned != ring.version:
@@ -499,6 +501,30 @@ class Handoff:
             if path not in self._active:
                 return path
         return None
+
+    def _hurry(self, path: str) -> None:
+        """A request waits for `path` on its new owner: send it now, beside the streams
+        being sent (which may be large), or else next."""
+        self._outgoing.setdefault(path, Outgoing(0))
+        if path in self._active:
+            return
+        if self._nursery is not None and self._urgent_sending < URGENT_SENDERS:
+            self._active.add(path)
+            self._urgent_sending += 1
+            self._nursery.start_soon(self._send_now, path)
+        elif path not in self._urgent:
+            self._urgent.append(path)
+            self._work.set()
+
+    async def _send_now(self, path: str) -> None:
+        try:
+            await self._send(path)
+        except (MoveFailed, PeerUnavailable, StorageUnavailable) as exc:
+            log.info("moving %r deferred: %s", path, exc)  # the senders try it again
+            self._work.set()
+        finally:
+            self._active.discard(path)
+            self._urgent_sending -= 1
 
     async def _send_loop(self) -> None:
         backoff = RETRY_MIN

@@ -457,6 +457,31 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
                     r = await http.put(f"/v1/stream/{big}", headers={"Content-Type": BYTES_TYPE})
                     recreates.append(r.status_code)
 
+        appended: list[bytes] = []
+        refused: list[tuple[int, str | None]] = []
+        writable_after = 0.0
+
+        async def append_to_moving(stop: trio.Event) -> None:
+            """An idempotent producer on the moving stream: 503 + Retry-After while it
+            moves (the move outlasts the gateway's wait), then taken, once each."""
+            nonlocal writable_after
+            async with httpx.AsyncClient(base_url=cluster.url, timeout=30) as http:
+                seq = 0
+                while not stop.is_set() or writable_after == 0.0:
+                    piece = b"<%d>" % seq
+                    r = await http.post(
+                        f"/v1/stream/{big}",
+                        content=piece,
+                        headers={"Content-Type": BYTES_TYPE, **producer(seq, pid="mover")},
+                    )
+                    if r.status_code in (200, 204):
+                        appended.append(piece)
+                        writable_after = writable_after or time.monotonic() - started
+                        seq += 1
+                    else:
+                        refused.append((r.status_code, r.headers.get("retry-after")))
+                        await trio.sleep(0.05)
+
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             started = time.monotonic()
@@ -464,6 +489,7 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
             nursery.start_soon(probe, stays, stop)
             nursery.start_soon(probe, fresh, stop)
             nursery.start_soon(recreate, stop)
+            nursery.start_soon(append_to_moving, stop)
             await cluster.wait_moved(["s0", "s1", "s2"])
             moved_in = time.monotonic() - started
             stop.set()
@@ -474,8 +500,10 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
             f"50 MiB moved in {moved_in:.1f} s; peak RSS growth: source {source_growth:.0f} "
             f"MiB, target {target_growth:.0f} MiB; {len(took)} appends elsewhere meanwhile, "
             f"p99 {took[int(len(took) * 0.99)]:.3f} s, longest on the source "
-            f"{stalls[stays]:.3f} s, on the target {stalls[fresh]:.3f} s"
+            f"{stalls[stays]:.3f} s, on the target {stalls[fresh]:.3f} s; the moving stream "
+            f"took writes again after {writable_after:.1f} s ({len(refused)} answers 503)"
         )
+        assert all(status == 503 and after for status, after in refused), refused
         assert source_growth < 40 and target_growth < 40  # well under the stream's size
         assert recreates and set(recreates) <= {200, 503}, recreates
         # Generous (source and target share one disk here, and the machine is shared),
@@ -483,7 +511,7 @@ async def test_a_big_stream_moves_in_bounded_memory_while_others_answer(tmp_path
         assert stalls[stays] < 1.5 and stalls[fresh] < 1.5
         async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
             r = await read_all(http, big)
-            assert r.content == body
+            assert r.content == body + b"".join(appended)
 
 
 async def test_three_to_four_moves_a_quarter_of_the_streams(tmp_path: Path) -> None:
@@ -752,3 +780,39 @@ async def test_the_newer_of_the_stored_and_the_command_line_ring_wins(tmp_path: 
     assert again.current.endpoints["s1"] == ("127.0.0.1", 8001)
     assert again.current.endpoints["s2"] == ("127.0.0.1", 7002)
     assert set(again.sources) == {"s1", "s2"}
+
+
+async def test_a_stream_a_client_waits_for_is_sent_before_the_big_ones(tmp_path: Path) -> None:
+    """Three big streams keep the background senders busy; a small one moving with them
+    is sent as soon as a client asks for it on its new owner."""
+    async with cluster_of(tmp_path, initial=2, spare=1) as cluster:
+        assert cluster.ring is not None
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=60) as http:
+            for i in range(3):
+                big = names_moving(cluster.ring, three, "s0", "s2", f"bulk{i}")
+                await fill_big(http, big, 20 * MIB)
+            small = names_moving(cluster.ring, three, "s0", "s2", "small")
+            await put(http, small, BYTES_TYPE)
+            await trio.to_thread.run_sync(cluster.start, "s2", three)
+            started = time.monotonic()
+            await cluster.set_ring(three, via="s0")
+            seq, waited = 0, 0.0
+            while True:
+                r = await http.post(
+                    f"/v1/stream/{small}",
+                    content=b"now",
+                    headers={"Content-Type": BYTES_TYPE, **producer(seq)},
+                )
+                if r.status_code in (200, 204):
+                    waited = time.monotonic() - started
+                    break
+                assert r.status_code == 503, r.status_code
+            status = await cluster.call("s0", "move_status", {})
+            print(
+                f"a small stream moving behind 3 x 20 MiB took writes after {waited:.2f} s "
+                f"(then {status['moving_out']['bytes'] / MIB:.0f} MiB still to send)"
+            )
+            assert not status["done"]  # the big ones were still on their way
+            assert waited < 3.0
+        await cluster.wait_moved(["s0", "s1", "s2"])
