@@ -519,7 +519,7 @@ class Handoff:
     async def _send_now(self, path: str) -> None:
         try:
             await self._send(path)
-        except (MoveFailed, PeerUnavailable, StorageUnavailable) as exc:
+        except (MoveFailed, PeerUnavailable, StorageUnavailable, wire.OpError) as exc:
             log.info("moving %r deferred: %s", path, exc)  # the senders try it again
             self._work.set()
         finally:
@@ -538,7 +538,7 @@ class Handoff:
             try:
                 await self._send(path)
                 backoff = RETRY_MIN
-            except (MoveFailed, PeerUnavailable, StorageUnavailable) as exc:
+            except (MoveFailed, PeerUnavailable, StorageUnavailable, wire.OpError) as exc:
                 log.info("moving %r deferred: %s", path, exc)
                 if path in self._outgoing:
                     self._outgoing.move_to_end(path)  # the others first
