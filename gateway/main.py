@@ -232,6 +232,9 @@ async def _reload_on_hangup(
 
 
 def run(args: argparse.Namespace) -> int:
+    # Until the gateway serves, SIGHUP is ignored rather than fatal: start-up reads the
+    # files it would reload anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise_open_file_limit()
     logs.setup("gateway", args.listen, level=args.log_level, log_format=args.log_format)
     try:

@@ -17,6 +17,8 @@ import contextlib
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from support.cluster import running_cluster
 from support.logs import access_line, wait_for_line
 
 from ds_cluster.gateway.tls import HANDSHAKE_TIMEOUT
-from ds_cluster.supervisor.cluster import Supervisor
+from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor
 
 TEXT = "text/plain"
 
@@ -366,3 +368,55 @@ async def test_a_client_that_never_handshakes_costs_only_its_connection(
     with trio.fail_after(HANDSHAKE_TIMEOUT + 10):
         while await silent.receive_some():
             pass
+
+
+def test_up_refuses_a_certificate_that_does_not_load(tmp_path: Path, pki: Pki) -> None:
+    other = trustme.CA().issue_cert("127.0.0.1")
+    wrong_key = tmp_path / "other-key.pem"
+    wrong_key.write_bytes(other.private_key_pem.bytes())
+    for cert, key in ((pki.cert, wrong_key), (tmp_path / "missing.pem", pki.key)):
+        with pytest.raises(ValueError, match="--tls-cert"):
+            ClusterConfig(data_dir=tmp_path / "data", tls_cert=cert, tls_key=key)
+    with pytest.raises(ValueError, match="go together"):
+        ClusterConfig(data_dir=tmp_path / "data", tls_cert=pki.cert)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def test_sighup_to_up_reloads_every_gateway(tmp_path: Path, pki: Pki) -> None:
+    """`ds-cluster up` passes SIGHUP on to its gateways (and survives it itself)."""
+    argv = [sys.executable, "-m", "ds_cluster", "up", "--shards", "1", "--gateways", "2"]
+    argv += ["--port", "0", "--data-dir", str(tmp_path / "data"), "--log-format", "json"]
+    argv += ["--log-dir", str(tmp_path / "logs"), "--tls-cert", str(pki.cert)]
+    argv += ["--tls-key", str(pki.key)]
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    assert process.stderr is not None
+    received = b""
+    try:
+        with trio.fail_after(60):
+            while b"cluster ready" not in received:
+                data = await process.stderr.receive_some()
+                assert data, received.decode(errors="replace")
+                received += data
+        gateways = ("gateway-0", "gateway-1")
+        with trio.fail_after(60):  # `up` is ready once one of them answers
+            for gateway in gateways:
+                while "listening on" not in _text(tmp_path / "logs" / f"{gateway}.log"):
+                    await trio.sleep(0.1)
+        process.send_signal(signal.SIGHUP)
+        for gateway in gateways:
+            log = tmp_path / "logs" / f"{gateway}.log"
+            await wait_for_line(log, lambda x: x.get("msg", "").startswith("certificate reloaded"))
+            assert _text(log).count("listening on") == 1  # not restarted
+        assert process.returncode is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
