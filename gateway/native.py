@@ -116,8 +116,8 @@ class NativeRoute(Protocol):
     def refuse(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
     ) -> Answer | None:
-        """An answer to give at the head of a request with a body, before the body is
-        read (a refused client token), or None to read the body and go on."""
+        """An answer to give at the head of a request with a large body (or a chunked one),
+        before the body is read (a refused client token), or None to read it and go on."""
 
 
 class NativeExchange:

@@ -88,6 +88,7 @@ from ds_cluster.gateway.tls import TLSListener
 
 log = logging.getLogger(__name__)
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
+EARLY_CHECK_BYTES = 64 * 1024  # a request body larger is checked (`route.refuse`) at its head
 TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
 TLS_CLOSE_TIMEOUT = 1.0  # seconds to send TLS close_notify before the socket just closes
 BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
@@ -169,7 +170,10 @@ class LeanH11Protocol(H11Protocol):
         self.stream = exchange  # type: ignore[assignment]
         self.keep_alive_requests += 1
         declared = int(length) if length is not None else 0
-        if chunked or declared > 0:  # a body is coming: a refused client sends it in vain
+        # A large body is coming (or one of unknown size): a refused client would send it
+        # in vain, and the gateway buffer it. A small one is read with the head anyway,
+        # and decided with it once.
+        if chunked or declared > EARLY_CHECK_BYTES:
             refused = route.refuse(method, request.target, headers)
             if refused is not None:
                 return await exchange.refuse(refused, declared)
