@@ -5,7 +5,8 @@ store's `outbox` in the write's own transaction (`stage`, from the service's sta
 the write): once the write is acknowledged, its notice is durable, whatever happens to
 this process next. A delivery loop then sends each owner, over the shard RPC, the current
 committed tail of every noticed path (`sub_notify`, one call per owner for all its
-subscriptions and paths), and deletes the rows the owner has acknowledged (within the
+subscriptions and paths, in rounds that gather what commits within GATHER_DELAY), and
+deletes the rows the owner has acknowledged (within the
 transaction of the next write on this shard, so under load a notice costs no commit of
 its own; after a second without writes, alone). While a
 path's row is waiting, later writes to it add nothing: one notice covers every write
