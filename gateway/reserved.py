@@ -100,13 +100,15 @@ _TOKEN_ACTIONS = frozenset({"callback", "ack", "release"})
 def own_credentials(method: str, path: str) -> bool:
     """Requests that client auth (`gateway.auth`) does not gate: the public JWK Set, and
     the POSTs a webhook receiver or worker authenticates with the subscription's own
-    callback or claim token (`Authorization: Bearer`), which the owning shard checks."""
+    callback or claim token (`Authorization: Bearer`), which the owning shard checks.
+    Only paths under `__ds` qualify: a stream merely shaped like one needs a client token."""
     if path == "__ds/jwks.json":
         return method in ("GET", "HEAD")
     parts = path.split("/")
     return (
         method == "POST"
         and len(parts) == 4
+        and parts[0] == RESERVED
         and parts[1] == "subscriptions"
         and parts[3] in _TOKEN_ACTIONS
     )
