@@ -34,11 +34,12 @@ EXPOSED = (
     "Location",
     "Retry-After",
     "WWW-Authenticate",
+    "X-Request-Id",
 )
 
-# Request headers a browser may send cross-origin: what the gateway forwards, and the
-# bearer token it checks itself (never forwarded).
-ALLOWED_REQUEST_HEADERS = tuple(sorted(wire.FORWARDED_HEADERS | {"authorization"}))
+# Request headers a browser may send cross-origin: what the gateway forwards, the bearer
+# token it checks itself (never forwarded), and the request id it logs and echoes.
+ALLOWED_REQUEST_HEADERS = tuple(sorted(wire.FORWARDED_HEADERS | {"authorization", "x-request-id"}))
 
 TRANSPORT: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
