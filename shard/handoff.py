@@ -423,7 +423,10 @@ class Handoff:
         scanned = self._scanned == ring.version
         releases = self._releases()
         leaving = self.me not in ring.shard_ids
-        done = scanned and not self._outgoing and not self._staging
+        # Done also means no other shard may still hold a stream of ours: a source must
+        # not be stopped (a shard leaving the ring) before we have stopped asking it.
+        sources = sorted(sid for sid in self.ring.sources if sid != self.me)
+        done = scanned and not self._outgoing and not self._staging and not sources
         done = done and not (leaving and releases)
         return {
             "ring": ring.to_wire(),
@@ -436,6 +439,7 @@ class Handoff:
             "moved_out": {"streams": self.sent_streams, "bytes": self.sent_bytes},
             "pending_in": len(self._staging),
             "pending_releases": releases,
+            "sources": sources,
             "scanned": scanned,
             "done": done,
         }
@@ -740,10 +744,11 @@ class Handoff:
                 if answer.get("holding") == 0 and answer.get("receiving") == 0:
                     with contextlib.suppress(StorageUnavailable):
                         await self.ring.drop_source(shard_id)
+            backoff = min(backoff * 2, RETRY_MAX)
             with trio.move_on_after(jittered(backoff)):
                 await self._sources_changed.wait()
+                backoff = RETRY_MIN  # a new ring: its moves are just starting
             self._sources_changed = trio.Event()
-            backoff = min(backoff * 2, RETRY_MAX)
 
 
 def state_from_wire(path: str, args: wire.Args) -> tuple[StreamState, list[str], int]:
