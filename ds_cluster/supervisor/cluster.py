@@ -124,6 +124,7 @@ class ClusterConfig:
     auth_tokens: Path | None = None
     auth_jwt_key: Path | None = None
     auth_metrics: bool = False  # /metrics needs a token with the metrics right
+    metrics: bool = True  # False: gateways record no metrics and serve no /metrics
     # HTTPS on the gateways (certificate chain and key, PEM); None: plain HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -538,6 +539,8 @@ class Supervisor:
             argv += ["--auth-jwt-key", str(Path(cfg.auth_jwt_key).resolve())]
         if cfg.auth_metrics:
             argv.append("--auth-metrics")
+        if not cfg.metrics:
+            argv.append("--no-metrics")
         argv += ["--public-url", cfg.public_url or self.url]
         return argv
 
@@ -954,6 +957,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--auth-metrics", action="store_true", help="gateways' /metrics needs a token too"
     )
     parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="gateways record no metrics and serve no /metrics (to measure what they cost)",
+    )
+    parser.add_argument(
         "--log-dir", type=Path, default=None, help="write each child's log to DIR/NAME.log"
     )
 
@@ -984,6 +992,7 @@ def run(args: argparse.Namespace) -> int:
             auth_tokens=args.auth_tokens,
             auth_jwt_key=args.auth_jwt_key,
             auth_metrics=args.auth_metrics,
+            metrics=not args.no_metrics,
             log_dir=args.log_dir,
         )
     except ValueError as exc:
