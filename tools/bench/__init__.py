@@ -14,8 +14,11 @@ Scenarios (each bounded in time; connection counts are flags):
 gateway count G (--scaling-gateways, default the same list) with CPU per request per process
 kind; --url is then not needed (see common/bench/scaling.py).
 
-Targets: --url is A; each --vs adds one (see common/bench/targets.py for the spec forms:
-a URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Runs alternate per scenario
+Targets: --url is A; each --vs adds one (see tools/bench/targets.py for the spec forms:
+an http:// or https:// URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Every request of
+every scenario to every target carries the --header lines (e.g. a bearer token for a server
+with client auth; a server without it ignores the header); https URLs are verified against
+--cacert. Runs alternate per scenario
 (A B A B ... for --rounds 2) so machine noise spreads over all; ratios are A / other, per
 round pair, geometric mean. The load generators are separate Python processes on raw
 keep-alive sockets; their CPU (client_cpu_pct, % of one core) and the servers' CPU
@@ -98,6 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-dir", default=None, help="where managed servers log (default: none)")
     p.add_argument("--no-verify", action="store_true", help="skip append read-back checks")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a header sent with every request to every target (repeatable)",
+    )
+    p.add_argument("--cacert", metavar="FILE", help="CA certificate(s) that verify https targets")
     p.add_argument("--scaling", metavar="S,...", help="append matrix over up:SxG shard counts")
     p.add_argument("--scaling-gateways", metavar="G,...", help="gateway counts (default: S list)")
 
@@ -185,6 +196,7 @@ def _ratio(a: Any, b: Any) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .http import parse_header
     from .stats import geomean
     from .targets import BenchTarget
 
@@ -195,11 +207,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.url:
         raise SystemExit("--url is required (or --scaling)")
     scenarios = _scenarios(args)
+    try:
+        headers = tuple(parse_header(h) for h in args.header)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     run_id = uuid.uuid4().hex[:8]
     pids_a = [int(x) for x in args.pids.split(",") if x]
     specs = [args.url, *args.vs]
     targets = [
-        BenchTarget(s, pids_a if i == 0 else None, args.log_dir) for i, s in enumerate(specs)
+        BenchTarget(s, pids_a if i == 0 else None, args.log_dir, headers, args.cacert)
+        for i, s in enumerate(specs)
     ]
     results: dict[str, dict[str, list[dict]]] = {s: {} for s in scenarios}
     started = datetime.datetime.now(datetime.UTC)
@@ -249,11 +266,11 @@ def run(args: argparse.Namespace) -> int:
     for x in cells:
         print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)))
     failures = [
-        (s, lab, m["failed"])
+        (s, lab, m.get("failed") or m["run_error"])
         for s in scenarios
         for lab, ms in results[s].items()
         for m in ms
-        if "failed" in m
+        if "failed" in m or "run_error" in m
     ]
     for s, lab, why in failures:
         print(f"FAILED {s} on {lab}: {why}")

@@ -63,7 +63,7 @@ class _Conn(asyncio.Protocol):
         self.streams = streams  # (stream index, path)
         self.heads = [
             (
-                f"POST {path} HTTP/1.1\r\nhost: {gen.host}\r\n"
+                f"POST {path} HTTP/1.1\r\n{gen.target.head_lines}"
                 f"content-type: {CONTENT_TYPES[gen.mode]}\r\ncontent-length: "
             ).encode()
             for _, path in streams
@@ -138,8 +138,8 @@ class _Conn(asyncio.Protocol):
 
 
 class _Generator:
-    def __init__(self, host: str, mode: str, end_at: float) -> None:
-        self.host = host
+    def __init__(self, target: Target, mode: str, end_at: float) -> None:
+        self.target = target
         self.mode = mode
         self.end_at = end_at
         self.lat = array("d")
@@ -161,24 +161,20 @@ class _Generator:
 
 
 async def append_worker(
-    host: str,
-    port: int,
+    target: Target,
     mode: str,
     conns: list[tuple[int, list[tuple[int, str]]]],
     start_at: float,
     end_at: float,
     drain_s: float,
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    gen = _Generator(host, mode, end_at)
+    gen = _Generator(target, mode, end_at)
     gen.all_done = asyncio.Event()
     gen.pending = len(conns)
     protos: list[_Conn] = []
     transports = []
     for cid, streams in conns:
-        tr, proto = await loop.create_connection(
-            functools.partial(_Conn, gen, cid, streams), host, port
-        )
+        tr, proto = await target.connect(functools.partial(_Conn, gen, cid, streams))
         # hold the first request until everyone starts together
         transports.append(tr)
         protos.append(proto)
@@ -318,10 +314,7 @@ def run_append(
     processes = max(1, min(processes, connections))
     start_at = time.monotonic() + 1.5  # spawned interpreters need a moment to start
     end_at = start_at + duration
-    args = [
-        (target.host, target.port, mode, plan[i::processes], start_at, end_at, 10.0)
-        for i in range(processes)
-    ]
+    args = [(target, mode, plan[i::processes], start_at, end_at, 10.0) for i in range(processes)]
     results = run_workers(append_worker, args, timeout=duration + 60)
     lat: list[float] = []
     acked: dict[tuple[int, int], list[int]] = {}

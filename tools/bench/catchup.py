@@ -30,8 +30,10 @@ def stream_content(s: int, size: int) -> bytes:
 
 
 class _Reader(asyncio.Protocol):
-    def __init__(self, host: str, paths: list[tuple[int, str]], size: int, end_at: float) -> None:
-        self.host = host
+    def __init__(
+        self, target: Target, paths: list[tuple[int, str]], size: int, end_at: float
+    ) -> None:
+        self.head_lines = target.head_lines
         self.paths = paths
         self.size = size
         self.end_at = end_at
@@ -65,7 +67,7 @@ class _Reader(asyncio.Protocol):
         assert self.transport is not None
         self.requests += 1
         self.transport.write(
-            f"GET {self.current[1]}?offset={offset} HTTP/1.1\r\nhost: {self.host}\r\n\r\n".encode()
+            f"GET {self.current[1]}?offset={offset} HTTP/1.1\r\n{self.head_lines}\r\n".encode()
         )
 
     def data_received(self, data: bytes) -> None:
@@ -98,19 +100,15 @@ class _Reader(asyncio.Protocol):
 
 
 async def catchup_worker(
-    host: str,
-    port: int,
+    target: Target,
     readers: list[list[tuple[int, str]]],
     size: int,
     start_at: float,
     end_at: float,
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     protos: list[_Reader] = []
     for paths in readers:
-        _, proto = await loop.create_connection(
-            functools.partial(_Reader, host, paths, size, end_at), host, port
-        )
+        _, proto = await target.connect(functools.partial(_Reader, target, paths, size, end_at))
         protos.append(proto)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     cpu0 = time.process_time()
@@ -161,10 +159,7 @@ def run_catchup(
     processes = max(1, min(processes, readers))
     start_at = time.monotonic() + 1.5
     end_at = start_at + duration
-    args = [
-        (target.host, target.port, plan[i::processes], size, start_at, end_at)
-        for i in range(processes)
-    ]
+    args = [(target, plan[i::processes], size, start_at, end_at) for i in range(processes)]
     results = run_workers(catchup_worker, args, timeout=duration + 90)
     total = sum(r["bytes"] for r in results)
     return {

@@ -59,7 +59,7 @@ class _Reader(asyncio.Protocol):
         if self.cursor:
             q += f"&cursor={self.cursor}"
         assert self.transport is not None
-        self.transport.write(build_request("GET", f"{self.path}?{q}", self.w.host))
+        self.transport.write(build_request("GET", f"{self.path}?{q}", self.w.target))
         if self.w.mode != "sse":
             self.mark_ready()
 
@@ -141,9 +141,8 @@ class _Reader(asyncio.Protocol):
 
 
 class _Worker:
-    def __init__(self, host: str, port: int, mode: str, ready_q: Any) -> None:
-        self.host = host
-        self.port = port
+    def __init__(self, target: Target, mode: str, ready_q: Any) -> None:
+        self.target = target
         self.mode = mode
         self.ready_q = ready_q
         self.readers: list[_Reader] = []
@@ -170,14 +169,13 @@ class _Worker:
 
     def reconnect(self, reader: _Reader) -> None:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.create_connection(lambda: reader, self.host, self.port))
+        task = loop.create_task(self.target.connect(lambda: reader))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
 
 async def fanout_worker(
-    host: str,
-    port: int,
+    target: Target,
     mode: str,
     readers: list[tuple[int, str]],
     ready_q: Any,
@@ -186,14 +184,14 @@ async def fanout_worker(
     max_wait: float,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    w = _Worker(host, port, mode, ready_q)
+    w = _Worker(target, mode, ready_q)
     w.readers = [_Reader(w, s, path) for s, path in readers]
     cpu0 = time.process_time()
     sem = asyncio.Semaphore(64)  # do not overflow the server's accept backlog
 
     async def connect(r: _Reader) -> None:
         async with sem:
-            await loop.create_connection(lambda: r, host, port)
+            await target.connect(lambda: r)
 
     async with asyncio.TaskGroup() as tg:
         for r in w.readers:
@@ -244,7 +242,7 @@ def run_fanout(
     ctrl_qs = [_CTX.Queue() for _ in range(processes)]
     max_wait = duration + 120
     args = [
-        (target.host, target.port, mode, plan[i::processes], ready_q, ctrl_qs[i], 10.0, max_wait)
+        (target, mode, plan[i::processes], ready_q, ctrl_qs[i], 10.0, max_wait)
         for i in range(processes)
     ]
     acked: dict[int, list[int]] = {s: [] for s in range(streams)}

@@ -9,41 +9,102 @@ read-back verification.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
-@dataclass
+
+def parse_header(text: str) -> tuple[str, str]:
+    """A `--header 'Name: value'` argument as a (lower-case name, value) pair."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    bad = not sep or not name or any(c in name for c in " \t\r\n") or "\r" in value
+    if bad or "\n" in value:
+        raise ValueError(f"need a header as 'Name: value', got {text!r}")
+    return name.lower(), value
+
+
+_CONTEXTS: dict[str | None, ssl.SSLContext] = {}
+
+
+def client_context(cacert: str | None) -> ssl.SSLContext:
+    """A verifying TLS client context trusting `cacert` (else the system's CAs); one per
+    process and file, so thousands of connections share it."""
+    ctx = _CONTEXTS.get(cacert)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=cacert)
+        ctx.set_alpn_protocols(["http/1.1"])
+        _CONTEXTS[cacert] = ctx
+    return ctx
+
+
+@dataclass(frozen=True)
 class Target:
-    """Where the streams live: host, port and the path prefix streams are named under."""
+    """Where the streams live: scheme, host, port and the path prefix streams are named
+    under, plus what every request carries (extra headers) and how https is verified.
+    Plain data, so it travels to the spawned load generators."""
 
     host: str
     port: int
     prefix: str  # e.g. "/v1/stream" (no trailing slash)
+    scheme: str = "http"
+    headers: tuple[tuple[str, str], ...] = ()
+    cacert: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> Target:
+    def parse(
+        cls, url: str, headers: tuple[tuple[str, str], ...] = (), cacert: str | None = None
+    ) -> Target:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"need an http://HOST:PORT[/prefix] URL, got {url!r}")
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"need an http(s)://HOST:PORT[/prefix] URL, got {url!r}")
         prefix = parts.path.rstrip("/") or "/v1/stream"
-        return cls(parts.hostname, parts.port or 80, prefix)
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        return cls(parts.hostname, port, prefix, parts.scheme, headers, cacert)
 
     def path(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
     @property
     def base(self) -> str:
-        return f"http://{self.host}:{self.port}{self.prefix}"
+        return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
+
+    @property
+    def head_lines(self) -> str:
+        """The host line and the extra headers, each ending in CRLF, for prebuilt heads."""
+        return f"host: {self.host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in self.headers)
+
+    def tls(self) -> ssl.SSLContext | None:
+        return client_context(self.cacert) if self.scheme == "https" else None
+
+    async def connect(
+        self, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> tuple[asyncio.BaseTransport, Any]:
+        """`loop.create_connection` to this target, over TLS for https."""
+        loop = asyncio.get_running_loop()
+        ctx = self.tls()
+        if ctx is None:
+            return await loop.create_connection(factory, self.host, self.port)
+        return await loop.create_connection(
+            factory, self.host, self.port, ssl=ctx, server_hostname=self.host
+        )
 
 
 def build_request(
-    method: str, path: str, host: str, body: bytes = b"", headers: dict[str, str] | None = None
+    method: str,
+    path: str,
+    target: Target,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """Serialize one keep-alive request (callers prebuild these outside the hot loop)."""
-    lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
+    lines = [f"{method} {path} HTTP/1.1", target.head_lines.removesuffix("\r\n")]
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}")
     if body or method in ("POST", "PUT"):
@@ -197,8 +258,16 @@ class SyncClient:
         self.parser = ResponseParser()
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self.target.host, self.target.port), self.timeout)
+        target = self.target
+        sock = socket.create_connection((target.host, target.port), self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx = target.tls()
+        if ctx is not None:
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=target.host)
+            except BaseException:
+                sock.close()
+                raise
         self.parser = ResponseParser()
         self.sock = sock
         return sock
@@ -206,7 +275,7 @@ class SyncClient:
     def request(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
     ) -> Response:
-        data = build_request(method, path, self.target.host, body, headers)
+        data = build_request(method, path, self.target, body, headers)
         for attempt in (0, 1):
             sock = self.sock or self._connect()
             try:

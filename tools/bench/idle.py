@@ -33,7 +33,7 @@ class _Idle(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A connection from create_connection: its transport is a stream transport.
         stream = cast(asyncio.Transport, transport)
-        stream.write(build_request("GET", f"{self.path}?offset=-1&live=sse", self.w.host))
+        stream.write(build_request("GET", f"{self.path}?offset=-1&live=sse", self.w.target))
         self.w.transports.append(transport)
 
     def head(self, resp: Any) -> None:
@@ -57,8 +57,8 @@ class _Idle(asyncio.Protocol):
 
 
 class _IdleWorker:
-    def __init__(self, host: str, count: int) -> None:
-        self.host = host
+    def __init__(self, target: Target, count: int) -> None:
+        self.target = target
         self.count = count
         self.opened = self.refused = self.failed = self.dropped = 0
         self.closing = False
@@ -71,8 +71,7 @@ class _IdleWorker:
 
 
 async def idle_worker(
-    host: str,
-    port: int,
+    target: Target,
     paths: list[str],
     count: int,
     ready_q: Any,
@@ -80,7 +79,7 @@ async def idle_worker(
     timeout: float,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    w = _IdleWorker(host, count)
+    w = _IdleWorker(target, count)
     sem = asyncio.Semaphore(128)
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     t0 = time.monotonic()
@@ -90,9 +89,7 @@ async def idle_worker(
             try:
                 # bounded: a server out of file descriptors leaves SYNs unanswered, and the
                 # kernel's connect retries would otherwise outlast the whole open phase
-                connect = loop.create_connection(
-                    lambda: _Idle(w, paths[i % len(paths)]), host, port
-                )
+                connect = target.connect(lambda: _Idle(w, paths[i % len(paths)]))
                 await asyncio.wait_for(connect, max(0.1, t0 + timeout - time.monotonic()))
             except (OSError, TimeoutError):
                 w.failed += 1
@@ -167,10 +164,7 @@ def run_idle(
             for q in ctrl_qs:
                 q.put(None)
 
-    args = [
-        (target.host, target.port, paths, counts[i], ready_q, ctrl_qs[i], open_timeout)
-        for i in range(processes)
-    ]
+    args = [(target, paths, counts[i], ready_q, ctrl_qs[i], open_timeout) for i in range(processes)]
     results = run_workers(idle_worker, args, timeout=open_timeout + hold + 120, on_started=measure)
     opened = sum(r["opened"] for r in results)
     still = sum(r["still_open"] for r in results)

@@ -1,7 +1,8 @@
 """Bench targets: a URL of a running server, or a server the bench starts and stops itself.
 
 Spec forms (for --url and --vs):
-  http://HOST:PORT[/prefix]   a running server (prefix defaults to /v1/stream)
+  http(s)://HOST:PORT[/prefix]  a running server (prefix defaults to /v1/stream; https is
+                              verified against --cacert, else the system's CAs)
   ref:file | ref:memory       the Node reference server (conformance/start-reference.sh),
                               file-backed in a temporary data dir, or in memory
   baseline[:W]                tools.bench.baseline (bare ASGI on hypercorn-trio, W workers)
@@ -37,8 +38,17 @@ def free_port() -> int:
 class BenchTarget:
     """One server under test; `kind` is "stream" (a Durable Streams server) or "sink"."""
 
-    def __init__(self, spec: str, pids: list[int] | None = None, log_dir: str | None = None):
+    def __init__(
+        self,
+        spec: str,
+        pids: list[int] | None = None,
+        log_dir: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        cacert: str | None = None,
+    ):
         self.spec = spec
+        self.headers = headers  # sent with every request (e.g. Authorization)
+        self.cacert = cacert
         self.kind = "sink" if spec.startswith("baseline") else "stream"
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None
@@ -53,8 +63,8 @@ class BenchTarget:
 
     def start(self) -> None:
         spec = self.spec
-        if spec.startswith("http://"):
-            self.target = Target.parse(spec)
+        if spec.startswith(("http://", "https://")):
+            self.target = Target.parse(spec, self.headers, self.cacert)
             return
         port = free_port()
         if spec.startswith("ref:"):
@@ -107,7 +117,7 @@ class BenchTarget:
             stderr=self.log or subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.target = Target("127.0.0.1", port, "/v1/stream")
+        self.target = Target("127.0.0.1", port, "/v1/stream", headers=self.headers)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
