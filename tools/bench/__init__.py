@@ -61,6 +61,7 @@ SHOWN = {
         "verify_problems",
         "client_cpu_pct",
         "server_cpu_pct",
+        "server_cpu_ms_per_request",
     ],
     "json": ["requests_per_s", "p50_ms", "p99_ms", "errors", "verify_problems"],
     "json-batch": ["requests_per_s", "messages_per_s", "p99_ms", "errors", "verify_problems"],
@@ -146,6 +147,7 @@ def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag:
             args.duration,
             args.processes,
             verify_data=not args.no_verify,
+            pids=pids,
         )
     elif scenario == "catchup":
         m = run_catchup(

@@ -21,7 +21,7 @@ from array import array
 from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target
-from .procs import run_workers
+from .procs import cpu_seconds, run_workers
 from .stats import latency_summary
 
 _FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 4
@@ -303,8 +303,12 @@ def run_append(
     duration: float,
     processes: int,
     verify_data: bool = True,
+    pids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run one append scenario against one server and return its metrics."""
+    """Run one append scenario against one server and return its metrics.
+
+    With the server's `pids`, their CPU is also read at the start and the end of the
+    measured window: CPU per acknowledged append, without setup and read-back."""
     names = setup_streams(target, run_id, tag, streams, mode)
     # Connection c writes streams c, c+C, c+2C, ... (or stream c % S when S < C).
     plan: list[tuple[int, list[tuple[int, str]]]] = []
@@ -315,7 +319,16 @@ def run_append(
     start_at = time.monotonic() + 1.5  # spawned interpreters need a moment to start
     end_at = start_at + duration
     args = [(target, mode, plan[i::processes], start_at, end_at, 10.0) for i in range(processes)]
-    results = run_workers(append_worker, args, timeout=duration + 60)
+    window: list[float] = []
+
+    def measure_window() -> None:
+        for at in (start_at, end_at):
+            time.sleep(max(0.0, at - time.monotonic()))
+            window.append(sum(cpu_seconds(p) for p in pids or []))
+
+    results = run_workers(
+        append_worker, args, timeout=duration + 60, on_started=measure_window if pids else None
+    )
     lat: list[float] = []
     acked: dict[tuple[int, int], list[int]] = {}
     refused: dict[tuple[int, int], list[int]] = {}
@@ -341,6 +354,8 @@ def run_append(
         "errors": errors,
         "client_cpu_pct": 100.0 * client_cpu / duration,
     }
+    if len(window) == 2 and ok:
+        metrics["server_cpu_ms_per_request"] = 1000.0 * (window[1] - window[0]) / ok
     if mode == "json10":
         metrics["messages_per_s"] = ok * 10 / duration
     if statuses:
