@@ -21,7 +21,7 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from ds_cluster.common.ring import format_endpoint
+from ds_cluster.common.ring import Ring, format_endpoint
 from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
 from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.answers import error_answer
@@ -55,23 +55,13 @@ def create_control_app(pool: ShardPool) -> QuartTrio:
 
     @app.get("/cluster/status")
     async def cluster_status() -> tuple[dict, int]:
-        ring = pool.ring
-        shards: dict[str, dict[str, object]] = {}
-
-        async def ask(shard_id: str) -> None:
-            address = ring.endpoints.get(shard_id)
-            entry: dict[str, object] = {"address": format_endpoint(address) if address else ""}
-            shards[shard_id] = entry
-            try:
-                entry.update(
-                    _move_status(await pool.call(shard_id, "move_status", {}, STATUS_TIMEOUT))
-                )
-            except (ShardUnavailable, ShardError, ValueError) as exc:
-                entry["error"] = str(exc)
-
-        async with trio.open_nursery() as nursery:
-            for shard_id in ring.shard_ids:
-                nursery.start_soon(ask, shard_id)
+        # A gateway meets newer rings through its traffic; an idle one may not have yet.
+        # A shard's answer carrying a newer ring is taken, and that ring's shards asked.
+        for _ in range(3):
+            ring = pool.ring
+            shards, newest = await _ask_move_status(pool, ring)
+            if newest is None or not pool.adopt(newest):
+                break
         return {"ring": ring.to_wire(), "shards": dict(sorted(shards.items()))}, 200
 
     @app.errorhandler(HTTPException)
@@ -134,3 +124,34 @@ def _move_status(answer: dict[str, object]) -> dict[str, object]:
         "pending_in": counts["pending_in"],
         "done": answer["done"],
     }
+
+
+async def _ask_move_status(
+    pool: ShardPool, ring: Ring
+) -> tuple[dict[str, dict[str, object]], Ring | None]:
+    """Each shard of `ring`'s `move_status` (or the error), and the newest ring any of them
+    holds if newer than `ring`."""
+    shards: dict[str, dict[str, object]] = {}
+    newer: list[Ring] = []
+
+    async def ask(shard_id: str) -> None:
+        address = ring.endpoints.get(shard_id)
+        entry: dict[str, object] = {"address": format_endpoint(address) if address else ""}
+        shards[shard_id] = entry
+        try:
+            if shard_id in pool.connections:  # a shard just met may still be connecting
+                with trio.move_on_after(STATUS_TIMEOUT):
+                    await pool.wait_connected(shard_id)
+            answer = await pool.call(shard_id, "move_status", {}, STATUS_TIMEOUT)
+            entry.update(_move_status(answer))
+            held = Ring.from_wire(answer.get("ring"))
+        except (ShardUnavailable, ShardError, ValueError) as exc:
+            entry["error"] = str(exc)
+            return
+        if held.version > ring.version:
+            newer.append(held)
+
+    async with trio.open_nursery() as nursery:
+        for shard_id in ring.shard_ids:
+            nursery.start_soon(ask, shard_id)
+    return shards, max(newer, key=lambda r: r.version, default=None)

@@ -220,6 +220,11 @@ async def test_rebalance_command_drains_a_shard_without_the_supervisor(tmp_path:
         again = await ds_cluster_async(*argv)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "ring v2" in again.stdout and "moved 0 streams" in again.stdout
+        # The gateway has not met ring v2 through its traffic yet: its status takes it.
+        seen = await ds_cluster_async("status", "--url", cluster.url, "--json")
+        parsed = json.loads(seen.stdout)
+        assert parsed["ring"]["version"] == 2, parsed
+        assert parsed["ring"]["shards"] == ["shard-0", "shard-1"]
         status = await supervisor_status(cluster.data_dir)
         assert status["shards"]["shard-2"]["streams"] == 0
         assert status["shards"]["shard-2"]["ring_version"] == 2
