@@ -30,7 +30,11 @@ from ds_cluster.gateway.budget import MAX_BEHIND, WRITE_TIMEOUT, ConnectionOutpu
 from ds_cluster.gateway.fanout import Streaming, Subscriber
 
 log = logging.getLogger(__name__)
-DRAIN_LIMIT = 256 * 1024  # request body bytes read and dropped after an early 413
+# After an early answer (a 413, a refused token) the rest of the request body is read and
+# dropped, at most this much for this long: closing a socket with unread bytes sends a TCP
+# reset, and a client still sending then loses the answer it was sent.
+DRAIN_LIMIT = 16 * 1024 * 1024
+DRAIN_TIME = 10.0  # seconds
 
 
 class Connection(Protocol):
@@ -127,8 +131,9 @@ class NativeExchange:
     task, channel or ASGI messages.
 
     A body over the limit is answered 413 at once; the rest of it is then read and
-    dropped (up to DRAIN_LIMIT bytes) before the connection is reused or closed, so the
-    client reads the 413 instead of a connection reset.
+    dropped (up to DRAIN_LIMIT bytes within DRAIN_TIME seconds, and at the body's
+    minimum rate) before the connection is reused, or closed when the rest is more, so
+    the client reads the 413 instead of a connection reset.
 
     Every answer carries the request's X-Request-Id; with an `access` log, the exchange
     writes its line once answered (an SSE read: once it ends)."""
@@ -168,6 +173,7 @@ class NativeExchange:
         self._parts: list[bytes] = []
         self._size = 0
         self._draining = False  # answered early; dropping the rest of the body
+        self._drain_until = 0.0  # when dropping it stops (the connection closes then)
         self._done = False
         self._leave: Callable[[], None] | None = None  # leaves the shared upstream
 
@@ -184,7 +190,7 @@ class NativeExchange:
         if isinstance(event, Body):
             self._size += len(event.data)
             if self._draining:
-                if self._size > DRAIN_LIMIT:
+                if self._size > DRAIN_LIMIT or trio.current_time() > self._drain_until:
                     await self._finish()  # not worth reading: the connection closes
             elif self._size > self._route.max_body_bytes:
                 await self.refuse_too_large()
@@ -248,20 +254,20 @@ class NativeExchange:
             self._log_stream()
             await self._finish()
 
-    async def refuse_too_large(self, declared: int = 0) -> None:
-        """Answer 413 now; drain what follows unless the declared rest is too much."""
-        await self.refuse(
-            self._route.error(413, body_too_large(self._route.max_body_bytes)), declared
-        )
+    async def refuse_too_large(self) -> None:
+        """Answer 413 now; drain what follows."""
+        await self.refuse(self._route.error(413, body_too_large(self._route.max_body_bytes)))
 
-    async def refuse(self, answer: Answer, declared: int = 0) -> None:
-        """Answer now, before the body is read; drain what follows (as after a 413)."""
+    async def refuse(self, answer: Answer) -> None:
+        """Answer now, before the body is read; drain what follows (up to DRAIN_LIMIT
+        bytes within DRAIN_TIME seconds), so that the client, which may still be sending
+        it, reads the answer rather than a reset. Even a declared size over DRAIN_LIMIT
+        is drained that far: by then the client has had the answer for a while."""
         await self._send_answer(answer)
         self._parts = []
         self._size = 0
         self._draining = True
-        if declared > DRAIN_LIMIT:
-            await self._finish()
+        self._drain_until = trio.current_time() + DRAIN_TIME
 
     async def _send_answer(self, answer: Answer) -> None:
         status, headers, body = answer

@@ -176,9 +176,9 @@ class LeanH11Protocol(H11Protocol):
         if chunked or declared > EARLY_CHECK_BYTES:
             refused = route.refuse(method, request.target, headers)
             if refused is not None:
-                return await exchange.refuse(refused, declared)
+                return await exchange.refuse(refused)
         if declared > route.max_body_bytes:
-            await exchange.refuse_too_large(declared)
+            await exchange.refuse_too_large()
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer `status` before reading the body, and close the connection."""

@@ -277,6 +277,35 @@ def test_body_limit_413(gateway: GatewayProcess) -> None:
     assert httpx.post(url, content=b"z").json()["n"] == 1
 
 
+def test_413_reaches_a_client_that_sends_its_whole_body_first(gateway: GatewayProcess) -> None:
+    """A client that writes its whole (too large) body before reading, as the conformance
+    suite's 10 MiB append does: the gateway answers 413 at the head, then reads and drops
+    the rest instead of closing on it (a close with unread bytes is a TCP reset, and the
+    client's write fails before it reads the 413); the connection then serves the next
+    request."""
+    size = 10 * 1024 * 1024
+    head = (
+        f"POST /v1/stream/echo/large HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as sock:
+        sock.sendall(head.encode("latin-1"))
+        sock.sendall(bytes(size))  # before the fix: reset by the gateway (BrokenPipeError)
+        reader = sock.makefile("rb")
+        status_line = reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 413 "), status_line
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        assert reader.read(length).decode() == TOO_LARGE
+        sock.sendall(
+            b"POST /v1/stream/echo/after HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        assert reader.readline().startswith(b"HTTP/1.1 200 ")
+
+
 def test_unknown_routes_get_plain_text_errors_not_an_html_page(gateway: GatewayProcess) -> None:
     """Outside /v1/stream/ the gateway's control app answers; its 404 and 405 are short
     plain text like every other gateway error, with the transport headers."""
