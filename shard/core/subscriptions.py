@@ -301,6 +301,37 @@ def check_webhook_url(url: str) -> str:
     return url
 
 
+def needs_resolving(url: str) -> str | None:
+    """The host name of an accepted webhook URL whose addresses must be checked when it
+    is resolved at delivery (`all_public`); None for IP literals (checked when the URL
+    was accepted) and for the localhost development exception."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "https" or is_local_dev_host(host):
+        return None
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    return None
+
+
+def all_public(addresses: list[str]) -> bool:
+    """Whether a webhook host's resolved addresses are all public (some, and none
+    private, loopback, link-local...): a name must not smuggle in what a literal may not."""
+    return bool(addresses) and all(
+        public_address(a.partition("%")[0]) and _is_ip(a.partition("%")[0]) for a in addresses
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def public_address(host: str) -> bool:
     """False for an IP literal that is not a public unicast address; True for a public
     one and for names (checked once resolved)."""

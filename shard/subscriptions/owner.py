@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from secrets import token_hex
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpcore  # noqa: F401 - imported with us, not on the loop by the first client
 import httpx
@@ -213,6 +215,18 @@ class SubOwner:
     async def _post_webhook(self, url: str, body: bytes) -> tuple[bool, bool]:
         """(accepted, answered `{done: true}`)."""
         assert self._client is not None
+        host = rules.needs_resolving(url)
+        if host is not None:  # a name must resolve to public addresses only (SSRF)
+            try:
+                port = urlsplit(url).port or 443
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.info("webhook %s: cannot resolve %s: %s", url, host, exc)
+                return False, False
+            addresses = [str(info[4][0]) for info in infos]
+            if not rules.all_public(addresses):
+                log.warning("webhook %s refused: %s resolves to %s", url, host, addresses)
+                return False, False
         headers = {
             "content-type": "application/json",
             "webhook-signature": self._keys.signature_header(body, int(time.time())),

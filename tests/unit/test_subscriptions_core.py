@@ -325,3 +325,15 @@ def test_a_pattern_never_links_its_own_wake_stream() -> None:
     assert set(sub.links) == {"events/a"}
     assert not rules.note_tail(sub, "wake/pool", encode(4))
     assert rules.note_tail(sub, "wake/other", encode(4)) == "links"
+
+
+def test_webhook_host_names_are_checked_once_resolved() -> None:
+    assert rules.needs_resolving("https://hooks.example.com/x") == "hooks.example.com"
+    assert rules.needs_resolving("https://8.8.8.8/x") is None  # checked when accepted
+    assert rules.needs_resolving("http://localhost:9/x") is None  # development exception
+    assert rules.all_public(["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"])
+    assert not rules.all_public([])
+    assert not rules.all_public(["93.184.216.34", "10.0.0.7"])  # one private is enough
+    assert not rules.all_public(["169.254.169.254"])
+    assert not rules.all_public(["::1"])
+    assert not rules.all_public(["fe80::1%eth0"])
