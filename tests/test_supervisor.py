@@ -166,7 +166,7 @@ async def test_crash_loop_backs_off_and_startup_fails_clearly(tmp_path: Path) ->
         port=0,
         data_dir=tmp_path / "data",
         launcher=(sys.executable, "-c", "import sys; sys.exit(3)"),
-        ready_timeout=2.0,
+        ready_timeout=6.0,  # four restarts and their start-up, on a loaded machine too
         restart_initial_delay=0.05,
         restart_max_delay=0.4,
     )
