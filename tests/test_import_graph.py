@@ -1,11 +1,12 @@
 """Our packages import one another without cycles, and each stays in its layer.
 
-Every module of `ds_cluster` (its own files and the top-level folders it links to) is parsed (not imported) with `ast`. Each
-`import` and `from ... import` of our own packages is an edge of the graph, wherever it
-stands: at module level, inside a function, or under `if TYPE_CHECKING:` (a cycle there
-is still two modules that each need the other). `importlib.import_module("literal")`
-counts as well. A parent package a submodule import runs first is not an edge: that is
-how Python loads packages, not a dependency of ours.
+Every module of `ds_cluster` (its own files and the top-level folders it links to) is
+parsed (not imported) with `ast`. Each `import` and `from ... import` of our own
+packages is an edge of the graph, wherever it stands: at module level, inside a
+function, or under `if TYPE_CHECKING:` (a cycle there is still two modules that each
+need the other). `importlib.import_module("literal")` counts as well. A parent package a
+submodule import runs first is not an edge: that is how Python loads packages, not a
+dependency of ours.
 
 One import goes by a computed name: the CLI's dispatch table (`ds_cluster.cli.SUBCOMMANDS`,
 subcommand -> module, imported only when that subcommand runs). Its modules are edges of
