@@ -10,10 +10,12 @@ dependency of ours.
 
 One import goes by a computed name: the CLI's dispatch table (`ds_cluster.cli.SUBCOMMANDS`,
 subcommand -> module, imported only when that subcommand runs). Its modules are edges of
-`ds_cluster.cli` for the cycle check. Its dispatch to `gateway.main` and `shard.main` is the
-one known exception to "common imports nothing of gateway or shard", until the CLI moves
-above all three packages. Any other import by a computed name fails the test, since this
-graph could not see it.
+`ds_cluster.cli` for the cycle check. Any other import by a computed name fails the test,
+since this graph could not see it.
+
+The layers, from the floor up: `common` (what the gateway and the shards share at run time)
+imports nothing else of ours; `gateway`, `shard` and the local `supervisor` stand on
+`common` only; `tools` may use all of those; the CLI dispatches to everything.
 """
 
 from __future__ import annotations
