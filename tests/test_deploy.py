@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from support.kubernetes import KUBERNETES, render, tool, validate
 
 from ds_cluster import envflags
 from ds_cluster.cli import SUBCOMMANDS
@@ -41,41 +42,10 @@ from ds_cluster.common.shard_pattern import expand, shard_endpoints
 from ds_cluster.tools.drain import split_pod_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("small", "production")
-KUBERNETES_VERSION = "1.33.0"
-BIN = Path(sys.executable).parent
 IMAGE = "ds-cluster"
 # Variables that are not options but are read all the same (common/rpc_security.py).
 EXTRA_VARIABLES = {"DS_CLUSTER_SECRET"}
-
-
-def tool(name: str) -> str:
-    path = BIN / name
-    found = str(path) if path.exists() else shutil.which(name)
-    assert found, f"{name} is not installed (pip install -e '.[test]')"
-    return found
-
-
-def render(overlay: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(overlay)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def validate(documents: list[dict[str, Any]], where: Path) -> subprocess.CompletedProcess[str]:
-    where.write_text(yaml.safe_dump_all(documents))
-    return subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(where)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def find(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

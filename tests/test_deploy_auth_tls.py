@@ -6,37 +6,15 @@ the probes and the scrape speaking HTTPS."""
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from support.kubernetes import KUBERNETES, render, validate
 
 from ds_cluster import envflags
 from ds_cluster.gateway import main as gateway_main
 
-KUBERNETES = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 OVERLAY = KUBERNETES / "overlays" / "production-auth-tls"
-BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str:
-    found = str(BIN / name) if (BIN / name).exists() else shutil.which(name)
-    assert found, f"{name} is not installed (pip install -e '.[test]')"
-    return found
-
-
-def render(overlay: Path) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(overlay)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def gateway(documents: list[dict[str, Any]]) -> dict[str, Any]:
@@ -46,14 +24,7 @@ def gateway(documents: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_renders_and_passes_strict_validation(tmp_path: Path) -> None:
-    where = tmp_path / "rendered.yaml"
-    where.write_text(yaml.safe_dump_all(render(OVERLAY)))
-    done = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", "1.33.0", str(where)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = validate(render(OVERLAY), tmp_path / "rendered.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
