@@ -651,15 +651,12 @@ async def test_live_readers_of_a_moving_stream_are_released_and_resume(tmp_path:
             tail = (await post(http, name, b"before", BYTES_TYPE)).headers["stream-next-offset"]
         outcomes: dict[str, str] = {}
 
+        def live_read(mode: str) -> wire.RequestFields:
+            """A GET from the tail in live mode `mode`, as a gateway sends it to s0."""
+            return {"m": "GET", "p": name, "q": f"offset={tail}&live={mode}", "h": [], "b": b""}
+
         async def long_poll() -> None:
-            fields: wire.RequestFields = {
-                "m": "GET",
-                "p": name,
-                "q": f"offset={tail}&live=long-poll",
-                "h": [],
-                "b": b"",
-            }
-            async with cluster.admin.open("s0", "http", fields) as call:
+            async with cluster.admin.open("s0", "http", live_read("long-poll")) as call:
                 try:
                     res = await call.response()
                     outcomes["long-poll"] = f"answered {res['s']}"
@@ -667,14 +664,7 @@ async def test_live_readers_of_a_moving_stream_are_released_and_resume(tmp_path:
                     outcomes["long-poll"] = exc.code
 
         async def sse() -> None:
-            fields: wire.RequestFields = {
-                "m": "GET",
-                "p": name,
-                "q": f"offset={tail}&live=sse",
-                "h": [],
-                "b": b"",
-            }
-            async with cluster.admin.open("s0", "http", fields) as call:
+            async with cluster.admin.open("s0", "http", live_read("sse")) as call:
                 try:
                     res = await call.response()
                     assert res["s"] == 200
