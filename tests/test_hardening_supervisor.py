@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from support.up import terminate
 
 from ds_cluster.common.rpc_security import SECRET_FILE_NAME, ensure_secret_file
 from ds_cluster.supervisor.cluster import (
@@ -104,13 +105,7 @@ async def running_up(tmp_path: Path, name: str, *extra: str) -> AsyncIterator[Up
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(30):
-                    await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await terminate(process)
         print(f"----- {name}: ds-cluster up stderr -----")
         print(stderr_path.read_text(errors="replace")[-4000:])
 

@@ -15,17 +15,15 @@ import io
 import json
 import logging
 import re
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-import trio
 from support.cluster import running_cluster
 from support.logs import access_line, json_lines
+from support.up import up_until_ready
 
 from ds_cluster.common import logs
 from ds_cluster.gateway import access
@@ -264,27 +262,10 @@ async def test_without_the_access_log_ids_are_still_returned(tmp_path: Path) -> 
 
 async def test_up_logs_json_for_the_supervisor_too(tmp_path: Path) -> None:
     """`ds-cluster up --log-format json`: the supervisor's own lines are JSON as well."""
-    argv = [sys.executable, "-m", "ds_cluster", "up", "--shards", "1", "--port", "0"]
-    argv += ["--data-dir", str(tmp_path / "data"), "--log-format", "json"]
-    argv += ["--log-dir", str(tmp_path / "logs")]
-    process = await trio.lowlevel.open_process(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
-    )
-    assert process.stderr is not None
-    received = b""
-    try:
-        with trio.fail_after(60):
-            while b"cluster ready" not in received:
-                data = await process.stderr.receive_some()
-                assert data, received.decode(errors="replace")
-                received += data
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    options = ["--shards", "1", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    options += ["--log-format", "json", "--log-dir", str(tmp_path / "logs")]
+    async with up_until_ready(*options) as up:
+        received = up.stderr
     lines = [json.loads(x) for x in received.decode().splitlines() if x.startswith("{")]
     ready = [x for x in lines if "cluster ready" in x["msg"]]
     assert ready and ready[0]["role"] == "supervisor" and ready[0]["id"] == "supervisor"

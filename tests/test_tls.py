@@ -17,8 +17,6 @@ import contextlib
 import os
 import signal
 import ssl
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import trustme
 from durable_streams import AsyncDurableStream, DurableStream, astream, stream
 from support.cluster import running_cluster
 from support.logs import access_line, wait_for_line
+from support.up import up_until_ready
 
 from ds_cluster.gateway.tls import HANDSHAKE_TIMEOUT
 from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor
@@ -387,36 +386,19 @@ def _text(path: Path) -> str:
 
 async def test_sighup_to_up_reloads_every_gateway(tmp_path: Path, pki: Pki) -> None:
     """`ds-cluster up` passes SIGHUP on to its gateways (and survives it itself)."""
-    argv = [sys.executable, "-m", "ds_cluster", "up", "--shards", "1", "--gateways", "2"]
-    argv += ["--port", "0", "--data-dir", str(tmp_path / "data"), "--log-format", "json"]
-    argv += ["--log-dir", str(tmp_path / "logs"), "--tls-cert", str(pki.cert)]
-    argv += ["--tls-key", str(pki.key)]
-    process = await trio.lowlevel.open_process(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent
-    )
-    assert process.stderr is not None
-    received = b""
-    try:
-        with trio.fail_after(60):
-            while b"cluster ready" not in received:
-                data = await process.stderr.receive_some()
-                assert data, received.decode(errors="replace")
-                received += data
+    options = ["--shards", "1", "--gateways", "2", "--port", "0"]
+    options += ["--data-dir", str(tmp_path / "data"), "--log-format", "json"]
+    options += ["--log-dir", str(tmp_path / "logs"), "--tls-cert", str(pki.cert)]
+    options += ["--tls-key", str(pki.key)]
+    async with up_until_ready(*options) as up:
         gateways = ("gateway-0", "gateway-1")
         with trio.fail_after(60):  # `up` is ready once one of them answers
             for gateway in gateways:
                 while "listening on" not in _text(tmp_path / "logs" / f"{gateway}.log"):
                     await trio.sleep(0.1)
-        process.send_signal(signal.SIGHUP)
+        up.process.send_signal(signal.SIGHUP)
         for gateway in gateways:
             log = tmp_path / "logs" / f"{gateway}.log"
             await wait_for_line(log, lambda x: x.get("msg", "").startswith("certificate reloaded"))
             assert _text(log).count("listening on") == 1  # not restarted
-        assert process.returncode is None
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        assert up.process.returncode is None
