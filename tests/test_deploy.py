@@ -543,6 +543,18 @@ def drain_hook(local: LocalPods, ordinal: int, extra: dict[str, str]) -> subproc
     )
 
 
+def drain_when_ready(
+    url: str, local: LocalPods, ordinal: int, extra: dict[str, str]
+) -> tuple[int, str]:
+    """Once the cluster at `url` answers, shard `ordinal`'s preStop hook run to its end:
+    its exit status and output."""
+    with httpx.Client(timeout=30) as client:
+        wait_ready(client, url, local.pods, time.monotonic() + 90)
+    hook = drain_hook(local, ordinal, extra)
+    out, _ = hook.communicate(timeout=60)
+    return hook.returncode, out
+
+
 def test_pod_names_split_into_statefulset_and_ordinal() -> None:
     assert split_pod_name("ds-shard-12") == ("ds-shard", 12)
     for bad in ("ds-shard", "ds-shard-", "-3", "ds-shard-x"):
@@ -552,22 +564,14 @@ def test_pod_names_split_into_statefulset_and_ordinal() -> None:
 
 @pytest.mark.slow
 def test_drain_hook_lets_a_restarting_shard_go_at_once(tmp_path: Path) -> None:
-    with (
-        small_cluster(tmp_path) as (url, local),
-        httpx.Client(timeout=30) as client,
-        kubernetes_api(tmp_path, replicas=2) as api,
-    ):
-        wait_ready(client, url, local.pods, time.monotonic() + 90)
-        hook = drain_hook(local, 1, api.env)
-        out, _ = hook.communicate(timeout=60)
-        assert hook.returncode == 0, out
+    with small_cluster(tmp_path) as (url, local), kubernetes_api(tmp_path, replicas=2) as api:
+        returncode, out = drain_when_ready(url, local, 1, api.env)
+        assert returncode == 0, out
         assert "stays (2 replicas)" in out
     # Without the API it cannot tell, and a shard its ring still has is not held either.
-    with small_cluster(tmp_path / "again") as (url, local), httpx.Client(timeout=30) as client:
-        wait_ready(client, url, local.pods, time.monotonic() + 90)
-        hook = drain_hook(local, 1, {})
-        out, _ = hook.communicate(timeout=60)
-        assert hook.returncode == 0, out
+    with small_cluster(tmp_path / "again") as (url, local):
+        returncode, out = drain_when_ready(url, local, 1, {})
+        assert returncode == 0, out
         assert "cannot read StatefulSet ds-shard's replica count" in out
         assert "not draining" in out
 
@@ -598,15 +602,9 @@ def test_drain_hook_does_not_hold_an_unknown_pod_whose_shard_is_silent(tmp_path:
 
 @pytest.mark.slow
 def test_drain_hook_holds_a_leaving_shard_while_its_ring_has_it(tmp_path: Path) -> None:
-    with (
-        small_cluster(tmp_path) as (url, local),
-        httpx.Client(timeout=30) as client,
-        kubernetes_api(tmp_path, replicas=1) as api,
-    ):
-        wait_ready(client, url, local.pods, time.monotonic() + 90)
-        hook = drain_hook(local, 1, {**api.env, "DS_TIMEOUT": "3"})
-        out, _ = hook.communicate(timeout=60)
-        assert hook.returncode == 1, out  # no ring change came: it waited, then gave up
+    with small_cluster(tmp_path) as (url, local), kubernetes_api(tmp_path, replicas=1) as api:
+        returncode, out = drain_when_ready(url, local, 1, {**api.env, "DS_TIMEOUT": "3"})
+        assert returncode == 1, out  # no ring change came: it waited, then gave up
         assert "leaves (1 replicas)" in out and "not drained in 3 s" in out
 
 
