@@ -232,6 +232,19 @@ class Shards:
         self.tmp = tmp
         self.ports = {sid: free_port() for sid in ids}
         self.procs: dict[str, ShardProcess] = {}
+        self.gateways: list[GatewayProcess] = []
+
+    def __enter__(self) -> Shards:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Every gateway started by `gateway` must exit cleanly (status 0); the shards
+        are stopped either way."""
+        try:
+            for gateway in self.gateways:
+                assert gateway.stop() == 0
+        finally:
+            self.stop()
 
     def ring(self, version: int, ids: list[str]) -> Ring:
         return Ring(version, tuple(ids), {sid: ("127.0.0.1", self.ports[sid]) for sid in ids})
@@ -250,6 +263,13 @@ class Shards:
             port=self.ports[shard_id],
             peers=self.spec(ring),
         )
+
+    def gateway(self, ring: Ring, *extra: str) -> GatewayProcess:
+        """A gateway process on `ring`, ready; stopped when the `with` block ends."""
+        gateway = GatewayProcess(self.spec(ring), *extra)
+        self.gateways.append(gateway)
+        assert gateway.wait_ready(timeout=30).status_code == 200
+        return gateway
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -399,13 +419,10 @@ async def owner_now(admin: ShardPool, ids: list[str], name: str) -> str:
 async def test_clients_follow_a_new_shard_through_a_gateway_on_the_old_ring(
     tmp_path: Path,
 ) -> None:
-    shards = Shards(tmp_path, ["s0", "s1"])
-    one, two = shards.ring(1, ["s0"]), shards.ring(2, ["s0", "s1"])
-    gateway: GatewayProcess | None = None
-    try:
+    with Shards(tmp_path, ["s0", "s1"]) as shards:
+        one, two = shards.ring(1, ["s0"]), shards.ring(2, ["s0", "s1"])
         shards.start("s0", one)
-        gateway = GatewayProcess(shards.spec(one))  # on ring v1: it learns v2 from s0
-        assert gateway.wait_ready(timeout=30).status_code == 200
+        gateway = shards.gateway(one)  # on ring v1: it learns v2 from s0
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
             admin_pool(shards, two) as admin,
@@ -421,24 +438,17 @@ async def test_clients_follow_a_new_shard_through_a_gateway_on_the_old_ring(
             await traffic.run(grow)
             await traffic.check(gateway, 2)
             assert await owner_now(admin, ["s0", "s1"], traffic.name) == "s1"
-    finally:
-        if gateway is not None:
-            assert gateway.stop() == 0
-        shards.stop()
 
 
 @pytest.mark.slow
 async def test_clients_follow_a_departing_shard_s_streams_and_the_gateway_lets_it_go(
     tmp_path: Path,
 ) -> None:
-    shards = Shards(tmp_path, ["s0", "s1"])
-    two, three = shards.ring(1, ["s0", "s1"]), shards.ring(2, ["s0"])
-    gateway: GatewayProcess | None = None
-    try:
+    with Shards(tmp_path, ["s0", "s1"]) as shards:
+        two, three = shards.ring(1, ["s0", "s1"]), shards.ring(2, ["s0"])
         for sid in ("s0", "s1"):
             shards.start(sid, two)
-        gateway = GatewayProcess(shards.spec(two))
-        assert gateway.wait_ready(timeout=30).status_code == 200
+        gateway = shards.gateway(two)
         async with (
             httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
             admin_pool(shards, two) as admin,
@@ -461,20 +471,13 @@ async def test_clients_follow_a_departing_shard_s_streams_and_the_gateway_lets_i
             assert ready.status_code == 200, ready.text
             r = await http.get(f"/v1/stream/{traffic.name}", params={"offset": "-1"})
             assert r.content == traffic.expected
-    finally:
-        if gateway is not None:
-            assert gateway.stop() == 0
-        shards.stop()
 
 
 @pytest.mark.slow
 async def test_a_gateway_on_a_newer_ring_brings_the_shard_to_it(tmp_path: Path) -> None:
-    shards = Shards(tmp_path, ["s0"])
-    gateway: GatewayProcess | None = None
-    try:
+    with Shards(tmp_path, ["s0"]) as shards:
         shards.start("s0", shards.ring(1, ["s0"]))
-        gateway = GatewayProcess(shards.spec(shards.ring(1, ["s0"])), "--ring-version", "2")
-        assert gateway.wait_ready(timeout=30).status_code == 200
+        gateway = shards.gateway(shards.ring(1, ["s0"]), "--ring-version", "2")
         # The shard answers `err version` (older); the gateway sends it `ring_set` and the
         # request then runs: the client sees only its 201.
         response = httpx.put(f"{gateway.url}/v1/stream/fenced", timeout=30)
@@ -484,10 +487,6 @@ async def test_a_gateway_on_a_newer_ring_brings_the_shard_to_it(tmp_path: Path) 
         )
         await trio.aclose_forcefully(stream)
         assert ready["ring"]["version"] == 2  # type: ignore[typeddict-item]
-    finally:
-        if gateway is not None:
-            assert gateway.stop() == 0
-        shards.stop()
 
 
 # ---- pure pieces -------------------------------------------------------------------------
