@@ -164,16 +164,16 @@ def test_short_chaos_run_passes(tmp_path: Path) -> None:
     assert "RESULT: PASS" in done.stdout
 
 
+def recording_injector(shards: list[str], start: float) -> FaultInjector:
+    """An injector that injects no fault of its own: the test records the faults."""
+    return FaultInjector(
+        dict, shards, random.Random(1), start=start, kill_interval=0, stop_probability=0
+    )
+
+
 async def test_a_supervisor_kill_recovers_only_once_every_shard_wrote_again() -> None:
     start = trio.current_time()
-    injector = FaultInjector(
-        dict,
-        ["shard-0", "shard-1"],
-        random.Random(1),
-        start=start,
-        kill_interval=0,
-        stop_probability=0,
-    )
+    injector = recording_injector(["shard-0", "shard-1"], start)
     event = injector._record(SUPERVISOR, "supervisor-kill", 1, shards=injector.shards)
     assert injector.down() == ["shard-0", "shard-1"]
     injector.note_write_ok("shard-0", start - 1)  # started before the kill: proves nothing
@@ -185,14 +185,7 @@ async def test_a_supervisor_kill_recovers_only_once_every_shard_wrote_again() ->
 
 async def test_a_kill_of_a_shard_that_then_left_the_ring_is_closed_as_such() -> None:
     start = trio.current_time()
-    injector = FaultInjector(
-        dict,
-        ["shard-0", "shard-3"],
-        random.Random(1),
-        start=start,
-        kill_interval=0,
-        stop_probability=0,
-    )
+    injector = recording_injector(["shard-0", "shard-3"], start)
     event = injector._record("shard-3", "kill", 7)
     assert injector.down() == ["shard-3"]
     injector.left_ring({"shard-3"})
