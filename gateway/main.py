@@ -64,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--graceful-timeout", type=float, default=3.0, help="seconds to finish in-flight work"
     )
     parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=LeanConfig.idle_timeout,
+        metavar="S",
+        help="seconds a connection may wait between requests (keep it above the idle "
+        "timeout of clients and load balancers in front)",
+    )
+    parser.add_argument(
         "--public-url",
         default=os.environ.get("DS_PUBLIC_URL", ""),
         metavar="URL",
@@ -134,7 +142,9 @@ def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def hypercorn_config(*, graceful_timeout: float) -> Config:
+def hypercorn_config(
+    *, graceful_timeout: float, idle_timeout: float = LeanConfig.idle_timeout
+) -> Config:
     """Hypercorn's own access log stays off: `gateway.access` writes ours."""
     config = LeanConfig()
     config.accesslog = None
@@ -142,6 +152,7 @@ def hypercorn_config(*, graceful_timeout: float) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")  # via our root handler, once
     config.include_server_header = False
     config.graceful_timeout = graceful_timeout
+    config.idle_timeout = idle_timeout
     config.backlog = LISTEN_BACKLOG
     return config
 
@@ -158,7 +169,9 @@ async def serve_gateway(
     scheme = "http" if server_tls is None else "https"
     base = public_url(args.public_url, bound, scheme)
     output = OutputBudget(args.max_output_bytes, args.max_connection_output_bytes)
-    config = hypercorn_config(graceful_timeout=args.graceful_timeout)
+    config = hypercorn_config(
+        graceful_timeout=args.graceful_timeout, idle_timeout=args.idle_timeout
+    )
     access = AccessLog() if args.access_log else None
     sock.listen(config.backlog)
     listener: trio.SocketListener | tls.TLSListener

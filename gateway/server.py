@@ -11,12 +11,21 @@ connection is driven:
 - stream requests on HTTP/1.1 go to the native route (`gateway.native`) instead of
   hypercorn's HTTPStream and the ASGI app; HTTP/2, the control routes and requests the
   route does not take (percent-encoded live queries, HTTP/1.0 SSE) use ASGI as before;
-- the keep-alive timeout is the deadline of the read waiting for the next request, not a
+- the idle timeouts are the deadline of the read waiting for the next request, not a
   task restarted per request; shutdown closes idle connections through `Connections`;
 - a complete response (one with a Content-Length) goes out in one write, head and body
   together (a large body in a second write, uncopied); streamed responses send their
   head at once;
 - empty writes are skipped, and the send lock is taken without yielding when it is free.
+
+Two idle timeouts: a new connection must send its first request head within the
+keep-alive timeout (5 s by default), and any later head must be complete within it from its
+first byte; between requests, a connection that has been answered waits `idle_timeout`
+(65 s by default, the gateway's `--idle-timeout`). The long wait is for clients: one whose
+event loop is busy for longer than the server's idle timeout reuses a connection the server
+has just closed, and loses that request to a reset (Node's undici does, under load). It
+stays above the idle timeouts of clients (4-5 s) and of load balancers (60 s), so the
+client side closes first.
 
 It also closes the doors a client could hold open: a request head must arrive within the
 keep-alive timeout, a request body must keep arriving (BODY_GRACE seconds, then at least
@@ -106,8 +115,10 @@ def _body_deadline(since: float, received: int, last: float) -> float:
 
 
 class LeanConfig(Config):
-    """Hypercorn's Config with the Date header formatted once per second, not per response."""
+    """Hypercorn's Config with the Date header formatted once per second, not per response,
+    and the wait between a connection's requests (`idle_timeout`, seconds)."""
 
+    idle_timeout = 65.0
     _headers_at = -1
     _headers: dict[str, list[tuple[bytes, bytes]]]
 
@@ -556,8 +567,10 @@ class LeanTCPServer(TCPServer):
         self.tls = isinstance(self.stream, trio.SSLStream)
         self._unread = b""  # under TLS: client bytes read while watching for its leaving
         self._connections = connections if connections is not None else Connections()
-        self._keep_alive = float(self.config.keep_alive_timeout)
+        self._keep_alive = float(self.config.keep_alive_timeout)  # a request head's limit
+        self._between = float(getattr(self.config, "idle_timeout", self._keep_alive))
         self._idle_until = inf  # while idle: when the connection times out
+        self._answered = False  # idle after a response (not a fresh connection)
         self._read_scope: trio.CancelScope | None = None
         self._write_scope: trio.CancelScope | None = None
         self.output = output.connection()  # response bytes queued for this client
@@ -598,7 +611,7 @@ class LeanTCPServer(TCPServer):
                     access=self._access,
                 )
                 await self.protocol.initiate()
-                self._set_idle(True)
+                self._set_idle(True, answered=False)
                 try:
                     await self._read_data()
                 finally:
@@ -649,6 +662,8 @@ class LeanTCPServer(TCPServer):
                             await protocols.protocol.body_expired()  # type: ignore[union-attr]
                             deadline = protocols.protocol.body_deadline(0)  # type: ignore[union-attr]
                             continue
+                    if self._idle_until != inf and self._answered and data:
+                        self._head_started()  # a new request's first bytes
                     await protocols.handle(RawData(data))
                     if not data:
                         break
@@ -694,9 +709,19 @@ class LeanTCPServer(TCPServer):
         await self.protocol.handle(Closed())
         await self._close()
 
-    def _set_idle(self, idle: bool) -> None:
+    def _head_started(self) -> None:
+        """Bytes of the next request arrived: its head gets the keep-alive timeout from
+        here, not the rest of the long wait between requests."""
+        self._answered = False
+        self._idle_until = min(self._idle_until, trio.current_time() + self._keep_alive)
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._idle_until
+
+    def _set_idle(self, idle: bool, *, answered: bool = True) -> None:
         if idle:
-            self._idle_until = trio.current_time() + self._keep_alive
+            self._answered = answered
+            wait = self._between if answered else self._keep_alive
+            self._idle_until = trio.current_time() + wait
             self._connections.idle.add(self)
             if self.context.terminated.is_set():  # HTTP/2 done at shutdown (h11 closes itself)
                 self.stop_reading()

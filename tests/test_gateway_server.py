@@ -344,17 +344,22 @@ def test_pipelined_requests_answered_in_order(gateway: GatewayProcess) -> None:
 
 
 def test_idle_connections_closed_busy_ones_kept(gateway: GatewayProcess) -> None:
-    """Idle for keep_alive_timeout -> closed; a long-poll or an SSE response that lasts
-    longer than that is busy, not idle, and its connection stays usable afterwards."""
+    """A connection that never sends a request head is closed after keep_alive_timeout;
+    an answered one waits longer for its next request (the gateway's --idle-timeout,
+    65 s here) and is served after a pause of more than keep_alive_timeout; a long-poll or
+    an SSE response that lasts longer than that is busy, not idle, and its connection stays
+    usable afterwards."""
     assert KEEP_ALIVE <= 6, "this test waits about keep_alive_timeout + 1.5 s"
     busy = KEEP_ALIVE + 1.0
 
-    def after_request() -> tuple[float, float]:
+    def after_request() -> float:
         with Conn(gateway.port, timeout=busy + 5) as conn:
             got = conn.exchange("GET", "/v1/stream/echo/idle")
             assert got.body == b"echo/idle?"
             stamp = date_of(got)
-            return conn.expect_eof(KEEP_ALIVE + 3), stamp
+            conn.expect_silence(busy)  # still open past keep_alive_timeout
+            assert conn.exchange("GET", "/v1/stream/echo/again").body == b"echo/again?"
+            return stamp
 
     def never_spoke() -> float:
         with Conn(gateway.port) as conn:
@@ -379,11 +384,23 @@ def test_idle_connections_closed_busy_ones_kept(gateway: GatewayProcess) -> None
         silent = pool.submit(never_spoke)
         polled = pool.submit(long_poll)
         streamed = pool.submit(sse)
-        idle_after, first_date = idle.result()
-        assert KEEP_ALIVE - 1 <= idle_after <= KEEP_ALIVE + 2
+        first_date = idle.result()
         assert KEEP_ALIVE - 1 <= silent.result() <= KEEP_ALIVE + 2
         assert polled.result() > first_date  # the cached Date header moves on
         streamed.result()
+
+
+def test_answered_connection_idle_timeout_and_a_slow_next_head(shard: ThreadedShard) -> None:
+    """With --idle-timeout 2: an answered connection that sends nothing is closed after
+    about 2 s; one whose next request head starts but never ends is closed
+    keep_alive_timeout after its first byte, however long the idle timeout."""
+    with gateway_for(shard, "--idle-timeout", "2") as short, Conn(short.port) as conn:
+        assert conn.exchange("GET", "/v1/stream/echo/i1").body == b"echo/i1?"
+        assert 1 <= conn.expect_eof(6) <= 4
+    with gateway_for(shard, "--idle-timeout", "60") as long, Conn(long.port) as conn:
+        assert conn.exchange("GET", "/v1/stream/echo/i2").body == b"echo/i2?"
+        conn.send(b"GET /v1/stream/echo/i3 HTTP/1.1\r\nHost: x\r\n")  # never ends
+        assert KEEP_ALIVE - 1 <= conn.expect_eof(KEEP_ALIVE + 5) <= KEEP_ALIVE + 3
 
 
 def test_sse_head_sent_before_any_event(gateway: GatewayProcess) -> None:
@@ -708,6 +725,7 @@ async def test_complete_response_is_one_write(server_writes: list[bytes]) -> Non
 
 
 async def test_idle_deadline_moves_with_each_request() -> None:
+    """(Here the wait between requests is as short as the keep-alive timeout.)"""
     keep_alive = 0.6
     gates = {"w": trio.Event()}
     results: dict[str, Any] = {}
@@ -736,7 +754,9 @@ async def test_idle_deadline_moves_with_each_request() -> None:
             results["streaming"] = conn.expect_eof(3)
 
     async with (
-        lean_server(tiny_app(gates), keep_alive_timeout=keep_alive) as port,
+        lean_server(
+            tiny_app(gates), keep_alive_timeout=keep_alive, idle_timeout=keep_alive
+        ) as port,
         trio.open_nursery() as nursery,
     ):
         for client in (chatty, slow, silent, streaming):
