@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ds_cluster.shard.ring_ops import ring_handlers
-
 from ds_cluster.common import wire
 from ds_cluster.shard.metrics import ShardMetrics
 from ds_cluster.shard.peers import export_to_wire, records_to_wire
+from ds_cluster.shard.ring_ops import ring_handlers
 from ds_cluster.shard.service import ShardService
 from ds_cluster.shard.subscriptions import ops as subscription_ops
 
