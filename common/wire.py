@@ -80,6 +80,7 @@ OPS = (
     "move_begin",
     "move_chunk",
     "move_finish",
+    "move_sub",
     "sub_http",
     "sub_register",
     "sub_unregister",
@@ -122,6 +123,8 @@ ARG_SCHEMAS: dict[str, dict[str, tuple[type, bool]]] = {
         "version": (int, False),
     },
     "move_begin": {"ring": (dict, True), "from": (str, True), "path": (str, True)},
+    # a subscription's whole state to its new owner (shard/subscriptions/move.py)
+    "move_sub": {"ring": (dict, True), "from": (str, True), "sub": (str, True)},
     "move_chunk": {
         "ring": (dict, True),
         "from": (str, True),

@@ -141,6 +141,9 @@ class Handoff:
         # -- telling the other shards of a new ring
         self._push_to: dict[str, int] = {}  # shard id -> attempts so far
         self._push = trio.Event()
+        # Other items this shard still holds for a shard (None: for any other), -1 if
+        # it cannot tell yet: subscriptions (`shard.subscriptions.move`).
+        self.held_items: Callable[[str | None], int] = lambda asker: 0
         ring.on_change.append(self._ring_changed)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -305,6 +308,8 @@ class Handoff:
             holding = -1
         else:
             holding = sum(1 for p in self._outgoing if ring.owner(p) == asker)
+        items = self.held_items(asker)
+        holding = -1 if items < 0 or holding < 0 else holding + items
         return {"holding": holding, "receiving": len(self._staging), "ring": ring.to_wire()}
 
     def _lock(self, path: str) -> trio.Lock:
@@ -426,7 +431,9 @@ class Handoff:
         # Done also means no other shard may still hold a stream of ours: a source must
         # not be stopped (a shard leaving the ring) before we have stopped asking it.
         sources = sorted(sid for sid in self.ring.sources if sid != self.me)
+        items = self.held_items(None)
         done = scanned and not self._outgoing and not self._staging and not sources
+        done = done and items == 0
         done = done and not (leaving and releases)
         return {
             "ring": ring.to_wire(),
@@ -438,6 +445,7 @@ class Handoff:
             },
             "moved_out": {"streams": self.sent_streams, "bytes": self.sent_bytes},
             "pending_in": len(self._staging),
+            "subscriptions_out": items,
             "pending_releases": releases,
             "sources": sources,
             "scanned": scanned,

@@ -85,5 +85,5 @@ def handlers(service: ShardService) -> dict[str, Handler]:
         "release_fork": release_fork,
         "read_fork": read_fork,
         "metrics": metrics,
-        **subscription_ops.handlers(service.subs),
+        **subscription_ops.handlers(service.subs, service.sub_mover, service.handoff.take_ring),
     }

@@ -44,6 +44,7 @@ from ds_cluster.shard.ring_state import ShardRing
 from ds_cluster.shard.store import NOTICE_STATUS, Store, StreamWrite
 from ds_cluster.shard.streams import Entry, StreamTable
 from ds_cluster.shard.subscriptions import Subscriptions
+from ds_cluster.shard.subscriptions.move import SubMover
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class ShardService:
             heard=pool.rings if pool is not None else None,
         )
         self.committer.fenced = self.handoff.fenced
+        # Subscriptions moving with the ring (`shard.subscriptions.move`).
+        self.sub_mover = SubMover(rings, self.subs, self.call_peer)
+        self.handoff.held_items = self.sub_mover.holding
         self.forks.admit = self.handoff.admit
 
     @property

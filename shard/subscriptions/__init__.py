@@ -24,8 +24,7 @@ registrations are keyed by (subscription, pattern or path) and are needed on eve
 (patterns) or on the path's owner (explicit links), and notices are addressed by looking
 the owner up on the current ring at delivery time. Moving a subscription means moving its
 row to the new owner (and, for explicit links, re-registering with the paths' new
-owners); nothing else names a shard. That move is not built yet: a ring change today
-leaves subscriptions on their old owner.
+owners); nothing else names a shard. `move.SubMover` does it when the ring changes.
 """
 
 from __future__ import annotations
@@ -89,6 +88,9 @@ class Subscriptions:
         self.db = SubDb(store)
         self.keys = SigningKeys(secret)
         self.owner = SubOwner(self.db, self.keys, self)
+        self.owner.owns = lambda sub_id: self._owner_of(sub_id) == shard_id
+        # Started with the subscriptions loaded (`move.SubMover.run`).
+        self.after_load: list[Callable[[], Awaitable[None]]] = []
         self.notices = Notices(
             self.registry, committer, self._owner_of, self._probe, self._send_notices, self._forget
         )
@@ -105,6 +107,8 @@ class Subscriptions:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.notices.run)
                 nursery.start_soon(self.owner.run)
+                for task in self.after_load:
+                    nursery.start_soon(task)
                 task_status.started()
         finally:
             self.db.close()

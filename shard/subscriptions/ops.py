@@ -8,6 +8,9 @@ sub_register    owner -> every shard (a pattern) or a path's owner (explicit lin
 sub_unregister  owner -> shards: drop a subscription's registrations
 sub_notify      a stream's shard -> a subscription's owner: new tails
 sub_tails       owner -> a stream's shard: current tails of some paths
+move_sub        old owner -> new owner, when the ring changes: a subscription's whole
+                state (ring, from, sub), answered {status: done} once committed
+                (shard/subscriptions/move.py)
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from collections.abc import Awaitable, Callable
 from ds_cluster.common import wire
 from ds_cluster.common.paths import PathError, check_canonical
 from ds_cluster.shard.subscriptions import Subscriptions
+from ds_cluster.shard.subscriptions.move import SubMover
+from ds_cluster.shard.subscriptions.owner import (
+    SubArriving,
+    SubElsewhere,
+    SubscriptionsUnavailable,
+)
 
 Handler = Callable[[wire.Args], Awaitable[wire.Args]]
 MAX_ITEMS = 100_000
@@ -41,7 +50,14 @@ def _sub_id(raw: object, op: str) -> str:
     return raw
 
 
-def handlers(subs: Subscriptions) -> dict[str, Handler]:
+def handlers(
+    subs: Subscriptions,
+    mover: SubMover | None = None,
+    take_ring: Callable[[object], Awaitable[object]] | None = None,
+) -> dict[str, Handler]:
+    """The ops; `move_sub` only with `mover` and `take_ring` (the sender's ring is
+    adopted first, as for the stream moves)."""
+
     async def sub_http(args: wire.Args) -> wire.Args:
         method, path, auth, base, body = (args.get(k) for k in ("m", "p", "auth", "base", "b"))
         if not (
@@ -55,7 +71,12 @@ def handlers(subs: Subscriptions) -> dict[str, Handler]:
             raise wire.BadArguments("malformed sub_http arguments")
         if not subs.routes_here(path):
             raise wire.Misdirected("not the owner of this subscription")
-        status, headers, out = await subs.owner.http(method, path, auth, base, body)
+        try:
+            status, headers, out = await subs.owner.http(method, path, auth, base, body)
+        except SubElsewhere as exc:
+            raise wire.Misdirected(str(exc)) from None
+        except SubArriving as exc:
+            raise wire.Moving(str(exc)) from None
         return {"s": status, "h": [list(pair) for pair in headers], "b": out}
 
     async def sub_register(args: wire.Args) -> wire.Args:
@@ -90,13 +111,26 @@ def handlers(subs: Subscriptions) -> dict[str, Handler]:
             ):
                 raise wire.BadArguments("sub_notify: each item is [sub, path, tail]")
             items.append((item[0], item[1], item[2]))
-        return {"gone": await subs.owner.notify(items)}
+        try:
+            return {"gone": await subs.owner.notify(items)}
+        except SubscriptionsUnavailable as exc:  # some are moving: the notifier retries
+            raise wire.Moving(str(exc)) from None
 
     async def sub_tails(args: wire.Args) -> wire.Args:
         tails = await subs.local_tails(_paths(args.get("paths"), "sub_tails"))
         return {"tails": [[path, tail] for path, tail in tails.items()]}
 
+    async def move_sub(args: wire.Args) -> wire.Args:
+        if mover is None or take_ring is None:
+            raise wire.BadArguments("move_sub: this shard does not move subscriptions")
+        sender = args.get("from")
+        if not isinstance(sender, str) or not 0 < len(sender) <= 200:
+            raise wire.BadArguments("move_sub: missing sender id ('from')")
+        await take_ring(args.get("ring"))
+        return await mover.receive(args.get("sub"))
+
     return {
+        "move_sub": move_sub,
         "sub_http": sub_http,
         "sub_register": sub_register,
         "sub_unregister": sub_unregister,

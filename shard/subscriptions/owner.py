@@ -21,7 +21,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from secrets import token_hex
@@ -54,6 +54,14 @@ def owner_key(sub_id: str) -> str:
 
 class SubscriptionsUnavailable(Exception):
     """A shard the request needs could not be reached; nothing was decided."""
+
+
+class SubElsewhere(SubscriptionsUnavailable):
+    """The ring gives this subscription to another shard now (it is moving or moved)."""
+
+
+class SubArriving(SubscriptionsUnavailable):
+    """This shard owns the subscription, but it may still be on its way here."""
 
 
 class Peers(Protocol):
@@ -89,6 +97,11 @@ class SubOwner:
         self._attempting: set[str] = set()  # subs with a delivery or lease expiry running
         self._changed = trio.Event()
         self._client: httpx.AsyncClient | None = None
+        self._idle: dict[str, trio.Event] = {}  # set when the sub's running task ends
+        # Set by `Subscriptions` / `move.SubMover`: does the ring give `id` to this
+        # shard, and may a subscription it owns but does not hold still arrive?
+        self.owns: Callable[[str], bool] = lambda sub_id: True
+        self.arriving: Callable[[], bool] = lambda: False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -115,6 +128,8 @@ class SubOwner:
         """Start what is due now; return when the next thing is due."""
         soonest = now + 3600
         for sub in list(self._subs.values()):
+            if not self.owns(sub.id):
+                continue  # fenced: it is being handed to its new owner
             if sub.delivering:
                 if sub.id in self._attempting:
                     continue
@@ -135,6 +150,15 @@ class SubOwner:
 
     @asynccontextmanager
     async def _locked(self, sub_id: str) -> AsyncIterator[Sub | None]:
+        """The sub under its lock; SubElsewhere once the ring gives it to another shard."""
+        async with self.locked(sub_id) as sub:
+            if not self.owns(sub_id):
+                raise SubElsewhere(f"subscription {sub_id[:100]!r} moved to another shard")
+            yield sub
+
+    @asynccontextmanager
+    async def locked(self, sub_id: str) -> AsyncIterator[Sub | None]:
+        """The sub under its lock, whoever owns it now (for moving it)."""
         lock = self._locks.setdefault(sub_id, trio.Lock())
         try:
             async with lock:
@@ -142,6 +166,62 @@ class SubOwner:
         finally:
             if not lock.statistics().tasks_waiting and not lock.locked():
                 self._locks.pop(sub_id, None)
+
+    # -- moving (`move.SubMover`) ----------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        return list(self._subs)
+
+    async def quiesce(self, sub_id: str, timeout: float) -> None:
+        """Wait for the delivery or lease expiry running for `sub_id` (none starts once
+        the ring gives it away) to end and be saved."""
+        with trio.move_on_after(timeout):
+            while sub_id in self._attempting:
+                await self._idle.setdefault(sub_id, trio.Event()).wait()
+
+    async def forget(self, sub_id: str) -> None:
+        """Under the sub's lock: its new owner committed it; drop our row."""
+        sub = self._subs.pop(sub_id, None)
+        try:
+            await self._db.save([], deleted=[sub_id])
+        except BaseException:
+            if sub is not None:
+                self._subs[sub_id] = sub
+            raise
+
+    async def adopt(self, sub: Sub) -> bool:
+        """A subscription arrived whole: commit it, then hold it. False if this shard
+        holds it already (a retried move: ours may have changed since, it stays)."""
+        async with self.locked(sub.id) as held:
+            if held is not None:
+                return False
+            await self._db.save([sub])
+            self._subs[sub.id] = sub
+        self._changed.set()  # its retry schedule or lease goes on here
+        return True
+
+    async def register_again(self, sub_id: str) -> None:
+        """Register a subscription this shard owns under the current ring, and take the
+        tails the answers carry as notices (appends made before a shard knew of it)."""
+        sub = self._subs.get(sub_id)
+        if sub is None:
+            return
+        explicit = tuple(path for path, link in sub.links.items() if link.explicit)
+        tails = await self._peers.register(sub_id, sub.config.pattern, explicit)
+        async with self._locked(sub_id) as sub:
+            if sub is None:
+                return
+            for path, tail in tails.items():
+                rules.note_tail(sub, path, tail)
+            await self._wake_if_pending(sub)
+            await self._save(sub)
+
+    def _ended(self, sub_id: str) -> None:
+        self._attempting.discard(sub_id)
+        idle = self._idle.pop(sub_id, None)
+        if idle is not None:
+            idle.set()
+        self._changed.set()
 
     async def _save(self, sub: Sub) -> None:
         await self._db.save([sub])
@@ -209,8 +289,7 @@ class SubOwner:
         except Exception:  # a bug costs this attempt, not the shard
             log.exception("delivery of %s failed", sub_id)
         finally:
-            self._attempting.discard(sub_id)
-            self._changed.set()
+            self._ended(sub_id)
 
     async def _post_webhook(self, url: str, body: bytes) -> tuple[bool, bool]:
         """(accepted, answered `{done: true}`)."""
@@ -276,27 +355,35 @@ class SubOwner:
         except Exception:  # a bug costs this expiry, not the shard
             log.exception("lease expiry of %s failed", sub_id)
         finally:
-            self._attempting.discard(sub_id)
-            self._changed.set()
+            self._ended(sub_id)
 
     # -- notices from the shards that own the streams --------------------------------------
 
     async def notify(self, items: list[tuple[str, str, str | None]]) -> list[str]:
         """New tails of linked or matching streams; returns the ids this shard does not
-        own a subscription for (their registrations can go)."""
+        own a subscription for (their registrations can go). SubscriptionsUnavailable
+        (after the others are applied) if some belong to another shard now or may still
+        arrive here: the notifier keeps them and sends them again."""
         by_sub: dict[str, list[tuple[str, str | None]]] = {}
         for sub_id, path, tail in items:
             by_sub.setdefault(sub_id, []).append((path, tail))
         gone = []
+        refused = 0
         changed: list[Sub] = []
         for sub_id, tails in by_sub.items():
             held = self._creating.get(sub_id)
             if held is not None:
                 held.extend(tails)
                 continue
+            if not self.owns(sub_id):
+                refused += 1
+                continue
             async with self._locked(sub_id) as sub:
                 if sub is None:
-                    gone.append(sub_id)
+                    if self.arriving():
+                        refused += 1
+                    else:
+                        gone.append(sub_id)
                     continue
                 linked = False
                 for path, tail in tails:
@@ -306,16 +393,26 @@ class SubOwner:
         if changed:
             await self._db.save(changed)
             self._changed.set()
+        if refused:
+            raise SubscriptionsUnavailable(f"{refused} subscriptions are moving; sent again")
         return gone
 
     # -- HTTP ----------------------------------------------------------------------------------
 
     async def http(self, method: str, path: str, auth: str, base: str, body: bytes) -> HttpAnswer:
         """A request under `__ds/`: the JWK Set, or a subscription route."""
+        parts = path.split("/")
+        sub_id = parts[2] if len(parts) >= 3 and parts[1] == "subscriptions" else None
+        if sub_id is not None and sub_id not in self._subs and self.arriving():
+            raise SubArriving(f"subscription {sub_id[:100]!r} may be on its way here")
         try:
             return await self._route(method, path, auth, base, body)
         except SubError as exc:
+            if sub_id is not None and exc.status == 404 and not self.owns(sub_id):
+                raise SubElsewhere("the subscription moved while the request waited") from None
             return answer(exc.status, exc.body())
+        except (SubElsewhere, SubArriving):
+            raise
         except (SubscriptionsUnavailable, StorageUnavailable) as exc:
             refusal = _error("UNAVAILABLE", f"try again: {exc}")
             return answer(503, refusal, (("retry-after", "1"),))
