@@ -12,7 +12,7 @@ Scenarios (each bounded in time; connection counts are flags):
 
 --scaling 1,2,4 instead runs the append scenario on `up:SxG` for every shard count S and
 gateway count G (--scaling-gateways, default the same list) with CPU per request per process
-kind; --url is then not needed (see common/bench/scaling.py).
+kind; --url is then not needed (see tools/bench/scaling.py).
 
 Targets: --url is A; each --vs adds one (see tools/bench/targets.py for the spec forms:
 an http:// or https:// URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Every request of
