@@ -211,10 +211,11 @@ class SubOwner:
         async with self._locked(sub_id) as sub:
             if sub is None:
                 return
+            linked = False
             for path, tail in tails.items():
-                rules.note_tail(sub, path, tail)
-            await self._wake_if_pending(sub)
-            await self._save(sub)
+                linked |= rules.note_tail(sub, path, tail) == "links"
+            if await self._wake_if_pending(sub) or linked:
+                await self._save(sub)  # as for notices: a tail alone is not worth a write
 
     def _ended(self, sub_id: str) -> None:
         self._attempting.discard(sub_id)
