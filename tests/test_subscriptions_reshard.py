@@ -5,12 +5,14 @@ A webhook and a pull-wake subscription whose pattern matches streams on every sh
 owned by shards the ring takes them from when it grows 2 -> 3, and back when it shrinks
 3 -> 2. After each change they are read through the gateway, an append on a stream that
 moved and on a stream created on the new owner wakes them, every pending offset is
-acknowledged in the end, and no generation is delivered twice.
+acknowledged in the end, and no generation is delivered twice. A move also resumes after
+the old owner is killed halfway.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +196,44 @@ async def test_subscriptions_move_two_to_three_and_back(tmp_path: Path) -> None:
         events = [e["generation"] for e in await wake_events(client, WAKE_STREAM, pull)]
         assert len(events) == len(set(events)), events
         nursery.cancel_scope.cancel()
+
+
+async def test_a_move_resumes_after_the_old_owner_is_killed(tmp_path: Path) -> None:
+    """The new owner is stopped when the ring changes, so the subscriptions cannot
+    leave; their old owner is SIGKILLed and restarted, then the new owner resumes: the
+    move completes from the old owner's database. An explicit link follows its stream to
+    its new owner."""
+    async with (
+        cluster_of(tmp_path, initial=2, spare=1) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, timeout=30) as client,
+    ):
+        two = cluster.ring_of(1, ["s0", "s1"])
+        three = cluster.ring_of(2, ["s0", "s1", "s2"])
+        sub_id = sub_id_owned_by(three, "linked", "s2")
+        old_owner = two.owner(key(sub_id))
+        moving = stream_name("rs/moving", (two, "s0"), (three, "s2"))
+        await create_stream(client, moving, b'[{"n": 0}]')
+        await create_stream(client, WAKE_STREAM, b"[]")
+        config = {"type": "pull-wake", "streams": [moving], "wake_stream": WAKE_STREAM}
+        await create_sub(client, sub_id, config)
+        await claim_until(client, sub_id, {moving: await append(client, moving, {"n": 1})})
+
+        new = cluster.start("s2", three)
+        await cluster.call("s2", "ring_get", {})  # it is up and serving
+        new.proc.send_signal(signal.SIGSTOP)
+        try:
+            await cluster.set_ring(three, via="s0")
+            await trio.sleep(1)  # the old owner tries, and cannot reach s2
+            cluster.kill(old_owner)
+            cluster.start(old_owner, three)
+        finally:
+            new.proc.send_signal(signal.SIGCONT)
+        statuses = await cluster.wait_moved(["s0", "s1", "s2"])
+        assert all(s["subscriptions_out"] == 0 for s in statuses), statuses
+        sub = await get_sub(client, sub_id)
+        assert [s["path"] for s in sub["streams"]] == [moving], sub
+        tails = {moving: await append(client, moving, {"n": 2})}
+        await claim_until(client, sub_id, tails)
+        await eventually(lambda: all_acked(client, sub_id, [moving]))
+        events = [e["generation"] for e in await wake_events(client, WAKE_STREAM, sub_id)]
+        assert len(events) == len(set(events)), events
