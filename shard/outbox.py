@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import trio
-
-from ds_cluster.common.backoff import jittered
+from ds_cluster.common.backoff import RetryPacer
 from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
 from ds_cluster.shard.peers import PeerUnavailable
 from ds_cluster.shard.store import Store
@@ -39,7 +37,7 @@ class Outbox:
         self._committer = committer
         self._release = release
         self._due: dict[str, str] = {}  # ref -> source path
-        self._wake = trio.Event()
+        self._pacer = RetryPacer(MIN_BACKOFF, MAX_BACKOFF)
 
     @property
     def pending(self) -> int:
@@ -48,7 +46,7 @@ class Outbox:
 
     def add(self, ref: str, source: str) -> None:
         self._due[ref] = source
-        self._wake.set()
+        self._pacer.wake()
 
     async def recover(self) -> None:
         """After a restart: provisional intents whose fork never committed become due."""
@@ -65,11 +63,10 @@ class Outbox:
             await self._committer.submit(fix).wait()
 
     async def run(self) -> None:
-        backoff = MIN_BACKOFF
+        pacer = self._pacer
         while True:
             if not self._due:
-                await self._wake.wait()
-                self._wake = trio.Event()
+                await pacer.idle()
                 continue
             failed = False
             for ref, source in list(self._due.items()):
@@ -82,9 +79,6 @@ class Outbox:
                     continue
                 self._due.pop(ref, None)
             if failed:
-                with trio.move_on_after(jittered(backoff)):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await pacer.after_failure()
             else:
-                backoff = MIN_BACKOFF
+                pacer.after_success()

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ds_cluster.common.backoff import jittered
+from ds_cluster.common.backoff import RetryPacer
 from ds_cluster.shard.committer import Committer, Job, StorageUnavailable
 from ds_cluster.shard.core.offsets import encode
 from ds_cluster.shard.store import NOTICE_STATUS
@@ -63,7 +63,7 @@ class Notices:
         self._forget = forget
         self._staged: dict[str, tuple[str, Job | None]] = {}  # path -> (row key, its job)
         self._ready: dict[str, str] = {}  # path -> key of a committed row
-        self._wake = trio.Event()
+        self._pacer = RetryPacer(MIN_BACKOFF, MAX_BACKOFF)
         self._removals: list[str] = []  # keys of delivered rows, to delete with a write
         self._removals_due = trio.Event()
         self._keys = itertools.count()
@@ -92,7 +92,7 @@ class Notices:
         if staged is not None and staged[0] == key:
             self._staged[path] = (key, None)
             self._ready[path] = key
-            self._wake.set()
+            self._pacer.wake()
 
     def recover(self, rows: list[tuple[str, str]]) -> None:
         """Rows left by an earlier run: deliver them again (duplicates go at once)."""
@@ -105,7 +105,7 @@ class Notices:
             self._ready[path] = key
         if duplicates:
             self._committer.submit(Job(outbox_removed=duplicates))
-        self._wake.set()
+        self._pacer.wake()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -125,11 +125,10 @@ class Notices:
                 self._committer.submit(Job(outbox_removed=done))
 
     async def _deliver_rounds(self) -> None:
-        backoff = MIN_BACKOFF
+        pacer = self._pacer
         while True:
             if not self._ready:
-                await self._wake.wait()
-                self._wake = trio.Event()
+                await pacer.idle()
                 # Gather what commits meanwhile into the same round: one RPC per owner
                 # then carries many appends' notices, not one each.
                 await trio.sleep(GATHER_DELAY)
@@ -142,12 +141,9 @@ class Notices:
             if again and not failed:
                 await trio.sleep(BUSY_DELAY)  # let the writes in flight commit first
             elif failed:
-                with trio.move_on_after(jittered(backoff)):
-                    await self._wake.wait()
-                self._wake = trio.Event()
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await pacer.after_failure()
             else:
-                backoff = MIN_BACKOFF
+                pacer.after_success()
 
     async def _deliver(self, taken: dict[str, str]) -> tuple[bool, bool]:
         """One round: the tails of `taken` paths to their subscriptions' owners. Paths
