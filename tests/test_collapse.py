@@ -18,6 +18,7 @@ import httpx
 import pytest
 import trio
 from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.http import parse_head
 from support.processes import GatewayProcess, gateway_for
 
 from ds_cluster.supervisor.cluster import Supervisor
@@ -37,13 +38,8 @@ async def read_raw(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
+    status_line, headers, body = parse_head(data)
+    return int(status_line.split()[1]), headers, body
 
 
 @pytest.mark.parametrize("cluster", [{"shards": 2, "long_poll_timeout": 20}], indirect=True)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.http import parse_head
 from support.processes import GatewayProcess, gateway_for
 
 from ds_cluster.gateway.answers import body_too_large
@@ -110,13 +111,8 @@ def raw_request(port: int, request: bytes, timeout: float = 5) -> tuple[int, dic
             if not chunk:
                 break
             data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status_line, headers, body = parse_head(data)
+        status = int(status_line.split()[1])
         length = int(headers.get("content-length", "0"))
         while len(body) < length:
             chunk = sock.recv(65536)

@@ -23,6 +23,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from support.cluster import names_on_each_shard, running_cluster
+from support.http import parse_head
 
 from ds_cluster.common.ring import Ring
 
@@ -119,12 +120,7 @@ class Receiver:
                     if not chunk:
                         return
                     data += chunk
-                head, _, body = data.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {}
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
+                _, headers, body = parse_head(data)
                 length = int(headers.get("content-length", "0"))
                 while len(body) < length:
                     chunk = await stream.receive_some(65536)
