@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from ds_cluster.common import logs, rpc_security, watchdog
+from ds_cluster.common import gc_tuning, logs, rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
@@ -115,6 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
                 listeners = await nursery.start(
                     functools.partial(trio.serve_tcp, server.serve, port, host=host)
                 )
+                gc_tuning.tune_for_serving()  # the start-up heap is built
                 bound = listeners[0].socket.getsockname()
                 log.info(
                     "serving on %s:%s (ring v%d: %s)",
