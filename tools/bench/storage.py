@@ -1,0 +1,413 @@
+"""Storage layouts of the shard's records, measured against each other.
+
+    python -m ds_cluster.tools.bench.storage [--streams 256] [--size 100] [--groups 8,16,64]
+
+Each candidate layout gets its own SQLite file with the shard's settings (WAL,
+`synchronous=FULL`, the `unix-excl` VFS, no mmap), is filled with some history, and then
+commits groups of appends of `--size` bytes, each group spread over distinct streams out of
+`--streams` (what a loaded shard commits: one append per waiting connection). Printed per
+layout and group size: process CPU (user + system, fsync included) per appended row, and
+wall time per commit. Then the cost of reading 1 MiB of one stream from its start and from
+its middle, for 100-byte records and for 64 KiB records (what the catch-up benchmark writes).
+
+The candidates:
+
+- `clustered`: the store's layout before this tool: records clustered by (sid, end_pos)
+  `WITHOUT ROWID`; a commit dirties about one leaf page per distinct stream.
+- `rowid+index`: records in a rowid table (appends land on its rightmost page) with an index
+  on (sid, end_pos) for reads by offset; the index still has one leaf per stream.
+- `journal+fold`: the clustered table fed through an append-only journal (a heap without
+  index); every `--compact-rows` rows the whole journal moves into the clustered table in one
+  transaction, sorted, so a stream's leaf page is written once per fold rather than once
+  per commit. Reads take the clustered part and then scan the small journal.
+- `heap+segments`: an append-only heap without any index, whose rows are moved into
+  clustered per-stream segments (one row holding many records) every `--compact-rows`
+  rows; the compaction's cost is counted into the rows. Reads of the heap part need an
+  in-memory locator (not counted here).
+
+Each layout is measured as the store writes today, with the stream's state blob rewritten
+in `streams` at every append (`+state`), and without it (`bare`: the state would be carried by
+the appended row and replayed at open), to show what that rewrite costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+from ds_cluster.shard.store import JOURNAL_SIZE_LIMIT, VFS
+
+MiB = 1024 * 1024
+STATE_BLOB = bytes(120)  # about the size of an encoded StreamState
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the store's settings."""
+    conn = sqlite3.connect(f"file:{quote(str(path))}?vfs={VFS}", uri=True, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum=2")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    conn.execute("PRAGMA mmap_size=0")
+    return conn
+
+
+STREAMS_SCHEMA = """
+CREATE TABLE streams (path TEXT PRIMARY KEY, sid INTEGER NOT NULL UNIQUE, deadline REAL,
+    fork_ref TEXT, state BLOB NOT NULL);
+"""
+
+
+class Layout:
+    """One way of storing records: its schema, its append, its read by offset."""
+
+    name = ""
+    schema = ""
+
+    def __init__(self, conn: sqlite3.Connection, with_state: bool) -> None:
+        self.conn = conn
+        self.with_state = with_state
+        conn.executescript(STREAMS_SCHEMA + self.schema)
+
+    def commit(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        """One transaction appending `rows` of (sid, start, end, data)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        self.insert(rows)
+        if self.with_state:
+            conn.executemany(
+                "UPDATE streams SET state = ?, deadline = ? WHERE path = ?",
+                [(STATE_BLOB, None, f"s{sid}") for sid, _s, _e, _d in rows],
+            )
+        conn.execute("COMMIT")
+        self.after_commit(rows)
+
+    def insert(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        raise NotImplementedError
+
+    def after_commit(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        """Background work the layout needs (compaction), counted into the rows."""
+
+    def read(self, sid: int, position: int, max_bytes: int) -> bytes:
+        """Bytes of records with end > position, until max_bytes are gathered."""
+        raise NotImplementedError
+
+
+class Clustered(Layout):
+    name = "clustered"
+    schema = """CREATE TABLE records (sid INTEGER NOT NULL, end_pos INTEGER NOT NULL,
+        start_pos INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sid, end_pos))
+        WITHOUT ROWID;"""
+
+    def insert(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        self.conn.executemany(
+            "INSERT INTO records (sid, start_pos, end_pos, data) VALUES (?, ?, ?, ?)", rows
+        )
+
+    def read(self, sid: int, position: int, max_bytes: int) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        cursor = self.conn.execute(
+            "SELECT data FROM records WHERE sid = ? AND end_pos > ? ORDER BY end_pos",
+            (sid, position),
+        )
+        while total < max_bytes:
+            chunk = cursor.fetchmany(256)
+            if not chunk:
+                break
+            for (data,) in chunk:
+                parts.append(data)
+                total += len(data)
+        cursor.close()
+        return b"".join(parts)
+
+
+class RowidIndex(Clustered):
+    name = "rowid+index"
+    schema = """CREATE TABLE records (sid INTEGER NOT NULL, end_pos INTEGER NOT NULL,
+        start_pos INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE UNIQUE INDEX records_pos ON records (sid, end_pos);"""
+
+
+class HeapSegments(Layout):
+    name = "heap+segments"
+    schema = """CREATE TABLE heap (sid INTEGER NOT NULL, start_pos INTEGER NOT NULL,
+        end_pos INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE segments (sid INTEGER NOT NULL, end_pos INTEGER NOT NULL,
+        start_pos INTEGER NOT NULL, bounds BLOB NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (sid, end_pos)) WITHOUT ROWID;"""
+
+    def __init__(self, conn: sqlite3.Connection, with_state: bool, compact_rows: int) -> None:
+        super().__init__(conn, with_state)
+        self.compact_rows = compact_rows
+        self.heap_rows = 0
+
+    def insert(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        self.conn.executemany(
+            "INSERT INTO heap (sid, start_pos, end_pos, data) VALUES (?, ?, ?, ?)", rows
+        )
+        self.heap_rows += len(rows)
+
+    def after_commit(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        if self.heap_rows >= self.compact_rows:
+            self.compact()
+
+    def compact(self) -> None:
+        """Move the whole heap into one segment per stream, in one transaction."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        top = conn.execute("SELECT max(rowid) FROM heap").fetchone()[0]
+        by_sid: dict[int, list[tuple[int, int, bytes]]] = {}
+        for sid, start, end, data in conn.execute(
+            "SELECT sid, start_pos, end_pos, data FROM heap WHERE rowid <= ?", (top,)
+        ):
+            by_sid.setdefault(sid, []).append((start, end, data))
+        conn.executemany(
+            "INSERT INTO segments (sid, end_pos, start_pos, bounds, data) VALUES (?, ?, ?, ?, ?)",
+            [
+                (
+                    sid,
+                    recs[-1][1],
+                    recs[0][0],
+                    b"".join(end.to_bytes(8, "little") for _s, end, _d in recs),
+                    b"".join(d for _s, _e, d in recs),
+                )
+                for sid, recs in by_sid.items()
+            ],
+        )
+        conn.execute("DELETE FROM heap WHERE rowid <= ?", (top,))
+        conn.execute("COMMIT")
+        self.heap_rows = 0
+
+    def read(self, sid: int, position: int, max_bytes: int) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        cursor = self.conn.execute(
+            "SELECT start_pos, data FROM segments WHERE sid = ? AND end_pos > ? ORDER BY end_pos",
+            (sid, position),
+        )
+        for start, data in cursor:
+            if start < position:
+                data = data[position - start :]
+            parts.append(data)
+            total += len(data)
+            if total >= max_bytes:
+                break
+        cursor.close()
+        return b"".join(parts)
+
+
+class JournalFold(Clustered):
+    """The clustered table fed through an append-only journal: appends go to a heap
+    without an index; every `fold_rows` rows the whole journal moves into `records` in one
+    transaction, sorted by (sid, end_pos), so a stream's leaf page is written once per fold
+    instead of once per commit. Reads take `records` and then scan the (small) journal."""
+
+    name = "journal+fold"
+    schema = (
+        Clustered.schema
+        + """CREATE TABLE journal (sid INTEGER NOT NULL,
+        end_pos INTEGER NOT NULL, start_pos INTEGER NOT NULL, data BLOB NOT NULL);"""
+    )
+
+    def __init__(self, conn: sqlite3.Connection, with_state: bool, fold_rows: int) -> None:
+        super().__init__(conn, with_state)
+        self.fold_rows = fold_rows
+        self.journal_rows = 0
+
+    def insert(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        self.conn.executemany(
+            "INSERT INTO journal (sid, start_pos, end_pos, data) VALUES (?, ?, ?, ?)", rows
+        )
+        self.journal_rows += len(rows)
+
+    def after_commit(self, rows: list[tuple[int, int, int, bytes]]) -> None:
+        if self.journal_rows >= self.fold_rows:
+            self.fold()
+
+    def fold(self) -> None:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO records (sid, end_pos, start_pos, data) "
+            "SELECT sid, end_pos, start_pos, data FROM journal ORDER BY sid, end_pos"
+        )
+        conn.execute("DELETE FROM journal")
+        conn.execute("COMMIT")
+        self.journal_rows = 0
+
+    def scan_journal(self, sid: int) -> float:
+        """ms to find one stream's rows in a journal of `fold_rows` rows."""
+        t0 = time.perf_counter()
+        self.conn.execute(
+            "SELECT start_pos, end_pos, data FROM journal WHERE sid = ? AND end_pos > ? "
+            "ORDER BY end_pos",
+            (sid, 0),
+        ).fetchall()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def make_layouts(compact_rows: int) -> list[tuple[str, Callable[[sqlite3.Connection], Layout]]]:
+    out: list[tuple[str, Callable[[sqlite3.Connection], Layout]]] = []
+    for with_state in (True, False):
+        suffix = "+state" if with_state else " bare"
+        out += [
+            (Clustered.name + suffix, functools.partial(Clustered, with_state=with_state)),
+            (RowidIndex.name + suffix, functools.partial(RowidIndex, with_state=with_state)),
+            (
+                JournalFold.name + suffix,
+                functools.partial(JournalFold, with_state=with_state, fold_rows=compact_rows),
+            ),
+            (
+                HeapSegments.name + suffix,
+                functools.partial(HeapSegments, with_state=with_state, compact_rows=compact_rows),
+            ),
+        ]
+    return out
+
+
+def measure_appends(
+    layout: Layout, streams: int, size: int, group: int, rows: int, history: int
+) -> tuple[float, float]:
+    """(CPU µs per row, wall µs per commit) of committing `rows` rows in groups."""
+    conn = layout.conn
+    conn.executemany(
+        "INSERT INTO streams (path, sid, state) VALUES (?, ?, ?)",
+        [(f"s{sid}", sid, STATE_BLOB) for sid in range(streams)],
+    )
+    tails = [0] * streams
+    rng = random.Random(7)
+    data = os.urandom(size)
+
+    def groups(count: int) -> list[list[tuple[int, int, int, bytes]]]:
+        out = []
+        for _ in range(count):
+            picked = rng.sample(range(streams), min(group, streams))
+            batch = []
+            for sid in picked:
+                batch.append((sid, tails[sid], tails[sid] + size, data))
+                tails[sid] += size
+            out.append(batch)
+        return out
+
+    for batch in groups(history // group):  # a history, so the B-trees have their depth
+        layout.commit(batch)
+    work = groups(max(1, rows // group))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for batch in work:
+        layout.commit(batch)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    done = sum(len(b) for b in work)
+    return cpu / done * 1e6, wall / len(work) * 1e6
+
+
+def measure_reads(layout: Layout, record: int, repeat: int) -> tuple[float, float]:
+    """(ms to read 1 MiB from the start, from the middle) of a 2 MiB stream of
+    `record`-byte records, written among 7 other streams."""
+    sid_base = 10_000 + record
+    data = os.urandom(record)
+    count = 2 * MiB // record
+    rows = []
+    for i in range(count):
+        for k in range(8):
+            rows.append((sid_base + k, i * record, (i + 1) * record, data))
+            if len(rows) >= 512:
+                layout.commit(rows)
+                rows = []
+    if rows:
+        layout.commit(rows)
+    if isinstance(layout, HeapSegments) and layout.heap_rows:
+        layout.compact()
+    if isinstance(layout, JournalFold):
+        layout.fold()
+    out = []
+    for position in (0, MiB):
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            got = layout.read(sid_base, position, MiB)
+            best = min(best, time.perf_counter() - t0)
+            assert len(got) >= MiB - record, (layout.name, len(got))
+        out.append(best * 1e3)
+    return out[0], out[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=256)
+    parser.add_argument("--size", type=int, default=100, help="bytes per append")
+    parser.add_argument("--groups", default="8,16,64", help="appends per commit")
+    parser.add_argument("--rows", type=int, default=12_000, help="measured rows per run")
+    parser.add_argument("--history", type=int, default=50_000, help="rows written first")
+    parser.add_argument(
+        "--compact-rows", type=int, default=4096, help="rows per fold or compaction"
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the files go")
+    args = parser.parse_args(argv)
+    groups = [int(g) for g in args.groups.split(",")]
+    layouts = make_layouts(args.compact_rows)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        print(
+            f"{args.streams} streams, {args.size} B appends, {args.rows} rows per cell after "
+            f"{args.history} rows of history; WAL, synchronous=FULL, vfs={VFS}"
+        )
+        header = f"{'layout':<22}" + "".join(
+            f"{'g=' + str(g) + ' cpu us/row':>18}{'ms/commit':>11}" for g in groups
+        )
+        print(header)
+        for n, (name, make) in enumerate(layouts):
+            cells = []
+            for g in groups:
+                path = Path(tmp) / f"l{n}-{g}.db"
+                conn = connect(path)
+                cpu, wall = measure_appends(
+                    make(conn), args.streams, args.size, g, args.rows, args.history
+                )
+                conn.close()
+                os.unlink(path)
+                cells.append(f"{cpu:>18.1f}{wall / 1000:>11.2f}")
+            print(f"{name:<22}" + "".join(cells), flush=True)
+        path = Path(tmp) / "scan.db"
+        conn = connect(path)
+        journal = JournalFold(conn, False, 1 << 62)
+        measure_appends(journal, args.streams, args.size, 64, 0, args.compact_rows - 64)
+        scan = min(journal.scan_journal(sid) for sid in range(0, args.streams, 16))
+        t0 = time.perf_counter()
+        journal.fold()
+        fold = (time.perf_counter() - t0) * 1e3
+        conn.close()
+        print(
+            f"journal+fold, a full journal ({args.compact_rows} rows): one stream's rows found "
+            f"in {scan:.2f} ms; the fold takes {fold:.1f} ms"
+        )
+        print()
+        print("read 1 MiB of a stream (ms, best of 5), 100 B and 64 KiB records")
+        print(f"{'layout':<22}{'100B start':>12}{'100B mid':>10}{'64K start':>11}{'64K mid':>10}")
+        for n, (name, make) in enumerate(layouts):
+            if not name.endswith("bare"):
+                continue
+            cells = []
+            for record in (100, 64 * 1024):
+                path = Path(tmp) / f"r{n}-{record}.db"
+                conn = connect(path)
+                start, mid = measure_reads(make(conn), record, 5)
+                conn.close()
+                os.unlink(path)
+                cells.append(
+                    f"{start:>12.2f}{mid:>10.2f}"
+                    if record == 100
+                    else f"{start:>11.2f}{mid:>10.2f}"
+                )
+            print(f"{name.split()[0]:<22}" + "".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
