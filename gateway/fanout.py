@@ -43,6 +43,7 @@ import trio
 
 from ds_cluster.common import wire
 from ds_cluster.common.rpc_client import Call, ShardError, ShardUnavailable
+from ds_cluster.gateway import framing
 from ds_cluster.gateway.answers import Answer
 from ds_cluster.gateway.budget import MAX_BEHIND, ConnectionOutput
 
@@ -253,7 +254,7 @@ class SseFanout:
         offset = _last_offset(data)
         if offset is not None:
             upstream.offset = offset
-        frame = b"%x\r\n%b\r\n" % (len(data), data) if upstream.framed else data
+        frame = framing.chunk(data) if upstream.framed else data
         if upstream.joinable:
             upstream.prefix.append(frame)
             upstream.size += len(frame)
