@@ -6,15 +6,21 @@ numbers and that the append read-back really compares data, not that anything is
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ds_cluster.tools.bench import add_arguments
 from ds_cluster.tools.bench.append import body_bytes, verify
 from ds_cluster.tools.bench.http import ResponseParser, SyncClient
+from ds_cluster.tools.bench.presets import fanout_shape, selected
+from ds_cluster.tools.bench.report import HIGHER, LOWER, markdown, ours_vs_best, summary
+from ds_cluster.tools.bench.stats import cpu_us_per_op
 from ds_cluster.tools.bench.targets import REPO, BenchTarget
 
 
@@ -120,3 +126,116 @@ def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
         runs["idle"]["held"] == 50 and runs["idle"]["kib_per_conn"] == runs["idle"]["kib_per_conn"]
     )
     assert "requests_per_s" in proc.stdout  # the table
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cpu_per_append_is_server_cpu_over_acknowledged_appends():
+    assert cpu_us_per_op(0.33, 1000) == pytest.approx(330.0)  # 0.33 ms each
+    assert cpu_us_per_op(1.1, 20_000) == pytest.approx(55.0)
+    assert math.isnan(cpu_us_per_op(1.0, 0))
+
+
+def test_ours_vs_best_peer_picks_the_best_in_the_metrics_direction():
+    peers = {"ref:file": 2111.0, "ref:memory": 28296.0, "rakaia": 12793.0}
+    best, ratio, ahead = ours_vs_best(4480.0, peers, HIGHER)
+    assert (best, round(ratio, 2), ahead) == ("ref:memory", 0.16, False)
+    # latency: the lowest peer is the best one, and a ratio below 1 is ahead
+    p99 = {"ref:file": 1127.0, "ref:memory": 11.6, "rakaia": 13.9}
+    best, ratio, ahead = ours_vs_best(8.9, p99, LOWER)
+    assert (best, round(ratio, 2), ahead) == ("ref:memory", 0.77, True)
+    best, ratio, ahead = ours_vs_best(732.0, p99, LOWER)
+    assert (best, ahead) == ("ref:memory", False) and ratio > 60
+    # a peer without a figure (its run failed) is not the best one; no peer at all: no ratio
+    assert ours_vs_best(5.0, {"a": math.nan, "b": 10.0}, LOWER)[:2] == ("b", 0.5)
+    assert ours_vs_best(5.0, {"a": math.nan}, LOWER)[0] == ""
+    assert math.isnan(ours_vs_best(math.nan, {"a": 1.0}, HIGHER)[1])
+
+
+def test_summary_takes_medians_per_target_and_writes_the_issue_table():
+    args = bench_args("--catchup-readers", "32", "--catchup-streams", "8")
+    labels = ["up", "ref:memory", "rakaia"]
+    results = {
+        "append": {
+            "up": [
+                {"requests_per_s": 4000.0, "server_cpu_us_per_append": 300.0, "errors": 0},
+                {"requests_per_s": 5000.0, "server_cpu_us_per_append": 340.0, "errors": 0},
+                {"requests_per_s": 9000.0, "server_cpu_us_per_append": 320.0, "errors": 0},
+            ],
+            "ref:memory": [{"requests_per_s": 28000.0, "server_cpu_us_per_append": 40.0}],
+            "rakaia": [{"run_error": "RuntimeError: x"}, {"requests_per_s": 12000.0}],
+        },
+        "sse-1000": {
+            "up": [{"p99_ms": 9.0, "writer_rate": 50.0}],
+            "ref:memory": [{"p99_ms": 12.0, "writer_rate": 50.0}],
+            "rakaia": [{"p99_ms": 14.0, "writer_rate": 49.0}],
+        },
+    }
+    rows = {(r["scenario"], r["metric"]): r for r in summary(results, labels, list(results), args)}
+    append = "append, 64 connections / 256 streams / 100 B"
+    rps = rows[(append, "req/s")]
+    assert rps["values"] == {"up": 5000.0, "ref:memory": 28000.0, "rakaia": 12000.0}
+    assert rps["ours_vs_best"] == "0.18x ref:memory"
+    cpu = rows[(append, "server CPU per append, µs")]
+    assert cpu["values"]["up"] == 320.0 and math.isnan(cpu["values"]["rakaia"])
+    assert cpu["ours_vs_best"] == "8.00x ref:memory"
+    assert rows[(append, "errors")]["ours_vs_best"] == ""
+    sse = "SSE, 1,000 readers / 10 streams / 50 msg/s"
+    assert rows[(sse, "p99 ms")]["ours_vs_best"] == "0.75x ref:memory (ahead)"
+    assert rows[(sse, "writer msg/s")]["ours_vs_best"] == "1.00x ref:memory"
+    table = markdown(list(rows.values()), labels).splitlines()
+    assert table[0] == "| scenario | metric | up | ref:memory | rakaia | ours vs best peer |"
+    assert table[1] == "|---|---|---:|---:|---:|---|"
+    assert f"| {append} | req/s | 5,000 | 28,000 | 12,000 | 0.18x ref:memory |" in table
+    assert f"| {append} | errors | 0 | - | - |  |" in table
+
+
+def test_presets_name_the_issue_scenarios_and_keep_the_old_names():
+    args = bench_args()
+    assert selected([], ["issue13"]) == [
+        "append",
+        "catchup",
+        "longpoll-1000",
+        "longpoll-500",
+        "sse-500",
+        "sse-1000",
+        "idle",
+    ]
+    assert selected(["append,sse", "append"], []) == ["append", "sse"]
+    assert selected([], [])[:3] == ["append", "json", "json-batch"]
+    with pytest.raises(SystemExit):
+        selected(["longpoll-2000"], [])
+    lp = fanout_shape("longpoll-500", args)
+    assert (lp.mode, lp.readers, lp.streams, lp.rate) == ("long-poll", 500, 50, 100.0)
+    sse = fanout_shape("sse-1000", args)
+    assert (sse.mode, sse.readers, sse.streams, sse.rate) == ("sse", 1000, 10, 50.0)
+    custom = fanout_shape("sse", bench_args("--fanout-readers", "20", "--fanout-rate", "5"))
+    assert (custom.mode, custom.readers, custom.rate) == ("sse", 20, 5.0)
+    # the issue's catch-up shape is the default
+    assert (args.catchup_readers, args.catchup_streams, args.catchup_size) == (32, 8, 1 << 20)
+
+
+@pytest.mark.slow
+def test_rakaia_target_installs_and_answers_an_append_and_a_read():
+    """Needs PyPI on first use (the venv is then reused from the user's cache)."""
+    bt = BenchTarget("rakaia")
+    bt.start()
+    try:
+        t = bt.target
+        assert bt.pids(), "its uvicorn process counts for server CPU"
+        ct = {"content-type": "application/octet-stream"}
+        with SyncClient(t) as c:
+            assert c.request("PUT", t.path("bench-rakaia"), headers=ct).status in (200, 201)
+            for q in range(3):
+                assert (
+                    c.request("POST", t.path("bench-rakaia"), body_bytes(0, 0, q), ct).status == 204
+                )
+        ok = verify(t, "bytes", {0: "bench-rakaia"}, {(0, 0): [0, 1, 2]}, {}, {})
+        assert ok["problem_count"] == 0 and ok["records_checked"] == 3
+    finally:
+        bt.stop()
+    assert bt.proc is None

@@ -5,17 +5,25 @@ Scenarios (each bounded in time; connection counts are flags):
                stream is then read back and compared with the acknowledged bodies
   json         the same with one small JSON message per POST
   json-batch   the same with JSON arrays of 10 messages per POST
-  catchup      GET ?offset=-1 of 1 MiB streams following Stream-Next-Offset: MB/s
-  longpoll     1,000 long-poll readers over 10 streams, one steady writer: e2e latency
+  catchup      32 connections GET ?offset=-1 of 8 streams of 1 MiB, following
+               Stream-Next-Offset: MB/s
+  longpoll     1,000 long-poll readers over 10 streams, one steady writer at 50 msg/s:
+               e2e latency (shape from the --fanout-* flags)
   sse          the same with SSE readers
+  longpoll-1000, longpoll-500, sse-1000, sse-500
+               fixed shapes: 1,000 readers / 10 streams / 50 msg/s and 500 readers /
+               50 streams / 100 msg/s (tools/bench/presets.py)
   idle         N idle SSE connections held: count and server RSS per connection
+
+--preset issue13 runs append, catchup, the four fixed fan-out shapes and idle.
 
 --scaling 1,2,4 instead runs the append scenario on `up:SxG` for every shard count S and
 gateway count G (--scaling-gateways, default the same list) with CPU per request per process
 kind; --url is then not needed (see tools/bench/scaling.py).
 
-Targets: --url is A; each --vs adds one (see tools/bench/targets.py for the spec forms:
-an http:// or https:// URL, ref:file, ref:memory, baseline[:W], up:S[xG]). Every request of
+Targets: --url is A ("ours"); each --vs adds one (see tools/bench/targets.py for the spec
+forms: an http:// or https:// URL, ref:file, ref:memory, rakaia, baseline[:W], up,
+up:S[xG]). Every request of
 every scenario to every target carries the --header lines (e.g. a bearer token for a server
 with client auth; a server without it ignores the header); https URLs are verified against
 --cacert. Runs alternate per scenario
@@ -23,6 +31,10 @@ with client auth; a server without it ignores the header); https URLs are verifi
 round pair, geometric mean. The load generators are separate Python processes on raw
 keep-alive sockets; their CPU (client_cpu_pct, % of one core) and the servers' CPU
 (server_cpu_pct) are reported so a saturated client is visible.
+
+Output: a detailed table (medians over the rounds, and A / other per round pair), then a
+markdown summary of the headline figures with a last column "ours vs best peer"
+(tools/bench/report.py); --json FILE writes both and every run.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ import time
 import uuid
 from typing import Any
 
-SCENARIOS = ["append", "json", "json-batch", "catchup", "longpoll", "sse", "idle"]
+from .presets import FANOUT_PRESETS, PRESETS, SCENARIOS, fanout_shape, is_fanout, selected
 
 # writer_rate: a server too slow to take the writer's steady rate gets fewer messages
 _FANOUT_METRICS = [
@@ -61,7 +73,7 @@ SHOWN = {
         "verify_problems",
         "client_cpu_pct",
         "server_cpu_pct",
-        "server_cpu_ms_per_request",
+        "server_cpu_us_per_append",
     ],
     "json": ["requests_per_s", "p50_ms", "p99_ms", "errors", "verify_problems"],
     "json-batch": ["requests_per_s", "messages_per_s", "p99_ms", "errors", "verify_problems"],
@@ -69,17 +81,25 @@ SHOWN = {
     "longpoll": _FANOUT_METRICS,
     "sse": _FANOUT_METRICS,
     "idle": ["held", "kib_per_conn", "rss_held_kib", "open_failures"],
+    **{name: _FANOUT_METRICS for name in FANOUT_PRESETS},
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="target A (URL, ref:file|memory, baseline, up:S[xG])")
+    p.add_argument("--url", help="target A (URL, ref:file|memory, rakaia, baseline, up, up:S[xG])")
     p.add_argument("--vs", action="append", default=[], help="another target (repeatable)")
     p.add_argument(
         "--scenario",
         action="append",
         default=[],
-        help=f"scenario(s), comma-separated or repeated (default all: {SCENARIOS})",
+        help=f"scenario(s), comma-separated or repeated, from {SCENARIOS} (default: the first 7)",
+    )
+    p.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        choices=sorted(PRESETS),
+        help="a named set of scenarios (issue13: the performance round-3 table)",
     )
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
@@ -87,9 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=2, help="client processes per scenario")
     p.add_argument("--connections", type=int, default=64, help="append connections")
     p.add_argument("--streams", type=int, default=256, help="append streams")
-    p.add_argument("--catchup-streams", type=int, default=16)
+    p.add_argument("--catchup-streams", type=int, default=8)
     p.add_argument("--catchup-size", type=int, default=1 << 20, help="bytes per stream")
-    p.add_argument("--catchup-readers", type=int, default=16)
+    p.add_argument("--catchup-readers", type=int, default=32, help="connections")
     p.add_argument("--fanout-readers", type=int, default=1000)
     p.add_argument("--fanout-streams", type=int, default=10)
     p.add_argument("--fanout-rate", type=float, default=50.0, help="writer messages/s")
@@ -115,11 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _scenarios(args: argparse.Namespace) -> list[str]:
-    wanted = [s for item in args.scenario for s in item.split(",") if s] or SCENARIOS
-    for s in wanted:
-        if s not in SCENARIOS:
-            raise SystemExit(f"unknown scenario {s!r}; choose from {SCENARIOS}")
-    return wanted
+    return selected(args.scenario, args.preset)
 
 
 def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag: str) -> dict:
@@ -160,15 +176,16 @@ def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag:
             args.duration,
             args.processes,
         )
-    elif scenario in ("longpoll", "sse"):
+    elif is_fanout(scenario):
+        shape = fanout_shape(scenario, args)
         m = run_fanout(
             t,
             run_id,
             tag,
-            "sse" if scenario == "sse" else "long-poll",
-            args.fanout_readers,
-            args.fanout_streams,
-            args.fanout_rate,
+            shape.mode,
+            shape.readers,
+            shape.streams,
+            shape.rate,
             args.duration,
             args.processes,
         )
@@ -183,14 +200,6 @@ def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag:
     return m
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
-    return str(v)
-
-
 def _ratio(a: Any, b: Any) -> float:
     if isinstance(a, int | float) and isinstance(b, int | float) and b:
         return a / b
@@ -199,6 +208,8 @@ def _ratio(a: Any, b: Any) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from .http import parse_header
+    from .rakaia import TargetUnavailable
+    from .report import fmt, markdown, median_metric, summary
     from .stats import geomean
     from .targets import BenchTarget
 
@@ -224,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now(datetime.UTC)
     try:
         for bt in targets:
-            bt.start()
+            try:
+                bt.start()
+            except TargetUnavailable as exc:
+                raise SystemExit(f"bench: {exc}") from None
             print(f"# target {bt.label}: {bt.target.base} pids={bt.pids()}", file=sys.stderr)
         for scenario in scenarios:
             for rnd in range(args.rounds):
@@ -250,9 +264,7 @@ def run(args: argparse.Namespace) -> int:
         for metric in SHOWN[scenario]:
             row: dict[str, Any] = {"scenario": scenario, "metric": metric}
             for lab in labels:
-                vals = [m.get(metric) for m in results[scenario].get(lab, [])]
-                nums = [v for v in vals if isinstance(v, int | float)]
-                row[lab] = sum(nums) / len(nums) if nums else math.nan
+                row[lab] = median_metric(results[scenario].get(lab, []), metric)
             for lab in labels[1:]:
                 ra = results[scenario].get(a, [])
                 rb = results[scenario].get(lab, [])
@@ -262,11 +274,14 @@ def run(args: argparse.Namespace) -> int:
             table.append(row)
 
     cols = ["scenario", "metric", *labels, *[f"{a}/{lab}" for lab in labels[1:]]]
-    cells = [[_fmt(r.get(c, "")) for c in cols] for r in table]
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in table]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for x in cells:
         print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)))
+    headline = summary(results, labels, scenarios, args)
+    print()
+    print(markdown(headline, labels))
     failures = [
         (s, lab, m.get("failed") or m["run_error"])
         for s in scenarios
@@ -284,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
             "targets": labels,
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "table": table,
+            "summary": headline,
             "runs": results,
         }
         with open(args.json, "w") as f:

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from .http import ResponseParser, SyncClient, Target
 from .procs import cpu_seconds, run_workers
-from .stats import latency_summary
+from .stats import cpu_us_per_op, latency_summary
 
 _FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 4
 
@@ -356,6 +356,7 @@ def run_append(
     }
     if len(window) == 2 and ok:
         metrics["server_cpu_ms_per_request"] = 1000.0 * (window[1] - window[0]) / ok
+        metrics["server_cpu_us_per_append"] = cpu_us_per_op(window[1] - window[0], ok)
     if mode == "json10":
         metrics["messages_per_s"] = ok * 10 / duration
     if statuses:

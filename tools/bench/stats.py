@@ -28,3 +28,9 @@ def geomean(values: Sequence[float]) -> float:
     if not good:
         return math.nan
     return math.exp(sum(math.log(v) for v in good) / len(good))
+
+
+def cpu_us_per_op(cpu_seconds: float, ops: int) -> float:
+    """CPU microseconds per operation: CPU seconds of all server processes over a window,
+    divided by the operations acknowledged in it (nan when none were)."""
+    return 1e6 * cpu_seconds / ops if ops > 0 else math.nan

@@ -6,7 +6,10 @@ Spec forms (for --url and --vs):
   ref:file | ref:memory       the Node reference server (conformance/start-reference.sh),
                               file-backed in a temporary data dir, or in memory
   baseline[:W]                tools.bench.baseline (bare ASGI on hypercorn-trio, W workers)
+  up                          `ds-cluster up` with its defaults on a temporary data dir
   up:S[xG]                    `ds-cluster up --shards S --gateways G` on a temporary data dir
+  rakaia                      rakaia-streams under uvicorn (uvloop, httptools), in memory,
+                              installed on first use into its own venv (tools/bench/rakaia.py)
 Managed servers bind 127.0.0.1 on a free port and are stopped by PID when the bench ends.
 """
 
@@ -23,8 +26,9 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from . import rakaia
 from .http import SyncClient, Target
-from .procs import server_pids
+from .procs import raise_nofile, server_pids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,6 +37,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _nofile_to_hard_limit() -> None:
+    raise_nofile(1 << 20)
 
 
 class BenchTarget:
@@ -86,18 +94,18 @@ class BenchTarget:
                 "--workers",
                 workers,
             ]
-        elif spec.startswith("up:"):
+        elif spec == "rakaia":
+            cmd = rakaia.command(rakaia.ensure_venv(), port)
+        elif spec == "up" or spec.startswith("up:"):
             shards, _, gateways = spec[3:].partition("x")
             self.tmp = tempfile.mkdtemp(prefix="bench-up-")
+            sizes = ["--shards", shards or "2", "--gateways", gateways or "1"] if shards else []
             cmd = [
                 sys.executable,
                 "-m",
                 "ds_cluster.cli",
                 "up",
-                "--shards",
-                shards or "2",
-                "--gateways",
-                gateways or "1",
+                *sizes,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -116,6 +124,8 @@ class BenchTarget:
             stdout=self.log or subprocess.DEVNULL,
             stderr=self.log or subprocess.DEVNULL,
             start_new_session=True,
+            # uvicorn does not raise its own open-file limit (the others do): same footing
+            preexec_fn=_nofile_to_hard_limit if spec == "rakaia" else None,
         )
         self.target = Target("127.0.0.1", port, "/v1/stream", headers=self.headers)
         self._wait_ready()
