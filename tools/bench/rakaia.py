@@ -58,11 +58,11 @@ def ensure_venv(venv: Path | None = None) -> Path:
     venv = venv or cache_dir()
     if _installed(venv):
         return _python(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
     building = venv.with_name(f"{venv.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
     print(f"# installing {' '.join(PINS)} into {venv} ...", file=sys.stderr)
     try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(building, ignore_errors=True)
         _run([sys.executable, "-m", "venv", str(building)], "python -m venv")
         pip = [str(_python(building)), "-m", "pip", "install", "--disable-pip-version-check"]
         _run([*pip, "--quiet", *PINS], "pip install")
@@ -73,6 +73,8 @@ def ensure_venv(venv: Path | None = None) -> Path:
         except OSError:
             if not _installed(venv):  # not another bench that finished first: a real failure
                 raise
+    except OSError as exc:
+        raise TargetUnavailable(f"rakaia: cannot install into {venv}: {exc}") from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return _python(venv)
