@@ -15,6 +15,11 @@ opened at start-up) puts the committer in recovery: queued writes fail at once w
 connections still work, and the database is reopened and probed with a growing delay
 until it takes a write again. No restart is needed when the disk comes back.
 
+Appends are journaled (see `shard.store`): once the journal is due, the committer folds it
+into the records table in a worker thread between two groups (the next group gathers
+meanwhile, and commits right after), and it folds whatever is left once writes pause for
+FOLD_IDLE_SECONDS, so that reads scan an empty journal on a quiet shard.
+
 After commits that purged data, the committer returns the freed pages to the filesystem
 in small incremental-vacuum steps, in a worker thread, between groups of writes.
 """
@@ -56,6 +61,7 @@ REOPEN_FIRST_DELAY = 0.05  # after a storage failure, the first reopen attempt..
 REOPEN_MAX_DELAY = 1.0  # ...and the longest wait between attempts (doubling in between)
 VACUUM_MIN_FREE_PAGES = 256  # free pages (4 KiB) worth returning to the filesystem...
 VACUUM_STEP_PAGES = 256  # ...in steps of this many, each its own short transaction
+FOLD_IDLE_SECONDS = 1.0  # a journal not yet due is folded after this long without writes
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # jobs per group commit
 # seconds per group commit
 COMMIT_BUCKETS = (
@@ -193,6 +199,8 @@ class Committer:
                 await self._recover()
                 continue
             timeout = TOUCH_FLUSH_SECONDS if self._dirty else math.inf
+            if self._store.journal_rows:
+                timeout = min(timeout, FOLD_IDLE_SECONDS)
             if self._vacuum_due:
                 timeout = 0.0  # only a checkpoint: writes that are waiting go first
             with trio.move_on_after(timeout):
@@ -202,8 +210,12 @@ class Committer:
                 continue
             if self._queue or (self._dirty and not self._vacuum_due):
                 await self._commit_queued()
+                if self._store.fold_due():
+                    await self._fold()
             elif self._vacuum_due:  # touched TTLs wait for it: they may wait 5 s anyway
                 await self._vacuum_step()
+            elif self._store.journal_rows:
+                await self._fold()
 
     async def _commit_queued(self) -> None:
         jobs, self._queue = self._queue, []
@@ -334,6 +346,16 @@ class Committer:
             self._vacuum_due = False
             return
         self._vacuum_due = left > 0
+
+    async def _fold(self) -> None:
+        """Fold the journal into the records table, in a worker thread: it takes a few tens
+        of milliseconds, during which the loop keeps serving and the next group gathers."""
+        try:
+            await trio.to_thread.run_sync(self._store.fold)
+        except Exception as exc:
+            log.error("folding the journal failed: %s", exc)
+            if is_storage_error(exc):
+                self._store.mark_failed(describe(exc))
 
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         # Later queued jobs were validated against states that now will never exist.

@@ -1,0 +1,360 @@
+"""The store's record layout: appends go to a journal that is folded into the records table.
+
+Real SQLite files throughout: reads that span the two tables, a database made with the
+layout from before the journal, the committer folding when the journal is due and when
+writes pause, and a process SIGKILLed while it folds (nothing acknowledged is lost,
+nothing appears twice).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from ds_cluster.shard import committer as committer_module
+from ds_cluster.shard import store as store_module
+from ds_cluster.shard.committer import Committer, Job
+from ds_cluster.shard.core.model import ProducerState, Record, StreamState
+from ds_cluster.shard.store import Batch, Store, StreamWrite, encode_state
+from ds_cluster.shard.streams import Entry
+
+
+def state(path: str, tail: int, producers: dict[str, ProducerState] | None = None) -> StreamState:
+    return StreamState(
+        path=path,
+        content_type="application/octet-stream",
+        created_at=1.0,
+        tail=tail,
+        producers=producers or {},
+    )
+
+
+class Writer:
+    """Appends to streams of one store directly (no committer), keeping what it wrote."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.written: dict[int, list[Record]] = {}
+
+    def append(self, *appends: tuple[int, bytes]) -> None:
+        batch = Batch()
+        for sid, data in appends:
+            records = self.written.setdefault(sid, [])
+            tail = records[-1].end if records else 0
+            record = Record(tail, tail + len(data), data)
+            records.append(record)
+            batch.streams.append(
+                StreamWrite(f"s{sid}", sid, sid, state(f"s{sid}", record.end), (record,))
+            )
+        self.store.commit(batch)
+
+    def expected(
+        self, sid: int, position: int, max_bytes: int, below: int | None = None
+    ) -> list[Record]:
+        out: list[Record] = []
+        total = 0
+        for record in self.written.get(sid, []):
+            if record.end <= position:
+                continue
+            if below is not None and record.start >= below:
+                break
+            out.append(record)
+            total += len(record.data)
+            if total >= max_bytes:
+                break
+        return out
+
+
+def test_reads_span_the_records_table_and_the_journal(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    writer = Writer(store)
+    for i in range(40):  # two streams, interleaved, folded half way
+        writer.append((1, b"a%02d" % i), (2, b"bb%02d" % i))
+        if i == 19:
+            store.fold()
+            assert store.journal_rows == 0
+    assert store.journal_rows == 40
+    # A large write to a stream with journal rows stays in the journal (after them)...
+    big = b"L" * store_module.DIRECT_WRITE_BYTES
+    writer.append((1, big), (1, b"after-big"))
+    assert store.journal_rows == 42
+    # ...and one to a stream with none goes straight to the records table.
+    writer.append((3, big), (3, b"tail"))
+    assert store.journal_rows == 43
+    writer.append((3, b"more"))
+    assert store.journal_rows == 44
+
+    for sid in (1, 2, 3):
+        ends = [0] + [r.end for r in writer.written[sid]]
+        for position in ends + [ends[len(ends) // 2] + 1]:
+            for max_bytes in (1, 7, 60, 1 << 20):
+                got = store.read_records(sid, position, max_bytes)
+                assert got == writer.expected(sid, position, max_bytes), (sid, position, max_bytes)
+        middle = ends[len(ends) // 2]
+        assert store.read_records(sid, 0, 1 << 20, below=middle) == writer.expected(
+            sid, 0, 1 << 20, below=middle
+        )
+    assert store.read_records(9, 0, 1 << 20) == []
+    store.fold()
+    for sid in (1, 2, 3):
+        assert store.read_records(sid, 0, 1 << 30) == writer.written[sid]
+    store.close()
+
+    reopened = Store(tmp_path)
+    for sid in (1, 2, 3):
+        assert reopened.read_records(sid, 0, 1 << 30) == writer.written[sid]
+    reopened.close()
+
+
+def test_a_purged_stream_leaves_nothing_in_either_table(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    writer = Writer(store)
+    for i in range(10):
+        writer.append((1, b"x%d" % i), (2, b"y%d" % i))
+        if i == 4:
+            store.fold()
+    store.commit(Batch(streams=[StreamWrite("s1", 1, 1, None)]))
+    assert store.read_records(1, 0, 1 << 20) == []
+    assert store.count_records(1, 100) == 0
+    store.fold()
+    assert store.read_records(1, 0, 1 << 20) == []
+    assert store.read_records(2, 0, 1 << 20) == writer.written[2]
+    store.close()
+
+
+# The tables a database had before the journal, as that store created them.
+OLD_LAYOUT = """
+CREATE TABLE streams (
+    path TEXT PRIMARY KEY,
+    sid INTEGER NOT NULL UNIQUE,
+    deadline REAL,
+    fork_ref TEXT,
+    state BLOB NOT NULL
+);
+CREATE INDEX streams_deadline ON streams(deadline) WHERE deadline IS NOT NULL;
+CREATE INDEX streams_fork_ref ON streams(fork_ref) WHERE fork_ref IS NOT NULL;
+CREATE TABLE records (
+    sid INTEGER NOT NULL,
+    end_pos INTEGER NOT NULL,
+    start_pos INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (sid, end_pos)
+) WITHOUT ROWID;
+CREATE TABLE producers (
+    sid INTEGER NOT NULL,
+    producer TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (sid, producer)
+) WITHOUT ROWID;
+"""
+
+
+def test_a_database_of_the_layout_before_the_journal_opens_with_everything(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "shard.db")
+    db.execute("PRAGMA auto_vacuum=2")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(OLD_LAYOUT)
+    old = [Record(i * 5, i * 5 + 5, b"old%02d" % i) for i in range(30)]
+    with db:
+        db.execute(
+            "INSERT INTO streams (path, sid, state) VALUES (?, ?, ?)",
+            ("old", 7, encode_state(state("old", old[-1].end))),
+        )
+        db.executemany(
+            "INSERT INTO records (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
+            [(7, r.end, r.start, r.data) for r in old],
+        )
+        db.execute("INSERT INTO producers (sid, producer, epoch, seq) VALUES (7, 'p', 2, 29)")
+    db.close()
+
+    store = Store(tmp_path)
+    assert store.failure is None
+    loaded = store.load_stream("old")
+    assert loaded is not None
+    sid, loaded_state = loaded
+    assert (sid, loaded_state.tail) == (7, 150)
+    assert loaded_state.producers == {"p": ProducerState(2, 29)}
+    assert store.read_records(7, 0, 1 << 20) == old
+    assert store.journal_rows == 0
+    # New appends land after the old records, across a fold and a reopen.
+    new = Record(150, 153, b"new")
+    producers = {"p": ProducerState(2, 30)}
+    store.commit(
+        Batch(
+            streams=[
+                StreamWrite(
+                    "old",
+                    7,
+                    7,
+                    state("old", 153, producers),
+                    (new,),
+                    previous_producers=loaded_state.producers,
+                )
+            ]
+        )
+    )
+    assert store.read_records(7, 140, 1 << 20) == [old[-2], old[-1], new]
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.journal_rows == 1
+    assert reopened.read_records(7, 0, 1 << 20) == old + [new]
+    reopened.fold()
+    assert reopened.read_records(7, 0, 1 << 20) == old + [new]
+    loaded = reopened.load_stream("old")
+    assert loaded is not None and loaded[1].producers == producers
+    reopened.close()
+
+
+def job_for(entry: Entry, sid: int, data: bytes) -> Job:
+    tail = entry.pending.tail if entry.pending else 0
+    write = StreamWrite(
+        entry.path,
+        sid,
+        sid,
+        state(entry.path, tail + len(data)),
+        (Record(tail, tail + len(data), data),),
+    )
+    return Job(writes=[(entry, write)])
+
+
+async def test_the_committer_folds_when_due_and_when_writes_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "FOLD_ROWS", 50)
+    monkeypatch.setattr(committer_module, "FOLD_IDLE_SECONDS", 0.2)
+    store = Store(tmp_path)
+    committer = Committer(store, lambda jobs: None)
+    entries = [Entry(f"s{n}") for n in range(4)]
+    expected: dict[int, bytes] = {n: b"" for n in range(4)}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        seen_fold = False
+        for i in range(30):
+            jobs = [job_for(entry, n + 1, b"%d:%d;" % (n, i)) for n, entry in enumerate(entries)]
+            for n, job in enumerate(jobs):
+                committer.submit(job)
+                expected[n] += b"%d:%d;" % (n, i)
+            for job in jobs:
+                await job.wait()
+            assert store.journal_rows < 50 + 4  # folded once due, right after the commit
+            seen_fold = seen_fold or store.journal_rows < (i + 1) * 4
+        assert seen_fold
+        assert store.journal_rows > 0
+        with trio.fail_after(10):
+            while store.journal_rows:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    for n in range(4):
+        assert b"".join(r.data for r in store.read_records(n + 1, 0, 1 << 20)) == expected[n]
+    store.close()
+
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from ds_cluster.shard import store as store_module
+    from ds_cluster.shard.core.model import Record, StreamState
+    from ds_cluster.shard.store import Batch, Store, StreamWrite
+
+    store_module.FOLD_ROWS = int(sys.argv[2])
+    store = Store(Path(sys.argv[1]))
+    assert store.failure is None, store.failure
+    tails = {}
+    for sid in range(1, 33):
+        records = store.read_records(sid, 0, 1 << 30)
+        tails[sid] = records[-1].end if records else 0
+    n = 0
+    while True:
+        batch = Batch()
+        for sid in range(1, 33):
+            data = b"%d:%08d;" % (sid, tails[sid])
+            record = Record(tails[sid], tails[sid] + len(data), data)
+            state = StreamState(
+                path=f"s{sid}", content_type="application/octet-stream", created_at=1.0,
+                tail=record.end,
+            )
+            batch.streams.append(StreamWrite(f"s{sid}", sid, sid, state, (record,)))
+            tails[sid] = record.end
+        store.commit(batch)
+        print("acked", " ".join(str(tails[sid]) for sid in range(1, 33)), flush=True)
+        if store.fold_due():
+            print("folding", flush=True)
+            store.fold()
+            print("folded", flush=True)
+    """
+)
+
+
+def check_streams(data_dir: Path, acked: list[int]) -> list[int]:
+    """Every stream holds whole records from 0, at least up to what was acknowledged and
+    at most one group beyond; return the tails found."""
+    store = Store(data_dir)
+    tails = []
+    try:
+        for sid in range(1, 33):
+            records = store.read_records(sid, 0, 1 << 30)
+            position = 0
+            for record in records:
+                assert record.start == position, (sid, record)
+                assert record.data == b"%d:%08d;" % (sid, position)
+                position = record.end
+            assert acked[sid - 1] <= position
+            if position > acked[sid - 1]:  # committed, killed before it said so
+                assert len(records) and records[-1].start == acked[sid - 1]
+            tails.append(position)
+        # A fold after the crash completes (a row in both tables would fail it) and
+        # changes nothing a reader sees.
+        before = [store.read_records(sid, 0, 1 << 30) for sid in range(1, 33)]
+        store.fold()
+        assert [store.read_records(sid, 0, 1 << 30) for sid in range(1, 33)] == before
+    finally:
+        store.close()
+    return tails
+
+
+def test_a_process_killed_while_folding_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    acked = [0] * 32
+    mid_fold = 0
+    for round_ in range(4):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_WRITER, str(data_dir), "6000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        folds = 0
+        state_ = ""
+        try:
+            for line in child.stdout:
+                if line.startswith("acked"):
+                    acked = [int(x) for x in line.split()[1:]]
+                state_ = line.split()[0]
+                if line.startswith("folding"):
+                    folds += 1
+                    if folds == 1 + round_ % 2:
+                        os.kill(child.pid, signal.SIGKILL)
+                        break
+            else:
+                raise AssertionError(child.stderr.read() if child.stderr else "child ended")
+        finally:
+            child.kill()
+            child.wait(30)
+        rest = child.stdout.read().split()
+        if state_ == "folding" and "folded" not in rest:
+            mid_fold += 1
+        tails = check_streams(data_dir, acked)
+        acked = tails
+    # The kill came right as the fold began: mostly it interrupted it.
+    assert mid_fold >= 1
