@@ -2,15 +2,20 @@
 
 A thousand long-poll readers parked at the same stream and offset would otherwise cost a
 thousand shard calls, a thousand wake-ups on the shard and a thousand renders of the same
-bytes. Requests with the same key (the handler chooses it: stream path, raw query string,
+bytes. Requests with the same key (the route's share key: stream path, raw query string,
 forwarded headers) that are in flight at the same time join one `_Group`; its upstream
 fetch runs in a task of the gateway-level nursery, not in any client's request, so the
-first client leaving does not end it for the others. Every waiter gets the same answer.
+first client leaving does not end it for the others. Every waiter gets the same answer,
+rendered once.
 
-Waiters cost no task of their own: each client's request task parks inside a cancel
-scope, in a call that returns only if its client disconnects, and the fetch task cancels
-those scopes when the answer is ready. The last waiter to leave cancels the fetch (so the
-shard is told `cancel`) and drops the group; a later identical request starts a new one.
+Waiting is cheap, because under load most long-polls are answered within moments of
+asking (the next append comes soon). A waiter first parks its request's task with no
+cancel scope, event or socket watch of its own, and the fetch reschedules it directly with
+the answer. Only a group still unanswered WATCH_AFTER seconds after it began turns its
+waiters into watchers of their clients (each awaits its `until_gone` in a cancel scope,
+which the fetch cancels when the answer is ready), so a client that leaves a long wait
+is noticed. The last waiter to leave cancels the fetch (so the shard is told `cancel`)
+and drops the group; a later identical request starts a new one.
 
 Only the sharing lives here; what the answer is (status, headers, body) is the caller's
 `fetch`, run once per group.
@@ -19,83 +24,159 @@ Only the sharing lives here; what the answer is (status, headers, body) is the c
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from typing import Any
 
 import trio
+from outcome import Value
+from trio.lowlevel import Abort, Task, current_task, reschedule, wait_task_rescheduled
 
 from ds_cluster.gateway.answers import Answer
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[str, dict[str, Any]], Awaitable[Answer]]
+# Seconds a group waits for its answer before its waiters watch their clients.
+WATCH_AFTER = 1.0
+
+Fetch = Callable[[Any], Awaitable[Answer]]
+
+# A parked waiter is woken with None when the answer is ready, with _WATCH when it is to
+# watch its client from now on.
+_WATCH = True
 
 
 class _Group:
     """One upstream call and the clients waiting for its answer."""
 
-    __slots__ = ("answer", "scope", "waiters")
+    __slots__ = ("answer", "parked", "scope", "turning", "watched", "watchers")
 
     def __init__(self) -> None:
         self.answer: Answer | None = None
         self.scope = trio.CancelScope()  # the fetch's; cancelled when the last waiter leaves
-        self.waiters: set[trio.CancelScope] = set()
+        self.parked: dict[Task, None] = {}  # waiters not watching their clients (yet)
+        self.watched = False  # the group is past WATCH_AFTER: newcomers watch at once
+        self.watchers: set[trio.CancelScope] = set()  # waiters watching their clients
+        self.turning = 0  # waiters told to watch that have not started yet
+
+    def waiting(self) -> int:
+        return len(self.parked) + self.turning + len(self.watchers)
 
 
 class Collapser:
     """Shares one in-flight fetch between requests with the same key."""
 
-    def __init__(self, nursery: trio.Nursery, fetch: Fetch, failed: Answer) -> None:
-        """`fetch` must turn every upstream failure into an Answer; should it raise anyway,
-        or be cancelled with clients still waiting (shutdown), they get `failed`."""
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        fetch: Fetch,
+        failed: Answer,
+        watch_after: float = WATCH_AFTER,
+    ) -> None:
+        """`fetch(request)` must turn every upstream failure into an Answer; should it
+        raise anyway, or be cancelled with clients still waiting (shutdown), they get
+        `failed`."""
         self._nursery = nursery
         self._fetch = fetch
         self._failed = failed
+        self._watch_after = watch_after
         self._groups: dict[Hashable, _Group] = {}
+        # Groups in the order they began, each with when its waiters are to watch.
+        self._young: deque[tuple[float, _Group]] = deque()
+        self._timer: Task | None = None  # the task that turns late groups, when parked
+        nursery.start_soon(self._turn_late_groups)
+
+    def waiting(self) -> int:
+        """Requests waiting for a shared answer now (for metrics)."""
+        return sum(group.waiting() for group in self._groups.values())
 
     async def wait(
-        self,
-        key: Hashable,
-        shard_id: str,
-        fields: dict[str, Any],
-        until_gone: Callable[[], Awaitable[None]],
+        self, key: Hashable, request: Any, until_gone: Callable[[], Awaitable[None]]
     ) -> Answer | None:
-        """The group's answer, or None once this request's client has disconnected
-        (`until_gone` returns when it has)."""
+        """The answer of the group for `key` (started with `fetch(request)` when there is
+        none), or None once this request's client has disconnected (`until_gone` returns
+        when it has)."""
         group = self._groups.get(key)
         if group is None:
-            group = _Group()
-            self._groups[key] = group
-            self._nursery.start_soon(self._lead, key, group, shard_id, fields)
+            group = self._groups[key] = _Group()
+            self._nursery.start_soon(self._lead, key, group, request)
+            self._young.append((trio.current_time() + self._watch_after, group))
+            timer = self._timer
+            if timer is not None:
+                self._timer = None
+                reschedule(timer)
+        if not group.watched:
+            task = current_task()
+            group.parked[task] = None
+            if await wait_task_rescheduled(partial(self._abort_parked, key, group, task)) is None:
+                return group.answer  # answered
+            group.turning -= 1  # _WATCH
+            if group.answer is not None:  # answered right after the turn
+                return group.answer
         scope = trio.CancelScope()
-        group.waiters.add(scope)
+        group.watchers.add(scope)
         try:
             with scope:
                 await until_gone()
         finally:
             if group.answer is None:
-                self._leave(key, group, scope)
+                group.watchers.discard(scope)
+                self._leave(key, group)
         return group.answer
 
-    def _leave(self, key: Hashable, group: _Group, scope: trio.CancelScope) -> None:
-        group.waiters.discard(scope)
-        if not group.waiters:
+    def _abort_parked(self, key: Hashable, group: _Group, task: Task, _: object) -> Abort:
+        """A parked waiter's request is cancelled (its connection closes, the gateway
+        stops)."""
+        del group.parked[task]
+        self._leave(key, group)
+        return Abort.SUCCEEDED
+
+    def _leave(self, key: Hashable, group: _Group) -> None:
+        if not group.waiting():
             if self._groups.get(key) is group:
                 del self._groups[key]
             group.scope.cancel()
 
-    async def _lead(
-        self, key: Hashable, group: _Group, shard_id: str, fields: dict[str, Any]
-    ) -> None:
+    async def _lead(self, key: Hashable, group: _Group, request: Any) -> None:
         try:
             with group.scope:
-                group.answer = await self._fetch(shard_id, fields)
+                group.answer = await self._fetch(request)
         except Exception:  # a bug in fetch must not take the gateway's nursery down
             log.exception("collapsed fetch failed")
         finally:
-            if group.answer is None and group.waiters:
+            if group.answer is None:
                 group.answer = self._failed
             if self._groups.get(key) is group:
                 del self._groups[key]  # later requests start afresh: they may see newer data
-            for scope in group.waiters:
+            parked, group.parked = group.parked, {}
+            for task in parked:
+                reschedule(task)
+            for scope in group.watchers:
                 scope.cancel()
+
+    async def _turn_late_groups(self) -> None:
+        """Turn the waiters of each group unanswered WATCH_AFTER seconds after it began
+        into watchers of their clients (one task for all groups, parked when there are
+        none)."""
+        young = self._young
+        while True:
+            if not young:
+                self._timer = current_task()
+                await wait_task_rescheduled(self._abort_timer)
+                continue
+            when, group = young[0]
+            if group.answer is None and group.waiting():
+                if trio.current_time() < when:
+                    await trio.sleep_until(when)
+                    continue
+                group.watched = True
+                parked, group.parked = group.parked, {}
+                group.turning += len(parked)
+                for task in parked:
+                    reschedule(task, Value(_WATCH))
+            young.popleft()
+
+    def _abort_timer(self, _: object) -> Abort:
+        self._timer = None
+        return Abort.SUCCEEDED

@@ -45,7 +45,8 @@ from ds_cluster.common.metrics import (
 )
 from ds_cluster.common.paths import PREFIX_BYTES
 from ds_cluster.common.rpc_client import ShardError, ShardPool, ShardUnavailable
-from ds_cluster.gateway.stream import StreamHandler, _live_mode
+from ds_cluster.gateway.route import live_mode
+from ds_cluster.gateway.stream import StreamHandler
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def live_label(method: str, query: bytes) -> str:
     """`live` as the shard will read it: "long-poll", "sse", else "none"."""
     if method != "GET":
         return "none"
-    live = _live_mode(query)
+    live = live_mode(query)
     return live if live in ("long-poll", "sse") else "none"
 
 
@@ -219,10 +220,7 @@ class GatewayMetrics:
 
     def live_readers(self) -> tuple[int, int]:
         """(long-poll clients waiting, SSE clients) on this gateway."""
-        collapser = self._stream.collapser
-        # The collapser keeps its groups to itself; counting them is read-only.
-        long_polls = sum(len(group.waiters) for group in collapser._groups.values())
-        return long_polls, self._stream.fanout.subscribers()
+        return self._stream.collapser.waiting(), self._stream.fanout.subscribers()
 
 
 class _GatewayCollector(Collector):

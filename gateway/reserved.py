@@ -59,16 +59,15 @@ class ReservedRoutes:
         self._failure = failure
 
     async def answer(
-        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self, method: str, path: str, authorization: bytes | None, body: bytes
     ) -> Answer:
+        """The owner's answer to a control request. `authorization`: the request's
+        Authorization header, for the routes that carry the subscription's own token."""
         key = route_key(path)
         if key is None:
             message = b'{"error":{"code":"NOT_FOUND","message":"no such control route"}}'
             return _json_answer(404, message)
-        auth = ""
-        for name, value in headers:
-            if name.lower() == b"authorization":
-                auth = value.decode("latin-1")
+        auth = authorization.decode("latin-1") if authorization is not None else ""
         args = {"m": method, "p": path, "auth": auth, "base": self._base, "b": body}
         try:
             result = await self._pool.call_routed(key, "sub_http", args, CALL_TIMEOUT)

@@ -6,15 +6,19 @@ ASGI on hypercorn-trio). The gateway holds no protocol semantics: it checks only
 HTTP front end checks (path shape, method, body size, header well-formedness) and adds
 transport headers; everything else is the shard's answer, passed through.
 
-Three entries. `takes()` tells the native route (`gateway.native`) which requests it
-serves; it then calls `answer()` for requests with one whole answer (long-polls included)
-and `stream()` for SSE reads, straight from the HTTP/1.1 connection with no ASGI in
-between. The ASGI `__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live
-queries), the same way.
+What a request means (its kind, stream path, forwarded headers, share key, or why it is
+refused) is decided by one pure function, `gateway.route.route()`, on every path; this
+module adds the client's token check and acts on the answer. Three entries. `takes()`
+tells the native route (`gateway.native`) which requests it serves; it then calls
+`answer()` for requests with one whole answer (long-polls included) and `stream()` for
+SSE reads, straight from the HTTP/1.1 connection with no ASGI in between. The ASGI
+`__call__` serves the rest (HTTP/2, HTTP/1.0 SSE, percent-encoded live queries), the
+same way.
 
 Client disconnects: only live reads can wait long, so only they watch their client (a
-native long-poll watches its idle socket, an ASGI one its receive channel), and the shard
-is sent `cancel` when the last client of a call leaves. Other requests are answered as
+native long-poll watches its idle socket, an ASGI one its receive channel; a long-poll
+only once its wait has lasted a moment, `gateway.collapse`), and the shard is sent
+`cancel` when the last client of a call leaves. Other requests are answered as
 soon as the shard has decided (for writes: committed).
 
 Sharing: identical long-polls in flight at the same time (same path, raw query string and
@@ -35,41 +39,38 @@ import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from time import time
-from typing import Any, NamedTuple, final
-from urllib.parse import unquote_plus
+from typing import Any
 
 import trio
 
 from ds_cluster.common import bigjoin, wire
-from ds_cluster.common.paths import PREFIX_BYTES, PathError, stream_path, stream_path_from_url
+from ds_cluster.common.paths import PathError, stream_path_from_url
 from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from ds_cluster.gateway import route as routes
 from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
 from ds_cluster.gateway.auth import Denied
 from ds_cluster.gateway.auth_files import AuthFiles
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
-from ds_cluster.gateway.headers import ALLOWED_METHODS, DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
-from ds_cluster.gateway.reserved import (
-    RESERVED_PREFIX,
-    ReservedRoutes,
-    is_reserved,
-    own_credentials,
-)
+from ds_cluster.gateway.headers import DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
+from ds_cluster.gateway.reserved import ReservedRoutes, is_reserved, own_credentials
+from ds_cluster.gateway.route import Route, RouteConfig, native_kind
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-PREFIX_LEN = len(PREFIX_BYTES)
-_ALLOWED = frozenset(ALLOWED_METHODS)
-_ALLOW_HEADER = (b"allow", ", ".join(ALLOWED_METHODS).encode())
 _RETRY_AFTER = (b"retry-after", b"1")
-# The client's Host is not forwarded: Location is built from the gateway's public base.
-_FORWARDED = {name.encode(): name for name in wire.FORWARDED_HEADERS if name != "host"}
-_LIST_HEADERS = frozenset({"if-none-match"})  # may repeat; joined with ", "
 _NO_LENGTH_STATUS = frozenset({204, 304})
+# What every response from a shard ends with when the shard set no Cache-Control.
+_TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
+# Route kinds forwarded as one request/response exchange with the owning shard.
+_EXCHANGED = frozenset({routes.APPEND, routes.READ, routes.HEAD, routes.CREATE, routes.DELETE})
+# Route kinds the gateway answers itself, and those no client token gates.
+_ANSWERED_HERE = frozenset({routes.REFUSED, routes.PREFLIGHT, routes.NOT_OURS})
+_UNGATED = _ANSWERED_HERE
 # err codes from a shard -> (HTTP status, retry-after?). Retry-After only where the shard
 # says it did not run the request: "unavailable" (its storage refused the write before
 # anything was stored), and the ring's codes, which the pool retried for a while already
@@ -88,40 +89,16 @@ class _ClientGone(Exception):
     """The HTTP client disconnected while we were waiting."""
 
 
-@final  # so that `type(x) is _Checked` narrows both ways
-class _Checked(NamedTuple):
-    """A request that passed the gateway's checks: where it goes, what to forward."""
-
-    path: str
-    forwarded: list[list[str]]
-
-
 def _whole_answer(res: wire.ResponseFrame, method: str = "GET") -> Answer:
     """A shard's complete `res` rendered for the client."""
     status = res["s"]
     body = res.get("b") or b""
-    return status, _response_headers(res.get("h") or [], method, status, len(body)), body
+    return status, _response_headers(res.get("h") or (), method, status, len(body)), body
 
 
 def _stream_head(res: wire.ResponseFrame) -> tuple[int, list[tuple[bytes, bytes]]]:
     """The response head of a streamed (SSE) `res`."""
-    return res["s"], _response_headers(res.get("h") or [], "GET", res["s"], None)
-
-
-def _share_key(checked: _Checked, query: bytes) -> tuple[Any, ...]:
-    """What identical live reads share a shard call on: path, raw query, forwarded headers."""
-    return (checked.path, query, *[(k, v) for k, v in checked.forwarded])
-
-
-def _fields(checked: _Checked, method: str, query: bytes, body: bytes) -> dict[str, Any]:
-    """The `http` RPC frame's fields."""
-    return {
-        "m": method,
-        "p": checked.path,
-        "q": query.decode("latin-1"),
-        "h": checked.forwarded,
-        "b": body,
-    }
+    return res["s"], _response_headers(res.get("h") or (), "GET", res["s"], None)
 
 
 _PREFLIGHT_ANSWER: Answer = (
@@ -181,27 +158,6 @@ async def send_error(
     await send_answer(send, error_answer(status, message, extra))
 
 
-def _live_mode(query: bytes) -> str | None:
-    """The `live` value the shard will read in this query (the last `live` wins; keys and
-    values may be percent-encoded), or None."""
-    if b"live" not in query and b"%" not in query:
-        return None
-    live = None
-    for part in query.split(b"&"):
-        key, _, value = part.decode("latin-1").partition("=")
-        if "%" in key or "+" in key:
-            key = unquote_plus(key)
-        if key == "live":
-            live = unquote_plus(value) if "%" in value or "+" in value else value
-    return live
-
-
-def is_long_poll(query: bytes) -> bool:
-    """Whether the shard will read this query as live=long-poll: such requests may share
-    an answer."""
-    return _live_mode(query) == "long-poll"
-
-
 # A shard's header name -> the name the client gets (lowercase bytes), or None when the
 # gateway drops it; filled as names are seen (a shard sends a few dozen distinct ones).
 _HEADER_NAMES: dict[str, bytes | None] = {}
@@ -217,14 +173,15 @@ def _header_name(name: str) -> bytes | None:
 
 
 def _response_headers(
-    pairs: list[list[str]], method: str, status: int, length: int | None
+    pairs: list[list[str]] | tuple[()], method: str, status: int, length: int | None
 ) -> list[tuple[bytes, bytes]]:
     """The shard's headers as byte pairs, plus transport headers and, for a complete
     body, a Content-Length when the shard gave none."""
     out: list[tuple[bytes, bytes]] = []
     has_cache = has_length = False
+    names = _HEADER_NAMES
     for name, value in pairs:
-        key = _HEADER_NAMES.get(name, b"")
+        key = names.get(name, b"")
         if key == b"":
             key = _header_name(name)
         if key is None:
@@ -234,22 +191,21 @@ def _response_headers(
         elif key == b"content-length":
             has_length = True
         out.append((key, value.encode()))
-    out.extend(TRANSPORT)
-    if not has_cache:
-        out.append(NO_STORE)
+    out += TRANSPORT if has_cache else _TRANSPORT_NO_STORE
     if (
         length is not None
         and not has_length
-        and method != "HEAD"
         and status >= 200
         and status not in _NO_LENGTH_STATUS
+        and method != "HEAD"
     ):
-        out.append((b"content-length", str(length).encode()))
+        out.append((b"content-length", b"%d" % length))
     return out
 
 
 class StreamHandler:
-    """ASGI callable for paths under /v1/stream/."""
+    """ASGI callable for paths under /v1/stream/, and the native route's `NativeRoute`.
+    Both ask `gateway.route.route()` what a request means, then act on it here."""
 
     def __init__(
         self,
@@ -268,8 +224,10 @@ class StreamHandler:
         pool.adopt(ring)  # the pool routes on the newest ring it has seen, this one or later
         self.max_body_bytes = max_body_bytes
         scheme, _, host = public_url.partition("://")
+        host = host.rstrip("/")
+        public = (("host", host), ("x-forwarded-proto", scheme)) if host else ()
+        self.config = RouteConfig(max_body_bytes, public, auth is not None)
         self.reserved = ReservedRoutes(pool, lambda: self.ring, public_url, failure_answer)
-        self._public = (("host", host.rstrip("/")), ("x-forwarded-proto", scheme))
         # Reads only (a GET is safe to retry), when the gateway stops under them.
         stopping = error_answer(503, "gateway stopping", (_RETRY_AFTER,))
         self.collapser = Collapser(nursery, self._fetch, stopping)
@@ -282,40 +240,46 @@ class StreamHandler:
         """The newest ring (the pool's: it follows the shards' answers)."""
         return self.pool.ring
 
+    def route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
+        """What the request means (`gateway.route`), with the client's token checked: a
+        token that does not cover it makes it a REFUSED route (401 / 403)."""
+        route = routes.route(method, target, headers, self.config)
+        if (
+            self.auth is not None
+            and route.kind not in _UNGATED
+            and not _own_credentials(method, route.path)
+        ):
+            return self._authorize(route) or route
+        return route
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        method = scope["method"]
-        checked = self._check(method, raw_path, scope["headers"])
-        if type(checked) is not _Checked:
-            return await send_answer(send, checked)
+        query = scope["query_string"]
+        target = raw_path + b"?" + query if query else raw_path
+        route = self.route(scope["method"], target, scope["headers"])
+        del target
+        kind = route.kind
+        if kind in _ANSWERED_HERE:
+            return await send_answer(send, self._answered_here(route))
         body = await self._read_body(receive, send)
         if body is None:
             return
-        if is_reserved(checked.path):  # control routes before stream routes
-            control = await self._control(method, checked.path, scope["headers"], body)
-            return await send_answer(send, control)
-        query = scope["query_string"]
-        output = scope.get("state", {}).get(OUTPUT_STATE) or UNLIMITED.connection()
-        del scope  # an SSE may be held long
-        live = _live_mode(query) if method == "GET" else None
-        if live not in ("long-poll", "sse"):  # any other live value: the shard refuses it
-            return await send_answer(send, await self._exchange(checked, method, query, body))
-        fields = _fields(checked, method, query, body)
-        route = checked.path  # its owner is looked up at each try, on the newest ring
-        if live == "long-poll":
+        if kind == routes.CONTROL:
+            return await send_answer(send, await self._control(route, body))
+        if kind != routes.LONG_POLL and kind != routes.SSE:
+            return await send_answer(send, await self._call(route, body))
+        if kind == routes.LONG_POLL:
             until_gone = partial(_until_disconnect, receive)
-            key: tuple[Any, ...] | None = _share_key(checked, query)
-            answer = await self.collapser.wait(key, route, fields, until_gone)
+            answer = await self.collapser.wait(route.key, (route, body), until_gone)
             if answer is not None:
                 await send_answer(send, answer)
             return
-        # SSE: a shared upstream of raw bytes; a read from "now" (percent-encoded or not)
-        # starts where the stream is when asked, so it is not shared.
-        key = None if b"%" in query or b"offset=now" in query else _share_key(checked, query)
-        del checked, body
+        # SSE: a shared upstream of raw bytes (unless the route gives no key).
+        output = scope.get("state", {}).get(OUTPUT_STATE) or UNLIMITED.connection()
+        del scope  # an SSE may be held long
         sub = QueuedSubscriber(output)
-        result = await self.fanout.join(key, route, fields, sub, framed=False)
-        del fields
+        result = await self.fanout.join(route.key, route.path, route.fields(body), sub, False)
+        del route, body
         if not isinstance(result, Streaming):
             return await send_answer(send, result)
         await self._relay_sse(result, sub, receive, send)
@@ -331,17 +295,18 @@ class StreamHandler:
         """The whole answer to a request `takes` accepted: what the native route
         (`gateway.native`) calls, with no ASGI. A long-poll waits here, collapsed with its
         identical peers; None if its client leaves first (`until_gone` returns)."""
-        path_part, _, query = target.partition(b"?")
-        checked = self._check(method, path_part, headers)
-        if type(checked) is not _Checked:
-            return checked
-        if is_reserved(checked.path):  # control routes before stream routes
-            return await self._control(method, checked.path, headers, body)
-        if method == "GET" and is_long_poll(query):
-            fields = _fields(checked, method, query, body)
-            key = _share_key(checked, query)
-            return await self.collapser.wait(key, checked.path, fields, until_gone)
-        return await self._exchange(checked, method, query, body)
+        route = self.route(method, target, headers)
+        kind = route.kind
+        if kind in _EXCHANGED:
+            return await self._call(route, body)
+        if kind == routes.LONG_POLL:
+            return await self.collapser.wait(route.key, (route, body), until_gone)
+        if kind == routes.CONTROL:
+            return await self._control(route, body)
+        if kind in _ANSWERED_HERE:
+            return self._answered_here(route)
+        # An SSE read or a path outside the prefix: `takes` sends neither here.
+        return error_answer(500, f"{kind} request on the whole-answer route")
 
     async def stream(
         self,
@@ -354,15 +319,10 @@ class StreamHandler:
         """An SSE read `takes` accepted as "stream", served from a shared upstream
         (`gateway.fanout`): how the response starts, or the whole answer when it does not
         stream (a 404, a bad offset)."""
-        path_part, _, query = target.partition(b"?")
-        checked = self._check(method, path_part, headers)
-        if type(checked) is not _Checked:
-            return checked
-        fields = _fields(checked, method, query, body)
-        key = None
-        if b"offset=now" not in query:  # a read from "now" starts where the stream is
-            key = _share_key(checked, query)
-        return await self.fanout.join(key, checked.path, fields, subscriber)
+        route = self.route(method, target, headers)
+        if route.kind != routes.SSE:
+            return self._answered_here(route)
+        return await self.fanout.join(route.key, route.path, route.fields(body), subscriber)
 
     @staticmethod
     def error(status: int, message: str) -> Answer:
@@ -371,125 +331,72 @@ class StreamHandler:
     def refuse(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
     ) -> Answer | None:
-        """With client auth on, what `_check` answers a request whose body is still to
+        """With client auth on, what the route answers a request whose body is still to
         come, so that the native route reads no body for a refused client (ASGI requests
         are checked before their body anyway). None: read the body and go on."""
         if self.auth is None:
             return None
-        checked = self._check(method, target.partition(b"?")[0], headers)
-        return checked if type(checked) is not _Checked else None
+        route = self.route(method, target, headers)
+        return self._answered_here(route) if route.kind in _ANSWERED_HERE else None
 
     @staticmethod
     def takes(method: str, target: bytes) -> str | None:
-        """How the native route serves this request: "answer" (one whole answer, long-polls
-        included), "stream" (an SSE read) or None (left to ASGI: anything outside the
-        prefix, and a GET whose query is percent-encoded, parsed there the shard's way)."""
-        if not target.startswith(PREFIX_BYTES):
-            return None
-        if method != "GET" or target.startswith(RESERVED_PREFIX):
-            return "answer"
-        query = target.partition(b"?")[2]
-        if b"%" in query:
-            return None
-        return "stream" if _live_mode(query) == "sse" else "answer"
+        """How the native route serves this request (`gateway.route.native_kind`):
+        "answer", "stream" or None (left to ASGI)."""
+        return native_kind(method, target)
 
-    def _check(
-        self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> _Checked | Answer:
-        """What any front end checks before forwarding: path shape, method, header
-        well-formedness, declared size and, with auth on, the client's token (every path
-        to a shard, native or ASGI, whole answer or shared live read, passes here). An
-        error Answer, or what to forward."""
-        try:
-            path = stream_path(raw_path[PREFIX_LEN:])
-        except PathError as exc:
-            return error_answer(400, str(exc))
-        if method not in _ALLOWED:
-            return error_answer(405, "method not allowed", (_ALLOW_HEADER,))
-        if method == "OPTIONS":
+    @staticmethod
+    def _answered_here(route: Route) -> Answer:
+        """The gateway's own answer to a route it does not forward."""
+        if route.kind == routes.PREFLIGHT:
             return _PREFLIGHT_ANSWER
-        # Forward only the protocol's headers, well-formed; note the declared length.
-        forwarded: list[list[str]] = []
-        declared = None
-        authorization: bytes | None = None
-        for name, value in headers:
-            key = _FORWARDED.get(name)
-            if key is not None:
-                try:
-                    text = value.decode("ascii")
-                except UnicodeDecodeError:
-                    return error_answer(400, f"header {key} is not ASCII")
-                for pair in forwarded:
-                    if pair[0] == key:
-                        if key not in _LIST_HEADERS:
-                            return error_answer(400, f"header {key} given twice")
-                        pair[1] = f"{pair[1]}, {text}"
-                        break
-                else:
-                    forwarded.append([key, text])
-            elif name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return error_answer(400, "bad Content-Length")
-            elif name == b"authorization" and self.auth is not None:
-                if authorization is not None:
-                    return error_answer(400, "header authorization given twice")
-                authorization = value
-        # Subscription callbacks, acks and releases carry the subscription's own token,
-        # which its owner checks; the JWK Set is public.
-        if self.auth is not None and not _own_credentials(method, path):
-            refused = self._authorize(method, path, authorization, forwarded)
-            if refused is not None:
-                return refused
-        if declared is not None and declared > self.max_body_bytes:
-            return error_answer(413, body_too_large(self.max_body_bytes))
-        if method == "PUT" and self._public[0][1]:  # creates: Location from the public base
-            forwarded.extend([name, value] for name, value in self._public)
-        return _Checked(path, forwarded)
+        if route.kind == routes.REFUSED:
+            return error_answer(route.status, route.message, route.extra)
+        return error_answer(404, "not a stream path")
 
-    async def _control(
-        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Answer:
+    async def _control(self, route: Route, body: bytes) -> Answer:
         """A reserved `__ds` route. The Authorization header goes to the owner only where it
         carries the subscription's own token (callback, ack, release): a client's token
         never leaves the gateway."""
-        if not _own_credentials(method, path):
-            headers = []
-        return await self.reserved.answer(method, path, headers, body)
+        method, path = route.method, route.path
+        authorization = route.authorization if _own_credentials(method, path) else None
+        return await self.reserved.answer(method, path, authorization, body)
 
-    def _authorize(
-        self, method: str, path: str, authorization: bytes | None, forwarded: list[list[str]]
-    ) -> Answer | None:
-        """None when the token covers the request; else its 401 / 403."""
+    def _authorize(self, route: Route) -> Route | None:
+        """None when the client's token covers the request; else a REFUSED route (its
+        401 / 403 with the `WWW-Authenticate` challenge)."""
         assert self.auth is not None
         fork_source = None
-        if method == "PUT":
-            for key, value in forwarded:
+        if route.method == "PUT":
+            for key, value in route.forwarded:
                 if key == "stream-forked-from":
                     with contextlib.suppress(PathError):  # the shard answers 400
                         fork_source = stream_path_from_url(value.strip())
-        decision = self.auth.current().decide(method, path, authorization, fork_source, time())
-        if type(decision) is Denied:
-            return denied_answer(decision)
-        return None
+        decision = self.auth.current().decide(
+            route.method, route.path, route.authorization, fork_source, time()
+        )
+        if type(decision) is not Denied:
+            return None
+        challenge = (b"www-authenticate", decision.www_authenticate.encode())
+        return route._replace(
+            kind=routes.REFUSED,
+            status=decision.status,
+            message=decision.message,
+            extra=(challenge,),
+        )
 
-    async def _exchange(self, checked: _Checked, method: str, query: bytes, body: bytes) -> Answer:
-        """One request/response with the owning shard, rendered for the client."""
-        fields = _fields(checked, method, query, body)
-        return await self._call(checked.path, fields, method)
-
-    async def _call(self, path: str, fields: dict[str, Any], method: str) -> Answer:
-        """The owner of `path`'s whole answer (a ring change or a move on the way is
-        retried by `open_routed`)."""
+    async def _call(self, route: Route, body: bytes) -> Answer:
+        """The owner of the route's path's whole answer (a ring change or a move on the
+        way is retried by `open_routed`)."""
         try:
-            async with await self.pool.open_routed(path, "http", fields) as call:
+            call = await self.pool.open_routed(route.path, "http", route.fields(body))
+            async with call:
                 res = await call.response()
         except (ShardUnavailable, ShardError) as exc:
             return failure_answer(exc)
         if res.get("more"):  # leaving `call` above already cancelled the stream
             return error_answer(502, "the shard streamed a body that cannot stream")
-        return _whole_answer(res, method)
+        return _whole_answer(res, route.method)
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None once an error was sent / the client left."""
@@ -547,9 +454,9 @@ class StreamHandler:
     async def _open_sse(self, path: str, fields: dict[str, Any]) -> Call:
         return await self.pool.open_routed(path, "http", fields)
 
-    async def _fetch(self, path: str, fields: dict[str, Any]) -> Answer:
+    async def _fetch(self, request: tuple[Route, bytes]) -> Answer:
         """One long-poll upstream, rendered once for every client sharing it."""
-        return await self._call(path, fields, "GET")
+        return await self._call(*request)
 
 
 async def _until_disconnect(receive: Receive) -> None:
