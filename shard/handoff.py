@@ -202,6 +202,11 @@ class Handoff:
 
     # -- the gate: may this shard serve `path` now? --------------------------------------------
 
+    def admits_now(self, path: str) -> bool:
+        """Whether `admit(path)` would return at once, without a wait or a query: the
+        request may then be decided on the spot (`ShardService.decide_now`)."""
+        return path not in self._staging and (not self.ring.sources or path in self._settled)
+
     async def admit(self, path: str) -> None:
         """Return if this shard may serve `path` (it owns it); raise StreamMoving while the
         stream is arriving or may still be held by a shard it came from."""

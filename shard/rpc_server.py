@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import deque
 from collections.abc import Callable, Mapping
 
 import trio
@@ -41,7 +42,7 @@ from ds_cluster.shard.committer import StorageUnavailable
 from ds_cluster.shard.core.model import Request, Response
 from ds_cluster.shard.peers import PeerUnavailable
 from ds_cluster.shard.rpc_ops import Handler
-from ds_cluster.shard.service import ShardService
+from ds_cluster.shard.service import Settling, ShardService
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,52 @@ HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
 OP_TIMEOUT = 30.0  # seconds for a registry op (export_fork, ...)
 
 Protocol = rpc_core.ShardProtocol[trio.CancelScope]
+
+# What an append decided on the spot holds in the connection's calls while it commits (its
+# id stays taken, it counts against MAX_CALLS): a `cancel` has nothing left to stop, since
+# the write is queued and its answer goes anyway (the caller drops it).
+COMMITTING = trio.CancelScope()
+
+
+class CommitAnswers:
+    """One connection's appends decided on the spot, answered once their commit is done.
+
+    Jobs complete in the order they were queued (a group commit takes everything queued,
+    and a failure fails everything queued), so one task waits for the oldest job and then
+    answers every job already done behind it: one wake-up per group commit, not a task
+    and an event per append."""
+
+    def __init__(self, service: ShardService, writer: FrameWriter, protocol: Protocol) -> None:
+        self._service = service
+        self._writer = writer
+        self._protocol = protocol
+        self._queue: deque[tuple[int, Settling]] = deque()
+        self._added = trio.Event()
+
+    def add(self, call_id: int, settling: Settling) -> None:
+        self._protocol.started(call_id, COMMITTING)
+        self._queue.append((call_id, settling))
+        self._added.set()
+
+    async def run(self) -> None:
+        queue = self._queue
+        settled = self._service.settled
+        send = self._writer.send_nowait
+        response = rpc_core.response
+        finished = self._protocol.finished
+        while True:
+            if not queue:
+                await self._added.wait()
+                self._added = trio.Event()
+                continue
+            done = queue[0][1].job.done
+            if not done.is_set():
+                await done.wait()
+            while queue and queue[0][1].job.done.is_set():
+                call_id, settling = queue.popleft()
+                finished(call_id)
+                answer = settled(settling)
+                send(response(call_id, answer.status, answer.headers, answer.body, False))
 
 
 class RpcServer:
@@ -134,10 +181,12 @@ class RpcServer:
             async with trio.open_nursery() as nursery:
                 writer = FrameWriter(stream, nursery.cancel_scope, REPLY_BUDGET, self._replies)
                 nursery.start_soon(writer.run)
+                answers = CommitAnswers(self.service, writer, protocol)
+                nursery.start_soon(answers.run)
                 try:
                     frames: list[wire.Frame] | None = reader.authenticated()
                     while frames is not None:
-                        self._dispatch(frames, protocol, writer, nursery)
+                        self._dispatch(frames, protocol, writer, answers, nursery)
                         frames = await reader.frames()
                 except wire.WireError as exc:
                     log.warning("dropping connection: %s", exc)
@@ -153,12 +202,15 @@ class RpcServer:
         frames: list[wire.Frame],
         protocol: Protocol,
         writer: FrameWriter,
+        answers: CommitAnswers,
         nursery: trio.Nursery,
     ) -> None:
-        """Answer pings, fence other rings, start requests, route cancels."""
+        """Answer pings, fence other rings, decide appends on the spot, start other
+        requests, route cancels."""
         for frame in frames:
             if frame["k"] == "req":
-                if frame["op"] == "ping":
+                op = frame["op"]
+                if op == "ping":
                     if frame["i"] in protocol.calls:
                         raise rpc_core.ProtocolError(f"request id {frame['i']} already in flight")
                     writer.send_nowait(rpc_core.result(frame["i"], {"health": self.health()}))
@@ -166,6 +218,12 @@ class RpcServer:
                 refusal = protocol.admit(frame, self.service.ring)
                 if refusal is not None:
                     writer.send_nowait(refusal)
+                    continue
+                if (
+                    op == "http"
+                    and frame["m"] == "POST"
+                    and self._append_now(frame, writer, answers)
+                ):
                     continue
                 scope = trio.CancelScope()
                 protocol.started(frame["i"], scope)
@@ -176,6 +234,44 @@ class RpcServer:
                     running.cancel()
             else:
                 raise rpc_core.ProtocolError(f"unexpected {frame['k']!r} frame")
+
+    def _append_now(
+        self, message: wire.RequestFrame, writer: FrameWriter, answers: CommitAnswers
+    ) -> bool:
+        """Decide an append without a task (`ShardService.decide_now`): its answer goes now,
+        or from `answers` once its group commit is done. False: run it as a task (a path
+        to refuse, a large body, a stream moving, ...; nothing was changed)."""
+        path = message["p"]
+        call_id = message["i"]
+        try:
+            check_canonical(path)
+        except PathError:
+            return False
+        if not self.service.owns(path):
+            return False
+        headers = {name.lower(): value for name, value in message["h"]}
+        request = Request("POST", path, message["q"], headers, message["b"])
+        try:
+            outcome = self.service.decide_now(request)
+        except StorageUnavailable as exc:
+            writer.send_nowait(rpc_core.error(call_id, "unavailable", str(exc)))
+            return True
+        except wire.OpError as exc:
+            writer.send_nowait(rpc_core.error(call_id, exc.code, str(exc), exc.args_map))
+            return True
+        except Exception:
+            log.exception("request %s failed", call_id)
+            writer.send_nowait(rpc_core.error(call_id, "internal", "internal error"))
+            return True
+        if outcome is None:
+            return False
+        if isinstance(outcome, Settling):
+            answers.add(call_id, outcome)
+        else:
+            writer.send_nowait(
+                rpc_core.response(call_id, outcome.status, outcome.headers, outcome.body, False)
+            )
+        return True
 
     async def _request(
         self,

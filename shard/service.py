@@ -52,6 +52,19 @@ Respond = Callable[[Response, bool], Awaitable[None]]  # (head, more body follow
 SendChunk = Callable[[bytes, bool], Awaitable[None]]  # (body bytes, more follows)
 
 
+class Settling:
+    """An append decided by `ShardService.decide_now`, its job queued for commit: once
+    `job.done` is set, `ShardService.settled` gives its response."""
+
+    __slots__ = ("entry", "job", "reply", "request")
+
+    def __init__(self, entry: Entry, job: Job, reply: Reply, request: Request) -> None:
+        self.entry = entry
+        self.job = job
+        self.reply = reply
+        self.request = request
+
+
 class ShardService:
     def __init__(
         self,
@@ -172,6 +185,48 @@ class ShardService:
             await self.offload.run(request, lambda ready: self._handle(ready, respond, send))
         else:
             await self._handle(request, respond, send)
+
+    def decide_now(self, request: Request) -> Response | Settling | None:
+        """An append decided on the spot, without a task of its own: the response to send
+        now (nothing to commit), a `Settling` whose response goes once its job is done
+        (`settled`), or None when the request needs the full path (`handle_http`): not a
+        POST, a large body, a stream moving or a decision that must wait. Raises what
+        `handle_http` would raise (StreamMoving, StorageUnavailable) before changing
+        anything."""
+        path = request.path
+        if (
+            request.method != "POST"
+            or self.offload.engaged(request)
+            or not self.handoff.admits_now(path)
+        ):
+            return None
+        entry = self.table.get(path)
+        now = time.time()
+        decision = core.handle(request, entry.pending, now, self.config)
+        if type(decision) is not Reply:
+            return None  # (the entry stays in the table: the full path takes it again)
+        if not decision.changed:
+            if decision.touch:
+                self.committer.touch(entry, now)
+            self.table.release_if_idle(entry)
+            return decision.response
+        job = Job()
+        self._stage(job, entry, decision.state, decision.records, fresh=decision.fresh)
+        try:
+            self.committer.submit(job)
+        except StreamMoving:
+            self.table.release_if_idle(entry)
+            raise
+        return Settling(entry, job, decision, request)
+
+    def settled(self, settling: Settling) -> Response:
+        """The response of a `decide_now` append whose job is done."""
+        self.table.release_if_idle(settling.entry)
+        if settling.job.error is not None:
+            return unavailable("storage unavailable; the write was not applied")
+        reply = settling.reply
+        self._count(settling.request, reply, reply.response)
+        return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
         await self.handoff.admit(request.path)  # StreamMoving while it is on its way here

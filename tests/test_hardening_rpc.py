@@ -10,6 +10,7 @@ TLS on the RPC links; no secret (or a careless one) and no start.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import struct
 import subprocess
@@ -319,6 +320,41 @@ async def test_cancel_with_a_list_id_costs_only_its_connection(tmp_path: Path) -
         answer = await call(good, decoder, request(2, "POST", "kept", b"[1]"))
         assert answer["k"] == "res" and answer["s"] == 204, answer
         await trio.aclose_forcefully(good)
+        await assert_serves(shard)
+
+
+async def test_pipelined_appends_commit_in_arrival_order_and_are_answered_once(
+    tmp_path: Path,
+) -> None:
+    """Appends decided on the spot (no task each): many in one read, half of them
+    cancelled right behind, are each answered once, after their commit, and land in the
+    order they arrived; an id reused while its append commits costs the connection."""
+    count = 300
+    with shard_process(tmp_path) as shard:
+        stream, decoder, _ = await open_authenticated(shard.address, "shard-0")
+        assert (await call(stream, decoder, request(1, "PUT", "piped")))["s"] == 201
+        appends = [wire.encode(request(10 + n, "POST", "piped", b"[%d]" % n)) for n in range(count)]
+        cancels = [wire.encode({"k": "cancel", "i": 10 + n}) for n in range(0, count, 2)]
+        await stream.send_all(b"".join(appends + cancels))
+        answers: dict[int, wire.Frame] = {}
+        with trio.fail_after(30):
+            while len(answers) < count:
+                data = await stream.receive_some(1024 * 1024)
+                assert data, "the shard closed a healthy connection"
+                for frame in decoder.feed(data):
+                    assert frame["i"] not in answers, frame
+                    answers[frame["i"]] = frame
+        tails = []
+        for n in range(count):
+            answer = answers[10 + n]
+            assert answer["k"] == "res" and answer["s"] == 204, answer
+            tails.append(dict(map(tuple, answer["h"]))["stream-next-offset"])
+        assert tails == sorted(tails) and len(set(tails)) == count
+        read = await call(stream, decoder, request(2, "GET", "piped"))
+        assert read["s"] == 200 and json.loads(read["b"]) == list(range(count))
+        twice = wire.encode(request(3, "POST", "piped", b"[0]"))
+        await stream.send_all(twice + twice)
+        await closed_within(stream, 10)
         await assert_serves(shard)
 
 
