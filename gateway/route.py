@@ -47,6 +47,11 @@ MAX_CONTENT_LENGTH_DIGITS = 19  # more cannot be a size anyone sends
 
 Forwarded = tuple[tuple[str, str], ...]  # (lowercase name, value), as the shard gets them
 
+# Canonical paths of raw paths seen lately: a gateway meets the same streams again and
+# again, and `stream_path` is a good part of a request's cost. Bounded: emptied when full.
+_PATHS: dict[bytes, str] = {}
+MAX_CACHED_PATHS = 4096
+
 
 class RouteConfig(NamedTuple):
     """The gateway settings a route depends on (fixed for the gateway's life)."""
@@ -90,6 +95,8 @@ class Route(NamedTuple):
 
 
 _ALLOW_HEADER = (b"allow", ", ".join(ALLOWED_METHODS).encode())
+# A Route from all its fields at once, without NamedTuple's keyword handling (hot path).
+_new = tuple.__new__
 
 
 def _refused(method: str, status: int, message: str, path: str = "") -> Route:
@@ -107,10 +114,15 @@ def route(
     if not target.startswith(PREFIX_BYTES):
         return Route(NOT_OURS, method)
     raw_path, _, query = target.partition(b"?")
-    try:
-        path = stream_path(raw_path[PREFIX_LEN:])
-    except PathError as exc:
-        return _refused(method, 400, str(exc))
+    path = _PATHS.get(raw_path)
+    if path is None:
+        try:
+            path = stream_path(raw_path[PREFIX_LEN:])
+        except PathError as exc:
+            return _refused(method, 400, str(exc))
+        if len(_PATHS) >= MAX_CACHED_PATHS:
+            _PATHS.clear()
+        _PATHS[raw_path] = path
     kind = _KIND_OF_METHOD.get(method)
     if kind is None:
         if method not in _ALLOWED:
@@ -151,7 +163,9 @@ def route(
         forwarded.extend(config.public)
     fwd = tuple(forwarded)
     if is_reserved(path):  # control routes before stream routes
-        return Route(CONTROL, method, path, query, fwd, None, authorization, declared)
+        return _new(
+            Route, (CONTROL, method, path, query, fwd, None, authorization, declared, 0, "", ())
+        )
     share: tuple[Any, ...] | None = None
     if kind == READ and query:
         live = live_mode(query)
@@ -162,7 +176,7 @@ def route(
             kind = SSE
             if b"%" not in query and b"offset=now" not in query:
                 share = (path, query, fwd)
-    return Route(kind, method, path, query, fwd, share, authorization, declared)
+    return _new(Route, (kind, method, path, query, fwd, share, authorization, declared, 0, "", ()))
 
 
 def native_kind(method: str, target: bytes) -> str | None:
@@ -183,8 +197,21 @@ def native_kind(method: str, target: bytes) -> str | None:
 def live_mode(query: bytes) -> str | None:
     """The `live` value the shard will read in this query (the last `live` wins; keys and
     values may be percent-encoded), or None."""
-    if b"live" not in query and b"%" not in query:
+    if b"%" in query or b"+" in query:
+        return _live_mode_encoded(query)
+    if b"live" not in query:
         return None
+    live = None
+    for part in query.split(b"&"):
+        if part[:5] == b"live=":
+            live = part[5:]
+        elif part == b"live":
+            live = b""
+    return live.decode("latin-1") if live is not None else None
+
+
+def _live_mode_encoded(query: bytes) -> str | None:
+    """`live_mode` of a query with percent-encoding (or `+`) in it, decoded part by part."""
     live = None
     for part in query.split(b"&"):
         key, _, value = part.decode("latin-1").partition("=")
