@@ -106,6 +106,7 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+@lru_cache(maxsize=1024)
 def valid_content_type(content_type: str) -> bool:
     return _MEDIA_TYPE.fullmatch(media_type(content_type)) is not None
 

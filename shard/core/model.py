@@ -25,7 +25,13 @@ class CoreConfig:
     cursor_interval: float = 20.0
 
 
-@dataclass(frozen=True)
+# The values built for every request (Request, Reply, Response, Record) are frozen
+# dataclasses with a hand-written __init__ that fills the instance dict directly: the
+# generated frozen __init__ goes through object.__setattr__ per field, which cost about
+# 1-2.5 us per object, several times per append.
+
+
+@dataclass(frozen=True, init=False)
 class Request:
     """One HTTP request on a stream, already stripped of transport details.
 
@@ -35,14 +41,33 @@ class Request:
 
     method: str
     path: str
-    query: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
     # The runtime can cut large bodies off its event loop: with `defer_body`, the core
     # answers `NeedBody` instead of cutting a large body itself, once it knows the body
     # is needed; the runtime then passes the cut in `body_pieces` (see core.bodies).
-    defer_body: bool = False
-    body_pieces: BodyPieces | None = None
+    defer_body: bool
+    body_pieces: BodyPieces | None
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        defer_body: bool = False,
+        body_pieces: BodyPieces | None = None,
+    ) -> None:
+        d = self.__dict__
+        d["method"] = method
+        d["path"] = path
+        d["query"] = query
+        d["headers"] = {} if headers is None else headers
+        d["body"] = body
+        d["defer_body"] = defer_body
+        d["body_pieces"] = body_pieces
 
 
 @dataclass(frozen=True)
@@ -59,14 +84,22 @@ class BodyPieces:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Response:
     status: int
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def __init__(
+        self, status: int, headers: tuple[tuple[str, str], ...] = (), body: bytes = b""
+    ) -> None:
+        d = self.__dict__
+        d["status"] = status
+        d["headers"] = headers
+        d["body"] = body
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Record:
     """A stored run of stream data covering positions [start, end).
 
@@ -78,6 +111,12 @@ class Record:
     start: int
     end: int
     data: bytes
+
+    def __init__(self, start: int, end: int, data: bytes) -> None:
+        d = self.__dict__
+        d["start"] = start
+        d["end"] = end
+        d["data"] = data
 
 
 @dataclass(frozen=True)
@@ -157,17 +196,34 @@ def evolve(state: StreamState, **changes: object) -> StreamState:
 # Decisions: what the core tells the runtime to do next.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Reply:
     """Final answer. If `changed`, persist `state` (None = purge the stream and all its
     data) and append `records`, commit, and only then send `response`."""
 
     response: Response
-    changed: bool = False
-    state: StreamState | None = None
-    records: tuple[Record, ...] = ()
-    touch: bool = False  # a read on an existing stream: refresh last_access (sliding TTL)
-    fresh: bool = False  # with changed: a new incarnation replaces whatever is stored
+    changed: bool
+    state: StreamState | None
+    records: tuple[Record, ...]
+    touch: bool  # a read on an existing stream: refresh last_access (sliding TTL)
+    fresh: bool  # with changed: a new incarnation replaces whatever is stored
+
+    def __init__(
+        self,
+        response: Response,
+        changed: bool = False,
+        state: StreamState | None = None,
+        records: tuple[Record, ...] = (),
+        touch: bool = False,
+        fresh: bool = False,
+    ) -> None:
+        d = self.__dict__
+        d["response"] = response
+        d["changed"] = changed
+        d["state"] = state
+        d["records"] = records
+        d["touch"] = touch
+        d["fresh"] = fresh
 
 
 @dataclass(frozen=True)
