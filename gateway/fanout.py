@@ -35,7 +35,6 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -73,15 +72,31 @@ class Subscriber(Protocol):
         """The upstream is over: finish the response."""
 
 
-@dataclass
 class Streaming:
-    """A joined SSE response: write the head, then `prefix`, then the frames delivered
-    to the subscriber; call `leave` when the client goes (idempotent)."""
+    """A joined SSE response: write the head (`status`, `headers`), then `prefix`, then
+    the frames delivered to the subscriber; call `leave` when the client goes
+    (idempotent). Slotted, with no closure: one is held for every SSE client."""
 
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    prefix: bytes
-    leave: Callable[[], None]
+    __slots__ = ("_fanout", "_key", "_sub", "_upstream", "headers", "prefix", "status")
+
+    def __init__(
+        self,
+        fanout: SseFanout,
+        key: Hashable | None,
+        upstream: _Upstream,
+        sub: Subscriber,
+        head: Head,
+        prefix: bytes,
+    ) -> None:
+        self.status, self.headers = head
+        self.prefix = prefix
+        self._fanout = fanout
+        self._key = key
+        self._upstream = upstream
+        self._sub = sub
+
+    def leave(self) -> None:
+        self._fanout._leave(self._key, self._upstream, self._sub)
 
 
 class _Upstream:
@@ -167,21 +182,23 @@ class SseFanout:
             self._nursery.start_soon(self._pump, key, upstream, route, fields)
         prefix = b"".join(upstream.prefix)  # relayed before `sub` came: sent as the prefix
         upstream.subscribers.add(sub)
-        leave = _leaver(self, key, upstream, sub)
         try:
             await upstream.ready.wait()
         except BaseException:
-            leave()
+            self._leave(key, upstream, sub)
             raise
         if upstream.head is None:
-            leave()
+            self._leave(key, upstream, sub)
             return upstream.answer or self._failed
-        status, headers = upstream.head
-        return Streaming(status, headers, prefix, leave)
+        return Streaming(self, key, upstream, sub, upstream.head, prefix)
 
     def _leave(self, key: Hashable | None, upstream: _Upstream, sub: Subscriber) -> None:
-        upstream.subscribers.discard(sub)
-        if not upstream.subscribers:
+        """`sub` leaves `upstream` (if it is still there); the last one ends it."""
+        subscribers = upstream.subscribers
+        if sub not in subscribers:
+            return
+        subscribers.discard(sub)
+        if not subscribers:
             self._close(key, upstream)
             upstream.scope.cancel()
 
@@ -260,8 +277,11 @@ class SseFanout:
             upstream.size += len(frame)
             if upstream.size > PREFIX_LIMIT:
                 self._close(key, upstream)
-        for sub in list(upstream.subscribers):
-            _call(sub.deliver, frame)
+        for sub in tuple(upstream.subscribers):  # a delivery may drop its subscriber
+            try:
+                sub.deliver(frame)
+            except Exception:  # a bug to log, not a reason to fail the other subscribers
+                log.exception("SSE subscriber failed")
 
 
 class QueuedSubscriber:
@@ -327,16 +347,6 @@ def _call(fn: Callable[..., None], *args: Any) -> None:
         fn(*args)
     except Exception:
         log.exception("SSE subscriber failed")
-
-
-def _leaver(
-    fanout: SseFanout, key: Hashable | None, upstream: _Upstream, sub: Subscriber
-) -> Callable[[], None]:
-    def leave() -> None:
-        if sub in upstream.subscribers:
-            fanout._leave(key, upstream, sub)
-
-    return leave
 
 
 def _last_offset(data: bytes) -> str | None:
