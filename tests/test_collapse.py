@@ -17,10 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.http import parse_head
 from support.processes import GatewayProcess, gateway_for
 
+from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.supervisor.cluster import Supervisor
 
 READERS = 200
@@ -202,3 +204,160 @@ async def test_last_waiter_leaving_cancels_upstream(
     status, _, body = await read_raw(gateway.port, target)
     assert status == 200 and body == f"{path}?offset=3&live=long-poll".encode()
     assert len(upstream(shard, path)) == 2
+
+
+# -- the collapser in process: how its waiters wait ---------------------------------------
+
+ANSWER = (200, [(b"content-type", b"text/plain")], b"shared")
+FAILED = (503, [], b"stopping")
+
+
+class Client:
+    """A waiter's client: `until_gone` returns once `leave()` was called, and counts the
+    waits on it."""
+
+    def __init__(self) -> None:
+        self.gone = trio.Event()
+        self.watched = 0
+
+    async def until_gone(self) -> None:
+        self.watched += 1
+        await self.gone.wait()
+
+    def leave(self) -> None:
+        self.gone.set()
+
+
+class Upstream:
+    """A fetch answered when released, which records its calls and its cancellation."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.calls: list[Any] = []
+        self.cancelled = trio.Event()
+
+    async def fetch(self, request: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        self.calls.append(request)
+        try:
+            await self.release.wait()
+        except trio.Cancelled:
+            self.cancelled.set()
+            raise
+        return ANSWER
+
+
+async def test_waiters_answered_soon_never_watch_their_clients() -> None:
+    """The cheap path: one fetch, and every waiter rescheduled with the one answer,
+    without awaiting its client's `until_gone`."""
+    upstream = Upstream()
+    clients = [Client() for _ in range(50)]
+    answers: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=30.0)
+
+        async def wait(client: Client) -> None:
+            answers.append(await collapser.wait("key", "request", client.until_gone))
+
+        async with trio.open_nursery() as waiters:
+            for client in clients:
+                waiters.start_soon(wait, client)
+            await trio.testing.wait_all_tasks_blocked()
+            assert collapser.waiting() == 50
+            upstream.release.set()
+        nursery.cancel_scope.cancel()
+    assert upstream.calls == ["request"]
+    assert len(answers) == 50 and all(answer is ANSWER for answer in answers)
+    assert sum(client.watched for client in clients) == 0
+
+
+async def test_a_long_wait_watches_clients_and_the_last_one_leaving_cancels_the_fetch() -> None:
+    upstream = Upstream()
+    clients = [Client() for _ in range(3)]
+    answers: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=0.2)
+
+        async def wait(client: Client) -> None:
+            answers.append(await collapser.wait("key", "request", client.until_gone))
+
+        async with trio.open_nursery() as waiters:
+            for client in clients:
+                waiters.start_soon(wait, client)
+            with trio.fail_after(10):
+                while sum(client.watched for client in clients) < 3:
+                    await trio.sleep(0.05)
+            for client in clients[:2]:
+                client.leave()
+            await trio.sleep(0.2)
+            assert not upstream.cancelled.is_set()  # one client still waits
+            assert collapser.waiting() == 1
+            clients[2].leave()
+            with trio.fail_after(10):
+                await upstream.cancelled.wait()
+        assert collapser.waiting() == 0
+        # An identical request after that starts a new fetch.
+        upstream.release.set()
+        assert await collapser.wait("key", "again", Client().until_gone) is ANSWER
+        nursery.cancel_scope.cancel()
+    assert answers == [None, None, None]  # every client left: nothing to answer
+    assert upstream.calls == ["request", "again"]
+
+
+async def test_waiters_that_join_a_watched_group_watch_at_once_and_get_the_answer() -> None:
+    upstream = Upstream()
+    early, late = Client(), Client()
+    answers: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=0.1)
+
+        async def wait(client: Client) -> None:
+            answers.append(await collapser.wait("key", "request", client.until_gone))
+
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(wait, early)
+            with trio.fail_after(10):
+                while not early.watched:
+                    await trio.sleep(0.02)
+            waiters.start_soon(wait, late)
+            await trio.testing.wait_all_tasks_blocked()
+            assert late.watched == 1
+            upstream.release.set()
+        nursery.cancel_scope.cancel()
+    assert answers == [ANSWER, ANSWER]
+    assert upstream.calls == ["request"]
+
+
+async def test_cancelled_parked_waiters_leave_and_the_last_cancels_the_fetch() -> None:
+    """A waiter's request cancelled while it is parked (its connection closes, the
+    gateway stops) leaves its group like a client that hangs up."""
+    upstream = Upstream()
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=30.0)
+        async with trio.open_nursery() as waiters:
+            for _ in range(3):
+                waiters.start_soon(collapser.wait, "key", "request", Client().until_gone)
+            await trio.testing.wait_all_tasks_blocked()
+            assert collapser.waiting() == 3
+            waiters.cancel_scope.cancel()
+        with trio.fail_after(10):
+            await upstream.cancelled.wait()
+        assert collapser.waiting() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_fetch_that_fails_gives_its_waiters_the_failure_answer() -> None:
+    async def broken(request: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    answers: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, broken, FAILED)
+
+        async def wait() -> None:
+            answers.append(await collapser.wait("key", "request", Client().until_gone))
+
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(wait)
+            waiters.start_soon(wait)
+        nursery.cancel_scope.cancel()
+    assert answers == [FAILED, FAILED]
