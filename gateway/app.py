@@ -36,7 +36,7 @@ def create_app(
     public_url: str = "",
     auth: AuthFiles | None = None,
 ) -> tuple[Any, StreamHandler]:
-    """The ASGI app and its stream handler (which the native route, `gateway.native`,
+    """The ASGI app and its stream handler (which the native route, `gateway.http1`,
     also calls directly for most requests). `nursery` (gateway lifetime) hosts the
     live-read calls shared between clients; `public_url` is where clients reach the
     gateway (for Location); `auth`: client tokens, when they are required."""

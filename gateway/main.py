@@ -1,4 +1,4 @@
-"""`ds-cluster gateway`: serve HTTP with hypercorn on trio (`gateway.server`), route to shards.
+"""`ds-cluster gateway`: serve HTTP on trio (`gateway.server`, `gateway.http1`), route to shards.
 
 The listening socket is bound here (with SO_REUSEPORT under --reuse-port, so several
 gateway processes can share one port and the kernel spreads connections over them) and

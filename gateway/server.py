@@ -1,45 +1,22 @@
-"""Hypercorn's HTTP protocol classes behind a leaner per-connection loop.
+"""The gateway's server: listeners, shutdown, and hypercorn for HTTP/2.
 
-`hypercorn.trio.serve` spends most of a small request's CPU outside the application: per
-request it restarts an idle-timeout task (a lock, a cancelled task and a new one), takes
-a lock around every socket write, writes the response head and body with separate
-`send` calls and yields once more for the empty end-of-message write. On a gateway whose
-whole job is small requests that is most of the budget. `serve` here keeps hypercorn's
-parsing, ASGI adaptation, HTTP/2 handling and configuration, and changes only how a
-connection is driven:
+`serve` accepts connections and gives each to `gateway.http1`, which serves plain
+HTTP/1.1 itself (llhttp, our own socket loop and framing; see its docstring for the
+deadlines, limits and keep-alive rules). What is HTTP/2 (prior knowledge, an h2c upgrade,
+ALPN "h2" under TLS) it hands to hypercorn's protocol classes, driven here by a leaner
+per-connection loop than `hypercorn.trio.serve`'s:
 
-- stream requests on HTTP/1.1 go to the native route (`gateway.native`) instead of
-  hypercorn's HTTPStream and the ASGI app; HTTP/2, the control routes and requests the
-  route does not take (percent-encoded live queries, HTTP/1.0 SSE) use ASGI as before;
 - the idle timeouts are the deadline of the read waiting for the next request, not a
   task restarted per request; shutdown closes idle connections through `Connections`;
-- a complete response (one with a Content-Length) goes out in one write, head and body
-  together (a large body in a second write, uncopied); streamed responses send their
-  head at once;
-- empty writes are skipped, and the send lock is taken without yielding when it is free.
-
-Two idle timeouts: a new connection must send its first request head within the
-keep-alive timeout (5 s by default), and any later head must be complete within it from its
-first byte; between requests, a connection that has been answered waits `idle_timeout`
-(65 s by default, the gateway's `--idle-timeout`). The long wait is for clients: one whose
-event loop is busy for longer than the server's idle timeout reuses a connection the server
-has just closed, and loses that request to a reset (Node's undici does, under load). It
-stays above the idle timeouts of clients (4-5 s) and of load balancers (60 s), so the
-client side closes first.
-
-It also closes the doors a client could hold open: a request head must arrive within the
-keep-alive timeout, a request body must keep arriving (BODY_GRACE seconds, then at least
-BODY_MIN_RATE bytes/s on average, and never BODY_STALL seconds without a byte; else 408),
-a socket that takes no bytes for `WRITE_TIMEOUT` seconds is closed, and the response bytes a
-connection has queued count against its `gateway.budget` (HTTP/2 stream buffers included):
-one that asks for more while over budget is dropped. A request with both Content-Length and
-Transfer-Encoding is answered 400 and the connection closed (RFC 9112 6.3).
+- writes are lock-free when nobody else is writing, and empty writes are skipped;
+- the response bytes a connection has queued (HTTP/2 stream buffers included) count
+  against its `gateway.budget`: one that asks for more while over budget is dropped;
+- a request body must keep arriving as on HTTP/1.1 (else 408 and a reset stream), a
+  header block must be complete within the keep-alive timeout, and a socket that takes
+  no bytes for `WRITE_TIMEOUT` seconds is closed.
 
 The listening loop, graceful shutdown and lifespan handling follow hypercorn's
-`worker_serve`. Plain TCP, or TLS on listeners from `gateway.tls` (ALPN picks HTTP/2 or
-HTTP/1.1; without TLS HTTP/2 works with prior knowledge or an h2c upgrade). Under TLS the
-native route serves the same requests; reads and writes go through the connection's
-`trio.SSLStream` instead of the raw socket.
+`worker_serve`. Plain TCP, or TLS on listeners from `gateway.tls`.
 """
 
 from __future__ import annotations
@@ -47,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from itertools import chain
 from math import inf
 from time import time
 from typing import Any
@@ -64,7 +39,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, Data, EndBody, Response, StreamClosed
+from hypercorn.protocol.events import Body, Data, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
@@ -79,7 +54,6 @@ from hypercorn.utils import (
     parse_socket_addr,
     raise_shutdown,
     repr_socket_addr,
-    suppress_body,
     wrap_app,
 )
 
@@ -92,7 +66,13 @@ from ds_cluster.gateway.budget import (
     ConnectionOutput,
     OutputBudget,
 )
-from ds_cluster.gateway.native import NativeExchange, NativeRoute
+from ds_cluster.gateway.http1 import (
+    DEFAULT_MAX_BODY,
+    Http1Connection,
+    Http1Server,
+    NativeRoute,
+    body_deadline,
+)
 from ds_cluster.gateway.tls import TLSListener
 
 log = logging.getLogger(__name__)
@@ -106,12 +86,6 @@ BODY_STALL = 15.0  # seconds a request body may send nothing at all
 CONNECTION_CLOSE = (b"connection", b"close")
 _TIMEOUT = "request body too slow"
 _TIMEOUT_BODY = _TIMEOUT.encode() + b"\n"  # for HTTP/2 streams, written by hand
-
-
-def _body_deadline(since: float, received: int, last: float) -> float:
-    """When a request body that began at `since` and has `received` bytes, the last at
-    `last`, must have sent more."""
-    return min(since + BODY_GRACE + received / BODY_MIN_RATE, last + BODY_STALL)
 
 
 class LeanConfig(Config):
@@ -144,57 +118,35 @@ def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class LeanH11Protocol(H11Protocol):
-    """HTTP/1.1 that writes a complete response's head and body with one socket write,
-    and hands requests its `native` route accepts to it directly (no ASGI)."""
+    """hypercorn's HTTP/1.1, for the connections handed over to hypercorn (`gateway.http1`
+    serves plain HTTP/1.1 itself): the first request of an h2c upgrade, and what follows
+    when the upgrade is not taken. Request bodies get the same deadlines as on
+    `gateway.http1`, and Content-Length with Transfer-Encoding is refused."""
 
-    _held = b""  # an encoded response head waiting for its body
     _body_since = -1.0  # when the request body in progress began (-1: none)
     _body_bytes = 0
-    native: NativeRoute | None = None
-    access: AccessLog | None = None  # writes the access log of native requests
-    tcp: LeanTCPServer  # the connection (set by LeanTCPServer)
 
     async def _create_stream(self, request: h11.Request) -> None:
-        length = None
-        chunked = False
-        for name, value in request.headers:
-            if name == b"content-length":
-                length = value
-            elif name == b"transfer-encoding":
-                chunked = True
-        if chunked and length is not None:
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
             # Either framing may be what an intermediary used: answer, then close, so no
             # byte after this head is read as a request (RFC 9112 6.3).
             return await self._refuse(400, "both Content-Length and Transfer-Encoding")
-        route = self.native
-        method = request.method.decode("ascii").upper()
-        kind = route.takes(method, request.target) if route is not None else None
-        # Shared SSE frames are written as HTTP/1.1 chunks: other versions go through ASGI.
-        if kind is None or (kind == "stream" and request.http_version != b"1.1"):
-            return await super()._create_stream(request)
-        assert route is not None
-        streams = kind == "stream"
-        headers = list(request.headers)
-        exchange = NativeExchange(
-            self, route, method, request.target, headers, streams, self.access
-        )
-        self.stream = exchange  # type: ignore[assignment]
-        self.keep_alive_requests += 1
-        declared = int(length) if length is not None else 0
-        # A large body is coming (or one of unknown size): a refused client would send it
-        # in vain, and the gateway buffer it. A small one is read with the head anyway,
-        # and decided with it once.
-        if chunked or declared > EARLY_CHECK_BYTES:
-            refused = route.refuse(method, request.target, headers)
-            if refused is not None:
-                return await exchange.refuse(refused)
-        if declared > route.max_body_bytes:
-            await exchange.refuse_too_large()
+        return await super()._create_stream(request)
 
     async def _refuse(self, status: int, message: str) -> None:
         """Answer `status` before reading the body, and close the connection."""
         _, headers, body = error_answer(status, message, (CONNECTION_CLOSE,))
-        await self.send_answer(status, headers, body, "POST")
+        headers = [*headers, *self.config.response_headers("h11")]
+        for event in (
+            h11.Response(headers=headers, status_code=status),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            with contextlib.suppress(h11.LocalProtocolError):
+                data = self.connection.send(event)
+                if data:
+                    await self.send(RawData(data=data))
         await self.send(Closed())
 
     def body_deadline(self, received: int) -> float:
@@ -209,7 +161,7 @@ class LeanH11Protocol(H11Protocol):
             self._body_bytes = 0
         else:
             self._body_bytes += received
-        return _body_deadline(self._body_since, self._body_bytes, now)
+        return body_deadline(self._body_since, self._body_bytes, now)
 
     async def body_expired(self) -> None:
         """The request body stopped arriving: 408 if nothing was answered yet; close."""
@@ -218,98 +170,6 @@ class LeanH11Protocol(H11Protocol):
             await self._refuse(408, _TIMEOUT)
         else:
             await self.send(Closed())
-
-    async def stream_send(self, event: StreamEvent) -> None:
-        if isinstance(event, Response) and event.status_code >= 200 and _has_length(event.headers):
-            headers = list(chain(event.headers, self.config.response_headers("h11")))
-            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-                headers.append(CONNECTION_CLOSE)
-            self._held = self._encode(h11.Response(headers=headers, status_code=event.status_code))
-            return
-        if isinstance(event, Body):
-            if len(event.data) >= SEPARATE_BODY_BYTES:  # its pieces, never joined
-                await self._flush_held()
-                for piece in self._encode_pieces(h11.Data(data=event.data)):
-                    await self.send(RawData(data=piece))
-                return
-            data = self._encode(h11.Data(data=event.data))
-        elif isinstance(event, EndBody):
-            data = self._encode(h11.EndOfMessage())
-        else:
-            await self._flush_held()
-            return await super().stream_send(event)
-        if self._held:
-            if len(data) < SEPARATE_BODY_BYTES:
-                data = self._held + data
-            else:  # two writes cost less than copying a large body behind the head
-                await self._flush_held()
-            self._held = b""
-        if data:
-            await self.send(RawData(data=data))
-
-    async def send_answer(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, method: str
-    ) -> None:
-        """A whole response without stream events: head, body and end in one write (a
-        large body in its own). What the native route answers with."""
-        headers = [*headers, *self.config.response_headers("h11")]
-        if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-            headers.append(CONNECTION_CLOSE)
-        head = self._encode(h11.Response(headers=headers, status_code=status))
-        if body and not suppress_body(method, status):
-            pieces = self._encode_pieces(h11.Data(data=body))
-        else:
-            pieces = []
-        end = self._encode(h11.EndOfMessage())
-        if len(body) < SEPARATE_BODY_BYTES or not pieces:
-            data = b"".join(pieces)
-            await self.send(RawData(data=head + data + end if data or end else head))
-            return
-        await self.send(RawData(data=head))
-        for piece in pieces:  # the body as it is (chunked framing in pieces of its own)
-            await self.send(RawData(data=piece))
-        if end:
-            await self.send(RawData(data=end))
-
-    async def until_gone(self) -> None:
-        """Return once the client has closed its side (or reset the connection), for a
-        request answered inline while nobody reads the socket. Data from the client
-        (a pipelined request) is left unread, and ends the watch: it cannot be both."""
-        if self.ssl:
-            return await self.tcp.until_gone_tls()
-        sock = self.tcp.stream.socket
-        try:
-            await trio.lowlevel.wait_readable(sock)
-            if await sock.recv(1, socket.MSG_PEEK):
-                await trio.sleep_forever()
-        except OSError:
-            pass
-
-    async def _flush_held(self) -> None:
-        if self._held:
-            data, self._held = self._held, b""
-            await self.send(RawData(data=data))
-
-    def _encode(self, event: Any) -> bytes:
-        """h11's bytes for `event`, joined (for heads and small bodies)."""
-        pieces = self._encode_pieces(event)
-        if not pieces:
-            return b""
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _encode_pieces(self, event: Any) -> list[bytes]:
-        """h11's bytes for `event` as pieces; [] when the peer already broke the protocol
-        (as hypercorn's own `_send_h11_event`). A large body stays a piece of its own:
-        joining it to its chunk framing would copy it on the event loop."""
-        try:
-            # passthrough: h11 hands the body back as it is instead of joining a copy.
-            # (After a websocket upgrade hypercorn's connection is an H11WSConnection,
-            # which has no such method: a response body after an upgrade raises here.)
-            return self.connection.send_with_data_passthrough(event) or []  # type: ignore[union-attr]
-        except h11.LocalProtocolError:
-            if self.connection.their_state != h11.ERROR:
-                raise
-            return []
 
 
 class _CountedStreamBuffer(StreamBuffer):
@@ -452,7 +312,7 @@ class LeanH2Protocol(H2Protocol):
         deadline = self._head_deadline()
         if not self._bodies:
             return deadline
-        bodies = (_body_deadline(s, int(r), last) for s, r, last in self._bodies.values())
+        bodies = (body_deadline(s, int(r), last) for s, r, last in self._bodies.values())
         return min(deadline, *bodies)
 
     async def body_expired(self) -> None:
@@ -467,7 +327,7 @@ class LeanH2Protocol(H2Protocol):
             await self.send(Closed())
             return
         for stream_id, (since, received, last) in list(self._bodies.items()):
-            if _body_deadline(since, int(received), last) > now:
+            if body_deadline(since, int(received), last) > now:
                 continue
             del self._bodies[stream_id]
             stream = self.streams.get(stream_id)
@@ -485,22 +345,11 @@ class _Protocols(ProtocolWrapper):
     """hypercorn's protocol selection, with the lean HTTP/1.1 and HTTP/2 classes in place
     of its own."""
 
-    def __init__(
-        self,
-        *args: Any,
-        native: NativeRoute | None = None,
-        tcp: Any = None,
-        output: ConnectionOutput | None = None,
-        access: AccessLog | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, output: ConnectionOutput | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.output = output if output is not None else UNLIMITED.connection()
         if type(self.protocol) is H11Protocol:
             self.protocol = LeanH11Protocol(*self._protocol_args())
-            self.protocol.native = native
-            self.protocol.access = access
-            self.protocol.tcp = tcp
         elif type(self.protocol) is H2Protocol:  # chosen by ALPN under TLS
             self.protocol = self._h2()
 
@@ -537,11 +386,12 @@ class _Protocols(ProtocolWrapper):
 
 
 class Connections:
-    """A server's idle keep-alive connections: closed at once when it starts shutting down
-    (a busy one is closed by the protocol after its response, as hypercorn does)."""
+    """A server's idle keep-alive connections (`gateway.http1` ones and hypercorn's):
+    closed at once when it starts shutting down (a busy one is closed after its
+    response)."""
 
     def __init__(self) -> None:
-        self.idle: set[LeanTCPServer] = set()
+        self.idle: set[LeanTCPServer | Http1Connection] = set()
 
     def close_idle(self) -> None:
         for connection in list(self.idle):
@@ -549,23 +399,21 @@ class Connections:
 
 
 class LeanTCPServer(TCPServer):
-    """One client connection: hypercorn's `TCPServer`, with the keep-alive timeout as the
-    deadline of the read that waits for the next request (no task of its own), and
-    lock-free writes when nobody else is writing."""
+    """One HTTP/2 client connection that `gateway.http1` handed over (TLS already
+    negotiated, `initial`: the bytes it read): hypercorn's `TCPServer`, with the
+    keep-alive timeout as the deadline of the read that waits for the next request (no
+    task of its own), and lock-free writes when nobody else is writing."""
 
     def __init__(
         self,
         *args: Any,
-        native: NativeRoute | None = None,
         connections: Connections | None = None,
         output: OutputBudget = UNLIMITED,
-        access: AccessLog | None = None,
+        initial: bytes = b"",
     ) -> None:
         super().__init__(*args)
-        self._native = native
-        self._access = access
+        self._initial = initial
         self.tls = isinstance(self.stream, trio.SSLStream)
-        self._unread = b""  # under TLS: client bytes read while watching for its leaving
         self._connections = connections if connections is not None else Connections()
         self._keep_alive = float(self.config.keep_alive_timeout)  # a request head's limit
         self._between = float(getattr(self.config, "idle_timeout", self._keep_alive))
@@ -577,12 +425,7 @@ class LeanTCPServer(TCPServer):
 
     async def run(self) -> None:
         try:
-            if self.tls:
-                try:
-                    with trio.fail_after(float(self.config.ssl_handshake_timeout)):
-                        await self.stream.do_handshake()
-                except (trio.BrokenResourceError, trio.TooSlowError):
-                    return  # no TLS session: nothing to serve (closed below)
+            if self.tls:  # (the handshake is done)
                 alpn = self.stream.selected_alpn_protocol() or "http/1.1"
                 sock = self.stream.transport_stream.socket
             else:
@@ -605,13 +448,12 @@ class LeanTCPServer(TCPServer):
                     server,
                     self.protocol_send,
                     alpn,
-                    native=self._native,
-                    tcp=self,
                     output=self.output,
-                    access=self._access,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True, answered=False)
+                if self._initial:
+                    await self.protocol.handle(RawData(self._initial))
                 try:
                     await self._read_data()
                 finally:
@@ -623,12 +465,6 @@ class LeanTCPServer(TCPServer):
         finally:
             self.output.close()
             await self._close()
-
-    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run `fn` in this connection's task group (ends with the connection); nothing
-        when the connection is already closing (then there is nothing left to do)."""
-        with contextlib.suppress(RuntimeError, AttributeError):  # closed / gone nursery
-            self._task_group.spawn(fn)
 
     def stop_reading(self) -> None:
         """Shutdown: end this idle connection now rather than at its keep-alive deadline.
@@ -677,23 +513,7 @@ class LeanTCPServer(TCPServer):
         await self.protocol.handle(Closed())
 
     async def _receive_tls(self, max_bytes: int) -> bytes:
-        if self._unread:
-            data, self._unread = self._unread, b""
-            return data
         return bytes(await self.stream.receive_some(max_bytes))
-
-    async def until_gone_tls(self) -> None:
-        """`LeanH11Protocol.until_gone` under TLS, where the raw socket's bytes cannot be
-        peeked at: read the TLS stream (this runs in the reader task, which is awaiting
-        the answer). Bytes that arrive (a pipelined request) are kept for the reader,
-        and end the watch."""
-        try:
-            data = await self.stream.receive_some(MAX_RECV)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        if data:
-            self._unread += bytes(data)
-            await trio.sleep_forever()
 
     async def _close(self) -> None:
         """Close the connection; under TLS, the close_notify gets TLS_CLOSE_TIMEOUT
@@ -794,12 +614,6 @@ class LeanTCPServer(TCPServer):
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
 
-    async def send_bytes(self, data: bytes) -> None:
-        """Write `data` after any write in progress, outside the output budget (the
-        caller counted it): how a native SSE client writes under TLS."""
-        async with self.send_lock:
-            await self._write(data)
-
     async def _write_tls(self, data: bytes) -> None:
         """`_write` through the TLS stream: each TLS_WRITE_PIECE must go out within
         WRITE_TIMEOUT (a cancelled TLS write breaks the stream: the connection ends)."""
@@ -829,14 +643,15 @@ async def serve(
 ) -> None:
     """Serve the ASGI `app` on `listeners` (plain TCP or `gateway.tls`) until
     `shutdown_trigger` returns, then give connections `config.graceful_timeout` seconds to
-    finish (as hypercorn's `worker_serve`, which this follows). HTTP/1.1 requests `native`
-    accepts skip ASGI; `access` logs them (the ASGI app logs its own, see
-    `gateway.access`). `output`: the budget for response bytes queued for clients
-    (default: unbounded)."""
+    finish (as hypercorn's `worker_serve`, which this follows). HTTP/1.1 connections are
+    `gateway.http1`'s: requests `native` takes skip ASGI, and `access` logs them (the
+    ASGI app logs its own, see `gateway.access`); HTTP/2 ones are hypercorn's.
+    `output`: the budget for response bytes queued for clients (default: unbounded)."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
+    budget = output if output is not None else UNLIMITED
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -850,16 +665,26 @@ async def serve(
                 await config.log.info(f"Running on {bind} (CTRL + C to quit)")
             task_status.started(binds)
             connections = Connections()
-            handler = partial(
-                LeanTCPServer,
-                wrapped,
-                config,
-                context,
-                ConnectionState(lifespan_state.copy()),
-                native=native,
-                connections=connections,
-                output=output if output is not None else UNLIMITED,
+
+            async def hand_over(stream: Any, data: bytes) -> None:
+                """HTTP/2: hypercorn serves the connection, `data` (already read) first."""
+                state = ConnectionState(lifespan_state.copy())
+                args = (wrapped, config, context, state, stream)
+                tcp = LeanTCPServer(*args, connections=connections, output=budget, initial=data)
+                await tcp.run()
+
+            http1 = Http1Server(
+                app=app,
+                config=config,
+                context=context,
+                state=lifespan_state,
+                route=native,
                 access=access,
+                connections=connections,
+                output=budget,
+                hand_over=hand_over,
+                tls_close_timeout=TLS_CLOSE_TIMEOUT,
+                max_body_bytes=DEFAULT_MAX_BODY,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -868,7 +693,7 @@ async def serve(
                     nursery.start_soon(
                         partial(
                             trio.serve_listeners,
-                            handler,
+                            http1.serve,
                             list[trio.abc.Listener[Any]](listeners),
                             handler_nursery=server_nursery,
                         )

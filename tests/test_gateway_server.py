@@ -37,8 +37,9 @@ from h2.connection import H2Connection
 from support.fakeshard import FakeShard, Reply, ThreadedShard
 from support.processes import GatewayProcess, gateway_for
 
+from ds_cluster.gateway.http1 import SEPARATE_BODY_BYTES, Http1Connection
 from ds_cluster.gateway.main import hypercorn_config
-from ds_cluster.gateway.server import SEPARATE_BODY_BYTES, LeanConfig, LeanTCPServer, serve
+from ds_cluster.gateway.server import LeanConfig, serve
 from ds_cluster.supervisor.cluster import Supervisor
 
 # The gateway's own keep-alive timeout (hypercorn's default unless main.py changes it).
@@ -656,18 +657,25 @@ async def lean_server(
 
 @pytest.fixture
 def server_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every socket write (`LeanTCPServer._write`) the server made in this test's trio run
-    (the module's fake shard runs its own trio loop in another thread)."""
+    """Every socket write of an HTTP/1.1 connection (`Http1Connection._write`; a head and
+    body written apart as two) the server made in this test's trio run (the module's fake
+    shard runs its own trio loop in another thread)."""
     writes: list[bytes] = []
-    original = LeanTCPServer._write
+    write, write_pair = Http1Connection._write, Http1Connection._write_pair
     owner = threading.get_ident()
 
-    async def recording(self: LeanTCPServer, data: Any) -> None:
+    async def recording(self: Http1Connection, data: Any) -> None:
         if threading.get_ident() == owner:
             writes.append(bytes(data))
-        await original(self, data)
+        await write(self, data)
 
-    monkeypatch.setattr(LeanTCPServer, "_write", recording)
+    async def recording_pair(self: Http1Connection, head: bytes, body: bytes) -> None:
+        if threading.get_ident() == owner:
+            writes.extend([bytes(head), bytes(body)])
+        await write_pair(self, head, body)
+
+    monkeypatch.setattr(Http1Connection, "_write", recording)
+    monkeypatch.setattr(Http1Connection, "_write_pair", recording_pair)
     return writes
 
 
@@ -711,7 +719,7 @@ async def test_complete_response_is_one_write(server_writes: list[bytes]) -> Non
             assert conn.read_chunk() == b""
             assert conn.exchange("GET", "/len/2").body == b"xx"
 
-        with Conn(port) as conn:  # hypercorn's own error answer (then an empty EndOfMessage)
+        with Conn(port) as conn:  # a malformed head: 400 in one write, then close
             mark = len(server_writes)
             conn.send(b"NOT HTTP AT ALL\r\n\r\n")
             got = conn.read_response()

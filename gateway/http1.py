@@ -1,0 +1,1175 @@
+"""The gateway's HTTP/1.1 connections: llhttp parsing, our own socket, our own framing.
+
+One task serves one connection, start to end. It reads the socket (a non-blocking
+socket waited on with `trio.lowlevel.wait_readable`; under TLS the connection's
+`trio.SSLStream`), feeds httptools' `HttpRequestParser` (llhttp), and answers each
+request in order:
+
+- stream requests the native route takes (`NativeRoute`, implemented by
+  `gateway.stream.StreamHandler`) are answered inline: the whole body in, the whole answer
+  out, as one socket write (a large body as a second write of its own, never copied
+  behind the head). SSE reads join a shared upstream (`gateway.fanout`); the frames it
+  delivers go straight to the socket, and this task writes what the socket did not take;
+- every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
+  queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
+- HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
+  TLS) is handed, with the bytes already read, to hypercorn (`gateway.server`).
+
+Keep-alive and pipelining: llhttp parses every request a read brought; they are answered
+in order, and the next read happens only once they are. HTTP/1.0 and `Connection: close`
+requests close after their answer, so does the connection's `keep_alive_max_requests`th.
+
+Deadlines (what `gateway.server` lists): a new connection must send its first request
+head within the keep-alive timeout, and any later head must be complete within it from
+its first byte; between requests an answered connection waits `idle_timeout`. A request
+body must keep arriving (BODY_GRACE seconds, then BODY_MIN_RATE bytes/s on average, never
+BODY_STALL seconds without a byte), else 408 and close. A write that the socket takes no
+byte of for WRITE_TIMEOUT seconds drops the connection, and the bytes a connection has
+queued count against its `gateway.budget`.
+
+Limits: a head over MAX_HEAD bytes or MAX_HEADERS fields is answered 431, a malformed one
+400, and a request with both Content-Length and Transfer-Encoding 400 (llhttp refuses it),
+each then closed. A body over the route's limit is answered 413 (the route's error) at
+once; the rest of the body is then read and dropped (DRAIN_LIMIT bytes within DRAIN_TIME
+seconds) so the client reads the answer rather than a reset.
+
+Shutdown: idle connections (and heads in progress) close at once; a request in progress
+is answered with `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from math import inf
+from time import perf_counter
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+import httptools
+import trio
+
+from ds_cluster.common import bigjoin
+from ds_cluster.gateway import framing
+from ds_cluster.gateway import metrics as gateway_metrics
+from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, request_id
+from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
+from ds_cluster.gateway.fanout import Streaming, Subscriber
+
+log = logging.getLogger(__name__)
+
+MAX_RECV = 64 * 1024  # bytes one read takes from the socket
+MAX_HEAD = 16 * 1024  # bytes of a request head (request line and header fields)
+MAX_HEADERS = 100  # header fields of a request
+SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
+EARLY_CHECK_BYTES = 64 * 1024  # a request body larger is checked (`route.refuse`) at its head
+TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
+BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
+BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
+BODY_STALL = 15.0  # seconds a request body may send nothing at all
+# After an early answer (a 413, a refused token) the rest of the request body is read and
+# dropped, at most this much for this long: closing a socket with unread bytes sends a TCP
+# reset, and a client still sending then loses the answer it was sent.
+DRAIN_LIMIT = 16 * 1024 * 1024
+DRAIN_TIME = 10.0  # seconds
+H2_PREFACE = b"PRI * HTTP/2.0"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
+_TOO_SLOW = "request body too slow"
+
+
+def body_deadline(since: float, received: int, last: float) -> float:
+    """When a request body that began at `since` and has `received` bytes, the last at
+    `last`, must have sent more."""
+    return min(since + BODY_GRACE + received / BODY_MIN_RATE, last + BODY_STALL)
+
+
+class NativeRoute(Protocol):
+    """Stream requests answered without ASGI: whole body in, whole answer out (or an SSE
+    stream fed by `gateway.fanout`). `gateway.stream.StreamHandler` implements it."""
+
+    max_body_bytes: int
+
+    def takes(self, method: str, target: bytes) -> str | None:
+        """How this route serves the request: "answer" (`answer`), "stream" (`stream`) or
+        None (not at all: it goes to the ASGI app)."""
+
+    async def answer(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        until_gone: Callable[[], Awaitable[None]],
+    ) -> Answer | None:
+        """The complete answer, or None when the client left while it was awaited (the
+        route learns that by awaiting `until_gone`, which returns when the client has
+        closed its side). Must not raise for bad input (an error Answer instead)."""
+
+    async def stream(
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        subscriber: Subscriber,
+    ) -> Streaming | Answer:
+        """Start a streamed response fed to `subscriber` (`gateway.fanout`), or the
+        complete answer when there is nothing to stream."""
+
+    def error(self, status: int, message: str) -> Answer:
+        """An error rendered as the route renders its own (413, 500 from here)."""
+
+    def refuse(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Answer | None:
+        """An answer to give at the head of a request with a large body (or a chunked one),
+        before the body is read (a refused client token), or None to read it and go on."""
+
+
+HandOver = Callable[[Any, bytes], Awaitable[None]]
+
+
+class Http1Server:
+    """What every connection of one server shares: settings, the route, the app."""
+
+    __slots__ = (
+        "access",
+        "app",
+        "between",
+        "config",
+        "connections",
+        "context",
+        "hand_over",
+        "keep_alive",
+        "max_body_bytes",
+        "max_requests",
+        "output",
+        "route",
+        "state",
+        "tls_close_timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        app: Callable[..., Awaitable[None]],
+        config: Any,
+        context: Any,
+        state: dict[str, Any],
+        route: NativeRoute | None,
+        access: AccessLog | None,
+        connections: Any,
+        output: Any,
+        hand_over: HandOver,
+        tls_close_timeout: float,
+        max_body_bytes: int,
+    ) -> None:
+        """`app`: the plain ASGI app (requests the route does not take); `config`:
+        hypercorn's (`gateway.server.LeanConfig`); `context`: hypercorn's worker context
+        (shutdown); `connections`: the registry of idle connections (closed at shutdown);
+        `output`: the process's `gateway.budget.OutputBudget`; `hand_over(stream, bytes)`
+        serves an HTTP/2 connection with hypercorn, the bytes already read first."""
+        self.app = app
+        self.config = config
+        self.context = context
+        self.state = state
+        self.route = route
+        self.access = access
+        self.connections = connections
+        self.output = output
+        self.hand_over = hand_over
+        self.tls_close_timeout = tls_close_timeout
+        self.keep_alive = float(config.keep_alive_timeout)  # a request head's limit
+        self.between = float(getattr(config, "idle_timeout", self.keep_alive))
+        self.max_requests = int(config.keep_alive_max_requests)
+        self.max_body_bytes = route.max_body_bytes if route is not None else max_body_bytes
+
+    def terminated(self) -> bool:
+        """The server is shutting down."""
+        return bool(self.context.terminated.is_set())
+
+    def error(self, status: int, message: str) -> Answer:
+        route = self.route
+        return route.error(status, message) if route is not None else error_answer(status, message)
+
+    def extra_headers(self, close: bool) -> list[tuple[bytes, bytes]]:
+        """The headers every response carries (Date), and Connection: close if `close`.
+        (The list without close is shared: callers copy it before adding to it.)"""
+        headers: list[tuple[bytes, bytes]] = self.config.response_headers("h11")
+        return [*headers, framing.CLOSE] if close else headers
+
+    async def serve(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        """Serve one accepted connection (`trio.serve_listeners`' handler)."""
+        await Http1Connection(self, stream).run()
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a head that is over a limit."""
+
+
+class _Request:
+    """One request as parsed so far."""
+
+    __slots__ = (
+        "answered",
+        "body_last",
+        "body_since",
+        "close",
+        "complete",
+        "continued",
+        "drain_until",
+        "early",
+        "expect",
+        "headers",
+        "keep_alive",
+        "kind",
+        "method",
+        "parts",
+        "size",
+        "started",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.target = target
+        self.headers = headers
+        self.method = "GET"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.kind: str | None = None  # NativeRoute.takes: "answer", "stream", None (ASGI)
+        self.parts: list[bytes] = []
+        self.size = 0  # body bytes received
+        self.complete = False  # the whole message is parsed
+        self.early: Answer | None = None  # to answer before (or without) the body
+        self.answered = False  # `early` is written; the rest of the body is dropped
+        self.close = False  # close the connection after this request
+        self.expect = False  # Expect: 100-continue
+        self.continued = False  # 100 Continue sent
+        self.upgrade = b""  # the Upgrade header
+        self.body_since = -1.0  # when its body began arriving (-1: no body in progress)
+        self.body_last = 0.0
+        self.drain_until = inf
+        self.started = perf_counter()
+
+
+class Http1Connection:
+    """One client connection, served by the task that runs `run`."""
+
+    __slots__ = (
+        "_fd",
+        "_handed_over",
+        "_head_bytes",
+        "_head_until",
+        "_headers",
+        "_idle_until",
+        "_parser",
+        "_queue",
+        "_raw",
+        "_read_scope",
+        "_req",
+        "_served",
+        "_server",
+        "_stopped",
+        "_unread",
+        "_url",
+        "_wake",
+        "_write_scope",
+        "output",
+        "stream",
+        "tls",
+    )
+
+    def __init__(
+        self, server: Http1Server, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    ) -> None:
+        self._server = server
+        self.stream = stream
+        self.tls = isinstance(stream, trio.SSLStream)
+        self.output: ConnectionOutput = server.output.connection()
+        self._fd = -1
+        self._parser: Any = httptools.HttpRequestParser(self)
+        self._queue: deque[_Request] = deque()  # parsed heads, answered in order
+        self._req: _Request | None = None  # the request being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._head_until = inf  # the head in progress must be complete by then
+        self._idle_until = inf  # while idle: when the connection times out
+        self._served = 0  # requests answered
+        self._raw: bytes | None = b""  # bytes read until the first request is dispatched
+        self._unread = b""  # under TLS: bytes read while watching for the client leaving
+        self._read_scope: trio.CancelScope | None = None
+        self._write_scope: trio.CancelScope | None = None
+        self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
+        self._stopped = False
+        self._handed_over = False
+
+    # -- the connection ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server = self._server
+        try:
+            if self.tls:
+                stream = self.stream
+                assert isinstance(stream, trio.SSLStream)
+                try:
+                    with trio.fail_after(float(server.config.ssl_handshake_timeout)):
+                        await stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    return
+                if stream.selected_alpn_protocol() == "h2":
+                    self._handed_over = True
+                    return await server.hand_over(stream, b"")
+                sock = stream.transport_stream.socket
+            else:
+                assert isinstance(self.stream, trio.SocketStream)
+                sock = self.stream.socket
+            self._fd = sock.fileno()
+            self._set_idle(trio.current_time() + server.keep_alive)
+            await self._serve()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:  # one connection's failure must never stop the server
+            log.exception("connection handler failed")
+        finally:
+            server.connections.idle.discard(self)
+            self.output.close()
+            self._parser = None  # (it refers back to this object)
+            if not self._handed_over:
+                await self._close()
+
+    def stop_reading(self) -> None:
+        """End this connection: at shutdown (while idle), or to drop it (a write in
+        progress is abandoned too)."""
+        self._stopped = True
+        for scope in (self._read_scope, self._write_scope, self._wake):
+            if scope is not None:
+                scope.cancel()
+
+    async def _close(self) -> None:
+        if self.tls:
+            with trio.move_on_after(self._server.tls_close_timeout):
+                await self.stream.aclose()
+        else:
+            self.stream.socket.close()
+
+    def _set_idle(self, until: float) -> None:
+        self._idle_until = until
+        self._server.connections.idle.add(self)
+
+    async def _serve(self) -> None:
+        """Answer the requests in order; read when all that was read is answered."""
+        server = self._server
+        queue = self._queue
+        while True:
+            while queue:
+                req = queue[0]
+                if req.early is not None and not req.answered and not await self._answer_early(req):
+                    return
+                if not req.complete:
+                    if req.expect and not req.continued and not req.answered:
+                        req.continued = True
+                        await self._write(framing.CONTINUE)
+                    break
+                queue.popleft()
+                if req.answered:  # early answer given, body dropped
+                    if req.close:
+                        return
+                    continue
+                if not await self._dispatch(req):
+                    return
+            if self._stopped:
+                return
+            data = await self._receive()
+            if data is None:
+                return
+            if not data:
+                return  # the client closed (requests in progress were answered)
+            raw = self._raw
+            if raw is not None:  # nothing dispatched yet: the bytes are kept for hypercorn
+                withheld = H2_PREFACE.startswith(raw)  # all of it so far, unparsed
+                raw += data
+                if raw.startswith(H2_PREFACE):  # HTTP/2 with prior knowledge
+                    self._handed_over = True
+                    server.connections.idle.discard(self)
+                    return await server.hand_over(self.stream, raw)
+                if H2_PREFACE.startswith(raw):
+                    self._raw = raw
+                    continue  # maybe the preface: wait for more before parsing
+                if withheld:
+                    data = raw
+                self._raw = raw if len(raw) <= MAX_HEAD else None
+            if self._feed(data) == "h2c":
+                self._handed_over = True
+                server.connections.idle.discard(self)
+                raw, self._raw = self._raw or b"", None
+                return await server.hand_over(self.stream, raw)
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes (b"" at the end), or None once the deadline of what the
+        connection is waiting for has passed (then anything owed was answered)."""
+        req = self._req
+        if req is None:
+            deadline = self._idle_until  # between requests
+        elif req.body_since < 0:
+            deadline = self._head_until  # a head in progress
+        else:
+            deadline = body_deadline(req.body_since, req.size, req.body_last)
+            deadline = min(deadline, req.drain_until)
+        if self._unread:
+            data, self._unread = self._unread, b""
+            return data
+        while True:
+            if not self.tls:
+                try:
+                    return os.read(self._fd, MAX_RECV)
+                except BlockingIOError:
+                    pass
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._read_scope = scope
+                if self.tls:
+                    data = bytes(await self.stream.receive_some(MAX_RECV))
+                    self._read_scope = None
+                    return data
+                await trio.lowlevel.wait_readable(self._fd)
+            self._read_scope = None
+            if scope.cancelled_caught:
+                break
+        if req is not None and req.body_since >= 0 and not self._stopped and not req.answered:
+            # The body stopped arriving: 408 (then close).
+            status, headers, body = error_answer(408, _TOO_SLOW, (framing.CLOSE,))
+            await self._write(framing.response_head(status, headers) + body)
+        return None
+
+    def _feed(self, data: bytes) -> str | None:
+        """Parse `data`: complete heads join the queue. "h2c" when the connection's first
+        request asks to upgrade to HTTP/2 (it goes to hypercorn with every byte read)."""
+        begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            last = self._queue[-1] if self._queue else None
+            if (
+                last is not None
+                and last.upgrade.lower() == b"h2c"
+                and self._served == 0
+                and len(self._queue) == 1
+                and self._raw is not None
+            ):
+                return "h2c"
+            # Any other upgrade is declined: the request is served as HTTP/1.1 and what
+            # follows it parsed afresh.
+            self._parser = httptools.HttpRequestParser(self)
+            self._req = None
+            rest = data[upgrade.args[0] :] if upgrade.args else b""
+            if rest:
+                return self._feed(rest)
+            return None
+        except httptools.HttpParserError as error:
+            self._malformed(error)
+            return None
+        if begun and self._req is not None and self._req not in self._queue:
+            self._head_bytes += len(data)  # all of this read belongs to the head
+            if self._head_bytes > MAX_HEAD:
+                self._refuse_head(431, "request head too large")
+        return None
+
+    def _malformed(self, error: Exception) -> None:
+        """A parse error (or a refused head): answer it in turn, then close."""
+        req = self._req
+        self._req = None
+        if isinstance(error, httptools.HttpParserCallbackError) and isinstance(
+            error.__context__, _HeadRefused
+        ):
+            return  # already queued by _refuse_head
+        message = f"malformed request: {error}"
+        if req is not None and req in self._queue:  # broke in its body
+            if not req.answered and req.early is None:
+                req.early = error_answer(400, message)
+            req.close = True
+            req.complete = True
+            self._stopped = True
+            return
+        self._stopped = True  # the parser cannot go on: nothing after it is read
+        failed = _Request(b"", [])
+        failed.early = error_answer(400, message)
+        failed.close = failed.complete = True
+        self._queue.append(failed)
+
+    def _refuse_head(self, status: int, message: str) -> None:
+        failed = _Request(b"", [])
+        failed.early = error_answer(status, message)
+        failed.close = failed.complete = True
+        self._queue.append(failed)
+        self._req = None
+        self._stopped = True  # nothing after it is read
+
+    # -- parser callbacks (llhttp calls them from feed_data) -------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._req = _Request(b"", self._headers)
+        until = trio.current_time() + self._server.keep_alive
+        # A new connection's first head: within the keep-alive timeout of its connecting.
+        self._head_until = until if self._served else min(self._idle_until, until)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD:
+            self._refuse_head(431, "request head too large")
+            raise _HeadRefused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name.lower(), value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD or len(headers) > MAX_HEADERS:
+            self._refuse_head(431, "request head too large")
+            raise _HeadRefused
+
+    def on_headers_complete(self) -> None:
+        req = self._req
+        assert req is not None
+        parser = self._parser
+        server = self._server
+        req.target = self._url
+        req.method = method = parser.get_method().decode("ascii")
+        req.version = version = parser.get_http_version()
+        req.keep_alive = version == "1.1" and parser.should_keep_alive()
+        length = -1
+        chunked = False
+        for name, value in req.headers:
+            if name == b"content-length":
+                length = int(value)  # llhttp checked it: digits, one value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect":
+                req.expect = value.lower() == b"100-continue" and version == "1.1"
+            elif name == b"upgrade":
+                req.upgrade = value
+        route = server.route
+        kind = route.takes(method, req.target) if route is not None else None
+        if kind == "stream" and version != "1.1":
+            kind = None  # shared SSE frames are HTTP/1.1 chunks: the ASGI app serves it
+        req.kind = kind
+        limit = server.max_body_bytes
+        if length > limit:
+            req.early = server.error(413, body_too_large(limit))
+        elif kind is not None and route is not None and (chunked or length > EARLY_CHECK_BYTES):
+            req.early = route.refuse(method, req.target, req.headers)
+        if req.early is not None and req.expect:
+            req.close = True  # the client may send its body or not: nothing after it is sure
+        if chunked or length > 0:
+            req.body_since = req.body_last = trio.current_time()
+        self._queue.append(req)
+        self._server.connections.idle.discard(self)
+
+    def on_body(self, body: bytes) -> None:
+        req = self._req
+        assert req is not None
+        req.size += len(body)
+        req.body_last = trio.current_time()
+        if req.early is not None:
+            if req.answered and (req.size > DRAIN_LIMIT or req.body_last > req.drain_until):
+                req.drain_until = -inf  # not worth reading on: close once answered
+                req.close = True
+                req.complete = True
+                self._stopped = True
+            return
+        if req.size > self._server.max_body_bytes:
+            req.early = self._server.error(413, body_too_large(self._server.max_body_bytes))
+            req.parts = []
+            return
+        req.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        req = self._req
+        if req is not None:
+            req.complete = True
+            req.body_since = -1.0
+        self._req = None
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _closing(self, req: _Request) -> bool:
+        """Whether the connection closes after answering `req`."""
+        server = self._server
+        return (
+            req.close
+            or not req.keep_alive
+            or self._stopped
+            or self._served + 1 >= server.max_requests
+            or server.terminated()
+        )
+
+    async def _answer_early(self, req: _Request) -> bool:
+        """Write `req.early` before its body is read, then drop the rest of the body as it
+        comes (DRAIN_LIMIT bytes within DRAIN_TIME seconds, else the connection closes).
+        False: close now."""
+        assert req.early is not None
+        req.answered = True
+        req.parts = []
+        if req.expect and not req.continued:
+            req.close = True  # the client may send its body or not: close after the answer
+        close = req.close = self._closing(req)
+        status, headers, body = req.early
+        rid = request_id(req.headers)
+        extra = [*self._server.extra_headers(close), (REQUEST_ID, rid)]
+        await self._write_answer(req.method, status, headers, body, extra)
+        self._served += 1
+        req.drain_until = trio.current_time() + DRAIN_TIME
+        access = self._server.access
+        if access is not None and req.target:
+            self._log(access, req, rid, status, len(body))
+        if req.complete:
+            return not close
+        # The body is still coming: drop it (and close after it when `close`), unless
+        # the client was never told to send it.
+        return not (req.expect and not req.continued)
+
+    async def _dispatch(self, req: _Request) -> bool:
+        """Serve a complete request; whether the connection is kept for the next."""
+        self._raw = None
+        if req.kind is None:
+            keep = await self._run_asgi(req)
+        elif req.kind == "stream":
+            keep = await self._stream(req)
+        else:
+            keep = await self._answer(req)
+        self._served += 1
+        if not keep or self._stopped:
+            return False
+        now = trio.current_time()
+        self._set_idle(now + self._server.between)
+        if self._req is not None:  # a pipelined head in progress: its time starts now
+            self._head_until = now + self._server.keep_alive
+        return True
+
+    async def _body(self, req: _Request) -> bytes:
+        parts, req.parts = req.parts, []
+        if not parts:
+            return b""
+        if len(parts) == 1:
+            return parts[0]
+        return await bigjoin.join(parts, req.size)  # a large body: off the loop
+
+    async def _answer(self, req: _Request) -> bool:
+        server = self._server
+        route = server.route
+        assert route is not None
+        method = req.method
+        metric = self._metric(req, False)
+        rid = request_id(req.headers)
+        body = await self._body(req)
+        status = 0
+        try:
+            try:
+                answer = await route.answer(method, req.target, req.headers, body, self.until_gone)
+            except Exception:
+                self._log_failure(req, rid)
+                answer = route.error(500, "internal error")
+            del body
+            access = server.access
+            if answer is None:  # the client left: nothing to write, the connection ends
+                if access is not None:
+                    self._log(access, req, rid, CLIENT_GONE, 0)
+                return False
+            status, headers, out = answer
+            close = self._closing(req)
+            extra = [*server.extra_headers(close), (REQUEST_ID, rid)]
+            await self._write_answer(method, status, headers, out, extra)
+            if access is not None:
+                self._log(
+                    access, req, rid, status, len(out) if framing.has_body(method, status) else 0
+                )
+            return not close
+        finally:
+            if metric is not None:
+                metric.end(status)
+
+    async def _write_answer(
+        self,
+        method: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        """A whole response: one write (a large body in a second one, uncopied)."""
+        if framing.has_body(method, status) and not _has_length(headers):
+            extra = [*extra, (b"content-length", b"%d" % len(body))]
+        head = framing.response_head(status, headers, extra)
+        if not body or not framing.has_body(method, status):
+            await self._write(head)
+        elif len(body) < SEPARATE_BODY_BYTES:
+            await self._write(head + body)
+        else:
+            await self._write_pair(head, body)
+
+    async def _stream(self, req: _Request) -> bool:
+        """An SSE read: join the shared upstream, write the head, then the frames."""
+        server = self._server
+        route = server.route
+        assert route is not None
+        metric = self._metric(req, True)
+        rid = request_id(req.headers)
+        body = await self._body(req)
+        client = SseClient(self)
+        status = 0
+        try:
+            try:
+                result = await route.stream(req.method, req.target, req.headers, body, client)
+            except Exception:
+                self._log_failure(req, rid)
+                result = route.error(500, "internal error")
+            access = server.access
+            if not isinstance(result, Streaming):
+                status, headers, out = result
+                close = self._closing(req)
+                extra = [*server.extra_headers(close), (REQUEST_ID, rid)]
+                await self._write_answer(req.method, status, headers, out, extra)
+                if access is not None:
+                    self._log(access, req, rid, status, len(out))
+                return not close
+            status = result.status
+            req.headers = []  # an SSE response may be held for minutes: keep nothing
+            try:
+                close = self._closing(req)
+                extra = [*server.extra_headers(close), framing.CHUNKED, (REQUEST_ID, rid)]
+                await self._write(framing.response_head(status, result.headers, extra))
+                client.start(result.prefix)
+                done = await self._pump(client)
+                if done:
+                    await self._write(framing.LAST_CHUNK)
+            finally:
+                result.leave()
+                if access is not None:
+                    self._log(access, req, rid, status, client.sent)
+            return done and not close
+        finally:
+            if metric is not None:
+                metric.end(status)
+
+    async def _pump(self, client: SseClient) -> bool:
+        """Write what the SSE upstream delivers until it ends (True) or the client is
+        gone or dropped (False). Frames usually go to the socket from `deliver`; this
+        task writes the rest, and watches for the client leaving meanwhile."""
+        watching = True
+        while True:
+            if client.dropped or self._stopped:
+                return False
+            if client.queue:
+                if not await client.flush():
+                    return False
+                continue
+            if client.ended:
+                return True
+            with trio.CancelScope() as scope:
+                self._wake = scope
+                if watching:
+                    # Readable while a response is written: the client closed (or
+                    # reset), or it pipelined a request (read later; stop watching).
+                    try:
+                        if self.tls:  # (TLS clients wait for our close_notify)
+                            data = bytes(await self.stream.receive_some(MAX_RECV))
+                            self._unread += data
+                        else:
+                            data = await self._peek()
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        return False
+                    if not data:
+                        return False
+                    watching = False
+                else:
+                    await trio.sleep_forever()
+            self._wake = None
+
+    async def _peek(self) -> bytes:
+        """The next byte from the client, left unread (b"": it closed its side)."""
+        sock = self.stream.socket
+        return bytes(await sock.recv(1, socket.MSG_PEEK))
+
+    async def until_gone(self) -> None:
+        """Return once the client has closed its side (or reset the connection), for a
+        request answered while nobody reads the socket. Data from the client (a pipelined
+        request) is left for later, and ends the watch: it cannot be both."""
+        if self.tls:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self._unread += bytes(data)
+            await trio.sleep_forever()
+        try:
+            if not await self._peek():
+                return
+        except OSError:
+            return
+        await trio.sleep_forever()
+
+    # -- the ASGI driver -------------------------------------------------------------------
+
+    async def _run_asgi(self, req: _Request) -> bool:
+        """Run the ASGI app for one HTTP/1.1 (or 1.0) request whose body is read."""
+        server = self._server
+        body = await self._body(req)
+        exchange = _AsgiExchange(self, req)
+        raw_path, _, query = req.target.partition(b"?")
+        sock = self.stream.socket if not self.tls else self.stream.transport_stream.socket  # type: ignore[union-attr]
+        scope = {
+            "type": "http",
+            "asgi": {"spec_version": "2.3", "version": "3.0"},
+            "http_version": req.version,
+            "method": req.method,
+            "scheme": "https" if self.tls else "http",
+            "path": unquote(raw_path.decode("ascii", "replace")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": server.config.root_path,
+            "headers": req.headers,
+            "client": _address(sock, peer=True),
+            "server": _address(sock, peer=False),
+            "state": {**server.state, OUTPUT_STATE: self.output},
+            "extensions": {},
+        }
+        received = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if not exchange.done:
+                await self.until_gone()
+            return {"type": "http.disconnect"}
+
+        try:
+            await server.app(scope, receive, exchange.send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+        except Exception:
+            log.exception("ASGI app failed on %s %r", req.method, req.target)
+            if exchange.head_sent:
+                return False
+            status, headers, out = error_answer(500, "internal error")
+            await self._write_answer(req.method, status, headers, out, server.extra_headers(True))
+            return False
+        return exchange.done and not exchange.close
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        """Write all of `data`: at once when the socket takes it (no yield), else as it
+        takes it. Shielded from the caller's cancellation (a half-written response cannot
+        be taken back), but not from a socket that takes nothing for WRITE_TIMEOUT
+        seconds or the connection being dropped: BrokenResourceError."""
+        output = self.output
+        if not output.admit(len(data)):
+            log.info("connection over its output budget: dropped")
+            self.stop_reading()
+            raise trio.BrokenResourceError("over the output budget")
+        try:
+            if self.tls:
+                return await self._write_tls(data)
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            if written < len(data):
+                await self._write_rest(memoryview(data)[written:])
+        finally:
+            output.release(len(data))
+
+    async def _write_pair(self, head: bytes, body: bytes) -> None:
+        """`head` then `body`, the body never copied behind the head."""
+        output = self.output
+        size = len(head) + len(body)
+        if not output.admit(size):
+            self.stop_reading()
+            raise trio.BrokenResourceError("over the output budget")
+        try:
+            if self.tls:
+                await self._write_tls(head)
+                return await self._write_tls(body)
+            try:
+                written = os.writev(self._fd, (head, body))
+            except BlockingIOError:
+                written = 0
+            if written < len(head):
+                await self._write_rest(memoryview(head)[written:])
+                written = len(head)
+            if written - len(head) < len(body):
+                await self._write_rest(memoryview(body)[written - len(head) :])
+        finally:
+            output.release(size)
+
+    async def _write_rest(self, view: memoryview) -> None:
+        fd = self._fd
+        with trio.CancelScope(shield=True) as scope:
+            self._write_scope = scope
+            try:
+                while view:
+                    if self._stopped:
+                        scope.cancel()
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    await trio.lowlevel.wait_writable(fd)
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view) :]
+            finally:
+                self._write_scope = None
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
+
+    async def _write_tls(self, data: bytes | memoryview) -> None:
+        """Through the TLS stream: each TLS_WRITE_PIECE must go out within WRITE_TIMEOUT
+        (a cancelled TLS write breaks the stream: the connection ends)."""
+        view = memoryview(data)
+        with trio.CancelScope(shield=True) as scope:
+            self._write_scope = scope
+            try:
+                for start in range(0, len(view), TLS_WRITE_PIECE):
+                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                    await self.stream.send_all(view[start : start + TLS_WRITE_PIECE])
+            finally:
+                self._write_scope = None
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _metric(self, req: _Request, streams: bool) -> gateway_metrics.Exchange | None:
+        recorder = gateway_metrics.current  # None: metrics are off
+        if recorder is None:
+            return None
+        method = req.method
+        live = (
+            "sse" if streams else gateway_metrics.live_label(method, req.target.partition(b"?")[2])
+        )
+        return recorder.exchange(method, "https" if self.tls else "http", live)
+
+    def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:
+        path = req.target.partition(b"?")[0].decode("latin-1")
+        access.write(rid, req.method, path, status, req.started, req.size, sent, "native")
+
+    @staticmethod
+    def _log_failure(req: _Request, rid: bytes) -> None:
+        """The route raised: log it with the request's id (the client gets it in the 500)."""
+        extra = {"request_id": rid.decode("ascii")}
+        log.exception("native route failed on %s %r", req.method, req.target, extra=extra)
+
+
+class _AsgiExchange:
+    """The response side of one ASGI request on an HTTP/1.1 connection."""
+
+    __slots__ = ("chunked", "close", "conn", "done", "head_sent", "headers", "req", "status")
+
+    def __init__(self, conn: Http1Connection, req: _Request) -> None:
+        self.conn = conn
+        self.req = req
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False
+        self.chunked = False
+        self.done = False
+        self.close = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.status:
+                raise RuntimeError("response already started")
+            self.status = int(message["status"])
+            self.headers = [
+                (bytes(name).lower(), bytes(value)) for name, value in message.get("headers", ())
+            ]
+            if not _has_length(self.headers):  # streamed: the head goes at once
+                await self._head(b"", more=True)
+            return
+        if kind != "http.response.body" or self.done:
+            return
+        if not self.status:
+            raise RuntimeError("response body before its start")
+        data = bytes(message.get("body", b""))
+        more = bool(message.get("more_body", False))
+        if not self.head_sent:  # with a Content-Length: head and body in one write
+            return await self._head(data, more)
+        if data and framing.has_body(self.req.method, self.status):
+            await self._data(data)
+        if not more:
+            await self._end()
+
+    async def _head(self, data: bytes, more: bool) -> None:
+        conn = self.conn
+        req = self.req
+        self.head_sent = True
+        bodyful = framing.has_body(req.method, self.status)
+        close = conn._closing(req)
+        extra = list(conn._server.extra_headers(False))
+        if bodyful and not _has_length(self.headers):
+            if req.version == "1.1":
+                self.chunked = True
+                extra.append(framing.CHUNKED)
+            else:
+                close = True  # an HTTP/1.0 body without a length ends with the connection
+        if close:
+            extra.append(framing.CLOSE)
+        self.close = close
+        head = framing.response_head(self.status, self.headers, extra)
+        if not bodyful or not data:
+            await conn._write(head)
+        elif self.chunked:
+            await conn._write(head + framing.chunk(data))
+        elif len(data) < SEPARATE_BODY_BYTES:
+            await conn._write(head + data)
+        else:
+            await conn._write_pair(head, data)
+        if not more:
+            await self._end()
+
+    async def _data(self, data: bytes) -> None:
+        conn = self.conn
+        if not self.chunked:
+            await conn._write(data)
+        elif len(data) < SEPARATE_BODY_BYTES:
+            await conn._write(framing.chunk(data))
+        else:  # the body as it is, its chunk framing in writes of their own
+            await conn._write_pair(framing.chunk_head(len(data)), data)
+            await conn._write(b"\r\n")
+
+    async def _end(self) -> None:
+        self.done = True
+        if self.chunked:
+            await self.conn._write(framing.LAST_CHUNK)
+
+
+class SseClient:
+    """A connection's end of a shared SSE upstream (`gateway.fanout.Subscriber`).
+
+    Frames arrive from the upstream's task and go straight to the socket with a
+    non-blocking write; what the socket does not take is queued and written by the
+    connection's own task (woken through its wait scope), under TLS every frame. The
+    queue counts against the connection's output budget (`gateway.budget`); a client more
+    than MAX_BEHIND bytes behind, over budget, or whose socket takes nothing for
+    WRITE_TIMEOUT seconds is dropped (its connection closes; SSE clients resume from
+    their last offset).
+    """
+
+    __slots__ = ("_conn", "dropped", "ended", "live", "queue", "queued", "sent")
+
+    def __init__(self, conn: Http1Connection) -> None:
+        self._conn = conn
+        self.queue: deque[bytes] = deque()  # not yet written, in order
+        self.queued = 0
+        self.live = False  # the head is written: frames may go to the socket
+        self.ended = False  # the upstream is over
+        self.dropped = False  # fell too far behind (or went): no more writes
+        self.sent = 0  # bytes written (for the access log)
+
+    def start(self, prefix: bytes) -> None:
+        """The head is written: `prefix` goes first, then what was delivered meanwhile."""
+        if prefix:
+            if not self._conn.output.admit(len(prefix)):
+                return self._drop()
+            self.queue.appendleft(prefix)
+            self.queued += len(prefix)
+        self.live = True
+
+    def deliver(self, frame: bytes) -> None:
+        if self.ended:
+            return
+        conn = self._conn
+        if self.queued > MAX_BEHIND or not conn.output.admit(len(frame)):
+            return self._drop()
+        if self.live and not self.queue and not conn.tls:
+            try:
+                written = os.write(conn._fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the client is gone
+                conn.output.release(len(frame))
+                return self._drop()
+            self.sent += written
+            conn.output.release(written)
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self.queue.append(frame)
+        self.queued += len(frame)
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        wake = self._conn._wake
+        if wake is not None:
+            wake.cancel()
+
+    async def flush(self) -> bool:
+        """Write the queue (frames delivered meanwhile included); False: dropped."""
+        conn = self._conn
+        queue = self.queue
+        output = conn.output
+        try:
+            while queue and not self.dropped:
+                data = queue[0]
+                if conn.tls:
+                    await conn._write_tls(data)
+                    written = len(data)
+                else:
+                    try:
+                        written = os.write(conn._fd, data)
+                    except BlockingIOError:
+                        written = 0
+                self.sent += written
+                self.queued -= written
+                output.release(written)
+                if written < len(data):
+                    queue[0] = data[written:]
+                    with trio.move_on_after(WRITE_TIMEOUT) as stalled:
+                        await trio.lowlevel.wait_writable(conn._fd)
+                    if stalled.cancelled_caught:
+                        self._drop()
+                        return False
+                else:
+                    queue.popleft()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self._drop()
+            return False
+        return not self.dropped
+
+    def _drop(self) -> None:
+        if not self.dropped:
+            log.info("SSE client dropped: %d bytes behind", self.queued)
+        self.dropped = self.ended = True
+        self.queue.clear()
+        self._conn.output.release(self.queued)
+        self.queued = 0
+        self._conn.stop_reading()
+
+
+def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in headers)
+
+
+def _address(sock: Any, *, peer: bool) -> tuple[str, int] | None:
+    try:
+        address = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
