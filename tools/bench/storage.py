@@ -340,6 +340,72 @@ def measure_reads(layout: Layout, record: int, repeat: int) -> tuple[float, floa
     return out[0], out[1]
 
 
+async def drive_committer(
+    data_dir: Path, streams: int, size: int, connections: int, seconds: float, threaded: bool
+) -> dict[str, float]:
+    """The shard's real group committer and store under `connections` concurrent writers
+    (each waits for its append's commit before the next, like a connection of the append
+    benchmark), over `streams` streams: appends/s, CPU per append of the loop thread and of
+    the whole process (worker threads' commits and folds included), appends per commit."""
+    import trio
+
+    from ds_cluster.shard import committer as committer_module
+    from ds_cluster.shard.committer import Committer, Job
+    from ds_cluster.shard.core.model import Record, StreamState, evolve
+    from ds_cluster.shard.store import Store, StreamWrite
+    from ds_cluster.shard.streams import Entry
+
+    if threaded:
+        committer_module.INLINE_BATCH_BYTES = -1  # every group in a worker thread
+    store = Store(data_dir)
+    committer = Committer(store, lambda jobs: None)
+    entries = [Entry(f"s{n}") for n in range(streams)]
+    for n, entry in enumerate(entries):
+        entry.committed = entry.pending = StreamState(
+            path=entry.path, content_type="application/octet-stream", created_at=1.0, tail=0
+        )
+        entry.committed_sid = entry.pending_sid = n + 1
+    data = os.urandom(size)
+    done = 0
+    rng = random.Random(3)
+
+    async def writer(until: float) -> None:
+        nonlocal done
+        while trio.current_time() < until:
+            entry = entries[rng.randrange(streams)]
+            pending = entry.pending
+            assert pending is not None and entry.pending_sid is not None
+            state = evolve(pending, tail=pending.tail + size)
+            record = Record(pending.tail, state.tail, data)
+            write = StreamWrite(entry.path, entry.pending_sid, entry.pending_sid, state, (record,))
+            job = committer.submit(Job(writes=[(entry, write)]))
+            await job.wait()
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        async with trio.open_nursery() as writers:  # a warm-up second first
+            for _ in range(connections):
+                writers.start_soon(writer, trio.current_time() + 1.0)
+        commits0 = sum(committer.batch_sizes.counts)
+        done = 0
+        cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
+        async with trio.open_nursery() as writers:
+            for _ in range(connections):
+                writers.start_soon(writer, trio.current_time() + seconds)
+        cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
+        wall = time.perf_counter() - wall0
+        commits = sum(committer.batch_sizes.counts) - commits0
+        nursery.cancel_scope.cancel()
+    store.close()
+    return {
+        "appends/s": done / wall,
+        "loop us/append": loop / done * 1e6,
+        "all us/append": cpu / done * 1e6,
+        "appends/commit": done / max(commits, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=256)
@@ -351,7 +417,34 @@ def main(argv: list[str] | None = None) -> None:
         "--compact-rows", type=int, default=4096, help="rows per fold or compaction"
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the files go")
+    parser.add_argument(
+        "--committer",
+        choices=["inline", "thread"],
+        help="instead: drive the shard's group committer and store with --connections "
+        "writers for --seconds (inline: its default placement; thread: every group in a "
+        "worker thread)",
+    )
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
+    if args.committer:
+        import trio
+
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            result = trio.run(
+                drive_committer,
+                Path(tmp),
+                args.streams,
+                args.size,
+                args.connections,
+                args.seconds,
+                args.committer == "thread",
+            )
+        print(
+            f"committer ({args.committer}), {args.connections} writers, {args.streams} streams, "
+            f"{args.size} B: " + ", ".join(f"{value:,.1f} {name}" for name, value in result.items())
+        )
+        return
     groups = [int(g) for g in args.groups.split(",")]
     layouts = make_layouts(args.compact_rows)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
