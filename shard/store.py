@@ -86,6 +86,11 @@ FOLD_BYTES = 4 * 1024 * 1024
 # A write carrying at least this many record bytes goes straight into `records` when its
 # stream has nothing in the journal: its pages are written once, not again by the fold.
 DIRECT_WRITE_BYTES = 16 * 1024
+# The reader's page cache (KiB; SQLite's default is 2 MiB). Catch-up reads of a few hot
+# streams then come from memory instead of a pread per 4 KiB page: reading 1 MiB measured
+# 0.17 ms of CPU instead of 0.35. The cache only grows as pages are read, and a commit
+# (which changes the WAL) empties it, so under writes it costs little memory either way.
+READ_CACHE_KIB = 32 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -442,6 +447,7 @@ class Store:
             self._prepare(writer)
             reader = self._connect()
             opened.append(reader)
+            reader.execute(f"PRAGMA cache_size={-READ_CACHE_KIB}")
             return writer, reader
         except (sqlite3.Error, OSError) as exc:
             for conn in opened:
