@@ -263,6 +263,7 @@ class Http1Connection:
     """One client connection, served by the task that runs `run`."""
 
     __slots__ = (
+        "_broken",
         "_fd",
         "_handed_over",
         "_head_bytes",
@@ -308,7 +309,8 @@ class Http1Connection:
         self._read_scope: trio.CancelScope | None = None
         self._write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
-        self._stopped = False
+        self._stopped = False  # dropped, or the server stops: no more reads or writes
+        self._broken = False  # the parser cannot go on: answer what is queued, then close
         self._handed_over = False
 
     # -- the connection ------------------------------------------------------------------
@@ -385,7 +387,7 @@ class Http1Connection:
                     continue
                 if not await self._dispatch(req):
                     return
-            if self._stopped:
+            if self._stopped or self._broken:
                 return
             data = await self._receive()
             if data is None:
@@ -495,9 +497,9 @@ class Http1Connection:
                 req.early = error_answer(400, message)
             req.close = True
             req.complete = True
-            self._stopped = True
+            self._broken = True
             return
-        self._stopped = True  # the parser cannot go on: nothing after it is read
+        self._broken = True  # the parser cannot go on: nothing after it is read
         failed = _Request(b"", [])
         failed.early = error_answer(400, message)
         failed.close = failed.complete = True
@@ -509,7 +511,7 @@ class Http1Connection:
         failed.close = failed.complete = True
         self._queue.append(failed)
         self._req = None
-        self._stopped = True  # nothing after it is read
+        self._broken = True  # nothing after it is read
 
     # -- parser callbacks (llhttp calls them from feed_data) -------------------------------
 
@@ -584,7 +586,7 @@ class Http1Connection:
                 req.drain_until = -inf  # not worth reading on: close once answered
                 req.close = True
                 req.complete = True
-                self._stopped = True
+                self._broken = True
             return
         if req.size > self._server.max_body_bytes:
             req.early = self._server.error(413, body_too_large(self._server.max_body_bytes))
