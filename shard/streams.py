@@ -9,7 +9,7 @@ reads, live readers and the hub see only that, so nothing unacknowledged is ever
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import trio
@@ -30,10 +30,11 @@ class Entry:
     pending_sid: int | None = None
     inflight: int = 0  # writes queued or committing
     waiters: int = 0  # live readers parked on this entry
-    # contiguous committed records ending at the committed tail (for live readers)
-    recent: list[Record] = field(default_factory=list)
+    # contiguous committed records ending at the committed tail (for live readers); a
+    # deque: every append drops the oldest once RECENT_BYTES are held
+    recent: deque[Record] = field(default_factory=deque)
     recent_bytes: int = 0
-    _changed: trio.Event = field(default_factory=trio.Event)
+    _changed: trio.Event | None = None  # made when a reader first waits (`changed_event`)
     _settled: trio.Event | None = None
 
     def idle(self) -> bool:
@@ -46,11 +47,19 @@ class Entry:
     # -- the hub: wake live readers when committed state changes ----------------------------
 
     def changed_event(self) -> trio.Event:
-        return self._changed
+        """Set at the next `notify` (a commit on this stream, or a ring change)."""
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = trio.Event()
+        return changed
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        """Wake the readers waiting for a change; an event is made only for a stream
+        that has them (most commits have none)."""
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     async def wait_settled(self) -> None:
         """Wait until no write on this stream is queued or committing."""
@@ -75,9 +84,12 @@ class Entry:
             recent.clear()
             self.recent_bytes = 0
         recent.extend(records)
-        self.recent_bytes += sum(len(r.data) for r in records)
-        while len(recent) > 1 and self.recent_bytes - len(recent[0].data) >= RECENT_BYTES:
-            self.recent_bytes -= len(recent.pop(0).data)
+        held = self.recent_bytes
+        for record in records:
+            held += len(record.data)
+        while len(recent) > 1 and held - len(recent[0].data) >= RECENT_BYTES:
+            held -= len(recent.popleft().data)
+        self.recent_bytes = held
 
     def forget(self) -> None:
         self.recent.clear()
@@ -88,14 +100,20 @@ class Entry:
         recent = self.recent
         if not recent or position < recent[0].start:
             return None
+        # From the newest back: a live reader wants the last few of thousands.
+        newer: list[Record] = []
+        for record in reversed(recent):
+            if record.end <= position:
+                break
+            newer.append(record)
+        newer.reverse()
         out: list[Record] = []
         total = 0
-        for record in recent:
-            if record.end > position:
-                out.append(record)
-                total += len(record.data)
-                if total >= max_bytes:
-                    break
+        for record in newer:
+            out.append(record)
+            total += len(record.data)
+            if total >= max_bytes:
+                break
         return out
 
 
