@@ -174,7 +174,8 @@ def run_idle(
         "requested": connections,
         "opened": opened,
         "held": still,
-        "open_failures": sum(r["failed"] + r["refused"] for r in results),
+        # refused, failed, or still not open when the open phase ended
+        "open_failures": connections - opened,
         "rss_before_kib": sum(before.values()),
         "rss_held_kib": sum(during.values()),
         "rss_kib_by_pid": {p: (before.get(p, 0), during.get(p, 0)) for p in pids},
