@@ -23,12 +23,11 @@ kind; --url is then not needed (see tools/bench/scaling.py).
 
 Targets: --url is A ("ours"); each --vs adds one (see tools/bench/targets.py for the spec
 forms: an http:// or https:// URL, ref:file, ref:memory, rakaia, baseline[:W], up,
-up:S[xG]). Every request of
-every scenario to every target carries the --header lines (e.g. a bearer token for a server
-with client auth; a server without it ignores the header); https URLs are verified against
---cacert. Runs alternate per scenario
-(A B A B ... for --rounds 2) so machine noise spreads over all; ratios are A / other, per
-round pair, geometric mean. The load generators are separate Python processes on raw
+up:S[xG]). Every request of every scenario to every target carries the --header lines (e.g.
+a bearer token for a server with client auth; a server without it ignores the header);
+https URLs are verified against --cacert. Runs alternate per scenario (A B A B ... for
+--rounds 2) so machine noise spreads over all; ratios are A / other, per round pair,
+geometric mean. The load generators are separate Python processes on raw
 keep-alive sockets; their CPU (client_cpu_pct, % of one core) and the servers' CPU
 (server_cpu_pct) are reported so a saturated client is visible.
 
