@@ -270,6 +270,7 @@ class Http1Connection:
         "_head_until",
         "_headers",
         "_idle_until",
+        "_more",
         "_parser",
         "_queue",
         "_raw",
@@ -303,6 +304,7 @@ class Http1Connection:
         self._head_bytes = 0
         self._head_until = inf  # the head in progress must be complete by then
         self._idle_until = inf  # while idle: when the connection times out
+        self._more = True  # bytes may be waiting in the socket (read before waiting)
         self._served = 0  # requests answered
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
@@ -428,12 +430,17 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
+        ready = self._more  # else the read would most likely find nothing: wait first
         while True:
-            if not self.tls:
+            if ready and not self.tls:
                 try:
-                    return os.read(self._fd, MAX_RECV)
+                    data = os.read(self._fd, MAX_RECV)
                 except BlockingIOError:
                     pass
+                else:
+                    self._more = len(data) == MAX_RECV
+                    return data
+            ready = True
             with trio.CancelScope(deadline=deadline) as scope:
                 self._read_scope = scope
                 if self.tls:
@@ -649,6 +656,7 @@ class Http1Connection:
         else:
             keep = await self._answer(req)
         self._served += 1
+        self._more = False  # the client was waiting for this answer: nothing more sent yet
         if not keep or self._stopped:
             return False
         now = trio.current_time()

@@ -42,6 +42,7 @@ from ds_cluster.gateway.server import LeanConfig, serve
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 LISTEN_BACKLOG = 1024  # connections the kernel queues before we accept them
+KEEP_ALIVE_MAX_REQUESTS = 1 << 62  # requests one connection may make: no limit
 log = logging.getLogger("gateway")
 
 
@@ -154,6 +155,10 @@ def hypercorn_config(
     config.graceful_timeout = graceful_timeout
     config.idle_timeout = idle_timeout
     config.backlog = LISTEN_BACKLOG
+    # hypercorn closes a connection after 1,000 requests by default: a busy client then
+    # pays a reconnect every second or so, and one that misses the Connection: close
+    # loses a request. Node's server sets no such limit either.
+    config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     return config
 
 
