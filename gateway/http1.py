@@ -43,7 +43,6 @@ import contextlib
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Awaitable, Callable
 from math import inf
 from time import perf_counter
@@ -203,9 +202,12 @@ class Http1Server:
         headers: list[tuple[bytes, bytes]] = self.config.response_headers("h11")
         return [*headers, framing.CLOSE] if close else headers
 
-    async def serve(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
-        """Serve one accepted connection (`trio.serve_listeners`' handler)."""
-        await Http1Connection(self, stream).run()
+    def serve(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    ) -> Awaitable[None]:
+        """Serve one accepted connection (`trio.serve_listeners`' handler; the coroutine
+        itself, without a frame of this call kept under it for the connection's life)."""
+        return Http1Connection(self, stream).run()
 
 
 class _HeadRefused(Exception):
@@ -297,7 +299,8 @@ class Http1Connection:
         self.output: ConnectionOutput = server.output.connection()
         self._fd = -1
         self._parser: Any = httptools.HttpRequestParser(self)
-        self._queue: deque[_Request] = deque()  # parsed heads, answered in order
+        # Parsed heads, answered in order (lists: an empty deque costs ten times the memory).
+        self._queue: list[_Request] = []
         self._req: _Request | None = None  # the request being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -382,7 +385,7 @@ class Http1Connection:
                         req.continued = True
                         await self._write(framing.CONTINUE)
                     break
-                queue.popleft()
+                del queue[0]
                 if req.answered:  # early answer given, body dropped
                     if req.close:
                         return
@@ -461,6 +464,8 @@ class Http1Connection:
         """Parse `data`: complete heads join the queue. "h2c" when the connection's first
         request asks to upgrade to HTTP/2 (it goes to hypercorn with every byte read)."""
         begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
+        if self._parser is None:
+            self._parser = httptools.HttpRequestParser(self)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -753,6 +758,8 @@ class Http1Connection:
                 return not close
             status = result.status
             req.headers = []  # an SSE response may be held for minutes: keep nothing
+            if self._req is None and not self._queue:
+                self._parser = None  # made again for the next request (`_feed`)
             try:
                 close = self._closing(req)
                 extra = [*server.extra_headers(close), framing.CHUNKED, (REQUEST_ID, rid)]
@@ -794,6 +801,7 @@ class Http1Connection:
                             data = bytes(await self.stream.receive_some(MAX_RECV))
                             self._unread += data
                         else:
+                            await trio.lowlevel.wait_readable(self._fd)
                             data = await self._peek()
                     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                         return False
@@ -1080,7 +1088,7 @@ class SseClient:
 
     def __init__(self, conn: Http1Connection) -> None:
         self._conn = conn
-        self.queue: deque[bytes] = deque()  # not yet written, in order
+        self.queue: list[bytes] = []  # not yet written, in order
         self.queued = 0
         self.live = False  # the head is written: frames may go to the socket
         self.ended = False  # the upstream is over
@@ -1092,7 +1100,7 @@ class SseClient:
         if prefix:
             if not self._conn.output.admit(len(prefix)):
                 return self._drop()
-            self.queue.appendleft(prefix)
+            self.queue.insert(0, prefix)
             self.queued += len(prefix)
         self.live = True
 
@@ -1155,7 +1163,7 @@ class SseClient:
                         self._drop()
                         return False
                 else:
-                    queue.popleft()
+                    del queue[0]
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._drop()
             return False
