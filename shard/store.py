@@ -350,6 +350,18 @@ class Batch:
     statements: list[Statement] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Connections:
+    """What `Store.connect` opened, for `Store.install`: both connections, and what the
+    journal held at that moment."""
+
+    writer: sqlite3.Connection
+    reader: sqlite3.Connection
+    journal_rows: int
+    journal_bytes: int
+    journal_sids: frozenset[int]
+
+
 class StorageUnavailable(Exception):
     """The shard's storage failed or is not open; a write that got this did not happen."""
 
@@ -434,8 +446,9 @@ class Store:
             log.error("storage failed: %s; refusing writes until it recovers", reason)
             self.on_failure()
 
-    def connect(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
-        """Open a writer and a reader, and prove the database writable.
+    def connect(self) -> Connections:
+        """Open a writer and a reader, prove the database writable, and see what its
+        journal holds.
 
         May block on the disk (and converts an old database for incremental vacuum), so
         the committer runs it in a worker thread. Raises StorageUnavailable."""
@@ -448,26 +461,25 @@ class Store:
             reader = self._connect()
             opened.append(reader)
             reader.execute(f"PRAGMA cache_size={-READ_CACHE_KIB}")
-            return writer, reader
+            rows, size = writer.execute(
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM journal"
+            ).fetchone()
+            sids = frozenset(sid for (sid,) in writer.execute("SELECT DISTINCT sid FROM journal"))
+            return Connections(writer, reader, rows, size, sids)
         except (sqlite3.Error, OSError) as exc:
             for conn in opened:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             raise StorageUnavailable(describe(exc)) from exc
 
-    def install(self, connections: tuple[sqlite3.Connection, sqlite3.Connection]) -> None:
+    def install(self, opened: Connections) -> None:
         """Start using connections from `connect` (on the loop, between commits): the old
         ones are closed after the new ones are open, so the database stays locked."""
         old_writer, old_reader = self._writer, self._reader
-        self._writer = connections[0]
-        rows, size = self._writer.execute(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM journal"
-        ).fetchone()
-        self.journal_rows, self.journal_bytes = rows, size
-        self._journal_sids = {
-            sid for (sid,) in self._writer.execute("SELECT DISTINCT sid FROM journal")
-        }
-        self._reader = _GuardedReader(connections[1], self)
+        self._writer = opened.writer
+        self.journal_rows, self.journal_bytes = opened.journal_rows, opened.journal_bytes
+        self._journal_sids = set(opened.journal_sids)
+        self._reader = _GuardedReader(opened.reader, self)
         if self.failure is not None and old_writer is not None:
             log.warning("storage recovered: %s is writable again", self.path)
         self.failure = None
