@@ -18,6 +18,7 @@ an untrusted peer, so every wait has a deadline and every buffer a bound:
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Mapping
 
@@ -41,12 +42,24 @@ class FrameStalled(wire.WireError):
     """A frame the peer started stopped arriving (or crawls): drop the connection."""
 
 
+def socket_fd(stream: trio.abc.Stream) -> int | None:
+    """The file descriptor of a plain TCP stream, read and written directly (`os.read`,
+    `os.write`, waiting with trio's `wait_readable` / `wait_writable`): trio's stream
+    methods cost an async context manager and a scheduler round per call, which a shard
+    paid once per read and per write. None for TLS, which goes through trio."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket.fileno()
+    return None
+
+
 class FrameReader:
     """Frames from one connection: one at a time during the handshake (small frames,
     `next_frame`), then in batches as they arrive (`frames`)."""
 
     def __init__(self, stream: trio.abc.Stream, max_frame: int = wire.MAX_HANDSHAKE_FRAME):
         self._stream = stream
+        self._fd = socket_fd(stream)
+        self._more = False  # the last direct read filled its buffer: more may be waiting
         self.decoder = wire.FrameDecoder(max_frame)
         self._early: deque[wire.Frame] = deque()  # decoded, not yet taken
 
@@ -78,6 +91,8 @@ class FrameReader:
     async def _receive(self) -> wire.Received:
         decoder = self.decoder
         if not decoder.partial:
+            if self._fd is not None:
+                return await self._read(self._fd)
             return await self._stream.receive_some(RECV_SIZE)
         now = trio.current_time()
         if decoder.frame_started is None:
@@ -85,8 +100,33 @@ class FrameReader:
         need = decoder.expected or 4
         deadline = decoder.frame_started + FRAME_GRACE + need / MIN_FRAME_RATE
         with trio.move_on_at(min(deadline, now + FRAME_STALL)):
+            if self._fd is not None:
+                return await self._read(self._fd)
             return await self._stream.receive_some(RECV_SIZE)
         raise FrameStalled(f"frame of {decoder.expected} bytes stalled at {decoder.partial}")
+
+    async def _read(self, fd: int) -> bytes:
+        """The next bytes from the socket (b"": the peer closed). After a read that
+        filled its buffer, the next one is tried at once (after a checkpoint, so a flood
+        of frames never starves the loop); otherwise the socket is waited on first, since
+        reading would most likely find nothing."""
+        if self._more:
+            await trio.lowlevel.checkpoint()
+            try:
+                data = os.read(fd, RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                self._more = len(data) == RECV_SIZE
+                return data
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, RECV_SIZE)
+            except BlockingIOError:
+                continue
+            self._more = len(data) == RECV_SIZE
+            return data
 
 
 class WriteBudget:
@@ -116,6 +156,7 @@ class FrameWriter:
         shared: WriteBudget | None = None,
     ) -> None:
         self._stream = stream
+        self._fd = socket_fd(stream)
         self._connection = connection
         self._budget = budget
         self._shared = shared if shared is not None else WriteBudget(budget)
@@ -217,8 +258,11 @@ class FrameWriter:
                 self._drained.set()
                 self._drained = trio.Event()
                 for data in wire.coalesce(frames):
+                    written = self._write_now(data)
+                    if written == len(data):
+                        continue
                     with trio.move_on_after(WRITE_STALL + len(data) / MIN_FRAME_RATE) as stalled:
-                        await self._stream.send_all(data)
+                        await self._write_rest(data, written)
                     if stalled.cancelled_caught:
                         log.warning("dropping connection: peer reads no replies")
                         self._connection.cancel()
@@ -231,6 +275,29 @@ class FrameWriter:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("connection lost (write): %s", exc)
             self._connection.cancel()
+
+    def _write_now(self, data: bytes) -> int:
+        """Bytes of `data` the socket takes at once, without waiting (0 under TLS)."""
+        if self._fd is None:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def _write_rest(self, data: bytes, written: int) -> None:
+        """Write `data` from `written` on, waiting for the peer to read."""
+        fd = self._fd
+        if fd is None:
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)[written:]
+        while view:
+            await trio.lowlevel.wait_writable(fd)
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
 
 
 def _cost(parts: list[bytes]) -> int:
