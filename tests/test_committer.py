@@ -84,6 +84,16 @@ async def test_commit_placement_follows_group_size_and_speed(
         await run_jobs(committer, [job_for(entry, 1, big)])
         assert store.threads[-1] != MAIN
 
+        # A group of more than INLINE_MAX_JOBS small writes (a loaded shard): in a worker
+        # thread too; one of exactly that many stays on the loop.
+        others = [Entry(f"o{n}") for n in range(committer_module.INLINE_MAX_JOBS + 1)]
+        at_most = [job_for(e, 10 + n, b"m") for n, e in enumerate(others[:-1])]
+        await run_jobs(committer, at_most)
+        assert store.threads[-1] == MAIN
+        more = [job_for(e, 10 + n, b"n") for n, e in enumerate(others)]
+        await run_jobs(committer, more)
+        assert store.threads[-1] != MAIN
+
         # Slow commits on the loop, SLOW_COMMITS_IN_A_ROW of them, send the following
         # ones to the thread (a single slow one does not)...
         store.delay = committer_module.INLINE_COMMIT_SECONDS * 1.5
