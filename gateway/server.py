@@ -76,13 +76,8 @@ from ds_cluster.gateway.http1 import (
 from ds_cluster.gateway.tls import TLSListener
 
 log = logging.getLogger(__name__)
-SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
-EARLY_CHECK_BYTES = 64 * 1024  # a request body larger is checked (`route.refuse`) at its head
 TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
 TLS_CLOSE_TIMEOUT = 1.0  # seconds to send TLS close_notify before the socket just closes
-BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
-BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
-BODY_STALL = 15.0  # seconds a request body may send nothing at all
 CONNECTION_CLOSE = (b"connection", b"close")
 _TIMEOUT = "request body too slow"
 _TIMEOUT_BODY = _TIMEOUT.encode() + b"\n"  # for HTTP/2 streams, written by hand
@@ -110,11 +105,7 @@ class LeanConfig(Config):
                 headers.append((b"server", f"hypercorn-{protocol}".encode("ascii")))
             headers.extend((b"alt-svc", value.encode()) for value in self.alt_svc_headers)
             self._headers[protocol] = headers
-        return headers  # callers copy it (chain/+) before adding their own
-
-
-def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name.lower() == b"content-length" for name, _ in headers)
+        return headers  # callers copy it before adding their own
 
 
 class LeanH11Protocol(H11Protocol):
