@@ -236,6 +236,12 @@ def test_rakaia_target_installs_and_answers_an_append_and_a_read():
                 )
         ok = verify(t, "bytes", {0: "bench-rakaia"}, {(0, 0): [0, 1, 2]}, {}, {})
         assert ok["problem_count"] == 0 and ok["records_checked"] == 3
+        # --fresh: a new process, and (in memory) nothing of the old one's streams
+        before = bt.pids()
+        bt.restart()
+        assert bt.pids() and not set(bt.pids()) & set(before)
+        with SyncClient(bt.target) as c:
+            assert c.request("GET", bt.target.path("bench-rakaia") + "?offset=-1").status == 404
     finally:
         bt.stop()
     assert bt.proc is None

@@ -122,6 +122,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", default=None, help="where managed servers log (default: none)")
     p.add_argument("--no-verify", action="store_true", help="skip append read-back checks")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="restart the managed targets before each scenario (no state, or handlers a "
+        "server failed to end, carried over from the scenarios before)",
+    )
+    p.add_argument(
         "--header",
         action="append",
         default=[],
@@ -239,7 +245,11 @@ def run(args: argparse.Namespace) -> int:
             except TargetUnavailable as exc:
                 raise SystemExit(f"bench: {exc}") from None
             print(f"# target {bt.label}: {bt.target.base} pids={bt.pids()}", file=sys.stderr)
-        for scenario in scenarios:
+        for n, scenario in enumerate(scenarios):
+            if args.fresh and n > 0:
+                for bt in targets:
+                    bt.restart()
+                    print(f"# restarted {bt.label}: pids={bt.pids()}", file=sys.stderr)
             for rnd in range(args.rounds):
                 for i, bt in enumerate(targets):
                     if bt.kind == "sink" and scenario != "append":

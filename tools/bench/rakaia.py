@@ -8,8 +8,12 @@ running Python's `-m venv`. A venv is only used once its install finished (it is
 a temporary name and renamed), so an interrupted install is redone, not half-used.
 
 rakaia takes the whole request path as the stream's name, so the bench's usual /v1/stream
-prefix works as is. Its long-poll window is 3 s (ours 30 s); it keeps everything in memory
-(no fsync: compare it with `ref:memory`, not `ref:file`) and has no forks.
+prefix works as is. Read its figures knowing that it keeps everything in memory (no fsync:
+its peer is `ref:memory`, not `ref:file`); it has no forks (the conformance suite's 56 fork
+tests fail, the other 276 pass); its long-poll window is 3 s (ours 30 s) and an SSE response
+sends a control event every 3 s; and it does not notice an SSE client that went away (no
+`http.disconnect` handling), so those handlers keep running and cost CPU until the server
+stops: run with `--fresh` when that should not carry over into later scenarios.
 """
 
 from __future__ import annotations

@@ -156,6 +156,12 @@ class BenchTarget:
             time.sleep(0.2)
         raise RuntimeError(f"{self.spec}: not ready after {timeout:.0f}s ({last})")
 
+    def restart(self) -> None:
+        """A fresh server process (empty data dir) for a managed target; a URL stays as is."""
+        if self.proc is not None:
+            self.stop()
+            self.start()
+
     def pids(self) -> list[int]:
         if self.fixed_pids:
             return self.fixed_pids
