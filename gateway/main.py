@@ -23,7 +23,7 @@ from functools import partial
 import trio
 from hypercorn.config import Config
 
-from ds_cluster.common import logs, rpc_security, watchdog
+from ds_cluster.common import gc_tuning, logs, rpc_security, watchdog
 from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
@@ -231,6 +231,7 @@ async def serve_gateway(
                         access=access,
                     )
                 )
+                gc_tuning.tune_for_serving()  # the start-up heap is built
                 print(
                     f"ds-cluster gateway listening on {scheme}://{bound[0]}:{bound[1]}",
                     file=sys.stderr,
