@@ -12,7 +12,7 @@ its middle, for 100-byte records and for 64 KiB records (what the catch-up bench
 
 The candidates:
 
-- `clustered`: the store's layout before this tool: records clustered by (sid, end_pos)
+- `clustered`: the store's layout before the journal: records clustered by (sid, end_pos)
   `WITHOUT ROWID`; a commit dirties about one leaf page per distinct stream.
 - `rowid+index`: records in a rowid table (appends land on its rightmost page) with an index
   on (sid, end_pos) for reads by offset; the index still has one leaf per stream.
@@ -28,6 +28,12 @@ The candidates:
 Each layout is measured as the store writes today, with the stream's state blob rewritten
 in `streams` at every append (`+state`), and without it (`bare`: the state would be carried by
 the appended row and replayed at open), to show what that rewrite costs.
+
+The store uses `journal+fold` (see `shard/store.py`). With `--committer inline|thread` the
+tool instead drives the shard's own group committer and store with `--connections`
+writers, each waiting for its commit like a connection of the append benchmark:
+
+    python -m ds_cluster.tools.bench.storage --committer inline --seconds 3
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from ds_cluster.shard.store import JOURNAL_SIZE_LIMIT, VFS
+from ds_cluster.shard.store import FOLD_ROWS, JOURNAL_SIZE_LIMIT, VFS
 
 MiB = 1024 * 1024
 STATE_BLOB = bytes(120)  # about the size of an encoded StreamState
@@ -414,7 +420,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=12_000, help="measured rows per run")
     parser.add_argument("--history", type=int, default=50_000, help="rows written first")
     parser.add_argument(
-        "--compact-rows", type=int, default=4096, help="rows per fold or compaction"
+        "--compact-rows",
+        type=int,
+        default=FOLD_ROWS,
+        help="rows per fold or compaction (default: the store's FOLD_ROWS)",
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the files go")
     parser.add_argument(
