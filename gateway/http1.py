@@ -340,7 +340,14 @@ class Http1Connection:
                 sock = self.stream.socket
             self._fd = sock.fileno()
             self._set_idle(trio.current_time() + server.keep_alive)
-            await self._serve()
+            # One scope for the connection's life, its deadline finite only while a read
+            # waits (cheaper than a scope per wait); cancelled to drop the connection.
+            with trio.CancelScope() as scope:
+                self._read_scope = scope
+                await self._serve()
+            self._read_scope = None
+            if scope.cancelled_caught:
+                await self._expired()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # one connection's failure must never stop the server
@@ -395,8 +402,6 @@ class Http1Connection:
             if self._stopped or self._broken:
                 return
             data = await self._receive()
-            if data is None:
-                return
             if not data:
                 return  # the client closed (requests in progress were answered)
             raw = self._raw
@@ -419,9 +424,9 @@ class Http1Connection:
                 raw, self._raw = self._raw or b"", None
                 return await server.hand_over(self.stream, raw)
 
-    async def _receive(self) -> bytes | None:
-        """The next bytes (b"" at the end), or None once the deadline of what the
-        connection is waiting for has passed (then anything owed was answered)."""
+    async def _receive(self) -> bytes:
+        """The next bytes (b"" at the end). Past the deadline of what the connection
+        waits for, its scope is cancelled (everything read was answered by then)."""
         req = self._req
         if req is None:
             deadline = self._idle_until  # between requests
@@ -433,6 +438,8 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
+        scope = self._read_scope
+        assert scope is not None
         ready = self._more  # else the read would most likely find nothing: wait first
         while True:
             if ready and not self.tls:
@@ -444,21 +451,21 @@ class Http1Connection:
                     self._more = len(data) == MAX_RECV
                     return data
             ready = True
-            with trio.CancelScope(deadline=deadline) as scope:
-                self._read_scope = scope
+            scope.deadline = deadline  # past it, the connection's scope ends (`_expired`)
+            try:
                 if self.tls:
-                    data = bytes(await self.stream.receive_some(MAX_RECV))
-                    self._read_scope = None
-                    return data
+                    return bytes(await self.stream.receive_some(MAX_RECV))
                 await trio.lowlevel.wait_readable(self._fd)
-            self._read_scope = None
-            if scope.cancelled_caught:
-                break
+            finally:
+                scope.deadline = inf
+
+    async def _expired(self) -> None:
+        """A read waited past its deadline (or the connection was dropped): a request
+        whose body stopped arriving is answered 408; the connection then closes."""
+        req = self._req
         if req is not None and req.body_since >= 0 and not self._stopped and not req.answered:
-            # The body stopped arriving: 408 (then close).
             status, headers, body = error_answer(408, _TOO_SLOW, (framing.CLOSE,))
             await self._write(framing.response_head(status, headers) + body)
-        return None
 
     def _feed(self, data: bytes) -> str | None:
         """Parse `data`: complete heads join the queue. "h2c" when the connection's first
