@@ -302,7 +302,8 @@ class FrameDecoder:
 
     Sans-IO, so the same code serves the gateway, the shard and the tests. Frames are
     decoded straight out of the bytes fed (no copy); the pieces of a frame that spans
-    several reads are kept as they came and joined once, when the frame is complete.
+    several reads are kept as they came and joined once, when the frame is complete
+    (from RAW_BODY_BYTES on, only its body is joined, its head decoded from the pieces).
 
     `feed_deferred` leaves that join to its caller for a frame of DEFER_BYTES or more
     (an `Unjoined`; `complete` finishes it off the event loop), since joining tens of MB
@@ -355,9 +356,17 @@ class FrameDecoder:
             pieces, need, have = self._pieces, self._need, self._have
             self._pieces = []
             self._have = self._need = 0
-            if defer and need >= DEFER_BYTES:
+            if need >= RAW_BODY_BYTES:
+                # Likely a body behind its map (encode_parts): decode the head from the
+                # pieces and join only the body, its one copy (joining the whole frame
+                # and then unpacking the body out of it copied it twice).
                 self.frame_started = None
-                first: list[Frame | Unjoined] = [_unjoined(pieces, need)]
+                unjoined = _unjoined(pieces, need)
+                first: list[Frame | Unjoined] = [
+                    unjoined
+                    if defer and need >= DEFER_BYTES
+                    else unjoined.finish(b"".join(unjoined.pieces))
+                ]
                 if have == need:
                     return first
                 # The last read also began what follows (bounded: part of one read).
@@ -389,6 +398,7 @@ class FrameDecoder:
 
 DEFER_BYTES = 1024 * 1024  # frames from this size are joined off the loop (feed_deferred)
 HEAD_BYTES = 64 * 1024  # how far into a deferred frame its head (all but `b`) is looked for
+HEAD_PROBE_BYTES = 2048  # looked at first: most heads end well before
 
 
 class Unjoined:
@@ -443,8 +453,12 @@ def _slice(pieces: list[Received], start: int, stop: int) -> list[Received]:
 def _unjoined(pieces: list[Received], need: int) -> Unjoined:
     """The complete frame in `pieces` (its first `need` bytes, length prefix included),
     with its head decoded now when it is in encode_parts' layout."""
-    prefix = b"".join(_slice(pieces, 4, min(need, 4 + HEAD_BYTES)))
-    split = _split_head(prefix, need - 4)
+    split = None
+    for head_bytes in (HEAD_PROBE_BYTES, HEAD_BYTES):  # a head is small: try a little first
+        prefix = b"".join(_slice(pieces, 4, min(need, 4 + head_bytes)))
+        split = _split_head(prefix, need - 4)
+        if split is not None or need <= 4 + head_bytes:
+            break
     if split is None:
         return Unjoined(None, _slice(pieces, 4, need), need - 4)
     head, body_start = split

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -289,3 +290,37 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
         writer.send_nowait(rpc_core.chunk(11, b"w" * 100_000, True))
         assert writer.overflowed
     assert nursery.cancel_scope.cancel_called
+
+
+def _medium_frames() -> tuple[bytes, list[bytes]]:
+    """Frames of 16 KiB to 1 MiB (body behind the map, or in another layout, or behind a
+    head larger than the first look), between small ones: their bytes and bodies."""
+    bodies = [bytes([n]) * size for n, size in enumerate((20_000, 200_000, 900_000, 70_000))]
+    cancel = wire.encode({"k": "cancel", "i": 9})
+    data = [cancel]
+    for n, body in enumerate(bodies[:3]):
+        data += [wire.encode(rpc_core.chunk(n, body, True)), cancel]
+    # a long head: a response whose headers take more than the head's first look
+    headers = [["x-long", "v" * 6000]]
+    data += [wire.encode(rpc_core.response(3, 200, headers, bodies[3], False)), cancel]
+    # the same kind of frame with its body first: decoded whole
+    other = {"v": wire.WIRE_VERSION, "k": "chunk", "i": 4, "more": False, "b": bodies[0]}
+    packed = msgpack.packb(dict(reversed(list(other.items()))), use_bin_type=True)
+    data += [len(packed).to_bytes(4, "big") + packed, cancel]
+    return b"".join(data), [*bodies, bodies[0]]
+
+
+@pytest.mark.parametrize("step", [1, 1000, 16_383, 65_536, 256 * 1024 + 3, 10**7])
+def test_frames_spanning_reads_decode_the_same_in_any_pieces(step: int) -> None:
+    data, bodies = _medium_frames()
+    whole = wire.FrameDecoder().feed(data)
+    for feed in ("feed", "feed_deferred"):
+        decoder = wire.FrameDecoder()
+        frames: list[object] = []
+        for at in range(0, len(data), step):
+            frames += getattr(decoder, feed)(data[at : at + step])
+        assert decoder.partial == 0
+        assert frames == whole
+    kinds = ["cancel"] + ["chunk", "cancel"] * 3 + ["res", "cancel", "chunk", "cancel"]
+    assert [f["k"] for f in whole] == kinds
+    assert [f["b"] for f in whole if f["k"] != "cancel"] == bodies  # type: ignore[typeddict-item]
