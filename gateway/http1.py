@@ -79,6 +79,7 @@ DRAIN_TIME = 10.0  # seconds
 H2_PREFACE = b"PRI * HTTP/2.0"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
 
 
 def body_deadline(since: float, received: int, last: float) -> float:
@@ -564,6 +565,8 @@ class Http1Connection:
         parser = self._parser
         server = self._server
         req.target = self._url
+        self._url = b""
+        self._headers = _NO_HEADERS  # the request holds them (a new list comes per head)
         req.method = method = parser.get_method().decode("ascii")
         req.version = version = parser.get_http_version()
         req.keep_alive = version == "1.1" and parser.should_keep_alive()
@@ -751,6 +754,7 @@ class Http1Connection:
         try:
             try:
                 result = await route.stream(req.method, req.target, req.headers, body, client)
+                del body
             except Exception:
                 self._log_failure(req, rid)
                 result = route.error(500, "internal error")
@@ -763,8 +767,10 @@ class Http1Connection:
                 if access is not None:
                     self._log(access, req, rid, status, len(out))
                 return not close
+            # An SSE response may be held for minutes: keep nothing it does not need.
             status = result.status
-            req.headers = []  # an SSE response may be held for minutes: keep nothing
+            leave = result.leave
+            req.headers = []
             if self._req is None and not self._queue:
                 self._parser = None  # made again for the next request (`_feed`)
             try:
@@ -772,11 +778,12 @@ class Http1Connection:
                 extra = [*server.extra_headers(close), framing.CHUNKED, (REQUEST_ID, rid)]
                 await self._write(framing.response_head(status, result.headers, extra))
                 client.start(result.prefix)
+                del result, extra
                 done = await self._pump(client)
                 if done:
                     await self._write(framing.LAST_CHUNK)
             finally:
-                result.leave()
+                leave()
                 if access is not None:
                     self._log(access, req, rid, status, client.sent)
             return done and not close
