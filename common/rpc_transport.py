@@ -86,7 +86,11 @@ class FrameReader:
         data = await self._receive()
         if not data:
             return None
-        return await wire.complete(self.decoder.feed_deferred(data))
+        items = self.decoder.feed_deferred(data)
+        for item in items:
+            if type(item) is wire.Unjoined:
+                return await wire.complete(items)
+        return items  # type: ignore[return-value]  # no Unjoined: no join, no coroutine
 
     async def _receive(self) -> wire.Received:
         decoder = self.decoder

@@ -27,6 +27,7 @@ Every frame is untrusted, and a connection costs bounded memory and time:
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections import deque
@@ -57,6 +58,13 @@ Protocol = rpc_core.ShardProtocol[trio.CancelScope]
 # id stays taken, it counts against MAX_CALLS): a `cancel` has nothing left to stop, since
 # the write is queued and its answer goes anyway (the caller drops it).
 COMMITTING = trio.CancelScope()
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_path(path: str) -> None:
+    """`check_canonical`, remembered for the paths that passed (a busy stream's every
+    append repeats its path; a refused one raises again, it is not cached)."""
+    check_canonical(path)
 
 
 class CommitAnswers:
@@ -244,7 +252,7 @@ class RpcServer:
         path = message["p"]
         call_id = message["i"]
         try:
-            check_canonical(path)
+            _check_path(path)
         except PathError:
             return False
         if not self.service.owns(path):

@@ -307,7 +307,10 @@ class ShardService:
         if request.method == "POST":
             if reply.records and response is reply.response:  # committed (not a 503)
                 self.counters.appends += 1
-                self.counters.append_bytes += sum(len(record.data) for record in reply.records)
+                size = 0
+                for record in reply.records:
+                    size += len(record.data)
+                self.counters.append_bytes += size
         elif request.method == "GET":
             self.counters.read_bytes += len(response.body)
 
