@@ -5,7 +5,7 @@ woken for every event, each rendering and sending the same bytes. Here the gatew
 one upstream per key (stream path, raw query string, forwarded headers); its pump task,
 in the gateway-level nursery, frames each chunk for HTTP/1.1 chunked transfer once and
 hands the same bytes to every subscriber, which writes them to its client without a
-task of its own (see `SseClient` in `gateway.native`).
+task of its own (see `SseClient` in `gateway.http1`).
 
 Joining late: a request whose key matches a running upstream joins it while everything
 the upstream relayed so far (its prefix) is at most PREFIX_LIMIT bytes. The newcomer gets
@@ -25,7 +25,7 @@ gap nor a duplicate (at most a repeated control event).
 
 The pump never waits for a client: the shard call's inbox stays empty, and each
 subscriber bounds its own backlog. Native HTTP/1.1 clients get chunk-framed bytes
-(`gateway.native.SseClient`); ASGI clients (HTTP/2, HTTP/1.0, percent-encoded queries)
+(`gateway.http1.SseClient`); ASGI clients (HTTP/2, HTTP/1.0, percent-encoded queries)
 join upstreams of their own that relay raw bytes, each read by a `QueuedSubscriber`.
 """
 
