@@ -196,7 +196,7 @@ def test_summary_takes_medians_per_target_and_writes_the_issue_table():
 
 def test_presets_name_the_issue_scenarios_and_keep_the_old_names():
     args = bench_args()
-    assert selected([], ["issue13"]) == [
+    assert selected([], ["goals"]) == [
         "append",
         "catchup",
         "longpoll-1000",

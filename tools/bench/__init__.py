@@ -15,7 +15,7 @@ Scenarios (each bounded in time; connection counts are flags):
                50 streams / 100 msg/s (tools/bench/presets.py)
   idle         N idle SSE connections held: count and server RSS per connection
 
---preset issue13 runs append, catchup, the four fixed fan-out shapes and idle.
+--preset goals runs append, catchup, the four fixed fan-out shapes and idle.
 
 --scaling 1,2,4 instead runs the append scenario on `up:SxG` for every shard count S and
 gateway count G (--scaling-gateways, default the same list) with CPU per request per process
@@ -98,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         choices=sorted(PRESETS),
-        help="a named set of scenarios (issue13: the performance round-3 table)",
+        help="a named set of scenarios (goals: those of docs/performance.md's goals)",
     )
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")

@@ -3,7 +3,7 @@ runs, so that a published figure names its load exactly and one command reproduc
 
 `longpoll` and `sse` take their shape from the --fanout-* flags; `longpoll-1000`,
 `longpoll-500`, `sse-1000` and `sse-500` are fixed (readers / streams / writer msg/s).
-`--preset issue13` is every scenario of the performance round-3 table.
+`--preset goals` is every scenario of the goals table in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FANOUT_PRESETS = {
 SCENARIOS = [*DEFAULT, *FANOUT_PRESETS]
 
 PRESETS = {
-    "issue13": [
+    "goals": [
         "append",
         "catchup",
         "longpoll-1000",
