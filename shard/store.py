@@ -52,13 +52,17 @@ small `vacuum_step`s after commits that purged data.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import msgpack
@@ -91,6 +95,12 @@ DIRECT_WRITE_BYTES = 16 * 1024
 # 0.17 ms of CPU instead of 0.35. The cache only grows as pages are read, and a commit
 # (which changes the WAL) empties it, so under writes it costs little memory either way.
 READ_CACHE_KIB = 32 * 1024
+# Rows fetched by a read's first step (most reads are a live reader's few new records), and
+# by each further step (a catch-up's megabyte of small records in a few steps).
+READ_FIRST_ROWS = 64
+READ_BATCH_ROWS = 1024
+_FIRST = operator.itemgetter(0)
+_DATA = operator.itemgetter(-1)  # a read row's data: its last column
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -586,36 +596,90 @@ class Store:
     ) -> list[Record]:
         """Committed records with end > position, in order, until max_bytes are gathered
         (at least one when any exists). With `below`, only records starting below it."""
-        records: list[Record] = []
+        rows, _ = self._read_rows(True, sid, position, max_bytes, below)
+        return list(itertools.starmap(Record, rows))
+
+    def read_buffers(
+        self, sid: int, position: int, max_bytes: int, *, below: int | None = None
+    ) -> tuple[int, int, list[bytes]]:
+        """What `read_records` reads, without a Record per row: `(start, end, datas)`, the
+        run from the first record's start to the last one's end and their datas in order,
+        for a sender that writes them with one `sendmsg` (or joins them once). A stream's
+        records are contiguous (appends go at its tail; purges drop whole prefixes).
+        Nothing to read: `(position, position, [])`."""
+        rows, start = self._read_rows(False, sid, position, max_bytes, below)
+        if not rows:
+            return position, position, []
+        return start, rows[-1][-2], list(map(_DATA, rows))
+
+    def read_joined(
+        self, sid: int, position: int, max_bytes: int, *, below: int | None = None
+    ) -> Record | None:
+        """What `read_buffers` reads, as one record whose data is the datas joined (once,
+        in C). Only for data whose records concatenate (raw bytes; not JSON messages)."""
+        start, end, datas = self.read_buffers(sid, position, max_bytes, below=below)
+        return Record(start, end, b"".join(datas)) if datas else None
+
+    def _read_rows(
+        self, starts: bool, sid: int, position: int, max_bytes: int, below: int | None
+    ) -> tuple[list[tuple[Any, ...]], int]:
+        """`(start_pos, end_pos, data)` rows (without start_pos unless `starts` or
+        `below`) of the committed records with end > position, in order, until max_bytes
+        are gathered (at least one when any exists), only those starting below `below`
+        when given; and the first row's start_pos. Rows come in batches, cut (by size, by
+        `below`) where C-level accumulate and bisect say, not by a Python step per row."""
+        rows: list[tuple[Any, ...]] = []
         total = 0
+        full = False  # max_bytes gathered, or a row starting at `below` met
+        first_start = position
+        starts = starts or below is not None
+        columns = "start_pos, end_pos, data" if starts else "end_pos, data"
         reader = self._reader
         # One snapshot for both tables: a fold committing between two statements would
         # otherwise move rows from the journal into `records` behind the first one's back.
         reader.execute("BEGIN")
         try:
             for table in ("records", "journal"):
-                after = records[-1].end if records else position
+                if full:
+                    break
+                had = len(rows)
                 # the journal is a heap: this scans it (it is kept small) and sorts the few
                 # rows of this stream
                 cursor = reader.execute(
-                    f"SELECT start_pos, end_pos, data FROM {table} WHERE sid = ? AND end_pos > ? "
-                    "ORDER BY end_pos",
-                    (sid, after),
+                    f"SELECT {columns} FROM {table} WHERE sid = ? AND end_pos > ? ORDER BY end_pos",
+                    (sid, rows[-1][-2] if rows else position),
                 )
                 try:
-                    for start, end, data in cursor:
-                        if below is not None and start >= below:
-                            return records
-                        records.append(Record(start, end, data))
-                        total += len(data)
-                        if total >= max_bytes:
-                            return records
+                    size = READ_FIRST_ROWS
+                    while batch := cursor.fetchmany(size):
+                        size = READ_BATCH_ROWS
+                        if below is not None and batch[-1][0] >= below:
+                            batch = batch[: bisect.bisect_left(list(map(_FIRST, batch)), below)]
+                            full = True
+                        if not batch:
+                            break
+                        sizes = list(itertools.accumulate(map(len, map(_DATA, batch))))
+                        if total + sizes[-1] >= max_bytes:
+                            batch = batch[: bisect.bisect_left(sizes, max_bytes - total) + 1]
+                            full = True
+                        total += sizes[-1]
+                        rows += batch
+                        if full:
+                            break
                 finally:
                     cursor.close()
+                if had == 0 and rows and not starts:
+                    found = reader.execute(
+                        f"SELECT start_pos FROM {table} WHERE sid = ? AND end_pos = ?",
+                        (sid, rows[0][-2]),
+                    ).fetchone()
+                    first_start = found[0]
         finally:
             with contextlib.suppress(sqlite3.Error, StorageUnavailable):
                 reader.execute("COMMIT")
-        return records
+        if starts and rows:
+            first_start = rows[0][0]
+        return rows, first_start
 
     def max_sid(self) -> int:
         """The highest stream id in use, staged arrivals included."""

@@ -114,6 +114,53 @@ def test_reads_span_the_records_table_and_the_journal(tmp_path: Path) -> None:
     reopened.close()
 
 
+def check_read(
+    store: Store, writer: Writer, sid: int, position: int, max_bytes: int, below: int | None = None
+) -> None:
+    """The three read forms give what a record-by-record read gives."""
+    expected = writer.expected(sid, position, max_bytes, below)
+    where = (sid, position, max_bytes, below)
+    assert store.read_records(sid, position, max_bytes, below=below) == expected, where
+    start, end, datas = store.read_buffers(sid, position, max_bytes, below=below)
+    if not expected:
+        assert (start, end, datas) == (position, position, []), where
+        assert store.read_joined(sid, position, max_bytes, below=below) is None, where
+        return
+    assert (start, end) == (expected[0].start, expected[-1].end), where
+    assert datas == [r.data for r in expected], where
+    joined = store.read_joined(sid, position, max_bytes, below=below)
+    assert joined == Record(start, end, b"".join(datas)), where
+
+
+def test_large_reads_in_batches_across_both_tables(tmp_path: Path) -> None:
+    """Reads of thousands of records (several fetch batches) cut exactly where a record
+    by record read would, by size and by `below`, in the records table, the journal and
+    across them."""
+    store = Store(tmp_path)
+    writer = Writer(store)
+    rows = store_module.READ_FIRST_ROWS + 2 * store_module.READ_BATCH_ROWS + 5
+    for i in range(rows):
+        writer.append((1, b"%d" % i * (1 + i % 7)), (2, b"x" * (1 + i % 3)))
+        if i == rows // 2:
+            store.fold()
+    ends = [0] + [r.end for r in writer.written[1]]
+    total = ends[-1]
+    positions = [0, 1, ends[63], ends[64], ends[65], ends[rows // 2], ends[rows // 2 + 1] - 1]
+    positions += [ends[1500], total - 1, total, total + 5]
+    for position in positions:
+        for max_bytes in (0, 1, 150, 151, 4096, 20_000, 1 << 30):
+            check_read(store, writer, 1, position, max_bytes)
+        for below in (1, ends[64], ends[64] + 1, ends[rows // 2 + 3], total, total + 9):
+            check_read(store, writer, 1, position, 1 << 30, below)
+            check_read(store, writer, 1, position, 3000, below)
+    check_read(store, writer, 2, 0, 1 << 30)
+    check_read(store, writer, 9, 0, 1 << 30)
+    store.fold()
+    check_read(store, writer, 1, 0, 1 << 30)
+    check_read(store, writer, 1, ends[700], 10_000, ends[900])
+    store.close()
+
+
 def test_a_purged_stream_leaves_nothing_in_either_table(tmp_path: Path) -> None:
     store = Store(tmp_path)
     writer = Writer(store)

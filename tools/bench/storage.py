@@ -34,12 +34,16 @@ tool instead drives the shard's own group committer and store with `--connection
 writers, each waiting for its commit like a connection of the append benchmark:
 
     python -m ds_cluster.tools.bench.storage --committer inline --seconds 3
+
+With `--store-reads` it measures the store's read forms instead: `read_records` (a Record
+per row), `read_buffers` (the datas as a list) and `read_joined` (one joined record).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import random
 import sqlite3
@@ -412,6 +416,39 @@ async def drive_committer(
     }
 
 
+def measure_store_reads(data_dir: Path, record: int, folded: bool, repeat: int) -> list[float]:
+    """The store's own reads of 1 MiB of one stream of `record`-byte records (2 MiB
+    written, in the records table when `folded`, else in the journal): process CPU ms,
+    best of `repeat`, from its start and its middle, for each read form."""
+    from ds_cluster.shard.core.model import Record, StreamState, evolve
+    from ds_cluster.shard.store import Batch, Store, StreamWrite
+
+    store = Store(data_dir)
+    state = StreamState(path="s", content_type="application/octet-stream", created_at=1.0, tail=0)
+    data = os.urandom(record)
+    pending: list[Record] = []
+    for n in range(2 * MiB // record):
+        pending.append(Record(state.tail, state.tail + record, data))
+        state = evolve(state, tail=state.tail + record)
+        if len(pending) == 64 or n == 2 * MiB // record - 1:
+            write = StreamWrite("s", 1, 1 if n >= 64 else None, state, tuple(pending))
+            store.commit(Batch(streams=[write]))
+            pending = []
+    if folded:
+        store.fold()
+    out = []
+    for read in (store.read_records, store.read_buffers, store.read_joined):
+        for position in (0, MiB // 2):
+            best = math.inf
+            for _ in range(repeat):
+                t0 = time.process_time()
+                read(1, position, MiB)
+                best = min(best, time.process_time() - t0)
+            out.append(best * 1e3)
+    store.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=256)
@@ -433,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
         "writers for --seconds (inline: its default placement; thread: every group in a "
         "worker thread)",
     )
+    parser.add_argument(
+        "--store-reads",
+        action="store_true",
+        help="instead: the store's read forms (read_records, read_buffers, read_joined) of "
+        "1 MiB, 100 B and 64 KiB records, folded and in the journal",
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
@@ -453,6 +496,20 @@ def main(argv: list[str] | None = None) -> None:
             f"committer ({args.committer}), {args.connections} writers, {args.streams} streams, "
             f"{args.size} B: " + ", ".join(f"{value:,.1f} {name}" for name, value in result.items())
         )
+        return
+    if args.store_reads:
+        print("the store reading 1 MiB of one stream: process CPU ms, best of 7 (start / middle)")
+        print(f"{'records':<18}{'read_records':>16}{'read_buffers':>16}{'read_joined':>16}")
+        for record in (100, 64 * 1024):
+            for folded in (True, False):
+                with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                    ms = measure_store_reads(Path(tmp), record, folded, 7)
+                where = "records" if folded else "journal"
+                label = f"{record} B, {where}"
+                text = "".join(
+                    f"{a:>8.2f} /{b:>6.2f}" for a, b in zip(ms[::2], ms[1::2], strict=True)
+                )
+                print(f"{label:<18}{text}", flush=True)
         return
     groups = [int(g) for g in args.groups.split(",")]
     layouts = make_layouts(args.compact_rows)
