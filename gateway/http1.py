@@ -43,7 +43,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from math import inf
 from time import perf_counter
 from typing import Any, Protocol
@@ -138,6 +138,8 @@ class Http1Server:
     """What every connection of one server shares: settings, the route, the app."""
 
     __slots__ = (
+        "_lines",
+        "_lines_of",
         "access",
         "app",
         "between",
@@ -188,6 +190,8 @@ class Http1Server:
         self.between = float(getattr(config, "idle_timeout", self.keep_alive))
         self.max_requests = int(config.keep_alive_max_requests)
         self.max_body_bytes = route.max_body_bytes if route is not None else max_body_bytes
+        self._lines_of: object = None  # the extra headers list `_lines` renders
+        self._lines = (b"", b"")  # its lines, without and with Connection: close
 
     def terminated(self) -> bool:
         """The server is shutting down."""
@@ -203,12 +207,29 @@ class Http1Server:
         headers: list[tuple[bytes, bytes]] = self.config.response_headers("h11")
         return [*headers, framing.CLOSE] if close else headers
 
+    def extra_lines(self, close: bool, rid: bytes) -> bytes:
+        """`extra_headers(close)` and the request's X-Request-Id as header lines. The
+        lines of the shared list are rendered once for as long as the config hands out
+        the same list (a second, for `LeanConfig`), not once per answer."""
+        headers = self.config.response_headers("h11")
+        if headers is not self._lines_of:
+            self._lines_of = headers
+            lines = _header_lines(headers)
+            self._lines = (lines, lines + _header_lines((framing.CLOSE,)))
+        return self._lines[close] + b"x-request-id: %b\r\n" % rid
+
     def serve(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     ) -> Awaitable[None]:
         """Serve one accepted connection (`trio.serve_listeners`' handler; the coroutine
         itself, without a frame of this call kept under it for the connection's life)."""
         return Http1Connection(self, stream).run()
+
+
+def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`headers` as the lines of a header block (written as given: they come from the
+    gateway itself, never from a client)."""
+    return b"".join([b"%b: %b\r\n" % (name, value) for name, value in headers])
 
 
 class _HeadRefused(Exception):
@@ -648,7 +669,7 @@ class Http1Connection:
         close = req.close = self._closing(req)
         status, headers, body = req.early
         rid = request_id(req.headers)
-        extra = [*self._server.extra_headers(close), (REQUEST_ID, rid)]
+        extra = self._server.extra_lines(close, rid)
         await self._write_answer(req.method, status, headers, body, extra)
         self._served += 1
         req.drain_until = trio.current_time() + DRAIN_TIME
@@ -711,7 +732,7 @@ class Http1Connection:
                 return False
             status, headers, out = answer
             close = self._closing(req)
-            extra = [*server.extra_headers(close), (REQUEST_ID, rid)]
+            extra = server.extra_lines(close, rid)
             await self._write_answer(method, status, headers, out, extra)
             if access is not None:
                 self._log(
@@ -728,13 +749,15 @@ class Http1Connection:
         status: int,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        extra: list[tuple[bytes, bytes]],
+        extra: bytes,
     ) -> None:
-        """A whole response: one write (a large body in a second one, uncopied)."""
-        if framing.has_body(method, status) and not _has_length(headers):
-            extra = [*extra, (b"content-length", b"%d" % len(body))]
-        head = framing.response_head(status, headers, extra)
-        if not body or not framing.has_body(method, status):
+        """A whole response: one write (a large body in a second one, uncopied).
+        `extra`: header lines after `headers` (`Http1Server.extra_lines`)."""
+        with_body = framing.has_body(method, status)
+        if with_body and not _has_length(headers):
+            extra += b"content-length: %d\r\n" % len(body)
+        head = b"%b%b%b\r\n" % (framing.status_line(status), _header_lines(headers), extra)
+        if not body or not with_body:
             await self._write(head)
         elif len(body) < SEPARATE_BODY_BYTES:
             await self._write(head + body)
@@ -762,7 +785,7 @@ class Http1Connection:
             if not isinstance(result, Streaming):
                 status, headers, out = result
                 close = self._closing(req)
-                extra = [*server.extra_headers(close), (REQUEST_ID, rid)]
+                extra = server.extra_lines(close, rid)
                 await self._write_answer(req.method, status, headers, out, extra)
                 if access is not None:
                     self._log(access, req, rid, status, len(out))
@@ -896,7 +919,8 @@ class Http1Connection:
             if exchange.head_sent:
                 return False
             status, headers, out = error_answer(500, "internal error")
-            await self._write_answer(req.method, status, headers, out, server.extra_headers(True))
+            extra = _header_lines(server.extra_headers(True))
+            await self._write_answer(req.method, status, headers, out, extra)
             return False
         return exchange.done and not exchange.close
 
