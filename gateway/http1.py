@@ -798,10 +798,10 @@ class Http1Connection:
                 self._parser = None  # made again for the next request (`_feed`)
             try:
                 close = self._closing(req)
-                extra = [*server.extra_headers(close), framing.CHUNKED, (REQUEST_ID, rid)]
-                await self._write(framing.response_head(status, result.headers, extra))
+                sse_extra = [*server.extra_headers(close), framing.CHUNKED, (REQUEST_ID, rid)]
+                await self._write(framing.response_head(status, result.headers, sse_extra))
                 client.start(result.prefix)
-                del result, extra
+                del result, sse_extra
                 done = await self._pump(client)
                 if done:
                     await self._write(framing.LAST_CHUNK)
