@@ -121,6 +121,38 @@ async def test_commit_placement_follows_group_size_and_speed(
     store.close()
 
 
+async def test_a_job_queued_during_a_commit_is_released_by_its_own_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs share their group's done event: one queued while a group commits (in a worker
+    thread) belongs to the next group and is released only once that one has committed."""
+    monkeypatch.setattr(committer_module, "INLINE_MAX_JOBS", 0)  # every group in the thread
+    store = RecordingStore(tmp_path)
+    committer = Committer(store, lambda jobs: None)
+    entry = Entry("s")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        store.delay = 1.0  # each commit stays in its thread this long after committing
+        first = committer.submit(job_for(entry, 1, b"first"))
+        with trio.fail_after(60):
+            while not store.threads:  # the first group has committed and is sleeping
+                await trio.sleep(0.01)
+        second = committer.submit(job_for(entry, 1, b"second"))
+        assert not first.done.is_set() and not second.done.is_set()
+        with trio.fail_after(60):
+            await first.wait()
+        assert not second.done.is_set()  # its own commit is still in its thread
+        store.delay = 0.0
+        with trio.fail_after(60):
+            await second.wait()
+        assert len(store.threads) == 2
+        nursery.cancel_scope.cancel()
+    reopened = Store(tmp_path)
+    assert [r.data for r in reopened.read_records(1, 0, 1024)] == [b"first", b"second"]
+    reopened.close()
+    store.close()
+
+
 def purge_job(entry: Entry, sid: int) -> Job:
     return Job(writes=[(entry, StreamWrite(entry.path, sid, sid, None))])
 
