@@ -225,8 +225,8 @@ class Committer:
                     await self._wake.wait()
                     if idle.deadline != math.inf:
                         idle.deadline = math.inf
-                    if idle.cancel_called:
-                        break  # the deadline passed as it woke: served below
+                    if idle.cancel_called or self._store.failure is not None:
+                        break  # the deadline passed as it woke (served below), or recovery
                     self._woke_at = trio.current_time()
                     self._wake = trio.Event()
                     await self._serve()
