@@ -201,6 +201,10 @@ class FrameWriter:
             log.warning("dropping connection: peer left over %d bytes unread", held)
             self._connection.cancel()
 
+    def has_room(self) -> bool:
+        """Whether `send` would queue at once (no more than HIGH_WATER bytes unsent)."""
+        return self._size + self._writing <= HIGH_WATER
+
     async def send(self, frame: Mapping[str, object]) -> None:
         """Queue a frame, waiting first while the peer is not keeping up."""
         while self._size + self._writing > HIGH_WATER:

@@ -227,12 +227,13 @@ class RpcServer:
                 if refusal is not None:
                     writer.send_nowait(refusal)
                     continue
-                if (
-                    op == "http"
-                    and frame["m"] == "POST"
-                    and self._append_now(frame, writer, answers)
-                ):
-                    continue
+                if op == "http":
+                    method = frame["m"]
+                    if method == "POST":
+                        if self._append_now(frame, writer, answers):
+                            continue
+                    elif (method == "GET" or method == "HEAD") and self._read_now(frame, writer):
+                        continue
                 scope = trio.CancelScope()
                 protocol.started(frame["i"], scope)
                 nursery.start_soon(self._request, frame, protocol, writer, scope)
@@ -279,6 +280,37 @@ class RpcServer:
             writer.send_nowait(
                 rpc_core.response(call_id, outcome.status, outcome.headers, outcome.body, False)
             )
+        return True
+
+    def _read_now(self, message: wire.RequestFrame, writer: FrameWriter) -> bool:
+        """Answer a read without a task (`ShardService.read_now`) when it can be answered
+        at once from this shard and the connection's answers are not backed up (the task
+        path waits for the peer to read them). False: run it as a task; nothing was sent."""
+        path = message["p"]
+        if not writer.has_room():
+            return False
+        try:
+            _check_path(path)
+        except PathError:
+            return False
+        if not self.service.owns(path):
+            return False
+        headers = {name.lower(): value for name, value in message["h"]}
+        request = Request(message["m"], path, message["q"], headers, message["b"])
+        try:
+            response = self.service.read_now(request)
+        except StorageUnavailable as exc:
+            writer.send_nowait(rpc_core.error(message["i"], "unavailable", str(exc)))
+            return True
+        except Exception:
+            log.exception("request %s failed", message["i"])
+            writer.send_nowait(rpc_core.error(message["i"], "internal", "internal error"))
+            return True
+        if response is None:
+            return False
+        writer.send_nowait(
+            rpc_core.response(message["i"], response.status, response.headers, response.body, False)
+        )
         return True
 
     async def _request(

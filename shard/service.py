@@ -219,6 +219,35 @@ class ShardService:
             raise
         return Settling(entry, job, decision, request)
 
+    def read_now(self, request: Request) -> Response | None:
+        """A GET or HEAD answered on the spot, without a task of its own: the response,
+        or None when the request needs the full path (`handle_http`): a stream moving, a
+        long-poll that waits, SSE, or records a fork reads from its source. Raises
+        StorageUnavailable as `handle_http` would, before answering anything."""
+        path = request.path
+        if not self.handoff.admits_now(path):
+            return None
+        entry = self.table.get(path)
+        try:
+            now = time.time()
+            state = entry.committed
+            decision = core.handle(request, state, now, self.config)
+            if type(decision) is NeedRecords:
+                fork = state.fork if state is not None else None
+                if fork is not None and fork.linked and decision.position < fork.position:
+                    return None  # from the source's shard: the full path asks it
+                self.committer.touch(entry, now)
+                records = self.table.read(entry, decision.position, decision.max_bytes)
+                decision = core.finish_read(request, state, records, now, self.config)
+            if type(decision) is not Reply or decision.changed:
+                return None
+            if decision.touch:
+                self.committer.touch(entry, now)
+            self._count(request, decision, decision.response)
+            return decision.response
+        finally:
+            self.table.release_if_idle(entry)
+
     def settled(self, settling: Settling) -> Response:
         """The response of a `decide_now` append whose job is done."""
         self.table.release_if_idle(settling.entry)
