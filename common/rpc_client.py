@@ -168,6 +168,11 @@ class Call(rpc_core.CallState):
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the call (what leaving `async with call` does, without a coroutine): if
+        its response is not complete, the shard is told to stop."""
         if not self.done:
             self.done = True
             self._conn._abandon(self)
@@ -765,7 +770,7 @@ class ShardPool:
             try:
                 first = await call._peek()
             except BaseException:
-                await call.__aexit__(None, None, None)
+                call.close()
                 raise
             if isinstance(first, _Stop) or first["k"] != "err":
                 return call

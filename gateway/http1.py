@@ -1010,9 +1010,12 @@ class Http1Connection:
         if recorder is None:
             return None
         method = req.method
-        live = (
-            "sse" if streams else gateway_metrics.live_label(method, req.target.partition(b"?")[2])
-        )
+        if streams:
+            live = "sse"
+        elif method != "GET":
+            live = "none"  # (what live_label says of any other method)
+        else:
+            live = gateway_metrics.live_label(method, req.target.partition(b"?")[2])
         return recorder.exchange(method, "https" if self.tls else "http", live)
 
     def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:

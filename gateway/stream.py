@@ -390,8 +390,10 @@ class StreamHandler:
         way is retried by `open_routed`)."""
         try:
             call = await self.pool.open_routed(route.path, "http", route.fields(body))
-            async with call:
+            try:
                 res = await call.response()
+            finally:
+                call.close()  # a cancel to the shard if the response is not complete
         except (ShardUnavailable, ShardError) as exc:
             return failure_answer(exc)
         if res.get("more"):  # leaving `call` above already cancelled the stream
