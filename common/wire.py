@@ -396,7 +396,7 @@ class FrameDecoder:
         return messages
 
 
-DEFER_BYTES = 1024 * 1024  # frames from this size are joined off the loop (feed_deferred)
+DEFER_BYTES = bigjoin.THRESHOLD  # frames from this size are joined off the loop (feed_deferred)
 HEAD_BYTES = 64 * 1024  # how far into a deferred frame its head (all but `b`) is looked for
 HEAD_PROBE_BYTES = 2048  # looked at first: most heads end well before
 
