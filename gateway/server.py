@@ -443,8 +443,6 @@ class LeanTCPServer(TCPServer):
                 )
                 await self.protocol.initiate()
                 self._set_idle(True, answered=False)
-                if self._initial:
-                    await self.protocol.handle(RawData(self._initial))
                 try:
                     await self._read_data()
                 finally:
@@ -479,6 +477,10 @@ class LeanTCPServer(TCPServer):
             self._read_scope = scope
             # Reset by the peer (OSError), or closed by the protocol after a response.
             with contextlib.suppress(OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+                if self._initial:  # what gateway.http1 read: it may end in a partial head
+                    initial, self._initial = self._initial, b""
+                    await protocols.handle(RawData(initial))
+                    deadline = protocols.protocol.body_deadline(len(initial))  # type: ignore[union-attr]
                 while True:
                     if deadline == inf:
                         data = await receive(MAX_RECV)
