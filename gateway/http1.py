@@ -39,7 +39,6 @@ is answered with `Connection: close`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -59,6 +58,7 @@ from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, reques
 from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
+from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ MAX_HEAD = 16 * 1024  # bytes of a request head (request line and header fields)
 MAX_HEADERS = 100  # header fields of a request
 SEPARATE_BODY_BYTES = 64 * 1024  # a body this large is written apart from its head
 EARLY_CHECK_BYTES = 64 * 1024  # a request body larger is checked (`route.refuse`) at its head
-TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
 BODY_GRACE = 5.0  # seconds a request body may take before its rate counts
 BODY_MIN_RATE = 8 * 1024  # bytes/s a request body must average after the grace
 BODY_STALL = 15.0  # seconds a request body may send nothing at all
@@ -306,7 +305,7 @@ class Http1Connection:
         "_unread",
         "_url",
         "_wake",
-        "_write_scope",
+        "write_scope",
         "output",
         "stream",
         "tls",
@@ -334,7 +333,7 @@ class Http1Connection:
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
-        self._write_scope: trio.CancelScope | None = None
+        self.write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
         self._stopped = False  # dropped, or the server stops: no more reads or writes
         self._broken = False  # the parser cannot go on: answer what is queued, then close
@@ -381,11 +380,16 @@ class Http1Connection:
             if not self._handed_over:
                 await self._close()
 
+    @property
+    def dropped(self) -> bool:
+        """Stopped (dropped, or the server stops): a write in progress gives up."""
+        return self._stopped
+
     def stop_reading(self) -> None:
         """End this connection: at shutdown (while idle), or to drop it (a write in
         progress is abandoned too)."""
         self._stopped = True
-        for scope in (self._read_scope, self._write_scope, self._wake):
+        for scope in (self._read_scope, self.write_scope, self._wake):
             if scope is not None:
                 scope.cancel()
 
@@ -938,13 +942,13 @@ class Http1Connection:
             raise trio.BrokenResourceError("over the output budget")
         try:
             if self.tls:
-                return await self._write_tls(data)
+                return await write_tls(self, self.stream, data)
             try:
                 written = os.write(self._fd, data)
             except BlockingIOError:
                 written = 0
             if written < len(data):
-                await self._write_rest(memoryview(data)[written:])
+                await write_rest(self, self._fd, memoryview(data)[written:])
         finally:
             output.release(len(data))
 
@@ -957,51 +961,19 @@ class Http1Connection:
             raise trio.BrokenResourceError("over the output budget")
         try:
             if self.tls:
-                await self._write_tls(head)
-                return await self._write_tls(body)
+                await write_tls(self, self.stream, head)
+                return await write_tls(self, self.stream, body)
             try:
                 written = os.writev(self._fd, (head, body))
             except BlockingIOError:
                 written = 0
             if written < len(head):
-                await self._write_rest(memoryview(head)[written:])
+                await write_rest(self, self._fd, memoryview(head)[written:])
                 written = len(head)
             if written - len(head) < len(body):
-                await self._write_rest(memoryview(body)[written - len(head) :])
+                await write_rest(self, self._fd, memoryview(body)[written - len(head) :])
         finally:
             output.release(size)
-
-    async def _write_rest(self, view: memoryview) -> None:
-        fd = self._fd
-        with trio.CancelScope(shield=True) as scope:
-            self._write_scope = scope
-            try:
-                while view:
-                    if self._stopped:
-                        scope.cancel()
-                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                    await trio.lowlevel.wait_writable(fd)
-                    with contextlib.suppress(BlockingIOError):
-                        view = view[os.write(fd, view) :]
-            finally:
-                self._write_scope = None
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
-
-    async def _write_tls(self, data: bytes | memoryview) -> None:
-        """Through the TLS stream: each TLS_WRITE_PIECE must go out within WRITE_TIMEOUT
-        (a cancelled TLS write breaks the stream: the connection ends)."""
-        view = memoryview(data)
-        with trio.CancelScope(shield=True) as scope:
-            self._write_scope = scope
-            try:
-                for start in range(0, len(view), TLS_WRITE_PIECE):
-                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                    await self.stream.send_all(view[start : start + TLS_WRITE_PIECE])
-            finally:
-                self._write_scope = None
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -1186,7 +1158,7 @@ class SseClient:
             while queue and not self.dropped:
                 data = queue[0]
                 if conn.tls:
-                    await conn._write_tls(data)
+                    await write_tls(conn, conn.stream, data)
                     written = len(data)
                 else:
                     try:

@@ -62,7 +62,6 @@ from ds_cluster.gateway.answers import error_answer
 from ds_cluster.gateway.budget import (
     OUTPUT_STATE,
     UNLIMITED,
-    WRITE_TIMEOUT,
     ConnectionOutput,
     OutputBudget,
 )
@@ -73,10 +72,10 @@ from ds_cluster.gateway.http1 import (
     NativeRoute,
     body_deadline,
 )
+from ds_cluster.gateway.socket_writes import write_rest, write_tls
 from ds_cluster.gateway.tls import TLSListener
 
 log = logging.getLogger(__name__)
-TLS_WRITE_PIECE = 256 * 1024  # under TLS, WRITE_TIMEOUT applies to each piece this large
 TLS_CLOSE_TIMEOUT = 1.0  # seconds to send TLS close_notify before the socket just closes
 CONNECTION_CLOSE = (b"connection", b"close")
 _TIMEOUT = "request body too slow"
@@ -411,7 +410,8 @@ class LeanTCPServer(TCPServer):
         self._idle_until = inf  # while idle: when the connection times out
         self._answered = False  # idle after a response (not a fresh connection)
         self._read_scope: trio.CancelScope | None = None
-        self._write_scope: trio.CancelScope | None = None
+        self.write_scope: trio.CancelScope | None = None  # the write in progress
+        self.dropped = False  # stop_reading was called: a write in progress gives up
         self.output = output.connection()  # response bytes queued for this client
 
     async def run(self) -> None:
@@ -458,10 +458,11 @@ class LeanTCPServer(TCPServer):
     def stop_reading(self) -> None:
         """Shutdown: end this idle connection now rather than at its keep-alive deadline.
         Also how a connection is dropped: a write in progress is abandoned too."""
+        self.dropped = True
         if self._read_scope is not None:
             self._read_scope.cancel()
-        if self._write_scope is not None:
-            self._write_scope.cancel()
+        if self.write_scope is not None:
+            self.write_scope.cancel()
 
     async def _read_data(self) -> None:
         """Feed the protocol until the client closes. The whole loop runs in one cancel
@@ -581,46 +582,17 @@ class LeanTCPServer(TCPServer):
 
     async def _write(self, data: bytes) -> None:
         """Write all of `data`: at once when the socket takes it (no yield), else as the
-        socket takes it. Shielded from the caller's cancellation (a half-written
-        response cannot be taken back), but not from a socket that takes nothing for
-        WRITE_TIMEOUT seconds or the connection being dropped: BrokenResourceError."""
+        socket takes it (`gateway.socket_writes`: shielded, but not from a stalled socket
+        or a dropped connection: BrokenResourceError)."""
         if self.tls:
-            return await self._write_tls(data)
+            return await write_tls(self, self.stream, data)
         fd = self.stream.socket.fileno()
         try:
             written = os.write(fd, data)
         except BlockingIOError:
             written = 0
-        if written == len(data):
-            return
-        view = memoryview(data)[written:]
-        with trio.CancelScope(shield=True) as scope:
-            self._write_scope = scope
-            try:
-                while view:
-                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                    await trio.lowlevel.wait_writable(fd)
-                    with contextlib.suppress(BlockingIOError):
-                        view = view[os.write(fd, view) :]
-            finally:
-                self._write_scope = None
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
-
-    async def _write_tls(self, data: bytes) -> None:
-        """`_write` through the TLS stream: each TLS_WRITE_PIECE must go out within
-        WRITE_TIMEOUT (a cancelled TLS write breaks the stream: the connection ends)."""
-        view = memoryview(data)
-        with trio.CancelScope(shield=True) as scope:
-            self._write_scope = scope
-            try:
-                for start in range(0, len(view), TLS_WRITE_PIECE):
-                    scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                    await self.stream.send_all(view[start : start + TLS_WRITE_PIECE])
-            finally:
-                self._write_scope = None
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError("the client took no bytes in time, or was dropped")
+        if written < len(data):
+            await write_rest(self, fd, memoryview(data)[written:])
 
 
 async def serve(
