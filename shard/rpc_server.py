@@ -250,16 +250,10 @@ class RpcServer:
         """Decide an append without a task (`ShardService.decide_now`): its answer goes now,
         or from `answers` once its group commit is done. False: run it as a task (a path
         to refuse, a large body, a stream moving, ...; nothing was changed)."""
-        path = message["p"]
         call_id = message["i"]
-        try:
-            _check_path(path)
-        except PathError:
+        request = self._local_request(message)
+        if request is None:
             return False
-        if not self.service.owns(path):
-            return False
-        headers = {name.lower(): value for name, value in message["h"]}
-        request = Request("POST", path, message["q"], headers, message["b"])
         try:
             outcome = self.service.decide_now(request)
         except StorageUnavailable as exc:
@@ -282,21 +276,28 @@ class RpcServer:
             )
         return True
 
+    def _local_request(self, message: wire.RequestFrame) -> Request | None:
+        """The core's request for an HTTP frame on a path this shard owns, or None (a bad
+        path, or another shard's: the task path answers those)."""
+        path = message["p"]
+        try:
+            _check_path(path)
+        except PathError:
+            return None
+        if not self.service.owns(path):
+            return None
+        headers = {name.lower(): value for name, value in message["h"]}
+        return Request(message["m"], path, message["q"], headers, message["b"])
+
     def _read_now(self, message: wire.RequestFrame, writer: FrameWriter) -> bool:
         """Answer a read without a task (`ShardService.read_now`) when it can be answered
         at once from this shard and the connection's answers are not backed up (the task
         path waits for the peer to read them). False: run it as a task; nothing was sent."""
-        path = message["p"]
         if not writer.has_room():
             return False
-        try:
-            _check_path(path)
-        except PathError:
+        request = self._local_request(message)
+        if request is None:
             return False
-        if not self.service.owns(path):
-            return False
-        headers = {name.lower(): value for name, value in message["h"]}
-        request = Request(message["m"], path, message["q"], headers, message["b"])
         try:
             response = self.service.read_now(request)
         except StorageUnavailable as exc:
