@@ -256,15 +256,8 @@ class RpcServer:
             return False
         try:
             outcome = self.service.decide_now(request)
-        except StorageUnavailable as exc:
-            writer.send_nowait(rpc_core.error(call_id, "unavailable", str(exc)))
-            return True
-        except wire.OpError as exc:
-            writer.send_nowait(rpc_core.error(call_id, exc.code, str(exc), exc.args_map))
-            return True
-        except Exception:
-            log.exception("request %s failed", call_id)
-            writer.send_nowait(rpc_core.error(call_id, "internal", "internal error"))
+        except Exception as exc:
+            writer.send_nowait(_failure(call_id, exc))
             return True
         if outcome is None:
             return False
@@ -300,12 +293,8 @@ class RpcServer:
             return False
         try:
             response = self.service.read_now(request)
-        except StorageUnavailable as exc:
-            writer.send_nowait(rpc_core.error(message["i"], "unavailable", str(exc)))
-            return True
-        except Exception:
-            log.exception("request %s failed", message["i"])
-            writer.send_nowait(rpc_core.error(message["i"], "internal", "internal error"))
+        except Exception as exc:
+            writer.send_nowait(_failure(message["i"], exc))
             return True
         if response is None:
             return False
@@ -339,13 +328,8 @@ class RpcServer:
                 else:
                     msg = f"unknown op {op[:60]!r}"
                     writer.send_nowait(rpc_core.error(call_id, "bad_request", msg))
-        except (StorageUnavailable, PeerUnavailable) as exc:
-            writer.send_nowait(rpc_core.error(call_id, "unavailable", str(exc)))
-        except wire.OpError as exc:
-            writer.send_nowait(rpc_core.error(call_id, exc.code, str(exc), exc.args_map))
-        except Exception:
-            log.exception("request %s failed", call_id)
-            writer.send_nowait(rpc_core.error(call_id, "internal", "internal error"))
+        except Exception as exc:
+            writer.send_nowait(_failure(call_id, exc))
         finally:
             protocol.finished(call_id)
 
@@ -372,3 +356,14 @@ class RpcServer:
             await writer.send(rpc_core.chunk(call_id, data, more))
 
         await self.service.handle_http(request, respond, send)
+
+
+def _failure(call_id: int, exc: Exception) -> wire.Frame:
+    """The `err` frame for a request that raised: `unavailable` when the storage or a peer
+    is, the code of an `OpError`, else `internal` (logged: a bug)."""
+    if isinstance(exc, StorageUnavailable | PeerUnavailable):
+        return rpc_core.error(call_id, "unavailable", str(exc))
+    if isinstance(exc, wire.OpError):
+        return rpc_core.error(call_id, exc.code, str(exc), exc.args_map)
+    log.error("request %s failed", call_id, exc_info=exc)
+    return rpc_core.error(call_id, "internal", "internal error")
