@@ -357,6 +357,7 @@ def run_append(
     if len(window) == 2 and ok:
         metrics["server_cpu_ms_per_request"] = 1000.0 * (window[1] - window[0]) / ok
         metrics["server_cpu_us_per_append"] = cpu_us_per_op(window[1] - window[0], ok)
+        metrics["server_cpu_pct"] = 100.0 * (window[1] - window[0]) / duration
     if mode == "json10":
         metrics["messages_per_s"] = ok * 10 / duration
     if statuses:
