@@ -57,11 +57,14 @@ log = logging.getLogger(__name__)
 
 TOUCH_FLUSH_SECONDS = 5.0  # how long a read-refreshed TTL may stay only in memory
 INLINE_BATCH_BYTES = 256 * 1024  # groups with more record bytes commit in a worker thread
-# Groups of more jobs than this commit in a worker thread: that many writes waiting means
-# the loop has other work to do meanwhile (measured with 64 writers, `python -m
-# ds_cluster.tools.bench.storage --committer inline|thread`, 5 alternations: median CPU per
-# append of the whole process 31 us threaded vs 37 inline, of the loop 15 vs 22).
-INLINE_MAX_JOBS = 8
+# Groups of more jobs than this commit in a worker thread, so that one commit holds the
+# loop for a millisecond or two at most. Up to it they commit on the loop: the thread hop
+# and the GIL handoffs around the commit's statements cost more than the overlap of the
+# fsync with the loop's work gains (64 connections of 100 B appends, wrk, alternated with
+# a limit of 8, which sent nearly every group of a loaded shard to the thread: 2 shards
+# 154/160/139 -> 128/115/174 us of shard CPU per append, 3,487/3,767/2,529 ->
+# 3,941/4,224/2,719 appends/s; 1 shard, where groups are near 64, the same within noise).
+INLINE_MAX_JOBS = 64
 INLINE_COMMIT_SECONDS = 0.010  # a commit on the loop slower than this (a slow disk)...
 SLOW_COMMITS_IN_A_ROW = 3  # ...this many times in a row (one can be a preempted process)...
 INLINE_RETRY_SECONDS = 5.0  # ...sends commits to the thread for this long
@@ -318,9 +321,8 @@ class Committer:
 
     async def _commit(self, batch: Batch, size: int, jobs: int) -> None:
         """Run the transaction on the loop when the group is small and commits are quick:
-        a thread hop per group costs more CPU than such a commit (measured: 10% less CPU
-        per append on this project's 2-core machine, where fsync takes 0.1 ms, with small
-        groups). Else (more than INLINE_BATCH_BYTES or INLINE_MAX_JOBS) run it in a worker
+        a thread hop per group costs more CPU than such a commit (see INLINE_MAX_JOBS).
+        Else (more than INLINE_BATCH_BYTES or INLINE_MAX_JOBS) run it in a worker
         thread, so the loop keeps serving and gathers the next group while the disk works.
         SLOW_COMMITS_IN_A_ROW commits slower than INLINE_COMMIT_SECONDS on the loop (a slow
         disk, not one preemption) send the next INLINE_RETRY_SECONDS of commits to the
