@@ -876,16 +876,7 @@ class Store:
                 _purge(conn, write.sid)
                 conn.execute("DELETE FROM streams WHERE path = ?", (write.path,))
                 return
-            conn.execute(
-                _UPSERT_STREAM,
-                (
-                    write.path,
-                    write.sid,
-                    state.deadline(),
-                    state.fork.ref if state.fork else None,
-                    encode_state(state),
-                ),
-            )
+            conn.execute(_UPSERT_STREAM, _stream_row(write.path, write.sid, state))
         else:
             pending.states[write.path] = (write.sid, state)
         if write.records:
@@ -916,7 +907,9 @@ class _PendingRows:
     `executemany`.
     A stream's state is an UPDATE of its row, not the upsert that a new stream needs:
     that tries an insert first and rewrites the row's `sid` index entry, which made the
-    state's write cost about twice its journal row's."""
+    state's write cost about twice its journal row's. A stream without a TTL, an expiry
+    time or a fork origin (none of which an append changes) has had no deadline and no
+    fork ref since it was created: its UPDATE sets only the state, a third cheaper."""
 
     __slots__ = ("journal", "journal_bytes", "journal_rows", "producers", "states")
 
@@ -945,30 +938,40 @@ class _PendingRows:
             self.producers = []
         states = self.states
         if states:
-            rows = [
-                (
-                    state.deadline(),
-                    state.fork.ref if state.fork else None,
-                    encode_state(state),
-                    path,
-                )
-                for path, (_sid, state) in states.items()
-            ]
-            updated = conn.executemany(
-                "UPDATE streams SET deadline = ?, fork_ref = ?, state = ? WHERE path = ?", rows
-            ).rowcount
-            if updated != len(rows):
+            plain: list[tuple[bytes, str]] = []
+            timed: list[tuple[float | None, str | None, bytes, str]] = []
+            for path, (_sid, state) in states.items():
+                if state.ttl is None and state.expires_at_ts is None and state.fork is None:
+                    plain.append((encode_state(state), path))
+                else:
+                    fork_ref = state.fork.ref if state.fork else None
+                    timed.append((state.deadline(), fork_ref, encode_state(state), path))
+            updated = 0
+            if plain:
+                sql = "UPDATE streams SET state = ? WHERE path = ?"
+                updated += conn.executemany(sql, plain).rowcount
+            if timed:
+                sql = "UPDATE streams SET deadline = ?, fork_ref = ?, state = ? WHERE path = ?"
+                updated += conn.executemany(sql, timed).rowcount
+            if updated != len(states):
                 # A row that is not there (not expected: a stored stream's row stays until
                 # its purge) is written as the upsert would have: the write is not lost.
-                log.warning("%d appended streams had no row", len(rows) - updated)
-                conn.executemany(
-                    _UPSERT_STREAM,
-                    [
-                        (path, sid, *row[:3])
-                        for (path, (sid, _)), row in zip(states.items(), rows, strict=True)
-                    ],
-                )
+                log.warning("%d appended streams had no row", len(states) - updated)
+                conn.executemany(_UPSERT_STREAM, [_stream_row(p, *v) for p, v in states.items()])
             self.states = {}
+
+
+def _stream_row(
+    path: str, sid: int, state: StreamState
+) -> tuple[str, int, float | None, str | None, bytes]:
+    """The parameters of `_UPSERT_STREAM`."""
+    return (
+        path,
+        sid,
+        state.deadline(),
+        state.fork.ref if state.fork else None,
+        encode_state(state),
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -233,6 +233,33 @@ def test_a_stream_appended_twice_in_one_batch_keeps_its_last_state(tmp_path: Pat
     reopened.close()
 
 
+def test_an_append_to_a_stream_with_a_ttl_moves_its_stored_deadline(tmp_path: Path) -> None:
+    """Appends to a stream without a TTL write only its state; one with a TTL its deadline
+    too (the alarms are armed from it after a restart)."""
+    store = Store(tmp_path)
+    timed = StreamState(path="t", content_type="text/plain", created_at=1.0, tail=0, ttl=60)
+    plain = state("p", 0)
+    store.commit(
+        Batch(streams=[StreamWrite("t", 1, None, timed), StreamWrite("p", 2, None, plain)])
+    )
+    assert dict(store.load_deadlines()) == {"t": 60.0}
+    later = StreamState(
+        path="t", content_type="text/plain", created_at=1.0, tail=1, ttl=60, last_access=30.0
+    )
+    store.commit(
+        Batch(
+            streams=[
+                StreamWrite("t", 1, 1, later, (Record(0, 1, b"a"),)),
+                StreamWrite("p", 2, 2, state("p", 1), (Record(0, 1, b"b"),)),
+            ]
+        )
+    )
+    assert dict(store.load_deadlines()) == {"t": 90.0}
+    loaded = store.load_stream("p")
+    assert loaded is not None and loaded[1].tail == 1
+    store.close()
+
+
 def test_an_append_to_a_stream_without_its_row_still_writes_the_row(tmp_path: Path) -> None:
     """Appends update their stream's row; one that is missing is written all the same."""
     store = Store(tmp_path)
