@@ -273,25 +273,21 @@ class Committer:
         if jobs:
             self._queued_done = trio.Event()
         batch = Batch()
-        written: set[str] = set()
+        streams = batch.streams
         size = 0
         for job in jobs:
-            for entry, write in job.writes:
-                batch.streams.append(write)
-                written.add(entry.path)
-                size += sum(len(record.data) for record in write.records)
+            for _entry, write in job.writes:
+                streams.append(write)
+                for record in write.records:
+                    size += len(record.data)
             batch.refs_added += job.refs_added
             batch.refs_removed += job.refs_removed
             batch.outbox_put += job.outbox_put
             batch.outbox_removed += job.outbox_removed
             batch.statements += job.statements
             size += job.extra_bytes
-        for path, entry in list(self._dirty.items()):
-            if path in written or entry.inflight:
-                continue
-            del self._dirty[path]
-            if entry.committed is not None:
-                batch.touches.append((path, entry.committed))
+        if self._dirty:
+            self._take_touches(batch, jobs)
         started = time.perf_counter()
         try:
             await self._commit(batch, size, len(jobs))
@@ -304,20 +300,38 @@ class Committer:
         if jobs:
             self.durations.observe(time.perf_counter() - started)
             self.batch_sizes.observe(len(jobs))
-        if any(w.state is None or w.old_sid not in (None, w.sid) for w in batch.streams):
-            self._check_free_pages()  # a stream's data was purged
+        # One pass over the writes: their entries move forward, and whether a stream's
+        # data was purged (a delete or a new incarnation) is noted on the way.
+        purged = False
         for job in jobs:
             for entry, write in job.writes:
-                entry.committed = write.state
-                entry.committed_sid = write.sid if write.state is not None else None
-                if write.state is None or write.old_sid not in (None, write.sid):
+                state = write.state
+                old_sid = write.old_sid
+                if state is None or (old_sid is not None and old_sid != write.sid):
+                    purged = True
                     entry.forget()
+                entry.committed = state
+                entry.committed_sid = write.sid if state is not None else None
                 entry.remember(write.records)
                 entry.write_done()
                 entry.notify()
+        if purged:
+            self._check_free_pages()
         self._after_commit(jobs)
         if jobs:
             done.set()
+
+    def _take_touches(self, batch: Batch, jobs: list[Job]) -> None:
+        """Move the read-refreshed TTLs waiting in `_dirty` into `batch`, except those of
+        streams that `jobs` write (their new state carries it) or that have writes in
+        flight."""
+        written = {entry.path for job in jobs for entry, _write in job.writes}
+        for path, entry in list(self._dirty.items()):
+            if path in written or entry.inflight:
+                continue
+            del self._dirty[path]
+            if entry.committed is not None:
+                batch.touches.append((path, entry.committed))
 
     async def _commit(self, batch: Batch, size: int, jobs: int) -> None:
         """Run the transaction on the loop when the group is small and commits are quick:
