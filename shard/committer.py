@@ -32,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -114,26 +113,54 @@ def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
-@dataclass(eq=False)
 class Job:
     """One request's durable changes, committed atomically with its batch.
 
     `statements` are further bookkeeping for the same transaction (moves, settings), with
     `extra_bytes` the data they carry; `unfenced` marks the moves' own jobs, which may
-    write streams that are fenced for requests."""
+    write streams that are fenced for requests.
 
-    writes: list[tuple[Entry, StreamWrite]] = field(default_factory=list)
-    refs_added: list[tuple[str, str]] = field(default_factory=list)
-    refs_removed: list[str] = field(default_factory=list)
-    outbox_put: list[tuple[str, str, str]] = field(default_factory=list)
-    outbox_removed: list[str] = field(default_factory=list)
-    statements: list[Statement] = field(default_factory=list)
-    extra_bytes: int = 0
-    unfenced: bool = False
-    # Set once the job's group commit is done (or failed): the group's one event, shared by
-    # all its jobs and given at submit (an event per append cost a few microseconds each).
-    done: trio.Event = field(init=False, repr=False)
-    error: BaseException | None = None
+    A plain class with slots, not a dataclass: every append makes one, and the dataclass's
+    `__init__` with its six list factories cost 1.4 us of it, this one 0.6."""
+
+    __slots__ = (
+        "done",
+        "error",
+        "extra_bytes",
+        "outbox_put",
+        "outbox_removed",
+        "refs_added",
+        "refs_removed",
+        "statements",
+        "unfenced",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        *,
+        writes: list[tuple[Entry, StreamWrite]] | None = None,
+        refs_added: list[tuple[str, str]] | None = None,
+        refs_removed: list[str] | None = None,
+        outbox_put: list[tuple[str, str, str]] | None = None,
+        outbox_removed: list[str] | None = None,
+        statements: list[Statement] | None = None,
+        extra_bytes: int = 0,
+        unfenced: bool = False,
+    ) -> None:
+        self.writes = [] if writes is None else writes
+        self.refs_added = [] if refs_added is None else refs_added
+        self.refs_removed = [] if refs_removed is None else refs_removed
+        self.outbox_put = [] if outbox_put is None else outbox_put
+        self.outbox_removed = [] if outbox_removed is None else outbox_removed
+        self.statements = [] if statements is None else statements
+        self.extra_bytes = extra_bytes
+        self.unfenced = unfenced
+        # Set once the job's group commit is done (or failed): the group's one event,
+        # shared by all its jobs and given at submit (an event per append cost a few
+        # microseconds each).
+        self.done: trio.Event
+        self.error: BaseException | None = None
 
     async def wait(self) -> None:
         await self.done.wait()
