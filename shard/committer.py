@@ -32,7 +32,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -57,11 +56,14 @@ log = logging.getLogger(__name__)
 
 TOUCH_FLUSH_SECONDS = 5.0  # how long a read-refreshed TTL may stay only in memory
 INLINE_BATCH_BYTES = 256 * 1024  # groups with more record bytes commit in a worker thread
-# Groups of more jobs than this commit in a worker thread: that many writes waiting means
-# the loop has other work to do meanwhile (measured with 64 writers, `python -m
-# ds_cluster.tools.bench.storage --committer inline|thread`, 5 alternations: median CPU per
-# append of the whole process 31 us threaded vs 37 inline, of the loop 15 vs 22).
-INLINE_MAX_JOBS = 8
+# Groups of more jobs than this commit in a worker thread, so that one commit holds the
+# loop for a millisecond or two at most. Up to it they commit on the loop: the thread hop
+# and the GIL handoffs around the commit's statements cost more than the overlap of the
+# fsync with the loop's work gains (64 connections of 100 B appends, wrk, alternated with
+# a limit of 8, which sent nearly every group of a loaded shard to the thread: 2 shards
+# 154/160/139 -> 128/115/174 us of shard CPU per append, 3,487/3,767/2,529 ->
+# 3,941/4,224/2,719 appends/s; 1 shard, where groups are near 64, the same within noise).
+INLINE_MAX_JOBS = 64
 INLINE_COMMIT_SECONDS = 0.010  # a commit on the loop slower than this (a slow disk)...
 SLOW_COMMITS_IN_A_ROW = 3  # ...this many times in a row (one can be a preempted process)...
 INLINE_RETRY_SECONDS = 5.0  # ...sends commits to the thread for this long
@@ -111,26 +113,54 @@ def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
-@dataclass(eq=False)
 class Job:
     """One request's durable changes, committed atomically with its batch.
 
     `statements` are further bookkeeping for the same transaction (moves, settings), with
     `extra_bytes` the data they carry; `unfenced` marks the moves' own jobs, which may
-    write streams that are fenced for requests."""
+    write streams that are fenced for requests.
 
-    writes: list[tuple[Entry, StreamWrite]] = field(default_factory=list)
-    refs_added: list[tuple[str, str]] = field(default_factory=list)
-    refs_removed: list[str] = field(default_factory=list)
-    outbox_put: list[tuple[str, str, str]] = field(default_factory=list)
-    outbox_removed: list[str] = field(default_factory=list)
-    statements: list[Statement] = field(default_factory=list)
-    extra_bytes: int = 0
-    unfenced: bool = False
-    # Set once the job's group commit is done (or failed): the group's one event, shared by
-    # all its jobs and given at submit (an event per append cost a few microseconds each).
-    done: trio.Event = field(init=False, repr=False)
-    error: BaseException | None = None
+    A plain class with slots, not a dataclass: every append makes one, and the dataclass's
+    `__init__` with its six list factories cost 1.4 us of it, this one 0.6."""
+
+    __slots__ = (
+        "done",
+        "error",
+        "extra_bytes",
+        "outbox_put",
+        "outbox_removed",
+        "refs_added",
+        "refs_removed",
+        "statements",
+        "unfenced",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        *,
+        writes: list[tuple[Entry, StreamWrite]] | None = None,
+        refs_added: list[tuple[str, str]] | None = None,
+        refs_removed: list[str] | None = None,
+        outbox_put: list[tuple[str, str, str]] | None = None,
+        outbox_removed: list[str] | None = None,
+        statements: list[Statement] | None = None,
+        extra_bytes: int = 0,
+        unfenced: bool = False,
+    ) -> None:
+        self.writes = [] if writes is None else writes
+        self.refs_added = [] if refs_added is None else refs_added
+        self.refs_removed = [] if refs_removed is None else refs_removed
+        self.outbox_put = [] if outbox_put is None else outbox_put
+        self.outbox_removed = [] if outbox_removed is None else outbox_removed
+        self.statements = [] if statements is None else statements
+        self.extra_bytes = extra_bytes
+        self.unfenced = unfenced
+        # Set once the job's group commit is done (or failed): the group's one event,
+        # shared by all its jobs and given at submit (an event per append cost a few
+        # microseconds each).
+        self.done: trio.Event
+        self.error: BaseException | None = None
 
     async def wait(self) -> None:
         await self.done.wait()
@@ -270,25 +300,21 @@ class Committer:
         if jobs:
             self._queued_done = trio.Event()
         batch = Batch()
-        written: set[str] = set()
+        streams = batch.streams
         size = 0
         for job in jobs:
-            for entry, write in job.writes:
-                batch.streams.append(write)
-                written.add(entry.path)
-                size += sum(len(record.data) for record in write.records)
+            for _entry, write in job.writes:
+                streams.append(write)
+                for record in write.records:
+                    size += len(record.data)
             batch.refs_added += job.refs_added
             batch.refs_removed += job.refs_removed
             batch.outbox_put += job.outbox_put
             batch.outbox_removed += job.outbox_removed
             batch.statements += job.statements
             size += job.extra_bytes
-        for path, entry in list(self._dirty.items()):
-            if path in written or entry.inflight:
-                continue
-            del self._dirty[path]
-            if entry.committed is not None:
-                batch.touches.append((path, entry.committed))
+        if self._dirty:
+            self._take_touches(batch, jobs)
         started = time.perf_counter()
         try:
             await self._commit(batch, size, len(jobs))
@@ -301,26 +327,43 @@ class Committer:
         if jobs:
             self.durations.observe(time.perf_counter() - started)
             self.batch_sizes.observe(len(jobs))
-        if any(w.state is None or w.old_sid not in (None, w.sid) for w in batch.streams):
-            self._check_free_pages()  # a stream's data was purged
+        # One pass over the writes: their entries move forward, and whether a stream's
+        # data was purged (a delete or a new incarnation) is noted on the way.
+        purged = False
         for job in jobs:
             for entry, write in job.writes:
-                entry.committed = write.state
-                entry.committed_sid = write.sid if write.state is not None else None
-                if write.state is None or write.old_sid not in (None, write.sid):
+                state = write.state
+                old_sid = write.old_sid
+                if state is None or (old_sid is not None and old_sid != write.sid):
+                    purged = True
                     entry.forget()
+                entry.committed = state
+                entry.committed_sid = write.sid if state is not None else None
                 entry.remember(write.records)
                 entry.write_done()
                 entry.notify()
+        if purged:
+            self._check_free_pages()
         self._after_commit(jobs)
         if jobs:
             done.set()
 
+    def _take_touches(self, batch: Batch, jobs: list[Job]) -> None:
+        """Move the read-refreshed TTLs waiting in `_dirty` into `batch`, except those of
+        streams that `jobs` write (their new state carries it) or that have writes in
+        flight."""
+        written = {entry.path for job in jobs for entry, _write in job.writes}
+        for path, entry in list(self._dirty.items()):
+            if path in written or entry.inflight:
+                continue
+            del self._dirty[path]
+            if entry.committed is not None:
+                batch.touches.append((path, entry.committed))
+
     async def _commit(self, batch: Batch, size: int, jobs: int) -> None:
         """Run the transaction on the loop when the group is small and commits are quick:
-        a thread hop per group costs more CPU than such a commit (measured: 10% less CPU
-        per append on this project's 2-core machine, where fsync takes 0.1 ms, with small
-        groups). Else (more than INLINE_BATCH_BYTES or INLINE_MAX_JOBS) run it in a worker
+        a thread hop per group costs more CPU than such a commit (see INLINE_MAX_JOBS).
+        Else (more than INLINE_BATCH_BYTES or INLINE_MAX_JOBS) run it in a worker
         thread, so the loop keeps serving and gathers the next group while the disk works.
         SLOW_COMMITS_IN_A_ROW commits slower than INLINE_COMMIT_SECONDS on the loop (a slow
         disk, not one preemption) send the next INLINE_RETRY_SECONDS of commits to the

@@ -163,15 +163,20 @@ class ShardService:
 
     def _after_commit(self, jobs: list[Job]) -> None:
         counters = self.counters
+        arm = self.alarms.arm
+        handoff_after_commit = self.handoff.after_commit
         for job in jobs:
             for entry, write in job.writes:
-                if write.old_sid is None and write.state is not None:  # a new row
-                    counters.streams += 1
-                elif write.old_sid is not None and write.state is None:  # one purged
-                    counters.streams -= 1
-                if write.state is not None:
-                    self.alarms.arm(entry.path, write.state.deadline())
-                self.handoff.after_commit(entry.path, write.state)
+                state = write.state
+                if state is None:
+                    if write.old_sid is not None:  # a row purged
+                        counters.streams -= 1
+                else:
+                    if write.old_sid is None:  # a new row
+                        counters.streams += 1
+                    if state.ttl is not None or state.expires_at_ts is not None:
+                        arm(entry.path, state.deadline())  # (None for all others)
+                handoff_after_commit(entry.path, state)
             for ref, source, status in job.outbox_put:
                 if status == "due":
                     self.forks.outbox.add(ref, source)

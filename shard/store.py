@@ -101,6 +101,13 @@ READ_FIRST_ROWS = 64
 READ_BATCH_ROWS = 1024
 _FIRST = operator.itemgetter(0)
 _DATA = operator.itemgetter(-1)  # a read row's data: its last column
+# A new stream's row, or a new incarnation's (a further write of a stored stream is an
+# UPDATE: see `_PendingRows`).
+_UPSERT_STREAM = (
+    "INSERT INTO streams (path, sid, deadline, fork_ref, state) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(path) DO UPDATE SET sid = excluded.sid, deadline = excluded.deadline, "
+    "fork_ref = excluded.fork_ref, state = excluded.state"
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -795,15 +802,12 @@ class Store:
     def commit(self, batch: Batch) -> None:
         """Apply `batch` in one transaction; raises (after rolling back) on any failure."""
         conn = self._require_writer()
-        journaled: list[tuple[int, int, int, bytes]] = []
+        pending = _PendingRows()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for write in batch.streams:
-                self._apply_stream(conn, write, journaled)
-            conn.executemany(
-                "INSERT INTO journal (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
-                journaled,
-            )
+                self._apply_stream(conn, write, pending)
+            pending.flush(conn)
             for path, state in batch.touches:
                 conn.execute(
                     "UPDATE streams SET state = ?, deadline = ? WHERE path = ?",
@@ -831,8 +835,8 @@ class Store:
         except BaseException:
             _rollback(conn)
             raise
-        self.journal_rows += len(journaled)
-        self.journal_bytes += sum(len(row[3]) for row in journaled)
+        self.journal_rows += pending.journal_rows
+        self.journal_bytes += pending.journal_bytes
 
     def fold_due(self) -> bool:
         return self.journal_rows >= FOLD_ROWS or self.journal_bytes >= FOLD_BYTES
@@ -856,33 +860,25 @@ class Store:
         self._journal_sids.clear()
 
     def _apply_stream(
-        self,
-        conn: sqlite3.Connection,
-        write: StreamWrite,
-        journaled: list[tuple[int, int, int, bytes]],
+        self, conn: sqlite3.Connection, write: StreamWrite, pending: _PendingRows
     ) -> None:
-        """Write one stream's change; its records go to `journaled` (inserted by the caller
-        in one statement) unless they are large and the stream has nothing in the journal."""
+        """Write one stream's change. A further write of a stored stream (an append) only
+        adds rows to `pending`, written in one statement per table; anything else (a new
+        stream, a new incarnation, a purge) first writes what `pending` holds, so the
+        batch's statements keep their order."""
         state = write.state
-        if write.old_sid is not None and write.old_sid != write.sid:
-            _purge(conn, write.old_sid)
-            conn.execute("DELETE FROM streams WHERE sid = ?", (write.old_sid,))
-        if state is None:
-            _purge(conn, write.sid)
-            conn.execute("DELETE FROM streams WHERE path = ?", (write.path,))
-            return
-        conn.execute(
-            "INSERT INTO streams (path, sid, deadline, fork_ref, state) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET sid = excluded.sid, deadline = excluded.deadline, "
-            "fork_ref = excluded.fork_ref, state = excluded.state",
-            (
-                write.path,
-                write.sid,
-                state.deadline(),
-                state.fork.ref if state.fork else None,
-                encode_state(state),
-            ),
-        )
+        if state is None or write.old_sid is None or write.old_sid != write.sid:
+            pending.flush(conn)
+            if write.old_sid is not None and write.old_sid != write.sid:
+                _purge(conn, write.old_sid)
+                conn.execute("DELETE FROM streams WHERE sid = ?", (write.old_sid,))
+            if state is None:
+                _purge(conn, write.sid)
+                conn.execute("DELETE FROM streams WHERE path = ?", (write.path,))
+                return
+            conn.execute(_UPSERT_STREAM, _stream_row(write.path, write.sid, state))
+        else:
+            pending.states[write.path] = (write.sid, state)
         if write.records:
             rows = [(write.sid, r.end, r.start, r.data) for r in write.records]
             journal_sids = self._journal_sids
@@ -898,14 +894,84 @@ class Store:
                 # Noted before the commit: a superset is harmless (a later large write
                 # goes to the journal), a missing stream would not be.
                 journal_sids.add(write.sid)
-                journaled += rows
+                pending.journal += rows
         previous = write.previous_producers or {}
         changed = _changed_producers(state.producers, previous)
         if changed:
+            pending.producers += [(write.sid, pid, p.epoch, p.last_seq) for pid, p in changed]
+
+
+class _PendingRows:
+    """Rows of a batch's appends not yet written: their journal rows, changed producers
+    and new stream states (only the last one per path is encoded), each written with one
+    `executemany`.
+    A stream's state is an UPDATE of its row, not the upsert that a new stream needs:
+    that tries an insert first and rewrites the row's `sid` index entry, which made the
+    state's write cost about twice its journal row's. A stream without a TTL, an expiry
+    time or a fork origin (none of which an append changes) has had no deadline and no
+    fork ref since it was created: its UPDATE sets only the state, a third cheaper."""
+
+    __slots__ = ("journal", "journal_bytes", "journal_rows", "producers", "states")
+
+    def __init__(self) -> None:
+        self.journal: list[tuple[int, int, int, bytes]] = []
+        self.producers: list[tuple[int, str, int, int]] = []
+        self.states: dict[str, tuple[int, StreamState]] = {}  # path -> (sid, its newest state)
+        self.journal_rows = 0
+        self.journal_bytes = 0
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        journal = self.journal
+        if journal:
+            conn.executemany(
+                "INSERT INTO journal (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
+                journal,
+            )
+            self.journal_rows += len(journal)
+            self.journal_bytes += sum(map(len, map(_DATA, journal)))
+            self.journal = []
+        if self.producers:
             conn.executemany(
                 "INSERT OR REPLACE INTO producers (sid, producer, epoch, seq) VALUES (?, ?, ?, ?)",
-                [(write.sid, pid, p.epoch, p.last_seq) for pid, p in changed],
+                self.producers,
             )
+            self.producers = []
+        states = self.states
+        if states:
+            plain: list[tuple[bytes, str]] = []
+            timed: list[tuple[float | None, str | None, bytes, str]] = []
+            for path, (_sid, state) in states.items():
+                if state.ttl is None and state.expires_at_ts is None and state.fork is None:
+                    plain.append((encode_state(state), path))
+                else:
+                    fork_ref = state.fork.ref if state.fork else None
+                    timed.append((state.deadline(), fork_ref, encode_state(state), path))
+            updated = 0
+            if plain:
+                sql = "UPDATE streams SET state = ? WHERE path = ?"
+                updated += conn.executemany(sql, plain).rowcount
+            if timed:
+                sql = "UPDATE streams SET deadline = ?, fork_ref = ?, state = ? WHERE path = ?"
+                updated += conn.executemany(sql, timed).rowcount
+            if updated != len(states):
+                # A row that is not there (not expected: a stored stream's row stays until
+                # its purge) is written as the upsert would have: the write is not lost.
+                log.warning("%d appended streams had no row", len(states) - updated)
+                conn.executemany(_UPSERT_STREAM, [_stream_row(p, *v) for p, v in states.items()])
+            self.states = {}
+
+
+def _stream_row(
+    path: str, sid: int, state: StreamState
+) -> tuple[str, int, float | None, str | None, bytes]:
+    """The parameters of `_UPSERT_STREAM`."""
+    return (
+        path,
+        sid,
+        state.deadline(),
+        state.fork.ref if state.fork else None,
+        encode_state(state),
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -177,6 +177,98 @@ def test_a_purged_stream_leaves_nothing_in_either_table(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_batch_that_appends_to_a_stream_and_then_purges_it_leaves_no_rows(
+    tmp_path: Path,
+) -> None:
+    """Appends are written together after a batch's streams, but a purge in the same batch
+    comes after the rows it purges."""
+    store = Store(tmp_path)
+    writer = Writer(store)
+    writer.append((1, b"first"), (2, b"other"))
+    record = Record(5, 11, b"second")
+    store.commit(
+        Batch(
+            streams=[
+                StreamWrite("s1", 1, 1, state("s1", 11), (record,)),
+                StreamWrite("s2", 2, 2, state("s2", 9), (Record(5, 9, b"more"),)),
+                StreamWrite("s1", 1, 1, None),
+            ]
+        )
+    )
+    assert store.load_stream("s1") is None
+    assert store.count_records(1, 100) == 0
+    store.fold()
+    assert store.count_records(1, 100) == 0
+    loaded = store.load_stream("s2")
+    assert loaded is not None and loaded[1].tail == 9
+    assert store.read_records(2, 0, 1 << 20) == [Record(0, 5, b"other"), Record(5, 9, b"more")]
+    store.close()
+
+
+def test_a_stream_appended_twice_in_one_batch_keeps_its_last_state(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.commit(Batch(streams=[StreamWrite("s1", 1, None, state("s1", 0))]))
+    first, second = Record(0, 1, b"a"), Record(1, 3, b"bc")
+    store.commit(
+        Batch(
+            streams=[
+                StreamWrite("s1", 1, 1, state("s1", 1, {"p": ProducerState(0, 0)}), (first,)),
+                StreamWrite(
+                    "s1",
+                    1,
+                    1,
+                    state("s1", 3, {"p": ProducerState(0, 1)}),
+                    (second,),
+                    previous_producers={"p": ProducerState(0, 0)},
+                ),
+            ]
+        )
+    )
+    store.close()
+    reopened = Store(tmp_path)
+    loaded = reopened.load_stream("s1")
+    assert loaded is not None
+    assert (loaded[0], loaded[1].tail, loaded[1].producers) == (1, 3, {"p": ProducerState(0, 1)})
+    assert reopened.read_records(1, 0, 1 << 20) == [first, second]
+    reopened.close()
+
+
+def test_an_append_to_a_stream_with_a_ttl_moves_its_stored_deadline(tmp_path: Path) -> None:
+    """Appends to a stream without a TTL write only its state; one with a TTL its deadline
+    too (the alarms are armed from it after a restart)."""
+    store = Store(tmp_path)
+    timed = StreamState(path="t", content_type="text/plain", created_at=1.0, tail=0, ttl=60)
+    plain = state("p", 0)
+    store.commit(
+        Batch(streams=[StreamWrite("t", 1, None, timed), StreamWrite("p", 2, None, plain)])
+    )
+    assert dict(store.load_deadlines()) == {"t": 60.0}
+    later = StreamState(
+        path="t", content_type="text/plain", created_at=1.0, tail=1, ttl=60, last_access=30.0
+    )
+    store.commit(
+        Batch(
+            streams=[
+                StreamWrite("t", 1, 1, later, (Record(0, 1, b"a"),)),
+                StreamWrite("p", 2, 2, state("p", 1), (Record(0, 1, b"b"),)),
+            ]
+        )
+    )
+    assert dict(store.load_deadlines()) == {"t": 90.0}
+    loaded = store.load_stream("p")
+    assert loaded is not None and loaded[1].tail == 1
+    store.close()
+
+
+def test_an_append_to_a_stream_without_its_row_still_writes_the_row(tmp_path: Path) -> None:
+    """Appends update their stream's row; one that is missing is written all the same."""
+    store = Store(tmp_path)
+    store.commit(Batch(streams=[StreamWrite("s1", 1, 1, state("s1", 2), (Record(0, 2, b"ab"),))]))
+    loaded = store.load_stream("s1")
+    assert loaded is not None and (loaded[0], loaded[1].tail) == (1, 2)
+    store.close()
+
+
 # The tables a database had before the journal, as that store created them.
 OLD_LAYOUT = """
 CREATE TABLE streams (

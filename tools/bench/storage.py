@@ -362,7 +362,7 @@ async def drive_committer(
     from ds_cluster.shard import committer as committer_module
     from ds_cluster.shard.committer import Committer, Job
     from ds_cluster.shard.core.model import Record, StreamState, evolve
-    from ds_cluster.shard.store import Store, StreamWrite
+    from ds_cluster.shard.store import Batch, Store, StreamWrite
     from ds_cluster.shard.streams import Entry
 
     if threaded:
@@ -375,6 +375,8 @@ async def drive_committer(
             path=entry.path, content_type="application/octet-stream", created_at=1.0, tail=0
         )
         entry.committed_sid = entry.pending_sid = n + 1
+    created = [StreamWrite(e.path, n + 1, None, e.committed) for n, e in enumerate(entries)]
+    store.commit(Batch(streams=created))
     data = os.urandom(size)
     done = 0
     rng = random.Random(3)
