@@ -214,7 +214,7 @@ class StreamTable:
         self, incarnation: int, sid: int, position: int, max_bytes: int, tail: int
     ) -> list[Record]:
         """Raw data from disk as one record, from the slice cache when it holds it (not
-        while the storage has failed: such a read answers 503, as it always did)."""
+        while the storage has failed: such a read goes to the database, as before)."""
         store = self._store
         key = (incarnation, sid, position, max_bytes)
         if store.failure is None:
