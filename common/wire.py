@@ -65,6 +65,7 @@ MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven it
 _HEADER = struct.Struct(">I")
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 Received = bytes | bytearray  # what a trio stream's receive_some returns
+Piece = bigjoin.Piece  # a received piece kept by the decoder: as read, or a view into one
 Decoded = dict[str, object]  # a map as msgpack decoded it, before `parse` checked it
 
 OPS = (
@@ -311,7 +312,7 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
-        self._pieces: list[Received] = []  # an incomplete frame's bytes, as received
+        self._pieces: list[Piece] = []  # an incomplete frame's bytes (views into reads)
         self._have = 0  # their total length
         self._need = 0  # bytes the incomplete frame needs in all (0: not known yet)
         self._max_frame = max_frame
@@ -347,7 +348,7 @@ class FrameDecoder:
         back as an `Unjoined`, to be finished by `complete`."""
         return self._feed(data, True)
 
-    def _feed(self, data: Received, defer: bool) -> list[Frame | Unjoined]:
+    def _feed(self, data: Piece, defer: bool) -> list[Frame | Unjoined]:
         if self._pieces:
             self._pieces.append(data)
             self._have += len(data)
@@ -370,7 +371,8 @@ class FrameDecoder:
                 if have == need:
                     return first
                 # The last read also began what follows (bounded: part of one read).
-                return first + self._feed(b"".join(_slice(pieces, need, have)), defer)
+                last = pieces[-1]
+                return first + self._feed(memoryview(last)[len(last) - (have - need) :], defer)
             data = b"".join(pieces)
         messages: list[Frame | Unjoined] = []
         size = len(data)
@@ -388,7 +390,8 @@ class FrameDecoder:
                 self.frame_started = None
                 messages.append(_decode(view[start:pos]))
         if pos < size:
-            rest = data[pos:] if pos else data
+            # a view, not a copy: the start of a large frame is most of a read
+            rest = memoryview(data)[pos:] if pos else data
             self._pieces = [rest]
             self._have = len(rest)
             if size - pos < 4:
@@ -410,7 +413,7 @@ class Unjoined:
 
     __slots__ = ("head", "pieces", "size")
 
-    def __init__(self, head: Decoded | None, pieces: list[Received], size: int) -> None:
+    def __init__(self, head: Decoded | None, pieces: list[Piece], size: int) -> None:
         self.head = head
         self.pieces = pieces
         self.size = size
@@ -432,10 +435,10 @@ async def complete(items: list[Frame | Unjoined]) -> list[Frame]:
     return items  # type: ignore[return-value]  # every Unjoined was replaced
 
 
-def _slice(pieces: list[Received], start: int, stop: int) -> list[Received]:
+def _slice(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
     """The pieces covering bytes [start, stop) of their concatenation. Only the first
-    and the last may be cut (a copy of at most one read each); the rest are kept whole."""
-    out: list[Received] = []
+    and the last may be cut, as views (no copy); the rest are kept whole."""
+    out: list[Piece] = []
     pos = 0
     for piece in pieces:
         end = pos + len(piece)
@@ -443,14 +446,14 @@ def _slice(pieces: list[Received], start: int, stop: int) -> list[Received]:
             if pos >= start and end <= stop:
                 out.append(piece)
             else:
-                out.append(piece[max(start - pos, 0) : min(stop, end) - pos])
+                out.append(memoryview(piece)[max(start - pos, 0) : min(stop, end) - pos])
         pos = end
         if pos >= stop:
             break
     return out
 
 
-def _unjoined(pieces: list[Received], need: int) -> Unjoined:
+def _unjoined(pieces: list[Piece], need: int) -> Unjoined:
     """The complete frame in `pieces` (its first `need` bytes, length prefix included),
     with its head decoded now when it is in encode_parts' layout."""
     split = None

@@ -16,10 +16,12 @@ import trio
 
 from ds_cluster.shard.core.headers import is_json
 from ds_cluster.shard.core.model import Record, StreamState
+from ds_cluster.shard.slice_cache import SliceCache
 from ds_cluster.shard.store import StorageUnavailable, Store
 
 RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
 MAX_CACHED_ENTRIES = 50_000  # idle streams kept in memory beyond this are reloaded on use
+_incarnations = itertools.count(1)  # Entry.incarnation: never the same number twice
 
 
 @dataclass(eq=False)
@@ -35,6 +37,9 @@ class Entry:
     # deque: every append drops the oldest once RECENT_BYTES are held
     recent: deque[Record] = field(default_factory=deque)
     recent_bytes: int = 0
+    # which data this entry describes, for the slice cache: new for every entry, and again
+    # whenever its stream's data is dropped or replaced (`forget`)
+    incarnation: int = field(default_factory=lambda: next(_incarnations))
     _changed: trio.Event | None = None  # made when a reader first waits (`changed_event`)
     _settled: trio.Event | None = None
 
@@ -93,8 +98,11 @@ class Entry:
         self.recent_bytes = held
 
     def forget(self) -> None:
+        """The stream's data was dropped or replaced: nothing read of it before may be
+        served again."""
         self.recent.clear()
         self.recent_bytes = 0
+        self.incarnation = next(_incarnations)
 
     def recent_from(self, position: int, max_bytes: int) -> list[Record] | None:
         """Records with end > position from memory, or None if memory does not cover it."""
@@ -133,6 +141,7 @@ class StreamTable:
         self._max_entries = max_entries
         self._next_sid: int | None = None  # read from the store at the first new stream
         self._serving = False
+        self._slices = SliceCache()
 
     def start_serving(self) -> None:
         self._serving = True
@@ -196,8 +205,24 @@ class StreamTable:
             # records costs no Python step per record here or in the core.
             if is_json(state.content_type):
                 return self._store.read_records(sid, position, max_bytes, below=tail)
-            joined = self._store.read_joined(sid, position, max_bytes, below=tail)
-            return [joined] if joined is not None else []
+            return self._read_joined(entry.incarnation, sid, position, max_bytes, tail)
         if records and records[-1].end > tail:
             records = [r for r in records if r.end <= tail]
         return records
+
+    def _read_joined(
+        self, incarnation: int, sid: int, position: int, max_bytes: int, tail: int
+    ) -> list[Record]:
+        """Raw data from disk as one record, from the slice cache when it holds it (not
+        while the storage has failed: such a read goes to the database, as before)."""
+        store = self._store
+        key = (incarnation, sid, position, max_bytes)
+        if store.failure is None:
+            cached = self._slices.get(key, tail)
+            if cached is not None:
+                return [cached]
+        joined = store.read_joined(sid, position, max_bytes, below=tail)
+        if joined is None:
+            return []
+        self._slices.put(key, tail, joined)
+        return [joined]
