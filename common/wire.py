@@ -63,6 +63,8 @@ WIRE_VERSION = 3  # 3: live rings (endpoints in RingInfo, err misdirected/moving
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
+_pack_length = _HEADER.pack
+_unpack_length = _HEADER.unpack_from
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
 Received = bytes | bytearray  # what a trio stream's receive_some returns
 Piece = bigjoin.Piece  # a received piece kept by the decoder: as read, or a view into one
@@ -247,22 +249,23 @@ def encode_parts(message: Mapping[str, object]) -> list[bytes]:
         _check_size(size)
         head[0] = _HEADER.pack(size)
         return [b"".join(head), body]
-    packed = _packer().pack(message)
-    _check_size(len(packed))
-    return [_HEADER.pack(len(packed)) + packed]
+    packed = _packers.packer.pack(message)
+    size = len(packed)
+    if size > MAX_FRAME_BYTES:
+        _check_size(size)
+    return [_pack_length(size) + packed]
 
 
-_packers = threading.local()
+class _Packers(threading.local):
+    """This thread's msgpack Packer (`packer`): `packb` builds one per call, which cost
+    about as much as packing a small frame. (A Packer is not thread-safe, hence one per
+    thread; made on a thread's first use.)"""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
 
 
-def _packer() -> msgpack.Packer:
-    """This thread's msgpack Packer: `packb` builds one per call, which cost about as much
-    as packing a small frame. (A Packer is not thread-safe, hence one per thread.)"""
-    try:
-        packer: msgpack.Packer = _packers.packer
-    except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    return packer
+_packers = _Packers()
 
 
 def _bin_header(size: int) -> bytes:
@@ -377,18 +380,20 @@ class FrameDecoder:
         messages: list[Frame | Unjoined] = []
         size = len(data)
         pos = 0
+        max_frame = self._max_frame
         with memoryview(data) as view:
             while size - pos >= 4:
-                (length,) = _HEADER.unpack_from(view, pos)
-                if length > self._max_frame:
-                    raise WireError(f"frame length {length} exceeds {self._max_frame}")
+                (length,) = _unpack_length(view, pos)
+                if length > max_frame:
+                    raise WireError(f"frame length {length} exceeds {max_frame}")
                 start = pos + 4
                 if size - start < length:
                     self._need = 4 + length
                     break
                 pos = start + length
-                self.frame_started = None
                 messages.append(_decode(view[start:pos]))
+            if messages:
+                self.frame_started = None
         if pos < size:
             # a view, not a copy: the start of a large frame is most of a read
             rest = memoryview(data)[pos:] if pos else data
@@ -503,10 +508,13 @@ def _split_head(prefix: bytes, length: int) -> tuple[Decoded, int] | None:
 
 def _decode(body: memoryview) -> Frame:
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        message = _unpackb(body)  # raw=False, strict_map_key=True: msgpack's defaults
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError(f"undecodable frame: {exc}") from None
     return parse(message)
+
+
+_unpackb = msgpack.unpackb
 
 
 # ---- the frame schema -------------------------------------------------------------------
@@ -640,7 +648,7 @@ def parse(message: object) -> Frame:
     if check is None:
         raise WireError(f"unknown frame kind {str(message.get('k'))[:40]!r}")
     check(message)
-    return cast(Frame, message)
+    return message  # type: ignore[return-value]  # checked: a Frame (no `cast` call per frame)
 
 
 def _bad(message: Decoded, field: str) -> WireError:
@@ -703,7 +711,8 @@ def _check_ready(message: Decoded) -> None:
 
 
 def _check_request(message: Decoded) -> None:
-    # The hot path (every append and read): plain local checks, no helper calls.
+    # The hot path (every append and read): plain local checks, no helper calls (the
+    # header pairs' loop is written out here and in _check_response for that reason).
     get = message.get
     i = get("i")
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
@@ -720,36 +729,25 @@ def _check_request(message: Decoded) -> None:
         raise _bad(message, "m")
     if type(get("p")) is not str:
         raise _bad(message, "p")
-    if type(get("q", "")) is not str:
+    if type(message.setdefault("q", "")) is not str:
         raise _bad(message, "q")
-    if type(get("b", b"")) is not bytes:
+    if type(message.setdefault("b", b"")) is not bytes:
         raise _bad(message, "b")
-    _check_headers(message, response=False)
-    if "q" not in message:
-        message["q"] = ""
-    if "b" not in message:
-        message["b"] = b""
-    if "a" in message and type(message["a"]) is not dict:
-        raise _bad(message, "a")
-
-
-def _check_headers(message: Decoded, *, response: bool) -> None:
-    """`h`: a list of [name, value] string pairs (an absent one becomes []). A response's
-    values become HTTP response headers, so no CR, LF or NUL may pass in them."""
-    headers = message.get("h")
+    # `h`: a list of [name, value] string pairs (an absent one becomes [])
+    headers = get("h")
     if headers is None:
         message["h"] = []
-        return
-    if type(headers) is not list:
+    elif type(headers) is not list:
         raise _bad(message, "h")
-    for pair in headers:
-        if type(pair) is not list or len(pair) != 2:
-            raise _bad(message, "h")
-        name, value = pair
-        if type(name) is not str or type(value) is not str:
-            raise _bad(message, "h")
-        if response and ("\n" in value or "\r" in value or "\0" in value):
-            raise _bad(message, "h")
+    else:
+        for pair in headers:
+            if type(pair) is not list or len(pair) != 2:
+                raise _bad(message, "h")
+            name, value = pair
+            if type(name) is not str or type(value) is not str:
+                raise _bad(message, "h")
+    if "a" in message and type(message["a"]) is not dict:
+        raise _bad(message, "a")
 
 
 def _check_response(message: Decoded) -> None:
@@ -757,22 +755,35 @@ def _check_response(message: Decoded) -> None:
     i = get("i")
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
         raise _bad(message, "i")
-    status = get("s", 200)
+    status = message.setdefault("s", 200)
     if type(status) is not int or not 100 <= status <= 599:
         raise _bad(message, "s")
-    _check_headers(message, response=True)
-    if type(get("b", b"")) is not bytes:
+    # `h` as a request's; its values become HTTP response headers, so no CR, LF or NUL
+    # may pass in them
+    headers = get("h")
+    if headers is None:
+        message["h"] = []
+    elif type(headers) is not list:
+        raise _bad(message, "h")
+    else:
+        for pair in headers:
+            if type(pair) is not list or len(pair) != 2:
+                raise _bad(message, "h")
+            name, value = pair
+            if (
+                type(name) is not str
+                or type(value) is not str
+                or "\n" in value
+                or "\r" in value
+                or "\0" in value
+            ):
+                raise _bad(message, "h")
+    if type(message.setdefault("b", b"")) is not bytes:
         raise _bad(message, "b")
-    if type(get("more", False)) is not bool:
+    if type(message.setdefault("more", False)) is not bool:
         raise _bad(message, "more")
     if "a" in message and type(message["a"]) is not dict:
         raise _bad(message, "a")
-    if "s" not in message:
-        message["s"] = 200
-    if "b" not in message:
-        message["b"] = b""
-    if "more" not in message:
-        message["more"] = False
 
 
 def _check_chunk(message: Decoded) -> None:
