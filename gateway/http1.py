@@ -58,6 +58,7 @@ from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, reques
 from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
+from ds_cluster.gateway.read_deadlines import ReadDeadlines
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Http1Server:
         "config",
         "connections",
         "context",
+        "deadlines",
         "hand_over",
         "keep_alive",
         "max_body_bytes",
@@ -183,6 +185,7 @@ class Http1Server:
         self.access = access
         self.connections = connections
         self.output = output
+        self.deadlines = ReadDeadlines()  # its `run` is the server's to start
         self.hand_over = hand_over
         self.tls_close_timeout = tls_close_timeout
         self.keep_alive = float(config.keep_alive_timeout)  # a request head's limit
@@ -308,7 +311,9 @@ class Http1Connection:
         "write_scope",
         "output",
         "stream",
+        "timer_at",
         "tls",
+        "wait_until",
     )
 
     def __init__(
@@ -333,6 +338,8 @@ class Http1Connection:
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
+        self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
+        self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
         self.write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
         self._stopped = False  # dropped, or the server stops: no more reads or writes
@@ -361,8 +368,8 @@ class Http1Connection:
                 sock = self.stream.socket
             self._fd = sock.fileno()
             self._set_idle(trio.current_time() + server.keep_alive)
-            # One scope for the connection's life, its deadline finite only while a read
-            # waits (cheaper than a scope per wait); cancelled to drop the connection.
+            # One scope for the connection's life, cancelled to drop the connection, or
+            # by the server's `ReadDeadlines` when a read waits past its deadline.
             with trio.CancelScope() as scope:
                 self._read_scope = scope
                 await self._serve()
@@ -375,6 +382,7 @@ class Http1Connection:
             log.exception("connection handler failed")
         finally:
             server.connections.idle.discard(self)
+            server.deadlines.forget(self)
             self.output.close()
             self._parser = None  # (it refers back to this object)
             if not self._handed_over:
@@ -384,6 +392,13 @@ class Http1Connection:
     def dropped(self) -> bool:
         """Stopped (dropped, or the server stops): a write in progress gives up."""
         return self._stopped
+
+    def read_expired(self) -> None:
+        """A read waited past its deadline (`ReadDeadlines`): the connection ends
+        (`_expired` answers a body that stopped arriving)."""
+        scope = self._read_scope
+        if scope is not None:
+            scope.cancel()
 
     def stop_reading(self) -> None:
         """End this connection: at shutdown (while idle), or to drop it (a write in
@@ -452,7 +467,8 @@ class Http1Connection:
 
     async def _receive(self) -> bytes:
         """The next bytes (b"" at the end). Past the deadline of what the connection
-        waits for, its scope is cancelled (everything read was answered by then)."""
+        waits for, its scope is cancelled (everything read was answered by then) by the
+        server's `ReadDeadlines`."""
         req = self._req
         if req is None:
             deadline = self._idle_until  # between requests
@@ -464,8 +480,6 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
-        scope = self._read_scope
-        assert scope is not None
         ready = self._more  # else the read would most likely find nothing: wait first
         while True:
             if ready and not self.tls:
@@ -477,13 +491,13 @@ class Http1Connection:
                     self._more = len(data) == MAX_RECV
                     return data
             ready = True
-            scope.deadline = deadline  # past it, the connection's scope ends (`_expired`)
+            self._server.deadlines.wait(self, deadline)  # past it: `read_expired`
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
                 await trio.lowlevel.wait_readable(self._fd)
             finally:
-                scope.deadline = inf
+                self.wait_until = inf
 
     async def _expired(self) -> None:
         """A read waited past its deadline (or the connection was dropped): a request
