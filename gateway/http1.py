@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from math import inf
 from time import perf_counter
 from typing import Any, Protocol
@@ -55,9 +55,10 @@ from ds_cluster.common import bigjoin
 from ds_cluster.gateway import framing
 from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, request_id
-from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
+from ds_cluster.gateway.framing import header_lines
 from ds_cluster.gateway.read_deadlines import ReadDeadlines
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
@@ -105,10 +106,11 @@ class NativeRoute(Protocol):
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
-    ) -> Answer | None:
-        """The complete answer, or None when the client left while it was awaited (the
-        route learns that by awaiting `until_gone`, which returns when the client has
-        closed its side). Must not raise for bad input (an error Answer instead)."""
+    ) -> NativeAnswer | None:
+        """The complete answer (its headers maybe rendered already, `NativeAnswer`), or
+        None when the client left while it was awaited (the route learns that by awaiting
+        `until_gone`, which returns when the client has closed its side). Must not raise
+        for bad input (an error Answer instead)."""
 
     async def stream(
         self,
@@ -216,8 +218,8 @@ class Http1Server:
         headers = self.config.response_headers("h11")
         if headers is not self._lines_of:
             self._lines_of = headers
-            lines = _header_lines(headers)
-            self._lines = (lines, lines + _header_lines((framing.CLOSE,)))
+            lines = header_lines(headers)
+            self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close] + b"x-request-id: %b\r\n" % rid
 
     def serve(
@@ -226,12 +228,6 @@ class Http1Server:
         """Serve one accepted connection (`trio.serve_listeners`' handler; the coroutine
         itself, without a frame of this call kept under it for the connection's life)."""
         return Http1Connection(self, stream).run()
-
-
-def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """`headers` as the lines of a header block (written as given: they come from the
-    gateway itself, never from a client)."""
-    return b"".join([b"%b: %b\r\n" % (name, value) for name, value in headers])
 
 
 class _HeadRefused(Exception):
@@ -765,16 +761,21 @@ class Http1Connection:
         self,
         method: str,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         body: bytes,
         extra: bytes,
     ) -> None:
         """A whole response: one write (a large body in a second one, uncopied).
-        `extra`: header lines after `headers` (`Http1Server.extra_lines`)."""
+        `headers`: a list, or header lines already rendered (`NativeAnswer`); `extra`:
+        header lines after them (`Http1Server.extra_lines`)."""
         with_body = framing.has_body(method, status)
-        if with_body and not _has_length(headers):
-            extra += b"content-length: %d\r\n" % len(body)
-        head = b"%b%b%b\r\n" % (framing.status_line(status), _header_lines(headers), extra)
+        if isinstance(headers, bytes):
+            lines = headers  # its Content-Length included
+        else:
+            lines = header_lines(headers)
+            if with_body and not _has_length(headers):
+                extra += b"content-length: %d\r\n" % len(body)
+        head = b"%b%b%b\r\n" % (framing.status_line(status), lines, extra)
         if not body or not with_body:
             await self._write(head)
         elif len(body) < SEPARATE_BODY_BYTES:
@@ -937,7 +938,7 @@ class Http1Connection:
             if exchange.head_sent:
                 return False
             status, headers, out = error_answer(500, "internal error")
-            extra = _header_lines(server.extra_headers(True))
+            extra = header_lines(server.extra_headers(True))
             await self._write_answer(req.method, status, headers, out, extra)
             return False
         return exchange.done and not exchange.close
