@@ -728,9 +728,12 @@ class Http1Connection:
         route = server.route
         assert route is not None
         method = req.method
-        metric = self._metric(req, False)
+        series = self._metric(req, False)
+        started = perf_counter()
         rid = request_id(req.headers)
-        body = await self._body(req)
+        parts = req.parts
+        body = parts[0] if len(parts) == 1 else await self._body(req)  # (a large one joined)
+        req.parts = []
         status = 0
         try:
             try:
@@ -754,8 +757,8 @@ class Http1Connection:
                 )
             return not close
         finally:
-            if metric is not None:
-                metric.end(status)
+            if series is not None:
+                series.finish(status, perf_counter() - started)
 
     async def _write_answer(
         self,
@@ -788,7 +791,8 @@ class Http1Connection:
         server = self._server
         route = server.route
         assert route is not None
-        metric = self._metric(req, True)
+        series = self._metric(req, True)
+        started = perf_counter()
         rid = request_id(req.headers)
         body = await self._body(req)
         client = SseClient(self)
@@ -830,8 +834,8 @@ class Http1Connection:
                     self._log(access, req, rid, status, client.sent)
             return done and not close
         finally:
-            if metric is not None:
-                metric.end(status)
+            if series is not None:
+                series.finish(status, perf_counter() - started)
 
     async def _pump(self, client: SseClient) -> bool:
         """Write what the SSE upstream delivers until it ends (True) or the client is
@@ -992,7 +996,8 @@ class Http1Connection:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _metric(self, req: _Request, streams: bool) -> gateway_metrics.Exchange | None:
+    def _metric(self, req: _Request, streams: bool) -> gateway_metrics.Series | None:
+        """The request's metrics series, counting it in progress (None: metrics off)."""
         recorder = gateway_metrics.current  # None: metrics are off
         if recorder is None:
             return None
@@ -1003,7 +1008,7 @@ class Http1Connection:
             live = "none"  # (what live_label says of any other method)
         else:
             live = gateway_metrics.live_label(method, req.target.partition(b"?")[2])
-        return recorder.exchange(method, "https" if self.tls else "http", live)
+        return recorder.begin(method, "https" if self.tls else "http", live)
 
     def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:
         path = req.target.partition(b"?")[0].decode("latin-1")

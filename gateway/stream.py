@@ -336,7 +336,8 @@ class StreamHandler:
         route = self.route(method, target, headers)
         kind = route.kind
         if kind in _EXCHANGED:
-            return await self._call_rendered(route, body)
+            res = await self._exchange(route, body)
+            return res if isinstance(res, tuple) else _rendered_answer(res, route.method)
         if kind == routes.LONG_POLL:
             return await self.collapser.wait(route.key, (route, body), until_gone)
         if kind == routes.CONTROL:
@@ -428,11 +429,6 @@ class StreamHandler:
         way is retried by `open_routed`)."""
         res = await self._exchange(route, body)
         return res if isinstance(res, tuple) else _whole_answer(res, route.method)
-
-    async def _call_rendered(self, route: Route, body: bytes) -> NativeAnswer:
-        """`_call` with the headers of a shard's answer rendered (`_rendered_answer`)."""
-        res = await self._exchange(route, body)
-        return res if isinstance(res, tuple) else _rendered_answer(res, route.method)
 
     async def _exchange(self, route: Route, body: bytes) -> wire.ResponseFrame | Answer:
         """The shard's complete response, or the error to answer when there is none."""
