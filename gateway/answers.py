@@ -13,6 +13,10 @@ from __future__ import annotations
 from ds_cluster.gateway.headers import NO_STORE, TRANSPORT
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, response headers, body
+# What the native HTTP/1.1 route writes: an Answer, or one whose headers are rendered
+# already as header lines (Content-Length included where the response has a body), so
+# that a forwarded answer builds no header list only to render it.
+NativeAnswer = tuple[int, list[tuple[bytes, bytes]] | bytes, bytes]
 
 TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 _UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))

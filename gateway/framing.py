@@ -7,6 +7,7 @@ their bytes here, so that every byte of a response's framing comes from one plac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
@@ -36,6 +37,12 @@ def chunk_head(size: int) -> bytes:
 def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+
+
+def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`headers` as the lines of a header block (written as given: they come from the
+    gateway itself, never from a client)."""
+    return b"".join([b"%b: %b\r\n" % (name, value) for name, value in headers])
 
 
 def response_head(status: int, *header_lists: Headers) -> bytes:

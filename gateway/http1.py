@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from math import inf
 from time import perf_counter
 from typing import Any, Protocol
@@ -55,9 +55,11 @@ from ds_cluster.common import bigjoin
 from ds_cluster.gateway import framing
 from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, request_id
-from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
+from ds_cluster.gateway.framing import header_lines
+from ds_cluster.gateway.read_deadlines import ReadDeadlines
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
 log = logging.getLogger(__name__)
@@ -104,10 +106,11 @@ class NativeRoute(Protocol):
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
-    ) -> Answer | None:
-        """The complete answer, or None when the client left while it was awaited (the
-        route learns that by awaiting `until_gone`, which returns when the client has
-        closed its side). Must not raise for bad input (an error Answer instead)."""
+    ) -> NativeAnswer | None:
+        """The complete answer (its headers maybe rendered already, `NativeAnswer`), or
+        None when the client left while it was awaited (the route learns that by awaiting
+        `until_gone`, which returns when the client has closed its side). Must not raise
+        for bad input (an error Answer instead)."""
 
     async def stream(
         self,
@@ -145,6 +148,7 @@ class Http1Server:
         "config",
         "connections",
         "context",
+        "deadlines",
         "hand_over",
         "keep_alive",
         "max_body_bytes",
@@ -183,6 +187,7 @@ class Http1Server:
         self.access = access
         self.connections = connections
         self.output = output
+        self.deadlines = ReadDeadlines()  # its `run` is the server's to start
         self.hand_over = hand_over
         self.tls_close_timeout = tls_close_timeout
         self.keep_alive = float(config.keep_alive_timeout)  # a request head's limit
@@ -213,8 +218,8 @@ class Http1Server:
         headers = self.config.response_headers("h11")
         if headers is not self._lines_of:
             self._lines_of = headers
-            lines = _header_lines(headers)
-            self._lines = (lines, lines + _header_lines((framing.CLOSE,)))
+            lines = header_lines(headers)
+            self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close] + b"x-request-id: %b\r\n" % rid
 
     def serve(
@@ -223,12 +228,6 @@ class Http1Server:
         """Serve one accepted connection (`trio.serve_listeners`' handler; the coroutine
         itself, without a frame of this call kept under it for the connection's life)."""
         return Http1Connection(self, stream).run()
-
-
-def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """`headers` as the lines of a header block (written as given: they come from the
-    gateway itself, never from a client)."""
-    return b"".join([b"%b: %b\r\n" % (name, value) for name, value in headers])
 
 
 class _HeadRefused(Exception):
@@ -308,7 +307,9 @@ class Http1Connection:
         "write_scope",
         "output",
         "stream",
+        "timer_at",
         "tls",
+        "wait_until",
     )
 
     def __init__(
@@ -333,6 +334,8 @@ class Http1Connection:
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
+        self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
+        self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
         self.write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
         self._stopped = False  # dropped, or the server stops: no more reads or writes
@@ -361,8 +364,8 @@ class Http1Connection:
                 sock = self.stream.socket
             self._fd = sock.fileno()
             self._set_idle(trio.current_time() + server.keep_alive)
-            # One scope for the connection's life, its deadline finite only while a read
-            # waits (cheaper than a scope per wait); cancelled to drop the connection.
+            # One scope for the connection's life, cancelled to drop the connection, or
+            # by the server's `ReadDeadlines` when a read waits past its deadline.
             with trio.CancelScope() as scope:
                 self._read_scope = scope
                 await self._serve()
@@ -375,6 +378,7 @@ class Http1Connection:
             log.exception("connection handler failed")
         finally:
             server.connections.idle.discard(self)
+            server.deadlines.forget(self)
             self.output.close()
             self._parser = None  # (it refers back to this object)
             if not self._handed_over:
@@ -384,6 +388,13 @@ class Http1Connection:
     def dropped(self) -> bool:
         """Stopped (dropped, or the server stops): a write in progress gives up."""
         return self._stopped
+
+    def read_expired(self) -> None:
+        """A read waited past its deadline (`ReadDeadlines`): the connection ends
+        (`_expired` answers a body that stopped arriving)."""
+        scope = self._read_scope
+        if scope is not None:
+            scope.cancel()
 
     def stop_reading(self) -> None:
         """End this connection: at shutdown (while idle), or to drop it (a write in
@@ -452,7 +463,8 @@ class Http1Connection:
 
     async def _receive(self) -> bytes:
         """The next bytes (b"" at the end). Past the deadline of what the connection
-        waits for, its scope is cancelled (everything read was answered by then)."""
+        waits for, its scope is cancelled (everything read was answered by then) by the
+        server's `ReadDeadlines`."""
         req = self._req
         if req is None:
             deadline = self._idle_until  # between requests
@@ -464,8 +476,6 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
-        scope = self._read_scope
-        assert scope is not None
         ready = self._more  # else the read would most likely find nothing: wait first
         while True:
             if ready and not self.tls:
@@ -477,13 +487,13 @@ class Http1Connection:
                     self._more = len(data) == MAX_RECV
                     return data
             ready = True
-            scope.deadline = deadline  # past it, the connection's scope ends (`_expired`)
+            self._server.deadlines.wait(self, deadline)  # past it: `read_expired`
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
                 await trio.lowlevel.wait_readable(self._fd)
             finally:
-                scope.deadline = inf
+                self.wait_until = inf
 
     async def _expired(self) -> None:
         """A read waited past its deadline (or the connection was dropped): a request
@@ -718,9 +728,12 @@ class Http1Connection:
         route = server.route
         assert route is not None
         method = req.method
-        metric = self._metric(req, False)
+        series = self._metric(req, False)
+        started = perf_counter()
         rid = request_id(req.headers)
-        body = await self._body(req)
+        parts = req.parts
+        body = parts[0] if len(parts) == 1 else await self._body(req)  # (a large one joined)
+        req.parts = []
         status = 0
         try:
             try:
@@ -744,23 +757,28 @@ class Http1Connection:
                 )
             return not close
         finally:
-            if metric is not None:
-                metric.end(status)
+            if series is not None:
+                series.finish(status, perf_counter() - started)
 
     async def _write_answer(
         self,
         method: str,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | bytes,
         body: bytes,
         extra: bytes,
     ) -> None:
         """A whole response: one write (a large body in a second one, uncopied).
-        `extra`: header lines after `headers` (`Http1Server.extra_lines`)."""
+        `headers`: a list, or header lines already rendered (`NativeAnswer`); `extra`:
+        header lines after them (`Http1Server.extra_lines`)."""
         with_body = framing.has_body(method, status)
-        if with_body and not _has_length(headers):
-            extra += b"content-length: %d\r\n" % len(body)
-        head = b"%b%b%b\r\n" % (framing.status_line(status), _header_lines(headers), extra)
+        if isinstance(headers, bytes):
+            lines = headers  # its Content-Length included
+        else:
+            lines = header_lines(headers)
+            if with_body and not _has_length(headers):
+                extra += b"content-length: %d\r\n" % len(body)
+        head = b"%b%b%b\r\n" % (framing.status_line(status), lines, extra)
         if not body or not with_body:
             await self._write(head)
         elif len(body) < SEPARATE_BODY_BYTES:
@@ -773,7 +791,8 @@ class Http1Connection:
         server = self._server
         route = server.route
         assert route is not None
-        metric = self._metric(req, True)
+        series = self._metric(req, True)
+        started = perf_counter()
         rid = request_id(req.headers)
         body = await self._body(req)
         client = SseClient(self)
@@ -815,8 +834,8 @@ class Http1Connection:
                     self._log(access, req, rid, status, client.sent)
             return done and not close
         finally:
-            if metric is not None:
-                metric.end(status)
+            if series is not None:
+                series.finish(status, perf_counter() - started)
 
     async def _pump(self, client: SseClient) -> bool:
         """Write what the SSE upstream delivers until it ends (True) or the client is
@@ -923,7 +942,7 @@ class Http1Connection:
             if exchange.head_sent:
                 return False
             status, headers, out = error_answer(500, "internal error")
-            extra = _header_lines(server.extra_headers(True))
+            extra = header_lines(server.extra_headers(True))
             await self._write_answer(req.method, status, headers, out, extra)
             return False
         return exchange.done and not exchange.close
@@ -977,7 +996,8 @@ class Http1Connection:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _metric(self, req: _Request, streams: bool) -> gateway_metrics.Exchange | None:
+    def _metric(self, req: _Request, streams: bool) -> gateway_metrics.Series | None:
+        """The request's metrics series, counting it in progress (None: metrics off)."""
         recorder = gateway_metrics.current  # None: metrics are off
         if recorder is None:
             return None
@@ -988,7 +1008,7 @@ class Http1Connection:
             live = "none"  # (what live_label says of any other method)
         else:
             live = gateway_metrics.live_label(method, req.target.partition(b"?")[2])
-        return recorder.exchange(method, "https" if self.tls else "http", live)
+        return recorder.begin(method, "https" if self.tls else "http", live)
 
     def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:
         path = req.target.partition(b"?")[0].decode("latin-1")

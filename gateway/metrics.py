@@ -99,6 +99,22 @@ class Series:
         self.stream: dict[int, Histogram] = {}  # status -> durations, route STREAM_ROUTE
         self.other: dict[tuple[int, str], Histogram] = {}  # (status, route) -> durations
 
+    def finish(self, status: int, duration: float, route: str | None = None) -> None:
+        """A request of this series ended after `duration` seconds, with the status sent
+        (0: none was); `route`: the route template, None for STREAM_ROUTE."""
+        self.active -= 1
+        if not status:
+            return
+        if route is None:
+            histogram = self.stream.get(status)
+            if histogram is None:
+                histogram = self.stream[status] = Histogram(DURATION_BUCKETS)
+        else:
+            histogram = self.other.get((status, route))
+            if histogram is None:
+                histogram = self.other[(status, route)] = Histogram(DURATION_BUCKETS)
+        histogram.observe(duration)
+
 
 class Exchange:
     """One request being recorded: `end` it once, with the status sent (0: none was)."""
@@ -112,19 +128,7 @@ class Exchange:
 
     def end(self, status: int, route: str | None = None) -> None:
         """`route`: the route template, None for STREAM_ROUTE."""
-        series = self._series
-        series.active -= 1
-        if not status:
-            return
-        if route is None:
-            histogram = series.stream.get(status)
-            if histogram is None:
-                histogram = series.stream[status] = Histogram(DURATION_BUCKETS)
-        else:
-            histogram = series.other.get((status, route))
-            if histogram is None:
-                histogram = series.other[(status, route)] = Histogram(DURATION_BUCKETS)
-        histogram.observe(perf_counter() - self._started)
+        self._series.finish(status, perf_counter() - self._started, route)
 
 
 class GatewayMetrics:
@@ -148,6 +152,15 @@ class GatewayMetrics:
         if series is None:
             series = self._series_for(method, scheme, live)
         return Exchange(series)
+
+    def begin(self, method: str, scheme: str, live: str) -> Series:
+        """`exchange` without an object per request (the native route's): the request
+        counts as in progress until the caller passes its duration to `Series.finish`."""
+        series = self._lookup.get((method, scheme, live))
+        if series is None:
+            series = self._series_for(method, scheme, live)
+        series.active += 1
+        return series
 
     def _series_for(self, method: str, scheme: str, live: str) -> Series:
         labels = (method_label(method), scheme, live)

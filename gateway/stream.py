@@ -48,12 +48,13 @@ from ds_cluster.common.paths import PathError, stream_path_from_url
 from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
 from ds_cluster.gateway import route as routes
-from ds_cluster.gateway.answers import Answer, body_too_large, error_answer
+from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.auth import Denied
 from ds_cluster.gateway.auth_files import AuthFiles
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
+from ds_cluster.gateway.framing import header_lines
 from ds_cluster.gateway.headers import DROPPED, NO_STORE, PREFLIGHT, TRANSPORT
 from ds_cluster.gateway.reserved import ReservedRoutes, is_reserved, own_credentials
 from ds_cluster.gateway.route import Route, RouteConfig, native_kind
@@ -66,6 +67,8 @@ _RETRY_AFTER = (b"retry-after", b"1")
 _NO_LENGTH_STATUS = frozenset({204, 304})
 # What every response from a shard ends with when the shard set no Cache-Control.
 _TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
+_TRANSPORT_LINES = header_lines(TRANSPORT)  # the same, as header lines
+_TRANSPORT_NO_STORE_LINES = header_lines(_TRANSPORT_NO_STORE)
 # Route kinds forwarded as one request/response exchange with the owning shard.
 _EXCHANGED = frozenset({routes.APPEND, routes.READ, routes.HEAD, routes.CREATE, routes.DELETE})
 # Route kinds the gateway answers itself, and those no client token gates.
@@ -94,6 +97,30 @@ def _whole_answer(res: wire.ResponseFrame, method: str = "GET") -> Answer:
     status = res["s"]
     body = res.get("b") or b""
     return status, _response_headers(res.get("h") or (), method, status, len(body)), body
+
+
+def _rendered_answer(res: wire.ResponseFrame, method: str) -> NativeAnswer:
+    """`_whole_answer` with its headers rendered as header lines (the native route's)."""
+    status = res["s"]
+    body = res.get("b") or b""
+    lines: list[bytes] = []
+    has_cache = has_length = False
+    names = _LINE_NAMES
+    for name, value in res.get("h") or ():
+        start = names.get(name, b"")
+        if start == b"":
+            start = _line_name(name)
+        if start is None:
+            continue
+        if start == b"cache-control: ":
+            has_cache = True
+        elif start == b"content-length: ":
+            has_length = True
+        lines.append(b"%b%b\r\n" % (start, value.encode()))
+    lines.append(_TRANSPORT_LINES if has_cache else _TRANSPORT_NO_STORE_LINES)
+    if not has_length and _needs_length(method, status):
+        lines.append(b"content-length: %d\r\n" % len(body))
+    return status, b"".join(lines), body
 
 
 def _stream_head(res: wire.ResponseFrame) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -172,6 +199,23 @@ def _header_name(name: str) -> bytes | None:
     return key
 
 
+# The same names as the start of their header line (b"name: "), for `_rendered_answer`.
+_LINE_NAMES: dict[str, bytes | None] = {}
+
+
+def _line_name(name: str) -> bytes | None:
+    key = _header_name(name)
+    start = None if key is None else key + b": "
+    if len(_LINE_NAMES) < MAX_HEADER_NAMES:
+        _LINE_NAMES[name] = start
+    return start
+
+
+def _needs_length(method: str, status: int) -> bool:
+    """Whether a complete answer with `status` to `method` states its body's length."""
+    return status >= 200 and status not in _NO_LENGTH_STATUS and method != "HEAD"
+
+
 def _response_headers(
     pairs: list[list[str]] | tuple[()], method: str, status: int, length: int | None
 ) -> list[tuple[bytes, bytes]]:
@@ -192,13 +236,7 @@ def _response_headers(
             has_length = True
         out.append((key, value.encode()))
     out += TRANSPORT if has_cache else _TRANSPORT_NO_STORE
-    if (
-        length is not None
-        and not has_length
-        and status >= 200
-        and status not in _NO_LENGTH_STATUS
-        and method != "HEAD"
-    ):
+    if length is not None and not has_length and _needs_length(method, status):
         out.append((b"content-length", b"%d" % length))
     return out
 
@@ -291,14 +329,15 @@ class StreamHandler:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
-    ) -> Answer | None:
+    ) -> NativeAnswer | None:
         """The whole answer to a request `takes` accepted: what the native route
         (`gateway.native`) calls, with no ASGI. A long-poll waits here, collapsed with its
         identical peers; None if its client leaves first (`until_gone` returns)."""
         route = self.route(method, target, headers)
         kind = route.kind
         if kind in _EXCHANGED:
-            return await self._call(route, body)
+            res = await self._exchange(route, body)
+            return res if isinstance(res, tuple) else _rendered_answer(res, route.method)
         if kind == routes.LONG_POLL:
             return await self.collapser.wait(route.key, (route, body), until_gone)
         if kind == routes.CONTROL:
@@ -388,6 +427,11 @@ class StreamHandler:
     async def _call(self, route: Route, body: bytes) -> Answer:
         """The owner of the route's path's whole answer (a ring change or a move on the
         way is retried by `open_routed`)."""
+        res = await self._exchange(route, body)
+        return res if isinstance(res, tuple) else _whole_answer(res, route.method)
+
+    async def _exchange(self, route: Route, body: bytes) -> wire.ResponseFrame | Answer:
+        """The shard's complete response, or the error to answer when there is none."""
         try:
             call = await self.pool.open_routed(route.path, "http", route.fields(body))
             try:
@@ -398,7 +442,7 @@ class StreamHandler:
             return failure_answer(exc)
         if res.get("more"):  # leaving `call` above already cancelled the stream
             return error_answer(502, "the shard streamed a body that cannot stream")
-        return _whole_answer(res, route.method)
+        return res
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None once an error was sent / the client left."""
