@@ -710,9 +710,27 @@ def _check_ready(message: Decoded) -> None:
         raise _bad(message, "health")
 
 
+def _check_header_pairs(message: Decoded, response: bool) -> None:
+    """`h`: a list of [name, value] string pairs (an absent one becomes []). A response's
+    values become HTTP response headers, so no CR, LF or NUL may pass in them."""
+    headers = message.get("h")
+    if headers is None:
+        message["h"] = []
+        return
+    if type(headers) is not list:
+        raise _bad(message, "h")
+    for pair in headers:
+        if type(pair) is not list or len(pair) != 2:
+            raise _bad(message, "h")
+        name, value = pair
+        if type(name) is not str or type(value) is not str:
+            raise _bad(message, "h")
+        if response and ("\n" in value or "\r" in value or "\0" in value):
+            raise _bad(message, "h")
+
+
 def _check_request(message: Decoded) -> None:
-    # The hot path (every append and read): plain local checks, no helper calls (the
-    # header pairs' loop is written out here and in _check_response for that reason).
+    # The hot path (every append and read): plain local checks.
     get = message.get
     i = get("i")
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
@@ -733,19 +751,7 @@ def _check_request(message: Decoded) -> None:
         raise _bad(message, "q")
     if type(message.setdefault("b", b"")) is not bytes:
         raise _bad(message, "b")
-    # `h`: a list of [name, value] string pairs (an absent one becomes [])
-    headers = get("h")
-    if headers is None:
-        message["h"] = []
-    elif type(headers) is not list:
-        raise _bad(message, "h")
-    else:
-        for pair in headers:
-            if type(pair) is not list or len(pair) != 2:
-                raise _bad(message, "h")
-            name, value = pair
-            if type(name) is not str or type(value) is not str:
-                raise _bad(message, "h")
+    _check_header_pairs(message, False)
     if "a" in message and type(message["a"]) is not dict:
         raise _bad(message, "a")
 
@@ -758,26 +764,7 @@ def _check_response(message: Decoded) -> None:
     status = message.setdefault("s", 200)
     if type(status) is not int or not 100 <= status <= 599:
         raise _bad(message, "s")
-    # `h` as a request's; its values become HTTP response headers, so no CR, LF or NUL
-    # may pass in them
-    headers = get("h")
-    if headers is None:
-        message["h"] = []
-    elif type(headers) is not list:
-        raise _bad(message, "h")
-    else:
-        for pair in headers:
-            if type(pair) is not list or len(pair) != 2:
-                raise _bad(message, "h")
-            name, value = pair
-            if (
-                type(name) is not str
-                or type(value) is not str
-                or "\n" in value
-                or "\r" in value
-                or "\0" in value
-            ):
-                raise _bad(message, "h")
+    _check_header_pairs(message, True)
     if type(message.setdefault("b", b"")) is not bytes:
         raise _bad(message, "b")
     if type(message.setdefault("more", False)) is not bool:

@@ -731,9 +731,7 @@ class Http1Connection:
         series = self._metric(req, False)
         started = perf_counter()
         rid = request_id(req.headers)
-        parts = req.parts
-        body = parts[0] if len(parts) == 1 else await self._body(req)  # (a large one joined)
-        req.parts = []
+        body = await self._body(req)
         status = 0
         try:
             try:
