@@ -309,8 +309,7 @@ class ShardConnection:
     def open(self, op: str, fields: Fields) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
-        A dict `fields` becomes the frame itself (k, i, op, r are set in it): pass a
-        fresh one.
+        `fields` are read into the request's frame, not kept.
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:

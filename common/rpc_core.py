@@ -15,22 +15,21 @@ One connection goes through
 and each side refuses what the other may not send at that point (a request before the
 caller proved itself, a second `res` for one request, a chunk before its `res`, a kind
 only the other side sends) by raising ProtocolError: the connection is dropped, nothing
-else. Frames are the dicts msgpack decoded (checked by `wire.parse`) and the dicts built
-by the constructors below: building objects per frame would cost more than the checks.
+else. Frames received are the dicts `wire.parse` made of them, frames to send the
+positional lists built by the constructors below: building objects per frame would cost
+more than the checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Generic, TypeVar, cast
+from typing import Generic, TypeVar
 
 from ds_cluster.common import wire
 from ds_cluster.common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
 from ds_cluster.common.ring import Ring
 
 MAX_CALLS = 50_000  # requests a shard runs at once per connection (one gateway's clients)
-
-V = wire.WIRE_VERSION
 
 
 class ProtocolError(wire.WireError):
@@ -39,60 +38,58 @@ class ProtocolError(wire.WireError):
 
 
 # ---- frame constructors ------------------------------------------------------------------
+#
+# Frames to send are built in their positional layout (see common/wire.py), which
+# `wire.encode_parts` packs as it is: no dict per frame to build and to read back.
 
 
-def request(
-    call_id: int, op: str, ring_version: int, fields: wire.RequestFields
-) -> wire.RequestFrame:
-    """A `req` frame. `fields` (the op's m/p/q/h/b, or `a`) becomes the frame: pass a
-    fresh dict; it is not copied, the hot path being one request per client request."""
-    # Completed in place: one dict per request. (No `cast`: a call, and a generic alias
-    # built, per request; the ignores below are that cast.)
-    frame: dict[str, object] = fields  # type: ignore[assignment]
-    frame["v"] = V
-    frame["k"] = "req"
-    frame["i"] = call_id
-    frame["op"] = op
-    frame["r"] = ring_version
-    return frame  # type: ignore[return-value]
+def request(call_id: int, op: str, ring_version: int, fields: wire.RequestFields) -> wire.Outgoing:
+    """A `req` frame: an http op's m/p/q/h/b, or another op's `a`, from `fields`."""
+    get = fields.get
+    if op == "http":
+        return [
+            wire.REQ_HTTP,
+            call_id,
+            ring_version,
+            get("m"),
+            get("p"),
+            get("q", ""),
+            get("h", []),
+            get("b", b""),
+        ]
+    return [wire.REQ_OP, call_id, ring_version, op, get("a", {})]
 
 
 def response(
     call_id: int, status: int, headers: Sequence[Sequence[str]], body: bytes, more: bool
-) -> wire.ResponseFrame:
+) -> wire.Outgoing:
     """An http op's `res`: status, headers, body, and whether `chunk`s follow.
 
     `headers` go out as they are (msgpack writes any sequence as an array; the reader
-    gets lists): the core's tuples are not copied into lists for the type's sake (nor
-    `cast`, a call and a generic alias per answer: the ignore is that cast)."""
-    h: list[wire.Header] = headers  # type: ignore[assignment]
-    return {"v": V, "k": "res", "i": call_id, "s": status, "h": h, "b": body, "more": more}
+    gets lists): the core's tuples are not copied into lists."""
+    return [wire.RES_HTTP, call_id, status, more, headers, body]
 
 
-def result(call_id: int, args: wire.Args) -> wire.ResponseFrame:
-    """A non-http op's `res`: its result map. `h`, `b` and `more` are left out (`parse`
-    fills in their defaults on the reader's side): pings and op results are frequent,
-    and fields not sent cost neither side anything."""
-    return cast(wire.ResponseFrame, {"v": V, "k": "res", "i": call_id, "s": 200, "a": args})
+def result(call_id: int, args: wire.Args) -> wire.Outgoing:
+    """A non-http op's `res`: its result map (the reader sees status 200, no headers,
+    no body)."""
+    return [wire.RES_OP, call_id, args]
 
 
-def chunk(call_id: int, body: bytes, more: bool) -> wire.ChunkFrame:
-    return {"v": V, "k": "chunk", "i": call_id, "b": body, "more": more}
+def chunk(call_id: int, body: bytes, more: bool) -> wire.Outgoing:
+    return [wire.CHUNK, call_id, more, body]
 
 
-def cancel(call_id: int) -> wire.CancelFrame:
-    return {"v": V, "k": "cancel", "i": call_id}
+def cancel(call_id: int) -> wire.Outgoing:
+    return [wire.CANCEL, call_id]
 
 
-def error(call_id: int, code: str, msg: str, args: wire.Args | None = None) -> wire.ErrorFrame:
+def error(call_id: int, code: str, msg: str, args: wire.Args | None = None) -> wire.Outgoing:
     """An `err` (code: one of wire.ERROR_CODES; args: what the code's contract says)."""
-    frame: wire.ErrorFrame = {"v": V, "k": "err", "i": call_id, "code": code, "msg": msg}
-    if args is not None:
-        frame["a"] = args
-    return frame
+    return [wire.ERR, call_id, code, msg, args]
 
 
-def ring_error(call_id: int, code: str, msg: str, ring: Ring) -> wire.ErrorFrame:
+def ring_error(call_id: int, code: str, msg: str, ring: Ring) -> wire.Outgoing:
     """`err version` or `err misdirected`: refused unrun, with the shard's ring."""
     return error(call_id, code, msg, {"ring": ring.to_wire()})
 
@@ -147,7 +144,7 @@ class CallerProtocol(Generic[C]):
     # -- requests
     def request(
         self, op: str, fields: wire.RequestFields, call: C, ring_version: int
-    ) -> wire.RequestFrame:
+    ) -> wire.Outgoing:
         """The `req` frame for `call` (given its id, now pending), sent as from a caller
         on ring `ring_version` (its newest)."""
         if not self.ready:
@@ -232,7 +229,7 @@ class ShardProtocol(Generic[H]):
             return self._handshake.on_client_hello(frame)
         return self._handshake.on_auth(frame, dict(health))
 
-    def admit(self, frame: wire.RequestFrame, ring: Ring) -> wire.ErrorFrame | None:
+    def admit(self, frame: wire.RequestFrame, ring: Ring) -> wire.Outgoing | None:
         """Whether the request runs: None (yes), or the `err` that answers it unrun:
         a caller on another ring (`version`, for ops that depend on the ring) or too many
         requests in flight. A request id already in flight is a ProtocolError."""

@@ -191,7 +191,7 @@ class FrameWriter:
         self._wake.set()
         return True
 
-    def send_nowait(self, frame: Mapping[str, object]) -> None:
+    def send_nowait(self, frame: wire.Outgoing | Mapping[str, object]) -> None:
         if self.overflowed:
             return
         if not self.try_queue(wire.encode_parts(frame)):
@@ -205,7 +205,7 @@ class FrameWriter:
         """Whether `send` would queue at once (no more than HIGH_WATER bytes unsent)."""
         return self._size + self._writing <= HIGH_WATER
 
-    async def send(self, frame: Mapping[str, object]) -> None:
+    async def send(self, frame: wire.Outgoing | Mapping[str, object]) -> None:
         """Queue a frame, waiting first while the peer is not keeping up."""
         while self._size + self._writing > HIGH_WATER:
             await self._drained.wait()

@@ -1,11 +1,10 @@
 """The msgpack RPC wire format spoken between gateways and shards, and between shards.
 
 A connection carries length-prefixed frames: a 4-byte big-endian length, then one
-msgpack map. Every map carries the wire version (`v`) and a kind (`k`); requests carry a
-caller-chosen id (`i`) that every reply to them repeats, so many requests share one
-connection and replies may come back in any order.
+msgpack value. Requests carry a caller-chosen id (`i`) that every reply to them repeats,
+so many requests share one connection and replies may come back in any order.
 
-Kinds (fields beyond v, k, i):
+The handshake's frames are msgpack maps carrying the wire version (`v`) and a kind (`k`):
 
   hello   the handshake (see common/cluster_auth.py), caller first:
             caller -> shard: role ("gateway" | "shard"), id (caller name), nonce,
@@ -17,23 +16,33 @@ Kinds (fields beyond v, k, i):
           from here on. Nothing but these
           frames, and none over MAX_HANDSHAKE_FRAME bytes, passes before `ready`: a peer
           that has not proven itself learns nothing, not even the ring.
-  req     op (see OPS), r (caller's ring version), and per op:
-            op="http":         m method, p stream path (no /v1/stream/ prefix),
-                               q raw query string, h [[lower-name, value], ...], b body
+
+A peer of another wire version is refused at its hello, with both versions named (and
+the version is part of the handshake's proofs), so the frames that follow need not
+carry it. They are positional: a msgpack array of a kind tag (a small int) and the
+kind's fields in fixed places, exactly as many as the kind has. Unpacking an array costs
+less than half of a map of the same fields, and these frames are every request's:
+
+  req     [0, i, r, m, p, q, h, b]   an `http` op: r the caller's ring version, m method,
+                                     p stream path (no /v1/stream/ prefix), q raw query
+                                     string, h [[lower-name, value], ...], b body
+          [1, i, r, op, a]           any other op (see OPS), a its argument map:
             op="ping":         a {}  -- liveness probe sent every second or so by
                                common.rpc_client; answer `res` with a {"health": ...} at
                                once. Any answer (even `err`) proves the peer alive; none
                                within a few seconds and the caller drops the connection.
-            any other op:      a {...}  -- served by the shard's op registry
-                               (shard/rpc_ops.py: export_fork, release_fork, ring_get,
-                               ring_set, move_status, metrics, ...), `a` checked against
+            any other op:      served by the shard's op registry (shard/rpc_ops.py:
+                               export_fork, release_fork, ring_get, ring_set,
+                               move_status, metrics, ...), `a` checked against
                                ARG_SCHEMAS first
-  res     s status, h [[name, value], ...], b body bytes, more (bool: body chunks follow)
-          For non-http ops the result map is in `a`.
-  chunk   b body bytes, more (bool)             -- streaming bodies (SSE)
-  cancel  (caller -> shard) the caller gave up on request i; the shard stops its work
-  err     code (see ERROR_CODES), msg, optional a -- request i failed before any `res`.
-          None of these codes ran the request:
+  res     [2, i, s, more, h, b]      an http op's answer: status, more (bool: body
+                                     chunks follow), h [[name, value], ...], b body
+          [3, i, a]                  another op's answer: its result map (status 200)
+  chunk   [4, i, more, b]            -- streaming bodies (SSE)
+  cancel  [5, i]                     (caller -> shard) the caller gave up on request i;
+                                     the shard stops its work
+  err     [6, i, code, msg, a]       code (see ERROR_CODES), msg, a (a map, or nil)
+          -- request i failed before any `res`. None of these codes ran the request:
           "version":     the request's `r` is not the shard's ring version (ops outside
                          RING_FREE_OPS); `a` = {"ring": RingInfo}, the shard's. A caller
                          on an older ring adopts it; one on a newer ring sends the shard
@@ -43,23 +52,28 @@ Kinds (fields beyond v, k, i):
           "moving":      the stream is moving to or from this shard right now;
                          `a` = {"retry_after": seconds}: retry shortly.
 
-Every frame is checked against the schema below by `parse` (in the
-decoder) before anyone reads a field: a frame of the wrong shape is a WireError, which
-closes that connection only.
+A body `b` is always its frame's last field, so a large one is written and read apart
+from the rest (`encode_parts`, `FrameDecoder`).
+
+In memory every frame is a dict keyed by the names above (`k` its kind, and for `res`
+of another op s=200, h=[], b=b"", more=False besides `a`): `encode` turns one into its
+frame, and `parse` (in the decoder) checks a received frame against the schema below
+before anyone reads a field: a frame of the wrong shape is a WireError, which closes
+that connection only.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Mapping
-from typing import Literal, NotRequired, TypedDict, cast
+from collections.abc import Callable, Mapping
+from typing import Literal, NotRequired, TypedDict, TypeGuard
 
 import msgpack
 
 from ds_cluster.common import bigjoin
 
-WIRE_VERSION = 3  # 3: live rings (endpoints in RingInfo, err misdirected/moving carry a ring)
+WIRE_VERSION = 4  # 4: positional frames after the handshake (3: live rings)
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
@@ -69,6 +83,8 @@ RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, n
 Received = bytes | bytearray  # what a trio stream's receive_some returns
 Piece = bigjoin.Piece  # a received piece kept by the decoder: as read, or a view into one
 Decoded = dict[str, object]  # a map as msgpack decoded it, before `parse` checked it
+Positional = list[object]  # a positional frame as msgpack decoded it, before `parse`
+Outgoing = list[object]  # a positional frame to send, as common/rpc_core.py builds it
 
 OPS = (
     "http",
@@ -219,41 +235,102 @@ def check_args(op: str, args: Args) -> None:
             raise BadArguments(f"{op}: argument {name!r} is not a {kind.__name__}")
 
 
-def encode(message: Mapping[str, object]) -> bytes:
-    """One frame: length prefix + msgpack body. `v` is added when missing."""
+def encode(message: Mapping[str, object] | Outgoing) -> bytes:
+    """One frame: length prefix + msgpack body (see `encode_parts`)."""
     parts = encode_parts(message)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def encode_parts(message: Mapping[str, object]) -> list[bytes]:
+def encode_parts(message: Mapping[str, object] | Outgoing) -> list[bytes]:
     """One frame as the pieces a writer sends one after the other: `[frame]`, or for a
-    large body `[length prefix + packed head, body]`. `v` is added when missing.
+    large body `[length prefix + packed head, body]`. A list (common/rpc_core.py's
+    constructors) is packed as it is. A dict of a positional kind becomes its array
+    (fields it lacks: their defaults where they have one, else nil, which the peer
+    refuses); any other dict becomes a map, `v` added when missing.
 
-    A large `b` (body bytes) is not packed by msgpack, which would copy it into a growing
-    buffer and out again, nor joined behind its head, which would copy it once more on the
-    event loop: the map is packed with `b` last, ending in the bin header, and the body
-    itself is the frame's second piece. On the wire that is the same msgpack."""
-    if "v" not in message:  # frames from rpc_core's constructors carry it already
-        cast(dict[str, object], message)["v"] = WIRE_VERSION
-    body = message.get("b")
+    A large `b` (body bytes, the array's last item) is not packed by msgpack, which would
+    copy it into a growing buffer and out again, nor joined behind its head, which would
+    copy it once more on the event loop: the array is packed without it, ending in the
+    bin header, and the body itself is the frame's second piece. On the wire that is the
+    same msgpack."""
+    if isinstance(message, list):
+        items = message
+    else:
+        to_items = _TO_POSITIONAL.get(message.get("k"))
+        if to_items is None:
+            if "v" not in message:  # the handshake's frames carry it already
+                message = {**message, "v": WIRE_VERSION}
+            return [_framed(_packers.packer.pack(message))]
+        items = to_items(message)
+    body = items[-1]
     if type(body) is bytes and len(body) >= RAW_BODY_BYTES:
         packer = msgpack.Packer(use_bin_type=True)
-        head = [b"", packer.pack_map_header(len(message))]
-        for key, value in message.items():
-            if key != "b":
-                head.append(packer.pack(key))
-                head.append(packer.pack(value))
-        head.append(packer.pack("b"))
+        head = [b"", packer.pack_array_header(len(items))]
+        head += [packer.pack(item) for item in items[:-1]]
         head.append(_bin_header(len(body)))
         size = sum(map(len, head)) + len(body)
         _check_size(size)
         head[0] = _HEADER.pack(size)
         return [b"".join(head), body]
-    packed = _packers.packer.pack(message)
+    return [_framed(_packers.packer.pack(items))]
+
+
+def _framed(packed: bytes) -> bytes:
+    """`packed` behind its length prefix."""
     size = len(packed)
     if size > MAX_FRAME_BYTES:
         _check_size(size)
-    return [_pack_length(size) + packed]
+    return _pack_length(size) + packed
+
+
+# Positional kind tags (see the module's docstring).
+REQ_HTTP, REQ_OP, RES_HTTP, RES_OP, CHUNK, CANCEL, ERR = range(7)
+
+
+def _request_items(m: Mapping[str, object]) -> list[object]:
+    get = m.get
+    if get("op") == "http":
+        return [
+            REQ_HTTP,
+            get("i"),
+            get("r"),
+            get("m"),
+            get("p"),
+            get("q", ""),
+            get("h", []),
+            get("b", b""),
+        ]
+    return [REQ_OP, get("i"), get("r"), get("op"), get("a", {})]
+
+
+def _response_items(m: Mapping[str, object]) -> list[object]:
+    get = m.get
+    if "a" in m:
+        return [RES_OP, get("i"), m["a"]]
+    return [RES_HTTP, get("i"), get("s", 200), get("more", False), get("h", []), get("b", b"")]
+
+
+def _chunk_items(m: Mapping[str, object]) -> list[object]:
+    get = m.get
+    return [CHUNK, get("i"), get("more", False), get("b", b"")]
+
+
+def _cancel_items(m: Mapping[str, object]) -> list[object]:
+    return [CANCEL, m.get("i")]
+
+
+def _error_items(m: Mapping[str, object]) -> list[object]:
+    get = m.get
+    return [ERR, get("i"), get("code"), get("msg", ""), get("a")]
+
+
+_TO_POSITIONAL: dict[object, Callable[[Mapping[str, object]], list[object]]] = {
+    "req": _request_items,
+    "res": _response_items,
+    "chunk": _chunk_items,
+    "cancel": _cancel_items,
+    "err": _error_items,
+}
 
 
 class _Packers(threading.local):
@@ -361,7 +438,7 @@ class FrameDecoder:
             self._pieces = []
             self._have = self._need = 0
             if need >= RAW_BODY_BYTES:
-                # Likely a body behind its map (encode_parts): decode the head from the
+                # Likely a body behind its head (encode_parts): decode the head from the
                 # pieces and join only the body, its one copy (joining the whole frame
                 # and then unpacking the body out of it copied it twice).
                 self.frame_started = None
@@ -412,13 +489,13 @@ HEAD_PROBE_BYTES = 2048  # looked at first: most heads end well before
 class Unjoined:
     """A complete frame whose bytes are still the pieces they arrived in.
 
-    `pieces` joined is the body `b` when `head` holds every other field (the frame is in
-    the layout `encode_parts` writes: `b` last, a bin), or else the whole msgpack map
-    (`head` is None), decoded after the join as any frame."""
+    `pieces` joined is the body `b` when `head` holds every other item of a positional
+    frame (whose last item is a bin), or else the whole msgpack value (`head` is None),
+    decoded after the join as any frame."""
 
     __slots__ = ("head", "pieces", "size")
 
-    def __init__(self, head: Decoded | None, pieces: list[Piece], size: int) -> None:
+    def __init__(self, head: Positional | None, pieces: list[Piece], size: int) -> None:
         self.head = head
         self.pieces = pieces
         self.size = size
@@ -427,7 +504,7 @@ class Unjoined:
         """The frame, checked by `parse` like every other, from `pieces` joined."""
         if self.head is None:
             return _decode(memoryview(joined))
-        self.head["b"] = joined
+        self.head.append(joined)
         return parse(self.head)
 
 
@@ -476,24 +553,18 @@ def _unjoined(pieces: list[Piece], need: int) -> Unjoined:
 _BIN_WIDTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin 8/16/32: bytes of the length after the type
 
 
-def _split_head(prefix: bytes, length: int) -> tuple[Decoded, int] | None:
-    """(every field but `b`, where `b`'s bytes start) if the frame of `length` bytes that
-    `prefix` begins is a map whose last entry is `b` holding a bin running to the frame's
-    end; None for any other shape (it is then decoded as a whole, errors and all)."""
+def _split_head(prefix: bytes, length: int) -> tuple[Positional, int] | None:
+    """(every item but the last, where the last one's bytes start) if the frame of
+    `length` bytes that `prefix` begins is an array whose last item is a bin running to
+    the frame's end; None for any other shape (it is then decoded as a whole, errors and
+    all)."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=HEAD_BYTES)
     unpacker.feed(prefix)
-    head: Decoded = {}
     try:
-        entries = unpacker.read_map_header()
-        if entries < 1:
+        items = unpacker.read_array_header()
+        if items < 2:
             return None
-        for _ in range(entries - 1):
-            key = unpacker.unpack()
-            if type(key) is not str:
-                return None
-            head[key] = unpacker.unpack()
-        if unpacker.unpack() != "b":
-            return None
+        head: Positional = [unpacker.unpack() for _ in range(items - 1)]
         pos = unpacker.tell()
     except Exception:  # out of data, malformed, unhashable: the whole-frame path decides
         return None
@@ -521,9 +592,9 @@ _unpackb = msgpack.unpackb
 #
 # Typed views of the frames. `parse` checks every field a reader will use (type, and range
 # where a bad value would hurt a consumer: ids, statuses, header characters) and fills in
-# the defaults, so readers index fields without checking again. The frames stay the dicts
-# msgpack made: checking costs about a microsecond per frame, building objects would cost
-# more.
+# the defaults, so readers index fields without checking again. The frames are dicts:
+# those msgpack made of the handshake's maps, and one made by `parse` per positional
+# frame (cheaper than unpacking a map; objects would cost more).
 
 Args = dict[str, object]
 Header = list[str]  # [name, value]
@@ -560,11 +631,10 @@ class ReadyFrame(TypedDict):
 
 class RequestFrame(TypedDict):
     k: Literal["req"]
-    v: int
     i: int
     op: str
     r: int
-    a: Args  # non-http ops ({} when absent)
+    a: NotRequired[Args]  # non-http ops only
     m: NotRequired[str]  # op "http" only, and then all of m, p, q, h, b are present
     p: NotRequired[str]
     q: NotRequired[str]
@@ -574,7 +644,7 @@ class RequestFrame(TypedDict):
 
 class RequestFields(TypedDict, total=False):
     """What a caller gives for one request: an http op's m, p, q, h, b, or another op's
-    `a`. It becomes the request frame itself (`rpc_core.request`)."""
+    `a` (`rpc_core.request` makes the frame of them)."""
 
     m: str
     p: str
@@ -586,7 +656,6 @@ class RequestFields(TypedDict, total=False):
 
 class ResponseFrame(TypedDict):
     k: Literal["res"]
-    v: int
     i: int
     s: int
     h: list[Header]
@@ -597,7 +666,6 @@ class ResponseFrame(TypedDict):
 
 class ChunkFrame(TypedDict):
     k: Literal["chunk"]
-    v: int
     i: int
     b: bytes
     more: bool
@@ -605,13 +673,11 @@ class ChunkFrame(TypedDict):
 
 class CancelFrame(TypedDict):
     k: Literal["cancel"]
-    v: int
     i: int
 
 
 class ErrorFrame(TypedDict):
     k: Literal["err"]
-    v: int
     i: int
     code: str
     msg: str
@@ -636,8 +702,13 @@ def parse(message: object) -> Frame:
     """`message` (as msgpack decoded it) checked against the schema of its kind.
 
     Raises WireError for anything else: a frame a reader could trip on never gets past."""
+    if type(message) is list:
+        kind = message[0] if message else None
+        if type(kind) is not int or not 0 <= kind < len(_POSITIONAL):
+            raise WireError(f"unknown frame kind {str(kind)[:40]!r}")
+        return _POSITIONAL[kind](message)
     if type(message) is not dict:
-        raise WireError("frame is not a message map")
+        raise WireError("frame is neither an array nor a map")
     if message.get("v") != WIRE_VERSION:
         raise WireError(
             f"the peer speaks wire version {str(message.get('v'))[:20]}, this process "
@@ -655,22 +726,12 @@ def _bad(message: Decoded, field: str) -> WireError:
     return WireError(f"{message['k']} frame: bad or missing {field!r}")
 
 
-def _call_id(message: Decoded) -> None:
-    i = message.get("i")
-    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
-        raise _bad(message, "i")
+def _bad_item(kind: str, field: str) -> WireError:
+    return WireError(f"{kind} frame: bad {field!r}")
 
 
-def _args(message: Decoded) -> None:
-    if type(message.setdefault("a", {})) is not dict:
-        raise _bad(message, "a")
-
-
-def _body(message: Decoded) -> None:
-    if type(message.setdefault("b", b"")) is not bytes:
-        raise _bad(message, "b")
-    if type(message.setdefault("more", False)) is not bool:
-        raise _bad(message, "more")
+def _bad_length(kind: str, message: Positional, items: int) -> WireError:
+    return WireError(f"{kind} frame of {len(message)} items, not {items}")
 
 
 def _check_hello(message: Decoded) -> None:
@@ -710,95 +771,157 @@ def _check_ready(message: Decoded) -> None:
         raise _bad(message, "health")
 
 
-def _check_header_pairs(message: Decoded, response: bool) -> None:
-    """`h`: a list of [name, value] string pairs (an absent one becomes []). A response's
-    values become HTTP response headers, so no CR, LF or NUL may pass in them."""
-    headers = message.get("h")
-    if headers is None:
-        message["h"] = []
-        return
+_CHECKS = {"hello": _check_hello, "auth": _check_auth, "ready": _check_ready}
+
+
+def _header_pairs(headers: object, response: bool) -> TypeGuard[list[Header]]:
+    """Whether `headers` is a list of [name, value] string pairs. A response's values
+    become HTTP response headers, so no CR, LF or NUL may pass in them."""
     if type(headers) is not list:
-        raise _bad(message, "h")
+        return False
     for pair in headers:
         if type(pair) is not list or len(pair) != 2:
-            raise _bad(message, "h")
+            return False
         name, value = pair
         if type(name) is not str or type(value) is not str:
-            raise _bad(message, "h")
+            return False
         if response and ("\n" in value or "\r" in value or "\0" in value):
-            raise _bad(message, "h")
+            return False
+    return True
 
 
-def _check_request(message: Decoded) -> None:
-    # The hot path (every append and read): plain local checks.
-    get = message.get
-    i = get("i")
+# The positional kinds: each checks every item of its array (their number included) and
+# returns the frame as the dict its readers index. Written out, since every request and
+# every answer passes here.
+
+
+def _parse_http_request(message: Positional) -> Frame:
+    try:
+        _, i, r, method, path, query, headers, body = message
+    except ValueError:
+        raise _bad_length("req", message, 8) from None
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
-        raise _bad(message, "i")
-    op = get("op")
-    if type(op) is not str:
-        raise _bad(message, "op")
-    if type(get("r")) is not int:
-        raise _bad(message, "r")
-    if op != "http":
-        _args(message)
-        return
-    if type(get("m")) is not str:
-        raise _bad(message, "m")
-    if type(get("p")) is not str:
-        raise _bad(message, "p")
-    if type(message.setdefault("q", "")) is not str:
-        raise _bad(message, "q")
-    if type(message.setdefault("b", b"")) is not bytes:
-        raise _bad(message, "b")
-    _check_header_pairs(message, False)
-    if "a" in message and type(message["a"]) is not dict:
-        raise _bad(message, "a")
+        raise _bad_item("req", "i")
+    if type(r) is not int:
+        raise _bad_item("req", "r")
+    if type(method) is not str:
+        raise _bad_item("req", "m")
+    if type(path) is not str:
+        raise _bad_item("req", "p")
+    if type(query) is not str:
+        raise _bad_item("req", "q")
+    if type(body) is not bytes:
+        raise _bad_item("req", "b")
+    if not _header_pairs(headers, False):
+        raise _bad_item("req", "h")
+    return {
+        "k": "req",
+        "i": i,
+        "op": "http",
+        "r": r,
+        "m": method,
+        "p": path,
+        "q": query,
+        "h": headers,
+        "b": body,
+    }
 
 
-def _check_response(message: Decoded) -> None:
-    get = message.get
-    i = get("i")
+def _parse_op_request(message: Positional) -> Frame:
+    try:
+        _, i, r, op, args = message
+    except ValueError:
+        raise _bad_length("req", message, 5) from None
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
-        raise _bad(message, "i")
-    status = message.setdefault("s", 200)
+        raise _bad_item("req", "i")
+    if type(r) is not int:
+        raise _bad_item("req", "r")
+    if type(op) is not str or op == "http":  # an http request has a layout of its own
+        raise _bad_item("req", "op")
+    if type(args) is not dict:
+        raise _bad_item("req", "a")
+    return {"k": "req", "i": i, "op": op, "r": r, "a": args}
+
+
+def _parse_http_response(message: Positional) -> Frame:
+    try:
+        _, i, status, more, headers, body = message
+    except ValueError:
+        raise _bad_length("res", message, 6) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("res", "i")
     if type(status) is not int or not 100 <= status <= 599:
-        raise _bad(message, "s")
-    _check_header_pairs(message, True)
-    if type(message.setdefault("b", b"")) is not bytes:
-        raise _bad(message, "b")
-    if type(message.setdefault("more", False)) is not bool:
-        raise _bad(message, "more")
-    if "a" in message and type(message["a"]) is not dict:
-        raise _bad(message, "a")
+        raise _bad_item("res", "s")
+    if type(more) is not bool:
+        raise _bad_item("res", "more")
+    if type(body) is not bytes:
+        raise _bad_item("res", "b")
+    if not _header_pairs(headers, True):
+        raise _bad_item("res", "h")
+    return {"k": "res", "i": i, "s": status, "h": headers, "b": body, "more": more}
 
 
-def _check_chunk(message: Decoded) -> None:
-    _call_id(message)
-    _body(message)
+def _parse_op_response(message: Positional) -> Frame:
+    try:
+        _, i, args = message
+    except ValueError:
+        raise _bad_length("res", message, 3) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("res", "i")
+    if type(args) is not dict:
+        raise _bad_item("res", "a")
+    return {"k": "res", "i": i, "s": 200, "h": [], "b": b"", "more": False, "a": args}
 
 
-def _check_cancel(message: Decoded) -> None:
-    _call_id(message)
+def _parse_chunk(message: Positional) -> Frame:
+    try:
+        _, i, more, body = message
+    except ValueError:
+        raise _bad_length("chunk", message, 4) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("chunk", "i")
+    if type(more) is not bool:
+        raise _bad_item("chunk", "more")
+    if type(body) is not bytes:
+        raise _bad_item("chunk", "b")
+    return {"k": "chunk", "i": i, "b": body, "more": more}
 
 
-def _check_error(message: Decoded) -> None:
-    _call_id(message)
-    if type(message.get("code")) is not str:
-        raise _bad(message, "code")
-    if type(message.setdefault("msg", "")) is not str:
-        raise _bad(message, "msg")
-    if "a" in message:
-        _args(message)
+def _parse_cancel(message: Positional) -> Frame:
+    try:
+        _, i = message
+    except ValueError:
+        raise _bad_length("cancel", message, 2) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("cancel", "i")
+    return {"k": "cancel", "i": i}
 
 
-_CHECKS = {
-    "hello": _check_hello,
-    "auth": _check_auth,
-    "ready": _check_ready,
-    "req": _check_request,
-    "res": _check_response,
-    "chunk": _check_chunk,
-    "cancel": _check_cancel,
-    "err": _check_error,
-}
+def _parse_error(message: Positional) -> Frame:
+    try:
+        _, i, code, msg, args = message
+    except ValueError:
+        raise _bad_length("err", message, 5) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("err", "i")
+    if type(code) is not str:
+        raise _bad_item("err", "code")
+    if type(msg) is not str:
+        raise _bad_item("err", "msg")
+    if args is None:
+        return {"k": "err", "i": i, "code": code, "msg": msg}
+    if type(args) is not dict:
+        raise _bad_item("err", "a")
+    return {"k": "err", "i": i, "code": code, "msg": msg, "a": args}
+
+
+# Indexed by the kind tags REQ_HTTP ... ERR.
+_POSITIONAL: tuple[Callable[[Positional], Frame], ...] = (
+    _parse_http_request,
+    _parse_op_request,
+    _parse_http_response,
+    _parse_op_response,
+    _parse_chunk,
+    _parse_cancel,
+    _parse_error,
+)

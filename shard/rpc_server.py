@@ -358,7 +358,7 @@ class RpcServer:
         await self.service.handle_http(request, respond, send)
 
 
-def _failure(call_id: int, exc: Exception) -> wire.Frame:
+def _failure(call_id: int, exc: Exception) -> wire.Outgoing:
     """The `err` frame for a request that raised: `unavailable` when the storage or a peer
     is, the code of an `OpError`, else `internal` (logged: a bug)."""
     if isinstance(exc, StorageUnavailable | PeerUnavailable):

@@ -121,7 +121,7 @@ async def test_garbage_on_shard_port_drops_only_that_connection(cluster) -> None
     garbage = [
         os.urandom(256),
         frame(b"\xc1\xc1\xc1\xc1"),  # 0xc1 is never valid msgpack
-        frame(msgpack.packb([1, 2, 3])),  # not a map
+        frame(msgpack.packb([1, 2, 3])),  # an op request of too few items, before hello
         frame(msgpack.packb({"v": 1, "x": 1})),  # no kind
         frame(msgpack.packb({"v": 99, "k": "hello"})),  # unknown wire version
         struct.pack(">I", 0xFFFFFFFF) + b"\x00" * 16,  # absurd length

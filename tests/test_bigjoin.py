@@ -114,7 +114,7 @@ def test_a_large_body_is_encoded_as_its_own_piece_without_a_copy() -> None:
     assert len(parts) == 2 and parts[1] is body
     frame = b"".join(parts)
     assert frame == wire.encode(_http_request(body))
-    assert msgpack.unpackb(frame[4:], raw=False)["b"] == body
+    assert msgpack.unpackb(frame[4:], raw=False)[-1] == body  # the array's last item
     small = wire.encode_parts(_http_request(b"tiny"))
     assert len(small) == 1
 
@@ -152,45 +152,56 @@ async def test_deferred_decoding_gives_the_same_frames_in_order(step: int) -> No
 
 async def test_a_large_frame_in_another_layout_is_decoded_whole() -> None:
     body = os.urandom(2 * MB)
-    message = {"b": body, **_http_request(b""), "v": wire.WIRE_VERSION}
-    message["b"] = body
-    packed = msgpack.packb(dict(reversed(list(message.items()))), use_bin_type=True)
-    (frame,) = await _decode_all(len(packed).to_bytes(4, "big") + packed, 100_000)
-    assert frame["b"] == body  # type: ignore[typeddict-item]
+    message = {"k": "req", "i": 1, "r": 1, "op": "move_finish", "a": {"state": body, "end": 1}}
+    (frame,) = await _decode_all(wire.encode(message), 100_000)
+    assert frame["a"]["state"] == body  # type: ignore[typeddict-item]
+
+
+def _positional_request(body: object, **changes: object) -> list[object]:
+    """`_http_request` as its array, with `body` last and the items `_<index>` changed."""
+    items = wire.encode_parts(_http_request(b""))[0]
+    frame: list[object] = msgpack.unpackb(items[4:], raw=False)
+    frame[-1] = body
+    for index, value in changes.items():
+        if int(index[1:]) == len(frame):
+            frame.append(value)
+        else:
+            frame[int(index[1:])] = value
+    return frame
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        {"i": "one"},  # a bad id
-        {"k": "nope"},  # an unknown kind
-        {"v": 1},  # another wire version
-        {"b": 5},  # a body that is not bytes: decoded whole, then refused
+        {"_1": "one"},  # a bad id
+        {"_0": 9},  # an unknown kind
+        {"_6": [["content-type", 5]]},  # a bad header pair in the head
+        {"_7": "text" * MB},  # a body that is not bytes: decoded whole, then refused
+        {"_8": 1},  # an item too many: the body is not last
     ],
 )
 async def test_a_large_frame_of_the_wrong_shape_is_refused(bad: dict) -> None:
-    message = {**_http_request(os.urandom(2 * MB)), **bad}
-    message.setdefault("v", wire.WIRE_VERSION)
-    if bad.get("b") == 5:
-        message["pad"] = os.urandom(2 * MB)
-    packed = msgpack.packb(message, use_bin_type=True)
+    frame = _positional_request(os.urandom(2 * MB), **bad)
+    packed = msgpack.packb(frame, use_bin_type=True)
     with pytest.raises(wire.WireError):
         await _decode_all(len(packed).to_bytes(4, "big") + packed, 256 * 1024)
 
 
+async def test_a_large_frame_too_short_or_a_map_is_refused() -> None:
+    for frame in (
+        _positional_request(os.urandom(2 * MB))[2:],  # the body behind too few items
+        [wire.CANCEL, os.urandom(2 * MB)],  # the right length, a body where none goes
+        {"v": wire.WIRE_VERSION, **_http_request(os.urandom(2 * MB))},  # as an older peer
+    ):
+        packed = msgpack.packb(frame, use_bin_type=True)
+        with pytest.raises(wire.WireError):
+            await _decode_all(len(packed).to_bytes(4, "big") + packed, 256 * 1024)
+
+
 async def test_a_large_frame_with_a_non_string_key_is_refused() -> None:
-    head = msgpack.packb({"k": "req"}, use_bin_type=True)
     body = os.urandom(2 * MB)
-    # a map of 3 entries: "k", an integer key, then "b" with the body
-    packed = (
-        b"\x83"
-        + head[1:]
-        + msgpack.packb(7)
-        + msgpack.packb(1)
-        + msgpack.packb("b")
-        + b"\xc6"
-        + len(body).to_bytes(4, "big")
-        + body
-    )
+    # an http request whose headers hold a map with an integer key, then the body
+    frame = _positional_request(body, _6={7: 1})
+    packed = msgpack.packb(frame, use_bin_type=True, strict_types=False)
     with pytest.raises(wire.WireError):
         await _decode_all(len(packed).to_bytes(4, "big") + packed, 256 * 1024)

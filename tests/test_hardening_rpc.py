@@ -439,9 +439,10 @@ async def test_half_sent_large_frame_is_dropped(tmp_path: Path) -> None:
 async def test_large_frames_are_decoded_in_any_layout_and_a_bad_one_costs_its_connection(
     tmp_path: Path,
 ) -> None:
-    """A large frame's body is joined off the loop and its head decoded apart; frames in
-    another layout (`b` not last) still decode, and a large frame of the wrong shape is
-    refused like any other: its connection closes, nothing else."""
+    """A large frame's body is joined off the loop and its head decoded apart; a large
+    frame in another layout (no body last: an op's arguments) is decoded whole, and a
+    large frame of the wrong shape is refused like any other: its connection closes,
+    nothing else."""
     octets = [["content-type", "application/octet-stream"]]
     first, second = os.urandom(6 * MIB + 5), os.urandom(3 * MIB)
     with shard_process(tmp_path) as shard:
@@ -451,12 +452,11 @@ async def test_large_frames_are_decoded_in_any_layout_and_a_bad_one_costs_its_co
         for at in range(0, len(frame), 100_000):  # in slices, as a slow link delivers it
             await stream.send_all(frame[at : at + 100_000])
         assert (await receive_frame(stream, decoder))["s"] == 204
-        other = {"b": second, **dict(request(3, "POST", "big"), h=octets), "v": wire.WIRE_VERSION}
-        other["b"] = second  # first in the map, as msgpack packs it
-        packed = msgpack.packb(other, use_bin_type=True)
-        assert packed.index(b"\xc6") < 10  # the body really comes first
-        await stream.send_all(struct.pack(">I", len(packed)) + packed)
-        assert (await receive_frame(stream, decoder))["s"] == 204
+        other = {"k": "req", "i": 3, "r": 1, "op": "no_such_op", "a": {"pad": second}}
+        answer = await call(stream, decoder, other)
+        assert answer["k"] == "err" and answer["code"] == "bad_request", answer
+        answer = await call(stream, decoder, dict(request(4, "POST", "big", second), h=octets))
+        assert answer["s"] == 204, answer
         got, query, n = b"", "offset=-1", 10
         while len(got) < len(first) + len(second):
             answer = await call(stream, decoder, dict(request(n, "GET", "big"), q=query))
@@ -466,21 +466,22 @@ async def test_large_frames_are_decoded_in_any_layout_and_a_bad_one_costs_its_co
             n += 1
         assert got == first + second
 
-        for bad in ({"i": [1]}, {"op": 5}, {"b": "text"}):
+        big = os.urandom(2 * MIB)
+        for bad in (
+            [wire.REQ_HTTP, [1], 1, "POST", "big", "", octets, big],  # a bad id
+            [wire.REQ_OP, 1, 1, 5, {"pad": big}],  # an op that is no string
+            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, "text" * MIB],  # a text body
+            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, big, 1],  # an item too many
+            [wire.REQ_HTTP, 1, "POST", "big", "", octets, big],  # an item too few
+        ):
             hostile, _, _ = await open_authenticated(shard.address, "shard-0")
-            message = {**request(1, "POST", "big", os.urandom(2 * MIB)), **bad}
-            await hostile.send_all(wire.encode(message) if "b" not in bad else _packed(message))
+            packed = msgpack.packb(bad, use_bin_type=True)
+            await hostile.send_all(struct.pack(">I", len(packed)) + packed)
             await closed_within(hostile, 10)
         answer = await call(stream, decoder, dict(request(99, "POST", "big", b"tail"), h=octets))
         assert answer["s"] == 204, answer
         await trio.aclose_forcefully(stream)
         await assert_serves(shard)
-
-
-def _packed(message: dict[str, Any]) -> bytes:
-    """A frame whose `b` is not bytes, padded past the size decoded off the loop."""
-    body = msgpack.packb({**message, "v": wire.WIRE_VERSION, "pad": os.urandom(2 * MIB)})
-    return struct.pack(">I", len(body)) + body
 
 
 # ---- the ring-version fence ---------------------------------------------------------------

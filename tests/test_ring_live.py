@@ -509,7 +509,7 @@ def test_an_sse_upstream_resumes_from_the_last_control_event() -> None:
 
 
 def test_a_peer_on_another_wire_version_is_named_in_the_error() -> None:
-    frame = wire.encode({"v": 2, "k": "cancel", "i": 1})
-    expected = f"wire version 2, this process speaks {wire.WIRE_VERSION}"
+    hello = {"v": 3, "k": "hello", "role": "gateway", "id": "g", "nonce": b"n" * 32, "r": 1}
+    expected = f"wire version 3, this process speaks {wire.WIRE_VERSION}"
     with pytest.raises(wire.WireError, match=expected):
-        wire.FrameDecoder().feed(frame)
+        wire.FrameDecoder().feed(wire.encode(hello))

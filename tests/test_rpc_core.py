@@ -143,8 +143,10 @@ def test_shard_fences_other_rings_but_not_ring_ops_and_bounds_calls() -> None:
     _, shard = connected_pair()
     older = roundtrip(rpc_core.request(1, "http", 2, http_fields()))
     refusal = shard.admit(older, RING)
-    assert refusal is not None and refusal["code"] == "version"
-    assert Ring.from_wire(refusal.get("a", {})["ring"]) == RING
+    assert refusal is not None
+    answer = roundtrip(refusal)
+    assert answer["k"] == "err" and answer["i"] == 1 and answer["code"] == "version"
+    assert Ring.from_wire(answer.get("a", {})["ring"]) == RING
     for op in ("ping", "ring_get", "ring_set", "move_status", "move_stream"):
         assert wire.ring_free(op)
         frame = roundtrip(rpc_core.request(2, op, 99, {"a": {}}))
@@ -154,25 +156,115 @@ def test_shard_fences_other_rings_but_not_ring_ops_and_bounds_calls() -> None:
     with pytest.raises(rpc_core.ProtocolError):
         shard.admit(roundtrip(rpc_core.request(10, "http", 3, http_fields())), RING)
     crowded = shard.admit(roundtrip(rpc_core.request(13, "http", 3, http_fields())), RING)
-    assert crowded is not None and crowded["code"] == "unavailable"
+    assert crowded is not None and roundtrip(crowded)["code"] == "unavailable"  # type: ignore[typeddict-item]
     assert shard.on_cancel(roundtrip(rpc_core.cancel(11))) == "task"  # type: ignore[arg-type]
     shard.finished(11)
     assert shard.on_cancel(roundtrip(rpc_core.cancel(11))) is None  # type: ignore[arg-type]
 
 
 def test_constructed_frames_pass_the_schema_and_keep_their_fields() -> None:
-    frames: list[object] = [
-        rpc_core.response(5, 201, [["location", "/x"]], b"body", False),
-        rpc_core.result(6, {"ok": True}),
-        rpc_core.chunk(7, b"data", True),
-        rpc_core.cancel(8),
-        rpc_core.error(9, "bad_request", "no"),
-        rpc_core.ring_error(10, "misdirected", "not mine", RING),
+    fields = {"m": "POST", "p": "a/b", "q": "x=1", "h": [["content-type", "t"]], "b": b"[1]"}
+    frames: list[tuple[wire.Outgoing, dict[str, object]]] = [
+        (
+            rpc_core.request(4, "http", 3, fields),  # type: ignore[arg-type]
+            {"k": "req", "i": 4, "op": "http", "r": 3, **fields},
+        ),
+        (
+            rpc_core.request(5, "ring_get", 3, {"a": {"x": 1}}),
+            {"k": "req", "i": 5, "op": "ring_get", "r": 3, "a": {"x": 1}},
+        ),
+        (
+            rpc_core.response(5, 201, (("location", "/x"),), b"body", False),
+            {"k": "res", "i": 5, "s": 201, "h": [["location", "/x"]], "b": b"body", "more": False},
+        ),
+        (
+            rpc_core.result(6, {"ok": True}),
+            {"k": "res", "i": 6, "s": 200, "h": [], "b": b"", "more": False, "a": {"ok": True}},
+        ),
+        (rpc_core.chunk(7, b"data", True), {"k": "chunk", "i": 7, "b": b"data", "more": True}),
+        (rpc_core.cancel(8), {"k": "cancel", "i": 8}),
+        (
+            rpc_core.error(9, "bad_request", "no"),
+            {"k": "err", "i": 9, "code": "bad_request", "msg": "no"},
+        ),
+        (
+            rpc_core.ring_error(10, "misdirected", "not mine", RING),
+            {"k": "err", "i": 10, "code": "misdirected", "msg": "not mine"}
+            | {"a": {"ring": RING.to_wire()}},
+        ),
     ]
-    for frame in frames:
-        decoded = roundtrip(frame)
-        assert all(decoded[k] == v for k, v in frame.items()), frame  # type: ignore[attr-defined,literal-required]
-    assert roundtrip(rpc_core.result(6, {}))["more"] is False  # left out, filled in
+    for frame, expected in frames:
+        assert roundtrip(frame) == expected, frame
+        # a dict of the same fields is encoded into the same frame
+        assert wire.encode(expected) == wire.encode(frame), expected
+
+
+# Positional frames of the wrong shape: each a WireError, whatever is wrong.
+_BAD_POSITIONAL = [
+    [],  # no kind
+    [7, 1],  # an unknown kind tag
+    [-1, 1],
+    [True, 1],  # a bool is not a kind tag
+    ["req", 1],
+    [wire.CANCEL],  # too few items
+    [wire.CANCEL, 1, 2],  # one too many
+    [wire.CANCEL, -1],  # an id out of range
+    [wire.CANCEL, 2**63],
+    [wire.CANCEL, True],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", []],  # no body
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b"", None],  # an extra item
+    [wire.REQ_HTTP, 1, "1", "GET", "a", "", [], b""],  # a ring version that is a string
+    [wire.REQ_HTTP, 1, 1, b"GET", "a", "", [], b""],
+    [wire.REQ_HTTP, 1, 1, "GET", None, "", [], b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", 5, [], b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], "text"],  # a body that is not bytes
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", {"a": "b"}, b""],  # headers not a list
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a"]], b""],  # a header that is no pair
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a", 1]], b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [("a", "b", "c")], b""],
+    [wire.REQ_OP, 1, 1, "http", {}],  # http has its own layout
+    [wire.REQ_OP, 1, 1, "ping", None],
+    [wire.REQ_OP, 1, 1, "ping"],
+    [wire.REQ_OP, 1, 1, 5, {}],
+    [wire.RES_HTTP, 1, 99, False, [], b""],  # a status out of range
+    [wire.RES_HTTP, 1, 600, False, [], b""],
+    [wire.RES_HTTP, 1, 200, 0, [], b""],  # more not a bool
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\r\nset-cookie: y"]], b""],  # CR, LF in a value
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\nb"]], b""],
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\0"]], b""],
+    [wire.RES_HTTP, 1, 200, False, [], b"", b""],
+    [wire.RES_OP, 1, []],
+    [wire.RES_OP, 1],
+    [wire.CHUNK, 1, True],
+    [wire.CHUNK, 1, b"x", True],  # items swapped
+    [wire.CHUNK, 1, None, b"x"],
+    [wire.ERR, 1, "internal", "x"],  # `a` is not optional in the array: nil
+    [wire.ERR, 1, None, "x", None],
+    [wire.ERR, 1, "internal", b"x", None],
+    [wire.ERR, 1, "internal", "x", []],
+    [wire.ERR, 1, "internal", "x", None, None],
+]
+
+
+@pytest.mark.parametrize("frame", _BAD_POSITIONAL, ids=repr)
+def test_positional_frames_of_the_wrong_shape_are_refused(frame: list[object]) -> None:
+    packed = msgpack.packb(frame, use_bin_type=True)
+    with pytest.raises(wire.WireError):
+        wire.FrameDecoder().feed(len(packed).to_bytes(4, "big") + packed)
+
+
+def test_hot_kinds_are_refused_as_maps_and_the_handshake_as_arrays() -> None:
+    """After the handshake only arrays pass (a map of a hot kind is an older peer's), and
+    the handshake's kinds are maps with the wire version."""
+    for frame in (
+        {"v": wire.WIRE_VERSION, "k": "cancel", "i": 1},
+        {"v": wire.WIRE_VERSION, "k": "req", "i": 1, "r": 1, "op": "ping", "a": {}},
+        {"v": 3, "k": "hello", "role": "gateway", "id": "g", "nonce": b"n" * 32, "r": 1},
+        ["hello", "gateway"],
+    ):
+        packed = msgpack.packb(frame, use_bin_type=True)
+        with pytest.raises(wire.WireError):
+            wire.FrameDecoder().feed(len(packed).to_bytes(4, "big") + packed)
 
 
 def test_op_arguments_are_checked_by_table() -> None:
@@ -293,7 +385,7 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
 
 
 def _medium_frames() -> tuple[bytes, list[bytes]]:
-    """Frames of 16 KiB to 1 MiB (body behind the map, or in another layout, or behind a
+    """Frames of 16 KiB to 1 MiB (body behind the head, or in another layout, or behind a
     head larger than the first look), between small ones: their bytes and bodies."""
     bodies = [bytes([n]) * size for n, size in enumerate((20_000, 200_000, 900_000, 70_000))]
     cancel = wire.encode({"k": "cancel", "i": 9})
@@ -303,10 +395,8 @@ def _medium_frames() -> tuple[bytes, list[bytes]]:
     # a long head: a response whose headers take more than the head's first look
     headers = [["x-long", "v" * 6000]]
     data += [wire.encode(rpc_core.response(3, 200, headers, bodies[3], False)), cancel]
-    # the same kind of frame with its body first: decoded whole
-    other = {"v": wire.WIRE_VERSION, "k": "chunk", "i": 4, "more": False, "b": bodies[0]}
-    packed = msgpack.packb(dict(reversed(list(other.items()))), use_bin_type=True)
-    data += [len(packed).to_bytes(4, "big") + packed, cancel]
+    # a large frame whose last item is not its body (an op's result): decoded whole
+    data += [wire.encode(rpc_core.result(4, {"b": bodies[0], "n": 1})), cancel]
     return b"".join(data), [*bodies, bodies[0]]
 
 
@@ -321,6 +411,7 @@ def test_frames_spanning_reads_decode_the_same_in_any_pieces(step: int) -> None:
             frames += getattr(decoder, feed)(data[at : at + step])
         assert decoder.partial == 0
         assert frames == whole
-    kinds = ["cancel"] + ["chunk", "cancel"] * 3 + ["res", "cancel", "chunk", "cancel"]
+    kinds = ["cancel"] + ["chunk", "cancel"] * 3 + ["res", "cancel", "res", "cancel"]
     assert [f["k"] for f in whole] == kinds
-    assert [f["b"] for f in whole if f["k"] != "cancel"] == bodies  # type: ignore[typeddict-item]
+    got = [f["b"] or f["a"]["b"] for f in whole if f["k"] != "cancel"]  # type: ignore[typeddict-item]
+    assert got == bodies

@@ -51,30 +51,31 @@ VALUES = st.one_of(
 )
 
 V = wire.WIRE_VERSION
-TEMPLATES: dict[str, dict[str, Any]] = {
-    "req-http": {
-        "v": V,
-        "k": "req",
-        "i": 1,
-        "r": 1,
-        "op": "http",
-        "m": "PUT",
-        "p": "fuzz/a",
-        "q": "",
-        "h": [["content-type", "application/json"]],
-        "b": b"[1]",
-    },
-    "req-ping": {"v": V, "k": "req", "i": 2, "r": 1, "op": "ping", "a": {}},
-    "req-op": {"v": V, "k": "req", "i": 3, "r": 1, "op": "release_fork", "a": {"source": "a"}},
-    "cancel": {"v": V, "k": "cancel", "i": 1},
+# The handshake's frames are maps; every other kind is positional (common/wire.py).
+TEMPLATES: dict[str, dict[str, Any] | list[Any]] = {
+    "req-http": [
+        wire.REQ_HTTP,
+        1,
+        1,
+        "PUT",
+        "fuzz/a",
+        "",
+        [["content-type", "application/json"]],
+        b"[1]",
+    ],
+    "req-ping": [wire.REQ_OP, 2, 1, "ping", {}],
+    "req-op": [wire.REQ_OP, 3, 1, "release_fork", {"source": "a"}],
+    "cancel": [wire.CANCEL, 1],
     "hello": {"v": V, "k": "hello", "role": "gateway", "id": "fz", "nonce": b"n" * 32, "r": 1},
     "auth": {"v": V, "k": "auth", "mac": b"m" * 32},
     "ready": {"v": V, "k": "ready", "ring": {"version": 1, "shards": ["s1"]}, "health": {}},
-    "res": {"v": V, "k": "res", "i": 1, "s": 200, "h": [["x-a", "b"]], "b": b"ok", "more": False},
-    "res-more": {"v": V, "k": "res", "i": 1, "s": 200, "h": [], "b": b"data: x\n\n", "more": True},
-    "chunk": {"v": V, "k": "chunk", "i": 1, "b": b"data: y\n\n", "more": True},
-    "chunk-end": {"v": V, "k": "chunk", "i": 1, "b": b"", "more": False},
-    "err": {"v": V, "k": "err", "i": 1, "code": "internal", "msg": "x"},
+    "res": [wire.RES_HTTP, 1, 200, False, [["x-a", "b"]], b"ok"],
+    "res-more": [wire.RES_HTTP, 1, 200, True, [], b"data: x\n\n"],
+    "res-op": [wire.RES_OP, 1, {"health": {"storage": "ok"}}],
+    "chunk": [wire.CHUNK, 1, True, b"data: y\n\n"],
+    "chunk-end": [wire.CHUNK, 1, False, b""],
+    "err": [wire.ERR, 1, "internal", "x", None],
+    "err-ring": [wire.ERR, 1, "misdirected", "x", {"ring": {"version": 1, "shards": ["s1"]}}],
 }
 
 
@@ -84,10 +85,21 @@ def pack(frame: Any) -> bytes:
 
 
 @st.composite
-def mutated_frames(draw: st.DrawFn, kinds: tuple[str, ...] = tuple(TEMPLATES)) -> dict[str, Any]:
-    """A template frame with up to three fields replaced by any value or dropped, and
-    sometimes an unknown field added."""
-    frame = dict(TEMPLATES[draw(st.sampled_from(kinds))])
+def mutated_frames(draw: st.DrawFn, kinds: tuple[str, ...] = tuple(TEMPLATES)) -> Any:
+    """A template frame with up to three fields (a map's) or items (an array's, its kind
+    tag included) replaced by any value or dropped, and sometimes an unknown field or an
+    extra item added."""
+    template = TEMPLATES[draw(st.sampled_from(kinds))]
+    if isinstance(template, list):
+        items = list(template)
+        for index in draw(st.lists(st.integers(0, len(items) - 1), max_size=3, unique=True)):
+            items[index] = draw(VALUES)
+        if draw(st.integers(0, 4)) == 0:
+            del items[draw(st.integers(0, len(items) - 1)) :]  # too few items
+        if draw(st.integers(0, 5)) == 0:
+            items.append(draw(VALUES))  # one too many
+        return items
+    frame = dict(template)
     for key in draw(st.lists(st.sampled_from(sorted(frame)), max_size=3, unique=True)):
         if draw(st.integers(0, 3)) == 0:
             del frame[key]
@@ -126,9 +138,11 @@ def test_decoder_yields_checked_frames_or_wire_error_only(data: bytes) -> None:
     except wire.WireError:
         return
     for frame in frames:
-        assert frame["v"] == wire.WIRE_VERSION and frame["k"] in TEMPLATE_KINDS
-        if "i" in frame:
-            assert type(frame["i"]) is int
+        assert frame["k"] in TEMPLATE_KINDS
+        if frame["k"] in ("hello", "auth", "ready"):
+            assert frame["v"] == wire.WIRE_VERSION
+        else:
+            assert type(frame["i"]) is int and "v" not in frame
 
 
 TEMPLATE_KINDS = {"hello", "auth", "ready", "req", "res", "chunk", "cancel", "err"}
@@ -254,26 +268,39 @@ def test_fuzzed_frames_before_authentication_cost_only_their_connection(
 
 # ---- a live gateway in front of a hostile shard -------------------------------------------
 
-SCRIPT: deque[list[bytes | dict[str, Any]]] = deque()
+SCRIPT: deque[list[Any]] = deque()
 SCRIPT_LOCK = threading.Lock()
+OWN_ID = "<the request's id>"  # in a scripted array frame: replaced by the request's id
 
 
 async def hostile(msg: dict[str, Any], reply: Reply) -> None:
-    """Answer with the scripted frames (dicts get this request's id unless they carry
-    their own), then a valid final answer."""
+    """Answer with the scripted frames (maps get this request's id unless they carry
+    their own, arrays where they hold OWN_ID), then a valid final answer."""
     with SCRIPT_LOCK:
         script = SCRIPT.popleft() if SCRIPT else []
     for item in script:
         if type(item) is dict and "i" not in item:
             item = dict(item, i=msg["i"])
+        elif type(item) is list:
+            item = [msg["i"] if value == OWN_ID else value for value in item]
         await reply(item if type(item) is bytes else pack(item))
     await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"end", "more": False})
 
 
 @st.composite
-def replies(draw: st.DrawFn) -> list[bytes | dict[str, Any]]:
-    shard_kinds = ("res", "res-more", "chunk", "chunk-end", "err", "hello", "ready")
-    items: list[bytes | dict[str, Any]] = []
+def replies(draw: st.DrawFn) -> list[Any]:
+    shard_kinds = (
+        "res",
+        "res-more",
+        "res-op",
+        "chunk",
+        "chunk-end",
+        "err",
+        "err-ring",
+        "hello",
+        "ready",
+    )
+    items: list[Any] = []
     for _ in range(draw(st.integers(1, 3))):
         if draw(st.integers(0, 5)) == 0:
             # Garbage behind a length no frame may have: a shard that stalls inside a
@@ -282,7 +309,10 @@ def replies(draw: st.DrawFn) -> list[bytes | dict[str, Any]]:
             items.append(struct.pack(">I", size) + draw(st.binary(max_size=100)))
             continue
         frame = draw(mutated_frames(shard_kinds))
-        if "i" in frame and frame["i"] == 1 and draw(st.booleans()):
+        if isinstance(frame, list):
+            if len(frame) > 1 and frame[1] == 1 and draw(st.booleans()):
+                frame[1] = OWN_ID  # the request's own id: the frame reaches the waiting call
+        elif "i" in frame and frame["i"] == 1 and draw(st.booleans()):
             del frame["i"]  # the request's own id: the frame reaches the waiting call
         items.append(frame)
     return items
