@@ -484,6 +484,48 @@ async def test_large_frames_are_decoded_in_any_layout_and_a_bad_one_costs_its_co
         await assert_serves(shard)
 
 
+# ---- a rolling upgrade: builds of different wire versions refuse each other ---------------
+
+
+def _wait_for_line(lines: list[str], text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        assert time.monotonic() < deadline, "".join(lines[-30:])
+        time.sleep(0.05)
+
+
+async def test_a_shard_refuses_a_caller_of_the_previous_wire_version(tmp_path: Path) -> None:
+    """A caller of the previous build (its hello says wire version 3) is told nothing,
+    not even the shard's hello, and the shard's log names both versions."""
+    old = wire.WIRE_VERSION - 1
+    hello = {"v": old, "k": "hello", "role": "gateway", "id": "old", "nonce": os.urandom(32)}
+    packed = msgpack.packb({**hello, "r": 1}, use_bin_type=True)
+    with shard_process(tmp_path) as shard:
+        stream = await trio.open_tcp_stream(*shard.address)
+        await stream.send_all(struct.pack(">I", len(packed)) + packed)
+        assert await closed_within(stream, 10) == []
+        _wait_for_line(shard.lines, f"wire version {old}, this process speaks {wire.WIRE_VERSION}")
+        await assert_serves(shard)
+
+
+def test_a_gateway_does_not_use_a_shard_of_another_wire_version() -> None:
+    """A shard whose hello says another wire version (an older build, mid-upgrade) is
+    not used: /readyz says so, and the gateway's log names both versions."""
+    fake = FakeShard("s1")
+    fake.wire_version = wire.WIRE_VERSION - 1
+    shard = ThreadedShard(fake)
+    port = shard.start()
+    gateway = GatewayProcess(f"s1=127.0.0.1:{port}")
+    try:
+        wait_problems(gateway, {"s1": "protocol error"})
+        expected = f"wire version {fake.wire_version}, this process speaks {wire.WIRE_VERSION}"
+        _wait_for_line(gateway.lines, expected)
+        assert not fake.requests
+    finally:
+        gateway.stop()
+        shard.stop()
+
+
 # ---- the ring-version fence ---------------------------------------------------------------
 
 

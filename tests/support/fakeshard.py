@@ -52,6 +52,7 @@ class FakeShard:
         self.cancel_seen = trio.Event()
         self.frozen = False  # True: accept and read frames but answer nothing (not even hello)
         self.health: dict[str, str] = {"storage": "ok"}
+        self.wire_version = wire.WIRE_VERSION  # what its hello says (another: another build)
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
 
@@ -120,7 +121,8 @@ class FakeShard:
                                 return
                             try:
                                 if msg["k"] == "hello":
-                                    await reply(handshake.on_client_hello(msg))
+                                    hello = handshake.on_client_hello(msg)
+                                    await reply({**hello, "v": self.wire_version})
                                 else:
                                     await reply(handshake.on_auth(msg, self.health))
                             except AuthError:
