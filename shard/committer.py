@@ -307,11 +307,18 @@ class Committer:
                 streams.append(write)
                 for record in write.records:
                     size += len(record.data)
-            batch.refs_added += job.refs_added
-            batch.refs_removed += job.refs_removed
-            batch.outbox_put += job.outbox_put
-            batch.outbox_removed += job.outbox_removed
-            batch.statements += job.statements
+            if (
+                job.refs_added
+                or job.refs_removed
+                or job.outbox_put
+                or job.outbox_removed
+                or job.statements
+            ):  # (an append has none of these)
+                batch.refs_added += job.refs_added
+                batch.refs_removed += job.refs_removed
+                batch.outbox_put += job.outbox_put
+                batch.outbox_removed += job.outbox_removed
+                batch.statements += job.statements
             size += job.extra_bytes
         if self._dirty:
             self._take_touches(batch, jobs)

@@ -279,7 +279,9 @@ class RpcServer:
             return None
         if not self.service.owns(path):
             return None
-        headers = {name.lower(): value for name, value in message["h"]}
+        headers = {}
+        for name, value in message["h"]:  # (a loop: a comprehension is a call of its own)
+            headers[name.lower()] = value
         return Request(message["m"], path, message["q"], headers, message["b"])
 
     def _read_now(self, message: wire.RequestFrame, writer: FrameWriter) -> bool:

@@ -58,6 +58,7 @@ import itertools
 import logging
 import operator
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,9 +192,21 @@ CREATE TABLE IF NOT EXISTS arrived (
 """
 
 
+class _Packers(threading.local):
+    """This thread's msgpack Packer: `msgpack.packb` builds one per call, which cost more
+    than packing the state itself (a commit encodes one state per appended stream, on the
+    loop or in the committer's worker thread; a Packer is not thread-safe)."""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+
+_packers = _Packers()
+
+
 def encode_state(state: StreamState) -> bytes:
     fork = state.fork
-    packed: bytes = msgpack.packb(
+    packed: bytes = _packers.packer.pack(
         [
             1,  # layout version
             state.content_type,
@@ -213,8 +226,7 @@ def encode_state(state: StreamState) -> bytes:
             else None,
             state.soft_deleted,
             state.refcount,
-        ],
-        use_bin_type=True,
+        ]
     )
     return packed
 
@@ -255,9 +267,10 @@ def decode_state(path: str, blob: bytes, producers: dict[str, ProducerState]) ->
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamWrite:
-    """One stream's change within a batch: the state to store (None = purge)."""
+    """One stream's change within a batch: the state to store (None = purge). With slots:
+    every append makes one."""
 
     path: str
     sid: int

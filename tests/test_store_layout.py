@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ import trio
 from ds_cluster.shard import committer as committer_module
 from ds_cluster.shard import store as store_module
 from ds_cluster.shard.committer import Committer, Job
-from ds_cluster.shard.core.model import ProducerState, Record, StreamState
-from ds_cluster.shard.store import Batch, Store, StreamWrite, encode_state
+from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState
+from ds_cluster.shard.store import Batch, Store, StreamWrite, decode_state, encode_state
 from ds_cluster.shard.streams import Entry
 
 
@@ -497,3 +498,30 @@ def test_a_process_killed_while_folding_loses_nothing_acknowledged(tmp_path: Pat
         acked = tails
     # The kill came right as the fold began: mostly it interrupted it.
     assert mid_fold >= 1
+
+
+def test_state_encoding_is_the_same_on_every_thread() -> None:
+    """encode_state packs with a Packer per thread (the committer encodes on the loop and
+    in its worker thread): the bytes are the same on both, and decode back to the state."""
+    full = StreamState(
+        path="s1",
+        content_type="application/json",
+        created_at=1.5,
+        tail=42,
+        closed=True,
+        ttl=60,
+        last_access=2.5,
+        last_stream_seq="b",
+        closed_by=("p", 1, 7),
+        fork=ForkOrigin("src", "0000000000000000_0000000000000003", 0, 3, "ref1", True),
+        refcount=2,
+    )
+    here = [encode_state(s) for s in (full, state("s2", 9))]
+    there: list[bytes] = []
+    worker = threading.Thread(
+        target=lambda: there.extend(encode_state(s) for s in (full, state("s2", 9)))
+    )
+    worker.start()
+    worker.join()
+    assert there == here
+    assert decode_state("s1", here[0], {}) == full

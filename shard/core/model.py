@@ -177,18 +177,21 @@ class StreamState:
 
 
 _new = object.__new__
+_set_attribute = object.__setattr__
 
 
 def evolve(state: StreamState, **changes: object) -> StreamState:
     """`dataclasses.replace` for the hot path: a copy of `state` with `changes` applied.
 
     `replace` re-runs field introspection and the frozen `__init__` (~8 us for this class);
-    copying the instance dict is ~4x cheaper. Only valid because StreamState has no
+    copying the instance dict is ~4x cheaper, and a copy given to the new instance whole
+    is cheaper than the instance's own dict filled from the old one (callgrind: 13.1k ->
+    10.4k instructions for an append's changes). Only valid because StreamState has no
     `__post_init__`, no slots and no derived fields."""
-    new = _new(StreamState)
-    d = new.__dict__
-    d.update(state.__dict__)
+    d = state.__dict__.copy()
     d.update(changes)
+    new = _new(StreamState)
+    _set_attribute(new, "__dict__", d)  # (the frozen class's own __setattr__ refuses)
     return new
 
 

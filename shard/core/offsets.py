@@ -18,7 +18,7 @@ NOW = "now"
 
 def encode(position: int) -> str:
     """Mint the offset token of `position` (which must be in 0..MAX_POSITION)."""
-    return f"{_PREFIX}{position:016d}"
+    return _PREFIX + str(position).zfill(16)  # (an f-string's format spec: 1.5x the cost)
 
 
 def decode(token: str) -> int | None:
