@@ -1,9 +1,9 @@
 """The gateway's HTTP/1.1 connections: llhttp parsing, our own socket, our own framing.
 
 One task serves one connection, start to end. It reads the socket (a non-blocking
-socket waited on with `trio.lowlevel.wait_readable`; under TLS the connection's
-`trio.SSLStream`), feeds httptools' `HttpRequestParser` (llhttp), and answers each
-request in order:
+socket registered once with the server's `gateway.readiness`, which wakes the task when
+bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
+`HttpRequestParser` (llhttp), and answers each request in order:
 
 - stream requests the native route takes (`NativeRoute`, implemented by
   `gateway.stream.StreamHandler`) are answered inline: the whole body in, the whole answer
@@ -60,6 +60,7 @@ from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, C
 from ds_cluster.gateway.fanout import Streaming, Subscriber
 from ds_cluster.gateway.framing import header_lines
 from ds_cluster.gateway.read_deadlines import ReadDeadlines
+from ds_cluster.gateway.readiness import ReadReadiness
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class Http1Server:
         "connections",
         "context",
         "deadlines",
+        "readiness",
         "hand_over",
         "keep_alive",
         "max_body_bytes",
@@ -188,6 +190,7 @@ class Http1Server:
         self.connections = connections
         self.output = output
         self.deadlines = ReadDeadlines()  # its `run` is the server's to start
+        self.readiness = ReadReadiness()  # so is this one's
         self.hand_over = hand_over
         self.tls_close_timeout = tls_close_timeout
         self.keep_alive = float(config.keep_alive_timeout)  # a request head's limit
@@ -306,6 +309,8 @@ class Http1Connection:
         "_wake",
         "write_scope",
         "output",
+        "read_task",
+        "readable",
         "stream",
         "timer_at",
         "tls",
@@ -329,13 +334,18 @@ class Http1Connection:
         self._head_bytes = 0
         self._head_until = inf  # the head in progress must be complete by then
         self._idle_until = inf  # while idle: when the connection times out
-        self._more = True  # bytes may be waiting in the socket (read before waiting)
+        # Bytes may be waiting in the socket: read before waiting (the last read filled
+        # its buffer). Waits are edge-triggered (`gateway.readiness`): never wait on bytes
+        # not tried.
+        self._more = True
         self._served = 0  # requests answered
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
         self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
         self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
+        self.read_task: trio.lowlevel.Task | None = None  # waiting in `ReadReadiness.wait`
+        self.readable = False  # `ReadReadiness`: bytes came while nobody waited
         self.write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
         self._stopped = False  # dropped, or the server stops: no more reads or writes
@@ -362,6 +372,7 @@ class Http1Connection:
             else:
                 assert isinstance(self.stream, trio.SocketStream)
                 sock = self.stream.socket
+                server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
             self._set_idle(trio.current_time() + server.keep_alive)
             # One scope for the connection's life, cancelled to drop the connection, or
@@ -381,6 +392,8 @@ class Http1Connection:
             server.deadlines.forget(self)
             self.output.close()
             self._parser = None  # (it refers back to this object)
+            if self._fd >= 0:
+                server.readiness.forget(self._fd, self)
             if not self._handed_over:
                 await self._close()
 
@@ -448,6 +461,7 @@ class Http1Connection:
                 if raw.startswith(H2_PREFACE):  # HTTP/2 with prior knowledge
                     self._handed_over = True
                     server.connections.idle.discard(self)
+                    server.readiness.forget(self._fd, self)
                     return await server.hand_over(self.stream, raw)
                 if H2_PREFACE.startswith(raw):
                     self._raw = raw
@@ -458,6 +472,7 @@ class Http1Connection:
             if self._feed(data) == "h2c":
                 self._handed_over = True
                 server.connections.idle.discard(self)
+                server.readiness.forget(self._fd, self)
                 raw, self._raw = self._raw or b"", None
                 return await server.hand_over(self.stream, raw)
 
@@ -476,7 +491,7 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
-        ready = self._more  # else the read would most likely find nothing: wait first
+        ready = self._more  # else the last read took all there was: wait first
         while True:
             if ready and not self.tls:
                 try:
@@ -491,7 +506,7 @@ class Http1Connection:
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
-                await trio.lowlevel.wait_readable(self._fd)
+                await self._server.readiness.wait(self)
             finally:
                 self.wait_until = inf
 
@@ -706,7 +721,6 @@ class Http1Connection:
         else:
             keep = await self._answer(req)
         self._served += 1
-        self._more = False  # the client was waiting for this answer: nothing more sent yet
         if not keep or self._stopped:
             return False
         now = trio.current_time()
