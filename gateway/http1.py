@@ -296,6 +296,7 @@ class Http1Connection:
         "_headers",
         "_idle_until",
         "_more",
+        "_now",
         "_parser",
         "_queue",
         "_raw",
@@ -339,6 +340,7 @@ class Http1Connection:
         # not tried.
         self._more = True
         self._served = 0  # requests answered
+        self._now = 0.0  # trio's clock when the bytes being parsed were read (`_feed`)
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
@@ -522,6 +524,9 @@ class Http1Connection:
         """Parse `data`: complete heads join the queue. "h2c" when the connection's first
         request asks to upgrade to HTTP/2 (it goes to hypercorn with every byte read)."""
         begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
+        # One clock read for every parser callback this data makes (a head and a body
+        # in one read: three reads otherwise).
+        self._now = trio.current_time()
         if self._parser is None:
             self._parser = httptools.HttpRequestParser(self)
         try:
@@ -590,7 +595,7 @@ class Http1Connection:
         self._headers = []
         self._head_bytes = 0
         self._req = _Request(b"", self._headers)
-        until = trio.current_time() + self._server.keep_alive
+        until = self._now + self._server.keep_alive
         # A new connection's first head: within the keep-alive timeout of its connecting.
         self._head_until = until if self._served else min(self._idle_until, until)
 
@@ -644,7 +649,7 @@ class Http1Connection:
         if req.early is not None and req.expect:
             req.close = True  # the client may send its body or not: nothing after it is sure
         if chunked or length > 0:
-            req.body_since = req.body_last = trio.current_time()
+            req.body_since = req.body_last = self._now
         self._queue.append(req)
         self._server.connections.idle.discard(self)
 
@@ -652,7 +657,7 @@ class Http1Connection:
         req = self._req
         assert req is not None
         req.size += len(body)
-        req.body_last = trio.current_time()
+        req.body_last = self._now
         if req.early is not None:
             if req.answered and (req.size > DRAIN_LIMIT or req.body_last > req.drain_until):
                 req.drain_until = -inf  # not worth reading on: close once answered
@@ -967,6 +972,21 @@ class Http1Connection:
         be taken back), but not from a socket that takes nothing for WRITE_TIMEOUT
         seconds or the connection being dropped: BrokenResourceError."""
         output = self.output
+        if not output.held and not self.tls:
+            # Nothing of this connection's is queued, so its budget admits anything:
+            # only what the socket does not take at once is counted (most answers, none).
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            if written == len(data):
+                return
+            rest = memoryview(data)[written:]
+            output.admit(len(rest))
+            try:
+                return await write_rest(self, self._fd, rest)
+            finally:
+                output.release(len(rest))
         if not output.admit(len(data)):
             log.info("connection over its output budget: dropped")
             self.stop_reading()
