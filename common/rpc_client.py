@@ -217,7 +217,8 @@ class Call(rpc_core.CallState):
 
     async def response(self) -> wire.ResponseFrame:
         """The `res` frame (s, h, b, more; or `a` for non-http ops). Cancel-safe."""
-        msg = await self._next()
+        inbox = self._inbox  # (after `open_routed` the frame is there: no wait to await)
+        msg = inbox.popleft() if inbox else await self._next()
         if isinstance(msg, _Stop):
             raise self._unavailable(msg)
         if msg["k"] == "res":

@@ -1,9 +1,9 @@
 """The gateway's HTTP/1.1 connections: llhttp parsing, our own socket, our own framing.
 
 One task serves one connection, start to end. It reads the socket (a non-blocking
-socket waited on with `trio.lowlevel.wait_readable`; under TLS the connection's
-`trio.SSLStream`), feeds httptools' `HttpRequestParser` (llhttp), and answers each
-request in order:
+socket registered once with the server's `gateway.readiness`, which wakes the task when
+bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
+`HttpRequestParser` (llhttp), and answers each request in order:
 
 - stream requests the native route takes (`NativeRoute`, implemented by
   `gateway.stream.StreamHandler`) are answered inline: the whole body in, the whole answer
@@ -60,6 +60,7 @@ from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, C
 from ds_cluster.gateway.fanout import Streaming, Subscriber
 from ds_cluster.gateway.framing import header_lines
 from ds_cluster.gateway.read_deadlines import ReadDeadlines
+from ds_cluster.gateway.readiness import ReadReadiness
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class Http1Server:
         "connections",
         "context",
         "deadlines",
+        "readiness",
         "hand_over",
         "keep_alive",
         "max_body_bytes",
@@ -188,6 +190,7 @@ class Http1Server:
         self.connections = connections
         self.output = output
         self.deadlines = ReadDeadlines()  # its `run` is the server's to start
+        self.readiness = ReadReadiness()  # so is this one's
         self.hand_over = hand_over
         self.tls_close_timeout = tls_close_timeout
         self.keep_alive = float(config.keep_alive_timeout)  # a request head's limit
@@ -293,6 +296,7 @@ class Http1Connection:
         "_headers",
         "_idle_until",
         "_more",
+        "_now",
         "_parser",
         "_queue",
         "_raw",
@@ -306,6 +310,8 @@ class Http1Connection:
         "_wake",
         "write_scope",
         "output",
+        "read_task",
+        "readable",
         "stream",
         "timer_at",
         "tls",
@@ -329,13 +335,19 @@ class Http1Connection:
         self._head_bytes = 0
         self._head_until = inf  # the head in progress must be complete by then
         self._idle_until = inf  # while idle: when the connection times out
-        self._more = True  # bytes may be waiting in the socket (read before waiting)
+        # Bytes may be waiting in the socket: read before waiting (the last read filled
+        # its buffer). Waits are edge-triggered (`gateway.readiness`): never wait on bytes
+        # not tried.
+        self._more = True
         self._served = 0  # requests answered
+        self._now = 0.0  # trio's clock when the bytes being parsed were read (`_feed`)
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
         self._read_scope: trio.CancelScope | None = None
         self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
         self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
+        self.read_task: trio.lowlevel.Task | None = None  # waiting in `ReadReadiness.wait`
+        self.readable = False  # `ReadReadiness`: bytes came while nobody waited
         self.write_scope: trio.CancelScope | None = None
         self._wake: trio.CancelScope | None = None  # an SSE response's wait, woken by frames
         self._stopped = False  # dropped, or the server stops: no more reads or writes
@@ -362,6 +374,7 @@ class Http1Connection:
             else:
                 assert isinstance(self.stream, trio.SocketStream)
                 sock = self.stream.socket
+                server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
             self._set_idle(trio.current_time() + server.keep_alive)
             # One scope for the connection's life, cancelled to drop the connection, or
@@ -381,6 +394,8 @@ class Http1Connection:
             server.deadlines.forget(self)
             self.output.close()
             self._parser = None  # (it refers back to this object)
+            if self._fd >= 0:
+                server.readiness.forget(self._fd, self)
             if not self._handed_over:
                 await self._close()
 
@@ -448,6 +463,7 @@ class Http1Connection:
                 if raw.startswith(H2_PREFACE):  # HTTP/2 with prior knowledge
                     self._handed_over = True
                     server.connections.idle.discard(self)
+                    server.readiness.forget(self._fd, self)
                     return await server.hand_over(self.stream, raw)
                 if H2_PREFACE.startswith(raw):
                     self._raw = raw
@@ -458,6 +474,7 @@ class Http1Connection:
             if self._feed(data) == "h2c":
                 self._handed_over = True
                 server.connections.idle.discard(self)
+                server.readiness.forget(self._fd, self)
                 raw, self._raw = self._raw or b"", None
                 return await server.hand_over(self.stream, raw)
 
@@ -476,7 +493,7 @@ class Http1Connection:
         if self._unread:
             data, self._unread = self._unread, b""
             return data
-        ready = self._more  # else the read would most likely find nothing: wait first
+        ready = self._more  # else the last read took all there was: wait first
         while True:
             if ready and not self.tls:
                 try:
@@ -491,7 +508,7 @@ class Http1Connection:
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
-                await trio.lowlevel.wait_readable(self._fd)
+                await self._server.readiness.wait(self)
             finally:
                 self.wait_until = inf
 
@@ -507,6 +524,9 @@ class Http1Connection:
         """Parse `data`: complete heads join the queue. "h2c" when the connection's first
         request asks to upgrade to HTTP/2 (it goes to hypercorn with every byte read)."""
         begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
+        # One clock read for every parser callback this data makes (a head and a body
+        # in one read: three reads otherwise).
+        self._now = trio.current_time()
         if self._parser is None:
             self._parser = httptools.HttpRequestParser(self)
         try:
@@ -575,7 +595,7 @@ class Http1Connection:
         self._headers = []
         self._head_bytes = 0
         self._req = _Request(b"", self._headers)
-        until = trio.current_time() + self._server.keep_alive
+        until = self._now + self._server.keep_alive
         # A new connection's first head: within the keep-alive timeout of its connecting.
         self._head_until = until if self._served else min(self._idle_until, until)
 
@@ -629,7 +649,7 @@ class Http1Connection:
         if req.early is not None and req.expect:
             req.close = True  # the client may send its body or not: nothing after it is sure
         if chunked or length > 0:
-            req.body_since = req.body_last = trio.current_time()
+            req.body_since = req.body_last = self._now
         self._queue.append(req)
         self._server.connections.idle.discard(self)
 
@@ -637,7 +657,7 @@ class Http1Connection:
         req = self._req
         assert req is not None
         req.size += len(body)
-        req.body_last = trio.current_time()
+        req.body_last = self._now
         if req.early is not None:
             if req.answered and (req.size > DRAIN_LIMIT or req.body_last > req.drain_until):
                 req.drain_until = -inf  # not worth reading on: close once answered
@@ -706,7 +726,6 @@ class Http1Connection:
         else:
             keep = await self._answer(req)
         self._served += 1
-        self._more = False  # the client was waiting for this answer: nothing more sent yet
         if not keep or self._stopped:
             return False
         now = trio.current_time()
@@ -953,6 +972,21 @@ class Http1Connection:
         be taken back), but not from a socket that takes nothing for WRITE_TIMEOUT
         seconds or the connection being dropped: BrokenResourceError."""
         output = self.output
+        if not output.held and not self.tls:
+            # Nothing of this connection's is queued, so its budget admits anything:
+            # only what the socket does not take at once is counted (most answers, none).
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            if written == len(data):
+                return
+            rest = memoryview(data)[written:]
+            output.admit(len(rest))
+            try:
+                return await write_rest(self, self._fd, rest)
+            finally:
+                output.release(len(rest))
         if not output.admit(len(data)):
             log.info("connection over its output budget: dropped")
             self.stop_reading()

@@ -651,9 +651,10 @@ async def serve(
                 tls_close_timeout=TLS_CLOSE_TIMEOUT,
                 max_body_bytes=DEFAULT_MAX_BODY,
             )
-            # Read deadlines are kept until the last connection ends (the lifespan's
-            # nursery outlives the connections'; it is cancelled after them).
+            # Read deadlines and readiness are kept until the last connection ends (the
+            # lifespan's nursery outlives the connections'; it is cancelled after them).
             lifespan_nursery.start_soon(http1.deadlines.run)
+            lifespan_nursery.start_soon(http1.readiness.run)
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)

@@ -1,0 +1,113 @@
+"""When the plain-TCP HTTP/1.1 connections of a server have bytes to read, kept by one task.
+
+A connection waits for its client once per request. Through `trio.lowlevel.wait_readable`
+that wait costs an `epoll_ctl` system call (trio registers the fd one-shot, so each wait
+registers it again) and trio's bookkeeping around it, twice per request (the wait, and
+the event that ends it). Here each connection's socket is registered once, edge-triggered,
+in an epoll set of our own; `ReadReadiness.run`, one task per server, waits for that set
+to be readable (one trio wait for every connection that got bytes meanwhile), and
+reschedules the connections waiting (`Reader.read_task`) directly.
+
+Edge-triggered means an event comes when bytes arrive, not while they are there. So a
+reader never waits on bytes it has not tried to read: it reads until the socket says it
+would block (`BlockingIOError`), and only then waits. An event for a reader that is not
+waiting leaves it `readable`: its next `wait` returns at once, and the read that follows
+finds the bytes (or finds none, the event having been for bytes read already; the reader
+then waits again). No event is lost between a read that would block and the wait after
+it: the loop runs no other task in between.
+
+The price is one step of the task here per wake of the set, shared by every connection
+that wake finds ready: it pays when many connections are busy (the load this gateway is
+built for), and costs a little when a handful of them take turns, one per wake.
+
+TLS connections read through their `trio.SSLStream` and are not registered here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+from typing import Protocol
+
+import trio
+
+MAX_EVENTS = 1024  # events taken from the set per wake (more: the set stays readable)
+
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_reschedule = trio.lowlevel.reschedule
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
+_EDGE_IN = select.EPOLLIN | select.EPOLLET
+
+
+class Reader(Protocol):
+    """What a connection keeps for its waits here."""
+
+    read_task: trio.lowlevel.Task | None  # the task waiting for bytes (None: none)
+    readable: bool  # an event came while nobody waited: the next wait returns at once
+
+
+class ReadReadiness:
+    """One server's registered sockets (`run` is the task that wakes their readers)."""
+
+    __slots__ = ("_epoll", "_readers")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Reader] = {}  # fd -> the connection reading it
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def watch(self, fd: int, reader: Reader) -> None:
+        """Register the socket `fd` that `reader` reads (its first bytes may be there
+        already: the kernel reports those too)."""
+        self._readers[fd] = reader
+        try:
+            self._epoll.register(fd, _EDGE_IN)
+        except FileExistsError:  # (a closed socket's number, still registered)
+            self._epoll.modify(fd, _EDGE_IN)
+
+    def forget(self, fd: int, reader: Reader) -> None:
+        """`reader` reads `fd` no more (call it before closing the socket; a socket
+        closed already, whose number another connection may have now, is left alone)."""
+        if self._readers.get(fd) is not reader:
+            return
+        del self._readers[fd]
+        with contextlib.suppress(OSError):  # closed already: the kernel dropped it
+            self._epoll.unregister(fd)
+
+    async def wait(self, reader: Reader) -> None:
+        """Return once the socket of `reader` may have bytes: at once if an event came
+        since its last wait, else when one comes (cancellable)."""
+        if reader.readable:
+            reader.readable = False
+            return
+        reader.read_task = _current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            reader.read_task = None
+            return _ABORTED
+
+        await _wait_task_rescheduled(abort)
+
+    async def run(self) -> None:
+        """Wake the readers whose sockets got bytes, until cancelled."""
+        epoll = self._epoll
+        readers = self._readers
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0, MAX_EVENTS):
+                    reader = readers.get(fd)
+                    if reader is None:
+                        continue
+                    task = reader.read_task
+                    if task is not None:
+                        reader.read_task = None
+                        _reschedule(task)
+                    else:
+                        reader.readable = True
+        finally:
+            trio.lowlevel.notify_closing(epoll.fileno())
+            epoll.close()
