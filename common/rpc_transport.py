@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import trio
 
-from ds_cluster.common import wire
+from ds_cluster.common import loop_batches, wire
 from ds_cluster.common.rpc_core import CallState
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,15 @@ class WriteBudget:
 
 
 class FrameWriter:
-    """Queues frames and writes them in coalesced batches from one task (`run`).
+    """Writes frames: the first of a scheduler batch at once, the rest in coalesced
+    writes from one task (`run`).
+
+    A frame that finds nothing unsent, on a plain TCP socket, is written by its caller at
+    once unless another frame already went that way in the same scheduler batch
+    (`loop_batches`): a lone reply or request then reaches the peer without waking the
+    writer task, a turn of the scheduler later, while a burst (a group commit's
+    answers) still goes out in one write after the first. What the socket does not take
+    at once is queued for the task like any frame.
 
     Three ways in. `try_queue` (a caller's requests) queues within the budgets or says
     no. `send_nowait` (answers that cannot wait: pings, op results, errors) queues within
@@ -171,6 +179,9 @@ class FrameWriter:
         self._wake = trio.Event()
         self._drained = trio.Event()
         self.overflowed = False
+        self._batches = loop_batches.current()
+        self._direct_batch = -1  # the batch in which a frame last went out at once
+        self._closed = False  # `run` is over: the socket may be closed, its fd reused
 
     def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
         """Queue one frame's pieces (`wire.encode_parts`) if the budgets allow."""
@@ -179,6 +190,10 @@ class FrameWriter:
         shared = self._shared
         if held and (held + cost > self._budget or shared.used + cost > shared.limit):
             return False
+        if not held and len(parts) == 1 and self._at_once(parts[0]):
+            if owner is not None:
+                owner.sent = True
+            return True
         # _queue, inlined: every request passes here
         if len(parts) == 1:
             self._frames.append(parts[0])
@@ -211,7 +226,29 @@ class FrameWriter:
             await self._drained.wait()
         if not self.overflowed:
             parts = wire.encode_parts(frame)
-            self._queue(parts, _cost(parts), None)
+            if self._size or self._writing or len(parts) != 1 or not self._at_once(parts[0]):
+                self._queue(parts, _cost(parts), None)
+
+    def _at_once(self, data: bytes) -> bool:
+        """Write a frame while nothing is unsent, unless a frame already went at once in
+        this scheduler batch (or the socket is TLS): False, and the caller queues it.
+        What the socket does not take is queued for the writer task."""
+        batch = self._batches.count
+        if self._direct_batch == batch or self._fd is None or self._closed:
+            return False
+        self._direct_batch = batch
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            log.info("connection lost (write): %s", exc)
+            self._connection.cancel()
+            return True  # the frame goes with its connection
+        if written < len(data):
+            rest = data[written:]
+            self._queue([rest], len(rest) + FRAME_OVERHEAD, None)
+        return True
 
     def _queue(self, parts: list[bytes], cost: int, owner: CallState | None) -> None:
         """One frame's pieces (a large body is one, sent without a copy)."""
@@ -283,6 +320,8 @@ class FrameWriter:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("connection lost (write): %s", exc)
             self._connection.cancel()
+        finally:
+            self._closed = True
 
     def _write_now(self, data: bytes) -> int:
         """Bytes of `data` the socket takes at once, without waiting (0 under TLS)."""

@@ -4,6 +4,7 @@ as wire data, and common/rpc_transport.py's writer over an in-memory stream: no 
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import msgpack
 import pytest
@@ -290,6 +291,48 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
         writer.send_nowait(rpc_core.chunk(11, b"w" * 100_000, True))
         assert writer.overflowed
     assert nursery.cancel_scope.cancel_called
+
+
+async def test_writer_sends_a_batchs_first_frame_at_once_and_gathers_the_rest() -> None:
+    """Over a socket, the first frame of a scheduler batch is written by its caller (no
+    writer task needed); the others of the batch wait for the task, which writes them in
+    order behind it. Once the writer has stopped, nothing is written to its fd."""
+    a, b = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+
+    def peek() -> list[wire.Frame]:  # what the peer can read now, without waiting
+        try:
+            return decoder.feed(b.recv(1 << 20, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return []
+
+    decoder = wire.FrameDecoder()
+    async with trio.open_nursery() as nursery:
+        writer = FrameWriter(ours, nursery.cancel_scope, budget=64 * 1024)
+        calls = [rpc_core.CallState() for _ in range(3)]
+        for n, call in enumerate(calls):
+            assert writer.try_queue(wire.encode_parts(rpc_core.chunk(n, b"x", True)), call)
+        assert [call.sent for call in calls] == [True, False, False]
+        assert [f["i"] for f in peek()] == [0]  # type: ignore[typeddict-item]
+        await trio.sleep(0)  # a later batch: still behind the queued frames
+        writer.send_nowait(rpc_core.chunk(3, b"y", True))
+        assert peek() == []
+        nursery.start_soon(writer.run)
+        received: list[wire.Frame] = []
+        with trio.fail_after(5):
+            while len(received) < 3:
+                await trio.sleep(0.001)
+                received += peek()
+        assert [f["i"] for f in received] == [1, 2, 3]  # type: ignore[typeddict-item]
+        await trio.sleep(0)  # nothing unsent, a new batch: at once again
+        await writer.send(rpc_core.chunk(4, b"z", True))
+        assert [f["i"] for f in peek()] == [4]  # type: ignore[typeddict-item]
+        nursery.cancel_scope.cancel()
+    await trio.sleep(0)
+    writer.send_nowait(rpc_core.chunk(5, b"w", True))  # the writer is over: queued, unsent
+    assert peek() == []
+    a.close()
+    b.close()
 
 
 def _medium_frames() -> tuple[bytes, list[bytes]]:
