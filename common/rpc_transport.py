@@ -9,10 +9,11 @@ an untrusted peer, so every wait has a deadline and every buffer a bound:
     slower than MIN_FRAME_RATE after FRAME_GRACE, and `FrameStalled` drops the
     connection (else a peer could hold up to MAX_FRAME_BYTES of ours with half a frame);
   * large frames are joined off the event loop (`wire.complete`);
-  * writing: one task writes every queued frame in coalesced batches (many small replies
-    in one send); a batch the peer does not read for WRITE_STALL seconds (plus its size
-    at MIN_FRAME_RATE) drops the connection; queued bytes are bounded per connection
-    and, optionally, per process (`WriteBudget`).
+  * writing: the frames a scheduler batch queued go out in one write when the batch ends
+    (`batch_end`), and one task writes what the socket did not take then (many small
+    replies in one send either way); a batch the peer does not read for WRITE_STALL
+    seconds (plus its size at MIN_FRAME_RATE) drops the connection; queued bytes are
+    bounded per connection and, optionally, per process (`WriteBudget`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 
 import trio
 
-from ds_cluster.common import loop_batches, wire
+from ds_cluster.common import batch_end, wire
 from ds_cluster.common.rpc_core import CallState
 
 log = logging.getLogger(__name__)
@@ -142,15 +143,15 @@ class WriteBudget:
 
 
 class FrameWriter:
-    """Writes frames: the first of a scheduler batch at once, the rest in coalesced
-    writes from one task (`run`).
+    """Queues frames and writes them in coalesced batches: at the end of the scheduler
+    batch that queued them, or from one task (`run`).
 
-    A frame that finds nothing unsent, on a plain TCP socket, is written by its caller at
-    once unless another frame already went that way in the same scheduler batch
-    (`loop_batches`): a lone reply or request then reaches the peer without waking the
-    writer task, a turn of the scheduler later, while a burst (a group commit's
-    answers) still goes out in one write after the first. What the socket does not take
-    at once is queued for the task like any frame.
+    On a plain TCP socket with nothing being written, the frames a batch queues are
+    written when it ends (`batch_end`), in one write: a lone request or reply reaches the
+    peer without waking the writer task and waiting for the next batch, and a burst (a
+    group commit's answers, a busy gateway's requests) still goes in one write, so the
+    peer sees it whole (a first frame sent apart would make a commit group of its own).
+    What the socket does not take then, and everything under TLS, the task writes.
 
     Three ways in. `try_queue` (a caller's requests) queues within the budgets or says
     no. `send_nowait` (answers that cannot wait: pings, op results, errors) queues within
@@ -179,8 +180,9 @@ class FrameWriter:
         self._wake = trio.Event()
         self._drained = trio.Event()
         self.overflowed = False
-        self._batches = loop_batches.current()
-        self._direct_batch = -1  # the batch in which a frame last went out at once
+        self._batch_end = batch_end.current()
+        self._token = trio.lowlevel.current_trio_token()
+        self._flush_due = False  # `_flush` is due at the end of the running batch
         self._closed = False  # `run` is over: the socket may be closed, its fd reused
 
     def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
@@ -190,10 +192,6 @@ class FrameWriter:
         shared = self._shared
         if held and (held + cost > self._budget or shared.used + cost > shared.limit):
             return False
-        if not held and len(parts) == 1 and self._at_once(parts[0]):
-            if owner is not None:
-                owner.sent = True
-            return True
         # _queue, inlined: every request passes here
         if len(parts) == 1:
             self._frames.append(parts[0])
@@ -203,7 +201,7 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         shared.used += cost
-        self._wake.set()
+        self._due()
         return True
 
     def send_nowait(self, frame: Mapping[str, object]) -> None:
@@ -226,29 +224,7 @@ class FrameWriter:
             await self._drained.wait()
         if not self.overflowed:
             parts = wire.encode_parts(frame)
-            if self._size or self._writing or len(parts) != 1 or not self._at_once(parts[0]):
-                self._queue(parts, _cost(parts), None)
-
-    def _at_once(self, data: bytes) -> bool:
-        """Write a frame while nothing is unsent, unless a frame already went at once in
-        this scheduler batch (or the socket is TLS): False, and the caller queues it.
-        What the socket does not take is queued for the writer task."""
-        batch = self._batches.count
-        if self._direct_batch == batch or self._fd is None or self._closed:
-            return False
-        self._direct_batch = batch
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            log.info("connection lost (write): %s", exc)
-            self._connection.cancel()
-            return True  # the frame goes with its connection
-        if written < len(data):
-            rest = data[written:]
-            self._queue([rest], len(rest) + FRAME_OVERHEAD, None)
-        return True
+            self._queue(parts, _cost(parts), None)
 
     def _queue(self, parts: list[bytes], cost: int, owner: CallState | None) -> None:
         """One frame's pieces (a large body is one, sent without a copy)."""
@@ -259,7 +235,58 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         self._shared.used += cost
-        self._wake.set()
+        self._due()
+
+    def _due(self) -> None:
+        """Frames were queued: flush them when the batch ends, unless the task is
+        writing (it takes them next) or the socket is TLS (the task writes it all)."""
+        if self._flush_due:
+            return
+        if self._writing or self._fd is None or self._closed:
+            self._wake.set()
+            return
+        self._flush_due = True
+        self._batch_end.due.append(self._flush)
+
+    def _flush(self) -> None:
+        """At the end of the batch: write what it queued, in one write. What the socket
+        does not take (or a large frame, not copied into a join here) is left for the
+        task, woken through the run's token (see `batch_end`)."""
+        self._flush_due = False
+        frames = self._frames
+        fd = self._fd
+        if fd is None or self._closed or self._writing or not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if len(data) >= wire.RAW_BODY_BYTES and len(frames) > 1:
+            self._token.run_sync_soon(self._wake.set)
+            return
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            log.info("connection lost (write): %s", exc)
+            self._token.run_sync_soon(self._connection.cancel)
+            return
+        for owner in self._owners:
+            if owner is not None:
+                owner.sent = True
+        if written == len(data):
+            self._frames = []
+            self._owners = []
+            self._shared.used -= self._size
+            self._size = 0
+            self._drained.set()
+            self._drained = trio.Event()
+            return
+        rest = data[written:]
+        self._frames = [rest]
+        self._owners = [None]
+        cost = len(rest) + FRAME_OVERHEAD
+        self._shared.used -= self._size - cost
+        self._size = cost
+        self._token.run_sync_soon(self._wake.set)
 
     def discard(self, owner: CallState) -> None:
         """Drop `owner`'s frame, if still queued (its caller gave up before it went)."""
