@@ -276,9 +276,9 @@ class FrameWriter:
             self._frames = []
             self._owners = []
             self._shared.used -= self._size
+            if self._size > HIGH_WATER:  # a `send` may wait for room (woken as above)
+                self._token.run_sync_soon(self._set_drained)
             self._size = 0
-            self._drained.set()
-            self._drained = trio.Event()
             return
         rest = data[written:]
         self._frames = [rest]
@@ -287,6 +287,10 @@ class FrameWriter:
         self._shared.used -= self._size - cost
         self._size = cost
         self._token.run_sync_soon(self._wake.set)
+
+    def _set_drained(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
 
     def discard(self, owner: CallState) -> None:
         """Drop `owner`'s frame, if still queued (its caller gave up before it went)."""
