@@ -147,7 +147,7 @@ Fields = wire.RequestFields | Mapping[str, object]
 class Call(rpc_core.CallState):
     """One request in flight. Created by ShardPool.open / ShardConnection.open."""
 
-    __slots__ = ("_conn", "_inbox", "_waiter", "done", "buffered")
+    __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "sink")
 
     def __init__(self, conn: ShardConnection) -> None:
         # CallState's fields, set here rather than through super(): one per request
@@ -161,6 +161,8 @@ class Call(rpc_core.CallState):
         self._waiter: trio.lowlevel.Task | None = None
         self.done = False  # the final frame (or an error) has been received
         self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
+        # While `relay` waits: takes each chunk body from the connection's reader.
+        self.sink: Callable[[bytes], None] | None = None
 
     @property
     def shard_id(self) -> str:
@@ -248,6 +250,36 @@ class Call(rpc_core.CallState):
                 self.done = True
             if body:
                 yield body
+
+    async def relay(self, sink: Callable[[bytes], None]) -> None:
+        """Hand the bodies of the `chunk` frames that follow a `res` with more=True to
+        `sink`, until the stream ends; raises as `chunks` does. While nothing waits in
+        the inbox, the connection's reader calls `sink` itself as each chunk arrives: no
+        task switch per chunk and nothing buffered. `sink` must not block; what it
+        raises is logged (and that chunk lost to it)."""
+        while not self.done:
+            if self._inbox:
+                msg = self._inbox.popleft()
+            else:
+                self.sink = sink
+                try:
+                    msg = await self._next()
+                finally:
+                    self.sink = None
+            if isinstance(msg, _Stop):
+                raise self._unavailable(msg)
+            if msg["k"] == "err":
+                self.done = True
+                raise ShardError(msg["code"], msg["msg"], msg.get("a"))
+            if msg["k"] != "chunk":
+                self.done = True
+                raise ShardError("internal", f"unexpected {msg['k']!r} frame in a stream")
+            body = msg["b"]
+            self.buffered -= len(body)
+            if not msg["more"]:
+                self.done = True
+            if body:
+                _hand(sink, body)
 
 
 class ShardConnection:
@@ -520,6 +552,10 @@ class ShardConnection:
                     if call is None:
                         continue  # a call we abandoned, or a stray id
                     if frame["k"] == "chunk" and frame["more"]:
+                        sink = call.sink
+                        if sink is not None:
+                            _hand(sink, frame["b"])
+                            continue
                         call.buffered += len(frame["b"])
                         if call.buffered > self._max_buffered:
                             self._overflow(protocol, call)
@@ -543,6 +579,15 @@ class ShardConnection:
         if self._writer is not None:
             self._writer.send_nowait(rpc_core.cancel(call.id))
         call._put(_OVERFLOW)
+
+
+def _hand(sink: Callable[[bytes], None], body: bytes) -> None:
+    """A chunk to a relaying call's sink (`Call.relay`): a bug there must end neither
+    the relay nor, from the connection's reader, every other call."""
+    try:
+        sink(body)
+    except Exception:
+        log.exception("a relayed chunk's sink failed")
 
 
 class ShardPool:

@@ -9,10 +9,11 @@ an untrusted peer, so every wait has a deadline and every buffer a bound:
     slower than MIN_FRAME_RATE after FRAME_GRACE, and `FrameStalled` drops the
     connection (else a peer could hold up to MAX_FRAME_BYTES of ours with half a frame);
   * large frames are joined off the event loop (`wire.complete`);
-  * writing: one task writes every queued frame in coalesced batches (many small replies
-    in one send); a batch the peer does not read for WRITE_STALL seconds (plus its size
-    at MIN_FRAME_RATE) drops the connection; queued bytes are bounded per connection
-    and, optionally, per process (`WriteBudget`).
+  * writing: the frames a scheduler batch queued go out in one write when the batch ends
+    (`batch_end`), and one task writes what the socket did not take then (many small
+    replies in one send either way); a batch the peer does not read for WRITE_STALL
+    seconds (plus its size at MIN_FRAME_RATE) drops the connection; queued bytes are
+    bounded per connection and, optionally, per process (`WriteBudget`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 
 import trio
 
-from ds_cluster.common import wire
+from ds_cluster.common import batch_end, wire
 from ds_cluster.common.rpc_core import CallState
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,15 @@ class WriteBudget:
 
 
 class FrameWriter:
-    """Queues frames and writes them in coalesced batches from one task (`run`).
+    """Queues frames and writes them in coalesced batches: at the end of the scheduler
+    batch that queued them, or from one task (`run`).
+
+    On a plain TCP socket with nothing being written, the frames a batch queues are
+    written when it ends (`batch_end`), in one write: a lone request or reply reaches the
+    peer without waking the writer task and waiting for the next batch, and a burst (a
+    group commit's answers, a busy gateway's requests) still goes in one write, so the
+    peer sees it whole (a first frame sent apart would make a commit group of its own).
+    What the socket does not take then, and everything under TLS, the task writes.
 
     Three ways in. `try_queue` (a caller's requests) queues within the budgets or says
     no. `send_nowait` (answers that cannot wait: pings, op results, errors) queues within
@@ -171,6 +180,10 @@ class FrameWriter:
         self._wake = trio.Event()
         self._drained = trio.Event()
         self.overflowed = False
+        self._batch_end = batch_end.current()
+        self._token = trio.lowlevel.current_trio_token()
+        self._flush_due = False  # `_flush` is due at the end of the running batch
+        self._closed = False  # `run` is over: the socket may be closed, its fd reused
 
     def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
         """Queue one frame's pieces (`wire.encode_parts`) if the budgets allow."""
@@ -188,7 +201,7 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         shared.used += cost
-        self._wake.set()
+        self._due()
         return True
 
     def send_nowait(self, frame: wire.Outgoing | Mapping[str, object]) -> None:
@@ -222,7 +235,62 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         self._shared.used += cost
-        self._wake.set()
+        self._due()
+
+    def _due(self) -> None:
+        """Frames were queued: flush them when the batch ends, unless the task is
+        writing (it takes them next) or the socket is TLS (the task writes it all)."""
+        if self._flush_due:
+            return
+        if self._writing or self._fd is None or self._closed:
+            self._wake.set()
+            return
+        self._flush_due = True
+        self._batch_end.due.append(self._flush)
+
+    def _flush(self) -> None:
+        """At the end of the batch: write what it queued, in one write. What the socket
+        does not take (or a large frame, not copied into a join here) is left for the
+        task, woken through the run's token (see `batch_end`)."""
+        self._flush_due = False
+        frames = self._frames
+        fd = self._fd
+        if fd is None or self._closed or self._writing or not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if len(data) >= wire.RAW_BODY_BYTES and len(frames) > 1:
+            self._token.run_sync_soon(self._wake.set)
+            return
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            log.info("connection lost (write): %s", exc)
+            self._token.run_sync_soon(self._connection.cancel)
+            return
+        for owner in self._owners:
+            if owner is not None:
+                owner.sent = True
+        if written == len(data):
+            self._frames = []
+            self._owners = []
+            self._shared.used -= self._size
+            if self._size > HIGH_WATER:  # a `send` may wait for room (woken as above)
+                self._token.run_sync_soon(self._set_drained)
+            self._size = 0
+            return
+        rest = data[written:]
+        self._frames = [rest]
+        self._owners = [None]
+        cost = len(rest) + FRAME_OVERHEAD
+        self._shared.used -= self._size - cost
+        self._size = cost
+        self._token.run_sync_soon(self._wake.set)
+
+    def _set_drained(self) -> None:
+        self._drained.set()
+        self._drained = trio.Event()
 
     def discard(self, owner: CallState) -> None:
         """Drop `owner`'s frame, if still queued (its caller gave up before it went)."""
@@ -283,6 +351,8 @@ class FrameWriter:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("connection lost (write): %s", exc)
             self._connection.cancel()
+        finally:
+            self._closed = True
 
     def _write_now(self, data: bytes) -> int:
         """Bytes of `data` the socket takes at once, without waiting (0 under TLS)."""

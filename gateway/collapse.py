@@ -17,6 +17,12 @@ which the fetch cancels when the answer is ready), so a client that leaves a lon
 is noticed. The last waiter to leave cancels the fetch (so the shard is told `cancel`)
 and drops the group; a later identical request starts a new one.
 
+A parked waiter may also give a `write_at_once`: the fetch then hands it the answer
+before rescheduling the waiter, so that every waiting client's response goes to its socket
+from the fetch's task, one after another, as the answer arrives (the SSE fan-out's way),
+rather than a scheduler pass later from each waiter's own task, whose turns interleave
+with everything else the gateway runs.
+
 Only the sharing lives here; what the answer is (status, headers, body) is the caller's
 `fetch`, run once per group.
 """
@@ -41,6 +47,10 @@ log = logging.getLogger(__name__)
 WATCH_AFTER = 1.0
 
 Fetch = Callable[[Any], Awaitable[Answer]]
+# Writes a group's answer to a waiter's client at once, from the fetch's task; must not
+# block or raise. Its result is not looked at: the waiter's own task learns what happened
+# through its own state.
+WriteAtOnce = Callable[[Answer], object]
 
 # A parked waiter is woken with None when the answer is ready, with _WATCH when it is to
 # watch its client from now on.
@@ -55,7 +65,8 @@ class _Group:
     def __init__(self) -> None:
         self.answer: Answer | None = None
         self.scope = trio.CancelScope()  # the fetch's; cancelled when the last waiter leaves
-        self.parked: dict[Task, None] = {}  # waiters not watching their clients (yet)
+        # Waiters not watching their clients (yet), each with its `write_at_once`.
+        self.parked: dict[Task, WriteAtOnce | None] = {}
         self.watched = False  # the group is past WATCH_AFTER: newcomers watch at once
         self.watchers: set[trio.CancelScope] = set()  # waiters watching their clients
         self.turning = 0  # waiters told to watch that have not started yet
@@ -92,11 +103,16 @@ class Collapser:
         return sum(group.waiting() for group in self._groups.values())
 
     async def wait(
-        self, key: Hashable, request: Any, until_gone: Callable[[], Awaitable[None]]
+        self,
+        key: Hashable,
+        request: Any,
+        until_gone: Callable[[], Awaitable[None]],
+        write_at_once: WriteAtOnce | None = None,
     ) -> Answer | None:
         """The answer of the group for `key` (started with `fetch(request)` when there is
         none), or None once this request's client has disconnected (`until_gone` returns
-        when it has)."""
+        when it has). While this request is parked, the answer is first given to
+        `write_at_once` (when there is one) from the fetch's task."""
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
@@ -108,7 +124,7 @@ class Collapser:
                 reschedule(timer)
         if not group.watched:
             task = current_task()
-            group.parked[task] = None
+            group.parked[task] = write_at_once
             if await wait_task_rescheduled(partial(self._abort_parked, key, group, task)) is None:
                 return group.answer  # answered
             group.turning -= 1  # _WATCH
@@ -150,7 +166,13 @@ class Collapser:
             if self._groups.get(key) is group:
                 del self._groups[key]  # later requests start afresh: they may see newer data
             parked, group.parked = group.parked, {}
-            for task in parked:
+            answer = group.answer
+            for task, write_at_once in parked.items():
+                if write_at_once is not None:
+                    try:
+                        write_at_once(answer)
+                    except Exception:  # a bug to log; the waiter still gets the answer
+                        log.exception("writing a collapsed answer failed")
                 reschedule(task)
             for scope in group.watchers:
                 scope.cancel()

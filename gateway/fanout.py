@@ -35,6 +35,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
@@ -264,8 +265,8 @@ class SseFanout:
             if body:
                 self._relay(key, upstream, body)
             del body
-            async for data in call.chunks():
-                self._relay(key, upstream, data)
+            # Each chunk is relayed by the connection's reader as it arrives.
+            await call.relay(partial(self._relay, key, upstream))
 
     def _relay(self, key: Hashable | None, upstream: _Upstream, data: bytes) -> None:
         offset = _last_offset(data)

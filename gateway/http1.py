@@ -107,11 +107,14 @@ class NativeRoute(Protocol):
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
+        write_at_once: Callable[[Answer], None] | None = None,
     ) -> NativeAnswer | None:
         """The complete answer (its headers maybe rendered already, `NativeAnswer`), or
         None when the client left while it was awaited (the route learns that by awaiting
-        `until_gone`, which returns when the client has closed its side). Must not raise
-        for bad input (an error Answer instead)."""
+        `until_gone`, which returns when the client has closed its side). A route that
+        learns the answer in another task (a collapsed long-poll) may hand it to
+        `write_at_once` there before returning it. Must not raise for bad input (an error
+        Answer instead)."""
 
     async def stream(
         self,
@@ -288,6 +291,7 @@ class Http1Connection:
     """One client connection, served by the task that runs `run`."""
 
     __slots__ = (
+        "_at_once",
         "_broken",
         "_fd",
         "_handed_over",
@@ -308,6 +312,7 @@ class Http1Connection:
         "_unread",
         "_url",
         "_wake",
+        "_wrote",
         "write_scope",
         "output",
         "read_task",
@@ -353,6 +358,10 @@ class Http1Connection:
         self._stopped = False  # dropped, or the server stops: no more reads or writes
         self._broken = False  # the parser cannot go on: answer what is queued, then close
         self._handed_over = False
+        # The native request whose answer another task may write (`_write_at_once`), and
+        # its request id; then what that write did: status, body size, close, unsent rest.
+        self._at_once: tuple[_Request, bytes] | None = None
+        self._wrote: tuple[int, int, bool, memoryview | None] | None = None
 
     # -- the connection ------------------------------------------------------------------
 
@@ -753,13 +762,31 @@ class Http1Connection:
         body = await self._body(req)
         status = 0
         try:
+            if not self.tls:
+                self._at_once = (req, rid)
             try:
-                answer = await route.answer(method, req.target, req.headers, body, self.until_gone)
+                answer = await route.answer(
+                    method, req.target, req.headers, body, self.until_gone, self._write_at_once
+                )
             except Exception:
                 self._log_failure(req, rid)
                 answer = route.error(500, "internal error")
+            finally:
+                self._at_once = None
             del body
             access = server.access
+            wrote = self._wrote
+            if wrote is not None:  # written from the task that learned the answer
+                self._wrote = None
+                status, size, close, rest = wrote
+                if rest is not None:
+                    try:
+                        await write_rest(self, self._fd, rest)
+                    finally:
+                        self.output.release(len(rest))
+                if access is not None:
+                    self._log(access, req, rid, status, size)
+                return not close
             if answer is None:  # the client left: nothing to write, the connection ends
                 if access is not None:
                     self._log(access, req, rid, CLIENT_GONE, 0)
@@ -788,15 +815,8 @@ class Http1Connection:
         """A whole response: one write (a large body in a second one, uncopied).
         `headers`: a list, or header lines already rendered (`NativeAnswer`); `extra`:
         header lines after them (`Http1Server.extra_lines`)."""
-        with_body = framing.has_body(method, status)
-        if isinstance(headers, bytes):
-            lines = headers  # its Content-Length included
-        else:
-            lines = header_lines(headers)
-            if with_body and not _has_length(headers):
-                extra += b"content-length: %d\r\n" % len(body)
-        head = b"%b%b%b\r\n" % (framing.status_line(status), lines, extra)
-        if not body or not with_body:
+        head, body = _rendered(method, status, headers, body, extra)
+        if not body:
             await self._write(head)
         elif len(body) < SEPARATE_BODY_BYTES:
             await self._write(head + body)
@@ -1002,6 +1022,38 @@ class Http1Connection:
                 await write_rest(self, self._fd, memoryview(data)[written:])
         finally:
             output.release(len(data))
+
+    def _write_at_once(self, answer: Answer) -> None:
+        """Write the answer to the request in `_at_once` now, from the task that learned
+        it (`NativeRoute.answer`), when the socket takes it without waiting; what it does
+        not take this connection's task writes (`_wrote`). A large body, a client over its
+        output budget or gone: nothing is written here, the task writes as usual."""
+        at_once = self._at_once
+        if at_once is None or self._stopped:
+            return
+        req, rid = at_once
+        status, headers, body = answer
+        close = self._closing(req)
+        head, body = _rendered(
+            req.method, status, headers, body, self._server.extra_lines(close, rid)
+        )
+        if len(body) >= SEPARATE_BODY_BYTES:
+            return
+        data = head + body if body else head
+        output = self.output
+        if not output.admit(len(data)):
+            return
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            output.release(len(data))
+            return  # the client is gone: the task's own write finds out
+        self._at_once = None
+        output.release(written)
+        rest = memoryview(data)[written:] if written < len(data) else None
+        self._wrote = (status, len(body), close, rest)
 
     async def _write_pair(self, head: bytes, body: bytes) -> None:
         """`head` then `body`, the body never copied behind the head."""
@@ -1242,6 +1294,27 @@ class SseClient:
         self._conn.output.release(self.queued)
         self.queued = 0
         self._conn.stop_reading()
+
+
+def _rendered(
+    method: str,
+    status: int,
+    headers: list[tuple[bytes, bytes]] | bytes,
+    body: bytes,
+    extra: bytes,
+) -> tuple[bytes, bytes]:
+    """A whole response's head, and its body (empty when the response has none).
+    `headers`: a list, or header lines already rendered (`NativeAnswer`, Content-Length
+    included); `extra`: header lines after them (`Http1Server.extra_lines`)."""
+    with_body = framing.has_body(method, status)
+    if isinstance(headers, bytes):
+        lines = headers  # its Content-Length included
+    else:
+        lines = header_lines(headers)
+        if with_body and not _has_length(headers):
+            extra += b"content-length: %d\r\n" % len(body)
+    head = b"%b%b%b\r\n" % (framing.status_line(status), lines, extra)
+    return head, body if with_body else b""
 
 
 def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:

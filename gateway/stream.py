@@ -329,17 +329,19 @@ class StreamHandler:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         until_gone: Callable[[], Awaitable[None]],
+        write_at_once: Callable[[Answer], None] | None = None,
     ) -> NativeAnswer | None:
         """The whole answer to a request `takes` accepted: what the native route
         (`gateway.native`) calls, with no ASGI. A long-poll waits here, collapsed with its
-        identical peers; None if its client leaves first (`until_gone` returns)."""
+        identical peers, and its answer goes to `write_at_once` from the group's task; None
+        if its client leaves first (`until_gone` returns)."""
         route = self.route(method, target, headers)
         kind = route.kind
         if kind in _EXCHANGED:
             res = await self._exchange(route, body)
             return res if isinstance(res, tuple) else _rendered_answer(res, route.method)
         if kind == routes.LONG_POLL:
-            return await self.collapser.wait(route.key, (route, body), until_gone)
+            return await self.collapser.wait(route.key, (route, body), until_gone, write_at_once)
         if kind == routes.CONTROL:
             return await self._control(route, body)
         if kind in _ANSWERED_HERE:

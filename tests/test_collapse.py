@@ -270,6 +270,43 @@ async def test_waiters_answered_soon_never_watch_their_clients() -> None:
     assert sum(client.watched for client in clients) == 0
 
 
+async def test_parked_waiters_answers_are_written_from_the_fetch_before_they_resume() -> None:
+    """A parked waiter's `write_at_once` gets the answer from the fetch's task: every one
+    of them before any waiter runs again; a waiter without one just gets the answer, and
+    one that watches its client (past the watch time) gets no early write."""
+    upstream = Upstream()
+    events: list[str] = []
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=30.0)
+
+        async def wait(name: str, at_once: bool) -> None:
+            def write(answer: Any) -> None:
+                assert answer is ANSWER
+                events.append(f"write {name}")
+
+            answer = await collapser.wait(
+                "key", "request", Client().until_gone, write if at_once else None
+            )
+            assert answer is ANSWER
+            events.append(f"resume {name}")
+
+        async with trio.open_nursery() as waiters:
+            for name, at_once in (("a", True), ("b", False), ("c", True)):
+                waiters.start_soon(wait, name, at_once)
+            await trio.testing.wait_all_tasks_blocked()
+            upstream.release.set()
+        late = Collapser(nursery, upstream.fetch, FAILED, watch_after=0.0)
+        async with trio.open_nursery() as waiters:
+            upstream.release = trio.Event()
+            waiters.start_soon(late.wait, "key", "late", Client().until_gone, events.append)
+            await trio.sleep(0.1)
+            upstream.release.set()
+        nursery.cancel_scope.cancel()
+    assert sorted(events[:2]) == ["write a", "write c"]
+    assert sorted(events[2:]) == ["resume a", "resume b", "resume c"]
+    assert upstream.calls == ["request", "late"]
+
+
 async def test_a_long_wait_watches_clients_and_the_last_one_leaving_cancels_the_fetch() -> None:
     upstream = Upstream()
     clients = [Client() for _ in range(3)]

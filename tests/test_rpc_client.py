@@ -182,6 +182,50 @@ async def test_streaming_chunks_and_cancel_on_early_exit() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_relay_hands_chunks_in_order_from_the_reader_and_raises_errors() -> None:
+    """`Call.relay`: the chunks already delivered first, then each as the connection's
+    reader gets it (the sink runs in the reader's task, not the relaying one); an `err`
+    in the stream is raised, and a sink that raises loses only its chunk."""
+    shard = FakeShard("s1", sse)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            fields = {"m": "GET", "p": "finite", "q": "200", "h": [], "b": b""}
+            async with pool.open("s1", "http", fields) as call:
+                await call.response()
+                await trio.sleep(0.02)  # some chunks wait in the inbox (one a 1 ms)
+                got: list[bytes] = []
+                tasks: set[object] = set()
+
+                def sink(body: bytes) -> None:
+                    tasks.add(trio.lowlevel.current_task())
+                    if body == b"c7;":
+                        raise RuntimeError("a bug in the sink")
+                    got.append(body)
+
+                await call.relay(sink)
+            assert got == [f"c{n};".encode() for n in range(200) if n != 7]
+            assert len(tasks) == 2  # the relaying task's, then the reader's
+
+        async def broken(msg: dict[str, Any], reply: Reply) -> None:
+            await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": True})
+            await reply({"k": "chunk", "i": msg["i"], "b": b"one;", "more": True})
+            await trio.sleep(0.01)
+            await reply({"k": "err", "i": msg["i"], "code": "moving", "msg": "elsewhere"})
+
+        shard.handler = broken
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            async with pool.open("s1", "http", fields) as call:
+                await call.response()
+                got = []
+                with pytest.raises(ShardError, match="moving"):
+                    await call.relay(got.append)
+            assert got == [b"one;"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_slow_consumer_overflow_cancels() -> None:
     async def flood(msg: dict[str, Any], reply: Reply) -> None:
         await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": True})

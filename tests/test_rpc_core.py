@@ -4,6 +4,7 @@ as wire data, and common/rpc_transport.py's writer over an in-memory stream: no 
 from __future__ import annotations
 
 import contextlib
+import socket
 
 import msgpack
 import pytest
@@ -382,6 +383,54 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
         writer.send_nowait(rpc_core.chunk(11, b"w" * 100_000, True))
         assert writer.overflowed
     assert nursery.cancel_scope.cancel_called
+
+
+async def test_writer_flushes_a_batchs_frames_in_one_write_when_the_batch_ends() -> None:
+    """Over a socket, the frames queued in one scheduler batch reach the peer together
+    when the batch ends, without the writer task; what a full socket does not take the
+    task writes. Once the writer has stopped, nothing is written to its fd."""
+    a, b = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    decoder = wire.FrameDecoder()
+
+    def peek() -> list[wire.Frame]:  # what the peer can read now, without waiting
+        try:
+            return decoder.feed(b.recv(1 << 22, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return []
+
+    async with trio.open_nursery() as nursery:
+        writer = FrameWriter(ours, nursery.cancel_scope, budget=1 << 30)  # no task yet
+        calls = [rpc_core.CallState() for _ in range(3)]
+        for n, call in enumerate(calls):
+            assert writer.try_queue(wire.encode_parts(rpc_core.chunk(n, b"x", True)), call)
+        assert peek() == [] and not any(call.sent for call in calls)  # the batch goes on
+        await trio.sleep(0)  # the batch ends
+        assert [f["i"] for f in peek()] == [0, 1, 2]  # type: ignore[typeddict-item]
+        assert all(call.sent for call in calls)
+        await writer.send(rpc_core.chunk(3, b"y", True))
+        await trio.sleep(0)
+        assert [f["i"] for f in peek()] == [3]  # type: ignore[typeddict-item]
+        # A burst too large to join here (or more than the socket takes): the task's.
+        big = [rpc_core.chunk(n, bytes(10_000), True) for n in range(4, 1004)]
+        for frame in big:
+            writer.send_nowait(frame)
+        await trio.sleep(0)
+        received = peek()
+        assert len(received) < len(big)
+        nursery.start_soon(writer.run)
+        with trio.fail_after(5):
+            while len(received) < len(big):
+                await trio.sleep(0.001)
+                received += peek()
+        assert [f["i"] for f in received] == list(range(4, 1004))  # type: ignore[typeddict-item]
+        nursery.cancel_scope.cancel()
+    await trio.sleep(0)
+    writer.send_nowait(rpc_core.chunk(5, b"w", True))  # the writer is over: queued, unsent
+    await trio.sleep(0)
+    assert peek() == []
+    a.close()
+    b.close()
 
 
 def _medium_frames() -> tuple[bytes, list[bytes]]:
