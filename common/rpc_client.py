@@ -232,22 +232,28 @@ class Call(rpc_core.CallState):
             raise ShardError(msg["code"], msg["msg"], msg.get("a"))
         raise ShardError("internal", f"unexpected {msg['k']!r} frame before the response")
 
+    def _chunk_body(self, msg: Delivered) -> bytes:
+        """The body of a `chunk` frame of this stream, counted off the buffered bytes (the
+        last chunk ends the stream); a stop, an `err` or any other frame raises."""
+        if isinstance(msg, _Stop):
+            raise self._unavailable(msg)
+        if msg["k"] == "err":
+            self.done = True
+            raise ShardError(msg["code"], msg["msg"], msg.get("a"))
+        if msg["k"] != "chunk":
+            self.done = True
+            raise ShardError("internal", f"unexpected {msg['k']!r} frame in a stream")
+        body: bytes = msg["b"]
+        self.buffered -= len(body)
+        if not msg["more"]:
+            self.done = True
+        return body
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """Bodies of the `chunk` frames that follow a `res` with more=True."""
         while not self.done:
             msg = await self._next()
-            if isinstance(msg, _Stop):
-                raise self._unavailable(msg)
-            if msg["k"] == "err":
-                self.done = True
-                raise ShardError(msg["code"], msg["msg"], msg.get("a"))
-            if msg["k"] != "chunk":
-                self.done = True
-                raise ShardError("internal", f"unexpected {msg['k']!r} frame in a stream")
-            body = msg["b"]
-            self.buffered -= len(body)
-            if not msg["more"]:
-                self.done = True
+            body = self._chunk_body(msg)
             if body:
                 yield body
 
@@ -266,18 +272,7 @@ class Call(rpc_core.CallState):
                     msg = await self._next()
                 finally:
                     self.sink = None
-            if isinstance(msg, _Stop):
-                raise self._unavailable(msg)
-            if msg["k"] == "err":
-                self.done = True
-                raise ShardError(msg["code"], msg["msg"], msg.get("a"))
-            if msg["k"] != "chunk":
-                self.done = True
-                raise ShardError("internal", f"unexpected {msg['k']!r} frame in a stream")
-            body = msg["b"]
-            self.buffered -= len(body)
-            if not msg["more"]:
-                self.done = True
+            body = self._chunk_body(msg)
             if body:
                 _hand(sink, body)
 
