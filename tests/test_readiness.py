@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -26,13 +28,30 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-async def test_waiting_reader_wakes_when_bytes_arrive() -> None:
+@asynccontextmanager
+async def _watched(
+    early: bytes = b"",
+) -> AsyncIterator[tuple[ReadReadiness, socket.socket, socket.socket, _Reader]]:
+    """A running readiness set watching our end of a socket pair for one reader (with
+    `early` sent by the peer before it is watched); all of it ended and closed after."""
     readiness = ReadReadiness()
     ours, theirs = _pair()
+    if early:
+        theirs.send(early)
     reader = _Reader()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(readiness.run)
-        readiness.watch(ours.fileno(), reader)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(readiness.run)
+            readiness.watch(ours.fileno(), reader)
+            yield readiness, ours, theirs, reader
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_waiting_reader_wakes_when_bytes_arrive() -> None:
+    async with _watched() as (readiness, ours, theirs, reader), trio.open_nursery() as nursery:
         woken: list[bytes] = []
 
         async def read() -> None:
@@ -48,18 +67,10 @@ async def test_waiting_reader_wakes_when_bytes_arrive() -> None:
                 await trio.sleep(0.001)
         assert woken == [b"hello"]
         assert reader.read_task is None and not reader.readable
-        nursery.cancel_scope.cancel()
-    ours.close()
-    theirs.close()
 
 
 async def test_event_while_not_waiting_is_kept() -> None:
-    readiness = ReadReadiness()
-    ours, theirs = _pair()
-    reader = _Reader()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(readiness.run)
-        readiness.watch(ours.fileno(), reader)
+    async with _watched() as (readiness, ours, theirs, reader):
         theirs.send(b"early")  # before anyone waits: edge-triggered, so it must be kept
         await trio.testing.wait_all_tasks_blocked()
         assert reader.readable
@@ -71,25 +82,13 @@ async def test_event_while_not_waiting_is_kept() -> None:
         with trio.move_on_after(0.05) as idle:
             await readiness.wait(reader)
         assert idle.cancelled_caught and reader.read_task is None
-        nursery.cancel_scope.cancel()
-    ours.close()
-    theirs.close()
 
 
 async def test_bytes_present_at_registration_are_reported() -> None:
-    readiness = ReadReadiness()
-    ours, theirs = _pair()
-    theirs.send(b"first")
-    reader = _Reader()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(readiness.run)
-        readiness.watch(ours.fileno(), reader)
+    async with _watched(early=b"first") as (readiness, ours, _, reader):
         with trio.fail_after(5):
             await readiness.wait(reader)
         assert ours.recv(100) == b"first"
-        nursery.cancel_scope.cancel()
-    ours.close()
-    theirs.close()
 
 
 async def test_forget_leaves_a_reused_number_alone() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 from support.auth import TEST_SECRET
-from support.fakeshard import FakeShard, Reply, forever
+from support.fakeshard import FakeShard, Handler, Reply, answer_204, forever
 
 from ds_cluster.common import wire
 from ds_cluster.common.ring import Ring
@@ -26,6 +28,21 @@ def make_pool(shard: FakeShard, **kwargs: Any) -> ShardPool:
         secret=TEST_SECRET,
         **kwargs,
     )
+
+
+@asynccontextmanager
+async def connected_pool(
+    handler: Handler = answer_204, **kwargs: Any
+) -> AsyncIterator[tuple[FakeShard, ShardPool]]:
+    """A fake shard "s1" answering with `handler`, and a pool connected to it; both ended
+    after."""
+    shard = FakeShard("s1", handler)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard, **kwargs) as pool:
+            await pool.wait_connected()
+            yield shard, pool
+        nursery.cancel_scope.cancel()
 
 
 async def echo_shuffled(msg: dict[str, Any], reply: Reply) -> None:
@@ -54,25 +71,20 @@ async def test_hello_then_connected() -> None:
 
 
 async def test_many_concurrent_requests_out_of_order() -> None:
-    shard = FakeShard("s1", echo_shuffled)
     results: dict[int, bytes] = {}
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
+    async with connected_pool(echo_shuffled) as (shard, pool):
 
-            async def one(n: int) -> None:
-                body = f"body-{n}".encode()
-                fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": body}
-                async with pool.open("s1", "http", fields) as call:
-                    res = await call.response()
-                    results[n] = res["b"]
+        async def one(n: int) -> None:
+            body = f"body-{n}".encode()
+            fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": body}
+            async with pool.open("s1", "http", fields) as call:
+                res = await call.response()
+                results[n] = res["b"]
 
-            with trio.fail_after(10):
-                async with trio.open_nursery() as inner:
-                    for n in range(500):
-                        inner.start_soon(one, n)
-        nursery.cancel_scope.cancel()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                for n in range(500):
+                    inner.start_soon(one, n)
     assert results == {n: f"body-{n}".encode() for n in range(500)}
     # all on the one connection
     assert len(shard.hellos) == 1
@@ -82,58 +94,43 @@ async def test_large_bodies_cross_the_pool_intact_beside_small_calls() -> None:
     """Large request bodies go out as their own frame piece and large replies are joined
     off the loop (wire.complete); both must arrive byte-exact and in their calls, with
     small calls on the same connection interleaved."""
-    shard = FakeShard("s1", echo_shuffled)
     sizes = [wire.DEFER_BYTES, wire.DEFER_BYTES + 3, 5 * 1024 * 1024 + 7, 64 * 1024]
     bodies = {n: random.randbytes(size) for n, size in enumerate(sizes)}
     bodies.update({n: f"small-{n}".encode() for n in range(len(sizes), 200)})
     results: dict[int, bytes] = {}
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
+    async with connected_pool(echo_shuffled) as (shard, pool):
 
-            async def one(n: int) -> None:
-                fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": bodies[n]}
-                async with pool.open("s1", "http", fields) as call:
-                    results[n] = (await call.response())["b"]
+        async def one(n: int) -> None:
+            fields = {"m": "POST", "p": "x", "q": "", "h": [], "b": bodies[n]}
+            async with pool.open("s1", "http", fields) as call:
+                results[n] = (await call.response())["b"]
 
-            with trio.fail_after(30):
-                async with trio.open_nursery() as inner:
-                    for n in bodies:
-                        inner.start_soon(one, n)
-        nursery.cancel_scope.cancel()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                for n in bodies:
+                    inner.start_soon(one, n)
     assert results.keys() == bodies.keys()
     assert all(results[n] == bodies[n] for n in bodies)
     assert len(shard.hellos) == 1
 
 
 async def test_call_result_and_error() -> None:
-    shard = FakeShard("s1", echo_shuffled)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
-            got = await pool.call("s1", "export_fork", {"source": "a"}, timeout=5)
-            assert got == {"got": {"source": "a"}}
-            with pytest.raises(ShardError) as info:
-                await pool.call("s1", "release_fork", {"source": "a"}, timeout=5)
-            assert info.value.code == "bad_request"
-        nursery.cancel_scope.cancel()
+    async with connected_pool(echo_shuffled) as (shard, pool):
+        got = await pool.call("s1", "export_fork", {"source": "a"}, timeout=5)
+        assert got == {"got": {"source": "a"}}
+        with pytest.raises(ShardError) as info:
+            await pool.call("s1", "release_fork", {"source": "a"}, timeout=5)
+        assert info.value.code == "bad_request"
 
 
 async def test_call_timeout_sends_cancel() -> None:
-    shard = FakeShard("s1", forever)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
-            with pytest.raises(ShardTimeout) as info:
-                await pool.call("s1", "export_fork", {}, timeout=0.1)
-            assert info.value.sent
-            with trio.fail_after(5):
-                await shard.cancel_seen.wait()
-            assert shard.cancelled == [shard.requests[0]["i"]]
-        nursery.cancel_scope.cancel()
+    async with connected_pool(forever) as (shard, pool):
+        with pytest.raises(ShardTimeout) as info:
+            await pool.call("s1", "export_fork", {}, timeout=0.1)
+        assert info.value.sent
+        with trio.fail_after(5):
+            await shard.cancel_seen.wait()
+        assert shard.cancelled == [shard.requests[0]["i"]]
 
 
 async def sse(msg: dict[str, Any], reply: Reply) -> None:
@@ -157,29 +154,24 @@ async def sse(msg: dict[str, Any], reply: Reply) -> None:
 
 
 async def test_streaming_chunks_and_cancel_on_early_exit() -> None:
-    shard = FakeShard("s1", sse)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
-            fields = {"m": "GET", "p": "finite", "q": "5", "h": [], "b": b""}
-            async with pool.open("s1", "http", fields) as call:
-                res = await call.response()
-                assert res["more"] and res["b"] == b"head;"
-                chunks = [c async for c in call.chunks()]
-            assert chunks == [f"c{n};".encode() for n in range(5)]
-            assert shard.cancelled == []  # completed: nothing to cancel
+    async with connected_pool(sse) as (shard, pool):
+        fields = {"m": "GET", "p": "finite", "q": "5", "h": [], "b": b""}
+        async with pool.open("s1", "http", fields) as call:
+            res = await call.response()
+            assert res["more"] and res["b"] == b"head;"
+            chunks = [c async for c in call.chunks()]
+        assert chunks == [f"c{n};".encode() for n in range(5)]
+        assert shard.cancelled == []  # completed: nothing to cancel
 
-            fields = {"m": "GET", "p": "endless", "q": "3", "h": [], "b": b""}
-            async with pool.open("s1", "http", fields) as call:
-                await call.response()
-                async for chunk in call.chunks():
-                    if chunk == b"c1;":
-                        break
-            with trio.fail_after(5):
-                await shard.cancel_seen.wait()
-            assert shard.cancelled == [shard.requests[-1]["i"]]
-        nursery.cancel_scope.cancel()
+        fields = {"m": "GET", "p": "endless", "q": "3", "h": [], "b": b""}
+        async with pool.open("s1", "http", fields) as call:
+            await call.response()
+            async for chunk in call.chunks():
+                if chunk == b"c1;":
+                    break
+        with trio.fail_after(5):
+            await shard.cancel_seen.wait()
+        assert shard.cancelled == [shard.requests[-1]["i"]]
 
 
 async def test_relay_hands_chunks_in_order_from_the_reader_and_raises_errors() -> None:
@@ -232,21 +224,16 @@ async def test_slow_consumer_overflow_cancels() -> None:
         while True:
             await reply({"k": "chunk", "i": msg["i"], "b": b"x" * 4096, "more": True})
 
-    shard = FakeShard("s1", flood)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard, max_buffered=64 * 1024) as pool:
-            await pool.wait_connected()
-            fields = {"m": "GET", "p": "a", "q": "", "h": [], "b": b""}
-            async with pool.open("s1", "http", fields) as call:
-                await call.response()
-                with trio.fail_after(5):
-                    await shard.cancel_seen.wait()  # we never read: overflow
-                with pytest.raises(ShardUnavailable):
-                    async for _ in call.chunks():
-                        pass
-            assert pool.connected("s1")  # the connection itself is fine
-        nursery.cancel_scope.cancel()
+    async with connected_pool(flood, max_buffered=64 * 1024) as (shard, pool):
+        fields = {"m": "GET", "p": "a", "q": "", "h": [], "b": b""}
+        async with pool.open("s1", "http", fields) as call:
+            await call.response()
+            with trio.fail_after(5):
+                await shard.cancel_seen.wait()  # we never read: overflow
+            with pytest.raises(ShardUnavailable):
+                async for _ in call.chunks():
+                    pass
+        assert pool.connected("s1")  # the connection itself is fine
 
 
 async def test_fail_fast_when_down_and_reconnect() -> None:
@@ -273,32 +260,27 @@ async def test_fail_fast_when_down_and_reconnect() -> None:
 
 
 async def test_inflight_requests_fail_at_once_on_drop() -> None:
-    shard = FakeShard("s1", forever)
     outcomes: list[BaseException] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard) as pool:
-            await pool.wait_connected()
+    async with connected_pool(forever) as (shard, pool):
 
-            async def one() -> None:
-                fields = {"m": "POST", "p": "a", "q": "", "h": [], "b": b"x"}
-                async with pool.open("s1", "http", fields) as call:
-                    try:
-                        await call.response()
-                    except ShardUnavailable as exc:
-                        outcomes.append(exc)
+        async def one() -> None:
+            fields = {"m": "POST", "p": "a", "q": "", "h": [], "b": b"x"}
+            async with pool.open("s1", "http", fields) as call:
+                try:
+                    await call.response()
+                except ShardUnavailable as exc:
+                    outcomes.append(exc)
 
-            with trio.fail_after(5):
-                async with trio.open_nursery() as inner:
-                    for _ in range(20):
-                        inner.start_soon(one)
-                    while len(shard.requests) < 20:
-                        await trio.sleep(0.01)
-                    await shard.stop()
-            assert len(outcomes) == 20
-            assert all(exc.sent for exc in outcomes)  # reached the shard: outcome unknown
-            assert not pool.connected("s1")
-        nursery.cancel_scope.cancel()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as inner:
+                for _ in range(20):
+                    inner.start_soon(one)
+                while len(shard.requests) < 20:
+                    await trio.sleep(0.01)
+                await shard.stop()
+        assert len(outcomes) == 20
+        assert all(exc.sent for exc in outcomes)  # reached the shard: outcome unknown
+        assert not pool.connected("s1")
 
 
 async def test_unknown_shard_and_wrong_identity() -> None:
@@ -328,27 +310,20 @@ async def test_pool_body_exception_is_not_wrapped() -> None:
 
 
 async def test_hung_shard_detected_by_heartbeat() -> None:
-    shard = FakeShard("s1", forever)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(shard.run)
-        async with make_pool(shard, heartbeat=(0.1, 0.3)) as pool:
-            await pool.wait_connected()
-            await trio.sleep(0.3)
-            assert pool.connected("s1")  # pings answered: stays up while idle
-            shard.frozen = True  # from now on nothing is answered
-            started = trio.current_time()
-            with trio.fail_after(3), pytest.raises(ShardUnavailable) as info:
-                async with pool.open(
-                    "s1", "http", {"m": "GET", "p": "a", "q": "", "h": []}
-                ) as call:
-                    await call.response()
-            assert info.value.sent
-            assert trio.current_time() - started < 1.5
-            assert not pool.connected("s1")
-            shard.frozen = False
-            with trio.fail_after(5):
-                await pool.wait_connected("s1")
-        nursery.cancel_scope.cancel()
+    async with connected_pool(forever, heartbeat=(0.1, 0.3)) as (shard, pool):
+        await trio.sleep(0.3)
+        assert pool.connected("s1")  # pings answered: stays up while idle
+        shard.frozen = True  # from now on nothing is answered
+        started = trio.current_time()
+        with trio.fail_after(3), pytest.raises(ShardUnavailable) as info:
+            async with pool.open("s1", "http", {"m": "GET", "p": "a", "q": "", "h": []}) as call:
+                await call.response()
+        assert info.value.sent
+        assert trio.current_time() - started < 1.5
+        assert not pool.connected("s1")
+        shard.frozen = False
+        with trio.fail_after(5):
+            await pool.wait_connected("s1")
 
 
 def test_fake_shard_module_imports() -> None:
