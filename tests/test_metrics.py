@@ -153,6 +153,7 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
         "ds_appends",
         "ds_append_bytes",
         "ds_read_bytes",
+        "ds_read_bytes_unsent",
         "ds_streams",
         "ds_commit_batch_size",
         "ds_commit_duration_seconds",
