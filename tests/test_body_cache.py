@@ -26,8 +26,11 @@ from support.processes import ShardProcess
 
 from ds_cluster.common import wire
 from ds_cluster.gateway.body_cache import MAX_SHARE, BodyCache
+from ds_cluster.shard.committer import Committer, Job
+from ds_cluster.shard.core.model import Record, StreamState
 from ds_cluster.shard.slice_cache import TOKEN_BYTES, body_token
-from ds_cluster.shard.streams import RECENT_BYTES
+from ds_cluster.shard.store import Store, StreamWrite
+from ds_cluster.shard.streams import RECENT_BYTES, StreamTable
 
 OCTETS = {"content-type": "application/octet-stream"}
 PIECE = 64 * 1024
@@ -224,6 +227,54 @@ async def test_the_shard_leaves_out_only_the_body_the_token_names(tmp_path: Path
         answer = await call(http(200, "GET", "offset=-1", token=token))
         assert not answer["hit"] and answer["b"] != whole["b"] and answer["t"] != token
         await trio.aclose_forcefully(stream)
+
+
+# ---- the shard's table over a real store ----------------------------------------------
+
+
+async def test_a_storage_failure_and_a_reopen_renew_every_token(tmp_path: Path) -> None:
+    """What a token names before the storage failed never matches after: while it is
+    failed no token is given, and once the database is reopened the tokens are new,
+    for the same bytes. A tail that moved past a slice cut by it names a longer one."""
+    store = Store(tmp_path)
+    table = StreamTable(store)
+    table.start_serving()
+    committer = Committer(store, lambda jobs: None)
+    entry = table.get("s")
+    piece = os.urandom(1 << 19)
+
+    async def append(data: bytes) -> None:
+        tail = entry.pending.tail if entry.pending else 0
+        state = StreamState(
+            path="s", content_type="application/octet-stream", created_at=1.0, tail=tail + len(data)
+        )
+        write = StreamWrite(
+            "s", 1, 1 if tail else None, state, (Record(tail, tail + len(data), data),)
+        )
+        entry.pending = state
+        await committer.submit(Job(writes=[(entry, write)])).wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        await append(piece)
+        entry.forget()  # (the recent records in memory: read from the disk instead)
+        records, first = table.read_named(entry, 0, 1 << 20)
+        assert records[0].data == piece and len(first) == TOKEN_BYTES
+        assert table.read_named(entry, 0, 1 << 20)[1] == first  # from the slice cache
+        store.mark_failed("disk I/O error (a test)")
+        records, failed = table.read_named(entry, 0, 1 << 20)
+        assert records[0].data == piece and failed == b""
+        store.install(store.connect())
+        records, reopened = table.read_named(entry, 0, 1 << 20)
+        assert records[0].data == piece and len(reopened) == TOKEN_BYTES != 0
+        assert reopened != first
+        assert table.read_named(entry, 0, 1 << 20)[1] == reopened
+        await append(piece)
+        entry.forget()
+        records, longer = table.read_named(entry, 0, 1 << 20)
+        assert records[0].data == piece * 2 and longer not in (first, reopened)
+        nursery.cancel_scope.cancel()
+    store.close()
 
 
 # ---- pure pieces ------------------------------------------------------------------------
