@@ -55,19 +55,28 @@ def request(call_id: int, op: str, ring_version: int, fields: wire.RequestFields
             get("p"),
             get("q", ""),
             get("h", []),
+            get("t", b""),
             get("b", b""),
         ]
     return [wire.REQ_OP, call_id, ring_version, op, get("a", {})]
 
 
 def response(
-    call_id: int, status: int, headers: Sequence[Sequence[str]], body: bytes, more: bool
+    call_id: int,
+    status: int,
+    headers: Sequence[Sequence[str]],
+    body: bytes,
+    more: bool,
+    token: bytes = b"",
+    hit: bool = False,
 ) -> wire.Outgoing:
-    """An http op's `res`: status, headers, body, and whether `chunk`s follow.
+    """An http op's `res`: status, headers, body, and whether `chunk`s follow; `token`
+    names the body (b"": no token), `hit` says the body is left out because it is the
+    one the request's token names (`body` is then b"").
 
     `headers` go out as they are (msgpack writes any sequence as an array; the reader
     gets lists): the core's tuples are not copied into lists."""
-    return [wire.RES_HTTP, call_id, status, more, headers, body]
+    return [wire.RES_HTTP, call_id, status, more, headers, token, hit, body]
 
 
 def result(call_id: int, args: wire.Args) -> wire.Outgoing:

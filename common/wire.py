@@ -23,9 +23,11 @@ carry it. They are positional: a msgpack array of a kind tag (a small int) and t
 kind's fields in fixed places, exactly as many as the kind has. Unpacking an array costs
 less than half of a map of the same fields, and these frames are every request's:
 
-  req     [0, i, r, m, p, q, h, b]   an `http` op: r the caller's ring version, m method,
+  req     [0, i, r, m, p, q, h, t, b]
+                                     an `http` op: r the caller's ring version, m method,
                                      p stream path (no /v1/stream/ prefix), q raw query
-                                     string, h [[lower-name, value], ...], b body
+                                     string, h [[lower-name, value], ...], t the body
+                                     token of a body the caller holds (b"": none), b body
           [1, i, r, op, a]           any other op (see OPS), a its argument map:
             op="ping":         a {}  -- liveness probe sent every second or so by
                                common.rpc_client; answer `res` with a {"health": ...} at
@@ -35,8 +37,12 @@ less than half of a map of the same fields, and these frames are every request's
                                export_fork, release_fork, ring_get, ring_set,
                                move_status, metrics, ...), `a` checked against
                                ARG_SCHEMAS first
-  res     [2, i, s, more, h, b]      an http op's answer: status, more (bool: body
-                                     chunks follow), h [[name, value], ...], b body
+  res     [2, i, s, more, h, t, hit, b]
+                                     an http op's answer: status, more (bool: body
+                                     chunks follow), h [[name, value], ...], t the
+                                     body's token (b"": none), hit (bool: the body is
+                                     the one the request's `t` names, so b is empty
+                                     and the caller uses its own copy), b body
           [3, i, a]                  another op's answer: its result map (status 200)
   chunk   [4, i, more, b]            -- streaming bodies (SSE)
   cancel  [5, i]                     (caller -> shard) the caller gave up on request i;
@@ -55,11 +61,17 @@ less than half of a map of the same fields, and these frames are every request's
 A body `b` is always its frame's last field, so a large one is written and read apart
 from the rest (`encode_parts`, `FrameDecoder`).
 
+A body token (`t`, at most MAX_TOKEN_BYTES, opaque to the caller) names exactly one run
+of bytes: equal tokens, equal bodies (shard/slice_cache.py makes them). A caller that
+kept a body with its token may send the token back; the shard answers as always, and
+only when the body it would send has that very token does it leave it out (`hit`). A
+wrong token costs the caller nothing but the whole body.
+
 In memory every frame is a dict keyed by the names above (`k` its kind, and for `res`
-of another op s=200, h=[], b=b"", more=False besides `a`): `encode` turns one into its
-frame, and `parse` (in the decoder) checks a received frame against the schema below
-before anyone reads a field: a frame of the wrong shape is a WireError, which closes
-that connection only.
+of another op s=200, h=[], b=b"", more=False, t=b"", hit=False besides `a`): `encode`
+turns one into its frame, and `parse` (in the decoder) checks a received frame against
+the schema below before anyone reads a field: a frame of the wrong shape is a
+WireError, which closes that connection only.
 """
 
 from __future__ import annotations
@@ -73,13 +85,14 @@ import msgpack
 
 from ds_cluster.common import bigjoin
 
-WIRE_VERSION = 4  # 4: positional frames after the handshake (3: live rings)
+WIRE_VERSION = 5  # 5: body tokens in http req/res (4: positional frames, 3: live rings)
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
 _pack_length = _HEADER.pack
 _unpack_length = _HEADER.unpack_from
 RAW_BODY_BYTES = 16 * 1024  # bodies from this size are appended to the frame, not packed
+MAX_TOKEN_BYTES = 64  # a body token's largest size (`t` in http req and res)
 Received = bytes | bytearray  # what a trio stream's receive_some returns
 Piece = bigjoin.Piece  # a received piece kept by the decoder: as read, or a view into one
 Decoded = dict[str, object]  # a map as msgpack decoded it, before `parse` checked it
@@ -298,6 +311,7 @@ def _request_items(m: Mapping[str, object]) -> list[object]:
             get("p"),
             get("q", ""),
             get("h", []),
+            get("t", b""),
             get("b", b""),
         ]
     return [REQ_OP, get("i"), get("r"), get("op"), get("a", {})]
@@ -307,7 +321,16 @@ def _response_items(m: Mapping[str, object]) -> list[object]:
     get = m.get
     if "a" in m:
         return [RES_OP, get("i"), m["a"]]
-    return [RES_HTTP, get("i"), get("s", 200), get("more", False), get("h", []), get("b", b"")]
+    return [
+        RES_HTTP,
+        get("i"),
+        get("s", 200),
+        get("more", False),
+        get("h", []),
+        get("t", b""),
+        get("hit", False),
+        get("b", b""),
+    ]
 
 
 def _chunk_items(m: Mapping[str, object]) -> list[object]:
@@ -635,10 +658,11 @@ class RequestFrame(TypedDict):
     op: str
     r: int
     a: NotRequired[Args]  # non-http ops only
-    m: NotRequired[str]  # op "http" only, and then all of m, p, q, h, b are present
+    m: NotRequired[str]  # op "http" only, and then all of m, p, q, h, t, b are present
     p: NotRequired[str]
     q: NotRequired[str]
     h: NotRequired[list[Header]]
+    t: NotRequired[bytes]  # the token of a body the caller holds (b"": none)
     b: NotRequired[bytes]
 
 
@@ -650,6 +674,7 @@ class RequestFields(TypedDict, total=False):
     p: str
     q: str
     h: list[Header]
+    t: bytes
     b: bytes
     a: Args
 
@@ -661,6 +686,8 @@ class ResponseFrame(TypedDict):
     h: list[Header]
     b: bytes
     more: bool
+    t: bytes  # the body's token (b"": none)
+    hit: bool  # the body is the caller's own (the request's `t`); b is empty
     a: NotRequired[Args]
 
 
@@ -797,9 +824,9 @@ def _header_pairs(headers: object, response: bool) -> TypeGuard[list[Header]]:
 
 def _parse_http_request(message: Positional) -> Frame:
     try:
-        _, i, r, method, path, query, headers, body = message
+        _, i, r, method, path, query, headers, token, body = message
     except ValueError:
-        raise _bad_length("req", message, 8) from None
+        raise _bad_length("req", message, 9) from None
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
         raise _bad_item("req", "i")
     if type(r) is not int:
@@ -810,6 +837,8 @@ def _parse_http_request(message: Positional) -> Frame:
         raise _bad_item("req", "p")
     if type(query) is not str:
         raise _bad_item("req", "q")
+    if type(token) is not bytes or len(token) > MAX_TOKEN_BYTES:
+        raise _bad_item("req", "t")
     if type(body) is not bytes:
         raise _bad_item("req", "b")
     if not _header_pairs(headers, False):
@@ -823,6 +852,7 @@ def _parse_http_request(message: Positional) -> Frame:
         "p": path,
         "q": query,
         "h": headers,
+        "t": token,
         "b": body,
     }
 
@@ -845,20 +875,33 @@ def _parse_op_request(message: Positional) -> Frame:
 
 def _parse_http_response(message: Positional) -> Frame:
     try:
-        _, i, status, more, headers, body = message
+        _, i, status, more, headers, token, hit, body = message
     except ValueError:
-        raise _bad_length("res", message, 6) from None
+        raise _bad_length("res", message, 8) from None
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
         raise _bad_item("res", "i")
     if type(status) is not int or not 100 <= status <= 599:
         raise _bad_item("res", "s")
     if type(more) is not bool:
         raise _bad_item("res", "more")
+    if type(token) is not bytes or len(token) > MAX_TOKEN_BYTES:
+        raise _bad_item("res", "t")
     if type(body) is not bytes:
         raise _bad_item("res", "b")
+    if type(hit) is not bool or (hit and (body or not token or more)):
+        raise _bad_item("res", "hit")  # a hit names a token and carries no body
     if not _header_pairs(headers, True):
         raise _bad_item("res", "h")
-    return {"k": "res", "i": i, "s": status, "h": headers, "b": body, "more": more}
+    return {
+        "k": "res",
+        "i": i,
+        "s": status,
+        "h": headers,
+        "b": body,
+        "more": more,
+        "t": token,
+        "hit": hit,
+    }
 
 
 def _parse_op_response(message: Positional) -> Frame:
@@ -870,7 +913,17 @@ def _parse_op_response(message: Positional) -> Frame:
         raise _bad_item("res", "i")
     if type(args) is not dict:
         raise _bad_item("res", "a")
-    return {"k": "res", "i": i, "s": 200, "h": [], "b": b"", "more": False, "a": args}
+    return {
+        "k": "res",
+        "i": i,
+        "s": 200,
+        "h": [],
+        "b": b"",
+        "more": False,
+        "t": b"",
+        "hit": False,
+        "a": args,
+    }
 
 
 def _parse_chunk(message: Positional) -> Frame:

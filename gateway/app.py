@@ -15,6 +15,7 @@ from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.gateway.answers import Answer
 from ds_cluster.gateway.auth import Denied
 from ds_cluster.gateway.auth_files import AuthFiles
+from ds_cluster.gateway.body_cache import DEFAULT_BYTES
 from ds_cluster.gateway.control import create_control_app
 from ds_cluster.gateway.stream import (
     Receive,
@@ -35,12 +36,14 @@ def create_app(
     nursery: trio.Nursery,
     public_url: str = "",
     auth: AuthFiles | None = None,
+    body_cache_bytes: int = DEFAULT_BYTES,
 ) -> tuple[Any, StreamHandler]:
     """The ASGI app and its stream handler (which the native route, `gateway.http1`,
     also calls directly for most requests). `nursery` (gateway lifetime) hosts the
     live-read calls shared between clients; `public_url` is where clients reach the
-    gateway (for Location); `auth`: client tokens, when they are required."""
-    stream = StreamHandler(pool, ring, max_body_bytes, nursery, public_url, auth)
+    gateway (for Location); `auth`: client tokens, when they are required;
+    `body_cache_bytes`: large catch-up bodies kept (`gateway.body_cache`)."""
+    stream = StreamHandler(pool, ring, max_body_bytes, nursery, public_url, auth, body_cache_bytes)
     control = create_control_app(pool)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

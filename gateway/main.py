@@ -28,7 +28,7 @@ from ds_cluster.common.limits import raise_open_file_limit
 from ds_cluster.common.ring import Ring, parse_listen
 from ds_cluster.common.rpc_client import ShardPool
 from ds_cluster.common.shard_pattern import add_pattern_arguments, shard_endpoints
-from ds_cluster.gateway import auth_files, tls
+from ds_cluster.gateway import auth_files, body_cache, tls
 from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import AccessLog, with_request_ids
 from ds_cluster.gateway.app import create_app
@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pattern_arguments(parser)  # or the shards by their DNS names and count
     parser.add_argument("--ring-version", type=int, default=1)
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    parser.add_argument(
+        "--body-cache-bytes",
+        type=int,
+        default=body_cache.DEFAULT_BYTES,
+        metavar="N",
+        help="large catch-up bodies kept, so a hot one is not sent by its shard again "
+        "(bytes; 0: off)",
+    )
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
     parser.add_argument(
         "--access-log", action="store_true", help="log every request (logger `access`)"
@@ -213,7 +221,9 @@ async def serve_gateway(
             if auth is not None:
                 auth.start(shared)
                 reloaders.append(auth.reload_soon)
-            app, stream = create_app(pool, ring, args.max_body_bytes, shared, base, auth)
+            app, stream = create_app(
+                pool, ring, args.max_body_bytes, shared, base, auth, args.body_cache_bytes
+            )
             app = with_request_ids(app, access)
             if not args.no_metrics:  # outermost: a request's duration includes the rest
                 app = gateway_metrics.enable(pool, stream).instrument(app)

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 from prometheus_client import GCCollector, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ds_cluster.common import watchdog
@@ -278,6 +278,23 @@ class _GatewayCollector(Collector):
             "ds_sse_shared_upstreams",
             "Shard SSE calls this gateway holds, each shared by the clients reading the same",
             value=recorder._stream.fanout.upstreams(),
+        )
+        bodies = recorder._stream.bodies
+        yield GaugeMetricFamily(
+            "ds_body_cache_bytes",
+            "Bytes of large catch-up bodies this gateway keeps, so its shards need not send "
+            "them again",
+            value=bodies.held_bytes,
+        )
+        yield CounterMetricFamily(
+            "ds_body_cache_hits",
+            "Catch-up answers whose body the shard left out, the gateway holding it",
+            value=bodies.hits,
+        )
+        yield CounterMetricFamily(
+            "ds_body_cache_misses",
+            "Catch-up answers to a request with a kept body's token whose body the shard sent",
+            value=bodies.misses,
         )
         inflight = GaugeMetricFamily(
             "ds_rpc_inflight",

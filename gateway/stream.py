@@ -26,6 +26,10 @@ forwarded headers) share one shard call and one rendered answer (`gateway.collap
 reads of the same key share one upstream (`gateway.fanout`), whose clients each have a
 bounded backlog.
 
+Large catch-up bodies: the gateway keeps the ones a shard names with a body token
+(`gateway.body_cache`, by path and raw query) and sends the token with the next such GET;
+the shard decides the answer as always and leaves the body out when it is that very one.
+
 Errors: 503 with Retry-After only when the request certainly did not run; 502 / 504 when
 the shard may have run it (`failure_answer`). The client's Host is not forwarded: a PUT
 carries the gateway's public base (host and scheme) instead, from which the shard builds
@@ -51,6 +55,7 @@ from ds_cluster.gateway import route as routes
 from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.auth import Denied
 from ds_cluster.gateway.auth_files import AuthFiles
+from ds_cluster.gateway.body_cache import DEFAULT_BYTES, BodyCache
 from ds_cluster.gateway.budget import OUTPUT_STATE, UNLIMITED, WRITE_TIMEOUT
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.gateway.fanout import QueuedSubscriber, SseFanout, Streaming, Subscriber
@@ -253,12 +258,15 @@ class StreamHandler:
         nursery: trio.Nursery,
         public_url: str = "",
         auth: AuthFiles | None = None,
+        body_cache_bytes: int = DEFAULT_BYTES,
     ) -> None:
         """`nursery`: gateway-lifetime nursery for the shard calls that live reads share.
         `public_url`: scheme://host[:port] clients reach the gateway at (Location).
-        `auth`: when given, every stream request needs a token that covers it."""
+        `auth`: when given, every stream request needs a token that covers it.
+        `body_cache_bytes`: the budget of large catch-up bodies kept (0: none)."""
         self.pool = pool
         self.auth = auth
+        self.bodies = BodyCache(body_cache_bytes)
         pool.adopt(ring)  # the pool routes on the newest ring it has seen, this one or later
         self.max_body_bytes = max_body_bytes
         scheme, _, host = public_url.partition("://")
@@ -433,9 +441,18 @@ class StreamHandler:
         return res if isinstance(res, tuple) else _whole_answer(res, route.method)
 
     async def _exchange(self, route: Route, body: bytes) -> wire.ResponseFrame | Answer:
-        """The shard's complete response, or the error to answer when there is none."""
+        """The shard's complete response, or the error to answer when there is none. A
+        catch-up GET carries the token of the body kept for it, if any (`_kept_body`)."""
+        fields = route.fields(body)
+        key: tuple[str, bytes] | None = None
+        held: tuple[bytes, bytes] | None = None
+        if route.kind == routes.READ and route.method == "GET" and self.bodies.enabled:
+            key = (route.path, route.query)
+            held = self.bodies.get(key)
+            if held is not None:
+                fields["t"] = held[0]
         try:
-            call = await self.pool.open_routed(route.path, "http", route.fields(body))
+            call = await self.pool.open_routed(route.path, "http", fields)
             try:
                 res = await call.response()
             finally:
@@ -444,6 +461,32 @@ class StreamHandler:
             return failure_answer(exc)
         if res.get("more"):  # leaving `call` above already cancelled the stream
             return error_answer(502, "the shard streamed a body that cannot stream")
+        if key is not None:
+            return self._kept_body(res, key, held)
+        if res["hit"]:
+            return error_answer(502, "the shard answered with a body the gateway does not hold")
+        return res
+
+    def _kept_body(
+        self, res: wire.ResponseFrame, key: tuple[str, bytes], held: tuple[bytes, bytes] | None
+    ) -> wire.ResponseFrame | Answer:
+        """A catch-up answer with its body: the one kept under `key` when the shard said
+        so (`hit`: the token sent is the body's), else the shard's, kept when it is named.
+        `held` is what was kept when the request went (the cache may have moved since)."""
+        bodies = self.bodies
+        token = res["t"]
+        if res["hit"]:
+            if held is None or token != held[0]:
+                return error_answer(502, "the shard answered with a body the gateway does not hold")
+            bodies.hits += 1
+            res["b"] = held[1]
+            return res
+        if held is not None:
+            bodies.misses += 1
+        if res["s"] >= 400:
+            bodies.drop(key)  # gone, or an error: stop asking with that token
+        elif token and res["s"] == 200:
+            bodies.put(key, token, res["b"])
         return res
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:

@@ -31,12 +31,21 @@ if TYPE_CHECKING:
 class ShardCounters:
     """What the service counts as it serves (one trio thread: plain ints)."""
 
-    __slots__ = ("append_bytes", "appends", "long_polls", "read_bytes", "sse_sessions", "streams")
+    __slots__ = (
+        "append_bytes",
+        "appends",
+        "long_polls",
+        "read_bytes",
+        "read_bytes_unsent",
+        "sse_sessions",
+        "streams",
+    )
 
     def __init__(self) -> None:
         self.appends = 0  # POSTs whose data was committed (duplicates and closes excluded)
         self.append_bytes = 0  # bytes of stream data those appends stored
         self.read_bytes = 0  # response body bytes of reads (GET bodies, SSE events)
+        self.read_bytes_unsent = 0  # of those, bodies the gateway held (a body token's hit)
         self.streams = 0  # streams stored (soft-deleted ones until purged)
         self.long_polls = 0  # long-poll reads parked on a stream now
         self.sse_sessions = 0  # SSE responses being served now
@@ -72,6 +81,11 @@ class ShardCollector(Collector):
             "ds_read_bytes",
             "Response body bytes of reads (catch-up and long-poll bodies, SSE events)",
             value=counters.read_bytes,
+        )
+        yield CounterMetricFamily(
+            "ds_read_bytes_unsent",
+            "Of those, bytes of bodies not sent to the gateway, which held them already",
+            value=counters.read_bytes_unsent,
         )
         yield histogram_family(
             "ds_commit_batch_size",

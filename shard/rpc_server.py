@@ -294,14 +294,20 @@ class RpcServer:
         if request is None:
             return False
         try:
-            response = self.service.read_now(request)
+            answer = self.service.read_now(request)
         except Exception as exc:
             writer.send_nowait(_failure(message["i"], exc))
             return True
-        if response is None:
+        if answer is None:
             return False
+        response, token = answer
+        call_id, body = message["i"], response.body
+        hit = bool(token) and token == message["t"]  # the caller holds this very body
+        if hit:
+            self.service.counters.read_bytes_unsent += len(body)
+            body = b""
         writer.send_nowait(
-            rpc_core.response(message["i"], response.status, response.headers, response.body, False)
+            rpc_core.response(call_id, response.status, response.headers, body, False, token, hit)
         )
         return True
 

@@ -224,11 +224,12 @@ class ShardService:
             raise
         return Settling(entry, job, decision, request)
 
-    def read_now(self, request: Request) -> Response | None:
-        """A GET or HEAD answered on the spot, without a task of its own: the response,
-        or None when the request needs the full path (`handle_http`): a stream moving, a
-        long-poll that waits, SSE, or records a fork reads from its source. Raises
-        StorageUnavailable as `handle_http` would, before answering anything."""
+    def read_now(self, request: Request) -> tuple[Response, bytes] | None:
+        """A GET or HEAD answered on the spot, without a task of its own: the response
+        and its body's token (b"": none; see shard/slice_cache.py), or None when the
+        request needs the full path (`handle_http`): a stream moving, a long-poll that
+        waits, SSE, or records a fork reads from its source. Raises StorageUnavailable as
+        `handle_http` would, before answering anything."""
         path = request.path
         if not self.handoff.admits_now(path):
             return None
@@ -237,19 +238,24 @@ class ShardService:
             now = time.time()
             state = entry.committed
             decision = core.handle(request, state, now, self.config)
+            token = b""
             if type(decision) is NeedRecords:
                 fork = state.fork if state is not None else None
                 if fork is not None and fork.linked and decision.position < fork.position:
                     return None  # from the source's shard: the full path asks it
                 self.committer.touch(entry, now)
-                records = self.table.read(entry, decision.position, decision.max_bytes)
+                records, token = self.table.read_named(entry, decision.position, decision.max_bytes)
                 decision = core.finish_read(request, state, records, now, self.config)
+                # The token names the slice's bytes: it is the body's only when the core
+                # answered with that very slice (not cut, not a 304, not an error).
+                if token and decision.response.body is not records[0].data:
+                    token = b""
             if type(decision) is not Reply or decision.changed:
                 return None
             if decision.touch:
                 self.committer.touch(entry, now)
             self._count(request, decision, decision.response)
-            return decision.response
+            return decision.response, token
         finally:
             self.table.release_if_idle(entry)
 

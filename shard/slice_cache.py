@@ -13,10 +13,29 @@ the joined slice can be served again from memory, if the key says exactly which 
     for) serves only reads below the same tail, since a later tail has more to give.
 
 The cache holds at most CACHE_BYTES, least recently used out first.
+
+The same key names a slice's bytes to a gateway, as a body token (`body_token`), so that a
+gateway holding a slice need not be sent it again (common/wire.py's `t` and `hit`). Equal
+tokens must mean equal bytes, in this process and across restarts:
+
+  * a per-process random nonce, since incarnation and stream id numbers restart with the
+    process (and a database may be replaced while it is down);
+  * the store's generation (`Store.generation`), renewed whenever the database is
+    (re)opened, so nothing named before a storage failure matches after it;
+  * the incarnation: a delete, expiry, re-creation or move renews it (see above), as does
+    a stream coming back after it moved away (a new entry);
+  * the stream id, position and size asked for, and the slice's length: below the
+    committed tail an incarnation's bytes never change, so a position and a length name
+    them; a tail that moved gives a longer slice, hence another token.
+
+A fork's records below its divergence come from its source (the full read path) and get
+no token.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from collections import OrderedDict
 
 from ds_cluster.shard.core.model import Record
@@ -26,6 +45,15 @@ MIN_SLICE_BYTES = 64 * 1024  # smaller slices are cheap to read again; live read
 MAX_SLICE_BYTES = 8 * 1024 * 1024  # a larger one (one huge record) would push out all the rest
 
 SliceKey = tuple[int, int, int, int]  # (entry incarnation, sid, position, max_bytes)
+
+_NONCE = os.urandom(8)  # this process's: see the module's docstring
+_TOKEN = struct.Struct(">8s6Q")  # nonce, generation, incarnation, sid, position, max_bytes, length
+TOKEN_BYTES = _TOKEN.size  # 56, within wire.MAX_TOKEN_BYTES
+
+
+def body_token(generation: int, key: SliceKey, length: int) -> bytes:
+    """The token of the `length` bytes read for `key` from the store of `generation`."""
+    return _TOKEN.pack(_NONCE, generation, *key, length)
 
 
 class SliceCache:

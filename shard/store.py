@@ -455,6 +455,9 @@ class Store:
         self._reader: _GuardedReader | _NoReader = _NoReader(self)
         self.failure: str | None = "the database is not open yet"
         self.on_failure: Callable[[], None] = lambda: None  # set by the committer
+        # Renewed when the storage fails and when it is (re)opened: a body token names
+        # it (shard/slice_cache.py), so nothing named before a failure matches after it.
+        self.generation = 0
         # What the journal holds (at most: purges are not subtracted), and the streams
         # with rows in it (a superset); written only by the committer's transactions.
         self.journal_rows = 0
@@ -473,6 +476,7 @@ class Store:
         """Storage failed (a commit or a read): report it until a reopen succeeds."""
         if self.failure is None:
             self.failure = reason
+            self.generation += 1
             log.error("storage failed: %s; refusing writes until it recovers", reason)
             self.on_failure()
 
@@ -510,6 +514,7 @@ class Store:
         self.journal_rows, self.journal_bytes = opened.journal_rows, opened.journal_bytes
         self._journal_sids = set(opened.journal_sids)
         self._reader = _GuardedReader(opened.reader, self)
+        self.generation += 1
         if self.failure is not None and old_writer is not None:
             log.warning("storage recovered: %s is writable again", self.path)
         self.failure = None

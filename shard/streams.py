@@ -16,7 +16,7 @@ import trio
 
 from ds_cluster.shard.core.headers import is_json
 from ds_cluster.shard.core.model import Record, StreamState
-from ds_cluster.shard.slice_cache import SliceCache
+from ds_cluster.shard.slice_cache import MIN_SLICE_BYTES, SliceCache, body_token
 from ds_cluster.shard.store import StorageUnavailable, Store
 
 RECENT_BYTES = 256 * 1024  # committed tail kept in memory for live readers
@@ -192,10 +192,16 @@ class StreamTable:
 
     def read(self, entry: Entry, position: int, max_bytes: int) -> list[Record]:
         """Committed records with end > position (at most up to the committed tail)."""
+        return self.read_named(entry, position, max_bytes)[0]
+
+    def read_named(self, entry: Entry, position: int, max_bytes: int) -> tuple[list[Record], bytes]:
+        """`read`'s records, and the body token (`slice_cache.body_token`) of the first
+        one's data when they are one raw slice joined from disk, of the slice cache's
+        sizes, read while the storage is sound (b"" otherwise)."""
         state = entry.committed
         sid = entry.committed_sid
         if state is None or sid is None or position >= state.tail:
-            return []
+            return [], b""
         tail = state.tail
         records = entry.recent_from(position, max_bytes)
         if records is None:
@@ -204,25 +210,32 @@ class StreamTable:
             # bytes come back as one record, joined once in C: a catch-up slice of small
             # records costs no Python step per record here or in the core.
             if is_json(state.content_type):
-                return self._store.read_records(sid, position, max_bytes, below=tail)
+                return self._store.read_records(sid, position, max_bytes, below=tail), b""
             return self._read_joined(entry.incarnation, sid, position, max_bytes, tail)
         if records and records[-1].end > tail:
             records = [r for r in records if r.end <= tail]
-        return records
+        return records, b""
 
     def _read_joined(
         self, incarnation: int, sid: int, position: int, max_bytes: int, tail: int
-    ) -> list[Record]:
+    ) -> tuple[list[Record], bytes]:
         """Raw data from disk as one record, from the slice cache when it holds it (not
-        while the storage has failed: such a read goes to the database, as before)."""
+        while the storage has failed: such a read goes to the database, as before, and
+        is given no token), with its token."""
         store = self._store
         key = (incarnation, sid, position, max_bytes)
-        if store.failure is None:
+        generation = store.generation
+        sound = store.failure is None
+        if sound:
             cached = self._slices.get(key, tail)
             if cached is not None:
-                return [cached]
+                return [cached], body_token(generation, key, len(cached.data))
         joined = store.read_joined(sid, position, max_bytes, below=tail)
         if joined is None:
-            return []
+            return [], b""
         self._slices.put(key, tail, joined)
-        return [joined]
+        size = len(joined.data)
+        # (the store's generation read before the read: a reopen during it names no token)
+        if sound and size >= MIN_SLICE_BYTES and store.generation == generation:
+            return [joined], body_token(generation, key, size)
+        return [joined], b""

@@ -468,11 +468,12 @@ async def test_large_frames_are_decoded_in_any_layout_and_a_bad_one_costs_its_co
 
         big = os.urandom(2 * MIB)
         for bad in (
-            [wire.REQ_HTTP, [1], 1, "POST", "big", "", octets, big],  # a bad id
+            [wire.REQ_HTTP, [1], 1, "POST", "big", "", octets, b"", big],  # a bad id
             [wire.REQ_OP, 1, 1, 5, {"pad": big}],  # an op that is no string
-            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, "text" * MIB],  # a text body
-            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, big, 1],  # an item too many
-            [wire.REQ_HTTP, 1, "POST", "big", "", octets, big],  # an item too few
+            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, b"", "text" * MIB],  # a text body
+            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, b"", big, 1],  # an item too many
+            [wire.REQ_HTTP, 1, "POST", "big", "", octets, b"", big],  # an item too few
+            [wire.REQ_HTTP, 1, 1, "POST", "big", "", octets, b"t" * 65, big],  # a long token
         ):
             hostile, _, _ = await open_authenticated(shard.address, "shard-0")
             packed = msgpack.packb(bad, use_bin_type=True)

@@ -153,6 +153,7 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
         "ds_appends",
         "ds_append_bytes",
         "ds_read_bytes",
+        "ds_read_bytes_unsent",
         "ds_streams",
         "ds_commit_batch_size",
         "ds_commit_duration_seconds",
@@ -169,6 +170,9 @@ async def test_counters_move_by_exactly_the_appends_made(cluster: Any) -> None:
         "http_server_active_requests",
         "ds_live_readers",
         "ds_sse_shared_upstreams",
+        "ds_body_cache_bytes",
+        "ds_body_cache_hits",
+        "ds_body_cache_misses",
         "ds_build_info",
         "process_cpu_seconds",
     ):

@@ -165,10 +165,15 @@ def test_shard_fences_other_rings_but_not_ring_ops_and_bounds_calls() -> None:
 
 def test_constructed_frames_pass_the_schema_and_keep_their_fields() -> None:
     fields = {"m": "POST", "p": "a/b", "q": "x=1", "h": [["content-type", "t"]], "b": b"[1]"}
+    token = b"t" * 56
     frames: list[tuple[wire.Outgoing, dict[str, object]]] = [
         (
             rpc_core.request(4, "http", 3, fields),  # type: ignore[arg-type]
-            {"k": "req", "i": 4, "op": "http", "r": 3, **fields},
+            {"k": "req", "i": 4, "op": "http", "r": 3, "t": b"", **fields},
+        ),
+        (
+            rpc_core.request(4, "http", 3, {**fields, "t": token}),  # type: ignore[typeddict-item]
+            {"k": "req", "i": 4, "op": "http", "r": 3, **fields, "t": token},
         ),
         (
             rpc_core.request(5, "ring_get", 3, {"a": {"x": 1}}),
@@ -176,11 +181,23 @@ def test_constructed_frames_pass_the_schema_and_keep_their_fields() -> None:
         ),
         (
             rpc_core.response(5, 201, (("location", "/x"),), b"body", False),
-            {"k": "res", "i": 5, "s": 201, "h": [["location", "/x"]], "b": b"body", "more": False},
+            {"k": "res", "i": 5, "s": 201, "h": [["location", "/x"]], "b": b"body", "more": False}
+            | {"t": b"", "hit": False},
+        ),
+        (
+            rpc_core.response(5, 200, (), b"body", False, token),
+            {"k": "res", "i": 5, "s": 200, "h": [], "b": b"body", "more": False}
+            | {"t": token, "hit": False},
+        ),
+        (
+            rpc_core.response(5, 200, (), b"", False, token, True),
+            {"k": "res", "i": 5, "s": 200, "h": [], "b": b"", "more": False}
+            | {"t": token, "hit": True},
         ),
         (
             rpc_core.result(6, {"ok": True}),
-            {"k": "res", "i": 6, "s": 200, "h": [], "b": b"", "more": False, "a": {"ok": True}},
+            {"k": "res", "i": 6, "s": 200, "h": [], "b": b"", "more": False, "a": {"ok": True}}
+            | {"t": b"", "hit": False},
         ),
         (rpc_core.chunk(7, b"data", True), {"k": "chunk", "i": 7, "b": b"data", "more": True}),
         (rpc_core.cancel(8), {"k": "cancel", "i": 8}),
@@ -213,27 +230,39 @@ _BAD_POSITIONAL = [
     [wire.CANCEL, 2**63],
     [wire.CANCEL, True],
     [wire.REQ_HTTP, 1, 1, "GET", "a", "", []],  # no body
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b"", None],  # an extra item
-    [wire.REQ_HTTP, 1, "1", "GET", "a", "", [], b""],  # a ring version that is a string
-    [wire.REQ_HTTP, 1, 1, b"GET", "a", "", [], b""],
-    [wire.REQ_HTTP, 1, 1, "GET", None, "", [], b""],
-    [wire.REQ_HTTP, 1, 1, "GET", "a", 5, [], b""],
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], "text"],  # a body that is not bytes
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", {"a": "b"}, b""],  # headers not a list
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a"]], b""],  # a header that is no pair
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a", 1]], b""],
-    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [("a", "b", "c")], b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b"", b"", None],  # an extra item
+    [wire.REQ_HTTP, 1, "1", "GET", "a", "", [], b"", b""],  # a ring version that is a string
+    [wire.REQ_HTTP, 1, 1, b"GET", "a", "", [], b"", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", None, "", [], b"", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", 5, [], b"", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b"", "text"],  # a body that is not bytes
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", {"a": "b"}, b"", b""],  # headers not a list
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a"]], b"", b""],  # a header that is no pair
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [["a", 1]], b"", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [("a", "b", "c")], b"", b""],
     [wire.REQ_OP, 1, 1, "http", {}],  # http has its own layout
     [wire.REQ_OP, 1, 1, "ping", None],
     [wire.REQ_OP, 1, 1, "ping"],
     [wire.REQ_OP, 1, 1, 5, {}],
-    [wire.RES_HTTP, 1, 99, False, [], b""],  # a status out of range
-    [wire.RES_HTTP, 1, 600, False, [], b""],
-    [wire.RES_HTTP, 1, 200, 0, [], b""],  # more not a bool
-    [wire.RES_HTTP, 1, 200, False, [["x", "a\r\nset-cookie: y"]], b""],  # CR, LF in a value
-    [wire.RES_HTTP, 1, 200, False, [["x", "a\nb"]], b""],
-    [wire.RES_HTTP, 1, 200, False, [["x", "a\0"]], b""],
-    [wire.RES_HTTP, 1, 200, False, [], b"", b""],
+    [wire.RES_HTTP, 1, 99, False, [], b"", False, b""],  # a status out of range
+    [wire.RES_HTTP, 1, 600, False, [], b"", False, b""],
+    [wire.RES_HTTP, 1, 200, 0, [], b"", False, b""],  # more not a bool
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\r\nset-cookie: y"]], b"", False, b""],  # CR, LF
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\nb"]], b"", False, b""],
+    [wire.RES_HTTP, 1, 200, False, [["x", "a\0"]], b"", False, b""],
+    [wire.RES_HTTP, 1, 200, False, [], b"", False, b"", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], None, b""],  # a token that is not bytes
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], "t", b""],
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b"t" * 65, b""],  # a token too long
+    [wire.RES_HTTP, 1, 200, False, [], None, False, b""],  # a token that is not bytes
+    [wire.RES_HTTP, 1, 200, False, [], b"t" * 65, False, b""],  # a token too long
+    [wire.RES_HTTP, 1, 200, False, [], b"t", 0, b""],  # hit not a bool
+    [wire.RES_HTTP, 1, 200, False, [], b"t", None, b""],
+    [wire.RES_HTTP, 1, 200, False, [], b"", True, b""],  # a hit that names no token
+    [wire.RES_HTTP, 1, 200, False, [], b"t", True, b"x"],  # a hit that carries a body
+    [wire.RES_HTTP, 1, 200, True, [], b"t", True, b""],  # a hit that streams
+    [wire.RES_HTTP, 1, 200, False, [], b"x"],  # the layout of wire version 4
+    [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], b""],  # (the same request's)
     [wire.RES_OP, 1, []],
     [wire.RES_OP, 1],
     [wire.CHUNK, 1, True],
