@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
 
 from ds_cluster.supervisor.cluster import Supervisor
+
+# Property tests check what the code answers, not how fast a shared CI machine runs it: no
+# per-example deadline and no "too slow" health check (both failed on loaded machines).
+settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 @pytest.fixture
