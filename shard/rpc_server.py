@@ -287,8 +287,8 @@ class RpcServer:
                         if self._append_now(frame, writer, answers):
                             continue
                     elif (method == "GET" or method == "HEAD") and (
-                        self._read_now(frame, writer)
-                        or self._park_now(frame, protocol, writer, nursery)
+                        self._park_now(frame, protocol, writer, nursery)
+                        or self._read_now(frame, writer)
                     ):
                         continue
                 scope = trio.CancelScope()
@@ -370,8 +370,9 @@ class RpcServer:
         nursery: trio.Nursery,
     ) -> bool:
         """Park a long-poll that must wait on its stream (`ShardService.park_now`), to be
-        answered without a task, when the connection's answers are not backed up. False:
-        run it as a task; nothing was parked or sent."""
+        answered without a task, when the connection's answers are not backed up (asked
+        before `_read_now`: most live reads wait). False: answer it otherwise; nothing was
+        parked or sent."""
         if "long-poll" not in message["q"] or not writer.has_room():
             return False
         request = self._local_request(message)

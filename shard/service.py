@@ -386,11 +386,11 @@ class ShardService:
     # -- long-polls parked without a task (`shard.polls`) --------------------------------
 
     def park_now(self, request: Request, answer: Answer) -> ParkedPoll | None:
-        """A long-poll that must wait (one `read_now` could not answer), parked on its
-        stream without a task: `answer` sends its answer later. None when it takes the
-        full path (`handle_http`): a stream moving or absent, a fork (its answer may need
-        its source), or anything but a wait. Raises StorageUnavailable as `handle_http`
-        would, before parking anything."""
+        """A long-poll that must wait, parked on its stream without a task: `answer`
+        sends its answer later. None when it does not wait (`read_now` answers it) or
+        takes the full path (`handle_http`): a stream moving or absent, a fork (its
+        answer may need its source). Raises StorageUnavailable as `handle_http` would,
+        before parking anything."""
         path = request.path
         if not self.handoff.admits_now(path):
             return None
