@@ -59,6 +59,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
+from typing import TypeVar
 
 import trio
 
@@ -69,6 +70,8 @@ from ds_cluster.common.ring import Endpoint, Ring, RingHolder
 from ds_cluster.common.rpc_transport import FrameReader, FrameWriter
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 0.5  # a restarted shard is reconnected within half a second of listening
@@ -147,7 +150,7 @@ Fields = wire.RequestFields | Mapping[str, object]
 class Call(rpc_core.CallState):
     """One request in flight. Created by ShardPool.open / ShardConnection.open."""
 
-    __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "sink")
+    __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "early", "sink")
 
     def __init__(self, conn: ShardConnection) -> None:
         # CallState's fields, set here rather than through super(): one per request
@@ -163,6 +166,9 @@ class Call(rpc_core.CallState):
         self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
         # While `relay` waits: takes each chunk body from the connection's reader.
         self.sink: Callable[[bytes], None] | None = None
+        # Given a complete `res` (more=False) by the connection's reader as it arrives,
+        # before the frame goes to the inbox (`open_routed`'s `early`).
+        self.early: Callable[[wire.ResponseFrame], None] | None = None
 
     @property
     def shard_id(self) -> str:
@@ -185,6 +191,10 @@ class Call(rpc_core.CallState):
 
     def _put(self, item: Delivered) -> None:
         """Deliver a frame (or a sentinel); called by the connection, never blocks."""
+        early = self.early
+        if early is not None and type(item) is dict and item["k"] == "res" and not item["more"]:
+            self.early = None
+            _hand(early, item)
         self._inbox.append(item)
         waiter = self._waiter
         if waiter is not None:
@@ -576,13 +586,14 @@ class ShardConnection:
         call._put(_OVERFLOW)
 
 
-def _hand(sink: Callable[[bytes], None], body: bytes) -> None:
-    """A chunk to a relaying call's sink (`Call.relay`): a bug there must end neither
-    the relay nor, from the connection's reader, every other call."""
+def _hand(sink: Callable[[_T], None], item: _T) -> None:
+    """A chunk to a relaying call's sink (`Call.relay`), or a response to a call's
+    `early`: a bug there must end neither the relay nor, from the connection's reader,
+    every other call."""
     try:
-        sink(body)
+        sink(item)
     except Exception:
-        log.exception("a relayed chunk's sink failed")
+        log.exception("a call's sink failed")
 
 
 class ShardPool:
@@ -797,13 +808,21 @@ class ShardPool:
         raise ShardTimeout(self.ring.owner(key), f"no answer within {timeout}s", sent=sent)
 
     async def open_routed(
-        self, path: str, op: str, fields: Fields, deadline: float = ROUTE_DEADLINE
+        self,
+        path: str,
+        op: str,
+        fields: Fields,
+        deadline: float = ROUTE_DEADLINE,
+        early: Callable[[wire.ResponseFrame], None] | None = None,
     ) -> Call:
         """`open` on the owner of `path` under the newest ring, once the shard has taken
         the request: a ring change or a move on the way is retried (see the module's
         docstring) until `deadline` seconds after the first such answer; the call is
         returned with its first frame unread (`response()` raises ShardError with the
-        last answer if none was taken in time). Raises ShardUnavailable as `open`."""
+        last answer if none was taken in time). Raises ShardUnavailable as `open`.
+        `early` is given a complete `res` by the connection's reader as it arrives, a
+        scheduler pass before the caller's task has it (must not block; what it raises
+        is logged)."""
         give_up: float | None = None
         backoff = ROUTE_BACKOFF
         pushed: set[str] = set()  # shards sent our ring already
@@ -818,6 +837,7 @@ class ShardPool:
                 with trio.move_on_after(deadline):
                     await conn.connected_event.wait()
             call = conn.open(op, fields)
+            call.early = early
             try:
                 first = await call._peek()
             except BaseException:

@@ -23,6 +23,12 @@ from the fetch's task, one after another, as the answer arrives (the SSE fan-out
 rather than a scheduler pass later from each waiter's own task, whose turns interleave
 with everything else the gateway runs.
 
+The fetch may hand its answer over early (`fetch(request, early)`): the long-poll's
+fetch has the shard connection's reader call `early` as the shard's answer arrives, so the
+parked clients' responses are written from that task, with no scheduler pass between the
+frame's arrival and the sockets (as the SSE fan-out relays its chunks); the fetch task
+then finds its group answered.
+
 Only the sharing lives here; what the answer is (status, headers, body) is the caller's
 `fetch`, run once per group.
 """
@@ -46,7 +52,8 @@ log = logging.getLogger(__name__)
 # Seconds a group waits for its answer before its waiters watch their clients.
 WATCH_AFTER = 1.0
 
-Fetch = Callable[[Any], Awaitable[Answer]]
+# fetch(request, early): the answer; `early` may be given it before (from any task, once)
+Fetch = Callable[[Any, Callable[[Answer], None]], Awaitable[Answer]]
 # Writes a group's answer to a waiter's client at once, from the fetch's task; must not
 # block or raise. Its result is not looked at: the waiter's own task learns what happened
 # through its own state.
@@ -155,27 +162,34 @@ class Collapser:
             group.scope.cancel()
 
     async def _lead(self, key: Hashable, group: _Group, request: Any) -> None:
+        answer: Answer | None = None
         try:
             with group.scope:
-                group.answer = await self._fetch(request)
+                answer = await self._fetch(request, partial(self._answered, key, group))
         except Exception:  # a bug in fetch must not take the gateway's nursery down
             log.exception("collapsed fetch failed")
         finally:
-            if group.answer is None:
-                group.answer = self._failed
-            if self._groups.get(key) is group:
-                del self._groups[key]  # later requests start afresh: they may see newer data
-            parked, group.parked = group.parked, {}
-            answer = group.answer
-            for task, write_at_once in parked.items():
-                if write_at_once is not None:
-                    try:
-                        write_at_once(answer)
-                    except Exception:  # a bug to log; the waiter still gets the answer
-                        log.exception("writing a collapsed answer failed")
-                reschedule(task)
-            for scope in group.watchers:
-                scope.cancel()
+            self._answered(key, group, self._failed if answer is None else answer)
+
+    def _answered(self, key: Hashable, group: _Group, answer: Answer) -> None:
+        """Give the group its answer: written to every parked waiter that has a
+        `write_at_once`, each rescheduled; watchers stop watching. Once per group (the
+        fetch's `early`, then its return, which then does nothing)."""
+        if group.answer is not None:
+            return
+        group.answer = answer
+        if self._groups.get(key) is group:
+            del self._groups[key]  # later requests start afresh: they may see newer data
+        parked, group.parked = group.parked, {}
+        for task, write_at_once in parked.items():
+            if write_at_once is not None:
+                try:
+                    write_at_once(answer)
+                except Exception:  # a bug to log; the waiter still gets the answer
+                    log.exception("writing a collapsed answer failed")
+            reschedule(task)
+        for scope in group.watchers:
+            scope.cancel()
 
     async def _turn_late_groups(self) -> None:
         """Turn the waiters of each group unanswered WATCH_AFTER seconds after it began

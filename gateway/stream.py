@@ -545,9 +545,33 @@ class StreamHandler:
     async def _open_sse(self, path: str, fields: dict[str, Any]) -> Call:
         return await self.pool.open_routed(path, "http", fields)
 
-    async def _fetch(self, request: tuple[Route, bytes]) -> Answer:
-        """One long-poll upstream, rendered once for every client sharing it."""
-        return await self._call(*request)
+    async def _fetch(self, request: tuple[Route, bytes], early: Callable[[Answer], None]) -> Answer:
+        """One long-poll upstream, rendered once for every client sharing it, and handed
+        to `early` by the shard connection's reader as it arrives (the clients' writes
+        then go from that task, a scheduler pass sooner); else as `_call` answers."""
+        route, body = request
+        method = route.method
+        rendered: list[Answer] = []
+
+        def arrived(res: wire.ResponseFrame) -> None:
+            rendered.append(_whole_answer(res, method))
+            early(rendered[0])
+
+        try:
+            call = await self.pool.open_routed(
+                route.path, "http", route.fields(body), early=arrived
+            )
+            try:
+                res = await call.response()
+            finally:
+                call.close()  # a cancel to the shard if the response is not complete
+        except (ShardUnavailable, ShardError) as exc:
+            return failure_answer(exc)
+        if rendered:
+            return rendered[0]
+        if res.get("more"):  # leaving `call` above already cancelled the stream
+            return error_answer(502, "the shard streamed a body that cannot stream")
+        return _whole_answer(res, method)
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -335,8 +335,11 @@ class Committer:
             self.durations.observe(time.perf_counter() - started)
             self.batch_sizes.observe(len(jobs))
         # One pass over the writes: their entries move forward, and whether a stream's
-        # data was purged (a delete or a new incarnation) is noted on the way.
+        # data was purged (a delete or a new incarnation) is noted on the way. Streams
+        # with parked long-polls are notified after it, so that a poll is answered once,
+        # with all that its stream's writes in this group committed.
         purged = False
+        polled: list[Entry] = []
         for job in jobs:
             for entry, write in job.writes:
                 state = write.state
@@ -348,7 +351,12 @@ class Committer:
                 entry.committed_sid = write.sid if state is not None else None
                 entry.remember(write.records)
                 entry.write_done()
-                entry.notify()
+                if entry.polls is None:
+                    entry.notify()
+                else:
+                    polled.append(entry)
+        for entry in polled:  # (one answered and emptied its list: the rest do nothing)
+            entry.notify()
         if purged:
             self._check_free_pages()
         self._after_commit(jobs)

@@ -32,6 +32,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Protocol as Interface
 
 import trio
 
@@ -42,6 +43,7 @@ from ds_cluster.common.rpc_transport import FrameReader, FrameWriter, WriteBudge
 from ds_cluster.shard.committer import StorageUnavailable
 from ds_cluster.shard.core.model import Request, Response
 from ds_cluster.shard.peers import PeerUnavailable
+from ds_cluster.shard.polls import ParkedPoll
 from ds_cluster.shard.rpc_ops import Handler
 from ds_cluster.shard.service import Settling, ShardService
 
@@ -52,7 +54,15 @@ PROCESS_REPLY_BUDGET = 256 * 1024 * 1024  # the same over all connections
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to authenticate
 OP_TIMEOUT = 30.0  # seconds for a registry op (export_fork, ...)
 
-Protocol = rpc_core.ShardProtocol[trio.CancelScope]
+
+class Stoppable(Interface):
+    """What a request in flight is held as in its connection's calls: its task's cancel
+    scope, or a `_Parked` long-poll."""
+
+    def cancel(self) -> None: ...
+
+
+Protocol = rpc_core.ShardProtocol[Stoppable]
 
 # What an append decided on the spot holds in the connection's calls while it commits (its
 # id stays taken, it counts against MAX_CALLS): a `cancel` has nothing left to stop, since
@@ -106,6 +116,48 @@ class CommitAnswers:
                 finished(call_id)
                 answer = settled(settling)
                 send(response(call_id, answer.status, answer.headers, answer.body, False))
+
+
+class _Parked:
+    """A long-poll parked on its stream (`shard.polls`) as one of its connection's calls:
+    answered by the service (`answer`), or cancelled by the caller (`cancel`)."""
+
+    __slots__ = ("call_id", "nursery", "poll", "protocol", "service", "writer")
+
+    def __init__(
+        self,
+        call_id: int,
+        service: ShardService,
+        protocol: Protocol,
+        writer: FrameWriter,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.call_id = call_id
+        self.service = service
+        self.protocol = protocol
+        self.writer = writer
+        self.nursery = nursery
+        self.poll: ParkedPoll | None = None
+
+    def answer(self, outcome: Response | Exception) -> None:
+        """Send the answer: at once while the connection's unsent answers are under its
+        high-water mark, else from a task that waits for room, as the task path's send."""
+        call_id = self.call_id
+        self.protocol.finished(call_id)
+        if isinstance(outcome, Exception):
+            frame = _failure(call_id, outcome)
+        else:
+            frame = rpc_core.response(call_id, outcome.status, outcome.headers, outcome.body, False)
+        writer = self.writer
+        if writer.has_room():
+            writer.send_nowait(frame)
+        else:
+            self.nursery.start_soon(writer.send, frame)
+
+    def cancel(self) -> None:
+        self.protocol.finished(self.call_id)
+        if self.poll is not None:
+            self.service.cancel_poll(self.poll)
 
 
 class RpcServer:
@@ -200,6 +252,8 @@ class RpcServer:
                     log.warning("dropping connection: %s", exc)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # the peer went away (or TLS broke)
+                finally:
+                    _drop_parked(protocol)
                 nursery.cancel_scope.cancel()
         finally:
             if writer is not None:
@@ -232,7 +286,10 @@ class RpcServer:
                     if method == "POST":
                         if self._append_now(frame, writer, answers):
                             continue
-                    elif (method == "GET" or method == "HEAD") and self._read_now(frame, writer):
+                    elif (method == "GET" or method == "HEAD") and (
+                        self._park_now(frame, protocol, writer, nursery)
+                        or self._read_now(frame, writer)
+                    ):
                         continue
                 scope = trio.CancelScope()
                 protocol.started(frame["i"], scope)
@@ -311,6 +368,35 @@ class RpcServer:
         )
         return True
 
+    def _park_now(
+        self,
+        message: wire.RequestFrame,
+        protocol: Protocol,
+        writer: FrameWriter,
+        nursery: trio.Nursery,
+    ) -> bool:
+        """Park a long-poll that must wait on its stream (`ShardService.park_now`), to be
+        answered without a task, when the connection's answers are not backed up (asked
+        before `_read_now`: most live reads wait). False: answer it otherwise; nothing was
+        parked or sent."""
+        if "long-poll" not in message["q"] or not writer.has_room():
+            return False
+        request = self._local_request(message)
+        if request is None:
+            return False
+        call_id = message["i"]
+        parked = _Parked(call_id, self.service, protocol, writer, nursery)
+        try:
+            poll = self.service.park_now(request, parked.answer)
+        except Exception as exc:
+            writer.send_nowait(_failure(call_id, exc))
+            return True
+        if poll is None:
+            return False
+        parked.poll = poll
+        protocol.started(call_id, parked)
+        return True
+
     async def _request(
         self,
         message: wire.RequestFrame,
@@ -364,6 +450,13 @@ class RpcServer:
             await writer.send(rpc_core.chunk(call_id, data, more))
 
         await self.service.handle_http(request, respond, send)
+
+
+def _drop_parked(protocol: Protocol) -> None:
+    """The connection ends: its parked long-polls leave their streams, unanswered."""
+    for handle in list(protocol.calls.values()):
+        if isinstance(handle, _Parked):
+            handle.cancel()
 
 
 def _failure(call_id: int, exc: Exception) -> wire.Outgoing:

@@ -40,6 +40,7 @@ from ds_cluster.shard.handoff import Handoff
 from ds_cluster.shard.metrics import ShardCounters, count_stored_streams
 from ds_cluster.shard.offload import BodyOffload
 from ds_cluster.shard.peers import PeerUnavailable, call_peer
+from ds_cluster.shard.polls import Answer, ParkedPoll, PollTimer
 from ds_cluster.shard.ring_state import ShardRing
 from ds_cluster.shard.store import NOTICE_STATUS, Store, StreamWrite
 from ds_cluster.shard.streams import Entry, StreamTable
@@ -85,6 +86,7 @@ class ShardService:
         self.table = StreamTable(store)
         self.counters = ShardCounters()  # for metrics (`shard.metrics`)
         self.committer = Committer(store, self._after_commit)
+        self.poll_timer = PollTimer(self._poll_expired)
         self.alarms = AlarmLoop(self._expire)
         self.offload = BodyOffload()
         self.forks = ForkCoordinator(
@@ -130,6 +132,7 @@ class ShardService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.committer.run)
+            nursery.start_soon(self.poll_timer.run)
             if self.store.failure is not None:
                 # The database cannot be opened yet: serve (503s; health says why) while
                 # the committer keeps trying, and recover our state once it opens.
@@ -385,6 +388,130 @@ class ShardService:
         old_tail = previous.tail if previous is not None else None
         if new_tail != old_tail and (new_tail is None or new_tail > 0):
             self.subs.notices.stage(job, entry.path)
+
+    # -- long-polls parked without a task (`shard.polls`) --------------------------------
+
+    def park_now(self, request: Request, answer: Answer) -> ParkedPoll | None:
+        """A long-poll that must wait, parked on its stream without a task: `answer`
+        sends its answer later. None when it does not wait (`read_now` answers it) or
+        takes the full path (`handle_http`): a stream moving or absent, a fork (its
+        answer may need its source). Raises StorageUnavailable as `handle_http` would,
+        before parking anything."""
+        path = request.path
+        if not self.handoff.admits_now(path):
+            return None
+        entry = self.table.get(path)
+        try:
+            state = entry.committed
+            if state is None or state.fork is not None:
+                return None
+            now = time.time()
+            decision = core.handle(request, state, now, self.config)
+            if type(decision) is not Wait:
+                return None
+            self.committer.touch(entry, now)
+            return self._park(entry, request, decision, answer)
+        finally:
+            self.table.release_if_idle(entry)
+
+    def _park(self, entry: Entry, request: Request, wait: Wait, answer: Answer) -> ParkedPoll:
+        deadline = trio.current_time() + wait.timeout
+        poll = ParkedPoll(entry, request, wait, deadline, answer, self._poll_changed)
+        entry.waiters += 1
+        self.counters.long_polls += 1
+        polls = entry.polls
+        if polls is None:
+            entry.polls = [poll]
+        else:
+            polls.append(poll)
+        self.poll_timer.add(poll)
+        return poll
+
+    def _poll_changed(self, poll: ParkedPoll) -> bool:
+        """`poll`'s stream changed (a commit, a fence): answer it and return False when
+        the task path's `_wait` would have returned, else True (it stays parked)."""
+        entry = poll.entry
+        if self.handoff.fenced(entry.path):
+            self._poll_finish(poll, StreamMoving(entry.path))  # it resumes on its new owner
+            return False
+        state = entry.committed
+        if (
+            state is not None
+            and not state.closed
+            and not state.soft_deleted
+            and state.tail <= poll.wait.position
+        ):
+            return True
+        self._poll_finish(poll, None)
+        return False
+
+    def _poll_expired(self, poll: ParkedPoll) -> None:
+        """`poll`'s timeout passed (the timer has dropped it already)."""
+        polls = poll.entry.polls
+        if polls is not None:
+            polls.remove(poll)
+            if not polls:
+                poll.entry.polls = None
+        failure = StreamMoving(poll.entry.path) if self.handoff.fenced(poll.entry.path) else None
+        self._poll_finish(poll, failure, timed_out=True)
+
+    def cancel_poll(self, poll: ParkedPoll) -> None:
+        """The caller gave up on `poll` (a `cancel`, its connection closed): nothing is sent."""
+        if poll.done:
+            return
+        polls = poll.entry.polls
+        if polls is not None:
+            polls.remove(poll)
+            if not polls:
+                poll.entry.polls = None
+        self._poll_done(poll)
+        self.poll_timer.done()
+        self.table.release_if_idle(poll.entry)
+
+    def _poll_done(self, poll: ParkedPoll) -> None:
+        poll.done = True
+        poll.entry.waiters -= 1
+        self.counters.long_polls -= 1
+
+    def _poll_finish(
+        self, poll: ParkedPoll, failure: Exception | None, *, timed_out: bool = False
+    ) -> None:
+        """Send `poll` its answer (already off its entry's list): `failure`'s, or the
+        core's, decided again with `resume=` its Wait, as `_dispatch` would."""
+        self._poll_done(poll)
+        if not timed_out:
+            self.poll_timer.done()
+        outcome: Response | Exception
+        if failure is not None:
+            outcome = failure
+        else:
+            try:
+                outcome = self._poll_answer(poll)
+            except Exception as exc:  # the connection answers it, as the task path would
+                outcome = exc
+        poll.answer(outcome)
+        self.table.release_if_idle(poll.entry)
+
+    def _poll_answer(self, poll: ParkedPoll) -> Response:
+        entry, request = poll.entry, poll.request
+        config = self.config
+        now = time.time()
+        state = entry.committed
+        decision = core.handle(request, state, now, config, resume=poll.wait)
+        if type(decision) is NeedRecords:
+            fork = state.fork if state is not None else None
+            if fork is not None and fork.linked and decision.position < fork.position:
+                # replaced by a fork in the same group commit: its source is not at hand
+                return unavailable("the stream was replaced; read it again")
+            self.committer.touch(entry, now)
+            records = self.table.read(entry, decision.position, decision.max_bytes)
+            decision = core.finish_read(request, state, records, now, config, resume=poll.wait)
+        if type(decision) is not Reply or decision.changed:
+            raise TypeError(f"unexpected decision for a parked long-poll: {decision!r}")
+        if decision.touch:
+            self.committer.touch(entry, now)
+        self._count(request, decision, decision.response)
+        return decision.response
 
     async def _wait(self, entry: Entry, position: int, timeout: float) -> None:
         """Park until the committed stream moves past `position`, closes or goes away,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -42,6 +43,10 @@ class Entry:
     incarnation: int = field(default_factory=lambda: next(_incarnations))
     _changed: trio.Event | None = None  # made when a reader first waits (`changed_event`)
     _settled: trio.Event | None = None
+    # Long-polls parked here without a task (`shard.service.ParkedPoll`), each a function
+    # that answers it when the stream changed and returns False, or returns True to stay
+    # parked; `notify` calls them. None when there are none (most entries).
+    polls: list[Callable[[], bool]] | None = None
 
     def idle(self) -> bool:
         """Nothing in memory that the database does not also hold."""
@@ -61,11 +66,22 @@ class Entry:
 
     def notify(self) -> None:
         """Wake the readers waiting for a change; an event is made only for a stream
-        that has them (most commits have none)."""
+        that has them (most commits have none). Parked long-polls are answered here, by
+        the caller's task (the committer's, right after the commit): no task is woken
+        for them."""
         changed = self._changed
         if changed is not None:
             self._changed = None
             changed.set()
+        polls = self.polls
+        if polls is not None:
+            self.polls = None
+            kept = [poll for poll in polls if poll()]
+            if kept:
+                if self.polls is None:
+                    self.polls = kept
+                else:
+                    self.polls[:0] = kept
 
     async def wait_settled(self) -> None:
         """Wait until no write on this stream is queued or committing."""

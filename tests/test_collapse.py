@@ -236,7 +236,7 @@ class Upstream:
         self.calls: list[Any] = []
         self.cancelled = trio.Event()
 
-    async def fetch(self, request: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def fetch(self, request: Any, early: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         self.calls.append(request)
         try:
             await self.release.wait()
@@ -305,6 +305,48 @@ async def test_parked_waiters_answers_are_written_from_the_fetch_before_they_res
     assert sorted(events[:2]) == ["write a", "write c"]
     assert sorted(events[2:]) == ["resume a", "resume b", "resume c"]
     assert upstream.calls == ["request", "late"]
+
+
+async def test_an_early_answer_is_written_and_given_once_before_the_fetch_returns() -> None:
+    """A fetch that hands its answer to `early` (as the shard connection's reader does)
+    has every parked waiter written and rescheduled then, from the task that called
+    `early`, while the fetch itself has not returned; what it returns later changes
+    nothing, and a second `early` does nothing either."""
+    events: list[str] = []
+    fetch_returns = trio.Event()
+    early_given = trio.Event()
+    handed: list[Any] = []
+
+    async def fetch(request: Any, early: Any) -> Any:
+        handed.append(early)
+        early_given.set()
+        await fetch_returns.wait()
+        return FAILED  # (a later render: ignored)
+
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, fetch, FAILED, watch_after=30.0)
+
+        async def wait(name: str) -> None:
+            answer = await collapser.wait(
+                "key", "request", Client().until_gone, lambda a: events.append(f"write {name}")
+            )
+            assert answer is ANSWER
+            events.append(f"resume {name}")
+
+        async with trio.open_nursery() as waiters:
+            for name in "ab":
+                waiters.start_soon(wait, name)
+            await early_given.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            handed[0](ANSWER)  # from this task, as the reader would
+            assert sorted(events) == ["write a", "write b"]
+            handed[0](FAILED)
+            assert sorted(events) == ["write a", "write b"]
+        assert sorted(events[2:]) == ["resume a", "resume b"]
+        # a newcomer starts a new group (the answered one is gone)
+        fetch_returns.set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_long_wait_watches_clients_and_the_last_one_leaving_cancels_the_fetch() -> None:
@@ -383,7 +425,7 @@ async def test_cancelled_parked_waiters_leave_and_the_last_cancels_the_fetch() -
 
 
 async def test_a_fetch_that_fails_gives_its_waiters_the_failure_answer() -> None:
-    async def broken(request: Any) -> Any:
+    async def broken(request: Any, early: Any) -> Any:
         raise RuntimeError("a bug")
 
     answers: list[Any] = []

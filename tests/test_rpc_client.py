@@ -218,6 +218,39 @@ async def test_relay_hands_chunks_in_order_from_the_reader_and_raises_errors() -
         nursery.cancel_scope.cancel()
 
 
+async def test_open_routed_hands_a_complete_response_early_from_the_reader() -> None:
+    """`open_routed`'s `early`: a complete `res` is handed over once, by the connection's
+    reader as it arrives (not the caller's task), and the caller still gets the frame; an
+    `err` or a `res` that streams is not handed over."""
+    shard = FakeShard("s1", echo_shuffled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shard.run)
+        async with make_pool(shard) as pool:
+            await pool.wait_connected()
+            me = trio.lowlevel.current_task()
+            got: list[tuple[bytes, bool]] = []
+
+            def early(res: Any) -> None:
+                got.append((res["b"], trio.lowlevel.current_task() is me))
+
+            fields = {"m": "GET", "p": "p", "q": "", "h": [], "b": b"hello"}
+            async with await pool.open_routed("p", "http", fields, early=early) as call:
+                assert got == [(b"hello", False)]  # before the caller's task had it
+                assert (await call.response())["b"] == b"hello"
+            assert got == [(b"hello", False)]
+            got.clear()
+            async with await pool.open_routed("p", "release_fork", {"a": {}}, early=early) as call:
+                with pytest.raises(ShardError):
+                    await call.response()
+            shard.handler = sse
+            fields = {"m": "GET", "p": "finite", "q": "3", "h": [], "b": b""}
+            async with await pool.open_routed("p", "http", fields, early=early) as call:
+                assert (await call.response())["more"]
+                assert [body async for body in call.chunks()] == [b"c0;", b"c1;", b"c2;"]
+            assert got == []
+        nursery.cancel_scope.cancel()
+
+
 async def test_slow_consumer_overflow_cancels() -> None:
     async def flood(msg: dict[str, Any], reply: Reply) -> None:
         await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": True})
