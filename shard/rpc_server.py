@@ -39,6 +39,7 @@ import trio
 from ds_cluster.common import rpc_core, wire
 from ds_cluster.common.cluster_auth import AuthError, ServerHandshake
 from ds_cluster.common.paths import PathError, check_canonical
+from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_transport import FrameReader, FrameWriter, WriteBudget
 from ds_cluster.shard.committer import StorageUnavailable
 from ds_cluster.shard.core.model import Request, Response
@@ -268,7 +269,9 @@ class RpcServer:
         nursery: trio.Nursery,
     ) -> None:
         """Answer pings, fence other rings, decide appends on the spot, start other
-        requests, route cancels."""
+        requests, route cancels. The ring is read once for the whole batch: nothing here
+        waits, so it cannot change before the batch is dispatched."""
+        ring = self.service.ring
         for frame in frames:
             if frame["k"] == "req":
                 op = frame["op"]
@@ -277,18 +280,18 @@ class RpcServer:
                         raise rpc_core.ProtocolError(f"request id {frame['i']} already in flight")
                     writer.send_nowait(rpc_core.result(frame["i"], {"health": self.health()}))
                     continue
-                refusal = protocol.admit(frame, self.service.ring)
+                refusal = protocol.admit(frame, ring)
                 if refusal is not None:
                     writer.send_nowait(refusal)
                     continue
                 if op == "http":
                     method = frame["m"]
                     if method == "POST":
-                        if self._append_now(frame, writer, answers):
+                        if self._append_now(frame, ring, writer, answers):
                             continue
                     elif (method == "GET" or method == "HEAD") and (
-                        self._park_now(frame, protocol, writer, nursery)
-                        or self._read_now(frame, writer)
+                        self._park_now(frame, ring, protocol, writer, nursery)
+                        or self._read_now(frame, ring, writer)
                     ):
                         continue
                 scope = trio.CancelScope()
@@ -302,13 +305,17 @@ class RpcServer:
                 raise rpc_core.ProtocolError(f"unexpected {frame['k']!r} frame")
 
     def _append_now(
-        self, message: wire.RequestFrame, writer: FrameWriter, answers: CommitAnswers
+        self,
+        message: wire.RequestFrame,
+        ring: Ring,
+        writer: FrameWriter,
+        answers: CommitAnswers,
     ) -> bool:
         """Decide an append without a task (`ShardService.decide_now`): its answer goes now,
         or from `answers` once its group commit is done. False: run it as a task (a path
         to refuse, a large body, a stream moving, ...; nothing was changed)."""
         call_id = message["i"]
-        request = self._local_request(message)
+        request = self._local_request(message, ring)
         if request is None:
             return False
         try:
@@ -326,28 +333,29 @@ class RpcServer:
             )
         return True
 
-    def _local_request(self, message: wire.RequestFrame) -> Request | None:
-        """The core's request for an HTTP frame on a path this shard owns, or None (a bad
-        path, or another shard's: the task path answers those)."""
+    def _local_request(self, message: wire.RequestFrame, ring: Ring) -> Request | None:
+        """The core's request for an HTTP frame on a path this shard owns under `ring`
+        (the current one), or None (a bad path, or another shard's: the task path answers
+        those)."""
         path = message["p"]
         try:
             _check_path(path)
         except PathError:
             return None
-        if not self.service.owns(path):
+        if ring.owner(path) != self.service.shard_id:
             return None
         headers = {}
         for name, value in message["h"]:  # (a loop: a comprehension is a call of its own)
             headers[name.lower()] = value
         return Request(message["m"], path, message["q"], headers, message["b"])
 
-    def _read_now(self, message: wire.RequestFrame, writer: FrameWriter) -> bool:
+    def _read_now(self, message: wire.RequestFrame, ring: Ring, writer: FrameWriter) -> bool:
         """Answer a read without a task (`ShardService.read_now`) when it can be answered
         at once from this shard and the connection's answers are not backed up (the task
         path waits for the peer to read them). False: run it as a task; nothing was sent."""
         if not writer.has_room():
             return False
-        request = self._local_request(message)
+        request = self._local_request(message, ring)
         if request is None:
             return False
         try:
@@ -371,6 +379,7 @@ class RpcServer:
     def _park_now(
         self,
         message: wire.RequestFrame,
+        ring: Ring,
         protocol: Protocol,
         writer: FrameWriter,
         nursery: trio.Nursery,
@@ -381,7 +390,7 @@ class RpcServer:
         parked or sent."""
         if "long-poll" not in message["q"] or not writer.has_room():
             return False
-        request = self._local_request(message)
+        request = self._local_request(message, ring)
         if request is None:
             return False
         call_id = message["i"]

@@ -168,6 +168,7 @@ class ShardService:
         counters = self.counters
         arm = self.alarms.arm
         handoff_after_commit = self.handoff.after_commit
+        ring = self.rings.current  # (no await below: the ring cannot change in this loop)
         for job in jobs:
             for entry, write in job.writes:
                 state = write.state
@@ -179,7 +180,7 @@ class ShardService:
                         counters.streams += 1
                     if state.ttl is not None or state.expires_at_ts is not None:
                         arm(entry.path, state.deadline())  # (None for all others)
-                handoff_after_commit(entry.path, state)
+                handoff_after_commit(entry.path, state, ring)
             for ref, source, status in job.outbox_put:
                 if status == "due":
                     self.forks.outbox.add(ref, source)

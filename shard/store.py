@@ -897,13 +897,16 @@ class Store:
             conn.execute(_UPSERT_STREAM, _stream_row(write.path, write.sid, state))
         else:
             pending.states[write.path] = (write.sid, state)
-        if write.records:
-            rows = [(write.sid, r.end, r.start, r.data) for r in write.records]
+        records = write.records
+        if records:
+            sid = write.sid
+            if len(records) == 1:  # an append's usual one record: no comprehension (a call)
+                record = records[0]
+                rows = [(sid, record.end, record.start, record.data)]
+            else:
+                rows = [(sid, r.end, r.start, r.data) for r in records]
             journal_sids = self._journal_sids
-            if (
-                write.sid not in journal_sids
-                and sum(len(r.data) for r in write.records) >= DIRECT_WRITE_BYTES
-            ):
+            if sid not in journal_sids and sum(len(r.data) for r in records) >= DIRECT_WRITE_BYTES:
                 conn.executemany(
                     "INSERT INTO records (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
                     rows,
@@ -911,10 +914,11 @@ class Store:
             else:
                 # Noted before the commit: a superset is harmless (a later large write
                 # goes to the journal), a missing stream would not be.
-                journal_sids.add(write.sid)
+                journal_sids.add(sid)
                 pending.journal += rows
-        previous = write.previous_producers or {}
-        changed = _changed_producers(state.producers, previous)
+        if state.producers is write.previous_producers:  # an append without a producer
+            return
+        changed = _changed_producers(state.producers, write.previous_producers or {})
         if changed:
             pending.producers += [(write.sid, pid, p.epoch, p.last_seq) for pid, p in changed]
 
