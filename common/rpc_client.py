@@ -212,14 +212,6 @@ class Call(rpc_core.CallState):
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def _peek(self) -> Delivered:
-        """The next item, left in the inbox (for `open_routed`). Cancel-safe. (The wait of
-        `_next` written out: one coroutine per request the less, no pop and push back.)"""
-        if not self._inbox:
-            self._waiter = _current_task()
-            await _wait_task_rescheduled(self._abort_wait)
-        return self._inbox[0]
-
     def _unavailable(self, stop: _Stop) -> ShardUnavailable:
         self.done = True
         if stop is _OVERFLOW:
@@ -838,11 +830,18 @@ class ShardPool:
                     await conn.connected_event.wait()
             call = conn.open(op, fields)
             call.early = early
-            try:
-                first = await call._peek()
-            except BaseException:
-                call.close()
-                raise
+            # The first item, left in the inbox for the caller; waited for here rather
+            # than in a coroutine of the call's: every level of coroutine a task waits
+            # under is stepped through again when it is woken, once per request.
+            inbox = call._inbox
+            if not inbox:
+                call._waiter = _current_task()
+                try:
+                    await _wait_task_rescheduled(call._abort_wait)
+                except BaseException:
+                    call.close()
+                    raise
+            first = inbox[0]
             if isinstance(first, _Stop) or first["k"] != "err":
                 return call
             code = first["code"]

@@ -43,10 +43,16 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The client's X-Request-Id when usable, else a new one."""
     for name, value in headers:
         if name == REQUEST_ID:
-            if _USABLE_ID.fullmatch(value):
-                return value
-            break
+            return given_or_new(value)
     return new_request_id()
+
+
+def given_or_new(given: bytes | None) -> bytes:
+    """`request_id` of a request whose first X-Request-Id (None: it sent none) was noted
+    as its head was parsed, so that its headers are not looked through again."""
+    if given is not None and _USABLE_ID.fullmatch(given):
+        return given
+    return b"%016x" % getrandbits(64)
 
 
 def route_template(path: str) -> str:

@@ -54,7 +54,7 @@ import trio
 from ds_cluster.common import bigjoin
 from ds_cluster.gateway import framing
 from ds_cluster.gateway import metrics as gateway_metrics
-from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, request_id
+from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, given_or_new
 from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
@@ -253,6 +253,7 @@ class _Request:
         "drain_until",
         "early",
         "expect",
+        "given_id",
         "headers",
         "keep_alive",
         "kind",
@@ -281,6 +282,7 @@ class _Request:
         self.expect = False  # Expect: 100-continue
         self.continued = False  # 100 Continue sent
         self.upgrade = b""  # the Upgrade header
+        self.given_id: bytes | None = None  # its first X-Request-Id (`access.given_or_new`)
         self.body_since = -1.0  # when its body began arriving (-1: no body in progress)
         self.body_last = 0.0
         self.drain_until = inf
@@ -645,6 +647,8 @@ class Http1Connection:
                 req.expect = value.lower() == b"100-continue" and version == "1.1"
             elif name == b"upgrade":
                 req.upgrade = value
+            elif name == b"x-request-id" and req.given_id is None:
+                req.given_id = value
         route = server.route
         kind = route.takes(method, req.target) if route is not None else None
         if kind == "stream" and version != "1.1":
@@ -711,7 +715,7 @@ class Http1Connection:
             req.close = True  # the client may send its body or not: close after the answer
         close = req.close = self._closing(req)
         status, headers, body = req.early
-        rid = request_id(req.headers)
+        rid = given_or_new(req.given_id)
         extra = self._server.extra_lines(close, rid)
         await self._write_answer(req.method, status, headers, body, extra)
         self._served += 1
@@ -758,7 +762,7 @@ class Http1Connection:
         method = req.method
         series = self._metric(req, False)
         started = perf_counter()
-        rid = request_id(req.headers)
+        rid = given_or_new(req.given_id)
         body = await self._body(req)
         status = 0
         try:
@@ -830,7 +834,7 @@ class Http1Connection:
         assert route is not None
         series = self._metric(req, True)
         started = perf_counter()
-        rid = request_id(req.headers)
+        rid = given_or_new(req.given_id)
         body = await self._body(req)
         client = SseClient(self)
         status = 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+from collections.abc import Awaitable
 from typing import Protocol
 
 import trio
@@ -45,6 +46,10 @@ class Reader(Protocol):
 
     read_task: trio.lowlevel.Task | None  # the task waiting for bytes (None: none)
     readable: bool  # an event came while nobody waited: the next wait returns at once
+
+
+async def _ready() -> None:
+    """An awaitable that is done at once."""
 
 
 class ReadReadiness:
@@ -77,19 +82,21 @@ class ReadReadiness:
         with contextlib.suppress(OSError):  # closed already: the kernel dropped it
             self._epoll.unregister(fd)
 
-    async def wait(self, reader: Reader) -> None:
-        """Return once the socket of `reader` may have bytes: at once if an event came
-        since its last wait, else when one comes (cancellable)."""
+    def wait(self, reader: Reader) -> Awaitable[object]:
+        """Await it to return once the socket of `reader` may have bytes: at once if an
+        event came since its last wait, else when one comes (cancellable). Not a
+        coroutine of its own: the waiting task is stepped through one level less when
+        it is woken, once per request."""
         if reader.readable:
             reader.readable = False
-            return
+            return _ready()
         reader.read_task = _current_task()
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             reader.read_task = None
             return _ABORTED
 
-        await _wait_task_rescheduled(abort)
+        return _wait_task_rescheduled(abort)
 
     async def run(self) -> None:
         """Wake the readers whose sockets got bytes, until cancelled."""

@@ -47,9 +47,10 @@ MAX_CONTENT_LENGTH_DIGITS = 19  # more cannot be a size anyone sends
 
 Forwarded = tuple[tuple[str, str], ...]  # (lowercase name, value), as the shard gets them
 
-# Canonical paths of raw paths seen lately: a gateway meets the same streams again and
-# again, and `stream_path` is a good part of a request's cost. Bounded: emptied when full.
-_PATHS: dict[bytes, str] = {}
+# Canonical paths of raw paths seen lately, and whether each is reserved: a gateway meets
+# the same streams again and again, and `stream_path` is a good part of a request's cost.
+# Bounded: emptied when full.
+_PATHS: dict[bytes, tuple[str, bool]] = {}
 MAX_CACHED_PATHS = 4096
 
 
@@ -114,15 +115,16 @@ def route(
     if not target.startswith(PREFIX_BYTES):
         return Route(NOT_OURS, method)
     raw_path, _, query = target.partition(b"?")
-    path = _PATHS.get(raw_path)
-    if path is None:
+    known = _PATHS.get(raw_path)
+    if known is None:
         try:
             path = stream_path(raw_path[PREFIX_LEN:])
         except PathError as exc:
             return _refused(method, 400, str(exc))
         if len(_PATHS) >= MAX_CACHED_PATHS:
             _PATHS.clear()
-        _PATHS[raw_path] = path
+        known = _PATHS[raw_path] = (path, is_reserved(path))
+    path, reserved = known
     kind = _KIND_OF_METHOD.get(method)
     if kind is None:
         if method not in _ALLOWED:
@@ -140,12 +142,15 @@ def route(
                 text = value.decode("ascii")
             except UnicodeDecodeError:
                 return _refused(method, 400, f"header {key} is not ASCII", path)
-            for i, (seen, before) in enumerate(forwarded):
-                if seen == key:
-                    if key not in _LIST_HEADERS:
-                        return _refused(method, 400, f"header {key} given twice", path)
-                    forwarded[i] = (key, f"{before}, {text}")
-                    break
+            if forwarded:  # (most requests forward one header: nothing to look through)
+                for i, (seen, before) in enumerate(forwarded):
+                    if seen == key:
+                        if key not in _LIST_HEADERS:
+                            return _refused(method, 400, f"header {key} given twice", path)
+                        forwarded[i] = (key, f"{before}, {text}")
+                        break
+                else:
+                    forwarded.append((key, text))
             else:
                 forwarded.append((key, text))
         elif name == b"content-length":
@@ -162,7 +167,7 @@ def route(
     if kind == CREATE and config.public:  # creates: Location from the public base
         forwarded.extend(config.public)
     fwd = tuple(forwarded)
-    if is_reserved(path):  # control routes before stream routes
+    if reserved:  # control routes before stream routes
         return _new(
             Route, (CONTROL, method, path, query, fwd, None, authorization, declared, 0, "", ())
         )

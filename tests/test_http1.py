@@ -9,6 +9,7 @@ drained, and what is handed to hypercorn (an h2c upgrade only on a first request
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -84,6 +85,19 @@ def test_request_split_over_many_writes(gateway: GatewayProcess) -> None:
             time.sleep(0.001)
         got = conn.read_response()
         assert got.body == b"x" * 300 and got.get("x-request-id") == "trickled"
+
+
+def test_request_ids_on_the_native_route(gateway: GatewayProcess) -> None:
+    """The first X-Request-Id of a request is its id when usable; an unusable one gets a
+    new id (a second one is never looked at); no header, a new id for each request."""
+    with Conn(gateway.port) as conn:
+        two = "X-Request-Id: first\r\nX-Request-Id: second\r\n"
+        assert conn.exchange("GET", "/v1/stream/echo/a", two).get("x-request-id") == "first"
+        bad = "X-Request-Id: has space\r\nX-Request-Id: second\r\n"
+        fresh = conn.exchange("POST", "/v1/stream/echo/b", bad, b"x").get("x-request-id")
+        assert fresh is not None and re.fullmatch("[0-9a-f]{16}", fresh), fresh
+        ids = {conn.exchange("GET", "/v1/stream/echo/c").get("x-request-id") for _ in range(3)}
+        assert len(ids) == 3 and all(re.fullmatch("[0-9a-f]{16}", i or "") for i in ids), ids
 
 
 def test_http10_answered_and_closed(gateway: GatewayProcess) -> None:

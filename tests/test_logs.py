@@ -140,6 +140,9 @@ def test_request_id_rules(given: bytes, kept: bool) -> None:
     else:
         assert GENERATED_ID.fullmatch(rid.decode()), rid
     assert access.request_id([]) != access.request_id([])
+    noted = access.given_or_new(given)  # what the native route uses: the same rules
+    assert noted == given if kept else GENERATED_ID.fullmatch(noted.decode()), noted
+    assert GENERATED_ID.fullmatch(access.given_or_new(None).decode())
 
 
 def test_route_templates_are_a_bounded_set() -> None:
