@@ -15,11 +15,13 @@ NODE_MODULES := conformance/node_modules/.package-lock.json
 up: $(INSTALLED)
 	exec $(VENV)/bin/ds-cluster up --port $(PORT)
 
+# Two pytest workers (pytest-xdist): most end-to-end tests wait on processes and sockets,
+# so two of them share the cores well (every test binds its own free ports and temp dirs).
 # A test that fails is run once more (reported as R, and as "rerun" in the summary): the
 # end-to-end tests start whole clusters on a 2-core machine, where a timing bound can be
 # missed once; a real fault fails both runs.
 test: $(INSTALLED) $(NODE_MODULES) lint
-	$(PY) -m pytest -q --reruns 1 --reruns-delay 2
+	$(PY) -m pytest -q -n 2 --reruns 1 --reruns-delay 2
 
 install: $(INSTALLED) $(NODE_MODULES)
 

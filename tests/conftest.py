@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
-from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
+from support.cluster import SUMMARY_PROPERTY, running_cluster
 
 from ds_cluster.supervisor.cluster import Supervisor
 
@@ -39,8 +39,18 @@ def start_cluster(tmp_path: Path) -> Callable[..., Any]:
     return start
 
 
+_CONFORMANCE_SUMMARIES: list[str] = []  # gathered from the reports, where pytest runs
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _CONFORMANCE_SUMMARIES.extend(
+            str(value) for name, value in report.user_properties if name == SUMMARY_PROPERTY
+        )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if CONFORMANCE_SUMMARIES:
+    if _CONFORMANCE_SUMMARIES:
         terminalreporter.section("conformance")
-        for line in CONFORMANCE_SUMMARIES:
+        for line in _CONFORMANCE_SUMMARIES:
             terminalreporter.write_line(line)

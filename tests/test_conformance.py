@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import httpx
 import pytest
 import trio
 import trustme
-from support.cluster import CONFORMANCE_SUMMARIES, running_cluster
+from support.cluster import SUMMARY_PROPERTY, running_cluster
 
 CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "conformance"
 VITEST = CONFORMANCE_DIR / "node_modules" / "vitest" / "vitest.mjs"
@@ -63,7 +64,13 @@ def _https_files(tmp_path: Path) -> dict[str, Path]:
     [(1, False, False), (4, False, False), (2, True, False), (1, False, True)],
     ids=["1", "4", "2-auth", "1-https"],
 )
-async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool, tls: bool) -> None:
+async def test_conformance_suite(
+    tmp_path: Path,
+    shards: int,
+    auth: bool,
+    tls: bool,
+    record_property: Callable[[str, object], None],
+) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed (the conformance suite runs under Node)")
@@ -125,10 +132,13 @@ async def test_conformance_suite(tmp_path: Path, shards: int, auth: bool, tls: b
         f"{', over https' if tls else ''}, {elapsed:.0f} s: "
         f"{passed} passed, {failed} failed, {skipped} skipped"
     )
-    CONFORMANCE_SUMMARIES.append(line)
+    # The run's summary travels with the test's report (from an xdist worker too) and is
+    # printed at the end of the session (conftest's `pytest_terminal_summary`).
+    record_property(SUMMARY_PROPERTY, line)
     for group, names in sorted(failures.items()):
-        CONFORMANCE_SUMMARIES.append(f"  {group}: {len(names)} failed")
-        CONFORMANCE_SUMMARIES.extend(f"    - {name}"[:200] for name in names)
+        record_property(SUMMARY_PROPERTY, f"  {group}: {len(names)} failed")
+        for name in names:
+            record_property(SUMMARY_PROPERTY, f"    - {name}"[:200])
     print(line)
     assert not restarts, f"children died during the suite: {restarts}"
     assert failed == 0, f"{failed} conformance tests failed: {json.dumps(failures, indent=1)}"

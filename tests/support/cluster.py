@@ -22,7 +22,7 @@ from ds_cluster.supervisor.cluster import ClusterConfig, Supervisor
 LOG_TAIL_LINES = 40
 
 # Filled by tests/test_conformance.py; printed by conftest at the end of the run.
-CONFORMANCE_SUMMARIES: list[str] = []
+SUMMARY_PROPERTY = "conformance"  # a conformance run's summary lines, as test properties
 
 
 @asynccontextmanager
