@@ -451,16 +451,9 @@ class StreamHandler:
             held = self.bodies.get(key)
             if held is not None:
                 fields["t"] = held[0]
-        try:
-            call = await self.pool.open_routed(route.path, "http", fields)
-            try:
-                res = await call.response()
-            finally:
-                call.close()  # a cancel to the shard if the response is not complete
-        except (ShardUnavailable, ShardError) as exc:
-            return failure_answer(exc)
-        if res.get("more"):  # leaving `call` above already cancelled the stream
-            return error_answer(502, "the shard streamed a body that cannot stream")
+        res = await self._response(route.path, fields)
+        if isinstance(res, tuple):
+            return res
         if key is not None:
             return self._kept_body(res, key, held)
         if res["hit"]:
@@ -557,21 +550,30 @@ class StreamHandler:
             rendered.append(_whole_answer(res, method))
             early(rendered[0])
 
+        res = await self._response(route.path, route.fields(body), arrived)
+        if rendered:
+            return rendered[0]
+        return res if isinstance(res, tuple) else _whole_answer(res, method)
+
+    async def _response(
+        self,
+        path: str,
+        fields: dict[str, Any],
+        early: Callable[[wire.ResponseFrame], None] | None = None,
+    ) -> wire.ResponseFrame | Answer:
+        """The owner's complete `res` to one http call (a ring change or a move on the way
+        is retried by `open_routed`; `early` as there), or the error to answer instead."""
         try:
-            call = await self.pool.open_routed(
-                route.path, "http", route.fields(body), early=arrived
-            )
+            call = await self.pool.open_routed(path, "http", fields, early=early)
             try:
                 res = await call.response()
             finally:
                 call.close()  # a cancel to the shard if the response is not complete
         except (ShardUnavailable, ShardError) as exc:
             return failure_answer(exc)
-        if rendered:
-            return rendered[0]
         if res.get("more"):  # leaving `call` above already cancelled the stream
             return error_answer(502, "the shard streamed a body that cannot stream")
-        return _whole_answer(res, method)
+        return res
 
 
 async def _until_disconnect(receive: Receive) -> None:
