@@ -44,21 +44,8 @@ class ProtocolError(wire.WireError):
 
 
 def request(call_id: int, op: str, ring_version: int, fields: wire.RequestFields) -> wire.Outgoing:
-    """A `req` frame: an http op's m/p/q/h/b, or another op's `a`, from `fields`."""
-    get = fields.get
-    if op == "http":
-        return [
-            wire.REQ_HTTP,
-            call_id,
-            ring_version,
-            get("m"),
-            get("p"),
-            get("q", ""),
-            get("h", []),
-            get("t", b""),
-            get("b", b""),
-        ]
-    return [wire.REQ_OP, call_id, ring_version, op, get("a", {})]
+    """A `req` frame: an http op's m/p/q/h/t/b, or another op's `a`, from `fields`."""
+    return wire.request_items(call_id, op, ring_version, fields)
 
 
 def response(

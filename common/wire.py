@@ -300,13 +300,17 @@ def _framed(packed: bytes) -> bytes:
 REQ_HTTP, REQ_OP, RES_HTTP, RES_OP, CHUNK, CANCEL, ERR = range(7)
 
 
-def _request_items(m: Mapping[str, object]) -> list[object]:
-    get = m.get
-    if get("op") == "http":
+def request_items(
+    call_id: object, op: object, ring_version: object, fields: Mapping[str, object]
+) -> list[object]:
+    """A `req` frame's positional items: an http op's m/p/q/h/t/b, or another op's `a`,
+    from `fields` (the one place the layout is written; `rpc_core.request` builds with it)."""
+    get = fields.get
+    if op == "http":
         return [
             REQ_HTTP,
-            get("i"),
-            get("r"),
+            call_id,
+            ring_version,
             get("m"),
             get("p"),
             get("q", ""),
@@ -314,7 +318,11 @@ def _request_items(m: Mapping[str, object]) -> list[object]:
             get("t", b""),
             get("b", b""),
         ]
-    return [REQ_OP, get("i"), get("r"), get("op"), get("a", {})]
+    return [REQ_OP, call_id, ring_version, op, get("a", {})]
+
+
+def _request_items(m: Mapping[str, object]) -> list[object]:
+    return request_items(m.get("i"), m.get("op"), m.get("r"), m)
 
 
 def _response_items(m: Mapping[str, object]) -> list[object]:
