@@ -448,11 +448,7 @@ class ShardService:
 
     def _poll_expired(self, poll: ParkedPoll) -> None:
         """`poll`'s timeout passed (the timer has dropped it already)."""
-        polls = poll.entry.polls
-        if polls is not None:
-            polls.remove(poll)
-            if not polls:
-                poll.entry.polls = None
+        _unpark(poll)
         failure = StreamMoving(poll.entry.path) if self.handoff.fenced(poll.entry.path) else None
         self._poll_finish(poll, failure, timed_out=True)
 
@@ -460,11 +456,7 @@ class ShardService:
         """The caller gave up on `poll` (a `cancel`, its connection closed): nothing is sent."""
         if poll.done:
             return
-        polls = poll.entry.polls
-        if polls is not None:
-            polls.remove(poll)
-            if not polls:
-                poll.entry.polls = None
+        _unpark(poll)
         self._poll_done(poll)
         self.poll_timer.done()
         self.table.release_if_idle(poll.entry)
@@ -604,3 +596,13 @@ class ShardService:
             return None
         finally:
             self.table.release_if_idle(entry)
+
+
+def _unpark(poll: ParkedPoll) -> None:
+    """Take `poll` off its entry's parked polls (the list goes when it empties)."""
+    entry = poll.entry
+    polls = entry.polls
+    if polls is not None:
+        polls.remove(poll)
+        if not polls:
+            entry.polls = None
