@@ -289,11 +289,14 @@ class RpcServer:
                     if method == "POST":
                         if self._append_now(frame, ring, writer, answers):
                             continue
-                    elif (method == "GET" or method == "HEAD") and (
-                        self._park_now(frame, ring, protocol, writer, nursery)
-                        or self._read_now(frame, ring, writer)
-                    ):
-                        continue
+                    elif (method == "GET" or method == "HEAD") and writer.has_room():
+                        # (with its answers backed up, the task path waits for room)
+                        request = self._local_request(frame, ring)
+                        if request is not None and (
+                            self._park_now(frame, request, protocol, writer, nursery)
+                            or self._read_now(frame, request, writer)
+                        ):
+                            continue
                 scope = trio.CancelScope()
                 protocol.started(frame["i"], scope)
                 nursery.start_soon(self._request, frame, protocol, writer, scope)
@@ -349,15 +352,10 @@ class RpcServer:
             headers[name.lower()] = value
         return Request(message["m"], path, message["q"], headers, message["b"])
 
-    def _read_now(self, message: wire.RequestFrame, ring: Ring, writer: FrameWriter) -> bool:
-        """Answer a read without a task (`ShardService.read_now`) when it can be answered
-        at once from this shard and the connection's answers are not backed up (the task
-        path waits for the peer to read them). False: run it as a task; nothing was sent."""
-        if not writer.has_room():
-            return False
-        request = self._local_request(message, ring)
-        if request is None:
-            return False
+    def _read_now(self, message: wire.RequestFrame, request: Request, writer: FrameWriter) -> bool:
+        """Answer a read (`request`, of `message`) without a task (`ShardService.read_now`)
+        when it can be answered at once from this shard. False: run it as a task; nothing
+        was sent."""
         try:
             answer = self.service.read_now(request)
         except Exception as exc:
@@ -379,19 +377,15 @@ class RpcServer:
     def _park_now(
         self,
         message: wire.RequestFrame,
-        ring: Ring,
+        request: Request,
         protocol: Protocol,
         writer: FrameWriter,
         nursery: trio.Nursery,
     ) -> bool:
-        """Park a long-poll that must wait on its stream (`ShardService.park_now`), to be
-        answered without a task, when the connection's answers are not backed up (asked
-        before `_read_now`: most live reads wait). False: answer it otherwise; nothing was
-        parked or sent."""
-        if "long-poll" not in message["q"] or not writer.has_room():
-            return False
-        request = self._local_request(message, ring)
-        if request is None:
+        """Park a long-poll (`request`, of `message`) that must wait on its stream
+        (`ShardService.park_now`), to be answered without a task (asked before `_read_now`:
+        most live reads wait). False: answer it otherwise; nothing was parked or sent."""
+        if "long-poll" not in message["q"]:
             return False
         call_id = message["i"]
         parked = _Parked(call_id, self.service, protocol, writer, nursery)
