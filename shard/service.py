@@ -379,9 +379,10 @@ class ShardService:
         replaced = previous is not None and (state is None or sid != old_sid)
         if replaced and previous is not None and previous.fork is not None:
             job.outbox_put.append((previous.fork.ref, previous.fork.source, "due"))
-        producers = previous.producers if previous is not None and not replaced else None
+        kept = previous if not replaced else None  # the state this write follows, if any
+        producers = kept.producers if kept is not None else None
         job.writes.append(
-            (entry, StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers))
+            (entry, StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers, kept))
         )
         # New data, or the stream gone: matching subscriptions' owners are told after
         # the commit, from a notice row committed with this write.

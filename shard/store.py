@@ -45,6 +45,15 @@ fold cannot move rows out of its sight. A fold is atomic like any commit: after 
 rows are in one table or the other, never in both or neither. A database written before the
 journal existed opens as it is (its records are all folded).
 
+A stream's stored state may lag its data between folds: an append that changes nothing
+but the stream's tail (and its last access, which only a TTL reads; a stream with a TTL,
+an expiry time or a fork origin always writes its state) adds its journal row and leaves
+the `streams` row alone. Rewriting that row was the costliest statement of a commit: its
+page is one of many (one per stream appended to), where the journal's rows share a page or
+two. The true tail is the stored one or the last journal row's end, whichever is greater
+(`journal_tails`, kept in memory, rebuilt from the journal when the database opens); a fold
+brings every lagging row up to date in its own transaction, before the journal empties.
+
 Space: new databases use `auto_vacuum=INCREMENTAL` (an existing one is converted by a
 VACUUM at its first open), and the committer returns freed pages to the filesystem in
 small `vacuum_step`s after commits that purged data.
@@ -68,7 +77,7 @@ from urllib.parse import quote
 
 import msgpack
 
-from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState
+from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState, evolve
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +287,10 @@ class StreamWrite:
     state: StreamState | None
     records: tuple[Record, ...] = ()
     previous_producers: Mapping[str, ProducerState] | None = None
+    # The state this write follows in the same incarnation (None: not known, or a new
+    # incarnation): when the two differ only in what an append moves, the stored row is
+    # left to lag (see the module docstring).
+    previous: StreamState | None = None
 
 
 @dataclass(frozen=True)
@@ -389,7 +402,7 @@ class Connections:
     reader: sqlite3.Connection
     journal_rows: int
     journal_bytes: int
-    journal_sids: frozenset[int]
+    journal_tails: dict[int, int]  # stream id -> the end of its last journal row
 
 
 class StorageUnavailable(Exception):
@@ -463,6 +476,10 @@ class Store:
         self.journal_rows = 0
         self.journal_bytes = 0
         self._journal_sids: set[int] = set()
+        # The end of each stream's last committed journal row: exact (updated only after a
+        # commit, emptied only after a fold), unlike `_journal_sids`, noted before commits.
+        # A stored tail lags at most to it (the module docstring).
+        self.journal_tails: dict[int, int] = {}
         try:
             self.install(self.connect())
         except StorageUnavailable as exc:
@@ -498,8 +515,8 @@ class Store:
             rows, size = writer.execute(
                 "SELECT count(*), coalesce(sum(length(data)), 0) FROM journal"
             ).fetchone()
-            sids = frozenset(sid for (sid,) in writer.execute("SELECT DISTINCT sid FROM journal"))
-            return Connections(writer, reader, rows, size, sids)
+            tails = dict(writer.execute("SELECT sid, max(end_pos) FROM journal GROUP BY sid"))
+            return Connections(writer, reader, rows, size, tails)
         except (sqlite3.Error, OSError) as exc:
             for conn in opened:
                 with contextlib.suppress(sqlite3.Error):
@@ -512,7 +529,8 @@ class Store:
         old_writer, old_reader = self._writer, self._reader
         self._writer = opened.writer
         self.journal_rows, self.journal_bytes = opened.journal_rows, opened.journal_bytes
-        self._journal_sids = set(opened.journal_sids)
+        self.journal_tails = opened.journal_tails
+        self._journal_sids = set(opened.journal_tails)
         self._reader = _GuardedReader(opened.reader, self)
         self.generation += 1
         if self.failure is not None and old_writer is not None:
@@ -602,6 +620,7 @@ class Store:
     # -- reads (trio thread) -------------------------------------------------------------
 
     def load_stream(self, path: str) -> tuple[int, StreamState] | None:
+        tails = self.journal_tails_now()  # before the row: see there
         row = self._reader.execute(
             "SELECT sid, state FROM streams WHERE path = ?", (path,)
         ).fetchone()
@@ -614,7 +633,22 @@ class Store:
                 "SELECT producer, epoch, seq FROM producers WHERE sid = ?", (sid,)
             )
         }
-        return sid, decode_state(path, blob, producers)
+        state = decode_state(path, blob, producers)
+        tail = self.tail_of(tails, sid, state.tail)
+        return sid, evolve(state, tail=tail) if tail != state.tail else state
+
+    def journal_tails_now(self) -> dict[int, int]:
+        """The journal's tails, to be taken *before* reading stored states that
+        `tail_of` corrects: a fold updates the rows it brings up to date before it empties
+        the map, so a map taken first never misses what a row read after it lacks."""
+        return self.journal_tails.copy()
+
+    @staticmethod
+    def tail_of(tails: Mapping[int, int], sid: int, stored: int) -> int:
+        """A stream's committed tail: its stored state's, or the end of its last journal
+        row when that is further (`tails` from `journal_tails_now`)."""
+        tail = tails.get(sid, 0)
+        return tail if tail > stored else stored
 
     def read_records(
         self, sid: int, position: int, max_bytes: int, *, below: int | None = None
@@ -758,10 +792,13 @@ class Store:
     def paths_after(self, path: str, limit: int) -> list[tuple[str, int]]:
         """(path, tail) of up to `limit` streams after `path` in path order: a scan of
         every stream in slices short enough for the loop."""
+        tails = self.journal_tails_now()
         rows = self._reader.execute(
-            "SELECT path, state FROM streams WHERE path > ? ORDER BY path LIMIT ?", (path, limit)
+            "SELECT path, sid, state FROM streams WHERE path > ? ORDER BY path LIMIT ?",
+            (path, limit),
         ).fetchall()
-        return [(p, decode_state(p, blob, {}).tail) for p, blob in rows]
+        tail_of = self.tail_of
+        return [(p, tail_of(tails, sid, decode_state(p, blob, {}).tail)) for p, sid, blob in rows]
 
     def refs_on(self, path: str) -> list[str]:
         """The fork references held on stream `path`."""
@@ -855,6 +892,10 @@ class Store:
             raise
         self.journal_rows += pending.journal_rows
         self.journal_bytes += pending.journal_bytes
+        tails = self.journal_tails
+        tails.update(pending.tails)
+        for sid in pending.purged:
+            tails.pop(sid, None)
 
     def fold_due(self) -> bool:
         return self.journal_rows >= FOLD_ROWS or self.journal_bytes >= FOLD_BYTES
@@ -869,6 +910,9 @@ class Store:
                 "INSERT INTO records (sid, end_pos, start_pos, data) "
                 "SELECT sid, end_pos, start_pos, data FROM journal ORDER BY sid, end_pos"
             )
+            conn.executemany(
+                "UPDATE streams SET state = ? WHERE sid = ?", self._lagging_states(conn)
+            )
             conn.execute("DELETE FROM journal")
             conn.execute("COMMIT")
         except BaseException:
@@ -876,6 +920,20 @@ class Store:
             raise
         self.journal_rows = self.journal_bytes = 0
         self._journal_sids.clear()
+        self.journal_tails = {}  # (a new map: a reader may hold the old one)
+
+    def _lagging_states(self, conn: sqlite3.Connection) -> list[tuple[bytes, int]]:
+        """(state, sid) of each stored state whose tail lags its journal rows, brought up
+        to date, for the fold that empties the journal (and with it `journal_tails`)."""
+        updates = []
+        for sid, tail in self.journal_tails.items():
+            row = conn.execute("SELECT path, state FROM streams WHERE sid = ?", (sid,)).fetchone()
+            if row is None:
+                continue  # a stream gone (its rows went with it)
+            state = decode_state(row[0], row[1], {})
+            if state.tail < tail:
+                updates.append((encode_state(evolve(state, tail=tail)), sid))
+        return updates
 
     def _apply_stream(
         self, conn: sqlite3.Connection, write: StreamWrite, pending: _PendingRows
@@ -889,14 +947,17 @@ class Store:
             pending.flush(conn)
             if write.old_sid is not None and write.old_sid != write.sid:
                 _purge(conn, write.old_sid)
+                pending.purged.append(write.old_sid)
                 conn.execute("DELETE FROM streams WHERE sid = ?", (write.old_sid,))
             if state is None:
                 _purge(conn, write.sid)
+                pending.purged.append(write.sid)
                 conn.execute("DELETE FROM streams WHERE path = ?", (write.path,))
                 return
             conn.execute(_UPSERT_STREAM, _stream_row(write.path, write.sid, state))
+            stored = True
         else:
-            pending.states[write.path] = (write.sid, state)
+            stored = False
         records = write.records
         if records:
             sid = write.sid
@@ -916,6 +977,10 @@ class Store:
                 # goes to the journal), a missing stream would not be.
                 journal_sids.add(sid)
                 pending.journal += rows
+                if not stored and _only_tail_moved(write.previous, state):
+                    stored = True  # its journal rows say where its tail is now
+        if not stored:
+            pending.states[write.path] = (write.sid, state)
         if state.producers is write.previous_producers:  # an append without a producer
             return
         changed = _changed_producers(state.producers, write.previous_producers or {})
@@ -933,7 +998,15 @@ class _PendingRows:
     time or a fork origin (none of which an append changes) has had no deadline and no
     fork ref since it was created: its UPDATE sets only the state, a third cheaper."""
 
-    __slots__ = ("journal", "journal_bytes", "journal_rows", "producers", "states")
+    __slots__ = (
+        "journal",
+        "journal_bytes",
+        "journal_rows",
+        "producers",
+        "purged",
+        "states",
+        "tails",
+    )
 
     def __init__(self) -> None:
         self.journal: list[tuple[int, int, int, bytes]] = []
@@ -941,6 +1014,10 @@ class _PendingRows:
         self.states: dict[str, tuple[int, StreamState]] = {}  # path -> (sid, its newest state)
         self.journal_rows = 0
         self.journal_bytes = 0
+        # For `Store.journal_tails` once the batch commits: the end of each stream's last
+        # journal row written, and the streams whose rows were purged (after those).
+        self.tails: dict[int, int] = {}
+        self.purged: list[int] = []
 
     def flush(self, conn: sqlite3.Connection) -> None:
         journal = self.journal
@@ -951,6 +1028,9 @@ class _PendingRows:
             )
             self.journal_rows += len(journal)
             self.journal_bytes += sum(map(len, map(_DATA, journal)))
+            tails = self.tails
+            for row in journal:  # in commit order: a stream's last row is its tail
+                tails[row[0]] = row[1]
             self.journal = []
         if self.producers:
             conn.executemany(
@@ -981,6 +1061,36 @@ class _PendingRows:
                 log.warning("%d appended streams had no row", len(states) - updated)
                 conn.executemany(_UPSERT_STREAM, [_stream_row(p, *v) for p, v in states.items()])
             self.states = {}
+
+
+# What a stored state holds besides its tail and last access (producers have their own
+# table, the path is the row's key): an append that changes none of it, on a stream whose
+# last access nothing reads (no TTL, no expiry time, no fork origin), leaves the row to lag.
+_STORED_BESIDES_TAIL = operator.attrgetter(
+    "content_type",
+    "created_at",
+    "closed",
+    "ttl",
+    "expires_at",
+    "expires_at_ts",
+    "last_stream_seq",
+    "closed_by",
+    "fork",
+    "soft_deleted",
+    "refcount",
+)
+
+
+def _only_tail_moved(previous: StreamState | None, state: StreamState) -> bool:
+    """Whether the row holding `previous` may stay as it is for `state` (the journal's
+    rows give the new tail: see the module docstring)."""
+    return (
+        previous is not None
+        and state.ttl is None
+        and state.expires_at_ts is None
+        and state.fork is None
+        and _STORED_BESIDES_TAIL(previous) == _STORED_BESIDES_TAIL(state)
+    )
 
 
 def _stream_row(

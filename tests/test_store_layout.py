@@ -8,6 +8,7 @@ nothing appears twice).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -23,7 +24,7 @@ import trio
 from ds_cluster.shard import committer as committer_module
 from ds_cluster.shard import store as store_module
 from ds_cluster.shard.committer import Committer, Job
-from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState
+from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState, evolve
 from ds_cluster.shard.store import Batch, Store, StreamWrite, decode_state, encode_state
 from ds_cluster.shard.streams import Entry
 
@@ -525,3 +526,132 @@ def test_state_encoding_is_the_same_on_every_thread() -> None:
     worker.join()
     assert there == here
     assert decode_state("s1", here[0], {}) == full
+
+
+def _stored_tail(store: Store, path: str) -> int:
+    """The tail in the stream's row itself, as written (no journal correction)."""
+    conn = sqlite3.connect(store.path)
+    try:
+        (blob,) = conn.execute("SELECT state FROM streams WHERE path = ?", (path,)).fetchone()
+    finally:
+        conn.close()
+    return decode_state(path, blob, {}).tail
+
+
+class Appender:
+    """Appends to one stream as the service stages them: each write names the state it
+    follows (`StreamWrite.previous`), so appends that move only the tail leave the row."""
+
+    def __init__(self, store: Store, path: str, sid: int, current: StreamState) -> None:
+        self.store, self.path, self.sid, self.current = store, path, sid, current
+        store.commit(Batch(streams=[StreamWrite(path, sid, None, current)]))
+
+    def write(self, data: bytes, **changes: object) -> StreamWrite:
+        tail = self.current.tail
+        new = evolve(self.current, tail=tail + len(data), last_access=tail + 1.0, **changes)
+        write = StreamWrite(
+            self.path,
+            self.sid,
+            self.sid,
+            new,
+            (Record(tail, tail + len(data), data),),
+            self.current.producers,
+            self.current,
+        )
+        self.current = new
+        return write
+
+    def append(self, data: bytes, **changes: object) -> None:
+        self.store.commit(Batch(streams=[self.write(data, **changes)]))
+
+
+def test_an_append_that_moves_only_the_tail_leaves_the_row_and_the_journal_tells(
+    tmp_path: Path,
+) -> None:
+    """The row lags until the fold; every reader of tails sees the true one meanwhile,
+    after a reopen too (the journal's tails are rebuilt), and the fold writes it."""
+    store = Store(tmp_path)
+    s1 = Appender(store, "s1", 1, state("s1", 0))
+    s1.append(b"abc")
+    s1.append(b"de")
+    assert _stored_tail(store, "s1") == 0
+    loaded = store.load_stream("s1")
+    assert loaded is not None and (loaded[0], loaded[1].tail) == (1, 5)
+    assert loaded[1] == evolve(s1.current, last_access=0.0)  # all but the last access
+    assert store.paths_after("", 10) == [("s1", 5)]
+    store.close()
+
+    reopened = Store(tmp_path)  # (as after a crash: the journal still holds the rows)
+    assert reopened.journal_tails == {1: 5}
+    loaded = reopened.load_stream("s1")
+    assert loaded is not None and loaded[1].tail == 5
+    reopened.fold()
+    assert reopened.journal_tails == {}
+    assert _stored_tail(reopened, "s1") == 5
+    loaded = reopened.load_stream("s1")
+    assert loaded is not None and loaded[1].tail == 5
+    assert reopened.read_records(1, 0, 1 << 20) == [Record(0, 3, b"abc"), Record(3, 5, b"de")]
+    reopened.close()
+
+
+def test_an_append_that_changes_more_than_the_tail_writes_the_row(tmp_path: Path) -> None:
+    """Closing, a Stream-Seq, a stream with a TTL: the row is written, with the tail."""
+    store = Store(tmp_path)
+    plain = Appender(store, "p", 1, state("p", 0))
+    plain.append(b"a")
+    plain.append(b"b", last_stream_seq="0001")
+    assert _stored_tail(store, "p") == 2
+    plain.append(b"c")
+    plain.append(b"d", closed=True)
+    assert _stored_tail(store, "p") == 4
+    timed = Appender(
+        store,
+        "t",
+        2,
+        StreamState(path="t", content_type="text/plain", created_at=1.0, ttl=60),
+    )
+    timed.append(b"xyz")
+    assert _stored_tail(store, "t") == 3
+    assert dict(store.load_deadlines()) == {"t": 61.0}  # last access 1.0, TTL 60
+    big = Appender(store, "b", 3, state("b", 0))
+    big.append(b"x" * store_module.DIRECT_WRITE_BYTES)  # straight into `records`
+    assert _stored_tail(store, "b") == store_module.DIRECT_WRITE_BYTES
+    store.close()
+
+
+def test_a_purged_stream_leaves_the_journal_tails(tmp_path: Path) -> None:
+    """A delete, or a new incarnation under a new id, drops the old id's journal tail; a
+    batch that fails changes nothing in memory."""
+    store = Store(tmp_path)
+    s1 = Appender(store, "s1", 1, state("s1", 0))
+    s1.append(b"abc")
+    assert store.journal_tails == {1: 3}
+    store.commit(Batch(streams=[StreamWrite("s1", 1, 1, None)]))
+    assert store.journal_tails == {}
+    s2 = Appender(store, "s2", 2, state("s2", 0))
+    s2.append(b"ab")
+    store.commit(Batch(streams=[StreamWrite("s2", 3, 2, state("s2", 0))]))  # re-created
+    assert store.journal_tails == {}
+    s3 = Appender(store, "s3", 4, state("s3", 0))
+    batch = Batch(streams=[s3.write(b"abc")])
+    batch.statements.append(store_module.Statement("INSERT INTO no_such_table VALUES (1)"))
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit(batch)
+    assert store.journal_tails == {}
+    loaded = store.load_stream("s3")
+    assert loaded is not None and loaded[1].tail == 0
+    store.close()
+
+
+def test_the_stored_fields_besides_the_tail_are_all_compared() -> None:
+    """A field added to StreamState must be compared too (or said to move with appends)."""
+    names = {f.name for f in dataclasses.fields(StreamState)}
+    moved_by_appends = {"path", "tail", "last_access", "producers"}
+    probe = StreamState(path="p", content_type="c", created_at=1.0)
+    compared = set()
+    for name in names - moved_by_appends:
+        value = getattr(probe, name)
+        other = evolve(probe, **{name: ("changed", value)})
+        if store_module._STORED_BESIDES_TAIL(other) != store_module._STORED_BESIDES_TAIL(probe):
+            compared.add(name)
+    assert compared == names - moved_by_appends

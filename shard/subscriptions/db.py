@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
@@ -89,9 +89,10 @@ class SubDb:
     def stream_tails(self, paths: list[str]) -> dict[str, int | None]:
         """The committed tail position of each path (None: no live stream)."""
         out: dict[str, int | None] = {}
+        tails = self._store.journal_tails_now()  # (before the rows: see there)
         for path in paths:
-            rows = self._read("SELECT state FROM streams WHERE path = ?", (path,))
-            out[path] = _tail(path, rows[0][0]) if rows else None
+            rows = self._read("SELECT sid, state FROM streams WHERE path = ?", (path,))
+            out[path] = _tail(tails, path, rows[0][0], rows[0][1]) if rows else None
         return out
 
     def streams_under(
@@ -100,21 +101,23 @@ class SubDb:
         """One page of (path, committed tail) of the live streams whose path starts with
         `prefix` (a pattern's literal prefix; "" for all), in path order after `after`;
         and where the next page starts (None: that was the last)."""
+        tails = self._store.journal_tails_now()  # (before the rows: see there)
         if prefix and not prefix.endswith("/"):  # the pattern is one path
             if after is not None:
                 return [], None
-            rows = self._read("SELECT path, state FROM streams WHERE path = ?", (prefix,))
+            rows = self._read("SELECT path, sid, state FROM streams WHERE path = ?", (prefix,))
         else:
             low, high = prefix, (prefix[:-1] + "0") if prefix else "\U0010ffff"  # '0' > '/'
             if after is not None:
                 low = after
             rows = self._read(
-                "SELECT path, state FROM streams WHERE path > ? AND path < ? ORDER BY path LIMIT ?",
+                "SELECT path, sid, state FROM streams WHERE path > ? AND path < ? "
+                "ORDER BY path LIMIT ?",
                 (low, high, limit),
             )
         page = []
-        for path, blob in rows:
-            tail = _tail(str(path), blob)
+        for path, sid, blob in rows:
+            tail = _tail(tails, str(path), sid, blob)
             if tail is not None:
                 page.append((str(path), tail))
         last = str(rows[-1][0]) if len(rows) == limit else None
@@ -209,9 +212,11 @@ class SubDb:
             raise
 
 
-def _tail(path: str, blob: object) -> int | None:
-    assert isinstance(blob, bytes)
+def _tail(tails: Mapping[int, int], path: str, sid: object, blob: object) -> int | None:
+    """A live stream's committed tail (None: soft-deleted), its stored state corrected
+    by the journal's `tails` (`Store.tail_of`)."""
+    assert isinstance(blob, bytes) and isinstance(sid, int)
     state = decode_state(path, blob, {})
     if state.soft_deleted:
         return None
-    return state.tail
+    return Store.tail_of(tails, sid, state.tail)
