@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,27 @@ def test_rakaia_target_installs_and_answers_an_append_and_a_read():
     finally:
         bt.stop()
     assert bt.proc is None
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+    reason="needs valgrind",
+)
+@pytest.mark.parametrize("process", ["shard", "gateway"])
+def test_instruction_count_of_one_process_per_append(process: str) -> None:
+    """`tools/bench/instructions.py` counts only the measured window of the chosen process:
+    a plausible count per append (not start-up, not zero), and the group commits seen."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ds_cluster.tools.bench.instructions", "--process", process]
+        + ["--appends", "300", "--connections", "8", "--streams", "16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    count = int(line.split(": ", 1)[1].split(" ", 1)[0].replace(",", ""))
+    group = float(line.split("instructions per append, ", 1)[1].split(" ", 1)[0])
+    assert 20_000 < count < 2_000_000, line
+    assert 1.0 <= group <= 8.0, line
