@@ -868,19 +868,25 @@ class Store:
                     "UPDATE streams SET state = ?, deadline = ? WHERE path = ?",
                     (encode_state(state), state.deadline(), path),
                 )
-            conn.executemany(
-                "INSERT OR REPLACE INTO fork_refs (ref, path) VALUES (?, ?)", batch.refs_added
-            )
-            conn.executemany(
-                "DELETE FROM fork_refs WHERE ref = ?", [(r,) for r in batch.refs_removed]
-            )
-            conn.executemany(
-                "INSERT OR REPLACE INTO outbox (ref, source, status) VALUES (?, ?, ?)",
-                batch.outbox_put,
-            )
-            conn.executemany(
-                "DELETE FROM outbox WHERE ref = ?", [(r,) for r in batch.outbox_removed]
-            )
+            # (each only when it has rows: an empty executemany still makes a cursor and
+            # looks its statement up, four times in most commits)
+            if batch.refs_added:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO fork_refs (ref, path) VALUES (?, ?)", batch.refs_added
+                )
+            if batch.refs_removed:
+                conn.executemany(
+                    "DELETE FROM fork_refs WHERE ref = ?", [(r,) for r in batch.refs_removed]
+                )
+            if batch.outbox_put:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO outbox (ref, source, status) VALUES (?, ?, ?)",
+                    batch.outbox_put,
+                )
+            if batch.outbox_removed:
+                conn.executemany(
+                    "DELETE FROM outbox WHERE ref = ?", [(r,) for r in batch.outbox_removed]
+                )
             for statement in batch.statements:
                 if statement.many:
                     conn.executemany(statement.sql, statement.params)  # type: ignore[arg-type]
