@@ -84,6 +84,13 @@ _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
 
 
+# What became of a plain append sent on without a task awaiting it (`_InFlight.state`).
+_SENT = 0  # on its way: its answer is written where it arrives (`_arrived`)
+_TASK = 1  # the connection's task must finish it (`_settle`)
+_AWAITED = 2  # the connection's task awaits it (`_settle`), or it was abandoned
+_REST = 3  # written in part where it arrived: the connection's task writes the rest
+
+
 def body_deadline(since: float, received: int, last: float) -> float:
     """When a request body that began at `since` and has `received` bytes, the last at
     `last`, must have sent more."""
@@ -126,6 +133,24 @@ class NativeRoute(Protocol):
     ) -> Streaming | Answer:
         """Start a streamed response fed to `subscriber` (`gateway.fanout`), or the
         complete answer when there is nothing to stream."""
+
+    def send(
+        self,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        arrived: Callable[[NativeAnswer | None], None],
+    ) -> Any:
+        """Send a POST on when it is a plain append, without awaiting its answer: the
+        answer goes to `arrived` (None: `settle` must be awaited instead) from the task
+        that learns it. A handle for `settle` and `abandon`, or None: not sent, `answer`
+        serves the request."""
+
+    async def settle(self, sent: Any) -> NativeAnswer:
+        """The answer to a request `send` sent, awaited."""
+
+    def abandon(self, sent: Any) -> None:
+        """The client of a request `send` sent is gone: its answer is not wanted."""
 
     def error(self, status: int, message: str) -> Answer:
         """An error rendered as the route renders its own (413, 500 from here)."""
@@ -289,6 +314,36 @@ class _Request:
         self.started = perf_counter()
 
 
+class _InFlight:
+    """A plain append sent on by `Http1Connection._send_on`, whose answer is written
+    where it arrives (`_arrived`) rather than by the connection's task awaiting it."""
+
+    __slots__ = (
+        "answer",
+        "req",
+        "rest",
+        "rid",
+        "sent",
+        "series",
+        "size",
+        "started",
+        "state",
+        "status",
+    )
+
+    def __init__(self, req: _Request) -> None:
+        self.req = req
+        self.rid = b""
+        self.sent: Any = None  # `NativeRoute.send`'s handle
+        self.series: gateway_metrics.Series | None = None
+        self.started = 0.0
+        self.state = _SENT
+        self.answer: NativeAnswer | None = None  # arrived, for the task to write
+        self.rest: memoryview | None = None  # _REST: what the socket did not take
+        self.size = 0  # _REST: the body's size (for the access log)
+        self.status = 0  # _REST: the status written
+
+
 class Http1Connection:
     """One client connection, served by the task that runs `run`."""
 
@@ -298,6 +353,7 @@ class Http1Connection:
         "_fd",
         "_handed_over",
         "_head_bytes",
+        "_inflight",
         "_head_until",
         "_headers",
         "_idle_until",
@@ -364,6 +420,9 @@ class Http1Connection:
         # its request id; then what that write did: status, body size, close, unsent rest.
         self._at_once: tuple[_Request, bytes] | None = None
         self._wrote: tuple[int, int, bool, memoryview | None] | None = None
+        # A plain append whose answer is written where it arrives (`_send_on`): while it
+        # is in flight this task goes on reading, and answers nothing else before it.
+        self._inflight: _InFlight | None = None
 
     # -- the connection ------------------------------------------------------------------
 
@@ -401,6 +460,8 @@ class Http1Connection:
         except Exception:  # one connection's failure must never stop the server
             log.exception("connection handler failed")
         finally:
+            if self._inflight is not None:
+                self._abandon()
             server.connections.idle.discard(self)
             server.deadlines.forget(self)
             self.output.close()
@@ -447,6 +508,8 @@ class Http1Connection:
         queue = self._queue
         while True:
             while queue:
+                if self._inflight is not None and not await self._settle():
+                    return  # (answered before anything read after it)
                 req = queue[0]
                 if req.early is not None and not req.answered and not await self._answer_early(req):
                     return
@@ -465,7 +528,13 @@ class Http1Connection:
             if self._stopped or self._broken:
                 return
             data = await self._receive()
+            if data is None:  # the append in flight needs this task
+                if not await self._settle():
+                    return
+                continue
             if not data:
+                if self._inflight is not None:
+                    await self._settle()
                 return  # the client closed (requests in progress were answered)
             raw = self._raw
             if raw is not None:  # nothing dispatched yet: the bytes are kept for hypercorn
@@ -489,18 +558,23 @@ class Http1Connection:
                 raw, self._raw = self._raw or b"", None
                 return await server.hand_over(self.stream, raw)
 
-    async def _receive(self) -> bytes:
-        """The next bytes (b"" at the end). Past the deadline of what the connection
-        waits for, its scope is cancelled (everything read was answered by then) by the
-        server's `ReadDeadlines`."""
+    def _deadline(self) -> float:
+        """When the read about to wait must have ended."""
+        if self._inflight is not None:
+            return inf  # an answer is awaited: no request's time runs (as none is read)
         req = self._req
         if req is None:
-            deadline = self._idle_until  # between requests
-        elif req.body_since < 0:
-            deadline = self._head_until  # a head in progress
-        else:
-            deadline = body_deadline(req.body_since, req.size, req.body_last)
-            deadline = min(deadline, req.drain_until)
+            return self._idle_until  # between requests
+        if req.body_since < 0:
+            return self._head_until  # a head in progress
+        deadline = body_deadline(req.body_since, req.size, req.body_last)
+        return min(deadline, req.drain_until)
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes (b"" at the end), or None when the append in flight needs this
+        task (`_settle`). Past the deadline of what the connection waits for, its scope
+        is cancelled (everything read was answered by then) by the server's
+        `ReadDeadlines`."""
         if self._unread:
             data, self._unread = self._unread, b""
             return data
@@ -515,7 +589,10 @@ class Http1Connection:
                     self._more = len(data) == MAX_RECV
                     return data
             ready = True
-            self._server.deadlines.wait(self, deadline)  # past it: `read_expired`
+            inflight = self._inflight
+            if inflight is not None and inflight.state != _SENT:
+                return None
+            self._server.deadlines.wait(self, self._deadline())  # past it: `read_expired`
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
@@ -736,8 +813,15 @@ class Http1Connection:
             keep = await self._run_asgi(req)
         elif req.kind == "stream":
             keep = await self._stream(req)
+        elif req.method == "POST" and self._send_on(req):
+            return True  # answered where its answer arrives (`_arrived`), or `_settle`d
         else:
             keep = await self._answer(req)
+        return self._done(keep)
+
+    def _done(self, keep: bool) -> bool:
+        """A request is answered; whether the connection is kept for the next (it is
+        then idle)."""
         self._served += 1
         if not keep or self._stopped:
             return False
@@ -746,6 +830,153 @@ class Http1Connection:
         if self._req is not None:  # a pipelined head in progress: its time starts now
             self._head_until = now + self._server.keep_alive
         return True
+
+    # -- appends answered where their answer arrives ----------------------------------------
+
+    def _send_on(self, req: _Request) -> bool:
+        """Send a plain append (a POST with its whole body in one piece, nothing queued
+        behind it, the connection kept after it, no TLS) to its shard without awaiting
+        the answer: `_arrived` writes that where it arrives, and this task goes back to
+        reading. False: not sent, `_answer` serves it."""
+        parts = req.parts
+        if self.tls or self._queue or len(parts) > 1 or self._closing(req):
+            return False
+        route = self._server.route
+        assert route is not None
+        flight = _InFlight(req)
+        try:
+            sent = route.send(req.target, req.headers, parts[0] if parts else b"", self._arrived)
+        except Exception:
+            return False  # `_answer` meets it again, and answers it as it does
+        if sent is None:
+            return False
+        req.parts = []
+        flight.sent = sent
+        flight.series = self._metric(req, False)
+        flight.started = perf_counter()
+        flight.rid = given_or_new(req.given_id)
+        self._inflight = flight
+        return True
+
+    def _arrived(self, answer: NativeAnswer | None) -> None:
+        """The answer to the append in flight (None: not one to write here), from the
+        task that learned it (the shard connection's reader). Written at once when the
+        socket takes all of it; else this connection's task is woken to finish it."""
+        flight = self._inflight
+        if flight is None or flight.state != _SENT:
+            return  # (the task awaits it, or has left it)
+        try:
+            if answer is not None and self._write_now(flight, answer):
+                return
+        except Exception:
+            log.exception("writing an append's answer failed")
+        if flight.state == _SENT:
+            flight.state = _TASK
+        task = self.read_task
+        if task is not None:  # waiting for bytes: `_receive` returns None
+            self.read_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _write_now(self, flight: _InFlight, answer: NativeAnswer) -> bool:
+        """Write `answer` to the append in flight; True when all of it was written and
+        the request is done. Else what this connection's task is to do is noted:
+        `answer` to write (the connection closes after it, the socket is gone, the
+        body is large, the budget is over), or the rest to write (`_REST`)."""
+        req = flight.req
+        flight.answer = answer
+        if self._stopped or self._closing(req):
+            return False
+        status, headers, body = answer
+        extra = self._server.extra_lines(False, flight.rid)
+        head, body = _rendered(req.method, status, headers, body, extra)
+        if len(body) >= SEPARATE_BODY_BYTES:
+            return False
+        data = head + body if body else head
+        output = self.output
+        if not output.admit(len(data)):
+            return False
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            output.release(len(data))
+            return False  # the client is gone: the task's own write finds out
+        flight.answer = None
+        if written < len(data):
+            output.release(written)
+            flight.rest = memoryview(data)[written:]
+            flight.size = len(body)
+            flight.status = status
+            flight.state = _REST
+            return False
+        output.release(written)
+        self._inflight = None
+        access = self._server.access
+        if access is not None:
+            self._log(access, req, flight.rid, status, len(body))
+        if flight.series is not None:
+            flight.series.finish(status, perf_counter() - flight.started)
+        self._done(True)
+        if self.read_task is not None:  # this task waits for bytes: for how long now
+            self._server.deadlines.wait(self, self._deadline())
+        return True
+
+    async def _settle(self) -> bool:
+        """Finish the append in flight from this task: await its answer, or write what
+        the task that learned it could not; whether the connection is kept."""
+        flight = self._inflight
+        assert flight is not None
+        route = self._server.route
+        assert route is not None
+        access = self._server.access
+        req, rid = flight.req, flight.rid
+        status = 0
+        try:
+            if flight.state == _REST:
+                rest = flight.rest
+                assert rest is not None
+                status = flight.status
+                try:
+                    await write_rest(self, self._fd, rest)
+                finally:
+                    self.output.release(len(rest))
+                if access is not None:
+                    self._log(access, req, rid, status, flight.size)
+                close = False
+            else:
+                answer = flight.answer
+                if answer is None:
+                    flight.state = _AWAITED
+                    try:
+                        answer = await route.settle(flight.sent)
+                    except Exception:
+                        self._log_failure(req, rid)
+                        answer = route.error(500, "internal error")
+                status, headers, out = answer
+                close = self._closing(req)
+                extra = self._server.extra_lines(close, rid)
+                await self._write_answer(req.method, status, headers, out, extra)
+                if access is not None:
+                    sent = len(out) if framing.has_body(req.method, status) else 0
+                    self._log(access, req, rid, status, sent)
+        finally:
+            self._inflight = None
+            if flight.series is not None:
+                flight.series.finish(status, perf_counter() - flight.started)
+        return self._done(not close)
+
+    def _abandon(self) -> None:
+        """The connection ends with an append in flight: its answer is not written."""
+        flight = self._inflight
+        assert flight is not None
+        self._inflight = None
+        flight.state = _AWAITED
+        route = self._server.route
+        if route is not None:
+            route.abandon(flight.sent)
+        if flight.series is not None:
+            flight.series.finish(0, perf_counter() - flight.started)
 
     async def _body(self, req: _Request) -> bytes:
         parts, req.parts = req.parts, []
