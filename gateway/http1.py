@@ -9,23 +9,31 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   `gateway.stream.StreamHandler`) are answered inline: the whole body in, the whole answer
   out, as one socket write (a large body as a second write of its own, never copied
   behind the head). SSE reads join a shared upstream (`gateway.fanout`); the frames it
-  delivers go straight to the socket, and this task writes what the socket did not take;
+  delivers go straight to the socket, and this task writes what the socket did not take.
+  A plain append (a POST whose body came in one piece, nothing read behind it, the
+  connection kept after it, no TLS) is sent to its shard without this task awaiting the
+  answer: the shard connection's reader writes it where it arrives (`_arrived`), and
+  this task goes back to reading. It takes the append over (`_settle`) when the socket
+  did not take the whole answer, a request arrives behind it, the client closes, the
+  connection must close, or anything but a complete answer comes;
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
   TLS) is handed, with the bytes already read, to hypercorn (`gateway.server`).
 
 Keep-alive and pipelining: llhttp parses every request a read brought; they are answered
-in order, and the next read happens only once they are. HTTP/1.0 and `Connection: close`
+in order, and the next read happens only once they are (or while an append is in flight,
+as above: what it brings is answered after that append). HTTP/1.0 and `Connection: close`
 requests close after their answer, so does the connection's `keep_alive_max_requests`th.
 
 Deadlines (what `gateway.server` lists): a new connection must send its first request
 head within the keep-alive timeout, and any later head must be complete within it from
-its first byte; between requests an answered connection waits `idle_timeout`. A request
-body must keep arriving (BODY_GRACE seconds, then BODY_MIN_RATE bytes/s on average, never
-BODY_STALL seconds without a byte), else 408 and close. A write that the socket takes no
-byte of for WRITE_TIMEOUT seconds drops the connection, and the bytes a connection has
-queued count against its `gateway.budget`.
+its first byte; between requests an answered connection waits `idle_timeout`; while an
+append is in flight no read deadline runs (none did while its answer was awaited). A
+request body must keep arriving (BODY_GRACE seconds, then BODY_MIN_RATE bytes/s on
+average, never BODY_STALL seconds without a byte), else 408 and close. A write that the
+socket takes no byte of for WRITE_TIMEOUT seconds drops the connection, and the bytes a
+connection has queued count against its `gateway.budget`.
 
 Limits: a head over MAX_HEAD bytes or MAX_HEADERS fields is answered 431, a malformed one
 400, and a request with both Content-Length and Transfer-Encoding 400 (llhttp refuses it),
@@ -82,6 +90,8 @@ H2_PREFACE = b"PRI * HTTP/2.0"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
+MAX_KINDS = 4096  # request lines whose `NativeRoute.takes` is remembered
+_UNKNOWN = "?"  # (not a kind)
 
 
 # What became of a plain append sent on without a task awaiting it (`_InFlight.state`).
@@ -181,7 +191,9 @@ class Http1Server:
         "readiness",
         "hand_over",
         "keep_alive",
+        "kinds",
         "max_body_bytes",
+        "now",
         "max_requests",
         "output",
         "route",
@@ -225,6 +237,12 @@ class Http1Server:
         self.between = float(getattr(config, "idle_timeout", self.keep_alive))
         self.max_requests = int(config.keep_alive_max_requests)
         self.max_body_bytes = route.max_body_bytes if route is not None else max_body_bytes
+        # (method, target) -> `route.takes` (a pure function of them), for targets seen
+        # lately: a gateway meets the same streams again and again. Emptied when full.
+        self.kinds: dict[tuple[str, bytes], str | None] = {}
+        # trio's clock, read without `trio.current_time`'s two calls in between (twice a
+        # request); set by the first connection, in the loop.
+        self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
 
@@ -336,7 +354,7 @@ class _InFlight:
         self.rid = b""
         self.sent: Any = None  # `NativeRoute.send`'s handle
         self.series: gateway_metrics.Series | None = None
-        self.started = 0.0
+        self.started = req.started  # (its head's arrival: the duration metric's start)
         self.state = _SENT
         self.answer: NativeAnswer | None = None  # arrived, for the task to write
         self.rest: memoryview | None = None  # _REST: what the socket did not take
@@ -446,7 +464,9 @@ class Http1Connection:
                 sock = self.stream.socket
                 server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
-            self._set_idle(trio.current_time() + server.keep_alive)
+            if server.now is trio.current_time:
+                server.now = trio.lowlevel.current_clock().current_time
+            self._set_idle(server.now() + server.keep_alive)
             # One scope for the connection's life, cancelled to drop the connection, or
             # by the server's `ReadDeadlines` when a read waits past its deadline.
             with trio.CancelScope() as scope:
@@ -523,6 +543,8 @@ class Http1Connection:
                     if req.close:
                         return
                     continue
+                if req.method == "POST" and req.kind == "answer" and self._send_on(req):
+                    continue  # answered where its answer arrives (`_arrived`), or `_settle`d
                 if not await self._dispatch(req):
                     return
             if self._stopped or self._broken:
@@ -614,7 +636,7 @@ class Http1Connection:
         begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
         # One clock read for every parser callback this data makes (a head and a body
         # in one read: three reads otherwise).
-        self._now = trio.current_time()
+        self._now = self._server.now()
         if self._parser is None:
             self._parser = httptools.HttpRequestParser(self)
         try:
@@ -727,7 +749,13 @@ class Http1Connection:
             elif name == b"x-request-id" and req.given_id is None:
                 req.given_id = value
         route = server.route
-        kind = route.takes(method, req.target) if route is not None else None
+        kinds = server.kinds
+        kind = kinds.get((method, req.target), _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = route.takes(method, req.target) if route is not None else None
+            if len(kinds) >= MAX_KINDS:
+                kinds.clear()
+            kinds[(method, req.target)] = kind
         if kind == "stream" and version != "1.1":
             kind = None  # shared SSE frames are HTTP/1.1 chunks: the ASGI app serves it
         req.kind = kind
@@ -813,8 +841,6 @@ class Http1Connection:
             keep = await self._run_asgi(req)
         elif req.kind == "stream":
             keep = await self._stream(req)
-        elif req.method == "POST" and self._send_on(req):
-            return True  # answered where its answer arrives (`_arrived`), or `_settle`d
         else:
             keep = await self._answer(req)
         return self._done(keep)
@@ -825,7 +851,7 @@ class Http1Connection:
         self._served += 1
         if not keep or self._stopped:
             return False
-        now = trio.current_time()
+        now = self._server.now()
         self._set_idle(now + self._server.between)
         if self._req is not None:  # a pipelined head in progress: its time starts now
             self._head_until = now + self._server.keep_alive
@@ -841,6 +867,7 @@ class Http1Connection:
         parts = req.parts
         if self.tls or self._queue or len(parts) > 1 or self._closing(req):
             return False
+        self._raw = None  # (what `_dispatch` does first)
         route = self._server.route
         assert route is not None
         flight = _InFlight(req)
@@ -853,7 +880,6 @@ class Http1Connection:
         req.parts = []
         flight.sent = sent
         flight.series = self._metric(req, False)
-        flight.started = perf_counter()
         flight.rid = given_or_new(req.given_id)
         self._inflight = flight
         return True
@@ -884,33 +910,33 @@ class Http1Connection:
         body is large, the budget is over), or the rest to write (`_REST`)."""
         req = flight.req
         flight.answer = answer
-        if self._stopped or self._closing(req):
+        server = self._server
+        # (What else `_closing` looks at is as it was when `_send_on` sent it.)
+        if self._stopped or server.terminated():
             return False
         status, headers, body = answer
-        extra = self._server.extra_lines(False, flight.rid)
-        head, body = _rendered(req.method, status, headers, body, extra)
+        head, body = _rendered(
+            req.method, status, headers, body, server.extra_lines(False, flight.rid)
+        )
         if len(body) >= SEPARATE_BODY_BYTES:
             return False
         data = head + body if body else head
-        output = self.output
-        if not output.admit(len(data)):
-            return False
+        # Nothing of this connection's is queued (its task writes nothing meanwhile), so
+        # its budget admits anything: only what the socket does not take is counted.
         try:
             written = os.write(self._fd, data)
         except BlockingIOError:
             written = 0
         except OSError:
-            output.release(len(data))
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):
-            output.release(written)
-            flight.rest = memoryview(data)[written:]
+            rest = flight.rest = memoryview(data)[written:]
+            self.output.admit(len(rest))
             flight.size = len(body)
             flight.status = status
             flight.state = _REST
             return False
-        output.release(written)
         self._inflight = None
         access = self._server.access
         if access is not None:
