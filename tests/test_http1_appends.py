@@ -4,12 +4,13 @@ A plain append on a keep-alive connection is sent to its shard without its conne
 task awaiting the answer: the shard connection's reader writes it. These tests drive the
 edges of that path over real sockets, a gateway process in front of a fake shard: a
 client that leaves first, appends pipelined behind one in flight, the shard lost with
-appends in flight, answers larger than the socket takes, a ring change retried, errors
-and `Connection: close`.
+appends in flight, answers larger than the socket takes, a ring change retried, errors,
+`Connection: close`, and the gateway stopping with an append in flight.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import time
@@ -235,3 +236,30 @@ def test_shard_lost_with_appends_in_flight() -> None:
     finally:
         if not stopped:
             threaded.stop()
+
+
+def test_sigterm_with_an_append_in_flight(shard: ThreadedShard) -> None:
+    """The gateway stops while an append waits for its shard: the append is answered in
+    full, with `Connection: close`, and its connection closed after it; an idle one
+    closes at once."""
+    gw = GatewayProcess(f"s1=127.0.0.1:{shard.shard.port}", "--graceful-timeout", "3")
+    try:
+        assert gw.wait_ready().status_code == 200
+        with Conn(gw.port) as idle, Conn(gw.port) as busy:
+            assert idle.exchange("POST", "/v1/stream/echo/idle", body=b"i").body == b"i"
+            assert busy.exchange("POST", "/v1/stream/echo/before", body=b"b").body == b"b"
+            busy.send(post("/v1/stream/delay/0.8/stopping", b"in flight"))
+            deadline = time.monotonic() + 5
+            while not any(m["p"] == "delay/0.8/stopping" for m in list(shard.shard.requests)):
+                assert time.monotonic() < deadline, "the append never reached the shard"
+                time.sleep(0.02)
+            gw.proc.send_signal(signal.SIGTERM)
+            assert idle.expect_eof(3) < 1.5
+            response = busy.read_response()
+            assert response.status == 200 and response.body == b"in flight"
+            assert response.get("connection") == "close"
+            busy.expect_eof(2)
+        assert gw.proc.wait(10) == 0, "".join(gw.lines[-30:])
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()
