@@ -91,6 +91,7 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no strea
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
 MAX_KINDS = 4096  # request lines whose `NativeRoute.takes` is remembered
+MAX_KIND_TARGET = 512  # bytes of a target remembered so (a longer one is asked each time)
 _UNKNOWN = "?"  # (not a kind)
 
 
@@ -753,9 +754,10 @@ class Http1Connection:
         kind = kinds.get((method, req.target), _UNKNOWN)
         if kind is _UNKNOWN:
             kind = route.takes(method, req.target) if route is not None else None
-            if len(kinds) >= MAX_KINDS:
-                kinds.clear()
-            kinds[(method, req.target)] = kind
+            if len(req.target) <= MAX_KIND_TARGET:
+                if len(kinds) >= MAX_KINDS:
+                    kinds.clear()
+                kinds[(method, req.target)] = kind
         if kind == "stream" and version != "1.1":
             kind = None  # shared SSE frames are HTTP/1.1 chunks: the ASGI app serves it
         req.kind = kind
