@@ -150,7 +150,7 @@ Fields = wire.RequestFields | Mapping[str, object]
 class Call(rpc_core.CallState):
     """One request in flight. Created by ShardPool.open / ShardConnection.open."""
 
-    __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "early", "sink")
+    __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "early", "first", "sink")
 
     def __init__(self, conn: ShardConnection) -> None:
         # CallState's fields, set here rather than through super(): one per request
@@ -169,6 +169,10 @@ class Call(rpc_core.CallState):
         # Given a complete `res` (more=False) by the connection's reader as it arrives,
         # before the frame goes to the inbox (`open_routed`'s `early`).
         self.early: Callable[[wire.ResponseFrame], None] | None = None
+        # Given the first item delivered, whatever it is (a frame, or the connection's
+        # loss), by the connection's reader, before it goes to the inbox: a caller that
+        # does not wait for it (`ShardPool.send_routed`) learns of it there.
+        self.first: Callable[[Delivered], None] | None = None
 
     @property
     def shard_id(self) -> str:
@@ -191,6 +195,10 @@ class Call(rpc_core.CallState):
 
     def _put(self, item: Delivered) -> None:
         """Deliver a frame (or a sentinel); called by the connection, never blocks."""
+        first = self.first
+        if first is not None:
+            self.first = None
+            _hand(first, item)
         early = self.early
         if early is not None and type(item) is dict and item["k"] == "res" and not item["more"]:
             self.early = None
@@ -806,6 +814,7 @@ class ShardPool:
         fields: Fields,
         deadline: float = ROUTE_DEADLINE,
         early: Callable[[wire.ResponseFrame], None] | None = None,
+        sent: tuple[Ring, Call] | None = None,
     ) -> Call:
         """`open` on the owner of `path` under the newest ring, once the shard has taken
         the request: a ring change or a move on the way is retried (see the module's
@@ -814,21 +823,27 @@ class ShardPool:
         last answer if none was taken in time). Raises ShardUnavailable as `open`.
         `early` is given a complete `res` by the connection's reader as it arrives, a
         scheduler pass before the caller's task has it (must not block; what it raises
-        is logged)."""
+        is logged). `sent`: the ring and call of a request `send_routed` sent already,
+        taken as this loop's first attempt."""
         give_up: float | None = None
         backoff = ROUTE_BACKOFF
         pushed: set[str] = set()  # shards sent our ring already
         while True:
-            ring = self.rings.current
-            shard_id = ring.owner(path)
-            conn = self.connections.get(shard_id)
-            if conn is None:
-                raise ShardUnavailable(shard_id, "unknown shard", sent=False)
-            if not conn.connected and not conn.tried:
-                # A shard we just heard of: its first connection is under way.
-                with trio.move_on_after(deadline):
-                    await conn.connected_event.wait()
-            call = conn.open(op, fields)
+            if sent is not None:
+                (ring, call), sent = sent, None
+                shard_id = call.shard_id
+                call.first = None
+            else:
+                ring = self.rings.current
+                shard_id = ring.owner(path)
+                conn = self.connections.get(shard_id)
+                if conn is None:
+                    raise ShardUnavailable(shard_id, "unknown shard", sent=False)
+                if not conn.connected and not conn.tried:
+                    # A shard we just heard of: its first connection is under way.
+                    with trio.move_on_after(deadline):
+                        await conn.connected_event.wait()
+                call = conn.open(op, fields)
             call.early = early
             # The first item, left in the inbox for the caller; waited for here rather
             # than in a coroutine of the call's: every level of coroutine a task waits
@@ -870,6 +885,26 @@ class ShardPool:
             backoff = min(backoff * 2, MAX_RETRY_AFTER)
             if wait:
                 await trio.sleep(min(wait, max(give_up - trio.current_time(), 0.0)))
+
+    def send_routed(
+        self, path: str, op: str, fields: Fields, first: Callable[[Delivered], None]
+    ) -> tuple[Ring, Call] | None:
+        """Send a request to the owner of `path` under the newest ring now, without waiting
+        for its answer: `first` is given the first item delivered (by the connection's
+        reader), and `open_routed(..., sent=...)` with the ring and call returned takes
+        it from there when that was not the answer (a ring change to retry, a failure).
+        None when it cannot be sent at once (no connection to the owner, or too much
+        queued for it): `open_routed` then does what it does with such a request."""
+        ring = self.rings.current
+        conn = self.connections.get(ring.owner(path))
+        if conn is None or conn._protocol is None:
+            return None
+        try:
+            call = conn.open(op, fields)
+        except ShardUnavailable:
+            return None
+        call.first = first
+        return ring, call
 
     async def _push_ring(self, shard_id: str, timeout: float) -> None:
         """Send our ring to a shard on an older one (`ring_set`); failures only log (the

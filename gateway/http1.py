@@ -9,23 +9,31 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   `gateway.stream.StreamHandler`) are answered inline: the whole body in, the whole answer
   out, as one socket write (a large body as a second write of its own, never copied
   behind the head). SSE reads join a shared upstream (`gateway.fanout`); the frames it
-  delivers go straight to the socket, and this task writes what the socket did not take;
+  delivers go straight to the socket, and this task writes what the socket did not take.
+  A plain append (a POST whose body came in one piece, nothing read behind it, the
+  connection kept after it, no TLS) is sent to its shard without this task awaiting the
+  answer: the shard connection's reader writes it where it arrives (`_arrived`), and
+  this task goes back to reading. It takes the append over (`_settle`) when the socket
+  did not take the whole answer, a request arrives behind it, the client closes, the
+  connection must close, or anything but a complete answer comes;
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
   TLS) is handed, with the bytes already read, to hypercorn (`gateway.server`).
 
 Keep-alive and pipelining: llhttp parses every request a read brought; they are answered
-in order, and the next read happens only once they are. HTTP/1.0 and `Connection: close`
+in order, and the next read happens only once they are (or while an append is in flight,
+as above: what it brings is answered after that append). HTTP/1.0 and `Connection: close`
 requests close after their answer, so does the connection's `keep_alive_max_requests`th.
 
 Deadlines (what `gateway.server` lists): a new connection must send its first request
 head within the keep-alive timeout, and any later head must be complete within it from
-its first byte; between requests an answered connection waits `idle_timeout`. A request
-body must keep arriving (BODY_GRACE seconds, then BODY_MIN_RATE bytes/s on average, never
-BODY_STALL seconds without a byte), else 408 and close. A write that the socket takes no
-byte of for WRITE_TIMEOUT seconds drops the connection, and the bytes a connection has
-queued count against its `gateway.budget`.
+its first byte; between requests an answered connection waits `idle_timeout`; while an
+append is in flight no read deadline runs (none did while its answer was awaited). A
+request body must keep arriving (BODY_GRACE seconds, then BODY_MIN_RATE bytes/s on
+average, never BODY_STALL seconds without a byte), else 408 and close. A write that the
+socket takes no byte of for WRITE_TIMEOUT seconds drops the connection, and the bytes a
+connection has queued count against its `gateway.budget`.
 
 Limits: a head over MAX_HEAD bytes or MAX_HEADERS fields is answered 431, a malformed one
 400, and a request with both Content-Length and Transfer-Encoding 400 (llhttp refuses it),
@@ -82,6 +90,16 @@ H2_PREFACE = b"PRI * HTTP/2.0"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
+MAX_KINDS = 4096  # request lines whose `NativeRoute.takes` is remembered
+MAX_KIND_TARGET = 512  # bytes of a target remembered so (a longer one is asked each time)
+_UNKNOWN = "?"  # (not a kind)
+
+
+# What became of a plain append sent on without a task awaiting it (`_InFlight.state`).
+_SENT = 0  # on its way: its answer is written where it arrives (`_arrived`)
+_TASK = 1  # the connection's task must finish it (`_settle`)
+_AWAITED = 2  # the connection's task awaits it (`_settle`), or it was abandoned
+_REST = 3  # written in part where it arrived: the connection's task writes the rest
 
 
 def body_deadline(since: float, received: int, last: float) -> float:
@@ -127,6 +145,24 @@ class NativeRoute(Protocol):
         """Start a streamed response fed to `subscriber` (`gateway.fanout`), or the
         complete answer when there is nothing to stream."""
 
+    def send(
+        self,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        arrived: Callable[[NativeAnswer | None], None],
+    ) -> Any:
+        """Send a POST on when it is a plain append, without awaiting its answer: the
+        answer goes to `arrived` (None: `settle` must be awaited instead) from the task
+        that learns it. A handle for `settle` and `abandon`, or None: not sent, `answer`
+        serves the request."""
+
+    async def settle(self, sent: Any) -> NativeAnswer:
+        """The answer to a request `send` sent, awaited."""
+
+    def abandon(self, sent: Any) -> None:
+        """The client of a request `send` sent is gone: its answer is not wanted."""
+
     def error(self, status: int, message: str) -> Answer:
         """An error rendered as the route renders its own (413, 500 from here)."""
 
@@ -156,7 +192,9 @@ class Http1Server:
         "readiness",
         "hand_over",
         "keep_alive",
+        "kinds",
         "max_body_bytes",
+        "now",
         "max_requests",
         "output",
         "route",
@@ -200,6 +238,12 @@ class Http1Server:
         self.between = float(getattr(config, "idle_timeout", self.keep_alive))
         self.max_requests = int(config.keep_alive_max_requests)
         self.max_body_bytes = route.max_body_bytes if route is not None else max_body_bytes
+        # (method, target) -> `route.takes` (a pure function of them), for targets seen
+        # lately: a gateway meets the same streams again and again. Emptied when full.
+        self.kinds: dict[tuple[str, bytes], str | None] = {}
+        # trio's clock, read without `trio.current_time`'s two calls in between (twice a
+        # request); set by the first connection, in the loop.
+        self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
 
@@ -289,6 +333,36 @@ class _Request:
         self.started = perf_counter()
 
 
+class _InFlight:
+    """A plain append sent on by `Http1Connection._send_on`, whose answer is written
+    where it arrives (`_arrived`) rather than by the connection's task awaiting it."""
+
+    __slots__ = (
+        "answer",
+        "req",
+        "rest",
+        "rid",
+        "sent",
+        "series",
+        "size",
+        "started",
+        "state",
+        "status",
+    )
+
+    def __init__(self, req: _Request) -> None:
+        self.req = req
+        self.rid = b""
+        self.sent: Any = None  # `NativeRoute.send`'s handle
+        self.series: gateway_metrics.Series | None = None
+        self.started = req.started  # (its head's arrival: the duration metric's start)
+        self.state = _SENT
+        self.answer: NativeAnswer | None = None  # arrived, for the task to write
+        self.rest: memoryview | None = None  # _REST: what the socket did not take
+        self.size = 0  # _REST: the body's size (for the access log)
+        self.status = 0  # _REST: the status written
+
+
 class Http1Connection:
     """One client connection, served by the task that runs `run`."""
 
@@ -298,6 +372,7 @@ class Http1Connection:
         "_fd",
         "_handed_over",
         "_head_bytes",
+        "_inflight",
         "_head_until",
         "_headers",
         "_idle_until",
@@ -364,6 +439,9 @@ class Http1Connection:
         # its request id; then what that write did: status, body size, close, unsent rest.
         self._at_once: tuple[_Request, bytes] | None = None
         self._wrote: tuple[int, int, bool, memoryview | None] | None = None
+        # A plain append whose answer is written where it arrives (`_send_on`): while it
+        # is in flight this task goes on reading, and answers nothing else before it.
+        self._inflight: _InFlight | None = None
 
     # -- the connection ------------------------------------------------------------------
 
@@ -387,7 +465,9 @@ class Http1Connection:
                 sock = self.stream.socket
                 server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
-            self._set_idle(trio.current_time() + server.keep_alive)
+            if server.now is trio.current_time:
+                server.now = trio.lowlevel.current_clock().current_time
+            self._set_idle(server.now() + server.keep_alive)
             # One scope for the connection's life, cancelled to drop the connection, or
             # by the server's `ReadDeadlines` when a read waits past its deadline.
             with trio.CancelScope() as scope:
@@ -401,6 +481,8 @@ class Http1Connection:
         except Exception:  # one connection's failure must never stop the server
             log.exception("connection handler failed")
         finally:
+            if self._inflight is not None:
+                self._abandon()
             server.connections.idle.discard(self)
             server.deadlines.forget(self)
             self.output.close()
@@ -447,6 +529,8 @@ class Http1Connection:
         queue = self._queue
         while True:
             while queue:
+                if self._inflight is not None and not await self._settle():
+                    return  # (answered before anything read after it)
                 req = queue[0]
                 if req.early is not None and not req.answered and not await self._answer_early(req):
                     return
@@ -460,12 +544,20 @@ class Http1Connection:
                     if req.close:
                         return
                     continue
+                if req.method == "POST" and req.kind == "answer" and self._send_on(req):
+                    continue  # answered where its answer arrives (`_arrived`), or `_settle`d
                 if not await self._dispatch(req):
                     return
             if self._stopped or self._broken:
                 return
             data = await self._receive()
+            if data is None:  # the append in flight needs this task
+                if not await self._settle():
+                    return
+                continue
             if not data:
+                if self._inflight is not None:
+                    await self._settle()
                 return  # the client closed (requests in progress were answered)
             raw = self._raw
             if raw is not None:  # nothing dispatched yet: the bytes are kept for hypercorn
@@ -489,18 +581,23 @@ class Http1Connection:
                 raw, self._raw = self._raw or b"", None
                 return await server.hand_over(self.stream, raw)
 
-    async def _receive(self) -> bytes:
-        """The next bytes (b"" at the end). Past the deadline of what the connection
-        waits for, its scope is cancelled (everything read was answered by then) by the
-        server's `ReadDeadlines`."""
+    def _deadline(self) -> float:
+        """When the read about to wait must have ended."""
+        if self._inflight is not None:
+            return inf  # an answer is awaited: no request's time runs (as none is read)
         req = self._req
         if req is None:
-            deadline = self._idle_until  # between requests
-        elif req.body_since < 0:
-            deadline = self._head_until  # a head in progress
-        else:
-            deadline = body_deadline(req.body_since, req.size, req.body_last)
-            deadline = min(deadline, req.drain_until)
+            return self._idle_until  # between requests
+        if req.body_since < 0:
+            return self._head_until  # a head in progress
+        deadline = body_deadline(req.body_since, req.size, req.body_last)
+        return min(deadline, req.drain_until)
+
+    async def _receive(self) -> bytes | None:
+        """The next bytes (b"" at the end), or None when the append in flight needs this
+        task (`_settle`). Past the deadline of what the connection waits for, its scope
+        is cancelled (everything read was answered by then) by the server's
+        `ReadDeadlines`."""
         if self._unread:
             data, self._unread = self._unread, b""
             return data
@@ -515,7 +612,10 @@ class Http1Connection:
                     self._more = len(data) == MAX_RECV
                     return data
             ready = True
-            self._server.deadlines.wait(self, deadline)  # past it: `read_expired`
+            inflight = self._inflight
+            if inflight is not None and inflight.state != _SENT:
+                return None
+            self._server.deadlines.wait(self, self._deadline())  # past it: `read_expired`
             try:
                 if self.tls:
                     return bytes(await self.stream.receive_some(MAX_RECV))
@@ -537,7 +637,7 @@ class Http1Connection:
         begun = self._req is not None and self._req.body_since < 0 and self._req not in self._queue
         # One clock read for every parser callback this data makes (a head and a body
         # in one read: three reads otherwise).
-        self._now = trio.current_time()
+        self._now = self._server.now()
         if self._parser is None:
             self._parser = httptools.HttpRequestParser(self)
         try:
@@ -650,7 +750,14 @@ class Http1Connection:
             elif name == b"x-request-id" and req.given_id is None:
                 req.given_id = value
         route = server.route
-        kind = route.takes(method, req.target) if route is not None else None
+        kinds = server.kinds
+        kind = kinds.get((method, req.target), _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = route.takes(method, req.target) if route is not None else None
+            if len(req.target) <= MAX_KIND_TARGET:
+                if len(kinds) >= MAX_KINDS:
+                    kinds.clear()
+                kinds[(method, req.target)] = kind
         if kind == "stream" and version != "1.1":
             kind = None  # shared SSE frames are HTTP/1.1 chunks: the ASGI app serves it
         req.kind = kind
@@ -738,14 +845,166 @@ class Http1Connection:
             keep = await self._stream(req)
         else:
             keep = await self._answer(req)
+        return self._done(keep)
+
+    def _done(self, keep: bool) -> bool:
+        """A request is answered; whether the connection is kept for the next (it is
+        then idle)."""
         self._served += 1
         if not keep or self._stopped:
             return False
-        now = trio.current_time()
+        now = self._server.now()
         self._set_idle(now + self._server.between)
         if self._req is not None:  # a pipelined head in progress: its time starts now
             self._head_until = now + self._server.keep_alive
         return True
+
+    # -- appends answered where their answer arrives ----------------------------------------
+
+    def _send_on(self, req: _Request) -> bool:
+        """Send a plain append (a POST with its whole body in one piece, nothing queued
+        behind it, the connection kept after it, no TLS) to its shard without awaiting
+        the answer: `_arrived` writes that where it arrives, and this task goes back to
+        reading. False: not sent, `_answer` serves it."""
+        parts = req.parts
+        if self.tls or self._queue or len(parts) > 1 or self._closing(req):
+            return False
+        self._raw = None  # (what `_dispatch` does first)
+        route = self._server.route
+        assert route is not None
+        flight = _InFlight(req)
+        try:
+            sent = route.send(req.target, req.headers, parts[0] if parts else b"", self._arrived)
+        except Exception:
+            return False  # `_answer` meets it again, and answers it as it does
+        if sent is None:
+            return False
+        req.parts = []
+        flight.sent = sent
+        flight.series = self._metric(req, False)
+        flight.rid = given_or_new(req.given_id)
+        self._inflight = flight
+        return True
+
+    def _arrived(self, answer: NativeAnswer | None) -> None:
+        """The answer to the append in flight (None: not one to write here), from the
+        task that learned it (the shard connection's reader). Written at once when the
+        socket takes all of it; else this connection's task is woken to finish it."""
+        flight = self._inflight
+        if flight is None or flight.state != _SENT:
+            return  # (the task awaits it, or has left it)
+        try:
+            if answer is not None and self._write_now(flight, answer):
+                return
+        except Exception:
+            log.exception("writing an append's answer failed")
+        if flight.state == _SENT:
+            flight.state = _TASK
+        task = self.read_task
+        if task is not None:  # waiting for bytes: `_receive` returns None
+            self.read_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _write_now(self, flight: _InFlight, answer: NativeAnswer) -> bool:
+        """Write `answer` to the append in flight; True when all of it was written and
+        the request is done. Else what this connection's task is to do is noted:
+        `answer` to write (the connection closes after it, the socket is gone, the
+        body is large, the budget is over), or the rest to write (`_REST`)."""
+        req = flight.req
+        flight.answer = answer
+        server = self._server
+        # (What else `_closing` looks at is as it was when `_send_on` sent it.)
+        if self._stopped or server.terminated():
+            return False
+        status, headers, body = answer
+        head, body = _rendered(
+            req.method, status, headers, body, server.extra_lines(False, flight.rid)
+        )
+        if len(body) >= SEPARATE_BODY_BYTES:
+            return False
+        data = head + body if body else head
+        # Nothing of this connection's is queued (its task writes nothing meanwhile), so
+        # its budget admits anything: only what the socket does not take is counted.
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return False  # the client is gone: the task's own write finds out
+        flight.answer = None
+        if written < len(data):
+            rest = flight.rest = memoryview(data)[written:]
+            self.output.admit(len(rest))
+            flight.size = len(body)
+            flight.status = status
+            flight.state = _REST
+            return False
+        self._inflight = None
+        access = self._server.access
+        if access is not None:
+            self._log(access, req, flight.rid, status, len(body))
+        if flight.series is not None:
+            flight.series.finish(status, perf_counter() - flight.started)
+        self._done(True)
+        if self.read_task is not None:  # this task waits for bytes: for how long now
+            self._server.deadlines.wait(self, self._deadline())
+        return True
+
+    async def _settle(self) -> bool:
+        """Finish the append in flight from this task: await its answer, or write what
+        the task that learned it could not; whether the connection is kept."""
+        flight = self._inflight
+        assert flight is not None
+        route = self._server.route
+        assert route is not None
+        access = self._server.access
+        req, rid = flight.req, flight.rid
+        status = 0
+        try:
+            if flight.state == _REST:
+                rest = flight.rest
+                assert rest is not None
+                status = flight.status
+                try:
+                    await write_rest(self, self._fd, rest)
+                finally:
+                    self.output.release(len(rest))
+                if access is not None:
+                    self._log(access, req, rid, status, flight.size)
+                close = False
+            else:
+                answer = flight.answer
+                if answer is None:
+                    flight.state = _AWAITED
+                    try:
+                        answer = await route.settle(flight.sent)
+                    except Exception:
+                        self._log_failure(req, rid)
+                        answer = route.error(500, "internal error")
+                status, headers, out = answer
+                close = self._closing(req)
+                extra = self._server.extra_lines(close, rid)
+                await self._write_answer(req.method, status, headers, out, extra)
+                if access is not None:
+                    sent = len(out) if framing.has_body(req.method, status) else 0
+                    self._log(access, req, rid, status, sent)
+        finally:
+            self._inflight = None
+            if flight.series is not None:
+                flight.series.finish(status, perf_counter() - flight.started)
+        return self._done(not close)
+
+    def _abandon(self) -> None:
+        """The connection ends with an append in flight: its answer is not written."""
+        flight = self._inflight
+        assert flight is not None
+        self._inflight = None
+        flight.state = _AWAITED
+        route = self._server.route
+        if route is not None:
+            route.abandon(flight.sent)
+        if flight.series is not None:
+            flight.series.finish(0, perf_counter() - flight.started)
 
     async def _body(self, req: _Request) -> bytes:
         parts, req.parts = req.parts, []

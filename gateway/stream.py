@@ -50,7 +50,14 @@ import trio
 from ds_cluster.common import bigjoin, wire
 from ds_cluster.common.paths import PathError, stream_path_from_url
 from ds_cluster.common.ring import Ring
-from ds_cluster.common.rpc_client import Call, ShardError, ShardPool, ShardTimeout, ShardUnavailable
+from ds_cluster.common.rpc_client import (
+    Call,
+    Delivered,
+    ShardError,
+    ShardPool,
+    ShardTimeout,
+    ShardUnavailable,
+)
 from ds_cluster.gateway import route as routes
 from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, error_answer
 from ds_cluster.gateway.auth import Denied
@@ -91,6 +98,43 @@ _ERROR_STATUS = {
     "moving": (503, True),
     "internal": (500, False),
 }
+
+
+class SentAppend:
+    """A plain append sent to its owner without waiting for the answer
+    (`StreamHandler.send`): its rendered answer goes to `arrived` from the shard
+    connection's reader; `StreamHandler.settle` awaits it instead when that could not
+    be (or was not) done."""
+
+    __slots__ = ("arrived", "call", "fields", "path", "ring")
+
+    def __init__(
+        self,
+        path: str,
+        fields: dict[str, Any],
+        arrived: Callable[[NativeAnswer | None], None],
+    ) -> None:
+        self.path = path
+        self.fields = fields  # kept for a retry on a ring change (`open_routed`)
+        self.arrived = arrived
+        self.ring: Ring | None = None
+        self.call: Call | None = None
+
+    def first(self, item: Delivered) -> None:
+        """The call's first item: a complete answer is rendered and handed on; anything
+        else (an error, a ring change, a lost connection) is None: `settle` it."""
+        answer: NativeAnswer | None = None
+        if (
+            type(item) is dict
+            and item["k"] == "res"
+            and not item["more"]
+            and not item["hit"]  # (`_exchange`'s 502)
+        ):
+            try:
+                answer = _rendered_answer(item, "POST")
+            except Exception:  # `settle` meets it again, and answers 500
+                answer = None
+        self.arrived(answer)
 
 
 class _ClientGone(Exception):
@@ -373,6 +417,43 @@ class StreamHandler:
             return self._answered_here(route)
         return await self.fanout.join(route.key, route.path, route.fields(body), subscriber)
 
+    def send(
+        self,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        arrived: Callable[[NativeAnswer | None], None],
+    ) -> SentAppend | None:
+        """A POST sent to its owner at once when it is a plain append and the owner's
+        connection takes it now; its answer goes to `arrived` (`SentAppend`). None: not
+        sent, `answer` serves the request."""
+        route = self.route("POST", target, headers)
+        if route.kind != routes.APPEND:
+            return None
+        sent = SentAppend(route.path, route.fields(body), arrived)
+        routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first)
+        if routed is None:
+            return None
+        sent.ring, sent.call = routed
+        return sent
+
+    async def settle(self, sent: SentAppend) -> NativeAnswer:
+        """The answer to an append `send` sent, awaited from here on (as `answer` would)."""
+        assert sent.ring is not None and sent.call is not None
+        res = await self._response(sent.path, sent.fields, sent=(sent.ring, sent.call))
+        if isinstance(res, tuple):
+            return res
+        if res["hit"]:
+            return error_answer(502, "the shard answered with a body the gateway does not hold")
+        return _rendered_answer(res, "POST")
+
+    def abandon(self, sent: SentAppend) -> None:
+        """Leave an append `send` sent (its client is gone): the shard is told to stop."""
+        call = sent.call
+        if call is not None:
+            call.first = None
+            call.close()
+
     @staticmethod
     def error(status: int, message: str) -> Answer:
         return error_answer(status, message)
@@ -560,11 +641,13 @@ class StreamHandler:
         path: str,
         fields: dict[str, Any],
         early: Callable[[wire.ResponseFrame], None] | None = None,
+        sent: tuple[Ring, Call] | None = None,
     ) -> wire.ResponseFrame | Answer:
         """The owner's complete `res` to one http call (a ring change or a move on the way
-        is retried by `open_routed`; `early` as there), or the error to answer instead."""
+        is retried by `open_routed`; `early` and `sent` as there), or the error to answer
+        instead."""
         try:
-            call = await self.pool.open_routed(path, "http", fields, early=early)
+            call = await self.pool.open_routed(path, "http", fields, early=early, sent=sent)
             try:
                 res = await call.response()
             finally:
