@@ -101,8 +101,8 @@ class CommitAnswers:
     async def run(self) -> None:
         queue = self._queue
         settled = self._service.settled
-        send = self._writer.send_nowait
-        response = rpc_core.response
+        send = self._writer.send_parts_nowait
+        encode = wire.encode_response
         finished = self._protocol.finished
         while True:
             if not queue:
@@ -116,7 +116,7 @@ class CommitAnswers:
                 call_id, settling = queue.popleft()
                 finished(call_id)
                 answer = settled(settling)
-                send(response(call_id, answer.status, answer.headers, answer.body, False))
+                send(encode(call_id, answer.status, answer.headers, answer.body))
 
 
 class _Parked:
@@ -331,8 +331,8 @@ class RpcServer:
         if isinstance(outcome, Settling):
             answers.add(call_id, outcome)
         else:
-            writer.send_nowait(
-                rpc_core.response(call_id, outcome.status, outcome.headers, outcome.body, False)
+            writer.send_parts_nowait(
+                wire.encode_response(call_id, outcome.status, outcome.headers, outcome.body)
             )
         return True
 
@@ -369,8 +369,8 @@ class RpcServer:
         if hit:
             self.service.counters.read_bytes_unsent += len(body)
             body = b""
-        writer.send_nowait(
-            rpc_core.response(call_id, response.status, response.headers, body, False, token, hit)
+        writer.send_parts_nowait(
+            wire.encode_response(call_id, response.status, response.headers, body, token, hit)
         )
         return True
 
