@@ -201,7 +201,8 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         shared.used += cost
-        self._due()
+        if not self._flush_due:  # (else due already: every frame of a batch asks)
+            self._due()
         return True
 
     def send_nowait(self, frame: wire.Outgoing | Mapping[str, object]) -> None:

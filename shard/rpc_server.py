@@ -90,11 +90,12 @@ class CommitAnswers:
         self._service = service
         self._writer = writer
         self._protocol = protocol
+        self._calls = protocol.calls
         self._queue: deque[tuple[int, Settling]] = deque()
         self._added = trio.Event()
 
     def add(self, call_id: int, settling: Settling) -> None:
-        self._protocol.started(call_id, COMMITTING)
+        self._calls[call_id] = COMMITTING  # (`protocol.started`, written out)
         self._queue.append((call_id, settling))
         self._added.set()
 
@@ -103,7 +104,7 @@ class CommitAnswers:
         settled = self._service.settled
         send = self._writer.send_parts_nowait
         encode = wire.encode_response
-        finished = self._protocol.finished
+        calls = self._calls
         while True:
             if not queue:
                 await self._added.wait()
@@ -112,9 +113,11 @@ class CommitAnswers:
             done = queue[0][1].job.done
             if not done.is_set():
                 await done.wait()
-            while queue and queue[0][1].job.done.is_set():
+            # The jobs of one group share its `done`: answer them all, then look again
+            # (a later group may be done by now too).
+            while queue and queue[0][1].job.done is done:
                 call_id, settling = queue.popleft()
-                finished(call_id)
+                calls.pop(call_id, None)  # (`protocol.finished`, written out)
                 answer = settled(settling)
                 send(encode(call_id, answer.status, answer.headers, answer.body))
 
