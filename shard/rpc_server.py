@@ -96,8 +96,10 @@ class CommitAnswers:
 
     def add(self, call_id: int, settling: Settling) -> None:
         self._calls[call_id] = COMMITTING  # (`protocol.started`, written out)
-        self._queue.append((call_id, settling))
-        self._added.set()
+        queue = self._queue
+        if not queue:  # (`run` waits for `_added` only with an empty queue)
+            self._added.set()
+        queue.append((call_id, settling))
 
     async def run(self) -> None:
         queue = self._queue
