@@ -201,18 +201,30 @@ class FrameWriter:
             self._owners += [owner] * len(parts)
         self._size += cost
         shared.used += cost
-        self._due()
+        if not self._flush_due:  # (else due already: every frame of a batch asks)
+            self._due()
         return True
 
     def send_nowait(self, frame: wire.Outgoing | Mapping[str, object]) -> None:
         if self.overflowed:
             return
         if not self.try_queue(wire.encode_parts(frame)):
-            held = self._size + self._writing
-            self.overflowed = True
-            self.release()
-            log.warning("dropping connection: peer left over %d bytes unread", held)
-            self._connection.cancel()
+            self._overflow()
+
+    def send_parts_nowait(self, parts: list[bytes]) -> None:
+        """`send_nowait` of a frame already encoded (`wire.encode_response`)."""
+        if self.overflowed:
+            return
+        if not self.try_queue(parts):
+            self._overflow()
+
+    def _overflow(self) -> None:
+        """The peer left more unread than the budgets allow: drop the connection."""
+        held = self._size + self._writing
+        self.overflowed = True
+        self.release()
+        log.warning("dropping connection: peer left over %d bytes unread", held)
+        self._connection.cancel()
 
     def has_room(self) -> bool:
         """Whether `send` would queue at once (no more than HIGH_WATER bytes unsent)."""

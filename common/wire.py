@@ -78,7 +78,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, NotRequired, TypedDict, TypeGuard
 
 import msgpack
@@ -285,6 +285,24 @@ def encode_parts(message: Mapping[str, object] | Outgoing) -> list[bytes]:
         _check_size(size)
         head[0] = _HEADER.pack(size)
         return [b"".join(head), body]
+    return [_framed(_packers.packer.pack(items))]
+
+
+def encode_response(
+    call_id: int,
+    status: int,
+    headers: Sequence[Sequence[str]],
+    body: bytes,
+    token: bytes = b"",
+    hit: bool = False,
+) -> list[bytes]:
+    """`encode_parts(rpc_core.response(call_id, status, headers, body, False, token, hit))`:
+    a complete http answer (no chunks follow), packed directly. Every append's and read's
+    answer is one; the general encoder's dispatch on the frame's form cost about a fifth
+    of the answer's encoding (callgrind: 11.0k -> 8.7k instructions for an append's)."""
+    items = [RES_HTTP, call_id, status, False, headers, token, hit, body]
+    if len(body) >= RAW_BODY_BYTES:
+        return encode_parts(items)
     return [_framed(_packers.packer.pack(items))]
 
 
@@ -499,7 +517,11 @@ class FrameDecoder:
                     self._need = 4 + length
                     break
                 pos = start + length
-                messages.append(_decode(view[start:pos]))
+                try:  # (`_decode`, written out: every frame passes here)
+                    message = _unpackb(view[start:pos])
+                except Exception as exc:  # msgpack raises several unrelated types
+                    raise WireError(f"undecodable frame: {exc}") from None
+                messages.append(parse(message))
             if messages:
                 self.frame_started = None
         if pos < size:

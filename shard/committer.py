@@ -347,13 +347,7 @@ class Committer:
                 if state is None or (old_sid is not None and old_sid != write.sid):
                     purged = True
                     entry.forget()
-                entry.committed = state
-                entry.committed_sid = write.sid if state is not None else None
-                entry.remember(write.records)
-                entry.write_done()
-                if entry.polls is None:
-                    entry.notify()
-                else:
+                if entry.committed_write(state, write.sid, write.records):
                     polled.append(entry)
         for entry in polled:  # (one answered and emptied its list: the rest do nothing)
             entry.notify()

@@ -90,20 +90,23 @@ class CommitAnswers:
         self._service = service
         self._writer = writer
         self._protocol = protocol
+        self._calls = protocol.calls
         self._queue: deque[tuple[int, Settling]] = deque()
         self._added = trio.Event()
 
     def add(self, call_id: int, settling: Settling) -> None:
-        self._protocol.started(call_id, COMMITTING)
-        self._queue.append((call_id, settling))
-        self._added.set()
+        self._calls[call_id] = COMMITTING  # (`protocol.started`, written out)
+        queue = self._queue
+        if not queue:  # (`run` waits for `_added` only with an empty queue)
+            self._added.set()
+        queue.append((call_id, settling))
 
     async def run(self) -> None:
         queue = self._queue
         settled = self._service.settled
-        send = self._writer.send_nowait
-        response = rpc_core.response
-        finished = self._protocol.finished
+        send = self._writer.send_parts_nowait
+        encode = wire.encode_response
+        calls = self._calls
         while True:
             if not queue:
                 await self._added.wait()
@@ -112,11 +115,13 @@ class CommitAnswers:
             done = queue[0][1].job.done
             if not done.is_set():
                 await done.wait()
-            while queue and queue[0][1].job.done.is_set():
+            # The jobs of one group share its `done`: answer them all, then look again
+            # (a later group may be done by now too).
+            while queue and queue[0][1].job.done is done:
                 call_id, settling = queue.popleft()
-                finished(call_id)
+                calls.pop(call_id, None)  # (`protocol.finished`, written out)
                 answer = settled(settling)
-                send(response(call_id, answer.status, answer.headers, answer.body, False))
+                send(encode(call_id, answer.status, answer.headers, answer.body))
 
 
 class _Parked:
@@ -331,8 +336,8 @@ class RpcServer:
         if isinstance(outcome, Settling):
             answers.add(call_id, outcome)
         else:
-            writer.send_nowait(
-                rpc_core.response(call_id, outcome.status, outcome.headers, outcome.body, False)
+            writer.send_parts_nowait(
+                wire.encode_response(call_id, outcome.status, outcome.headers, outcome.body)
             )
         return True
 
@@ -369,8 +374,8 @@ class RpcServer:
         if hit:
             self.service.counters.read_bytes_unsent += len(body)
             body = b""
-        writer.send_nowait(
-            rpc_core.response(call_id, response.status, response.headers, body, False, token, hit)
+        writer.send_parts_nowait(
+            wire.encode_response(call_id, response.status, response.headers, body, token, hit)
         )
         return True
 

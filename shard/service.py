@@ -57,13 +57,12 @@ class Settling:
     """An append decided by `ShardService.decide_now`, its job queued for commit: once
     `job.done` is set, `ShardService.settled` gives its response."""
 
-    __slots__ = ("entry", "job", "reply", "request")
+    __slots__ = ("entry", "job", "reply")
 
-    def __init__(self, entry: Entry, job: Job, reply: Reply, request: Request) -> None:
+    def __init__(self, entry: Entry, job: Job, reply: Reply) -> None:
         self.entry = entry
         self.job = job
         self.reply = reply
-        self.request = request
 
 
 class ShardService:
@@ -226,7 +225,7 @@ class ShardService:
         except StreamMoving:
             self.table.release_if_idle(entry)
             raise
-        return Settling(entry, job, decision, request)
+        return Settling(entry, job, decision)
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
         """A GET or HEAD answered on the spot, without a task of its own: the response
@@ -264,12 +263,22 @@ class ShardService:
             self.table.release_if_idle(entry)
 
     def settled(self, settling: Settling) -> Response:
-        """The response of a `decide_now` append whose job is done."""
-        self.table.release_if_idle(settling.entry)
+        """The response of a `decide_now` append whose job is done (counted as `_count`
+        counts a committed POST, written out: every append passes here)."""
+        entry = settling.entry
+        if entry.committed is None:  # (else not absent: nothing to release)
+            self.table.release_if_idle(entry)
         if settling.job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
         reply = settling.reply
-        self._count(settling.request, reply, reply.response)
+        records = reply.records
+        if records:
+            counters = self.counters
+            counters.appends += 1
+            size = 0
+            for record in records:
+                size += len(record.data)
+            counters.append_bytes += size
         return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:

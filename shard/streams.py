@@ -83,6 +83,27 @@ class Entry:
                 else:
                     self.polls[:0] = kept
 
+    def committed_write(
+        self, state: StreamState | None, sid: int, records: tuple[Record, ...]
+    ) -> bool:
+        """One of this stream's writes committed (the committer's pass over a group): the
+        entry moves forward, its records are remembered, the write is done, and its
+        readers are woken unless long-polls are parked here. True: they are, and the
+        caller notifies once the whole group moved forward (one call per write, where
+        this was four)."""
+        self.committed = state
+        self.committed_sid = sid if state is not None else None
+        if records:
+            self.remember(records)
+        self.write_done()
+        if self.polls is not None:
+            return True
+        changed = self._changed  # (`notify` without polls)
+        if changed is not None:
+            self._changed = None
+            changed.set()
+        return False
+
     async def wait_settled(self) -> None:
         """Wait until no write on this stream is queued or committing."""
         while self.inflight:

@@ -195,6 +195,19 @@ def evolve(state: StreamState, **changes: object) -> StreamState:
     return new
 
 
+def advance(state: StreamState, tail: int, now: float) -> StreamState:
+    """`evolve(state, tail=tail, closed=False, closed_by=None, last_access=now)`, what a
+    plain append changes (core.protocol's fast lane), without the keyword dict."""
+    d = state.__dict__.copy()
+    d["tail"] = tail
+    d["closed"] = False
+    d["closed_by"] = None
+    d["last_access"] = now
+    new = _new(StreamState)
+    _set_attribute(new, "__dict__", d)
+    return new
+
+
 # ---------------------------------------------------------------------------------------
 # Decisions: what the core tells the runtime to do next.
 

@@ -8,6 +8,7 @@ produces a state change.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import quote
 
 from ds_cluster.common.paths import PathError, stream_path_from_url
@@ -26,6 +27,7 @@ from .headers import (
     parse_sub_offset,
     parse_ttl,
     request_content_type,
+    valid_content_type,
 )
 from .model import (
     BodyPieces,
@@ -41,6 +43,7 @@ from .model import (
     StartSse,
     StreamState,
     Wait,
+    advance,
     evolve,
 )
 from .offsets import BEGINNING, MAX_POSITION, NOW, decode, encode
@@ -96,6 +99,10 @@ def handle(
         if method == "GET":
             return _read(request, state, now, config, resume)
         if method == "POST":
+            if state is not None:
+                reply = _plain_append(request, state, now)
+                if reply is not None:
+                    return reply
             return _append(request, state, now)
         if method == "PUT":
             return _create(request, state, now)
@@ -144,6 +151,52 @@ def _delete(state: StreamState | None, now: float) -> Reply:
 
 # ---------------------------------------------------------------------------------------
 # POST: append / close
+
+
+# Headers whose presence makes an append more than plain data at the tail.
+_NOT_PLAIN = ("producer-id", "producer-epoch", "producer-seq", "stream-closed", "stream-seq")
+
+
+@lru_cache(maxsize=1024)
+def _plain_type(content_type: str) -> bool:
+    """Whether an append sending the stream's own `content_type` string has nothing to
+    check of it: a valid type (as `request_content_type` would find it), not JSON."""
+    return valid_content_type(content_type) and not is_json(content_type)
+
+
+def _plain_append(request: Request, state: StreamState, now: float) -> Reply | None:
+    """The common append, decided exactly as `_append` would, in fewer steps; None when
+    it is not that case (and `_append` decides). Plain: a live stream without expiry,
+    not closed; no producer, Stream-Seq or Stream-Closed header; the stream's own
+    Content-Type string; a binary body of one record, not prepared by the runtime.
+
+    Every client append repeats this case, and `_append` spends most of its steps on
+    the others (three header parsers, the 409 checks, evolve's keyword changes)."""
+    if (
+        state.closed
+        or state.soft_deleted
+        or state.ttl is not None
+        or state.expires_at_ts is not None
+        or request.body_pieces is not None
+    ):
+        return None
+    body = request.body
+    size = len(body)
+    if not size or size > bodies.MAX_RECORD_BYTES:
+        return None
+    headers = request.headers
+    for name in _NOT_PLAIN:
+        if name in headers:
+            return None
+    content_type = state.content_type
+    if headers.get("content-type") != content_type or not _plain_type(content_type):
+        return None
+    tail = state.tail
+    new_tail = tail + size
+    if new_tail > MAX_POSITION:
+        return None
+    response = Response(204, (("stream-next-offset", encode(new_tail)),))
+    return Reply(response, True, advance(state, new_tail, now), (Record(tail, new_tail, body),))
 
 
 def _append(request: Request, state: StreamState | None, now: float) -> Reply:
