@@ -916,33 +916,28 @@ class Http1Connection:
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
         if self._stopped or server.terminated():
             return False
-        status, headers, body = answer
-        head, body = _rendered(
-            req.method, status, headers, body, server.extra_lines(False, flight.rid)
-        )
-        if len(body) >= SEPARATE_BODY_BYTES:
+        status = answer[0]
+        rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
+        if rendered is None:
             return False
-        data = head + body if body else head
+        data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
+        written = self._write_some(data)
+        if written is None:
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):
             rest = flight.rest = memoryview(data)[written:]
             self.output.admit(len(rest))
-            flight.size = len(body)
+            flight.size = size
             flight.status = status
             flight.state = _REST
             return False
         self._inflight = None
         access = self._server.access
         if access is not None:
-            self._log(access, req, flight.rid, status, len(body))
+            self._log(access, req, flight.rid, status, size)
         if flight.series is not None:
             flight.series.finish(status, perf_counter() - flight.started)
         self._done(True)
@@ -1295,28 +1290,32 @@ class Http1Connection:
         if at_once is None or self._stopped:
             return
         req, rid = at_once
-        status, headers, body = answer
         close = self._closing(req)
-        head, body = _rendered(
-            req.method, status, headers, body, self._server.extra_lines(close, rid)
-        )
-        if len(body) >= SEPARATE_BODY_BYTES:
+        rendered = _whole(req.method, answer, self._server.extra_lines(close, rid))
+        if rendered is None:
             return
-        data = head + body if body else head
+        data, size = rendered
         output = self.output
         if not output.admit(len(data)):
             return
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
+        written = self._write_some(data)
+        if written is None:
             output.release(len(data))
             return  # the client is gone: the task's own write finds out
         self._at_once = None
         output.release(written)
         rest = memoryview(data)[written:] if written < len(data) else None
-        self._wrote = (status, len(body), close, rest)
+        self._wrote = (answer[0], size, close, rest)
+
+    def _write_some(self, data: bytes) -> int | None:
+        """Write what the socket takes of `data` now, from any task: how much (0 when it
+        takes nothing), or None when the client is gone."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
 
     async def _write_pair(self, head: bytes, body: bytes) -> None:
         """`head` then `body`, the body never copied behind the head."""
@@ -1557,6 +1556,16 @@ class SseClient:
         self._conn.output.release(self.queued)
         self.queued = 0
         self._conn.stop_reading()
+
+
+def _whole(method: str, answer: NativeAnswer, extra: bytes) -> tuple[bytes, int] | None:
+    """`answer` rendered as one write's bytes, with its body's size; None when its body
+    is large enough to be written apart (the connection's task does that, uncopied)."""
+    status, headers, body = answer
+    head, body = _rendered(method, status, headers, body, extra)
+    if len(body) >= SEPARATE_BODY_BYTES:
+        return None
+    return (head + body if body else head), len(body)
 
 
 def _rendered(
