@@ -263,22 +263,15 @@ class ShardService:
             self.table.release_if_idle(entry)
 
     def settled(self, settling: Settling) -> Response:
-        """The response of a `decide_now` append whose job is done (counted as `_count`
-        counts a committed POST, written out: every append passes here)."""
+        """The response of a `decide_now` append whose job is done."""
         entry = settling.entry
         if entry.committed is None:  # (else not absent: nothing to release)
             self.table.release_if_idle(entry)
         if settling.job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
         reply = settling.reply
-        records = reply.records
-        if records:
-            counters = self.counters
-            counters.appends += 1
-            size = 0
-            for record in records:
-                size += len(record.data)
-            counters.append_bytes += size
+        if reply.records:
+            self._count_append(reply.records)
         return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
@@ -359,13 +352,18 @@ class ShardService:
         """Count a committed append, or a read's body bytes, for metrics."""
         if request.method == "POST":
             if reply.records and response is reply.response:  # committed (not a 503)
-                self.counters.appends += 1
-                size = 0
-                for record in reply.records:
-                    size += len(record.data)
-                self.counters.append_bytes += size
+                self._count_append(reply.records)
         elif request.method == "GET":
             self.counters.read_bytes += len(response.body)
+
+    def _count_append(self, records: tuple[Record, ...]) -> None:
+        """Count a committed append of `records`, for metrics."""
+        counters = self.counters
+        counters.appends += 1
+        size = 0
+        for record in records:
+            size += len(record.data)
+        counters.append_bytes += size
 
     def _stage(
         self,
