@@ -493,3 +493,30 @@ def test_frames_spanning_reads_decode_the_same_in_any_pieces(step: int) -> None:
     assert [f["k"] for f in whole] == kinds
     got = [f["b"] or f["a"]["b"] for f in whole if f["k"] != "cancel"]  # type: ignore[typeddict-item]
     assert got == bodies
+
+
+@given(
+    call_id=st.one_of(
+        st.integers(0, 300),
+        st.integers(0, wire.MAX_CALL_ID),
+        st.sampled_from([0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 2**32 - 1, 2**32]),
+    ),
+    value=st.one_of(
+        st.text(min_size=33, max_size=33),
+        st.text(alphabet="0123456789_", min_size=31, max_size=35),
+    ),
+    status=st.sampled_from([204, 200]),
+    name=st.sampled_from(["stream-next-offset", "etag"]),
+)
+def test_an_appends_answer_is_packed_as_the_packer_packs_it(
+    call_id: int, value: str, status: int, name: str
+) -> None:
+    """`encode_response`'s template for an append's 204 gives the Packer's very bytes, and
+    any other answer (another status, header, offset length, non-ASCII) takes the Packer."""
+    headers = ((name, value),)
+    packed = msgpack.packb(
+        [wire.RES_HTTP, call_id, status, False, headers, b"", False, b""], use_bin_type=True
+    )
+    expected = [len(packed).to_bytes(4, "big") + packed]
+    assert wire.encode_response(call_id, status, headers, b"") == expected
+    assert wire.encode_response(call_id, status, [list(headers[0])], b"") == expected
