@@ -105,6 +105,7 @@ class CommitAnswers:
         queue = self._queue
         settled = self._service.settled
         send = self._writer.send_parts_nowait
+        send_frames = self._writer.send_frames_nowait
         encode = wire.encode_response
         calls = self._calls
         while True:
@@ -115,13 +116,23 @@ class CommitAnswers:
             done = queue[0][1].job.done
             if not done.is_set():
                 await done.wait()
-            # The jobs of one group share its `done`: answer them all, then look again
-            # (a later group may be done by now too).
+            # The jobs of one group share its `done`: answer them all, queued together,
+            # then look again (a later group may be done by now too).
+            frames: list[bytes] = []
             while queue and queue[0][1].job.done is done:
                 call_id, settling = queue.popleft()
                 calls.pop(call_id, None)  # (`protocol.finished`, written out)
                 answer = settled(settling)
-                send(encode(call_id, answer.status, answer.headers, answer.body))
+                parts = encode(call_id, answer.status, answer.headers, answer.body)
+                if len(parts) == 1:
+                    frames.append(parts[0])
+                else:  # (a large body, sent without a copy: after those before it)
+                    if frames:
+                        send_frames(frames)
+                        frames = []
+                    send(parts)
+            if frames:
+                send_frames(frames)
 
 
 class _Parked:

@@ -199,8 +199,12 @@ class ShardService:
         now (nothing to commit), a `Settling` whose response goes once its job is done
         (`settled`), or None when the request needs the full path (`handle_http`): not a
         POST, a large body, a stream moving or a decision that must wait. Raises what
-        `handle_http` would raise (StreamMoving, StorageUnavailable) before changing
-        anything."""
+        `handle_http` would raise (StorageUnavailable) before changing anything.
+
+        `request` is on a path this shard owns under the current ring (the caller checked
+        it, as `RpcServer._local_request` does, without waiting since): with
+        `admits_now` (not arriving), its write is not fenced, and it is submitted without
+        asking again."""
         path = request.path
         if (
             request.method != "POST"
@@ -220,11 +224,7 @@ class ShardService:
             return decision.response
         job = Job()
         self._stage(job, entry, decision.state, decision.records, fresh=decision.fresh)
-        try:
-            self.committer.submit(job)
-        except StreamMoving:
-            self.table.release_if_idle(entry)
-            raise
+        self.committer.submit_admitted(job)
         return Settling(entry, job, decision)
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
