@@ -40,7 +40,7 @@ from ds_cluster.common.cluster_auth import AuthError, ServerHandshake
 from ds_cluster.common.paths import PathError, check_canonical
 from ds_cluster.common.ring import Ring
 from ds_cluster.common.rpc_transport import FrameReader, FrameWriter, WriteBudget
-from ds_cluster.shard.committer import StorageUnavailable
+from ds_cluster.shard.committer import Job, StorageUnavailable
 from ds_cluster.shard.core.model import Request, Response
 from ds_cluster.shard.peers import PeerUnavailable
 from ds_cluster.shard.polls import ParkedPoll
@@ -98,7 +98,7 @@ class CommitAnswers:
         self._writer = writer
         self._protocol = protocol
         self._calls = protocol.calls
-        self._queue: deque[tuple[int, Settling]] = deque()
+        self._queue: deque[tuple[int, Job, Settling]] = deque()  # (call id, its job, ...)
         self._added = trio.Event()
 
     def add(self, call_id: int, settling: Settling) -> None:
@@ -106,7 +106,7 @@ class CommitAnswers:
         queue = self._queue
         if not queue:  # (`run` waits for `_added` only with an empty queue)
             self._added.set()
-        queue.append((call_id, settling))
+        queue.append((call_id, settling[1], settling))
 
     async def run(self) -> None:
         queue = self._queue
@@ -120,14 +120,14 @@ class CommitAnswers:
                 await self._added.wait()
                 self._added = trio.Event()
                 continue
-            done = queue[0][1].job.done
+            done = queue[0][1].done
             if not done.is_set():
                 await done.wait()
             # The jobs of one group share its `done`: answer them all, queued together,
             # then look again (a later group may be done by now too).
             frames: list[bytes] = []
-            while queue and queue[0][1].job.done is done:
-                call_id, settling = queue.popleft()
+            while queue and queue[0][1].done is done:
+                call_id, _job, settling = queue.popleft()
                 calls.pop(call_id, None)  # (`protocol.finished`, written out)
                 answer = settled(settling)
                 parts = encode(call_id, answer.status, answer.headers, answer.body)
@@ -351,7 +351,7 @@ class RpcServer:
             return True
         if outcome is None:
             return False
-        if isinstance(outcome, Settling):
+        if isinstance(outcome, tuple):  # a Settling
             answers.add(call_id, outcome)
         else:
             writer.send_parts_nowait(

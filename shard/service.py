@@ -53,16 +53,11 @@ Respond = Callable[[Response, bool], Awaitable[None]]  # (head, more body follow
 SendChunk = Callable[[bytes, bool], Awaitable[None]]  # (body bytes, more follows)
 
 
-class Settling:
-    """An append decided by `ShardService.decide_now`, its job queued for commit: once
-    `job.done` is set, `ShardService.settled` gives its response."""
-
-    __slots__ = ("entry", "job", "reply")
-
-    def __init__(self, entry: Entry, job: Job, reply: Reply) -> None:
-        self.entry = entry
-        self.job = job
-        self.reply = reply
+# An append decided by `ShardService.decide_now`, its job queued for commit: (its
+# stream's entry, the job, the core's reply); once the job's `done` is set,
+# `ShardService.settled` gives its response. A tuple, not a class: every append makes
+# one, and a class's `__init__` cost about 1.8k instructions, a tuple about a tenth.
+Settling = tuple[Entry, Job, Reply]
 
 
 class ShardService:
@@ -225,7 +220,7 @@ class ShardService:
         job = Job()
         self._stage(job, entry, decision.state, decision.records, fresh=decision.fresh)
         self.committer.submit_admitted(job)
-        return Settling(entry, job, decision)
+        return (entry, job, decision)
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
         """A GET or HEAD answered on the spot, without a task of its own: the response
@@ -264,12 +259,11 @@ class ShardService:
 
     def settled(self, settling: Settling) -> Response:
         """The response of a `decide_now` append whose job is done."""
-        entry = settling.entry
+        entry, job, reply = settling
         if entry.committed is None:  # (else not absent: nothing to release)
             self.table.release_if_idle(entry)
-        if settling.job.error is not None:
+        if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        reply = settling.reply
         if reply.records:
             self._count_append(reply.records)
         return reply.response
