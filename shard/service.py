@@ -217,9 +217,9 @@ class ShardService:
                 self.committer.touch(entry, now)
             self.table.release_if_idle(entry)
             return decision.response
-        job = Job()
-        self._stage(job, entry, decision.state, decision.records, fresh=decision.fresh)
-        self.committer.submit_admitted(job)
+        job = self.committer.shared_job()
+        write = self._stage(job, entry, decision.state, decision.records, fresh=decision.fresh)
+        self.committer.admitted(entry, write)
         return (entry, job, decision)
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
@@ -367,8 +367,9 @@ class ShardService:
         records: tuple[Record, ...] = (),
         *,
         fresh: bool = False,
-    ) -> None:
-        """Add one stream's new state to `job`, with the fork release it implies."""
+    ) -> StreamWrite:
+        """Add one stream's new state to `job`, with the fork release it implies; the
+        write added."""
         previous = entry.pending
         old_sid = entry.pending_sid
         if state is None:
@@ -382,15 +383,15 @@ class ShardService:
             job.outbox_put.append((previous.fork.ref, previous.fork.source, "due"))
         kept = previous if not replaced else None  # the state this write follows, if any
         producers = kept.producers if kept is not None else None
-        job.writes.append(
-            (entry, StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers, kept))
-        )
+        write = StreamWrite(entry.path, sid, old_sid, state, tuple(records), producers, kept)
         # New data, or the stream gone: matching subscriptions' owners are told after
         # the commit, from a notice row committed with this write.
         new_tail = state.tail if state is not None else None
         old_tail = previous.tail if previous is not None else None
         if new_tail != old_tail and (new_tail is None or new_tail > 0):
             self.subs.notices.stage(job, entry.path)
+        job.writes.append((entry, write))  # (last: the job may be queued already)
+        return write
 
     # -- long-polls parked without a task (`shard.polls`) --------------------------------
 
