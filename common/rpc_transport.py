@@ -218,6 +218,25 @@ class FrameWriter:
         if not self.try_queue(parts):
             self._overflow()
 
+    def send_frames_nowait(self, frames: list[bytes]) -> None:
+        """`send_parts_nowait` of each of `frames` (whole frames of one piece each, as
+        `wire.encode_response` makes most), queued in one step when the budgets take them
+        all: a group commit's answers to one connection, one call instead of one each."""
+        if self.overflowed:
+            return
+        cost = sum(map(len, frames)) + FRAME_OVERHEAD * len(frames)
+        shared = self._shared
+        if self._size + self._writing + cost > self._budget or shared.used + cost > shared.limit:
+            for frame in frames:  # one by one, as each would have been queued alone
+                self.send_parts_nowait([frame])
+            return
+        self._frames += frames
+        self._owners += [None] * len(frames)
+        self._size += cost
+        shared.used += cost
+        if not self._flush_due:
+            self._due()
+
     def _overflow(self) -> None:
         """The peer left more unread than the budgets allow: drop the connection."""
         held = self._size + self._writing

@@ -300,6 +300,15 @@ def encode_response(
     a complete http answer (no chunks follow), packed directly. Every append's and read's
     answer is one; the general encoder's dispatch on the frame's form cost about a fifth
     of the answer's encoding (callgrind: 11.0k -> 8.7k instructions for an append's)."""
+    if status == 204 and not body and not token and not hit and len(headers) == 1:
+        name, value = headers[0]
+        if (
+            name == "stream-next-offset"
+            and type(value) is str
+            and len(value) == _OFFSET_CHARS
+            and value.isascii()
+        ):
+            return [_append_answer(call_id, value)]
     items = [RES_HTTP, call_id, status, False, headers, token, hit, body]
     if len(body) >= RAW_BODY_BYTES:
         return encode_parts(items)
@@ -316,6 +325,65 @@ def _framed(packed: bytes) -> bytes:
 
 # Positional kind tags (see the module's docstring).
 REQ_HTTP, REQ_OP, RES_HTTP, RES_OP, CHUNK, CANCEL, ERR = range(7)
+
+
+# An append's answer (a 204 whose one header is the stream's next offset, 33 ASCII
+# characters: shard.core.offsets) differs from another's only in its call id and offset:
+# it is the packed bytes of a template with those two put in (the Packer's 4.2k
+# instructions per answer, for its generic dispatch on eight items, down to a join).
+_OFFSET_CHARS = 33
+
+
+def _append_template() -> tuple[bytes, bytes, bytes]:
+    """(before the call id, between it and the offset, after the offset), cut out of
+    the Packer's own bytes for call id 0 and a sample offset."""
+    packer = msgpack.Packer(use_bin_type=True)
+    offset = "0" * _OFFSET_CHARS
+    sample = packer.pack(
+        [RES_HTTP, 0, 204, False, [["stream-next-offset", offset]], b"", False, b""]
+    )
+    head = packer.pack_array_header(8) + packer.pack(RES_HTTP)
+    tail = packer.pack(b"") + packer.pack(False) + packer.pack(b"")
+    start = len(head) + len(packer.pack(0))
+    middle = sample[start : len(sample) - len(tail) - _OFFSET_CHARS]
+    if sample != head + packer.pack(0) + middle + offset.encode() + tail:  # (a new msgpack)
+        raise RuntimeError("msgpack packs an append's answer unlike its template")
+    return head, middle, tail
+
+
+_APPEND_HEAD, _APPEND_MIDDLE, _APPEND_TAIL = _append_template()
+_APPEND_FIXED = len(_APPEND_HEAD) + len(_APPEND_MIDDLE) + _OFFSET_CHARS + len(_APPEND_TAIL)
+_FIXINTS = [bytes((value,)) for value in range(0x80)]
+_U8, _U16, _U32, _U64 = (struct.Struct(f">B{c}") for c in "BHIQ")
+
+
+def _uint(value: int) -> bytes:
+    """msgpack's encoding of a non-negative int, as the Packer chooses it (the smallest)."""
+    if value < 0x80:
+        return _FIXINTS[value]
+    if value <= 0xFF:
+        return _U8.pack(0xCC, value)
+    if value <= 0xFFFF:
+        return _U16.pack(0xCD, value)
+    if value <= 0xFFFFFFFF:
+        return _U32.pack(0xCE, value)
+    return _U64.pack(0xCF, value)
+
+
+def _append_answer(call_id: int, offset: str) -> bytes:
+    """The framed answer `[RES_HTTP, call_id, 204, False, [["stream-next-offset",
+    offset]], b"", False, b""]` of an append (`offset`: 33 ASCII characters)."""
+    packed_id = _uint(call_id)
+    return b"".join(
+        (
+            _pack_length(_APPEND_FIXED + len(packed_id)),
+            _APPEND_HEAD,
+            packed_id,
+            _APPEND_MIDDLE,
+            offset.encode(),
+            _APPEND_TAIL,
+        )
+    )
 
 
 def request_items(

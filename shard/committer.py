@@ -114,7 +114,8 @@ def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
 
 
 class Job:
-    """One request's durable changes, committed atomically with its batch.
+    """One request's durable changes, committed atomically with its batch (or those of
+    the appends decided on the spot since the last group was taken: `shared_job`).
 
     `statements` are further bookkeeping for the same transaction (moves, settings), with
     `extra_bytes` the data they carry; `unfenced` marks the moves' own jobs, which may
@@ -178,6 +179,11 @@ class Committer:
         self._after_commit = after_commit
         self._queue: list[Job] = []
         self._queued_done = trio.Event()  # the `done` of the jobs in _queue
+        self._queued_requests = 0  # the requests whose writes _queue holds
+        # The job in _queue that appends decided on the spot share (`shared_job`), while
+        # it is the last one: a job submitted after it closes it, keeping the writes of a
+        # stream in the order they were decided.
+        self._shared: Job | None = None
         self._wake = trio.Event()
         self._woke_at = -math.inf  # when the last wake was served (idle deadlines count from it)
         self._dirty: dict[str, Entry] = {}
@@ -218,14 +224,40 @@ class Committer:
             for entry, _write in job.writes:
                 if self.fenced(entry.path):
                     raise StreamMoving(entry.path)
+        return self.submit_admitted(job)
+
+    def submit_admitted(self, job: Job) -> Job:
+        """`submit` of a job whose streams the caller has found not fenced."""
         for entry, write in job.writes:
             entry.pending = write.state
             entry.pending_sid = write.sid
             entry.inflight += 1
         job.done = self._queued_done
         self._queue.append(job)
+        self._queued_requests += 1
+        self._shared = None  # (later appends go into a job after this one)
         self._wake.set()
         return job
+
+    def shared_job(self) -> Job:
+        """The job queued for the next group commit that the appends decided on the spot
+        share (`ShardService.decide_now`): a job per append, with its six lists, cost
+        about 2k instructions. Its writes are added by the caller and then `admitted`."""
+        job = self._shared
+        if job is None:
+            job = self._shared = Job()
+            job.done = self._queued_done
+            self._queue.append(job)
+            self._wake.set()
+        return job
+
+    def admitted(self, entry: Entry, write: StreamWrite) -> None:
+        """`write` of `entry`'s stream, just added to the `shared_job`, is queued: its
+        fence was checked by the caller under the current ring, without a wait since."""
+        entry.pending = write.state
+        entry.pending_sid = write.sid
+        entry.inflight += 1
+        self._queued_requests += 1
 
     def touch(self, entry: Entry, now: float) -> None:
         """A read refreshed a TTL stream's countdown; persist it lazily."""
@@ -296,6 +328,8 @@ class Committer:
 
     async def _commit_queued(self) -> None:
         jobs, self._queue = self._queue, []
+        requests, self._queued_requests = self._queued_requests, 0
+        self._shared = None
         done = self._queued_done
         if jobs:
             self._queued_done = trio.Event()
@@ -324,16 +358,16 @@ class Committer:
             self._take_touches(batch, jobs)
         started = time.perf_counter()
         try:
-            await self._commit(batch, size, len(jobs))
+            await self._commit(batch, size, requests)
         except Exception as exc:
-            log.error("commit of %d jobs failed: %s", len(jobs), exc)
+            log.error("commit of %d requests' writes failed: %s", requests, exc)
             if is_storage_error(exc):
                 self._store.mark_failed(describe(exc))
             self._fail(jobs, exc)
             return
         if jobs:
             self.durations.observe(time.perf_counter() - started)
-            self.batch_sizes.observe(len(jobs))
+            self.batch_sizes.observe(requests)
         # One pass over the writes: their entries move forward, and whether a stream's
         # data was purged (a delete or a new incarnation) is noted on the way. Streams
         # with parked long-polls are notified after it, so that a poll is answered once,
@@ -369,7 +403,7 @@ class Committer:
             if entry.committed is not None:
                 batch.touches.append((path, entry.committed))
 
-    async def _commit(self, batch: Batch, size: int, jobs: int) -> None:
+    async def _commit(self, batch: Batch, size: int, requests: int) -> None:
         """Run the transaction on the loop when the group is small and commits are quick:
         a thread hop per group costs more CPU than such a commit (see INLINE_MAX_JOBS).
         Else (more than INLINE_BATCH_BYTES or INLINE_MAX_JOBS) run it in a worker
@@ -378,7 +412,8 @@ class Committer:
         disk, not one preemption) send the next INLINE_RETRY_SECONDS of commits to the
         thread."""
         now = trio.current_time()
-        if size <= INLINE_BATCH_BYTES and jobs <= INLINE_MAX_JOBS and now >= self._threaded_until:
+        inline = size <= INLINE_BATCH_BYTES and requests <= INLINE_MAX_JOBS
+        if inline and now >= self._threaded_until:
             self._store.commit(batch)
             took = trio.current_time() - now
             self._slow_in_a_row = self._slow_in_a_row + 1 if took > INLINE_COMMIT_SECONDS else 0
@@ -481,6 +516,8 @@ class Committer:
         # Later queued jobs were validated against states that now will never exist.
         failed = jobs + self._queue
         self._queue = []
+        self._queued_requests = 0
+        self._shared = None
         if failed:
             self._queued_done = trio.Event()  # the failed jobs' events are set below
         for job in failed:

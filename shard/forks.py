@@ -45,8 +45,8 @@ from ds_cluster.shard.streams import Entry, StreamTable
 
 log = logging.getLogger(__name__)
 
-# (job, entry, new state, records, fresh) -> None; see ShardService._stage
-Stage = Callable[..., None]
+# (job, entry, new state, records, fresh) -> the write added; see ShardService._stage
+Stage = Callable[..., object]
 
 MAX_SERVED_BYTES = 8 * 1024 * 1024  # per read_fork answer (a single record may exceed it)
 READ_RETRIES = 3  # a read whose stream was replaced while it waited on the source restarts

@@ -967,22 +967,25 @@ class Store:
         records = write.records
         if records:
             sid = write.sid
-            if len(records) == 1:  # an append's usual one record: no comprehension (a call)
-                record = records[0]
-                rows = [(sid, record.end, record.start, record.data)]
-            else:
-                rows = [(sid, r.end, r.start, r.data) for r in records]
             journal_sids = self._journal_sids
             if sid not in journal_sids and sum(len(r.data) for r in records) >= DIRECT_WRITE_BYTES:
                 conn.executemany(
                     "INSERT INTO records (sid, end_pos, start_pos, data) VALUES (?, ?, ?, ?)",
-                    rows,
+                    [(sid, r.end, r.start, r.data) for r in records],
                 )
             else:
                 # Noted before the commit: a superset is harmless (a later large write
                 # goes to the journal), a missing stream would not be.
                 journal_sids.add(sid)
-                pending.journal += rows
+                # The data as a bytearray, stored as the same BLOB: sqlite3 binds it as it
+                # is, where a `bytes` parameter first goes through its adapter lookup (two
+                # failed attribute lookups, one raising inside), 3.3k instructions per row
+                # against a copy of a small record's bytes.
+                if len(records) == 1:  # an append's usual one record: no comprehension
+                    record = records[0]
+                    pending.journal.append((sid, record.end, record.start, bytearray(record.data)))
+                else:
+                    pending.journal += [(sid, r.end, r.start, bytearray(r.data)) for r in records]
                 if not stored and _only_tail_moved(write.previous, state):
                     stored = True  # its journal rows say where its tail is now
         if not stored:
@@ -1015,7 +1018,7 @@ class _PendingRows:
     )
 
     def __init__(self) -> None:
-        self.journal: list[tuple[int, int, int, bytes]] = []
+        self.journal: list[tuple[int, int, int, bytearray]] = []
         self.producers: list[tuple[int, str, int, int]] = []
         self.states: dict[str, tuple[int, StreamState]] = {}  # path -> (sid, its newest state)
         self.journal_rows = 0
@@ -1069,33 +1072,29 @@ class _PendingRows:
             self.states = {}
 
 
-# What a stored state holds besides its tail and last access (producers have their own
-# table, the path is the row's key): an append that changes none of it, on a stream whose
-# last access nothing reads (no TTL, no expiry time, no fork origin), leaves the row to lag.
-_STORED_BESIDES_TAIL = operator.attrgetter(
-    "content_type",
-    "created_at",
-    "closed",
-    "ttl",
-    "expires_at",
-    "expires_at_ts",
-    "last_stream_seq",
-    "closed_by",
-    "fork",
-    "soft_deleted",
-    "refcount",
-)
-
-
 def _only_tail_moved(previous: StreamState | None, state: StreamState) -> bool:
     """Whether the row holding `previous` may stay as it is for `state` (the journal's
-    rows give the new tail: see the module docstring)."""
+    rows give the new tail: see the module docstring): a stream whose last access nothing
+    reads (no TTL, no expiry time, no fork origin), whose stored state besides its tail
+    and last access (producers have their own table, the path is the row's key) did not
+    change. Written out attribute by attribute: an `attrgetter` of the eleven, applied to
+    both states, cost about 6k instructions per append (its generic lookups)."""
     return (
         previous is not None
         and state.ttl is None
         and state.expires_at_ts is None
         and state.fork is None
-        and _STORED_BESIDES_TAIL(previous) == _STORED_BESIDES_TAIL(state)
+        and previous.ttl is None
+        and previous.expires_at_ts is None
+        and previous.fork is None
+        and previous.closed == state.closed
+        and previous.content_type == state.content_type
+        and previous.created_at == state.created_at
+        and previous.expires_at == state.expires_at
+        and previous.last_stream_seq == state.last_stream_seq
+        and previous.closed_by == state.closed_by
+        and previous.soft_deleted == state.soft_deleted
+        and previous.refcount == state.refcount
     )
 
 

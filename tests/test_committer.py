@@ -247,3 +247,48 @@ async def test_unwritable_files_fail_writes_at_once_and_recover_by_reopening(
     reopened = Store(tmp_path)
     assert [r.data for r in reopened.read_records(1, 0, 1024)] == [b"before", b"after"]
     reopened.close()
+
+
+def shared_write(committer: Committer, entry: Entry, sid: int, data: bytes) -> Job:
+    """An append decided on the spot: its write added to the shared job, then admitted."""
+    own = job_for(entry, sid, data)
+    [(_entry, write)] = own.writes
+    job = committer.shared_job()
+    job.writes.append((entry, write))
+    committer.admitted(entry, write)
+    return job
+
+
+async def test_appends_decided_on_the_spot_share_a_job_closed_by_any_other(
+    tmp_path: Path,
+) -> None:
+    """Appends decided on the spot share one job until a group takes it or another job is
+    queued after it (the writes stay in the order they were decided); the group's size
+    counts requests, not jobs."""
+    store = RecordingStore(tmp_path)
+    committer = Committer(store, lambda jobs: None)
+    entry = Entry("s")
+    first = shared_write(committer, entry, 1, b"a")
+    assert shared_write(committer, entry, 1, b"b") is first
+    assert entry.inflight == 2 and entry.pending is not None and entry.pending.tail == 2
+    between = committer.submit(job_for(entry, 1, b"c"))
+    after = shared_write(committer, entry, 1, b"d")
+    assert after is not first and after is not between
+    assert sum(committer.batch_sizes.counts) == 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        with trio.fail_after(60):
+            await after.wait()
+        assert first.done is between.done is after.done  # one group
+        # The group took the shared job: the next append opens another.
+        last = shared_write(committer, entry, 1, b"e")
+        assert last is not after
+        with trio.fail_after(60):
+            await last.wait()
+        nursery.cancel_scope.cancel()
+    assert sum(committer.batch_sizes.counts) == 2 and committer.batch_sizes.sum == 5
+    assert entry.inflight == 0
+    reopened = Store(tmp_path)
+    assert [r.data for r in reopened.read_records(1, 0, 1024)] == [b"a", b"b", b"c", b"d", b"e"]
+    reopened.close()
+    store.close()

@@ -493,3 +493,59 @@ def test_frames_spanning_reads_decode_the_same_in_any_pieces(step: int) -> None:
     assert [f["k"] for f in whole] == kinds
     got = [f["b"] or f["a"]["b"] for f in whole if f["k"] != "cancel"]  # type: ignore[typeddict-item]
     assert got == bodies
+
+
+@given(
+    call_id=st.one_of(
+        st.integers(0, 300),
+        st.integers(0, wire.MAX_CALL_ID),
+        st.sampled_from([0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 2**32 - 1, 2**32]),
+    ),
+    value=st.one_of(
+        st.text(min_size=33, max_size=33),
+        st.text(alphabet="0123456789_", min_size=31, max_size=35),
+    ),
+    status=st.sampled_from([204, 200]),
+    name=st.sampled_from(["stream-next-offset", "etag"]),
+)
+def test_an_appends_answer_is_packed_as_the_packer_packs_it(
+    call_id: int, value: str, status: int, name: str
+) -> None:
+    """`encode_response`'s template for an append's 204 gives the Packer's very bytes, and
+    any other answer (another status, header, offset length, non-ASCII) takes the Packer."""
+    headers = ((name, value),)
+    packed = msgpack.packb(
+        [wire.RES_HTTP, call_id, status, False, headers, b"", False, b""], use_bin_type=True
+    )
+    expected = [len(packed).to_bytes(4, "big") + packed]
+    assert wire.encode_response(call_id, status, headers, b"") == expected
+    assert wire.encode_response(call_id, status, [list(headers[0])], b"") == expected
+
+
+async def test_writer_queues_a_groups_frames_in_one_step_within_its_budgets() -> None:
+    """`send_frames_nowait` queues whole frames together, in order after what is queued;
+    over the budgets it queues them one by one, as `send_parts_nowait` would: the first
+    goes while nothing is held, and a frame over the budget drops the connection."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    shared = WriteBudget(10**9)
+    async with trio.open_nursery() as nursery:
+        writer = FrameWriter(ours, nursery.cancel_scope, budget=64 * 1024, shared=shared)
+        writer.send_parts_nowait(wire.encode_response(1, 204, (), b""))
+        group = [wire.encode_response(n, 200, (), b"x" * 10)[0] for n in range(2, 6)]
+        writer.send_frames_nowait(group)
+        nursery.start_soon(writer.run)
+        decoder = wire.FrameDecoder()
+        received: list[wire.Frame] = []
+        with trio.fail_after(5):
+            while len(received) < 5:
+                received += decoder.feed(await theirs.receive_some(1 << 20))
+        assert [f["i"] for f in received] == [1, 2, 3, 4, 5]  # type: ignore[typeddict-item]
+        with trio.fail_after(5):
+            while shared.used:
+                await trio.sleep(0.001)
+        # A group over the budget: queued one by one until one is over it, which drops
+        # the connection.
+        large = [wire.encode_response(n, 200, (), b"y" * 15_000)[0] for n in range(6, 11)]
+        writer.send_frames_nowait(large)
+        assert writer.overflowed
+    assert nursery.cancel_scope.cancel_called

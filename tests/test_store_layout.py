@@ -9,6 +9,7 @@ nothing appears twice).
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import signal
 import sqlite3
@@ -20,11 +21,20 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds_cluster.shard import committer as committer_module
 from ds_cluster.shard import store as store_module
 from ds_cluster.shard.committer import Committer, Job
-from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState, evolve
+from ds_cluster.shard.core.model import (
+    ForkOrigin,
+    ProducerState,
+    Record,
+    StreamState,
+    advance,
+    evolve,
+)
 from ds_cluster.shard.store import Batch, Store, StreamWrite, decode_state, encode_state
 from ds_cluster.shard.streams import Entry
 
@@ -648,10 +658,71 @@ def test_the_stored_fields_besides_the_tail_are_all_compared() -> None:
     names = {f.name for f in dataclasses.fields(StreamState)}
     moved_by_appends = {"path", "tail", "last_access", "producers"}
     probe = StreamState(path="p", content_type="c", created_at=1.0)
+    assert store_module._only_tail_moved(probe, advance(probe, 10, 2.0))
     compared = set()
     for name in names - moved_by_appends:
         value = getattr(probe, name)
         other = evolve(probe, **{name: ("changed", value)})
-        if store_module._STORED_BESIDES_TAIL(other) != store_module._STORED_BESIDES_TAIL(probe):
+        if not store_module._only_tail_moved(probe, other):
             compared.add(name)
     assert compared == names - moved_by_appends
+
+
+_STORED = operator.attrgetter(
+    "content_type",
+    "created_at",
+    "closed",
+    "ttl",
+    "expires_at",
+    "expires_at_ts",
+    "last_stream_seq",
+    "closed_by",
+    "fork",
+    "soft_deleted",
+    "refcount",
+)
+_FORK = ForkOrigin("src", "0000000000000000_0000000000000000", 0, 0, "ref-1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.data(),
+    st.sampled_from(
+        ["content_type", "created_at", "closed", "ttl", "expires_at"]
+        + ["expires_at_ts", "last_stream_seq", "closed_by", "fork"]
+        + ["soft_deleted", "refcount", "tail", "last_access", "producers"]
+    ),
+)
+def test_only_tail_moved_is_the_comparison_of_the_stored_fields(
+    data: st.DataObject, changed: str
+) -> None:
+    """`_only_tail_moved` answers exactly as comparing the eleven stored fields did."""
+    values = {
+        "content_type": st.sampled_from(["text/plain", "application/json"]),
+        "created_at": st.sampled_from([1.0, 2.5]),
+        "closed": st.booleans(),
+        "ttl": st.sampled_from([None, 60]),
+        "expires_at": st.sampled_from([None, "2030-01-01T00:00:00Z"]),
+        "expires_at_ts": st.sampled_from([None, 1.9e9]),
+        "last_stream_seq": st.sampled_from([None, "a", "b"]),
+        "closed_by": st.sampled_from([None, ("p", 0, 1)]),
+        "fork": st.sampled_from([None, _FORK]),
+        "soft_deleted": st.booleans(),
+        "refcount": st.sampled_from([0, 1]),
+        "tail": st.sampled_from([0, 7]),
+        "last_access": st.sampled_from([0.0, 3.0]),
+        "producers": st.sampled_from([{}, {"p": ProducerState(0, 1)}]),
+    }
+    fields = {name: data.draw(strategy) for name, strategy in values.items()}
+    previous = StreamState(path="p", **fields)  # type: ignore[arg-type]
+    state = evolve(previous, **{changed: data.draw(values[changed])})
+    if data.draw(st.booleans()):
+        state = advance(state, state.tail + 3, 4.0)
+    expected = (
+        state.ttl is None
+        and state.expires_at_ts is None
+        and state.fork is None
+        and _STORED(previous) == _STORED(state)
+    )
+    assert store_module._only_tail_moved(previous, state) == expected
+    assert not store_module._only_tail_moved(None, state)
