@@ -342,15 +342,16 @@ class StreamHandler:
         # config, fixed here): a client sends the same head to the same stream again and
         # again, and a lookup costs a fraction of deciding it anew.
         key = (method, target, *headers)
+        keep = True
         try:
             route = self._routes.get(key)
         except TypeError:  # an ASGI server's header pairs as lists: decided each time
             route = None
-            key = None
+            keep = False
         if route is None:
             route = routes.route(method, target, headers, self.config)
             size = len(target) + sum([len(name) + len(value) for name, value in headers])
-            if key is not None and size <= MAX_ROUTE_HEAD:
+            if keep and size <= MAX_ROUTE_HEAD:
                 if len(self._routes) >= MAX_ROUTES:
                     self._routes.clear()
                 self._routes[key] = route
