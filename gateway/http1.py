@@ -15,7 +15,12 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   answer: the shard connection's reader writes it where it arrives (`_arrived`), and
   this task goes back to reading. It takes the append over (`_settle`) when the socket
   did not take the whole answer, a request arrives behind it, the client closes, the
-  connection must close, or anything but a complete answer comes;
+  connection must close, or anything but a complete answer comes. Once a connection
+  has been served and this task only waits for its next bytes, the server's readiness
+  task reads them (`read_here`): when they are one whole plain append and nothing else,
+  it parses and sends it on itself, exactly as this task would have, and this task
+  sleeps on; anything else wakes this task with what was read (parsed or not), and it
+  goes on from there;
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
@@ -93,6 +98,9 @@ _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message
 MAX_KINDS = 4096  # request lines whose `NativeRoute.takes` is remembered
 MAX_KIND_TARGET = 512  # bytes of a target remembered so (a longer one is asked each time)
 _UNKNOWN = "?"  # (not a kind)
+# What `_receive` returns when the readiness task parsed what it read (`read_here`): told
+# apart from bytes read by identity (a read never returns this very object).
+_FED = bytes(bytearray(b"<parsed>"))
 
 
 # What became of a plain append sent on without a task awaiting it (`_InFlight.state`).
@@ -386,6 +394,7 @@ class Http1Connection:
         "_served",
         "_server",
         "_stopped",
+        "_taken",
         "_unread",
         "_url",
         "_wake",
@@ -425,6 +434,9 @@ class Http1Connection:
         self._now = 0.0  # trio's clock when the bytes being parsed were read (`_feed`)
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
+        # What the server's readiness task read for this task while it waited
+        # (`read_here`): bytes to parse, or _FED (parsed already: answer the queue).
+        self._taken: bytes | None = None
         self._read_scope: trio.CancelScope | None = None
         self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
         self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
@@ -551,6 +563,8 @@ class Http1Connection:
             if self._stopped or self._broken:
                 return
             data = await self._receive()
+            if data is _FED:  # parsed by the readiness task (`read_here`): answer them
+                continue
             if data is None:  # the append in flight needs this task
                 if not await self._settle():
                     return
@@ -603,6 +617,10 @@ class Http1Connection:
             return data
         ready = self._more  # else the last read took all there was: wait first
         while True:
+            taken = self._taken
+            if taken is not None:  # read by the readiness task while this one waited
+                self._taken = None
+                return taken
             if ready and not self.tls:
                 try:
                     data = os.read(self._fd, MAX_RECV)
@@ -622,6 +640,61 @@ class Http1Connection:
                 await self._server.readiness.wait(self)
             finally:
                 self.wait_until = inf
+
+    def read_here(self) -> bool:
+        """Bytes may have come while this connection's task waits for them
+        (`ReadReadiness.run`, from its task): when they are one whole plain append and
+        nothing else, read, parse and send it on here (`_send_on`), as the connection's
+        task would have, and let that task wait on (True). Anything else (a partial
+        request, several, another kind, a full read, the end) is left for the task
+        (False: it is woken): bytes read as they are, parsed ones as _FED, so that it
+        goes on exactly where it would have."""
+        if (
+            self._raw is not None  # nothing dispatched yet (HTTP/2 is still possible)
+            or self._inflight is not None  # what comes is answered after it: the task's
+            or self._queue
+            or self._req is not None
+            or self._stopped
+            or self._broken
+            or self._taken is not None
+            or self.tls
+        ):
+            return False
+        try:
+            data = os.read(self._fd, MAX_RECV)
+        except BlockingIOError:
+            return True  # (an event for bytes read already: the task would wait again)
+        except OSError:
+            return False  # the task's own read meets it
+        try:
+            if not data or len(data) == MAX_RECV:
+                self._more = bool(data)
+                self._taken = data
+                return False
+            self._more = False
+            self._feed(data)
+            queue = self._queue
+            if len(queue) != 1 or self._req is not None or self._broken:
+                self._taken = _FED
+                return False
+            req = queue[0]
+            if not req.complete or req.early is not None or req.method != "POST":
+                self._taken = _FED
+                return False
+            if req.kind != "answer":
+                self._taken = _FED
+                return False
+            del queue[0]
+            if self._send_on(req):
+                self._server.deadlines.wait(self, inf)  # (`_deadline` while in flight)
+                return True
+            queue.append(req)  # the task serves it (`_dispatch`)
+            self._taken = _FED
+            return False
+        except Exception:  # the connection's failure, as it would have been in its task
+            log.exception("connection handler failed")
+            self.stop_reading()
+            return True  # (the task is woken by its cancelled scope)
 
     async def _expired(self) -> None:
         """A read waited past its deadline (or the connection was dropped): a request
