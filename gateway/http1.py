@@ -207,6 +207,7 @@ class Http1Server:
         "output",
         "route",
         "state",
+        "terminated",
         "tls_close_timeout",
     )
 
@@ -233,6 +234,8 @@ class Http1Server:
         self.app = app
         self.config = config
         self.context = context
+        # Whether the server is shutting down (asked twice per request: bound once).
+        self.terminated: Callable[[], bool] = context.terminated.is_set
         self.state = state
         self.route = route
         self.access = access
@@ -255,10 +258,6 @@ class Http1Server:
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
 
-    def terminated(self) -> bool:
-        """The server is shutting down."""
-        return bool(self.context.terminated.is_set())
-
     def error(self, status: int, message: str) -> Answer:
         route = self.route
         return route.error(status, message) if route is not None else error_answer(status, message)
@@ -270,15 +269,19 @@ class Http1Server:
         return [*headers, framing.CLOSE] if close else headers
 
     def extra_lines(self, close: bool, rid: bytes) -> bytes:
-        """`extra_headers(close)` and the request's X-Request-Id as header lines. The
-        lines of the shared list are rendered once for as long as the config hands out
-        the same list (a second, for `LeanConfig`), not once per answer."""
+        """`extra_headers(close)` and the request's X-Request-Id as header lines."""
+        return self.shared_lines(close) + b"x-request-id: %b\r\n" % rid
+
+    def shared_lines(self, close: bool) -> bytes:
+        """`extra_headers(close)` as header lines, rendered once for as long as the
+        config hands out the same list (a second, for `LeanConfig`), not once per
+        answer."""
         headers = self.config.response_headers("h11")
         if headers is not self._lines_of:
             self._lines_of = headers
             lines = header_lines(headers)
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
-        return self._lines[close] + b"x-request-id: %b\r\n" % rid
+        return self._lines[close]
 
     def serve(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -954,7 +957,9 @@ class Http1Connection:
             return False
         req.parts = []
         flight.sent = sent
-        flight.series = self._metric(req, False)
+        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
+        if recorder is not None:
+            flight.series = recorder.begin(req.method, "http", "none")
         flight.rid = given_or_new(req.given_id)
         self._inflight = flight
         return True
@@ -989,11 +994,25 @@ class Http1Connection:
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
         if self._stopped or server.terminated():
             return False
-        status = answer[0]
-        rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
-        if rendered is None:
-            return False
-        data, size = rendered
+        status, lines, body = answer
+        if type(lines) is bytes and len(body) < SEPARATE_BODY_BYTES:
+            # `_whole` written out for what every append gets: headers rendered already
+            # (`NativeAnswer`), a small body or none (the method is POST).
+            if status < 200 or status == 204 or status == 304:
+                body = b""
+            data = b"%b%b%bx-request-id: %b\r\n\r\n%b" % (
+                framing.status_line(status),
+                lines,
+                server.shared_lines(False),
+                flight.rid,
+                body,
+            )
+            size = len(body)
+        else:
+            rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
+            if rendered is None:
+                return False
+            data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
         written = self._write_some(data)
