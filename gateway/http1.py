@@ -810,21 +810,35 @@ class Http1Connection:
         self._url = b""
         self._headers = _NO_HEADERS  # the request holds them (a new list comes per head)
         req.method = method = parser.get_method().decode("ascii")
-        req.version = version = parser.get_http_version()
-        req.keep_alive = version == "1.1" and parser.should_keep_alive()
+        keep = parser.should_keep_alive()
         length = -1
         chunked = False
+        connection = expect = False
         for name, value in req.headers:
             if name == b"content-length":
                 length = int(value)  # llhttp checked it: digits, one value
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"expect":
-                req.expect = value.lower() == b"100-continue" and version == "1.1"
+                expect = value.lower() == b"100-continue"
             elif name == b"upgrade":
                 req.upgrade = value
             elif name == b"x-request-id" and req.given_id is None:
                 req.given_id = value
+            elif name == b"connection":
+                connection = True
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps alive any but 1.1 only
+        # when a Connection header says so: kept alive without one is 1.1, without
+        # asking the parser for its version (a string formatted anew each time).
+        if keep and not connection:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+            keep = keep and version == "1.1"
+        req.version = version
+        req.keep_alive = keep
+        if expect and version == "1.1":
+            req.expect = True
         route = server.route
         kinds = server.kinds
         kind = kinds.get((method, req.target), _UNKNOWN)
