@@ -1029,8 +1029,11 @@ class Http1Connection:
             data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        written = self._write_some(data)
-        if written is None:
+        try:  # (`_write_some`, written out)
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):
@@ -1046,9 +1049,11 @@ class Http1Connection:
             self._log(access, req, flight.rid, status, size)
         if flight.series is not None:
             flight.series.finish(status, perf_counter() - flight.started)
-        self._done(True)
-        if self.read_task is not None:  # this task waits for bytes: for how long now
-            self._server.deadlines.wait(self, self._deadline())
+        if self._done(True) and self.read_task is not None:
+            # This task waits for bytes: for how long now (`_deadline`: between requests,
+            # unless a head is in progress).
+            until = self._idle_until if self._req is None else self._deadline()
+            self._server.deadlines.wait(self, until)
         return True
 
     async def _settle(self) -> bool:
