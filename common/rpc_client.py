@@ -198,7 +198,10 @@ class Call(rpc_core.CallState):
         first = self.first
         if first is not None:
             self.first = None
-            _hand(first, item)
+            try:  # (`_hand`, written out: every append's answer passes here)
+                first(item)
+            except Exception:
+                log.exception("a call's sink failed")
         early = self.early
         if early is not None and type(item) is dict and item["k"] == "res" and not item["more"]:
             self.early = None

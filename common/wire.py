@@ -393,6 +393,21 @@ def request_items(
     from `fields` (the one place the layout is written; `rpc_core.request` builds with it)."""
     get = fields.get
     if op == "http":
+        if len(fields) == 5 and "t" not in fields:
+            try:  # all of m, p, q, h, b (a forwarded request's, `Route.fields`)
+                return [
+                    REQ_HTTP,
+                    call_id,
+                    ring_version,
+                    fields["m"],
+                    fields["p"],
+                    fields["q"],
+                    fields["h"],
+                    b"",
+                    fields["b"],
+                ]
+            except KeyError:  # another five
+                pass
         return [
             REQ_HTTP,
             call_id,
@@ -988,8 +1003,16 @@ def _parse_http_response(message: Positional) -> Frame:
         raise _bad_item("res", "b")
     if type(hit) is not bool or (hit and (body or not token or more)):
         raise _bad_item("res", "hit")  # a hit names a token and carries no body
-    if not _header_pairs(headers, True):
+    if type(headers) is not list:
         raise _bad_item("res", "h")
+    for pair in headers:  # (`_header_pairs(headers, True)`, written out: every answer)
+        if type(pair) is not list or len(pair) != 2:
+            raise _bad_item("res", "h")
+        name, value = pair
+        if type(name) is not str or type(value) is not str:
+            raise _bad_item("res", "h")
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise _bad_item("res", "h")
     return {
         "k": "res",
         "i": i,

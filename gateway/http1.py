@@ -15,7 +15,12 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   answer: the shard connection's reader writes it where it arrives (`_arrived`), and
   this task goes back to reading. It takes the append over (`_settle`) when the socket
   did not take the whole answer, a request arrives behind it, the client closes, the
-  connection must close, or anything but a complete answer comes;
+  connection must close, or anything but a complete answer comes. Once a connection
+  has been served and this task only waits for its next bytes, the server's readiness
+  task reads them (`read_here`): when they are one whole plain append and nothing else,
+  it parses and sends it on itself, exactly as this task would have, and this task
+  sleeps on; anything else wakes this task with what was read (parsed or not), and it
+  goes on from there;
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
@@ -93,6 +98,9 @@ _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message
 MAX_KINDS = 4096  # request lines whose `NativeRoute.takes` is remembered
 MAX_KIND_TARGET = 512  # bytes of a target remembered so (a longer one is asked each time)
 _UNKNOWN = "?"  # (not a kind)
+# What `_receive` returns when the readiness task parsed what it read (`read_here`): told
+# apart from bytes read by identity (a read never returns this very object).
+_FED = bytes(bytearray(b"<parsed>"))
 
 
 # What became of a plain append sent on without a task awaiting it (`_InFlight.state`).
@@ -199,6 +207,7 @@ class Http1Server:
         "output",
         "route",
         "state",
+        "terminated",
         "tls_close_timeout",
     )
 
@@ -225,6 +234,8 @@ class Http1Server:
         self.app = app
         self.config = config
         self.context = context
+        # Whether the server is shutting down (asked twice per request: bound once).
+        self.terminated: Callable[[], bool] = context.terminated.is_set
         self.state = state
         self.route = route
         self.access = access
@@ -247,10 +258,6 @@ class Http1Server:
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
 
-    def terminated(self) -> bool:
-        """The server is shutting down."""
-        return bool(self.context.terminated.is_set())
-
     def error(self, status: int, message: str) -> Answer:
         route = self.route
         return route.error(status, message) if route is not None else error_answer(status, message)
@@ -262,15 +269,19 @@ class Http1Server:
         return [*headers, framing.CLOSE] if close else headers
 
     def extra_lines(self, close: bool, rid: bytes) -> bytes:
-        """`extra_headers(close)` and the request's X-Request-Id as header lines. The
-        lines of the shared list are rendered once for as long as the config hands out
-        the same list (a second, for `LeanConfig`), not once per answer."""
+        """`extra_headers(close)` and the request's X-Request-Id as header lines."""
+        return self.shared_lines(close) + b"x-request-id: %b\r\n" % rid
+
+    def shared_lines(self, close: bool) -> bytes:
+        """`extra_headers(close)` as header lines, rendered once for as long as the
+        config hands out the same list (a second, for `LeanConfig`), not once per
+        answer."""
         headers = self.config.response_headers("h11")
         if headers is not self._lines_of:
             self._lines_of = headers
             lines = header_lines(headers)
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
-        return self._lines[close] + b"x-request-id: %b\r\n" % rid
+        return self._lines[close]
 
     def serve(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -386,6 +397,7 @@ class Http1Connection:
         "_served",
         "_server",
         "_stopped",
+        "_taken",
         "_unread",
         "_url",
         "_wake",
@@ -425,6 +437,9 @@ class Http1Connection:
         self._now = 0.0  # trio's clock when the bytes being parsed were read (`_feed`)
         self._raw: bytes | None = b""  # bytes read until the first request is dispatched
         self._unread = b""  # under TLS: bytes read while watching for the client leaving
+        # What the server's readiness task read for this task while it waited
+        # (`read_here`): bytes to parse, or _FED (parsed already: answer the queue).
+        self._taken: bytes | None = None
         self._read_scope: trio.CancelScope | None = None
         self.wait_until = inf  # the read in progress must end by then (`ReadDeadlines`)
         self.timer_at = inf  # when this connection's `ReadDeadlines` entry comes due
@@ -551,6 +566,8 @@ class Http1Connection:
             if self._stopped or self._broken:
                 return
             data = await self._receive()
+            if data is _FED:  # parsed by the readiness task (`read_here`): answer them
+                continue
             if data is None:  # the append in flight needs this task
                 if not await self._settle():
                     return
@@ -603,6 +620,10 @@ class Http1Connection:
             return data
         ready = self._more  # else the last read took all there was: wait first
         while True:
+            taken = self._taken
+            if taken is not None:  # read by the readiness task while this one waited
+                self._taken = None
+                return taken
             if ready and not self.tls:
                 try:
                     data = os.read(self._fd, MAX_RECV)
@@ -622,6 +643,61 @@ class Http1Connection:
                 await self._server.readiness.wait(self)
             finally:
                 self.wait_until = inf
+
+    def read_here(self) -> bool:
+        """Bytes may have come while this connection's task waits for them
+        (`ReadReadiness.run`, from its task): when they are one whole plain append and
+        nothing else, read, parse and send it on here (`_send_on`), as the connection's
+        task would have, and let that task wait on (True). Anything else (a partial
+        request, several, another kind, a full read, the end) is left for the task
+        (False: it is woken): bytes read as they are, parsed ones as _FED, so that it
+        goes on exactly where it would have."""
+        if (
+            self._raw is not None  # nothing dispatched yet (HTTP/2 is still possible)
+            or self._inflight is not None  # what comes is answered after it: the task's
+            or self._queue
+            or self._req is not None
+            or self._stopped
+            or self._broken
+            or self._taken is not None
+            or self.tls
+        ):
+            return False
+        try:
+            data = os.read(self._fd, MAX_RECV)
+        except BlockingIOError:
+            return True  # (an event for bytes read already: the task would wait again)
+        except OSError:
+            return False  # the task's own read meets it
+        try:
+            if not data or len(data) == MAX_RECV:
+                self._more = bool(data)
+                self._taken = data
+                return False
+            self._more = False
+            self._feed(data)
+            queue = self._queue
+            if len(queue) != 1 or self._req is not None or self._broken:
+                self._taken = _FED
+                return False
+            req = queue[0]
+            if not req.complete or req.early is not None or req.method != "POST":
+                self._taken = _FED
+                return False
+            if req.kind != "answer":
+                self._taken = _FED
+                return False
+            del queue[0]
+            if self._send_on(req):
+                self._server.deadlines.wait(self, inf)  # (`_deadline` while in flight)
+                return True
+            queue.append(req)  # the task serves it (`_dispatch`)
+            self._taken = _FED
+            return False
+        except Exception:  # the connection's failure, as it would have been in its task
+            log.exception("connection handler failed")
+            self.stop_reading()
+            return True  # (the task is woken by its cancelled scope)
 
     async def _expired(self) -> None:
         """A read waited past its deadline (or the connection was dropped): a request
@@ -734,21 +810,35 @@ class Http1Connection:
         self._url = b""
         self._headers = _NO_HEADERS  # the request holds them (a new list comes per head)
         req.method = method = parser.get_method().decode("ascii")
-        req.version = version = parser.get_http_version()
-        req.keep_alive = version == "1.1" and parser.should_keep_alive()
+        keep = parser.should_keep_alive()
         length = -1
         chunked = False
+        connection = expect = False
         for name, value in req.headers:
             if name == b"content-length":
                 length = int(value)  # llhttp checked it: digits, one value
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"expect":
-                req.expect = value.lower() == b"100-continue" and version == "1.1"
+                expect = value.lower() == b"100-continue"
             elif name == b"upgrade":
                 req.upgrade = value
             elif name == b"x-request-id" and req.given_id is None:
                 req.given_id = value
+            elif name == b"connection":
+                connection = True
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 only, and keeps alive any but 1.1 only
+        # when a Connection header says so: kept alive without one is 1.1, without
+        # asking the parser for its version (a string formatted anew each time).
+        if keep and not connection:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+            keep = keep and version == "1.1"
+        req.version = version
+        req.keep_alive = keep
+        if expect and version == "1.1":
+            req.expect = True
         route = server.route
         kinds = server.kinds
         kind = kinds.get((method, req.target), _UNKNOWN)
@@ -881,7 +971,9 @@ class Http1Connection:
             return False
         req.parts = []
         flight.sent = sent
-        flight.series = self._metric(req, False)
+        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
+        if recorder is not None:
+            flight.series = recorder.begin(req.method, "http", "none")
         flight.rid = given_or_new(req.given_id)
         self._inflight = flight
         return True
@@ -916,15 +1008,32 @@ class Http1Connection:
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
         if self._stopped or server.terminated():
             return False
-        status = answer[0]
-        rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
-        if rendered is None:
-            return False
-        data, size = rendered
+        status, lines, body = answer
+        if type(lines) is bytes and len(body) < SEPARATE_BODY_BYTES:
+            # `_whole` written out for what every append gets: headers rendered already
+            # (`NativeAnswer`), a small body or none (the method is POST).
+            if status < 200 or status == 204 or status == 304:
+                body = b""
+            data = b"%b%b%bx-request-id: %b\r\n\r\n%b" % (
+                framing.status_line(status),
+                lines,
+                server.shared_lines(False),
+                flight.rid,
+                body,
+            )
+            size = len(body)
+        else:
+            rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
+            if rendered is None:
+                return False
+            data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        written = self._write_some(data)
-        if written is None:
+        try:  # (`_write_some`, written out)
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):
@@ -940,9 +1049,11 @@ class Http1Connection:
             self._log(access, req, flight.rid, status, size)
         if flight.series is not None:
             flight.series.finish(status, perf_counter() - flight.started)
-        self._done(True)
-        if self.read_task is not None:  # this task waits for bytes: for how long now
-            self._server.deadlines.wait(self, self._deadline())
+        if self._done(True) and self.read_task is not None:
+            # This task waits for bytes: for how long now (`_deadline`: between requests,
+            # unless a head is in progress).
+            until = self._idle_until if self._req is None else self._deadline()
+            self._server.deadlines.wait(self, until)
         return True
 
     async def _settle(self) -> bool:

@@ -76,6 +76,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _RETRY_AFTER = (b"retry-after", b"1")
+MAX_ROUTES = 1024  # request heads whose route is remembered (`StreamHandler.route`)
+MAX_ROUTE_HEAD = 2048  # bytes of target and headers remembered so (more: decided each time)
 _NO_LENGTH_STATUS = frozenset({204, 304})
 # What every response from a shard ends with when the shard set no Cache-Control.
 _TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
@@ -317,6 +319,9 @@ class StreamHandler:
         host = host.rstrip("/")
         public = (("host", host), ("x-forwarded-proto", scheme)) if host else ()
         self.config = RouteConfig(max_body_bytes, public, auth is not None)
+        # (method, target, *headers) -> `routes.route` of them, for heads seen lately;
+        # emptied when full. At most MAX_ROUTES heads of at most MAX_ROUTE_HEAD bytes.
+        self._routes: dict[tuple[Any, ...], Route] = {}
         self.reserved = ReservedRoutes(pool, lambda: self.ring, public_url, failure_answer)
         # Reads only (a GET is safe to retry), when the gateway stops under them.
         stopping = error_answer(503, "gateway stopping", (_RETRY_AFTER,))
@@ -333,7 +338,23 @@ class StreamHandler:
     def route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         """What the request means (`gateway.route`), with the client's token checked: a
         token that does not cover it makes it a REFUSED route (401 / 403)."""
-        route = routes.route(method, target, headers, self.config)
+        # `routes.route` is a pure function of the request line and headers (and of the
+        # config, fixed here): a client sends the same head to the same stream again and
+        # again, and a lookup costs a fraction of deciding it anew.
+        key = (method, target, *headers)
+        keep = True
+        try:
+            route = self._routes.get(key)
+        except TypeError:  # an ASGI server's header pairs as lists: decided each time
+            route = None
+            keep = False
+        if route is None:
+            route = routes.route(method, target, headers, self.config)
+            size = len(target) + sum([len(name) + len(value) for name, value in headers])
+            if keep and size <= MAX_ROUTE_HEAD:
+                if len(self._routes) >= MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[key] = route
         if (
             self.auth is not None
             and route.kind not in _UNGATED

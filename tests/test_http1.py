@@ -115,6 +115,28 @@ def test_http10_answered_and_closed(gateway: GatewayProcess) -> None:
         assert read_all_until_closed(conn) == b"data: released\n\n"
 
 
+def test_version_and_keep_alive_from_connection_headers(gateway: GatewayProcess) -> None:
+    """HTTP/1.1 is kept alive unless `Connection: close`, with or without a Connection
+    header saying keep-alive; HTTP/1.0 is closed after its answer even when it asks to be
+    kept alive (`on_headers_complete` tells 1.1 apart without asking llhttp's version
+    only when no Connection header came). 100-continue is only for HTTP/1.1."""
+    with Conn(gateway.port) as conn:
+        for headers in ("", "Connection: keep-alive\r\n", "Connection: Keep-Alive, foo\r\n"):
+            got = conn.exchange("POST", "/v1/stream/echo/k", headers, b"x")
+            assert got.status == 200 and got.get("connection") is None, headers
+        got = conn.exchange("POST", "/v1/stream/echo/k", "Connection: close\r\n", b"x")
+        assert got.get("connection") == "close"
+        conn.expect_eof(3)
+    for headers in (b"", b"Connection: keep-alive\r\n", b"Expect: 100-continue\r\n"):
+        with Conn(gateway.port) as conn:
+            conn.send(
+                b"POST /v1/stream/echo/old HTTP/1.0\r\nContent-Length: 1\r\n%s\r\nx" % headers
+            )
+            got = conn.read_response()
+            assert got.status == 200 and got.get("connection") == "close", headers
+            conn.expect_eof(3)
+
+
 def test_head_too_large_or_too_many_fields_is_431_and_closed(gateway: GatewayProcess) -> None:
     with Conn(gateway.port) as conn:
         conn.send(request("GET", "/v1/stream/echo/big", f"X-Big: {'b' * MAX_HEAD}\r\n"))

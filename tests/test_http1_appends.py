@@ -263,3 +263,55 @@ def test_sigterm_with_an_append_in_flight(shard: ThreadedShard) -> None:
     finally:
         if gw.proc.poll() is None:
             gw.stop()
+
+
+def test_what_comes_while_a_kept_connection_waits(gateway: GatewayProcess) -> None:
+    """Once a connection has been served, what its client sends next is read by the
+    server's readiness task (`Http1Connection.read_here`): a whole plain append is sent
+    on from there, anything else goes to the connection's task as it came. Each kind is
+    answered as it always was, in order: a head and a body in pieces, appends pipelined
+    in one write, a GET, a body larger than one read, Expect: 100-continue,
+    `Connection: close`, and the client closing."""
+    with Conn(gateway.port) as conn:
+        assert conn.exchange("POST", "/v1/stream/echo/w0", body=b"first").body == b"first"
+        whole = post("/v1/stream/echo/w1", b"in pieces")
+        head_end = whole.index(b"\r\n\r\n") + 4
+        for piece in (whole[:7], whole[7:head_end], whole[head_end:]):
+            conn.send(piece)  # a head begun, a head complete without its body, the body
+            time.sleep(0.05)
+        assert conn.read_response().body == b"in pieces"
+        conn.send(post("/v1/stream/echo/w2", b"two") + post("/v1/stream/echo/w3", b"three"))
+        assert [conn.read_response().body for _ in range(2)] == [b"two", b"three"]
+        response = conn.exchange("GET", "/healthz")
+        assert response.status == 200
+        big = bytes(range(256)) * 1024  # more than one read of the socket
+        assert conn.exchange("POST", "/v1/stream/echo/w4", body=big).body == big
+        conn.send(
+            b"POST /v1/stream/echo/w5 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert conn.read_head().status == 100
+        conn.send(b"cont")
+        assert conn.read_response().body == b"cont"
+        for n in range(5):  # and plain appends again, each with its own request id
+            conn.send(post(f"/v1/stream/echo/w6-{n}", b"%d" % n, f"X-Request-Id: w6-{n}\r\n"))
+            response = conn.read_response()
+            assert response.body == b"%d" % n and response.get("x-request-id") == f"w6-{n}"
+        conn.send(post("/v1/stream/echo/w7", b"last", "Connection: close\r\n"))
+        response = conn.read_response()
+        assert response.body == b"last" and response.get("connection") == "close"
+        assert conn.expect_eof(5) < 5
+    with Conn(gateway.port) as conn:  # a client that closes after an answer
+        assert conn.exchange("POST", "/v1/stream/echo/w8", body=b"x").body == b"x"
+        assert conn.exchange("POST", "/v1/stream/echo/w9", body=b"y").body == b"y"
+    with Conn(gateway.port) as conn:  # a malformed request on a served connection
+        assert conn.exchange("POST", "/v1/stream/echo/w10", body=b"z").body == b"z"
+        conn.send(b"NOT HTTP AT ALL\r\n\r\n")
+        response = conn.read_response()
+        assert response.status == 400 and response.get("connection") == "close"
+        assert conn.expect_eof(5) < 5
+    deadline = time.monotonic() + 5
+    while not any("w9" in line for line in gateway.lines):
+        assert time.monotonic() < deadline, "no access log line for the last append"
+        time.sleep(0.05)
+    assert not any("failed" in line for line in gateway.lines), gateway.lines[-20:]

@@ -250,6 +250,10 @@ _BAD_POSITIONAL = [
     [wire.RES_HTTP, 1, 200, False, [["x", "a\r\nset-cookie: y"]], b"", False, b""],  # CR, LF
     [wire.RES_HTTP, 1, 200, False, [["x", "a\nb"]], b"", False, b""],
     [wire.RES_HTTP, 1, 200, False, [["x", "a\0"]], b"", False, b""],
+    [wire.RES_HTTP, 1, 200, False, {"x": "a"}, b"", False, b""],  # headers not a list
+    [wire.RES_HTTP, 1, 200, False, [["x"]], b"", False, b""],  # a header that is no pair
+    [wire.RES_HTTP, 1, 200, False, [["x", 1]], b"", False, b""],
+    [wire.RES_HTTP, 1, 200, False, [[b"x", "a"]], b"", False, b""],
     [wire.RES_HTTP, 1, 200, False, [], b"", False, b"", b""],
     [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], None, b""],  # a token that is not bytes
     [wire.REQ_HTTP, 1, 1, "GET", "a", "", [], "t", b""],
@@ -549,3 +553,18 @@ async def test_writer_queues_a_groups_frames_in_one_step_within_its_budgets() ->
         writer.send_frames_nowait(large)
         assert writer.overflowed
     assert nursery.cancel_scope.cancel_called
+
+
+def test_request_items_of_any_fields() -> None:
+    """An http request's items are the same from all five fields of a forwarded request
+    (read directly) as from any other mapping (read with their defaults)."""
+    full = {"m": "POST", "p": "a/b", "q": "x=1", "h": (("content-type", "t"),), "b": b"x"}
+    items = wire.request_items(7, "http", 3, full)
+    assert items == [wire.REQ_HTTP, 7, 3, "POST", "a/b", "x=1", (("content-type", "t"),), b"", b"x"]
+    with_token = {**full, "t": b"tok"}
+    assert wire.request_items(7, "http", 3, with_token)[7] == b"tok"
+    five_other = {"m": "GET", "p": "a", "q": "", "h": [], "t": b"tok"}  # no body, a token
+    assert wire.request_items(1, "http", 1, five_other)[7:] == [b"tok", b""]
+    five_odd = {"m": "GET", "p": "a", "q": "", "h": [], "x": 1}
+    assert wire.request_items(1, "http", 1, five_odd)[7:] == [b"", b""]
+    assert wire.request_items(1, "http", 1, {"m": "GET", "p": "a"})[5:] == ["", [], b"", b""]
