@@ -321,14 +321,19 @@ async def test_writes_behind_a_large_body_keep_their_order(tmp_path: Path) -> No
             )
             statuses[seq] = r.status_code
 
+        shard = cluster.child_pids()["shard-0"]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(append, 0, big_body())
-            # The next appends leave only once the big one has been sent (a server cannot
-            # order requests it has not received), while it is still being prepared.
+            # The next appends leave only once the shard has the big one (a server cannot
+            # order requests it has not received): its JSON worker, started on first use,
+            # is planning it. The client having written the body is not enough on a busy
+            # machine, where the gateway may still be forwarding it.
             await uploaded.wait()
-            await trio.sleep(0.2)
+            with trio.fail_after(30):
+                while not _plan_workers(shard):
+                    await trio.sleep(0.01)
             nursery.start_soon(append, 1, b'["after"]')
-            await trio.sleep(0.05)
+            await trio.sleep(0.1)
             nursery.start_soon(append, 2, b'["last"]')
         assert statuses == {0: 200, 1: 200, 2: 200}
         r = await client.get("order/s", params={"offset": offset(599_999)})
