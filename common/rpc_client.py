@@ -347,10 +347,12 @@ class ShardConnection:
 
     # -- calls -----------------------------------------------------------------------
 
-    def open(self, op: str, fields: Fields) -> Call:
+    def open(self, op: str, fields: Fields, head: bytes | None = None) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
-        `fields` are read into the request's frame, not kept.
+        `fields` are read into the request's frame, not kept. `head`: for an http
+        request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
+        only the call id, ring version and body are packed here.
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
@@ -360,10 +362,14 @@ class ShardConnection:
         given: wire.RequestFields = fields  # type: ignore[assignment]
         if type(given) is not dict:
             given = dict(fields)  # type: ignore[assignment]
-        frame = protocol.request(op, given, call, self._rings.version)
+        version = self._rings.version
+        frame = protocol.request(op, given, call, version)
         try:
             # WireError if too big. A large body stays its own piece, never copied.
-            parts = wire.encode_parts(frame)
+            if head is None:
+                parts = wire.encode_parts(frame)
+            else:
+                parts = wire.encode_http_request(call.id, version, head, given["b"])
         except BaseException:
             protocol.abandon(call)
             raise
@@ -890,20 +896,26 @@ class ShardPool:
                 await trio.sleep(min(wait, max(give_up - trio.current_time(), 0.0)))
 
     def send_routed(
-        self, path: str, op: str, fields: Fields, first: Callable[[Delivered], None]
+        self,
+        path: str,
+        op: str,
+        fields: Fields,
+        first: Callable[[Delivered], None],
+        head: bytes | None = None,
     ) -> tuple[Ring, Call] | None:
         """Send a request to the owner of `path` under the newest ring now, without waiting
         for its answer: `first` is given the first item delivered (by the connection's
         reader), and `open_routed(..., sent=...)` with the ring and call returned takes
         it from there when that was not the answer (a ring change to retry, a failure).
         None when it cannot be sent at once (no connection to the owner, or too much
-        queued for it): `open_routed` then does what it does with such a request."""
+        queued for it): `open_routed` then does what it does with such a request.
+        `head`: as `ShardConnection.open`'s."""
         ring = self.rings.current
         conn = self.connections.get(ring.owner(path))
         if conn is None or conn._protocol is None:
             return None
         try:
-            call = conn.open(op, fields)
+            call = conn.open(op, fields, head)
         except ShardUnavailable:
             return None
         call.first = first

@@ -422,6 +422,66 @@ def request_items(
     return [REQ_OP, call_id, ring_version, op, get("a", {})]
 
 
+def pack_http_head(method: str, path: str, query: str, headers: object) -> bytes:
+    """The m, p, q, h and t (empty) items of an http `req`, packed one after the other:
+    the part of the frame that every request of one route has in common
+    (`encode_http_request`). `headers`: a sequence of name/value pairs of str."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return b"".join([packer.pack(item) for item in (method, path, query, headers, b"")])
+
+
+# An http `req` with the head of `pack_http_head` starts with these (an array of nine,
+# the kind REQ_HTTP), checked against the Packer's own bytes below.
+_REQUEST_START = b"\x99\x00"
+_BIN8 = [b"\xc4" + bytes((size,)) for size in range(0x100)]  # bin 8 headers, by size
+
+
+# The start of a frame of such a request whose call id takes two or four bytes (every
+# request's from the 256th on a connection): its length, then the array, REQ_HTTP (the
+# pad byte, 0) and the call id behind its uint 16 / uint 32 tag.
+_START16 = struct.Struct(">IBxBH").pack
+_START32 = struct.Struct(">IBxBI").pack
+
+
+def encode_http_request(call_id: int, ring_version: int, head: bytes, body: bytes) -> list[bytes]:
+    """`encode_parts(request_items(call_id, "http", ring_version, fields))` for `fields`
+    whose m, p, q and h packed are `head` (`pack_http_head`) and whose b is `body`: the
+    same bytes without the Packer, as a route's requests differ only in their call id,
+    ring version (both non-negative: `common.ring` checks a ring's) and body."""
+    size = len(body)
+    if size < 0x100 and ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:
+        # The most frequent: a small body (bin 8), a small ring version (a fixint).
+        length = len(head) + size + 8
+        if length > MAX_FRAME_BYTES:
+            _check_size(length)
+        if call_id <= 0xFFFF:
+            start = _START16(length, 0x99, 0xCD, call_id)
+        else:
+            start = _START32(length + 2, 0x99, 0xCE, call_id)
+        return [b"".join((start, _FIXINTS[ring_version], head, _BIN8[size], body))]
+    ids = _uint(call_id) + _uint(ring_version)
+    bin_header = _BIN8[size] if size < 0x100 else _bin_header(size)
+    length = 2 + len(ids) + len(head) + len(bin_header) + size
+    if length > MAX_FRAME_BYTES:
+        _check_size(length)
+    if size >= RAW_BODY_BYTES:
+        return [b"".join((_pack_length(length), _REQUEST_START, ids, head, bin_header)), body]
+    return [b"".join((_pack_length(length), _REQUEST_START, ids, head, bin_header, body))]
+
+
+def _check_request_start() -> None:
+    """The Packer packs an http `req` as `encode_http_request` writes it (a new msgpack
+    that did not would be caught here, at import)."""
+    headers = [["content-type", "text/plain"]]
+    head = pack_http_head("POST", "a", "", headers)
+    cases = ((1, 1, 0), (300, 1, 255), (1 << 20, 0, 7), (300, 70000, 300), (1 << 40, 0, 1 << 14))
+    for call_id, version, size in cases:
+        body = b"x" * size
+        items = [REQ_HTTP, call_id, version, "POST", "a", "", headers, b"", body]
+        if encode_http_request(call_id, version, head, body) != encode_parts(items):
+            raise RuntimeError("msgpack packs an http request unlike encode_http_request")
+
+
 def _request_items(m: Mapping[str, object]) -> list[object]:
     return request_items(m.get("i"), m.get("op"), m.get("r"), m)
 
@@ -487,6 +547,9 @@ def _bin_header(size: int) -> bytes:
 def _check_size(size: int) -> None:
     if size > MAX_FRAME_BYTES:
         raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+
+
+_check_request_start()
 
 
 def coalesce(frames: list[bytes]) -> list[bytes]:

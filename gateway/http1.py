@@ -57,6 +57,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from math import inf
+from random import getrandbits
 from time import perf_counter
 from typing import Any, Protocol
 from urllib.parse import unquote
@@ -207,7 +208,7 @@ class Http1Server:
         "output",
         "route",
         "state",
-        "terminated",
+        "stopping",
         "tls_close_timeout",
     )
 
@@ -234,8 +235,9 @@ class Http1Server:
         self.app = app
         self.config = config
         self.context = context
-        # Whether the server is shutting down (asked twice per request: bound once).
-        self.terminated: Callable[[], bool] = context.terminated.is_set
+        # Whether the server is shutting down: set by `gateway.server` as it sets the
+        # worker context's `terminated` (read twice per request: a flag, not two calls).
+        self.stopping = False
         self.state = state
         self.route = route
         self.access = access
@@ -689,7 +691,9 @@ class Http1Connection:
                 return False
             del queue[0]
             if self._send_on(req):
-                self._server.deadlines.wait(self, inf)  # (`_deadline` while in flight)
+                # (`_deadline` while in flight: `ReadDeadlines.wait` of inf, which only
+                # notes it, written out)
+                self.wait_until = inf
                 return True
             queue.append(req)  # the task serves it (`_dispatch`)
             self._taken = _FED
@@ -898,7 +902,7 @@ class Http1Connection:
             or not req.keep_alive
             or self._stopped
             or self._served + 1 >= server.max_requests
-            or server.terminated()
+            or server.stopping
         )
 
     async def _answer_early(self, req: _Request) -> bool:
@@ -943,10 +947,12 @@ class Http1Connection:
         self._served += 1
         if not keep or self._stopped:
             return False
-        now = self._server.now()
-        self._set_idle(now + self._server.between)
+        server = self._server
+        now = server.now()
+        self._idle_until = now + server.between  # (`_set_idle`, written out)
+        server.connections.idle.add(self)
         if self._req is not None:  # a pipelined head in progress: its time starts now
-            self._head_until = now + self._server.keep_alive
+            self._head_until = now + server.keep_alive
         return True
 
     # -- appends answered where their answer arrives ----------------------------------------
@@ -974,7 +980,9 @@ class Http1Connection:
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
         if recorder is not None:
             flight.series = recorder.begin(req.method, "http", "none")
-        flight.rid = given_or_new(req.given_id)
+        given = req.given_id
+        # (`access.new_request_id` written out when the client gave none)
+        flight.rid = b"%016x" % getrandbits(64) if given is None else given_or_new(given)
         self._inflight = flight
         return True
 
@@ -1006,7 +1014,7 @@ class Http1Connection:
         flight.answer = answer
         server = self._server
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
-        if self._stopped or server.terminated():
+        if self._stopped or server.stopping:
             return False
         status, lines, body = answer
         if type(lines) is bytes and len(body) < SEPARATE_BODY_BYTES:

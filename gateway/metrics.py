@@ -22,6 +22,7 @@ scrape goes on without its samples.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
 from typing import Any
@@ -113,7 +114,9 @@ class Series:
             histogram = self.other.get((status, route))
             if histogram is None:
                 histogram = self.other[(status, route)] = Histogram(DURATION_BUCKETS)
-        histogram.observe(duration)
+        # (`Histogram.observe`, written out: once per request)
+        histogram.counts[bisect_left(histogram.bounds, duration)] += 1
+        histogram.sum += duration
 
 
 class Exchange:

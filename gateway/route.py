@@ -83,6 +83,9 @@ class Route(NamedTuple):
     status: int = 0  # REFUSED: the status to answer
     message: str = ""  # REFUSED: why, for the person reading it
     extra: tuple[tuple[bytes, bytes], ...] = ()  # REFUSED: more response headers
+    # APPEND: the request's m, p, q and h items packed (`wire.pack_http_head`), once for
+    # every append of this head (`StreamHandler.send`), b"" for other kinds.
+    head: bytes = b""
 
     def fields(self, body: bytes) -> dict[str, Any]:
         """The `http` RPC frame's fields for this request."""
@@ -169,7 +172,8 @@ def route(
     fwd = tuple(forwarded)
     if reserved:  # control routes before stream routes
         return _new(
-            Route, (CONTROL, method, path, query, fwd, None, authorization, declared, 0, "", ())
+            Route,
+            (CONTROL, method, path, query, fwd, None, authorization, declared, 0, "", (), b""),
         )
     share: tuple[Any, ...] | None = None
     if kind == READ and query:
@@ -181,7 +185,12 @@ def route(
             kind = SSE
             if b"%" not in query and b"offset=now" not in query:
                 share = (path, query, fwd)
-    return _new(Route, (kind, method, path, query, fwd, share, authorization, declared, 0, "", ()))
+    head = (
+        wire.pack_http_head(method, path, query.decode("latin-1"), fwd) if kind == APPEND else b""
+    )
+    return _new(
+        Route, (kind, method, path, query, fwd, share, authorization, declared, 0, "", (), head)
+    )
 
 
 def native_kind(method: str, target: bytes) -> str | None:

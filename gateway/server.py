@@ -673,6 +673,7 @@ async def serve(
                 if others is not None:
                     raise others from None
             finally:
+                http1.stopping = True  # (what `context.terminated` says, read per request)
                 await context.terminated.set()
                 connections.close_idle()
                 server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout

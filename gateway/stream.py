@@ -452,7 +452,7 @@ class StreamHandler:
         if route.kind != routes.APPEND:
             return None
         sent = SentAppend(route.path, route.fields(body), arrived)
-        routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first)
+        routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first, route.head)
         if routed is None:
             return None
         sent.ring, sent.call = routed

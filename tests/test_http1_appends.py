@@ -10,6 +10,7 @@ appends in flight, answers larger than the socket takes, a ring change retried, 
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -36,6 +37,9 @@ async def scripted(msg: dict[str, Any], reply: Reply) -> None:
 
     if kind == "echo":  # the request's body
         await answer(200, msg["b"])
+    elif kind == "fields":  # the request's own items as the shard decoded them
+        items = [msg["m"], msg["p"], msg["q"], msg["h"], msg.get("t", b"").hex(), len(msg["b"])]
+        await answer(200, json.dumps(items).encode())
     elif kind == "delay":  # delay/SECONDS/...: the body, after a while
         await trio.sleep(float(arg.split("/")[0]))
         await answer(200, msg["b"])
@@ -90,6 +94,46 @@ def test_appends_on_one_connection_in_turn(gateway: GatewayProcess) -> None:
     while not any("rq-19" in line for line in gateway.lines):
         assert time.monotonic() < deadline, "no access log line for the last append"
         time.sleep(0.05)
+
+
+def test_appends_of_several_routes_reach_the_shard_whole(gateway: GatewayProcess) -> None:
+    """Appends of different streams, queries and forwarded headers, interleaved on one
+    connection and each sent twice (the second time the route's request head is packed
+    already, `wire.pack_http_head`): the shard decodes each with its own method, path,
+    query, headers and body, whatever its size (below and above bin 8's and the raw
+    body's sizes)."""
+    kinds = [
+        ("/v1/stream/fields/a", "Content-Type: text/plain\r\n", 1),
+        ("/v1/stream/fields/b?x=1", "Content-Type: application/json\r\n", 255),
+        ("/v1/stream/fields/a", "Content-Type: application/octet-stream\r\n", 256),
+        ("/v1/stream/fields/a", "Producer-Id: p\r\nProducer-Epoch: 0\r\nProducer-Seq: 3\r\n", 0),
+        ("/v1/stream/fields/%C3%A9t%C3%A9", "Stream-Seq: 0007\r\n", 20_000),
+    ]
+    expected = []
+    for target, headers, size in kinds:
+        path, _, query = target.partition("?")
+        sent = {
+            line.split(": ")[0].lower(): line.split(": ")[1]
+            for line in headers.split("\r\n")
+            if line
+        }
+        expected.append(
+            (path.removeprefix("/v1/stream/").replace("%C3%A9", "\u00e9"), query, sent, size)
+        )
+    with Conn(gateway.port) as conn:
+        for _ in range(2):
+            for (target, headers, size), (path, query, sent, length) in zip(
+                kinds, expected, strict=True
+            ):
+                conn.send(post(target, b"z" * size, headers))
+                response = conn.read_response()
+                assert response.status == 200, response.body
+                method, got_path, got_query, got_headers, token, got_length = json.loads(
+                    response.body
+                )
+                assert (method, got_path, got_query, token) == ("POST", path, query, "")
+                assert got_length == length
+                assert {name: value for name, value in got_headers} == sent
 
 
 def test_pipelined_appends_answered_in_order(gateway: GatewayProcess) -> None:
