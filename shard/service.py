@@ -209,7 +209,14 @@ class ShardService:
             return None
         entry = self.table.get(path)
         now = time.time()
-        decision = core.handle(request, entry.pending, now, self.config)
+        state = entry.pending
+        if state is not None and entry.pending_sid is not None:
+            plain = core.plain_append(request, state, now)
+            if plain is not None:
+                job = self.committer.shared_job()
+                self.committer.admitted(entry, self._stage_append(job, entry, state, plain))
+                return (entry, job, plain)
+        decision = core.handle(request, state, now, self.config)
         if type(decision) is not Reply:
             return None  # (the entry stays in the table: the full path takes it again)
         if not decision.changed:
@@ -264,8 +271,13 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        if reply.records:
-            self._count_append(reply.records)
+        records = reply.records
+        if len(records) == 1:  # (`_count_append` of an append's usual one record)
+            counters = self.counters
+            counters.appends += 1
+            counters.append_bytes += len(records[0].data)
+        elif records:
+            self._count_append(records)
         return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
@@ -390,6 +402,32 @@ class ShardService:
         old_tail = previous.tail if previous is not None else None
         if new_tail != old_tail and (new_tail is None or new_tail > 0):
             self.subs.notices.stage(job, entry.path)
+        job.writes.append((entry, write))  # (last: the job may be queued already)
+        return write
+
+    def _stage_append(
+        self, job: Job, entry: Entry, previous: StreamState, reply: Reply
+    ) -> StreamWrite:
+        """`_stage` of a plain append (`core.plain_append`'s `reply` to `previous`, the
+        entry's pending state, of the incarnation `entry.pending_sid`), in fewer steps: the
+        same incarnation, no fork released, new data to notify subscriptions of. Its state
+        is `previous` advanced (core.model.advance): only the tail, the last access,
+        `closed` (False, as before: the stream was not closed) and `closed_by` (None) may
+        differ, so the stored row may lag (`tail_moved`) unless `previous` has a fork
+        origin or a `closed_by`; no TTL or expiry time, or the append would not be plain."""
+        sid = entry.pending_sid
+        path = entry.path
+        write = StreamWrite(
+            path,
+            sid,  # type: ignore[arg-type]  # (not None: the caller checked)
+            sid,
+            reply.state,
+            reply.records,
+            previous.producers,
+            previous,
+            previous.fork is None and previous.closed_by is None,
+        )
+        self.subs.notices.stage(job, path)  # (the tail moved past 0)
         job.writes.append((entry, write))  # (last: the job may be queued already)
         return write
 

@@ -85,7 +85,7 @@ from .model import (
     StreamState,
     Wait,
 )
-from .protocol import finish_read, handle
+from .protocol import finish_read, handle, plain_append
 from .sse import SseSession
 
 __all__ = [
@@ -111,6 +111,7 @@ __all__ = [
     "export_fork",
     "finish_read",
     "handle",
+    "plain_append",
     "plan_export",
     "release_fork",
 ]

@@ -99,7 +99,7 @@ def handle(
             return _read(request, state, now, config, resume)
         if method == "POST":
             if state is not None:
-                reply = _plain_append(request, state, now)
+                reply = plain_append(request, state, now)
                 if reply is not None:
                     return reply
             return _append(request, state, now)
@@ -156,7 +156,7 @@ def _delete(state: StreamState | None, now: float) -> Reply:
 _NOT_PLAIN = frozenset(
     ("producer-id", "producer-epoch", "producer-seq", "stream-closed", "stream-seq")
 )
-# `_plain_type`'s answers by content type, looked up by `_plain_append` itself (an
+# `_plain_type`'s answers by content type, looked up by `plain_append` itself (an
 # lru_cache's wrapper cost 700 instructions per append); emptied when it fills.
 _PLAIN_TYPES: dict[str, bool] = {}
 _PLAIN_TYPES_MAX = 1024
@@ -172,14 +172,18 @@ def _plain_type(content_type: str) -> bool:
     return plain
 
 
-def _plain_append(request: Request, state: StreamState, now: float) -> Reply | None:
-    """The common append, decided exactly as `_append` would, in fewer steps; None when
-    it is not that case (and `_append` decides). Plain: a live stream without expiry,
-    not closed; no producer, Stream-Seq or Stream-Closed header; the stream's own
-    Content-Type string; a binary body of one record, not prepared by the runtime.
+def plain_append(request: Request, state: StreamState, now: float) -> Reply | None:
+    """The common append (a POST on the existing `state`), decided exactly as `handle`
+    would, in fewer steps; None when it is not that case (and `handle` decides). Plain:
+    a live stream without expiry, not closed; no producer, Stream-Seq or Stream-Closed
+    header; the stream's own Content-Type string; a binary body of one record, not
+    prepared by the runtime. Its reply's state is `advance(state, ...)`: only the tail
+    and the last access move (`closed` stays False).
 
     Every client append repeats this case, and `_append` spends most of its steps on
-    the others (three header parsers, the 409 checks, evolve's keyword changes)."""
+    the others (three header parsers, the 409 checks, evolve's keyword changes). The
+    runtime asks it first itself (`ShardService.decide_now`), knowing then what
+    changed without comparing the states."""
     if (
         state.closed
         or state.soft_deleted
