@@ -85,7 +85,7 @@ from .model import (
     StreamState,
     Wait,
 )
-from .protocol import finish_read, handle, plain_append
+from .protocol import finish_read, handle, plain_append, plain_append_parts
 from .sse import SseSession
 
 __all__ = [
@@ -112,6 +112,7 @@ __all__ = [
     "finish_read",
     "handle",
     "plain_append",
+    "plain_append_parts",
     "plan_export",
     "release_fork",
 ]

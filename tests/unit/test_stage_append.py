@@ -1,12 +1,16 @@
-"""`ShardService._stage_append`, the plain append's staging, builds exactly the write the
-general `_stage` builds, and its `tail_moved` (the stored row may lag, not compared
-again by the store) is what the store's own comparison would answer."""
+"""The plain append's own lane on the shard (`ShardService.append_now`) does what the
+general one (`decide_now`) does: `core.plain_append_parts` decides as `core.plain_append`
+(tested against the general path in test_core_append_fast.py), the answer sent is the
+same bytes, and `_stage_append` builds exactly the write the general `_stage` builds, its
+`tail_moved` (the stored row may lag, not compared again by the store) being what the
+store's own comparison would answer."""
 
 from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ds_cluster.common import wire
 from ds_cluster.shard import store as store_module
 from ds_cluster.shard.committer import Job
 from ds_cluster.shard.core import protocol
@@ -67,7 +71,10 @@ def test_stage_append_builds_the_general_write(state, body, sid):
         reply.records,
         fresh=reply.fresh,
     )
-    fast = ShardService._stage_append(fake, fast_job, entry(), state, reply)  # type: ignore[arg-type]
+    parts = protocol.plain_append_parts(request.headers, body, state, NOW)
+    assert parts is not None
+    new_state, record, _offset = parts
+    fast = ShardService._stage_append(fake, fast_job, entry(), state, new_state, record)  # type: ignore[arg-type]
     assert fast.tail_moved == store_module._only_tail_moved(state, reply.state)
     assert not general.tail_moved
     fast.tail_moved = False
@@ -75,3 +82,33 @@ def test_stage_append_builds_the_general_write(state, body, sid):
     assert staged == [(general_job, "a/b"), (fast_job, "a/b")]
     assert [w for _, w in fast_job.writes] == [fast]
     assert fast_job.outbox_put == general_job.outbox_put == []
+
+
+@settings(max_examples=300)
+@given(
+    state=states,
+    body=st.binary(max_size=64),
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "content-type": st.sampled_from(["application/octet-stream", "text/plain"]),
+            "stream-seq": st.just("a"),
+            "producer-id": st.just("p"),
+        },
+    ),
+    call_id=st.integers(0, 2**40),
+)
+def test_plain_append_parts_decide_and_answer_as_plain_append(state, body, headers, call_id):
+    request = Request("POST", "a/b", "", headers, body)
+    reply = protocol.plain_append(request, state, NOW)
+    parts = protocol.plain_append_parts(headers, body, state, NOW)
+    if reply is None:
+        assert parts is None
+        return
+    assert parts is not None
+    new_state, record, offset = parts
+    assert (reply.state, reply.records) == (new_state, (record,))
+    response = reply.response
+    assert [wire.append_answer(call_id, offset)] == wire.encode_response(
+        call_id, response.status, response.headers, response.body
+    )
