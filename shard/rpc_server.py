@@ -347,9 +347,11 @@ class RpcServer:
         writer: FrameWriter,
         answers: CommitAnswers,
     ) -> bool:
-        """Decide an append without a task (`ShardService.decide_now`): its answer goes now,
-        or from `answers` once its group commit is done. False: run it as a task (a path
-        to refuse, a large body, a stream moving, ...; nothing was changed)."""
+        """Decide an append without a task, a plain one from the frame's fields
+        (`ShardService.append_now`, no Request built), any other by
+        `ShardService.decide_now`: its answer goes now, or from `answers` once its group
+        commit is done. False: run it as a task (a path to refuse, a large body, a stream
+        moving, ...; nothing was changed)."""
         call_id = message["i"]
         path = message["p"]
         if not self._local(path, ring):
