@@ -308,7 +308,7 @@ def encode_response(
             and len(value) == _OFFSET_CHARS
             and value.isascii()
         ):
-            return [_append_answer(call_id, value)]
+            return [append_answer(call_id, value)]
     items = [RES_HTTP, call_id, status, False, headers, token, hit, body]
     if len(body) >= RAW_BODY_BYTES:
         return encode_parts(items)
@@ -370,9 +370,10 @@ def _uint(value: int) -> bytes:
     return _U64.pack(0xCF, value)
 
 
-def _append_answer(call_id: int, offset: str) -> bytes:
+def append_answer(call_id: int, offset: str) -> bytes:
     """The framed answer `[RES_HTTP, call_id, 204, False, [["stream-next-offset",
-    offset]], b"", False, b""]` of an append (`offset`: 33 ASCII characters)."""
+    offset]], b"", False, b""]` of an append (`offset`: 33 ASCII characters), as
+    `encode_response` gives it: for a caller that knows the answer is that one."""
     packed_id = _uint(call_id)
     return b"".join(
         (

@@ -48,6 +48,10 @@ class BodyOffload:
             return False
         return request.path in self._gates or len(request.body) > bodies.OFFLOAD_JSON_BYTES
 
+    def engaged_write(self, path: str, body: bytes) -> bool:
+        """`engaged` of a write (not a read) on `path` sending `body`."""
+        return path in self._gates or len(body) > bodies.OFFLOAD_JSON_BYTES
+
     async def run(self, request: Request, handle: Handle) -> None:
         """`handle` the request in its stream's write order, offering the core to defer
         a large body (it answers NeedBody if it needs it; see `prepare`)."""

@@ -45,7 +45,7 @@ from ds_cluster.shard.core.model import Request, Response
 from ds_cluster.shard.peers import PeerUnavailable
 from ds_cluster.shard.polls import ParkedPoll
 from ds_cluster.shard.rpc_ops import Handler
-from ds_cluster.shard.service import Settling, ShardService
+from ds_cluster.shard.service import Appended, Settling, ShardService
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,11 @@ class CommitAnswers:
         self._writer = writer
         self._protocol = protocol
         self._calls = protocol.calls
-        self._queue: deque[tuple[int, Job, Settling]] = deque()  # (call id, its job, ...)
+        # (call id, its job, its Settling or Appended)
+        self._queue: deque[tuple[int, Job, Settling | Appended]] = deque()
         self._added = trio.Event()
 
-    def add(self, call_id: int, settling: Settling) -> None:
+    def add(self, call_id: int, settling: Settling | Appended) -> None:
         self._calls[call_id] = COMMITTING  # (`protocol.started`, written out)
         queue = self._queue
         if not queue:  # (`run` waits for `_added` only with an empty queue)
@@ -111,9 +112,11 @@ class CommitAnswers:
     async def run(self) -> None:
         queue = self._queue
         settled = self._service.settled
+        settled_append = self._service.settled_append
         send = self._writer.send_parts_nowait
         send_frames = self._writer.send_frames_nowait
         encode = wire.encode_response
+        append_answer = wire.append_answer
         calls = self._calls
         while True:
             if not queue:
@@ -129,7 +132,14 @@ class CommitAnswers:
             while queue and queue[0][1].done is done:
                 call_id, _job, settling = queue.popleft()
                 calls.pop(call_id, None)  # (`protocol.finished`, written out)
-                answer = settled(settling)
+                if len(settling) == 4:  # an Appended
+                    offset = settled_append(settling)
+                    if isinstance(offset, str):
+                        frames.append(append_answer(call_id, offset))
+                        continue
+                    answer = offset
+                else:
+                    answer = settled(settling)
                 parts = encode(call_id, answer.status, answer.headers, answer.body)
                 if len(parts) == 1:
                     frames.append(parts[0])
@@ -337,13 +347,28 @@ class RpcServer:
         writer: FrameWriter,
         answers: CommitAnswers,
     ) -> bool:
-        """Decide an append without a task (`ShardService.decide_now`): its answer goes now,
-        or from `answers` once its group commit is done. False: run it as a task (a path
-        to refuse, a large body, a stream moving, ...; nothing was changed)."""
+        """Decide an append without a task, a plain one from the frame's fields
+        (`ShardService.append_now`, no Request built), any other by
+        `ShardService.decide_now`: its answer goes now, or from `answers` once its group
+        commit is done. False: run it as a task (a path to refuse, a large body, a stream
+        moving, ...; nothing was changed)."""
         call_id = message["i"]
-        request = self._local_request(message, ring)
-        if request is None:
+        path = message["p"]
+        if not self._local(path, ring):
             return False
+        headers = {}
+        for name, value in message["h"]:  # (a loop: a comprehension is a call of its own)
+            headers[name.lower()] = value
+        body = message["b"]
+        try:
+            appended = self.service.append_now(path, headers, body)
+        except Exception as exc:
+            writer.send_nowait(_failure(call_id, exc))
+            return True
+        if appended is not None:
+            answers.add(call_id, appended)
+            return True
+        request = Request("POST", path, message["q"], headers, body)
         try:
             outcome = self.service.decide_now(request)
         except Exception as exc:
@@ -359,17 +384,21 @@ class RpcServer:
             )
         return True
 
-    def _local_request(self, message: wire.RequestFrame, ring: Ring) -> Request | None:
-        """The core's request for an HTTP frame on a path this shard owns under `ring`
-        (the current one), or None (a bad path, or another shard's: the task path answers
-        those)."""
-        path = message["p"]
+    def _local(self, path: str, ring: Ring) -> bool:
+        """Whether `path` is a stream path this shard owns under `ring` (the current one);
+        False for a bad path, or another shard's: the task path answers those."""
         if path not in _CHECKED_PATHS:
             try:
                 _check_path(path)
             except PathError:
-                return None
-        if ring.owner(path) != self.service.shard_id:
+                return False
+        return ring.owner(path) == self.service.shard_id
+
+    def _local_request(self, message: wire.RequestFrame, ring: Ring) -> Request | None:
+        """The core's request for an HTTP frame on a path this shard owns under `ring`
+        (the current one), or None (see `_local`)."""
+        path = message["p"]
+        if not self._local(path, ring):
             return None
         headers = {}
         for name, value in message["h"]:  # (a loop: a comprehension is a call of its own)

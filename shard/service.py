@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -58,6 +58,10 @@ SendChunk = Callable[[bytes, bool], Awaitable[None]]  # (body bytes, more follow
 # `ShardService.settled` gives its response. A tuple, not a class: every append makes
 # one, and a class's `__init__` cost about 1.8k instructions, a tuple about a tenth.
 Settling = tuple[Entry, Job, Reply]
+# A plain append decided by `ShardService.append_now`, its job queued: (its stream's
+# entry, the job, its one record, the Stream-Next-Offset of its 204); once the job's
+# `done` is set, `ShardService.settled_append` gives its answer.
+Appended = tuple[Entry, Job, Record, str]
 
 
 class ShardService:
@@ -222,6 +226,39 @@ class ShardService:
         self.committer.admitted(entry, write)
         return (entry, job, decision)
 
+    def append_now(self, path: str, headers: Mapping[str, str], body: bytes) -> Appended | None:
+        """`decide_now` of a POST that is a plain append (`core.plain_append_parts`),
+        given as its path, lower-case headers and body: no Request, Reply or Response is
+        built for it. None when it is not that case, nothing changed: `decide_now` then
+        decides the request. Raises StorageUnavailable as `decide_now` would, before
+        changing anything; the caller checked what `decide_now` says of `path`."""
+        if self.offload.engaged_write(path, body) or not self.handoff.admits_now(path):
+            return None
+        entry = self.table.get(path)
+        state = entry.pending
+        if state is None or entry.pending_sid is None:
+            return None  # (the entry stays in the table: decide_now takes it again)
+        parts = core.plain_append_parts(headers, body, state, time.time())
+        if parts is None:
+            return None
+        new_state, record, offset = parts
+        job = self.committer.shared_job()
+        self.committer.admitted(entry, self._stage_append(job, entry, state, new_state, record))
+        return (entry, job, record, offset)
+
+    def settled_append(self, appended: Appended) -> str | Response:
+        """The answer of an `append_now` append whose job is done: its offset (a 204
+        with it as Stream-Next-Offset), or the response of its failure."""
+        entry, job, record, offset = appended
+        if entry.committed is None:  # (else not absent: nothing to release)
+            self.table.release_if_idle(entry)
+        if job.error is not None:
+            return unavailable("storage unavailable; the write was not applied")
+        counters = self.counters  # (`_count_append` of one record)
+        counters.appends += 1
+        counters.append_bytes += len(record.data)
+        return offset
+
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
         """A GET or HEAD answered on the spot, without a task of its own: the response
         and its body's token (b"": none; see shard/slice_cache.py), or None when the
@@ -264,8 +301,13 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        if reply.records:
-            self._count_append(reply.records)
+        records = reply.records
+        if len(records) == 1:  # (`_count_append` of an append's usual one record)
+            counters = self.counters
+            counters.appends += 1
+            counters.append_bytes += len(records[0].data)
+        elif records:
+            self._count_append(records)
         return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
@@ -390,6 +432,33 @@ class ShardService:
         old_tail = previous.tail if previous is not None else None
         if new_tail != old_tail and (new_tail is None or new_tail > 0):
             self.subs.notices.stage(job, entry.path)
+        job.writes.append((entry, write))  # (last: the job may be queued already)
+        return write
+
+    def _stage_append(
+        self, job: Job, entry: Entry, previous: StreamState, state: StreamState, record: Record
+    ) -> StreamWrite:
+        """`_stage` of a plain append (`core.plain_append_parts`'s `state` and `record`
+        from `previous`, the entry's pending state, of the incarnation
+        `entry.pending_sid`), in fewer steps: the same incarnation, no fork released, new
+        data to notify subscriptions of. Its state is `previous` advanced
+        (core.model.advance): only the tail, the last access, `closed` (False, as before:
+        the stream was not closed) and `closed_by` (None) may differ, so the stored row
+        may lag (`tail_moved`) unless `previous` has a fork origin or a `closed_by`; no
+        TTL or expiry time, or the append would not be plain."""
+        sid = entry.pending_sid
+        path = entry.path
+        write = StreamWrite(
+            path,
+            sid,  # type: ignore[arg-type]  # (not None: the caller checked)
+            sid,
+            state,
+            (record,),
+            previous.producers,
+            previous,
+            previous.fork is None and previous.closed_by is None,
+        )
+        self.subs.notices.stage(job, path)  # (the tail moved past 0)
         job.writes.append((entry, write))  # (last: the job may be queued already)
         return write
 

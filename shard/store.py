@@ -291,6 +291,9 @@ class StreamWrite:
     # incarnation): when the two differ only in what an append moves, the stored row is
     # left to lag (see the module docstring).
     previous: StreamState | None = None
+    # The caller vouches that `_only_tail_moved(previous, state)` holds (a plain append,
+    # whose state the core advanced from `previous`): not compared again, field by field.
+    tail_moved: bool = False
 
 
 @dataclass(frozen=True)
@@ -986,7 +989,7 @@ class Store:
                     pending.journal.append((sid, record.end, record.start, bytearray(record.data)))
                 else:
                     pending.journal += [(sid, r.end, r.start, bytearray(r.data)) for r in records]
-                if not stored and _only_tail_moved(write.previous, state):
+                if not stored and (write.tail_moved or _only_tail_moved(write.previous, state)):
                     stored = True  # its journal rows say where its tail is now
         if not stored:
             pending.states[write.path] = (write.sid, state)

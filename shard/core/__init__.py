@@ -85,7 +85,7 @@ from .model import (
     StreamState,
     Wait,
 )
-from .protocol import finish_read, handle
+from .protocol import finish_read, handle, plain_append, plain_append_parts
 from .sse import SseSession
 
 __all__ = [
@@ -111,6 +111,8 @@ __all__ = [
     "export_fork",
     "finish_read",
     "handle",
+    "plain_append",
+    "plain_append_parts",
     "plan_export",
     "release_fork",
 ]

@@ -1,6 +1,6 @@
 """The core's plain-append fast lane decides exactly as the general append path.
 
-`core.handle` tries `_plain_append` first for every POST on an existing stream; whatever
+`core.handle` tries `plain_append` first for every POST on an existing stream; whatever
 it answers (or declines) must be what `_append` alone would answer: the same response,
 the same new state, the same records. Hypothesis draws streams and requests around the
 lane's edges (expiry, closure, producers, Stream-Seq, content types that differ by
@@ -116,7 +116,7 @@ def test_the_plain_case_takes_the_fast_lane(state, body):
     live = not (state.closed or state.soft_deleted) and state.ttl is None
     live = live and state.expires_at_ts is None and state.tail + len(body) <= MAX_POSITION
     request = Request("POST", "a/b", "", {"content-type": state.content_type}, body)
-    fast = protocol._plain_append(request, state, NOW)
+    fast = protocol.plain_append(request, state, NOW)
     ct = state.content_type
     if live and protocol.valid_content_type(ct) and not protocol.is_json(ct):
         assert fast is not None

@@ -1,0 +1,114 @@
+"""The plain append's own lane on the shard (`ShardService.append_now`) does what the
+general one (`decide_now`) does: `core.plain_append_parts` decides as `core.plain_append`
+(tested against the general path in test_core_append_fast.py), the answer sent is the
+same bytes, and `_stage_append` builds exactly the write the general `_stage` builds, its
+`tail_moved` (the stored row may lag, not compared again by the store) being what the
+store's own comparison would answer."""
+
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_cluster.common import wire
+from ds_cluster.shard import store as store_module
+from ds_cluster.shard.committer import Job
+from ds_cluster.shard.core import protocol
+from ds_cluster.shard.core.model import ForkOrigin, Request, StreamState
+from ds_cluster.shard.core.producers import ProducerState
+from ds_cluster.shard.service import ShardService
+from ds_cluster.shard.streams import Entry
+
+NOW = 1_800_000_000.0
+_FORK = ForkOrigin("src", "0000000000000000_0000000000000000", 0, 0, "ref-1", True)
+
+states = st.builds(
+    StreamState,
+    path=st.just("a/b"),
+    content_type=st.sampled_from(["application/octet-stream", "text/plain"]),
+    created_at=st.sampled_from([NOW - 100, NOW - 5]),
+    tail=st.integers(0, 10_000),
+    closed=st.just(False),
+    last_access=st.floats(NOW - 2000, NOW),
+    last_stream_seq=st.one_of(st.none(), st.sampled_from(["a", "m"])),
+    closed_by=st.one_of(st.none(), st.just(("p", 0, 3))),
+    producers=st.one_of(st.just({}), st.just({"p": ProducerState(0, 3)})),
+    fork=st.one_of(st.none(), st.just(_FORK)),
+    refcount=st.sampled_from([0, 2]),
+)
+
+
+def _fake_service() -> tuple[SimpleNamespace, list[tuple[Job, str]]]:
+    """What `_stage` and `_stage_append` use of the service: new sids and notices."""
+    staged: list[tuple[Job, str]] = []
+    notices = SimpleNamespace(stage=lambda job, path: staged.append((job, path)))
+    fake = SimpleNamespace(
+        table=SimpleNamespace(new_sid=lambda: 999), subs=SimpleNamespace(notices=notices)
+    )
+    return fake, staged
+
+
+@settings(max_examples=300)
+@given(state=states, body=st.binary(min_size=1, max_size=64), sid=st.integers(1, 50))
+def test_stage_append_builds_the_general_write(state, body, sid):
+    request = Request("POST", "a/b", "", {"content-type": state.content_type}, body)
+    reply = protocol.plain_append(request, state, NOW)
+    assert reply is not None and reply.state is not None
+
+    def entry() -> Entry:
+        made = Entry("a/b")
+        made.committed = made.pending = state
+        made.committed_sid = made.pending_sid = sid
+        return made
+
+    fake, staged = _fake_service()
+    general_job, fast_job = Job(), Job()
+    general = ShardService._stage(
+        fake,  # type: ignore[arg-type]
+        general_job,
+        entry(),
+        reply.state,
+        reply.records,
+        fresh=reply.fresh,
+    )
+    parts = protocol.plain_append_parts(request.headers, body, state, NOW)
+    assert parts is not None
+    new_state, record, _offset = parts
+    fast = ShardService._stage_append(fake, fast_job, entry(), state, new_state, record)  # type: ignore[arg-type]
+    assert fast.tail_moved == store_module._only_tail_moved(state, reply.state)
+    assert not general.tail_moved
+    fast.tail_moved = False
+    assert fast == general
+    assert staged == [(general_job, "a/b"), (fast_job, "a/b")]
+    assert [w for _, w in fast_job.writes] == [fast]
+    assert fast_job.outbox_put == general_job.outbox_put == []
+
+
+@settings(max_examples=300)
+@given(
+    state=states,
+    body=st.binary(max_size=64),
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "content-type": st.sampled_from(["application/octet-stream", "text/plain"]),
+            "stream-seq": st.just("a"),
+            "producer-id": st.just("p"),
+        },
+    ),
+    call_id=st.integers(0, 2**40),
+)
+def test_plain_append_parts_decide_and_answer_as_plain_append(state, body, headers, call_id):
+    request = Request("POST", "a/b", "", headers, body)
+    reply = protocol.plain_append(request, state, NOW)
+    parts = protocol.plain_append_parts(headers, body, state, NOW)
+    if reply is None:
+        assert parts is None
+        return
+    assert parts is not None
+    new_state, record, offset = parts
+    assert (reply.state, reply.records) == (new_state, (record,))
+    response = reply.response
+    assert [wire.append_answer(call_id, offset)] == wire.encode_response(
+        call_id, response.status, response.headers, response.body
+    )
