@@ -7,6 +7,7 @@ numbers and that the append read-back really compares data, not that anything is
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from ds_cluster.tools.bench import add_arguments
 from ds_cluster.tools.bench.append import body_bytes, verify
 from ds_cluster.tools.bench.http import ResponseParser, SyncClient
+from ds_cluster.tools.bench.instructions import _appends
 from ds_cluster.tools.bench.presets import fanout_shape, selected
 from ds_cluster.tools.bench.report import HIGHER, LOWER, markdown, ours_vs_best, summary
 from ds_cluster.tools.bench.stats import cpu_us_per_op
@@ -270,3 +272,32 @@ def test_instruction_count_of_one_process_per_append(process: str) -> None:
     group = float(line.split("instructions per append, ", 1)[1].split(" ", 1)[0])
     assert 20_000 < count < 2_000_000, line
     assert 1.0 <= group <= 8.0, line
+
+
+def test_instruction_load_spreads_over_every_stream() -> None:
+    """The counted appends go round robin over all the streams, not over one stream per
+    `connections`-th (each connection starts on a stream of its own)."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            seen.append(head.split(b" ", 2)[1])
+            length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        paths = [f"/v1/stream/s-{i}" for i in range(16)]
+        async with server:
+            await _appends(port, paths, 64, 4)
+        assert len(seen) == 64
+        assert {p.decode() for p in seen} == set(paths)
+
+    asyncio.run(main())

@@ -64,11 +64,11 @@ async def _appends(port: int, paths: list[str], total: int, connections: int) ->
     waiting for its answer; raise on anything but a 2xx."""
     left = total
 
-    async def one_connection() -> None:
+    async def one_connection(first: int) -> None:
         nonlocal left
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            turn = 0
+            turn = first  # connection c takes streams c, c + connections, ...: all of them
             while left > 0:
                 left -= 1
                 path = paths[turn % len(paths)]
@@ -88,7 +88,7 @@ async def _appends(port: int, paths: list[str], total: int, connections: int) ->
         finally:
             writer.close()
 
-    await asyncio.gather(*(one_connection() for _ in range(connections)))
+    await asyncio.gather(*(one_connection(c) for c in range(connections)))
 
 
 def _request(port: int, method: str, path: str) -> int:
