@@ -385,6 +385,18 @@ async def test_ring_holder_only_moves_forward_and_wakes_waiters() -> None:
 # ---- the writer, over an in-memory stream ------------------------------------------------
 
 
+async def _read_frames(
+    stream: trio.abc.ReceiveStream,
+    decoder: wire.FrameDecoder,
+    received: list[wire.Frame],
+    count: int,
+) -> None:
+    """Decode what `stream` brings into `received` until it holds `count` frames."""
+    with trio.fail_after(5):
+        while len(received) < count:
+            received += decoder.feed(await stream.receive_some(1 << 20))
+
+
 async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
@@ -401,16 +413,12 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
         nursery.start_soon(writer.run)
         decoder = wire.FrameDecoder()
         received: list[wire.Frame] = []
-        with trio.fail_after(5):
-            while len(received) < 2:
-                received += decoder.feed(await theirs.receive_some(1 << 20))
+        await _read_frames(theirs, decoder, received, 2)
         assert [f["i"] for f in received] == [0, 2]  # type: ignore[typeddict-item]
         assert calls[0].sent and calls[2].sent and not calls[1].sent
         # Nothing held now: one large frame always goes.
         assert writer.try_queue(wire.encode_parts(rpc_core.chunk(9, b"z" * 100_000, False)))
-        with trio.fail_after(5):
-            while len(received) < 3:
-                received += decoder.feed(await theirs.receive_some(1 << 20))
+        await _read_frames(theirs, decoder, received, 3)
         # An answer that cannot wait, over the budget: the connection is dropped.
         writer.send_nowait(rpc_core.chunk(10, b"w" * 10, True))
         writer.send_nowait(rpc_core.chunk(11, b"w" * 100_000, True))
@@ -538,11 +546,8 @@ async def test_writer_queues_a_groups_frames_in_one_step_within_its_budgets() ->
         group = [wire.encode_response(n, 200, (), b"x" * 10)[0] for n in range(2, 6)]
         writer.send_frames_nowait(group)
         nursery.start_soon(writer.run)
-        decoder = wire.FrameDecoder()
         received: list[wire.Frame] = []
-        with trio.fail_after(5):
-            while len(received) < 5:
-                received += decoder.feed(await theirs.receive_some(1 << 20))
+        await _read_frames(theirs, wire.FrameDecoder(), received, 5)
         assert [f["i"] for f in received] == [1, 2, 3, 4, 5]  # type: ignore[typeddict-item]
         with trio.fail_after(5):
             while shared.used:
