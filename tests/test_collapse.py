@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.fakeshard import Reply, ThreadedShard, threaded_shard
 from support.http import parse_head
 from support.processes import GatewayProcess, gateway_for
 
@@ -97,10 +97,8 @@ async def longpoll_shard(msg: dict[str, Any], reply: Reply) -> None:
 
 @pytest.fixture(scope="module")
 def shard() -> Iterator[ThreadedShard]:
-    threaded = ThreadedShard(FakeShard("s1", longpoll_shard))
-    threaded.start()
-    yield threaded
-    threaded.stop()
+    with threaded_shard(longpoll_shard) as threaded:
+        yield threaded
 
 
 @pytest.fixture(scope="module")

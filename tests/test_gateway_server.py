@@ -34,7 +34,7 @@ import pytest
 import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.fakeshard import Reply, ThreadedShard, threaded_shard
 from support.processes import GatewayProcess, gateway_for
 
 from ds_cluster.gateway.http1 import SEPARATE_BODY_BYTES, Http1Connection
@@ -243,12 +243,10 @@ async def behave(msg: dict[str, Any], reply: Reply) -> None:
 
 @pytest.fixture(scope="module")
 def shard() -> Iterator[ThreadedShard]:
-    threaded = ThreadedShard(FakeShard("s1", behave))
-    threaded.start()
-    yield threaded
-    for event in GATES.values():
-        event.set()
-    threaded.stop()
+    with threaded_shard(behave) as threaded:
+        yield threaded
+        for event in GATES.values():
+            event.set()
 
 
 @pytest.fixture(scope="module")

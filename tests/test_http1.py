@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support.fakeshard import FakeShard, ThreadedShard
+from support.fakeshard import ThreadedShard, threaded_shard
 from support.processes import GatewayProcess, gateway_for
 from test_gateway_server import Conn, behave, chunked_request, gate, request
 
@@ -26,10 +26,8 @@ MAX_BODY = 100_000  # the gateway's --max-body-bytes here
 
 @pytest.fixture(scope="module")
 def shard() -> Iterator[ThreadedShard]:
-    threaded = ThreadedShard(FakeShard("s1", behave))
-    threaded.start()
-    yield threaded
-    threaded.stop()
+    with threaded_shard(behave) as threaded:
+        yield threaded
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from support.fakeshard import FakeShard, Reply, ThreadedShard
+from support.fakeshard import FakeShard, Reply, ThreadedShard, threaded_shard
 from support.processes import GatewayProcess, gateway_for
 from test_gateway_server import Conn, request
 
@@ -62,10 +62,8 @@ async def scripted(msg: dict[str, Any], reply: Reply) -> None:
 
 @pytest.fixture(scope="module")
 def shard() -> Iterator[ThreadedShard]:
-    threaded = ThreadedShard(FakeShard("s1", scripted))
-    threaded.start()
-    yield threaded
-    threaded.stop()
+    with threaded_shard(scripted) as threaded:
+        yield threaded
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -173,3 +173,15 @@ class ThreadedShard:
         trio.from_thread.run(self.shard.stop, trio_token=self._token)
         assert self._thread is not None
         self._thread.join(10)
+
+
+@contextlib.contextmanager
+def threaded_shard(script: Handler) -> Iterator[ThreadedShard]:
+    """A FakeShard "s1" answering with `script`, running in its own thread until the
+    block ends (a module-scoped fixture's usual shard)."""
+    threaded = ThreadedShard(FakeShard("s1", script))
+    threaded.start()
+    try:
+        yield threaded
+    finally:
+        threaded.stop()
