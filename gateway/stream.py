@@ -102,6 +102,12 @@ _ERROR_STATUS = {
 }
 
 
+def _body_not_held() -> Answer:
+    """The answer to a shard's `hit` on a token the gateway sent no body for (or holds no
+    longer): the shard meant a body nobody here can serve."""
+    return error_answer(502, "the shard answered with a body the gateway does not hold")
+
+
 class SentAppend:
     """A plain append sent to its owner without waiting for the answer
     (`StreamHandler.send`): its rendered answer goes to `arrived` from the shard
@@ -465,7 +471,7 @@ class StreamHandler:
         if isinstance(res, tuple):
             return res
         if res["hit"]:
-            return error_answer(502, "the shard answered with a body the gateway does not hold")
+            return _body_not_held()
         return _rendered_answer(res, "POST")
 
     def abandon(self, sent: SentAppend) -> None:
@@ -559,7 +565,7 @@ class StreamHandler:
         if key is not None:
             return self._kept_body(res, key, held)
         if res["hit"]:
-            return error_answer(502, "the shard answered with a body the gateway does not hold")
+            return _body_not_held()
         return res
 
     def _kept_body(
@@ -572,7 +578,7 @@ class StreamHandler:
         token = res["t"]
         if res["hit"]:
             if held is None or token != held[0]:
-                return error_answer(502, "the shard answered with a body the gateway does not hold")
+                return _body_not_held()
             bodies.hits += 1
             res["b"] = held[1]
             return res
