@@ -1037,11 +1037,8 @@ class Http1Connection:
             data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        try:  # (`_write_some`, written out)
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
+        written = self._write_some(data)
+        if written is None:
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):
