@@ -254,9 +254,7 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        counters = self.counters  # (`_count_append` of one record)
-        counters.appends += 1
-        counters.append_bytes += len(record.data)
+        self._count_append(len(record.data))
         return offset
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
@@ -301,13 +299,8 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        records = reply.records
-        if len(records) == 1:  # (`_count_append` of an append's usual one record)
-            counters = self.counters
-            counters.appends += 1
-            counters.append_bytes += len(records[0].data)
-        elif records:
-            self._count_append(records)
+        if reply.records:
+            self._count_append(_data_size(reply.records))
         return reply.response
 
     async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
@@ -388,17 +381,14 @@ class ShardService:
         """Count a committed append, or a read's body bytes, for metrics."""
         if request.method == "POST":
             if reply.records and response is reply.response:  # committed (not a 503)
-                self._count_append(reply.records)
+                self._count_append(_data_size(reply.records))
         elif request.method == "GET":
             self.counters.read_bytes += len(response.body)
 
-    def _count_append(self, records: tuple[Record, ...]) -> None:
-        """Count a committed append of `records`, for metrics."""
+    def _count_append(self, size: int) -> None:
+        """Count a committed append of `size` bytes of records, for metrics."""
         counters = self.counters
         counters.appends += 1
-        size = 0
-        for record in records:
-            size += len(record.data)
         counters.append_bytes += size
 
     def _stage(
@@ -678,3 +668,11 @@ def _unpark(poll: ParkedPoll) -> None:
         polls.remove(poll)
         if not polls:
             entry.polls = None
+
+
+def _data_size(records: tuple[Record, ...]) -> int:
+    """The bytes of data `records` hold."""
+    size = 0
+    for record in records:
+        size += len(record.data)
+    return size
