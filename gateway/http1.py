@@ -73,6 +73,7 @@ from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, err
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
 from ds_cluster.gateway.framing import header_lines
+from ds_cluster.gateway.plain_heads import HEAD_END, PlainHeads
 from ds_cluster.gateway.read_deadlines import ReadDeadlines
 from ds_cluster.gateway.readiness import ReadReadiness
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
@@ -166,6 +167,16 @@ class NativeRoute(Protocol):
         that learns it. A handle for `settle` and `abandon`, or None: not sent, `answer`
         serves the request."""
 
+    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+        """What `send_append` needs of a POST with this head when it is a plain append,
+        before any check that depends on more than the head (None: it is not one)."""
+
+    def send_append(
+        self, plain: Any, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+    ) -> Any:
+        """`send` of a POST whose head `plain_append` accepted (the per-request checks
+        made here)."""
+
     async def settle(self, sent: Any) -> NativeAnswer:
         """The answer to a request `send` sent, awaited."""
 
@@ -206,6 +217,7 @@ class Http1Server:
         "now",
         "max_requests",
         "output",
+        "plain_heads",
         "route",
         "state",
         "stopping",
@@ -254,6 +266,8 @@ class Http1Server:
         # (method, target) -> `route.takes` (a pure function of them), for targets seen
         # lately: a gateway meets the same streams again and again. Emptied when full.
         self.kinds: dict[tuple[str, bytes], str | None] = {}
+        # Heads of plain appends parsed before (`gateway.plain_heads`, `read_here`).
+        self.plain_heads = PlainHeads()
         # trio's clock, read without `trio.current_time`'s two calls in between (twice a
         # request); set by the first connection, in the loop.
         self.now: Callable[[], float] = trio.current_time
@@ -352,6 +366,7 @@ class _InFlight:
 
     __slots__ = (
         "answer",
+        "received",
         "req",
         "rest",
         "rid",
@@ -363,12 +378,24 @@ class _InFlight:
         "status",
     )
 
-    def __init__(self, req: _Request) -> None:
+    def __init__(
+        self,
+        req: _Request,
+        started: float,
+        received: int,
+        rid: bytes,
+        sent: Any,
+        series: gateway_metrics.Series | None,
+    ) -> None:
+        # `req`: its method, target and what `_closing` reads of it (for a request served
+        # from a kept head, the request its head was first parsed into: only what the head
+        # decides is read of it, never written).
         self.req = req
-        self.rid = b""
-        self.sent: Any = None  # `NativeRoute.send`'s handle
-        self.series: gateway_metrics.Series | None = None
-        self.started = req.started  # (its head's arrival: the duration metric's start)
+        self.started = started  # (its head's arrival: the duration metric's start)
+        self.received = received  # its body's size (for the access log)
+        self.rid = rid
+        self.sent = sent  # `NativeRoute.send`'s handle
+        self.series = series
         self.state = _SENT
         self.answer: NativeAnswer | None = None  # arrived, for the task to write
         self.rest: memoryview | None = None  # _REST: what the socket did not take
@@ -677,6 +704,10 @@ class Http1Connection:
                 self._taken = data
                 return False
             self._more = False
+            end = data.find(HEAD_END) + 4
+            if end > 3 and self._send_kept(data, end):
+                self.wait_until = inf  # (as below)
+                return True
             self._feed(data)
             queue = self._queue
             if len(queue) != 1 or self._req is not None or self._broken:
@@ -694,6 +725,7 @@ class Http1Connection:
                 # (`_deadline` while in flight: `ReadDeadlines.wait` of inf, which only
                 # notes it, written out)
                 self.wait_until = inf
+                self._learn(req, data)
                 return True
             queue.append(req)  # the task serves it (`_dispatch`)
             self._taken = _FED
@@ -968,7 +1000,6 @@ class Http1Connection:
         self._raw = None  # (what `_dispatch` does first)
         route = self._server.route
         assert route is not None
-        flight = _InFlight(req)
         try:
             sent = route.send(req.target, req.headers, parts[0] if parts else b"", self._arrived)
         except Exception:
@@ -976,15 +1007,80 @@ class Http1Connection:
         if sent is None:
             return False
         req.parts = []
-        flight.sent = sent
-        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
-        if recorder is not None:
-            flight.series = recorder.begin(req.method, "http", "none")
-        given = req.given_id
-        # (`access.new_request_id` written out when the client gave none)
-        flight.rid = b"%016x" % getrandbits(64) if given is None else given_or_new(given)
-        self._inflight = flight
+        self._fly(req, req.started, req.size, sent, req.given_id)
         return True
+
+    def _fly(
+        self, req: _Request, started: float, received: int, sent: Any, given: bytes | None
+    ) -> None:
+        """Note the append `sent` on as this connection's in flight (`given`: the first
+        X-Request-Id of its head, None: it sent none), counted in the metrics."""
+        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
+        series = recorder.begin("POST", "http", "none") if recorder is not None else None
+        # (`access.new_request_id` written out when the client gave none)
+        rid = b"%016x" % getrandbits(64) if given is None else given_or_new(given)
+        self._inflight = _InFlight(req, started, received, rid, sent, series)
+
+    def _send_kept(self, data: bytes, end: int) -> bool:
+        """Send on the plain append `data` holds when its head (`data[:end]`) is a kept
+        one and the rest its whole body (`gateway.plain_heads`): what llhttp and
+        `_send_on` would do with these bytes, without parsing them again. False: nothing
+        was done, they go through llhttp."""
+        server = self._server
+        plain = server.plain_heads.heads.get(data[:end])
+        if plain is None:
+            return False
+        req, route_plain, length = plain
+        if len(data) - end != length or self._closing(req):
+            return False
+        route = server.route
+        assert route is not None
+        started = perf_counter()
+        try:
+            sent = route.send_append(route_plain, data[end:], self._arrived)
+        except Exception:
+            return False  # the general path meets it again
+        if sent is None:
+            return False
+        self._raw = None
+        # (What llhttp's callbacks leave of a whole message: the connection is busy.)
+        server.connections.idle.discard(self)
+        server.plain_heads.hits += 1
+        self._fly(req, started, length, sent, None)
+        return True
+
+    def _learn(self, req: _Request, data: bytes) -> None:
+        """`data` was exactly one request, `req`, parsed by llhttp and sent on as a plain
+        append (`_send_on`): keep its head (`gateway.plain_heads`) when it is one whose
+        repeats `_send_kept` may serve: HTTP/1.1 kept alive, a Content-Length and no
+        Transfer-Encoding, no Expect or Upgrade, no X-Request-Id (a new one per request
+        is what clients send), the route's plain append; the whole read its head and
+        its body."""
+        end = data.find(HEAD_END) + 4
+        if (
+            end < 4
+            or len(data) - end != req.size  # (so the head ends where llhttp found it did)
+            or req.version != "1.1"
+            or not req.keep_alive
+            or req.close
+            or req.expect
+            or req.upgrade
+            or req.given_id is not None
+            or req.early is not None
+        ):
+            return
+        has_length = False
+        for name, _ in req.headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding" or name == b"x-request-id":
+                return
+        route = self._server.route
+        if not has_length or route is None:
+            return
+        plain = route.plain_append(req.target, req.headers)
+        if plain is not None:
+            self._server.plain_heads.keep(data[:end], (req, plain, req.size))
 
     def _arrived(self, answer: NativeAnswer | None) -> None:
         """The answer to the append in flight (None: not one to write here), from the
@@ -1051,7 +1147,7 @@ class Http1Connection:
         self._inflight = None
         access = self._server.access
         if access is not None:
-            self._log(access, req, flight.rid, status, size)
+            self._log_flight(access, flight, status, size)
         if flight.series is not None:
             flight.series.finish(status, perf_counter() - flight.started)
         if self._done(True) and self.read_task is not None:
@@ -1081,7 +1177,7 @@ class Http1Connection:
                 finally:
                     self.output.release(len(rest))
                 if access is not None:
-                    self._log(access, req, rid, status, flight.size)
+                    self._log_flight(access, flight, status, flight.size)
                 close = False
             else:
                 answer = flight.answer
@@ -1098,7 +1194,7 @@ class Http1Connection:
                 await self._write_answer(req.method, status, headers, out, extra)
                 if access is not None:
                     sent = len(out) if framing.has_body(req.method, status) else 0
-                    self._log(access, req, rid, status, sent)
+                    self._log_flight(access, flight, status, sent)
         finally:
             self._inflight = None
             if flight.series is not None:
@@ -1475,6 +1571,14 @@ class Http1Connection:
     def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:
         path = req.target.partition(b"?")[0].decode("latin-1")
         access.write(rid, req.method, path, status, req.started, req.size, sent, "native")
+
+    @staticmethod
+    def _log_flight(access: AccessLog, flight: _InFlight, status: int, sent: int) -> None:
+        """`_log` of an append sent on (`_InFlight`: its own arrival and body size)."""
+        req = flight.req
+        path = req.target.partition(b"?")[0].decode("latin-1")
+        started, received = flight.started, flight.received
+        access.write(flight.rid, req.method, path, status, started, received, sent, "native")
 
     @staticmethod
     def _log_failure(req: _Request, rid: bytes) -> None:

@@ -344,9 +344,19 @@ class StreamHandler:
     def route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         """What the request means (`gateway.route`), with the client's token checked: a
         token that does not cover it makes it a REFUSED route (401 / 403)."""
-        # `routes.route` is a pure function of the request line and headers (and of the
-        # config, fixed here): a client sends the same head to the same stream again and
-        # again, and a lookup costs a fraction of deciding it anew.
+        route = self._pure_route(method, target, headers)
+        if (
+            self.auth is not None
+            and route.kind not in _UNGATED
+            and not _own_credentials(method, route.path)
+        ):
+            return self._authorize(route) or route
+        return route
+
+    def _pure_route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
+        """`routes.route` of the request, remembered: it is a pure function of the request
+        line and headers (and of the config, fixed here), a client sends the same head to
+        the same stream again and again, and a lookup costs a fraction of deciding it."""
         key = (method, target, *headers)
         keep = True
         try:
@@ -361,12 +371,6 @@ class StreamHandler:
                 if len(self._routes) >= MAX_ROUTES:
                     self._routes.clear()
                 self._routes[key] = route
-        if (
-            self.auth is not None
-            and route.kind not in _UNGATED
-            and not _own_credentials(method, route.path)
-        ):
-            return self._authorize(route) or route
         return route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -457,6 +461,28 @@ class StreamHandler:
         route = self.route("POST", target, headers)
         if route.kind != routes.APPEND:
             return None
+        return self._send(route, body, arrived)
+
+    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route | None:
+        """The route of a POST with this head when it is an append, before any token
+        check: a pure function of the head, which the caller may keep for the same head
+        and hand to `send_append` with each body. None: not an append."""
+        route = self._pure_route("POST", target, headers)
+        return route if route.kind == routes.APPEND else None
+
+    def send_append(
+        self, route: Route, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+    ) -> SentAppend | None:
+        """`send` of a request whose head's route `plain_append` gave: the client's
+        token is checked here, per request, as `route` does. None: not sent (a refused
+        token, or the owner's connection does not take it now), `answer` serves it."""
+        if self.auth is not None and self._authorize(route) is not None:
+            return None
+        return self._send(route, body, arrived)
+
+    def _send(
+        self, route: Route, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+    ) -> SentAppend | None:
         sent = SentAppend(route.path, route.fields(body), arrived)
         routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first, route.head)
         if routed is None:
