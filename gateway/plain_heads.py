@@ -10,8 +10,9 @@ object they build. Everything else (a different head, another body length, a par
 a pipelined read) goes through llhttp as before.
 
 What a head may be kept for is decided where it was parsed (`Http1Connection._learn`);
-here is only the bounded store: at most MAX_HEADS heads of at most MAX_HEAD_BYTES bytes,
-emptied when full (a gateway meets the same streams again and again).
+here is only the bounded store: at most `limit` heads (MAX_HEADS) of at most
+MAX_HEAD_BYTES bytes, emptied when full (a gateway meets the same streams again and
+again).
 """
 
 from __future__ import annotations
@@ -30,20 +31,22 @@ PlainHead = tuple[Any, Any, int]
 class PlainHeads:
     """The heads kept, by their exact bytes (the blank line that ends them included)."""
 
-    __slots__ = ("heads", "hits")
+    __slots__ = ("heads", "hits", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_HEADS) -> None:
+        """`limit`: heads kept at most (0: none, every head is parsed)."""
         self.heads: dict[bytes, PlainHead] = {}
-        self.hits = 0  # requests served from a kept head (for tests and curiosity)
+        self.limit = limit
+        self.hits = 0  # requests served from a kept head (what tests look at)
 
     def __len__(self) -> int:
         return len(self.heads)
 
     def keep(self, head: bytes, plain: PlainHead) -> None:
         """Keep `head` (a whole head, its blank line included) as meaning `plain`."""
-        if len(head) > MAX_HEAD_BYTES:
+        if len(head) > MAX_HEAD_BYTES or not self.limit:
             return
         heads = self.heads
-        if len(heads) >= MAX_HEADS:
+        if len(heads) >= self.limit:
             heads.clear()
         heads[head] = plain
