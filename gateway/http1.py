@@ -58,7 +58,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from math import inf
 from random import getrandbits
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -94,6 +94,7 @@ BODY_STALL = 15.0  # seconds a request body may send nothing at all
 DRAIN_LIMIT = 16 * 1024 * 1024
 DRAIN_TIME = 10.0  # seconds
 H2_PREFACE = b"PRI * HTTP/2.0"
+_STATUS_LINES = framing.STATUS_LINES
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
@@ -202,6 +203,7 @@ class Http1Server:
     __slots__ = (
         "_lines",
         "_lines_of",
+        "second_lines",
         "access",
         "app",
         "between",
@@ -273,6 +275,9 @@ class Http1Server:
         self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
+        # (second of the wall clock, `shared_lines(False)` then): for `_write_now`, which
+        # renders them once per second (the Date header's precision) without a call.
+        self.second_lines = (-1, b"")
 
     def error(self, status: int, message: str) -> Answer:
         route = self.route
@@ -298,6 +303,12 @@ class Http1Server:
             lines = header_lines(headers)
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close]
+
+    def renew_second_lines(self) -> tuple[int, bytes]:
+        """`second_lines` for the wall clock's second now."""
+        second = int(time())
+        self.second_lines = (second, self.shared_lines(False))
+        return self.second_lines
 
     def serve(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -1118,10 +1129,13 @@ class Http1Connection:
             # (`NativeAnswer`), a small body or none (the method is POST).
             if status < 200 or status == 204 or status == 304:
                 body = b""
+            shared = server.second_lines  # (`shared_lines(False)` of this second)
+            if shared[0] != int(time()):
+                shared = server.renew_second_lines()
             data = b"%b%b%bx-request-id: %b\r\n\r\n%b" % (
-                framing.status_line(status),
+                _STATUS_LINES.get(status) or framing.status_line(status),
                 lines,
-                server.shared_lines(False),
+                shared[1],
                 flight.rid,
                 body,
             )
@@ -1133,8 +1147,11 @@ class Http1Connection:
             data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        written = self._write_some(data)
-        if written is None:
+        try:  # (`_write_some`, written out)
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
             return False  # the client is gone: the task's own write finds out
         flight.answer = None
         if written < len(data):

@@ -108,6 +108,11 @@ def _body_not_held() -> Answer:
     return error_answer(502, "the shard answered with a body the gateway does not hold")
 
 
+# What `StreamHandler.send_append` needs of an append's head (`plain_append`): its route,
+# the frame's fields but the body, its stream path and its packed head (`Route.head`).
+PlainAppend = tuple[Route, dict[str, Any], str, bytes]
+
+
 class SentAppend:
     """A plain append sent to its owner without waiting for the answer
     (`StreamHandler.send`): its rendered answer goes to `arrived` from the shard
@@ -160,10 +165,18 @@ def _rendered_answer(res: wire.ResponseFrame, method: str) -> NativeAnswer:
     """`_whole_answer` with its headers rendered as header lines (the native route's)."""
     status = res["s"]
     body = res.get("b") or b""
+    pairs = res.get("h") or ()
+    if len(pairs) == 1 and (status == 204 or status == 304):
+        # An append's answer (`wire.append_answer`): one header, no body to state.
+        ((name, value),) = pairs
+        start = _LINE_NAMES.get(name, b"")
+        if start:  # (a name seen and kept before)
+            tail = _TRANSPORT_LINES if start == b"cache-control: " else _TRANSPORT_NO_STORE_LINES
+            return status, b"%b%b\r\n%b" % (start, value.encode(), tail), body
     lines: list[bytes] = []
     has_cache = has_length = False
     names = _LINE_NAMES
-    for name, value in res.get("h") or ():
+    for name, value in pairs:
         start = names.get(name, b"")
         if start == b"":
             start = _line_name(name)
@@ -458,33 +471,31 @@ class StreamHandler:
         """A POST sent to its owner at once when it is a plain append and the owner's
         connection takes it now; its answer goes to `arrived` (`SentAppend`). None: not
         sent, `answer` serves the request."""
-        route = self.route("POST", target, headers)
+        plain = self.plain_append(target, headers)
+        return None if plain is None else self.send_append(plain, body, arrived)
+
+    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> PlainAppend | None:
+        """What `send_append` needs of a POST with this head when it is an append, before
+        any token check: a pure function of the head, which the caller may keep for the
+        same head and hand to `send_append` with each body. None: not an append."""
+        route = self._pure_route("POST", target, headers)
         if route.kind != routes.APPEND:
             return None
-        return self._send(route, body, arrived)
-
-    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route | None:
-        """The route of a POST with this head when it is an append, before any token
-        check: a pure function of the head, which the caller may keep for the same head
-        and hand to `send_append` with each body. None: not an append."""
-        route = self._pure_route("POST", target, headers)
-        return route if route.kind == routes.APPEND else None
+        return route, route.fields(b""), route.path, route.head
 
     def send_append(
-        self, route: Route, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+        self, plain: PlainAppend, body: bytes, arrived: Callable[[NativeAnswer | None], None]
     ) -> SentAppend | None:
-        """`send` of a request whose head's route `plain_append` gave: the client's
-        token is checked here, per request, as `route` does. None: not sent (a refused
-        token, or the owner's connection does not take it now), `answer` serves it."""
+        """`send` of a POST whose head `plain_append` took: the client's token is checked
+        here, per request, as `route` does. None: not sent (a refused token, or the
+        owner's connection does not take it now), `answer` serves it."""
+        route, fields, path, head = plain
         if self.auth is not None and self._authorize(route) is not None:
             return None
-        return self._send(route, body, arrived)
-
-    def _send(
-        self, route: Route, body: bytes, arrived: Callable[[NativeAnswer | None], None]
-    ) -> SentAppend | None:
-        sent = SentAppend(route.path, route.fields(body), arrived)
-        routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first, route.head)
+        fields = fields.copy()  # (the frame's fields of this request: its own body)
+        fields["b"] = body
+        sent = SentAppend(path, fields, arrived)
+        routed = self.pool.send_routed(path, "http", fields, sent.first, head)
         if routed is None:
             return None
         sent.ring, sent.call = routed
