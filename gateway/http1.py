@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from binascii import hexlify
 from collections.abc import Awaitable, Callable
 from math import inf
 from random import getrandbits
@@ -95,6 +96,7 @@ DRAIN_LIMIT = 16 * 1024 * 1024
 DRAIN_TIME = 10.0  # seconds
 H2_PREFACE = b"PRI * HTTP/2.0"
 _STATUS_LINES = framing.STATUS_LINES
+_new = object.__new__
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
@@ -389,29 +391,45 @@ class _InFlight:
         "status",
     )
 
-    def __init__(
-        self,
-        req: _Request,
-        started: float,
-        received: int,
-        rid: bytes,
-        sent: Any,
-        series: gateway_metrics.Series | None,
-    ) -> None:
-        # `req`: its method, target and what `_closing` reads of it (for a request served
-        # from a kept head, the request its head was first parsed into: only what the head
-        # decides is read of it, never written).
-        self.req = req
-        self.started = started  # (its head's arrival: the duration metric's start)
-        self.received = received  # its body's size (for the access log)
-        self.rid = rid
-        self.sent = sent  # `NativeRoute.send`'s handle
-        self.series = series
-        self.state = _SENT
-        self.answer: NativeAnswer | None = None  # arrived, for the task to write
-        self.rest: memoryview | None = None  # _REST: what the socket did not take
-        self.size = 0  # _REST: the body's size (for the access log)
-        self.status = 0  # _REST: the status written
+    # (No `__init__`: `_in_flight` makes them. Python 3.11 runs a class's own
+    # `__init__` through a slow generic call, and one is made per append.)
+    req: _Request
+    started: float
+    received: int
+    rid: bytes
+    sent: Any
+    series: gateway_metrics.Series | None
+    state: int
+    answer: NativeAnswer | None
+    rest: memoryview | None
+    size: int
+    status: int
+
+
+def _in_flight(
+    req: _Request,
+    started: float,
+    received: int,
+    rid: bytes,
+    sent: Any,
+    series: gateway_metrics.Series | None,
+) -> _InFlight:
+    """A new `_InFlight`. `req`: its method, target and what `_closing` reads of it (for a
+    request served from a kept head, the request its head was first parsed into: only
+    what the head decides is read of it, never written)."""
+    flight = _new(_InFlight)
+    flight.req = req
+    flight.started = started  # (its head's arrival: the duration metric's start)
+    flight.received = received  # its body's size (for the access log)
+    flight.rid = rid
+    flight.sent = sent  # `NativeRoute.send`'s handle
+    flight.series = series
+    flight.state = _SENT
+    flight.answer = None  # arrived, for the task to write
+    flight.rest = None  # _REST: what the socket did not take
+    flight.size = 0  # _REST: the body's size (for the access log)
+    flight.status = 0  # _REST: the status written
+    return flight
 
 
 class Http1Connection:
@@ -1029,8 +1047,8 @@ class Http1Connection:
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
         series = recorder.begin("POST", "http", "none") if recorder is not None else None
         # (`access.new_request_id` written out when the client gave none)
-        rid = b"%016x" % getrandbits(64) if given is None else given_or_new(given)
-        self._inflight = _InFlight(req, started, received, rid, sent, series)
+        rid = hexlify(getrandbits(64).to_bytes(8, "big")) if given is None else given_or_new(given)
+        self._inflight = _in_flight(req, started, received, rid, sent, series)
 
     def _send_kept(self, data: bytes, end: int) -> bool:
         """Send on the plain append `data` holds when its head (`data[:end]`) is a kept
@@ -1042,7 +1060,13 @@ class Http1Connection:
         if plain is None:
             return False
         req, route_plain, length = plain
-        if len(data) - end != length or self._closing(req):
+        # (`_closing(req)` written out: the head is kept alive and asks for no close)
+        if (
+            len(data) - end != length
+            or self._stopped
+            or self._served + 1 >= server.max_requests
+            or server.stopping
+        ):
             return False
         route = server.route
         assert route is not None
@@ -1132,12 +1156,16 @@ class Http1Connection:
             shared = server.second_lines  # (`shared_lines(False)` of this second)
             if shared[0] != int(time()):
                 shared = server.renew_second_lines()
-            data = b"%b%b%bx-request-id: %b\r\n\r\n%b" % (
-                _STATUS_LINES.get(status) or framing.status_line(status),
-                lines,
-                shared[1],
-                flight.rid,
-                body,
+            data = b"".join(
+                (
+                    _STATUS_LINES.get(status) or framing.status_line(status),
+                    lines,
+                    shared[1],
+                    b"x-request-id: ",
+                    flight.rid,
+                    b"\r\n\r\n",
+                    body,
+                )
             )
             size = len(body)
         else:

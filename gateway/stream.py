@@ -83,6 +83,9 @@ _NO_LENGTH_STATUS = frozenset({204, 304})
 _TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
 _TRANSPORT_LINES = header_lines(TRANSPORT)  # the same, as header lines
 _TRANSPORT_NO_STORE_LINES = header_lines(_TRANSPORT_NO_STORE)
+_END_TRANSPORT = b"\r\n" + _TRANSPORT_LINES  # (a header line's end, then them)
+_END_TRANSPORT_NO_STORE = b"\r\n" + _TRANSPORT_NO_STORE_LINES
+_new = object.__new__
 # Route kinds forwarded as one request/response exchange with the owning shard.
 _EXCHANGED = frozenset({routes.APPEND, routes.READ, routes.HEAD, routes.CREATE, routes.DELETE})
 # Route kinds the gateway answers itself, and those no client token gates.
@@ -121,17 +124,13 @@ class SentAppend:
 
     __slots__ = ("arrived", "call", "fields", "path", "ring")
 
-    def __init__(
-        self,
-        path: str,
-        fields: dict[str, Any],
-        arrived: Callable[[NativeAnswer | None], None],
-    ) -> None:
-        self.path = path
-        self.fields = fields  # kept for a retry on a ring change (`open_routed`)
-        self.arrived = arrived
-        self.ring: Ring | None = None
-        self.call: Call | None = None
+    # (No `__init__`: `StreamHandler.send_append` sets them. Python 3.11 runs a class's
+    # own `__init__` through a slow generic call, and one is made per append.)
+    path: str
+    fields: dict[str, Any]  # kept for a retry on a ring change (`open_routed`)
+    arrived: Callable[[NativeAnswer | None], None]
+    ring: Ring | None
+    call: Call | None
 
     def first(self, item: Delivered) -> None:
         """The call's first item: a complete answer is rendered and handed on; anything
@@ -171,8 +170,8 @@ def _rendered_answer(res: wire.ResponseFrame, method: str) -> NativeAnswer:
         ((name, value),) = pairs
         start = _LINE_NAMES.get(name, b"")
         if start:  # (a name seen and kept before)
-            tail = _TRANSPORT_LINES if start == b"cache-control: " else _TRANSPORT_NO_STORE_LINES
-            return status, b"%b%b\r\n%b" % (start, value.encode(), tail), body
+            tail = _END_TRANSPORT if start == b"cache-control: " else _END_TRANSPORT_NO_STORE
+            return status, start + value.encode() + tail, body
     lines: list[bytes] = []
     has_cache = has_length = False
     names = _LINE_NAMES
@@ -494,7 +493,10 @@ class StreamHandler:
             return None
         fields = fields.copy()  # (the frame's fields of this request: its own body)
         fields["b"] = body
-        sent = SentAppend(path, fields, arrived)
+        sent = _new(SentAppend)
+        sent.path = path
+        sent.fields = fields
+        sent.arrived = arrived
         routed = self.pool.send_routed(path, "http", fields, sent.first, head)
         if routed is None:
             return None
