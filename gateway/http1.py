@@ -391,45 +391,22 @@ class _InFlight:
         "status",
     )
 
-    # (No `__init__`: `_in_flight` makes them. Python 3.11 runs a class's own
+    # (No `__init__`: `Http1Connection._fly` makes them. Python 3.11 runs a class's own
     # `__init__` through a slow generic call, and one is made per append.)
+    # Its method, target and what `_closing` reads of it (for a request served from a
+    # kept head, the request its head was first parsed into: only what the head decides
+    # is read of it, never written).
     req: _Request
-    started: float
-    received: int
+    started: float  # its head's arrival: the duration metric's start
+    received: int  # its body's size (for the access log)
     rid: bytes
-    sent: Any
+    sent: Any  # `NativeRoute.send`'s handle
     series: gateway_metrics.Series | None
     state: int
-    answer: NativeAnswer | None
-    rest: memoryview | None
-    size: int
-    status: int
-
-
-def _in_flight(
-    req: _Request,
-    started: float,
-    received: int,
-    rid: bytes,
-    sent: Any,
-    series: gateway_metrics.Series | None,
-) -> _InFlight:
-    """A new `_InFlight`. `req`: its method, target and what `_closing` reads of it (for a
-    request served from a kept head, the request its head was first parsed into: only
-    what the head decides is read of it, never written)."""
-    flight = _new(_InFlight)
-    flight.req = req
-    flight.started = started  # (its head's arrival: the duration metric's start)
-    flight.received = received  # its body's size (for the access log)
-    flight.rid = rid
-    flight.sent = sent  # `NativeRoute.send`'s handle
-    flight.series = series
-    flight.state = _SENT
-    flight.answer = None  # arrived, for the task to write
-    flight.rest = None  # _REST: what the socket did not take
-    flight.size = 0  # _REST: the body's size (for the access log)
-    flight.status = 0  # _REST: the status written
-    return flight
+    answer: NativeAnswer | None  # arrived, for the task to write
+    rest: memoryview | None  # _REST: what the socket did not take
+    size: int  # _REST: the body's size (for the access log)
+    status: int  # _REST: the status written
 
 
 class Http1Connection:
@@ -1045,10 +1022,22 @@ class Http1Connection:
         """Note the append `sent` on as this connection's in flight (`given`: the first
         X-Request-Id of its head, None: it sent none), counted in the metrics."""
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
-        series = recorder.begin("POST", "http", "none") if recorder is not None else None
+        flight = _new(_InFlight)
+        flight.req = req
+        flight.started = started
+        flight.received = received
         # (`access.new_request_id` written out when the client gave none)
-        rid = hexlify(getrandbits(64).to_bytes(8, "big")) if given is None else given_or_new(given)
-        self._inflight = _in_flight(req, started, received, rid, sent, series)
+        flight.rid = (
+            hexlify(getrandbits(64).to_bytes(8, "big")) if given is None else given_or_new(given)
+        )
+        flight.sent = sent
+        flight.series = recorder.begin("POST", "http", "none") if recorder is not None else None
+        flight.state = _SENT
+        flight.answer = None
+        flight.rest = None
+        flight.size = 0
+        flight.status = 0
+        self._inflight = flight
 
     def _send_kept(self, data: bytes, end: int) -> bool:
         """Send on the plain append `data` holds when its head (`data[:end]`) is a kept
@@ -1190,7 +1179,7 @@ class Http1Connection:
             flight.state = _REST
             return False
         self._inflight = None
-        access = self._server.access
+        access = server.access
         if access is not None:
             self._log_flight(access, flight, status, size)
         if flight.series is not None:
@@ -1199,7 +1188,7 @@ class Http1Connection:
             # This task waits for bytes: for how long now (`_deadline`: between requests,
             # unless a head is in progress).
             until = self._idle_until if self._req is None else self._deadline()
-            self._server.deadlines.wait(self, until)
+            server.deadlines.wait(self, until)
         return True
 
     async def _settle(self) -> bool:
