@@ -95,7 +95,8 @@ BODY_STALL = 15.0  # seconds a request body may send nothing at all
 DRAIN_LIMIT = 16 * 1024 * 1024
 DRAIN_TIME = 10.0  # seconds
 H2_PREFACE = b"PRI * HTTP/2.0"
-_STATUS_LINES = framing.STATUS_LINES
+_NO_CONTENT = framing.status_line(204)
+_END = b"\r\n\r\n"  # (the last header line's end, and the head's)
 _new = object.__new__
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
@@ -205,6 +206,7 @@ class Http1Server:
     __slots__ = (
         "_lines",
         "_lines_of",
+        "second",
         "second_lines",
         "access",
         "app",
@@ -277,9 +279,10 @@ class Http1Server:
         self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
-        # (second of the wall clock, `shared_lines(False)` then): for `_write_now`, which
+        # `shared_lines(False)` of the wall clock's `second`, for `_write_now`, which
         # renders them once per second (the Date header's precision) without a call.
-        self.second_lines = (-1, b"")
+        self.second = -1
+        self.second_lines = b""
 
     def error(self, status: int, message: str) -> Answer:
         route = self.route
@@ -306,10 +309,10 @@ class Http1Server:
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close]
 
-    def renew_second_lines(self) -> tuple[int, bytes]:
-        """`second_lines` for the wall clock's second now."""
-        second = int(time())
-        self.second_lines = (second, self.shared_lines(False))
+    def renew_second_lines(self, second: int) -> bytes:
+        """`second_lines` for the wall clock's `second`, now."""
+        self.second = second
+        self.second_lines = self.shared_lines(False)
         return self.second_lines
 
     def serve(
@@ -1022,6 +1025,13 @@ class Http1Connection:
         """Note the append `sent` on as this connection's in flight (`given`: the first
         X-Request-Id of its head, None: it sent none), counted in the metrics."""
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
+        if recorder is None:
+            series = None
+        else:  # (`recorder.begin` of its series, kept)
+            series = recorder.appends
+            if series is None:
+                series = recorder.appends = recorder.series_of("POST", "http", "none")
+            series.active += 1
         flight = _new(_InFlight)
         flight.req = req
         flight.started = started
@@ -1031,7 +1041,7 @@ class Http1Connection:
             hexlify(getrandbits(64).to_bytes(8, "big")) if given is None else given_or_new(given)
         )
         flight.sent = sent
-        flight.series = recorder.begin("POST", "http", "none") if recorder is not None else None
+        flight.series = series
         flight.state = _SENT
         flight.answer = None
         flight.rest = None
@@ -1066,8 +1076,8 @@ class Http1Connection:
             return False  # the general path meets it again
         if sent is None:
             return False
-        self._raw = None
-        # (What llhttp's callbacks leave of a whole message: the connection is busy.)
+        # (What llhttp's callbacks leave of a whole message: the connection is busy.
+        # `_raw` is None already, as `read_here` checked.)
         server.connections.idle.discard(self)
         server.plain_heads.hits += 1
         self._fly(req, started, length, sent, None)
@@ -1130,35 +1140,23 @@ class Http1Connection:
         the request is done. Else what this connection's task is to do is noted:
         `answer` to write (the connection closes after it, the socket is gone, the
         body is large, the budget is over), or the rest to write (`_REST`)."""
-        req = flight.req
         flight.answer = answer
         server = self._server
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
         if self._stopped or server.stopping:
             return False
         status, lines, body = answer
-        if type(lines) is bytes and len(body) < SEPARATE_BODY_BYTES:
-            # `_whole` written out for what every append gets: headers rendered already
-            # (`NativeAnswer`), a small body or none (the method is POST).
-            if status < 200 or status == 204 or status == 304:
-                body = b""
-            shared = server.second_lines  # (`shared_lines(False)` of this second)
-            if shared[0] != int(time()):
-                shared = server.renew_second_lines()
-            data = b"".join(
-                (
-                    _STATUS_LINES.get(status) or framing.status_line(status),
-                    lines,
-                    shared[1],
-                    b"x-request-id: ",
-                    flight.rid,
-                    b"\r\n\r\n",
-                    body,
-                )
-            )
-            size = len(body)
+        if status == 204 and type(lines) is bytes:
+            # An append's answer (`_whole` written out for it): its headers rendered
+            # already (`NativeAnswer`), no body.
+            second = int(time())
+            shared = server.second_lines if second == server.second else None
+            if shared is None:
+                shared = server.renew_second_lines(second)
+            data = b"".join((_NO_CONTENT, lines, shared, b"x-request-id: ", flight.rid, _END))
+            size = 0
         else:
-            rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
+            rendered = _whole(flight.req.method, answer, server.extra_lines(False, flight.rid))
             if rendered is None:
                 return False
             data, size = rendered
@@ -1170,7 +1168,6 @@ class Http1Connection:
             written = 0
         except OSError:
             return False  # the client is gone: the task's own write finds out
-        flight.answer = None
         if written < len(data):
             rest = flight.rest = memoryview(data)[written:]
             self.output.admit(len(rest))
@@ -1182,8 +1179,9 @@ class Http1Connection:
         access = server.access
         if access is not None:
             self._log_flight(access, flight, status, size)
-        if flight.series is not None:
-            flight.series.finish(status, perf_counter() - flight.started)
+        series = flight.series
+        if series is not None:
+            series.finish(status, perf_counter() - flight.started)
         if self._done(True) and self.read_task is not None:
             # This task waits for bytes: for how long now (`_deadline`: between requests,
             # unless a head is in progress).

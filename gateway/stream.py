@@ -83,7 +83,9 @@ _NO_LENGTH_STATUS = frozenset({204, 304})
 _TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
 _TRANSPORT_LINES = header_lines(TRANSPORT)  # the same, as header lines
 _TRANSPORT_NO_STORE_LINES = header_lines(_TRANSPORT_NO_STORE)
-_END_TRANSPORT = b"\r\n" + _TRANSPORT_LINES  # (a header line's end, then them)
+# An append's answer's header lines (`_rendered_answer`): its offset, the line's end and
+# the transport headers (the shard sets no Cache-Control there).
+_OFFSET_LINE = b"stream-next-offset: "
 _END_TRANSPORT_NO_STORE = b"\r\n" + _TRANSPORT_NO_STORE_LINES
 _new = object.__new__
 # Route kinds forwarded as one request/response exchange with the owning shard.
@@ -122,15 +124,14 @@ class SentAppend:
     connection's reader; `StreamHandler.settle` awaits it instead when that could not
     be (or was not) done."""
 
-    __slots__ = ("arrived", "call", "fields", "path", "ring")
+    __slots__ = ("arrived", "fields", "path", "routed")
 
     # (No `__init__`: `StreamHandler.send_append` sets them. Python 3.11 runs a class's
     # own `__init__` through a slow generic call, and one is made per append.)
     path: str
     fields: dict[str, Any]  # kept for a retry on a ring change (`open_routed`)
     arrived: Callable[[NativeAnswer | None], None]
-    ring: Ring | None
-    call: Call | None
+    routed: tuple[Ring, Call]  # (`ShardPool.send_routed`'s)
 
     def first(self, item: Delivered) -> None:
         """The call's first item: a complete answer is rendered and handed on; anything
@@ -165,13 +166,11 @@ def _rendered_answer(res: wire.ResponseFrame, method: str) -> NativeAnswer:
     status = res["s"]
     body = res.get("b") or b""
     pairs = res.get("h") or ()
-    if len(pairs) == 1 and (status == 204 or status == 304):
-        # An append's answer (`wire.append_answer`): one header, no body to state.
+    if status == 204 and len(pairs) == 1:
+        # An append's answer (`wire.append_answer`): its offset, no body to state.
         ((name, value),) = pairs
-        start = _LINE_NAMES.get(name, b"")
-        if start:  # (a name seen and kept before)
-            tail = _END_TRANSPORT if start == b"cache-control: " else _END_TRANSPORT_NO_STORE
-            return status, start + value.encode() + tail, body
+        if name == "stream-next-offset":
+            return 204, _OFFSET_LINE + value.encode() + _END_TRANSPORT_NO_STORE, body
     lines: list[bytes] = []
     has_cache = has_length = False
     names = _LINE_NAMES
@@ -500,13 +499,12 @@ class StreamHandler:
         routed = self.pool.send_routed(path, "http", fields, sent.first, head)
         if routed is None:
             return None
-        sent.ring, sent.call = routed
+        sent.routed = routed
         return sent
 
     async def settle(self, sent: SentAppend) -> NativeAnswer:
         """The answer to an append `send` sent, awaited from here on (as `answer` would)."""
-        assert sent.ring is not None and sent.call is not None
-        res = await self._response(sent.path, sent.fields, sent=(sent.ring, sent.call))
+        res = await self._response(sent.path, sent.fields, sent=sent.routed)
         if isinstance(res, tuple):
             return res
         if res["hit"]:
@@ -515,10 +513,9 @@ class StreamHandler:
 
     def abandon(self, sent: SentAppend) -> None:
         """Leave an append `send` sent (its client is gone): the shard is told to stop."""
-        call = sent.call
-        if call is not None:
-            call.first = None
-            call.close()
+        call = sent.routed[1]
+        call.first = None
+        call.close()
 
     @staticmethod
     def error(status: int, message: str) -> Answer:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ds_cluster.gateway.answers import Answer, NativeAnswer, error_answer
 from ds_cluster.gateway.budget import OutputBudget
-from ds_cluster.gateway.http1 import Http1Connection, Http1Server
+from ds_cluster.gateway.http1 import Http1Connection, Http1Server, _whole
 from ds_cluster.gateway.plain_heads import MAX_HEAD_BYTES, MAX_HEADS, PlainHeads
 from ds_cluster.gateway.server import Connections, LeanConfig
 
@@ -43,6 +43,8 @@ class EchoRoute:
 
     def _answer(self, method: str, target: bytes, headers: Any, body: bytes) -> NativeAnswer:
         self.seen.append((method, target, tuple(headers), body))
+        if b"/nc" in target:  # an append's answer: 204, its offset, no body
+            return 204, b"stream-next-offset: %d\r\n" % len(self.seen), b""
         out = b"%d %b %b %r" % (len(self.seen), method.encode(), target, body)
         return 200, b"content-length: %d\r\n" % len(out), out
 
@@ -271,7 +273,22 @@ def test_the_kept_heads_are_bounded() -> None:
     assert not PlainHeads(0).heads
 
 
-_PATHS = [b"a", b"b", b"slow"]
+def test_an_append_answer_is_written_as_the_general_renderer_writes_it() -> None:
+    """A 204 written where it arrives (`_write_now`'s own rendering of it) is byte for
+    byte what `_whole` renders for it, whether its head was kept or not."""
+    data, *_ = _both([_append(b"nc"), _append(b"nc"), _append(b"nc", extra=b"x-request-id: r\r\n")])
+    server, _ = _server(keep=False)
+    answers = [(204, b"stream-next-offset: %d\r\n" % n, b"") for n in (1, 2, 3)]
+    rids = [b"0" * 16, b"0" * 16, b"r"]
+    expected = b"".join(
+        _whole("POST", answer, server.extra_lines(False, rid))[0]  # type: ignore[index]
+        for answer, rid in zip(answers, rids, strict=True)
+    )
+    assert data == _masked(expected)
+    assert data.count(b"HTTP/1.1 204 No Content\r\n") == 3
+
+
+_PATHS = [b"a", b"b", b"nc", b"slow"]
 _REQUEST = st.builds(
     lambda path, body, extra, kind: (
         _append(path, body, extra)
