@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ds_cluster.gateway.framing import header_lines
-from ds_cluster.gateway.stream import _rendered_answer, _whole_answer
+from ds_cluster.gateway.stream import SentAppend, _rendered_answer, _whole_answer
 
 _OFFSET = "0000000000000000_0000000000000123"
 _HEADERS = st.lists(
@@ -37,7 +37,16 @@ _HEADERS = st.lists(
 
 
 def _res(status: int, headers: list[list[str]], body: bytes) -> dict[str, Any]:
-    return {"k": "res", "i": 1, "s": status, "h": headers, "b": body, "more": False}
+    return {
+        "k": "res",
+        "i": 1,
+        "s": status,
+        "h": headers,
+        "b": body,
+        "more": False,
+        "t": b"",
+        "hit": False,
+    }
 
 
 @given(
@@ -64,3 +73,22 @@ def test_an_append_answer() -> None:
     assert lines.startswith(b"stream-next-offset: %b\r\n" % _OFFSET.encode())
     assert b"cache-control: no-store\r\n" in lines
     assert b"content-length" not in lines
+
+
+@given(
+    status=st.sampled_from([200, 204, 304, 404]),
+    headers=_HEADERS,
+    body=st.sampled_from([b"", b"x"]),
+)
+def test_an_append_sent_on_gets_its_answer_rendered_alike(
+    status: int, headers: list[list[str]], body: bytes
+) -> None:
+    """`SentAppend.first` (its own short path for an append's 204) hands on what
+    `_rendered_answer` renders; an answer that is not complete, nothing."""
+    got: list[Any] = []
+    sent = object.__new__(SentAppend)
+    sent.arrived = got.append
+    res = _res(status, headers, body)
+    sent.first(res)
+    sent.first({**res, "more": True})
+    assert got == [_rendered_answer(res, "POST"), None]
