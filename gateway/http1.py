@@ -20,7 +20,9 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   task reads them (`read_here`): when they are one whole plain append and nothing else,
   it parses and sends it on itself, exactly as this task would have, and this task
   sleeps on; anything else wakes this task with what was read (parsed or not), and it
-  goes on from there;
+  goes on from there. A read that is exactly a head llhttp parsed before as a plain
+  append's and that head's Content-Length of body is not parsed again: it is sent on
+  from what was kept of that parse (`gateway.plain_heads`, `_send_kept`);
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under

@@ -40,6 +40,9 @@ class EchoRoute:
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
+        # Appends to targets with "deny" are refused per request (as a token that no
+        # longer covers them is) once this many requests were seen.
+        self.deny_after = 3
 
     def _answer(self, method: str, target: bytes, headers: Any, body: bytes) -> NativeAnswer:
         self.seen.append((method, target, tuple(headers), body))
@@ -81,6 +84,8 @@ class EchoRoute:
     def send_append(
         self, plain: Any, body: bytes, arrived: Callable[[NativeAnswer | None], None]
     ) -> Any:
+        if b"deny" in plain[0] and len(self.seen) >= self.deny_after:
+            return None  # `answer` serves it
         answer = self._answer("POST", plain[0], plain[1], body)
         trio.lowlevel.current_trio_token().run_sync_soon(arrived, answer)
         return answer
@@ -231,6 +236,16 @@ def test_near_misses_go_through_the_parser() -> None:
         _, seen, hits, _ = _both(warm + case)
         assert hits == 1, case  # only the warm-up's third request
         assert len(seen) == len(warm) + sum(w.count(b"POST ") for w in case)
+
+
+def test_a_kept_head_refused_per_request_is_served_by_the_general_path() -> None:
+    """A kept head whose request the route refuses now (`send_append` returns None, as
+    for a token that no longer covers it) goes through llhttp and is answered there."""
+    denied = _append(b"deny")
+    data, seen, hits, kept = _both([denied, denied, denied, denied, denied])
+    assert kept == [denied[:-10]]  # the second kept it; the third was still sent on
+    assert hits == 1
+    assert len(seen) == 5 and data.count(b"HTTP/1.1 200 OK\r\n") == 5
 
 
 def test_a_kept_head_followed_by_the_wrong_length_is_parsed() -> None:
