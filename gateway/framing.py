@@ -16,7 +16,8 @@ LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked body (no trailers)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNKED = (b"transfer-encoding", b"chunked")
 CLOSE = (b"connection", b"close")
-_STATUS_LINES = {
+# The status line of every registered status (`status_line` makes the others).
+STATUS_LINES = {
     int(status): b"HTTP/1.1 %d %b\r\n" % (status, status.phrase.encode("ascii"))
     for status in HTTPStatus
 }
@@ -35,7 +36,7 @@ def chunk_head(size: int) -> bytes:
 
 
 def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
 
 

@@ -20,7 +20,9 @@ bytes arrive; under TLS the connection's `trio.SSLStream`), feeds httptools'
   task reads them (`read_here`): when they are one whole plain append and nothing else,
   it parses and sends it on itself, exactly as this task would have, and this task
   sleeps on; anything else wakes this task with what was read (parsed or not), and it
-  goes on from there;
+  goes on from there. A read that is exactly a head llhttp parsed before as a plain
+  append's and that head's Content-Length of body is not parsed again: it is sent on
+  from what was kept of that parse (`gateway.plain_heads`, `_send_kept`);
 - every other HTTP/1.1 request (control routes, /metrics, /healthz, percent-encoded live
   queries, SSE over HTTP/1.0) runs the ASGI app through a small driver here;
 - HTTP/2 (the prior-knowledge preface, an `Upgrade: h2c` first request, ALPN "h2" under
@@ -55,10 +57,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from binascii import hexlify
 from collections.abc import Awaitable, Callable
 from math import inf
 from random import getrandbits
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -73,6 +76,7 @@ from ds_cluster.gateway.answers import Answer, NativeAnswer, body_too_large, err
 from ds_cluster.gateway.budget import MAX_BEHIND, OUTPUT_STATE, WRITE_TIMEOUT, ConnectionOutput
 from ds_cluster.gateway.fanout import Streaming, Subscriber
 from ds_cluster.gateway.framing import header_lines
+from ds_cluster.gateway.plain_heads import HEAD_END, PlainHeads
 from ds_cluster.gateway.read_deadlines import ReadDeadlines
 from ds_cluster.gateway.readiness import ReadReadiness
 from ds_cluster.gateway.socket_writes import write_rest, write_tls
@@ -93,6 +97,9 @@ BODY_STALL = 15.0  # seconds a request body may send nothing at all
 DRAIN_LIMIT = 16 * 1024 * 1024
 DRAIN_TIME = 10.0  # seconds
 H2_PREFACE = b"PRI * HTTP/2.0"
+_NO_CONTENT = framing.status_line(204)
+_END = b"\r\n\r\n"  # (the last header line's end, and the head's)
+_new = object.__new__
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # request body limit when there is no stream route
 _TOO_SLOW = "request body too slow"
 _NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to (see on_message_begin)
@@ -166,6 +173,16 @@ class NativeRoute(Protocol):
         that learns it. A handle for `settle` and `abandon`, or None: not sent, `answer`
         serves the request."""
 
+    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+        """What `send_append` needs of a POST with this head when it is a plain append,
+        before any check that depends on more than the head (None: it is not one)."""
+
+    def send_append(
+        self, plain: Any, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+    ) -> Any:
+        """`send` of a POST whose head `plain_append` accepted (the per-request checks
+        made here)."""
+
     async def settle(self, sent: Any) -> NativeAnswer:
         """The answer to a request `send` sent, awaited."""
 
@@ -191,6 +208,8 @@ class Http1Server:
     __slots__ = (
         "_lines",
         "_lines_of",
+        "second",
+        "second_lines",
         "access",
         "app",
         "between",
@@ -206,6 +225,7 @@ class Http1Server:
         "now",
         "max_requests",
         "output",
+        "plain_heads",
         "route",
         "state",
         "stopping",
@@ -254,11 +274,17 @@ class Http1Server:
         # (method, target) -> `route.takes` (a pure function of them), for targets seen
         # lately: a gateway meets the same streams again and again. Emptied when full.
         self.kinds: dict[tuple[str, bytes], str | None] = {}
+        # Heads of plain appends parsed before (`gateway.plain_heads`, `read_here`).
+        self.plain_heads = PlainHeads()
         # trio's clock, read without `trio.current_time`'s two calls in between (twice a
         # request); set by the first connection, in the loop.
         self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
+        # `shared_lines(False)` of the wall clock's `second`, for `_write_now`, which
+        # renders them once per second (the Date header's precision) without a call.
+        self.second = -1
+        self.second_lines = b""
 
     def error(self, status: int, message: str) -> Answer:
         route = self.route
@@ -284,6 +310,12 @@ class Http1Server:
             lines = header_lines(headers)
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close]
+
+    def renew_second_lines(self, second: int) -> bytes:
+        """`second_lines` for the wall clock's `second`, now."""
+        self.second = second
+        self.second_lines = self.shared_lines(False)
+        return self.second_lines
 
     def serve(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -352,6 +384,7 @@ class _InFlight:
 
     __slots__ = (
         "answer",
+        "received",
         "req",
         "rest",
         "rid",
@@ -363,17 +396,22 @@ class _InFlight:
         "status",
     )
 
-    def __init__(self, req: _Request) -> None:
-        self.req = req
-        self.rid = b""
-        self.sent: Any = None  # `NativeRoute.send`'s handle
-        self.series: gateway_metrics.Series | None = None
-        self.started = req.started  # (its head's arrival: the duration metric's start)
-        self.state = _SENT
-        self.answer: NativeAnswer | None = None  # arrived, for the task to write
-        self.rest: memoryview | None = None  # _REST: what the socket did not take
-        self.size = 0  # _REST: the body's size (for the access log)
-        self.status = 0  # _REST: the status written
+    # (No `__init__`: `Http1Connection._fly` makes them. Python 3.11 runs a class's own
+    # `__init__` through a slow generic call, and one is made per append.)
+    # Its method, target and what `_closing` reads of it (for a request served from a
+    # kept head, the request its head was first parsed into: only what the head decides
+    # is read of it, never written).
+    req: _Request
+    started: float  # its head's arrival: the duration metric's start
+    received: int  # its body's size (for the access log)
+    rid: bytes
+    sent: Any  # `NativeRoute.send`'s handle
+    series: gateway_metrics.Series | None
+    state: int
+    answer: NativeAnswer | None  # arrived, for the task to write
+    rest: memoryview | None  # _REST: what the socket did not take
+    size: int  # _REST: the body's size (for the access log)
+    status: int  # _REST: the status written
 
 
 class Http1Connection:
@@ -677,6 +715,10 @@ class Http1Connection:
                 self._taken = data
                 return False
             self._more = False
+            end = data.find(HEAD_END) + 4
+            if end > 3 and self._send_kept(data, end):
+                self.wait_until = inf  # (as below)
+                return True
             self._feed(data)
             queue = self._queue
             if len(queue) != 1 or self._req is not None or self._broken:
@@ -694,6 +736,7 @@ class Http1Connection:
                 # (`_deadline` while in flight: `ReadDeadlines.wait` of inf, which only
                 # notes it, written out)
                 self.wait_until = inf
+                self._learn(req, data)
                 return True
             queue.append(req)  # the task serves it (`_dispatch`)
             self._taken = _FED
@@ -968,7 +1011,6 @@ class Http1Connection:
         self._raw = None  # (what `_dispatch` does first)
         route = self._server.route
         assert route is not None
-        flight = _InFlight(req)
         try:
             sent = route.send(req.target, req.headers, parts[0] if parts else b"", self._arrived)
         except Exception:
@@ -976,15 +1018,105 @@ class Http1Connection:
         if sent is None:
             return False
         req.parts = []
-        flight.sent = sent
-        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
-        if recorder is not None:
-            flight.series = recorder.begin(req.method, "http", "none")
-        given = req.given_id
-        # (`access.new_request_id` written out when the client gave none)
-        flight.rid = b"%016x" % getrandbits(64) if given is None else given_or_new(given)
-        self._inflight = flight
+        self._fly(req, req.started, req.size, sent, req.given_id)
         return True
+
+    def _fly(
+        self, req: _Request, started: float, received: int, sent: Any, given: bytes | None
+    ) -> None:
+        """Note the append `sent` on as this connection's in flight (`given`: the first
+        X-Request-Id of its head, None: it sent none), counted in the metrics."""
+        recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
+        if recorder is None:
+            series = None
+        else:  # (`recorder.begin` of its series, kept)
+            series = recorder.appends
+            if series is None:
+                series = recorder.appends = recorder.series_of("POST", "http", "none")
+            series.active += 1
+        flight = _new(_InFlight)
+        flight.req = req
+        flight.started = started
+        flight.received = received
+        # (`access.new_request_id` written out when the client gave none)
+        flight.rid = (
+            hexlify(getrandbits(64).to_bytes(8, "big")) if given is None else given_or_new(given)
+        )
+        flight.sent = sent
+        flight.series = series
+        flight.state = _SENT
+        flight.answer = None
+        flight.rest = None
+        flight.size = 0
+        flight.status = 0
+        self._inflight = flight
+
+    def _send_kept(self, data: bytes, end: int) -> bool:
+        """Send on the plain append `data` holds when its head (`data[:end]`) is a kept
+        one and the rest its whole body (`gateway.plain_heads`): what llhttp and
+        `_send_on` would do with these bytes, without parsing them again. False: nothing
+        was done, they go through llhttp."""
+        server = self._server
+        plain = server.plain_heads.heads.get(data[:end])
+        if plain is None:
+            return False
+        req, route_plain, length = plain
+        # (`_closing(req)` written out: the head is kept alive and asks for no close)
+        if (
+            len(data) - end != length
+            or self._stopped
+            or self._served + 1 >= server.max_requests
+            or server.stopping
+        ):
+            return False
+        route = server.route
+        assert route is not None
+        started = perf_counter()
+        try:
+            sent = route.send_append(route_plain, data[end:], self._arrived)
+        except Exception:
+            return False  # the general path meets it again
+        if sent is None:
+            return False
+        # (What llhttp's callbacks leave of a whole message: the connection is busy.
+        # `_raw` is None already, as `read_here` checked.)
+        server.connections.idle.discard(self)
+        server.plain_heads.hits += 1
+        self._fly(req, started, length, sent, None)
+        return True
+
+    def _learn(self, req: _Request, data: bytes) -> None:
+        """`data` was exactly one request, `req`, parsed by llhttp and sent on as a plain
+        append (`_send_on`): keep its head (`gateway.plain_heads`) when it is one whose
+        repeats `_send_kept` may serve: HTTP/1.1 kept alive, a Content-Length and no
+        Transfer-Encoding, no Expect or Upgrade, no X-Request-Id (a new one per request
+        is what clients send), the route's plain append; the whole read its head and
+        its body."""
+        end = data.find(HEAD_END) + 4
+        if (
+            end < 4
+            or len(data) - end != req.size  # (so the head ends where llhttp found it did)
+            or req.version != "1.1"
+            or not req.keep_alive
+            or req.close
+            or req.expect
+            or req.upgrade
+            or req.given_id is not None
+            or req.early is not None
+        ):
+            return
+        has_length = False
+        for name, _ in req.headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding" or name == b"x-request-id":
+                return
+        route = self._server.route
+        if not has_length or route is None:
+            return
+        plain = route.plain_append(req.target, req.headers)
+        if plain is not None:
+            self._server.plain_heads.keep(data[:end], (req, plain, req.size))
 
     def _arrived(self, answer: NativeAnswer | None) -> None:
         """The answer to the append in flight (None: not one to write here), from the
@@ -1010,37 +1142,34 @@ class Http1Connection:
         the request is done. Else what this connection's task is to do is noted:
         `answer` to write (the connection closes after it, the socket is gone, the
         body is large, the budget is over), or the rest to write (`_REST`)."""
-        req = flight.req
         flight.answer = answer
         server = self._server
         # (What else `_closing` looks at is as it was when `_send_on` sent it.)
         if self._stopped or server.stopping:
             return False
         status, lines, body = answer
-        if type(lines) is bytes and len(body) < SEPARATE_BODY_BYTES:
-            # `_whole` written out for what every append gets: headers rendered already
-            # (`NativeAnswer`), a small body or none (the method is POST).
-            if status < 200 or status == 204 or status == 304:
-                body = b""
-            data = b"%b%b%bx-request-id: %b\r\n\r\n%b" % (
-                framing.status_line(status),
-                lines,
-                server.shared_lines(False),
-                flight.rid,
-                body,
-            )
-            size = len(body)
+        if status == 204 and type(lines) is bytes:
+            # An append's answer (`_whole` written out for it): its headers rendered
+            # already (`NativeAnswer`), no body.
+            second = int(time())
+            shared = server.second_lines if second == server.second else None
+            if shared is None:
+                shared = server.renew_second_lines(second)
+            data = b"".join((_NO_CONTENT, lines, shared, b"x-request-id: ", flight.rid, _END))
+            size = 0
         else:
-            rendered = _whole(req.method, answer, server.extra_lines(False, flight.rid))
+            rendered = _whole(flight.req.method, answer, server.extra_lines(False, flight.rid))
             if rendered is None:
                 return False
             data, size = rendered
         # Nothing of this connection's is queued (its task writes nothing meanwhile), so
         # its budget admits anything: only what the socket does not take is counted.
-        written = self._write_some(data)
-        if written is None:
+        try:  # (`_write_some`, written out)
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
             return False  # the client is gone: the task's own write finds out
-        flight.answer = None
         if written < len(data):
             rest = flight.rest = memoryview(data)[written:]
             self.output.admit(len(rest))
@@ -1049,16 +1178,17 @@ class Http1Connection:
             flight.state = _REST
             return False
         self._inflight = None
-        access = self._server.access
+        access = server.access
         if access is not None:
-            self._log(access, req, flight.rid, status, size)
-        if flight.series is not None:
-            flight.series.finish(status, perf_counter() - flight.started)
+            self._log_flight(access, flight, status, size)
+        series = flight.series
+        if series is not None:
+            series.finish(status, perf_counter() - flight.started)
         if self._done(True) and self.read_task is not None:
             # This task waits for bytes: for how long now (`_deadline`: between requests,
             # unless a head is in progress).
             until = self._idle_until if self._req is None else self._deadline()
-            self._server.deadlines.wait(self, until)
+            server.deadlines.wait(self, until)
         return True
 
     async def _settle(self) -> bool:
@@ -1081,7 +1211,7 @@ class Http1Connection:
                 finally:
                     self.output.release(len(rest))
                 if access is not None:
-                    self._log(access, req, rid, status, flight.size)
+                    self._log_flight(access, flight, status, flight.size)
                 close = False
             else:
                 answer = flight.answer
@@ -1098,7 +1228,7 @@ class Http1Connection:
                 await self._write_answer(req.method, status, headers, out, extra)
                 if access is not None:
                     sent = len(out) if framing.has_body(req.method, status) else 0
-                    self._log(access, req, rid, status, sent)
+                    self._log_flight(access, flight, status, sent)
         finally:
             self._inflight = None
             if flight.series is not None:
@@ -1475,6 +1605,14 @@ class Http1Connection:
     def _log(self, access: AccessLog, req: _Request, rid: bytes, status: int, sent: int) -> None:
         path = req.target.partition(b"?")[0].decode("latin-1")
         access.write(rid, req.method, path, status, req.started, req.size, sent, "native")
+
+    @staticmethod
+    def _log_flight(access: AccessLog, flight: _InFlight, status: int, sent: int) -> None:
+        """`_log` of an append sent on (`_InFlight`: its own arrival and body size)."""
+        req = flight.req
+        path = req.target.partition(b"?")[0].decode("latin-1")
+        started, received = flight.started, flight.received
+        access.write(flight.rid, req.method, path, status, started, received, sent, "native")
 
     @staticmethod
     def _log_failure(req: _Request, rid: bytes) -> None:

@@ -144,6 +144,9 @@ class GatewayMetrics:
         # the "_OTHER" series, and at most MAX_SERIES_KEYS such spellings are remembered.
         self._lookup: dict[tuple[str, str, str], Series] = {}
         self.series: dict[tuple[str, str, str], Series] = {}  # by normalised labels
+        # The series of plain appends (POST, http, none), once one was counted: kept by
+        # the native route (`gateway.http1`) to count them without a lookup each.
+        self.appends: Series | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -164,6 +167,12 @@ class GatewayMetrics:
             series = self._series_for(method, scheme, live)
         series.active += 1
         return series
+
+    def series_of(self, method: str, scheme: str, live: str) -> Series:
+        """The series `begin` counts such a request in (the same object for as long as
+        this recorder lives), without counting one."""
+        series = self._lookup.get((method, scheme, live))
+        return series if series is not None else self._series_for(method, scheme, live)
 
     def _series_for(self, method: str, scheme: str, live: str) -> Series:
         labels = (method_label(method), scheme, live)

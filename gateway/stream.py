@@ -83,6 +83,11 @@ _NO_LENGTH_STATUS = frozenset({204, 304})
 _TRANSPORT_NO_STORE = (*TRANSPORT, NO_STORE)
 _TRANSPORT_LINES = header_lines(TRANSPORT)  # the same, as header lines
 _TRANSPORT_NO_STORE_LINES = header_lines(_TRANSPORT_NO_STORE)
+# An append's answer's header lines (`_rendered_answer`): its offset, the line's end and
+# the transport headers (the shard sets no Cache-Control there).
+_OFFSET_LINE = b"stream-next-offset: "
+_END_TRANSPORT_NO_STORE = b"\r\n" + _TRANSPORT_NO_STORE_LINES
+_new = object.__new__
 # Route kinds forwarded as one request/response exchange with the owning shard.
 _EXCHANGED = frozenset({routes.APPEND, routes.READ, routes.HEAD, routes.CREATE, routes.DELETE})
 # Route kinds the gateway answers itself, and those no client token gates.
@@ -108,25 +113,25 @@ def _body_not_held() -> Answer:
     return error_answer(502, "the shard answered with a body the gateway does not hold")
 
 
+# What `StreamHandler.send_append` needs of an append's head (`plain_append`): its route,
+# the frame's fields but the body, its stream path and its packed head (`Route.head`).
+PlainAppend = tuple[Route, dict[str, Any], str, bytes]
+
+
 class SentAppend:
     """A plain append sent to its owner without waiting for the answer
     (`StreamHandler.send`): its rendered answer goes to `arrived` from the shard
     connection's reader; `StreamHandler.settle` awaits it instead when that could not
     be (or was not) done."""
 
-    __slots__ = ("arrived", "call", "fields", "path", "ring")
+    __slots__ = ("arrived", "fields", "path", "routed")
 
-    def __init__(
-        self,
-        path: str,
-        fields: dict[str, Any],
-        arrived: Callable[[NativeAnswer | None], None],
-    ) -> None:
-        self.path = path
-        self.fields = fields  # kept for a retry on a ring change (`open_routed`)
-        self.arrived = arrived
-        self.ring: Ring | None = None
-        self.call: Call | None = None
+    # (No `__init__`: `StreamHandler.send_append` sets them. Python 3.11 runs a class's
+    # own `__init__` through a slow generic call, and one is made per append.)
+    path: str
+    fields: dict[str, Any]  # kept for a retry on a ring change (`open_routed`)
+    arrived: Callable[[NativeAnswer | None], None]
+    routed: tuple[Ring, Call]  # (`ShardPool.send_routed`'s)
 
     def first(self, item: Delivered) -> None:
         """The call's first item: a complete answer is rendered and handed on; anything
@@ -139,7 +144,13 @@ class SentAppend:
             and not item["hit"]  # (`_exchange`'s 502)
         ):
             try:
-                answer = _rendered_answer(item, "POST")
+                pairs = item["h"]
+                if item["s"] == 204 and len(pairs) == 1 and pairs[0][0] == "stream-next-offset":
+                    # (`_rendered_answer`'s short path, written out: every append's answer)
+                    lines = _OFFSET_LINE + pairs[0][1].encode() + _END_TRANSPORT_NO_STORE
+                    answer = (204, lines, item["b"])
+                else:
+                    answer = _rendered_answer(item, "POST")
             except Exception:  # `settle` meets it again, and answers 500
                 answer = None
         self.arrived(answer)
@@ -160,10 +171,16 @@ def _rendered_answer(res: wire.ResponseFrame, method: str) -> NativeAnswer:
     """`_whole_answer` with its headers rendered as header lines (the native route's)."""
     status = res["s"]
     body = res.get("b") or b""
+    pairs = res.get("h") or ()
+    if status == 204 and len(pairs) == 1:
+        # An append's answer (`wire.append_answer`): its offset, no body to state.
+        ((name, value),) = pairs
+        if name == "stream-next-offset":
+            return 204, _OFFSET_LINE + value.encode() + _END_TRANSPORT_NO_STORE, body
     lines: list[bytes] = []
     has_cache = has_length = False
     names = _LINE_NAMES
-    for name, value in res.get("h") or ():
+    for name, value in pairs:
         start = names.get(name, b"")
         if start == b"":
             start = _line_name(name)
@@ -344,9 +361,19 @@ class StreamHandler:
     def route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         """What the request means (`gateway.route`), with the client's token checked: a
         token that does not cover it makes it a REFUSED route (401 / 403)."""
-        # `routes.route` is a pure function of the request line and headers (and of the
-        # config, fixed here): a client sends the same head to the same stream again and
-        # again, and a lookup costs a fraction of deciding it anew.
+        route = self._pure_route(method, target, headers)
+        if (
+            self.auth is not None
+            and route.kind not in _UNGATED
+            and not _own_credentials(method, route.path)
+        ):
+            return self._authorize(route) or route
+        return route
+
+    def _pure_route(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
+        """`routes.route` of the request, remembered: it is a pure function of the request
+        line and headers (and of the config, fixed here), a client sends the same head to
+        the same stream again and again, and a lookup costs a fraction of deciding it."""
         key = (method, target, *headers)
         keep = True
         try:
@@ -361,12 +388,6 @@ class StreamHandler:
                 if len(self._routes) >= MAX_ROUTES:
                     self._routes.clear()
                 self._routes[key] = route
-        if (
-            self.auth is not None
-            and route.kind not in _UNGATED
-            and not _own_credentials(method, route.path)
-        ):
-            return self._authorize(route) or route
         return route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -454,20 +475,42 @@ class StreamHandler:
         """A POST sent to its owner at once when it is a plain append and the owner's
         connection takes it now; its answer goes to `arrived` (`SentAppend`). None: not
         sent, `answer` serves the request."""
-        route = self.route("POST", target, headers)
+        plain = self.plain_append(target, headers)
+        return None if plain is None else self.send_append(plain, body, arrived)
+
+    def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> PlainAppend | None:
+        """What `send_append` needs of a POST with this head when it is an append, before
+        any token check: a pure function of the head, which the caller may keep for the
+        same head and hand to `send_append` with each body. None: not an append."""
+        route = self._pure_route("POST", target, headers)
         if route.kind != routes.APPEND:
             return None
-        sent = SentAppend(route.path, route.fields(body), arrived)
-        routed = self.pool.send_routed(route.path, "http", sent.fields, sent.first, route.head)
+        return route, route.fields(b""), route.path, route.head
+
+    def send_append(
+        self, plain: PlainAppend, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+    ) -> SentAppend | None:
+        """`send` of a POST whose head `plain_append` took: the client's token is checked
+        here, per request, as `route` does. None: not sent (a refused token, or the
+        owner's connection does not take it now), `answer` serves it."""
+        route, fields, path, head = plain
+        if self.auth is not None and self._authorize(route) is not None:
+            return None
+        fields = fields.copy()  # (the frame's fields of this request: its own body)
+        fields["b"] = body
+        sent = _new(SentAppend)
+        sent.path = path
+        sent.fields = fields
+        sent.arrived = arrived
+        routed = self.pool.send_routed(path, "http", fields, sent.first, head)
         if routed is None:
             return None
-        sent.ring, sent.call = routed
+        sent.routed = routed
         return sent
 
     async def settle(self, sent: SentAppend) -> NativeAnswer:
         """The answer to an append `send` sent, awaited from here on (as `answer` would)."""
-        assert sent.ring is not None and sent.call is not None
-        res = await self._response(sent.path, sent.fields, sent=(sent.ring, sent.call))
+        res = await self._response(sent.path, sent.fields, sent=sent.routed)
         if isinstance(res, tuple):
             return res
         if res["hit"]:
@@ -476,10 +519,9 @@ class StreamHandler:
 
     def abandon(self, sent: SentAppend) -> None:
         """Leave an append `send` sent (its client is gone): the shard is told to stop."""
-        call = sent.call
-        if call is not None:
-            call.first = None
-            call.close()
+        call = sent.routed[1]
+        call.first = None
+        call.close()
 
     @staticmethod
     def error(status: int, message: str) -> Answer:
