@@ -220,7 +220,7 @@ def test_constructed_frames_pass_the_schema_and_keep_their_fields() -> None:
 # Positional frames of the wrong shape: each a WireError, whatever is wrong.
 _BAD_POSITIONAL = [
     [],  # no kind
-    [7, 1],  # an unknown kind tag
+    [9, 1],  # an unknown kind tag
     [-1, 1],
     [True, 1],  # a bool is not a kind tag
     ["req", 1],
@@ -277,6 +277,21 @@ _BAD_POSITIONAL = [
     [wire.ERR, 1, "internal", b"x", None],
     [wire.ERR, 1, "internal", "x", []],
     [wire.ERR, 1, "internal", "x", None, None],
+    [wire.REQ_APPEND, "a", "t", 1, 1],  # an item too few
+    [wire.REQ_APPEND, "a", "t", 1, 1, b"x", b""],  # an item too many
+    [wire.REQ_APPEND, b"a", "t", 1, 1, b"x"],  # a path that is not a string
+    [wire.REQ_APPEND, "a", None, 1, 1, b"x"],  # a content type that is not a string
+    [wire.REQ_APPEND, "a", "t", -1, 1, b"x"],  # an id out of range
+    [wire.REQ_APPEND, "a", "t", 2**63, 1, b"x"],
+    [wire.REQ_APPEND, "a", "t", 1, "1", b"x"],  # a ring version that is a string
+    [wire.REQ_APPEND, "a", "t", 1, 1, "x"],  # a body that is not bytes
+    [wire.REQ_APPEND, 1, 1, "a", "t", b"x"],  # the general request's order
+    [wire.RES_DONE, 1],  # an item too few
+    [wire.RES_DONE, 1, "o", b""],  # an item too many
+    [wire.RES_DONE, -1, "o"],
+    [wire.RES_DONE, 1, 5],  # an offset that is not a string
+    [wire.RES_DONE, 1, "o\r\nset-cookie: y"],  # a header value's CR, LF or NUL
+    [wire.RES_DONE, 1, "o\0"],
 ]
 
 
