@@ -112,13 +112,18 @@ class Response:
         d["body"] = body
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Record:
     """A stored run of stream data covering positions [start, end).
 
     Positions are the core's own integer coordinates (offsets are their encoding); what a
     record's bytes mean (raw bytes, or JSON messages) is the core's business, the
     runtime only stores and returns them in order.
+
+    Never changed once made, though not frozen: a frozen class's `__init__` must set
+    each field through `object.__setattr__` (about 1.3k instructions each), and every
+    append makes one. With slots, making one cost 2.0k instructions where the frozen
+    class with its dict given whole cost 4.3k, and its fields read as fast.
     """
 
     start: int
@@ -126,15 +131,9 @@ class Record:
     data: bytes
 
     def __init__(self, start: int, end: int, data: bytes) -> None:
-        _set_attribute(
-            self,
-            "__dict__",
-            {
-                "start": start,
-                "end": end,
-                "data": data,
-            },
-        )
+        self.start = start
+        self.end = end
+        self.data = data
 
 
 @dataclass(frozen=True)
