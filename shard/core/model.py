@@ -28,15 +28,15 @@ class CoreConfig:
 _new = object.__new__
 _set_attribute = object.__setattr__
 
-# The values built for every request (Request, Reply, Response, Record) are frozen
-# dataclasses with a hand-written __init__ that fills the instance dict directly: the
-# generated frozen __init__ goes through object.__setattr__ per field, which cost about
-# 1-2.5 us per object, several times per append. Those read most (Request, Reply,
-# Record) are given a dict of their own whole: the instance dict that `self.__dict__`
-# makes is a split one (keys shared with the class), and Python 3.11 specializes no
-# attribute load on such an instance, so each of their reads took the generic lookup
-# (about 250 instructions more); the dict costs about 1k per object, paid back from the
-# fifth read (an append reads its Request about nine times, its Record eight).
+# The values built for every request (Request, Reply, Response) are frozen dataclasses
+# with a hand-written __init__ that fills the instance dict directly: the generated
+# frozen __init__ goes through object.__setattr__ per field, which cost about 1-2.5 us
+# per object, several times per append. Those read most (Request, Reply) are given a
+# dict of their own whole: the instance dict that `self.__dict__` makes is a split one
+# (keys shared with the class), and Python 3.11 specializes no attribute load on such an
+# instance, so each of their reads took the generic lookup (about 250 instructions
+# more); the dict costs about 1k per object, paid back from the fifth read (an append
+# reads its Request about nine times). A Record, made for every append, has slots.
 
 
 @dataclass(frozen=True, init=False)
