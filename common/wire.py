@@ -380,10 +380,24 @@ def _uint(value: int) -> bytes:
     return _U64.pack(0xCF, value)
 
 
+# The whole answer in one struct pack for a call id of two or four bytes (every answer's
+# from the 256th on a connection): 2.2k instructions where the join cost 4.3k.
+_DONE16, _DONE32 = (
+    struct.Struct(f">I{len(_APPEND_HEAD)}sB{width}{len(_APPEND_MIDDLE)}s{_OFFSET_CHARS}s").pack
+    for width in "HI"
+)
+
+
 def append_answer(call_id: int, offset: str) -> bytes:
     """The framed answer `[RES_DONE, call_id, offset]` of an append (`offset`: 33 ASCII
     characters), as `encode_response` gives it: for a caller that knows the answer is
     that one."""
+    data = offset.encode()
+    if len(data) == _OFFSET_CHARS:
+        if 0x100 <= call_id <= 0xFFFF:
+            return _DONE16(_APPEND_FIXED + 3, _APPEND_HEAD, 0xCD, call_id, _APPEND_MIDDLE, data)
+        if 0x10000 <= call_id <= 0xFFFFFFFF:
+            return _DONE32(_APPEND_FIXED + 5, _APPEND_HEAD, 0xCE, call_id, _APPEND_MIDDLE, data)
     packed_id = _uint(call_id)
     return b"".join(
         (
@@ -391,7 +405,7 @@ def append_answer(call_id: int, offset: str) -> bytes:
             _APPEND_HEAD,
             packed_id,
             _APPEND_MIDDLE,
-            offset.encode(),
+            data,
         )
     )
 
