@@ -240,6 +240,15 @@ class ShardProtocol(Generic[H]):
             return error(call_id, "unavailable", msg)
         return None
 
+    def admits(self, call_id: int, ring_version: int, ring: Ring) -> bool:
+        """Whether `admit` would let an http request with this id and ring version run
+        (False: it answers it, unrun), without building its answer. A request id already
+        in flight is a ProtocolError, as there."""
+        calls = self.calls
+        if call_id in calls:
+            raise ProtocolError(f"request id {call_id} already in flight")
+        return ring_version == ring.version and len(calls) < self._max_calls
+
     def started(self, call_id: int, handle: H) -> None:
         self.calls[call_id] = handle
 

@@ -58,6 +58,20 @@ less than half of a map of the same fields, and these frames are every request's
           "moving":      the stream is moving to or from this shard right now;
                          `a` = {"retry_after": seconds}: retry shortly.
 
+Two kinds say the most frequent exchange, a plain append and its 204, in fewer items
+(no ten-field request to build and check on each side; see `pack_http_head`):
+
+  append  [7, p, c, i, r, b]         (caller -> shard) the http request [0, i, r, "POST",
+                                     p, "", [["content-type", c]], b"", b]: a POST with
+                                     no query whose one forwarded header is its
+                                     Content-Type. Decoded as its own frame (`k`
+                                     "append", fields i, r, p, c, b), served as that
+                                     request would be (`general_request`)
+  done    [8, i, o]                  (shard -> caller) the `res` [2, i, 204, False,
+                                     [["stream-next-offset", o]], b"", False, b""] (any
+                                     http request's answer of that shape): decoded as
+                                     that very `res`
+
 A body `b` is always its frame's last field, so a large one is written and read apart
 from the rest (`encode_parts`, `FrameDecoder`).
 
@@ -85,7 +99,7 @@ import msgpack
 
 from ds_cluster.common import bigjoin
 
-WIRE_VERSION = 5  # 5: body tokens in http req/res (4: positional frames, 3: live rings)
+WIRE_VERSION = 6  # 6: append/done (5: body tokens, 4: positional frames, 3: live rings)
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_HANDSHAKE_FRAME = 64 * 1024  # frame size limit until the peer has proven itself
 _HEADER = struct.Struct(">I")
@@ -324,35 +338,31 @@ def _framed(packed: bytes) -> bytes:
 
 
 # Positional kind tags (see the module's docstring).
-REQ_HTTP, REQ_OP, RES_HTTP, RES_OP, CHUNK, CANCEL, ERR = range(7)
+REQ_HTTP, REQ_OP, RES_HTTP, RES_OP, CHUNK, CANCEL, ERR, REQ_APPEND, RES_DONE = range(9)
 
 
 # An append's answer (a 204 whose one header is the stream's next offset, 33 ASCII
-# characters: shard.core.offsets) differs from another's only in its call id and offset:
-# it is the packed bytes of a template with those two put in (the Packer's 4.2k
-# instructions per answer, for its generic dispatch on eight items, down to a join).
+# characters: shard.core.offsets) is a `done` frame, [RES_DONE, call id, offset]: the
+# packed bytes of a template with those two put in (the Packer's 4.2k instructions per
+# answer, for its generic dispatch, down to a join).
 _OFFSET_CHARS = 33
 
 
-def _append_template() -> tuple[bytes, bytes, bytes]:
-    """(before the call id, between it and the offset, after the offset), cut out of
-    the Packer's own bytes for call id 0 and a sample offset."""
+def _append_template() -> tuple[bytes, bytes]:
+    """(before the call id, between it and the offset), cut out of the Packer's own
+    bytes for call id 0 and a sample offset."""
     packer = msgpack.Packer(use_bin_type=True)
     offset = "0" * _OFFSET_CHARS
-    sample = packer.pack(
-        [RES_HTTP, 0, 204, False, [["stream-next-offset", offset]], b"", False, b""]
-    )
-    head = packer.pack_array_header(8) + packer.pack(RES_HTTP)
-    tail = packer.pack(b"") + packer.pack(False) + packer.pack(b"")
-    start = len(head) + len(packer.pack(0))
-    middle = sample[start : len(sample) - len(tail) - _OFFSET_CHARS]
-    if sample != head + packer.pack(0) + middle + offset.encode() + tail:  # (a new msgpack)
+    sample = packer.pack([RES_DONE, 0, offset])
+    head = packer.pack_array_header(3) + packer.pack(RES_DONE)
+    middle = sample[len(head) + len(packer.pack(0)) : len(sample) - _OFFSET_CHARS]
+    if sample != head + packer.pack(0) + middle + offset.encode():  # (a new msgpack)
         raise RuntimeError("msgpack packs an append's answer unlike its template")
-    return head, middle, tail
+    return head, middle
 
 
-_APPEND_HEAD, _APPEND_MIDDLE, _APPEND_TAIL = _append_template()
-_APPEND_FIXED = len(_APPEND_HEAD) + len(_APPEND_MIDDLE) + _OFFSET_CHARS + len(_APPEND_TAIL)
+_APPEND_HEAD, _APPEND_MIDDLE = _append_template()
+_APPEND_FIXED = len(_APPEND_HEAD) + len(_APPEND_MIDDLE) + _OFFSET_CHARS
 _FIXINTS = [bytes((value,)) for value in range(0x80)]
 _U8, _U16, _U32, _U64 = (struct.Struct(f">B{c}") for c in "BHIQ")
 
@@ -370,10 +380,24 @@ def _uint(value: int) -> bytes:
     return _U64.pack(0xCF, value)
 
 
+# The whole answer in one struct pack for a call id of two or four bytes (every answer's
+# from the 256th on a connection): 2.2k instructions where the join cost 4.3k.
+_DONE16, _DONE32 = (
+    struct.Struct(f">I{len(_APPEND_HEAD)}sB{width}{len(_APPEND_MIDDLE)}s{_OFFSET_CHARS}s").pack
+    for width in "HI"
+)
+
+
 def append_answer(call_id: int, offset: str) -> bytes:
-    """The framed answer `[RES_HTTP, call_id, 204, False, [["stream-next-offset",
-    offset]], b"", False, b""]` of an append (`offset`: 33 ASCII characters), as
-    `encode_response` gives it: for a caller that knows the answer is that one."""
+    """The framed answer `[RES_DONE, call_id, offset]` of an append (`offset`: 33 ASCII
+    characters), as `encode_response` gives it: for a caller that knows the answer is
+    that one."""
+    data = offset.encode()
+    if len(data) == _OFFSET_CHARS:
+        if 0x100 <= call_id <= 0xFFFF:
+            return _DONE16(_APPEND_FIXED + 3, _APPEND_HEAD, 0xCD, call_id, _APPEND_MIDDLE, data)
+        if 0x10000 <= call_id <= 0xFFFFFFFF:
+            return _DONE32(_APPEND_FIXED + 5, _APPEND_HEAD, 0xCE, call_id, _APPEND_MIDDLE, data)
     packed_id = _uint(call_id)
     return b"".join(
         (
@@ -381,8 +405,7 @@ def append_answer(call_id: int, offset: str) -> bytes:
             _APPEND_HEAD,
             packed_id,
             _APPEND_MIDDLE,
-            offset.encode(),
-            _APPEND_TAIL,
+            data,
         )
     )
 
@@ -424,11 +447,35 @@ def request_items(
 
 
 def pack_http_head(method: str, path: str, query: str, headers: object) -> bytes:
-    """The m, p, q, h and t (empty) items of an http `req`, packed one after the other:
-    the part of the frame that every request of one route has in common
-    (`encode_http_request`). `headers`: a sequence of name/value pairs of str."""
+    """The part of an http request's frame that every request of one route has in
+    common (`encode_http_request`), packed: for a plain append's route (a POST without
+    a query whose one header is its Content-Type) the kind tag REQ_APPEND and the p and
+    c items of an `append` frame, else the m, p, q, h and t (empty) items of a `req`,
+    one after the other. `headers`: a sequence of name/value pairs of str."""
     packer = msgpack.Packer(use_bin_type=True)
+    content_type = _plain_content_type(method, query, headers)
+    if content_type is not None and type(path) is str:
+        return b"".join((_FIXINTS[REQ_APPEND], packer.pack(path), packer.pack(content_type)))
     return b"".join([packer.pack(item) for item in (method, path, query, headers, b"")])
+
+
+def _plain_content_type(method: str, query: str, headers: object) -> str | None:
+    """The Content-Type of a POST without a query whose one header (of `headers`, a
+    sequence of pairs) it is, or None."""
+    if method != "POST" or query != "" or not isinstance(headers, list | tuple):
+        return None
+    if len(headers) != 1 or len(headers[0]) != 2:
+        return None
+    name, value = headers[0]
+    return value if name == "content-type" and type(value) is str else None
+
+
+def append_items(
+    call_id: int, ring_version: int, path: str, content_type: str, body: bytes
+) -> list[object]:
+    """An `append` frame's positional items (what `encode_http_request` packs for a
+    plain append's route)."""
+    return [REQ_APPEND, path, content_type, call_id, ring_version, body]
 
 
 # An http `req` with the head of `pack_http_head` starts with these (an array of nine,
@@ -448,8 +495,11 @@ def encode_http_request(call_id: int, ring_version: int, head: bytes, body: byte
     """`encode_parts(request_items(call_id, "http", ring_version, fields))` for `fields`
     whose m, p, q and h packed are `head` (`pack_http_head`) and whose b is `body`: the
     same bytes without the Packer, as a route's requests differ only in their call id,
-    ring version (both non-negative: `common.ring` checks a ring's) and body."""
+    ring version (both non-negative: `common.ring` checks a ring's) and body. A plain
+    append's head makes its `append` frame instead: `encode_parts(append_items(...))`."""
     size = len(body)
+    if head[0] == REQ_APPEND:
+        return _encode_append(call_id, ring_version, head, body)
     if size < 0x100 and ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:
         # The most frequent: a small body (bin 8), a small ring version (a fixint).
         length = len(head) + size + 8
@@ -470,17 +520,47 @@ def encode_http_request(call_id: int, ring_version: int, head: bytes, body: byte
     return [b"".join((_pack_length(length), _REQUEST_START, ids, head, bin_header, body))]
 
 
+_APPEND_START = struct.Struct(">IB").pack  # length, then the array of six
+_APPEND_IDS16 = struct.Struct(">BHB").pack  # a uint 16 call id, a fixint ring version
+_APPEND_IDS32 = struct.Struct(">BIB").pack  # a uint 32 call id, a fixint ring version
+
+
+def _encode_append(call_id: int, ring_version: int, head: bytes, body: bytes) -> list[bytes]:
+    """`encode_http_request` of a plain append's route: its `append` frame."""
+    size = len(body)
+    if ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:  # the most frequent
+        if call_id <= 0xFFFF:
+            ids = _APPEND_IDS16(0xCD, call_id, ring_version)
+        else:
+            ids = _APPEND_IDS32(0xCE, call_id, ring_version)
+    else:
+        ids = _uint(call_id) + _uint(ring_version)
+    bin_header = _BIN8[size] if size < 0x100 else _bin_header(size)
+    length = 1 + len(head) + len(ids) + len(bin_header) + size
+    if length > MAX_FRAME_BYTES:
+        _check_size(length)
+    start = _APPEND_START(length, 0x96)
+    if size >= RAW_BODY_BYTES:
+        return [b"".join((start, head, ids, bin_header)), body]
+    return [b"".join((start, head, ids, bin_header, body))]
+
+
 def _check_request_start() -> None:
-    """The Packer packs an http `req` as `encode_http_request` writes it (a new msgpack
-    that did not would be caught here, at import)."""
+    """The Packer packs an http `req`, and a plain append's `append`, as
+    `encode_http_request` writes them (a new msgpack that did not would be caught here,
+    at import)."""
     headers = [["content-type", "text/plain"]]
-    head = pack_http_head("POST", "a", "", headers)
+    general = pack_http_head("POST", "a", "q", headers)
+    plain = pack_http_head("POST", "a", "", headers)
     cases = ((1, 1, 0), (300, 1, 255), (1 << 20, 0, 7), (300, 70000, 300), (1 << 40, 0, 1 << 14))
     for call_id, version, size in cases:
         body = b"x" * size
-        items = [REQ_HTTP, call_id, version, "POST", "a", "", headers, b"", body]
-        if encode_http_request(call_id, version, head, body) != encode_parts(items):
+        items = [REQ_HTTP, call_id, version, "POST", "a", "q", headers, b"", body]
+        if encode_http_request(call_id, version, general, body) != encode_parts(items):
             raise RuntimeError("msgpack packs an http request unlike encode_http_request")
+        items = append_items(call_id, version, "a", "text/plain", body)
+        if encode_http_request(call_id, version, plain, body) != encode_parts(items):
+            raise RuntimeError("msgpack packs an append frame unlike encode_http_request")
 
 
 def _request_items(m: Mapping[str, object]) -> list[object]:
@@ -843,6 +923,34 @@ class RequestFrame(TypedDict):
     b: NotRequired[bytes]
 
 
+class AppendFrame(TypedDict):
+    """A plain append (`append`): the http request `general_request` gives."""
+
+    k: Literal["append"]
+    i: int
+    r: int
+    p: str
+    c: str  # its Content-Type, its one forwarded header
+    b: bytes
+
+
+def general_request(frame: AppendFrame) -> RequestFrame:
+    """The http `req` an `append` frame stands for, as `parse` makes it of that
+    request's own frame: served by the general path when the plain one declines."""
+    return {
+        "k": "req",
+        "i": frame["i"],
+        "op": "http",
+        "r": frame["r"],
+        "m": "POST",
+        "p": frame["p"],
+        "q": "",
+        "h": [["content-type", frame["c"]]],
+        "t": b"",
+        "b": frame["b"],
+    }
+
+
 class RequestFields(TypedDict, total=False):
     """What a caller gives for one request: an http op's m, p, q, h, b, or another op's
     `a` (`rpc_core.request` makes the frame of them)."""
@@ -893,6 +1001,7 @@ Frame = (
     | AuthFrame
     | ReadyFrame
     | RequestFrame
+    | AppendFrame
     | ResponseFrame
     | ChunkFrame
     | CancelFrame
@@ -1153,7 +1262,46 @@ def _parse_error(message: Positional) -> Frame:
     return {"k": "err", "i": i, "code": code, "msg": msg, "a": args}
 
 
-# Indexed by the kind tags REQ_HTTP ... ERR.
+def _parse_append(message: Positional) -> Frame:
+    try:
+        _, path, content_type, i, r, body = message
+    except ValueError:
+        raise _bad_length("append", message, 6) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("append", "i")
+    if type(r) is not int:
+        raise _bad_item("append", "r")
+    if type(path) is not str:
+        raise _bad_item("append", "p")
+    if type(content_type) is not str:
+        raise _bad_item("append", "c")
+    if type(body) is not bytes:
+        raise _bad_item("append", "b")
+    return {"k": "append", "i": i, "r": r, "p": path, "c": content_type, "b": body}
+
+
+def _parse_done(message: Positional) -> Frame:
+    try:
+        _, i, offset = message
+    except ValueError:
+        raise _bad_length("done", message, 3) from None
+    if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
+        raise _bad_item("done", "i")
+    if type(offset) is not str or "\n" in offset or "\r" in offset or "\0" in offset:
+        raise _bad_item("done", "o")  # (a response header's value: `_parse_http_response`)
+    return {
+        "k": "res",
+        "i": i,
+        "s": 204,
+        "h": [["stream-next-offset", offset]],
+        "b": b"",
+        "more": False,
+        "t": b"",
+        "hit": False,
+    }
+
+
+# Indexed by the kind tags REQ_HTTP ... RES_DONE.
 _POSITIONAL: tuple[Callable[[Positional], Frame], ...] = (
     _parse_http_request,
     _parse_op_request,
@@ -1162,4 +1310,6 @@ _POSITIONAL: tuple[Callable[[Positional], Frame], ...] = (
     _parse_chunk,
     _parse_cancel,
     _parse_error,
+    _parse_append,
+    _parse_done,
 )

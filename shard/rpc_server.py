@@ -306,6 +306,10 @@ class RpcServer:
         waits, so it cannot change before the batch is dispatched."""
         ring = self.service.ring
         for frame in frames:
+            if frame["k"] == "append":
+                if self._append_typed(frame, ring, protocol, writer, answers):
+                    continue
+                frame = wire.general_request(frame)  # (served as the request it stands for)
             if frame["k"] == "req":
                 op = frame["op"]
                 if op == "ping":
@@ -339,6 +343,35 @@ class RpcServer:
                     running.cancel()
             else:
                 raise rpc_core.ProtocolError(f"unexpected {frame['k']!r} frame")
+
+    def _append_typed(
+        self,
+        message: wire.AppendFrame,
+        ring: Ring,
+        protocol: Protocol,
+        writer: FrameWriter,
+        answers: CommitAnswers,
+    ) -> bool:
+        """Decide an `append` frame's plain append without a task, from its fields
+        (`ShardService.append_typed`), once `protocol` admits it: its answer goes now, or
+        from `answers` once its group commit is done. False: serve it as the request it
+        stands for (a refusal to answer, a path to refuse, not a plain append after all,
+        ...; nothing was changed or sent)."""
+        call_id = message["i"]
+        if not protocol.admits(call_id, message["r"], ring):
+            return False
+        path = message["p"]
+        if not self._local(path, ring):
+            return False
+        try:
+            appended = self.service.append_typed(path, message["c"], message["b"])
+        except Exception as exc:
+            writer.send_nowait(_failure(call_id, exc))
+            return True
+        if appended is None:
+            return False
+        answers.add(call_id, appended)
+        return True
 
     def _append_now(
         self,

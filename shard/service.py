@@ -232,13 +232,21 @@ class ShardService:
         built for it. None when it is not that case, nothing changed: `decide_now` then
         decides the request. Raises StorageUnavailable as `decide_now` would, before
         changing anything; the caller checked what `decide_now` says of `path`."""
+        content_type = core.plain_content_type(headers)
+        if content_type is None:
+            return None
+        return self.append_typed(path, content_type, body)
+
+    def append_typed(self, path: str, content_type: str, body: bytes) -> Appended | None:
+        """`append_now` of a POST whose headers are its `content_type` alone (a shard
+        link's `append` frame)."""
         if self.offload.engaged_write(path, body) or not self.handoff.admits_now(path):
             return None
         entry = self.table.get(path)
         state = entry.pending
         if state is None or entry.pending_sid is None:
             return None  # (the entry stays in the table: decide_now takes it again)
-        parts = core.plain_append_parts(headers, body, state, time.time())
+        parts = core.plain_append_typed(content_type, body, state, time.time())
         if parts is None:
             return None
         new_state, record, offset = parts

@@ -220,7 +220,7 @@ def test_constructed_frames_pass_the_schema_and_keep_their_fields() -> None:
 # Positional frames of the wrong shape: each a WireError, whatever is wrong.
 _BAD_POSITIONAL = [
     [],  # no kind
-    [7, 1],  # an unknown kind tag
+    [9, 1],  # an unknown kind tag
     [-1, 1],
     [True, 1],  # a bool is not a kind tag
     ["req", 1],
@@ -277,6 +277,21 @@ _BAD_POSITIONAL = [
     [wire.ERR, 1, "internal", b"x", None],
     [wire.ERR, 1, "internal", "x", []],
     [wire.ERR, 1, "internal", "x", None, None],
+    [wire.REQ_APPEND, "a", "t", 1, 1],  # an item too few
+    [wire.REQ_APPEND, "a", "t", 1, 1, b"x", b""],  # an item too many
+    [wire.REQ_APPEND, b"a", "t", 1, 1, b"x"],  # a path that is not a string
+    [wire.REQ_APPEND, "a", None, 1, 1, b"x"],  # a content type that is not a string
+    [wire.REQ_APPEND, "a", "t", -1, 1, b"x"],  # an id out of range
+    [wire.REQ_APPEND, "a", "t", 2**63, 1, b"x"],
+    [wire.REQ_APPEND, "a", "t", 1, "1", b"x"],  # a ring version that is a string
+    [wire.REQ_APPEND, "a", "t", 1, 1, "x"],  # a body that is not bytes
+    [wire.REQ_APPEND, 1, 1, "a", "t", b"x"],  # the general request's order
+    [wire.RES_DONE, 1],  # an item too few
+    [wire.RES_DONE, 1, "o", b""],  # an item too many
+    [wire.RES_DONE, -1, "o"],
+    [wire.RES_DONE, 1, 5],  # an offset that is not a string
+    [wire.RES_DONE, 1, "o\r\nset-cookie: y"],  # a header value's CR, LF or NUL
+    [wire.RES_DONE, 1, "o\0"],
 ]
 
 
@@ -523,15 +538,24 @@ def test_frames_spanning_reads_decode_the_same_in_any_pieces(step: int) -> None:
 def test_an_appends_answer_is_packed_as_the_packer_packs_it(
     call_id: int, value: str, status: int, name: str
 ) -> None:
-    """`encode_response`'s template for an append's 204 gives the Packer's very bytes, and
-    any other answer (another status, header, offset length, non-ASCII) takes the Packer."""
+    """`encode_response`'s template for an append's 204 gives the Packer's very bytes of
+    its `done` frame, which decodes as the general answer does; any other answer (another
+    status, header, offset length, non-ASCII) takes the Packer's general `res`."""
     headers = ((name, value),)
-    packed = msgpack.packb(
+    general = msgpack.packb(
         [wire.RES_HTTP, call_id, status, False, headers, b"", False, b""], use_bin_type=True
     )
+    done = status == 204 and name == "stream-next-offset" and len(value) == 33 and value.isascii()
+    packed = msgpack.packb([wire.RES_DONE, call_id, value]) if done else general
     expected = [len(packed).to_bytes(4, "big") + packed]
     assert wire.encode_response(call_id, status, headers, b"") == expected
     assert wire.encode_response(call_id, status, [list(headers[0])], b"") == expected
+    if not any(c in value for c in "\r\n\0"):
+        framed = len(general).to_bytes(4, "big") + general
+        assert wire.FrameDecoder().feed(expected[0]) == wire.FrameDecoder().feed(framed)
+    else:
+        with pytest.raises(wire.WireError):
+            wire.FrameDecoder().feed(expected[0])
 
 
 async def test_writer_queues_a_groups_frames_in_one_step_within_its_budgets() -> None:
@@ -580,21 +604,37 @@ def test_request_items_of_any_fields() -> None:
     version=st.integers(0, wire.MAX_CALL_ID),
     size=st.sampled_from([0, 1, 127, 255, 256, 16_383, 16_384, 65_535, 65_536]),
     path=st.text(max_size=40),
-    query=st.text(max_size=20),
-    headers=st.lists(st.tuples(st.text(max_size=10), st.text(max_size=300)), max_size=4),
+    query=st.one_of(st.just(""), st.text(max_size=20)),
+    headers=st.lists(
+        st.tuples(st.one_of(st.just("content-type"), st.text(max_size=10)), st.text(max_size=300)),
+        max_size=4,
+    ),
 )
 def test_an_http_request_packed_from_its_head(
     call_id: int, version: int, size: int, path: str, query: str, headers: list[tuple[str, str]]
 ) -> None:
     """`encode_http_request` with a route's packed head is byte for byte what the
-    general encoder makes of the request's items, and decodes to the same frame."""
+    general encoder makes of the request's items, and decodes to the same frame; a
+    plain append's route (no query, its Content-Type its one header) makes the `append`
+    frame instead, which stands for the same request."""
     body = b"b" * size
     fields = {"m": "POST", "p": path, "q": query, "h": headers, "b": body}
     head = wire.pack_http_head("POST", path, query, headers)
     parts = wire.encode_http_request(call_id, version, head, body)
-    assert parts == wire.encode_parts(wire.request_items(call_id, "http", version, fields))
+    general = wire.encode_parts(wire.request_items(call_id, "http", version, fields))
+    plain = query == "" and len(headers) == 1 and headers[0][0] == "content-type"
+    if plain:
+        items = wire.append_items(call_id, version, path, headers[0][1], body)
+        assert parts == wire.encode_parts(items)
+    else:
+        assert parts == general
     assert len(parts) == (2 if size >= wire.RAW_BODY_BYTES else 1)
     (frame,) = wire.FrameDecoder().feed(b"".join(parts))
+    (expected,) = wire.FrameDecoder().feed(b"".join(general))
+    if plain:
+        assert frame["k"] == "append"
+        frame = wire.general_request(frame)
+    assert frame == expected
     assert frame["k"] == "req" and frame["i"] == call_id and frame["r"] == version  # type: ignore[typeddict-item]
     assert (frame["p"], frame["q"], frame["b"]) == (path, query, body)  # type: ignore[typeddict-item]
 

@@ -126,6 +126,41 @@ def test_reads_span_the_records_table_and_the_journal(tmp_path: Path) -> None:
     reopened.close()
 
 
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 150])
+def test_a_groups_journal_rows_are_written_in_order_whatever_their_number(
+    tmp_path: Path, count: int
+) -> None:
+    """A group's journal rows go in INSERTs of up to JOURNAL_INSERT_ROWS rows each: all of
+    them, in commit order (a stream's tail is its last row), counted once."""
+    store = Store(tmp_path)
+    writer = Writer(store)
+    writer.append((9, b"before"))
+    appends = [(1 + n % 3, b"r%03d" % n) for n in range(count)]
+    writer.append(*appends)
+    assert store.journal_rows == 1 + count
+    assert store.journal_bytes == len(b"before") + sum(len(data) for _, data in appends)
+    rows = store._require_writer().execute("SELECT sid, end_pos, start_pos, data FROM journal")
+    expected = [(9, 6, 0, b"before")]
+    expected += [(sid, r.end, r.start, r.data) for sid, r in _in_order(writer, appends)]
+    assert list(rows) == expected
+    for sid in {sid for sid, _ in appends} | {9}:
+        assert store.journal_tails[sid] == writer.written[sid][-1].end
+        assert store.read_records(sid, 0, 1 << 20) == writer.written[sid]
+    store.close()
+
+
+def _in_order(writer: Writer, appends: list[tuple[int, bytes]]) -> list[tuple[int, Record]]:
+    """The records `appends` made, in the order they were appended."""
+    taken: dict[int, int] = {}
+    out = []
+    for sid, _data in appends:
+        records = writer.written[sid]
+        index = taken.get(sid, len(records) - sum(1 for s, _ in appends if s == sid))
+        taken[sid] = index + 1
+        out.append((sid, records[index]))
+    return out
+
+
 def check_read(
     store: Store, writer: Writer, sid: int, position: int, max_bytes: int, below: int | None = None
 ) -> None:

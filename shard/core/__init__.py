@@ -85,7 +85,14 @@ from .model import (
     StreamState,
     Wait,
 )
-from .protocol import finish_read, handle, plain_append, plain_append_parts
+from .protocol import (
+    finish_read,
+    handle,
+    plain_append,
+    plain_append_parts,
+    plain_append_typed,
+    plain_content_type,
+)
 from .sse import SseSession
 
 __all__ = [
@@ -113,6 +120,8 @@ __all__ = [
     "handle",
     "plain_append",
     "plain_append_parts",
+    "plain_append_typed",
+    "plain_content_type",
     "plan_export",
     "release_fork",
 ]

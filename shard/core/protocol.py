@@ -186,6 +186,15 @@ def plain_append(request: Request, state: StreamState, now: float) -> Reply | No
     return Reply(Response(204, (("stream-next-offset", offset),)), True, new_state, (record,))
 
 
+def plain_content_type(headers: Mapping[str, str]) -> str | None:
+    """The Content-Type of a POST whose lower-case `headers` leave it a plain append if
+    anything (no producer, Stream-Seq or Stream-Closed header; see
+    `plain_append_parts`), or None."""
+    if not _NOT_PLAIN.isdisjoint(headers):  # (one call for the five names)
+        return None
+    return headers.get("content-type")
+
+
 def plain_append_parts(
     headers: Mapping[str, str], body: bytes, state: StreamState, now: float
 ) -> tuple[StreamState, Record, str] | None:
@@ -201,6 +210,17 @@ def plain_append_parts(
     the others (three header parsers, the 409 checks, evolve's keyword changes). The
     runtime asks it first (`ShardService.append_now`), without building the Request,
     Reply and Response objects (about 13k instructions of an append's)."""
+    content_type = plain_content_type(headers)
+    if content_type is None:
+        return None
+    return plain_append_typed(content_type, body, state, now)
+
+
+def plain_append_typed(
+    content_type: str, body: bytes, state: StreamState, now: float
+) -> tuple[StreamState, Record, str] | None:
+    """`plain_append_parts` of a POST whose headers are its `content_type` alone (a
+    shard link's `append` frame, `common.wire`)."""
     if (
         state.closed
         or state.soft_deleted
@@ -211,10 +231,7 @@ def plain_append_parts(
     size = len(body)
     if not size or size > bodies.MAX_RECORD_BYTES:
         return None
-    if not _NOT_PLAIN.isdisjoint(headers):  # (one call for the five names)
-        return None
-    content_type = state.content_type
-    if headers.get("content-type") != content_type:
+    if content_type != state.content_type:
         return None
     plain = _PLAIN_TYPES.get(content_type)
     if not (_plain_type(content_type) if plain is None else plain):

@@ -103,6 +103,8 @@ class FakeShard:
                     for msg in decoder.feed(data):
                         if self.frozen:
                             continue  # a hung peer: reads, never answers
+                        if msg["k"] == "append":  # a plain append: the request it stands for
+                            msg = wire.general_request(msg)
                         if msg["k"] in ("hello", "auth"):
                             if msg["k"] == "hello":
                                 self.hellos.append(msg)
