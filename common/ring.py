@@ -115,31 +115,27 @@ class RingHolder:
     ring only when its version is strictly higher, and wakes every `wait_newer`."""
 
     def __init__(self, ring: Ring) -> None:
-        self._ring = ring
+        # Read only, changed by `adopt`: plain attributes, since every request reads
+        # them and Python 3.11 calls a property as a function.
+        self.current = ring
+        self.version = ring.version
         self._changed = trio.Event()
-
-    @property
-    def current(self) -> Ring:
-        return self._ring
-
-    @property
-    def version(self) -> int:
-        return self._ring.version
 
     def adopt(self, ring: Ring) -> bool:
         """Take `ring` if it is newer than the current one; True if it was taken."""
-        if ring.version <= self._ring.version:
+        if ring.version <= self.version:
             return False
-        self._ring = ring
+        self.current = ring
+        self.version = ring.version
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         return True
 
     async def wait_newer(self, version: int) -> Ring:
         """The current ring, once its version is above `version` (at once if it is)."""
-        while self._ring.version <= version:
+        while self.version <= version:
             await self._changed.wait()
-        return self._ring
+        return self.current
 
 
 def format_endpoint(endpoint: Endpoint) -> str:

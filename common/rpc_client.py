@@ -148,31 +148,31 @@ Fields = wire.RequestFields | Mapping[str, object]
 
 
 class Call(rpc_core.CallState):
-    """One request in flight. Created by ShardPool.open / ShardConnection.open."""
+    """One request in flight. Created by ShardConnection.open, which sets every field:
+    Python 3.11 runs a class's own `__init__` through a slow generic call, and one call
+    is made per request (`object.__init__` leaves the class call its fast path)."""
 
     __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "early", "first", "sink")
 
-    def __init__(self, conn: ShardConnection) -> None:
-        # CallState's fields, set here rather than through super(): one per request
-        self.id = 0
-        self.answered = False
-        self.sent = False
-        self._conn = conn
-        # The frames the connection's reader delivered and the task parked for the next one:
-        # a deque and a task instead of a memory channel, made for every request.
-        self._inbox: deque[Delivered] = deque()
-        self._waiter: trio.lowlevel.Task | None = None
-        self.done = False  # the final frame (or an error) has been received
-        self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
-        # While `relay` waits: takes each chunk body from the connection's reader.
-        self.sink: Callable[[bytes], None] | None = None
-        # Given a complete `res` (more=False) by the connection's reader as it arrives,
-        # before the frame goes to the inbox (`open_routed`'s `early`).
-        self.early: Callable[[wire.ResponseFrame], None] | None = None
-        # Given the first item delivered, whatever it is (a frame, or the connection's
-        # loss), by the connection's reader, before it goes to the inbox: a caller that
-        # does not wait for it (`ShardPool.send_routed`) learns of it there.
-        self.first: Callable[[Delivered], None] | None = None
+    __init__ = object.__init__
+
+    # What each field holds, beside CallState's id, answered and sent:
+    _conn: ShardConnection
+    # The frames the connection's reader delivered and the task parked for the next one:
+    # a deque and a task instead of a memory channel, made for every request.
+    _inbox: deque[Delivered]
+    _waiter: trio.lowlevel.Task | None
+    done: bool  # the final frame (or an error) has been received
+    buffered: int  # bytes of chunk bodies delivered but not yet consumed
+    # While `relay` waits: takes each chunk body from the connection's reader.
+    sink: Callable[[bytes], None] | None
+    # Given a complete `res` (more=False) by the connection's reader as it arrives,
+    # before the frame goes to the inbox (`open_routed`'s `early`).
+    early: Callable[[wire.ResponseFrame], None] | None
+    # Given the first item delivered, whatever it is (a frame, or the connection's
+    # loss), by the connection's reader, before it goes to the inbox: a caller that
+    # does not wait for it (`ShardPool.send_routed`) learns of it there.
+    first: Callable[[Delivered], None] | None
 
     @property
     def shard_id(self) -> str:
@@ -357,19 +357,27 @@ class ShardConnection:
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
             raise ShardUnavailable(self.shard_id, "not connected", sent=False)
-        call = Call(self)
+        call: Call = Call()  # (every field set here: see `Call`)
+        call.answered = call.sent = call.done = False
+        call.buffered = 0
+        call._conn = self
+        call._inbox = deque()
+        call._waiter = call.sink = call.early = call.first = None
+        version = self._rings.version
         # A RequestFields-shaped dict: the ignore is a `cast` without its call per request
         given: wire.RequestFields = fields  # type: ignore[assignment]
-        if type(given) is not dict:
-            given = dict(fields)  # type: ignore[assignment]
-        version = self._rings.version
-        frame = protocol.request(op, given, call, version)
+        if head is None:
+            if type(given) is not dict:
+                given = dict(fields)  # type: ignore[assignment]
+            frame = protocol.request(op, given, call, version)
+        else:  # the frame is packed from `head`: the core only names and tracks it
+            call_id = protocol.track(call)
         try:
             # WireError if too big. A large body stays its own piece, never copied.
             if head is None:
                 parts = wire.encode_parts(frame)
             else:
-                parts = wire.encode_http_request(call.id, version, head, given["b"])
+                parts = wire.encode_http_request(call_id, version, head, given["b"])
         except BaseException:
             protocol.abandon(call)
             raise
@@ -555,9 +563,37 @@ class ShardConnection:
     ) -> None:
         """Dispatch frames to their calls; returns when the connection ends."""
         on_frame = protocol.on_frame
+        pending = protocol.pending
         try:
             while True:
                 for frame in frames:
+                    if frame["k"] == "res" and not frame["more"]:
+                        # A whole answer, the most frequent frame (every append's):
+                        # `on_frame` and `Call._put` written out.
+                        call = pending.pop(frame["i"], None)
+                        if call is None:
+                            continue  # a call we abandoned, or a stray id
+                        if call.answered:  # (pending again, to be failed with the rest)
+                            pending[call.id] = call
+                            raise rpc_core.ProtocolError("a second response to one request")
+                        call.answered = True
+                        first = call.first
+                        if first is not None:
+                            call.first = None
+                            try:
+                                first(frame)
+                            except Exception:
+                                log.exception("a call's sink failed")
+                        early = call.early
+                        if early is not None:
+                            call.early = None
+                            _hand(early, frame)
+                        call._inbox.append(frame)
+                        waiter = call._waiter
+                        if waiter is not None:
+                            call._waiter = None
+                            _reschedule(waiter)
+                        continue
                     call = on_frame(frame)
                     if frame["k"] == "err" and "a" in frame:
                         ring = frame["a"].get("ring")
