@@ -347,12 +347,19 @@ class ShardConnection:
 
     # -- calls -----------------------------------------------------------------------
 
-    def open(self, op: str, fields: Fields, head: bytes | None = None) -> Call:
+    def open(
+        self,
+        op: str,
+        fields: Fields,
+        head: bytes | None = None,
+        first: Callable[[Delivered], None] | None = None,
+    ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
         `fields` are read into the request's frame, not kept. `head`: for an http
         request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
-        only the call id, ring version and body are packed here.
+        only the call id, ring version and body are packed here. `first`: the call's
+        `first` (see `Call`).
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
@@ -362,25 +369,32 @@ class ShardConnection:
         call.buffered = 0
         call._conn = self
         call._inbox = deque()
-        call._waiter = call.sink = call.early = call.first = None
+        call._waiter = call.sink = call.early = None
+        call.first = first
         version = self._rings.version
         # A RequestFields-shaped dict: the ignore is a `cast` without its call per request
         given: wire.RequestFields = fields  # type: ignore[assignment]
-        if head is None:
+        if head is not None:
+            # `CallerProtocol.request` written out without the frame it builds (this one
+            # is packed from `head`): every append passes here. (`_protocol` is set only
+            # while the protocol is ready.)
+            call.id = call_id = protocol.last_id = protocol.last_id + 1
+            protocol.pending[call_id] = call
+            try:
+                parts = wire.encode_http_request(call_id, version, head, given["b"])
+            except BaseException:  # WireError if too big
+                protocol.abandon(call)
+                raise
+        else:
             if type(given) is not dict:
                 given = dict(fields)  # type: ignore[assignment]
             frame = protocol.request(op, given, call, version)
-        else:  # the frame is packed from `head`: the core only names and tracks it
-            call_id = protocol.track(call)
-        try:
-            # WireError if too big. A large body stays its own piece, never copied.
-            if head is None:
+            try:
+                # WireError if too big. A large body stays its own piece, never copied.
                 parts = wire.encode_parts(frame)
-            else:
-                parts = wire.encode_http_request(call_id, version, head, given["b"])
-        except BaseException:
-            protocol.abandon(call)
-            raise
+            except BaseException:
+                protocol.abandon(call)
+                raise
         if not writer.try_queue(parts, call):
             protocol.abandon(call)
             raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
@@ -951,11 +965,9 @@ class ShardPool:
         if conn is None or conn._protocol is None:
             return None
         try:
-            call = conn.open(op, fields, head)
+            return ring, conn.open(op, fields, head, first)
         except ShardUnavailable:
             return None
-        call.first = first
-        return ring, call
 
     async def _push_ring(self, shard_id: str, timeout: float) -> None:
         """Send our ring to a shard on an older one (`ring_set`); failures only log (the

@@ -121,7 +121,7 @@ class CallerProtocol(Generic[C]):
         self.health: dict[str, str] = {}
         self.peer_ring: wire.RingInfo | None = None
         self.pending: dict[int, C] = {}  # requests sent or queued, not yet complete
-        self._next_id = 0
+        self.last_id = 0  # the id of the latest request (a caller may take the next itself)
 
     # -- handshake
     def hello(self) -> wire.HelloFrame:
@@ -143,17 +143,12 @@ class CallerProtocol(Generic[C]):
     ) -> wire.Outgoing:
         """The `req` frame for `call` (given its id, now pending), sent as from a caller
         on ring `ring_version` (its newest)."""
-        return request(self.track(call), op, ring_version, fields)
-
-    def track(self, call: C) -> int:
-        """Give `call` its id and make it pending (`request` without the frame, for a
-        caller that packs the frame itself); returns the id."""
         if not self.ready:
             raise AuthError("not ready", "request before the handshake completed")
-        self._next_id = call_id = self._next_id + 1
-        call.id = call_id
-        self.pending[call_id] = call
-        return call_id
+        self.last_id += 1
+        call.id = self.last_id
+        self.pending[call.id] = call
+        return request(call.id, op, ring_version, fields)
 
     def on_frame(self, frame: wire.Frame) -> C | None:
         """The pending request `frame` answers (None: one already given up, or done);
