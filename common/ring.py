@@ -40,8 +40,9 @@ class Ring:
     shard_ids: tuple[str, ...]
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict, hash=False)
     _ring: HashRing = field(init=False, repr=False, compare=False)
-    # path -> owner, remembered (a ring never changes) and cleared when it grows too big
-    _owners: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
+    # path -> owner, remembered (a ring never changes) and cleared when it grows too big;
+    # a router may look a path up here before calling `owner` (one call fewer per request)
+    owners: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shard_ids:
@@ -62,7 +63,7 @@ class Ring:
         """The id of the shard that owns the stream at `path` (path without the URL prefix)."""
         if len(self.shard_ids) == 1:
             return self.shard_ids[0]
-        owners = self._owners
+        owners = self.owners
         owner = owners.get(path)
         if owner is None:
             if len(owners) >= OWNER_CACHE_SIZE:

@@ -961,7 +961,7 @@ class ShardPool:
         queued for it): `open_routed` then does what it does with such a request.
         `head`: as `ShardConnection.open`'s."""
         ring = self.rings.current
-        conn = self.connections.get(ring.owner(path))
+        conn = self.connections.get(ring.owners.get(path) or ring.owner(path))
         if conn is None or conn._protocol is None:
             return None
         try:

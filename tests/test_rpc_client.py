@@ -449,3 +449,30 @@ async def test_a_second_response_to_one_request_drops_the_connection() -> None:
                         assert not res["more"]
                         await trio.sleep(0.1)
                         assert pool.connected("s1")
+
+
+async def test_send_routed_sends_each_path_to_its_owner() -> None:
+    """`send_routed` routes by the newest ring, through the owners it remembers too: every
+    request reaches the shard that owns its path, a second time as the first."""
+    shards = [FakeShard("s1", echo_shuffled), FakeShard("s2", echo_shuffled)]
+    async with trio.open_nursery() as nursery:
+        for shard in shards:
+            await nursery.start(shard.run)
+        ring = Ring(7, ("s1", "s2"))
+        endpoints = {shard.shard_id: ("127.0.0.1", shard.port) for shard in shards}
+        async with ShardPool(endpoints, ring, role="gateway", name="t", secret=TEST_SECRET) as pool:
+            await pool.wait_connected()
+            got: list[Any] = []
+            paths = [f"p{n}" for n in range(40)] * 2
+            for path in paths:
+                fields = {"m": "POST", "p": path, "q": "", "h": [], "b": b"x"}
+                head = wire.pack_http_head("POST", path, "", [])
+                assert pool.send_routed(path, "http", fields, got.append, head) is not None
+            with trio.fail_after(5):
+                while len(got) < len(paths):
+                    await trio.sleep(0.01)
+            for shard in shards:
+                seen = [msg["p"] for msg in shard.requests]
+                assert seen and all(ring.owner(path) == shard.shard_id for path in seen)
+            assert sum(len(shard.requests) for shard in shards) == len(paths)
+        nursery.cancel_scope.cancel()
