@@ -40,8 +40,9 @@ class Ring:
     shard_ids: tuple[str, ...]
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict, hash=False)
     _ring: HashRing = field(init=False, repr=False, compare=False)
-    # path -> owner, remembered (a ring never changes) and cleared when it grows too big
-    _owners: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
+    # path -> owner, remembered (a ring never changes) and cleared when it grows too big;
+    # a router may look a path up here before calling `owner` (one call fewer per request)
+    owners: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.shard_ids:
@@ -62,7 +63,7 @@ class Ring:
         """The id of the shard that owns the stream at `path` (path without the URL prefix)."""
         if len(self.shard_ids) == 1:
             return self.shard_ids[0]
-        owners = self._owners
+        owners = self.owners
         owner = owners.get(path)
         if owner is None:
             if len(owners) >= OWNER_CACHE_SIZE:
@@ -115,31 +116,27 @@ class RingHolder:
     ring only when its version is strictly higher, and wakes every `wait_newer`."""
 
     def __init__(self, ring: Ring) -> None:
-        self._ring = ring
+        # Read only, changed by `adopt`: plain attributes, since every request reads
+        # them and Python 3.11 calls a property as a function.
+        self.current = ring
+        self.version = ring.version
         self._changed = trio.Event()
-
-    @property
-    def current(self) -> Ring:
-        return self._ring
-
-    @property
-    def version(self) -> int:
-        return self._ring.version
 
     def adopt(self, ring: Ring) -> bool:
         """Take `ring` if it is newer than the current one; True if it was taken."""
-        if ring.version <= self._ring.version:
+        if ring.version <= self.version:
             return False
-        self._ring = ring
+        self.current = ring
+        self.version = ring.version
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         return True
 
     async def wait_newer(self, version: int) -> Ring:
         """The current ring, once its version is above `version` (at once if it is)."""
-        while self._ring.version <= version:
+        while self.version <= version:
             await self._changed.wait()
-        return self._ring
+        return self.current
 
 
 def format_endpoint(endpoint: Endpoint) -> str:

@@ -148,31 +148,31 @@ Fields = wire.RequestFields | Mapping[str, object]
 
 
 class Call(rpc_core.CallState):
-    """One request in flight. Created by ShardPool.open / ShardConnection.open."""
+    """One request in flight. Created by ShardConnection.open, which sets every field:
+    Python 3.11 runs a class's own `__init__` through a slow generic call, and one call
+    is made per request (`object.__init__` leaves the class call its fast path)."""
 
     __slots__ = ("_conn", "_inbox", "_waiter", "buffered", "done", "early", "first", "sink")
 
-    def __init__(self, conn: ShardConnection) -> None:
-        # CallState's fields, set here rather than through super(): one per request
-        self.id = 0
-        self.answered = False
-        self.sent = False
-        self._conn = conn
-        # The frames the connection's reader delivered and the task parked for the next one:
-        # a deque and a task instead of a memory channel, made for every request.
-        self._inbox: deque[Delivered] = deque()
-        self._waiter: trio.lowlevel.Task | None = None
-        self.done = False  # the final frame (or an error) has been received
-        self.buffered = 0  # bytes of chunk bodies delivered but not yet consumed
-        # While `relay` waits: takes each chunk body from the connection's reader.
-        self.sink: Callable[[bytes], None] | None = None
-        # Given a complete `res` (more=False) by the connection's reader as it arrives,
-        # before the frame goes to the inbox (`open_routed`'s `early`).
-        self.early: Callable[[wire.ResponseFrame], None] | None = None
-        # Given the first item delivered, whatever it is (a frame, or the connection's
-        # loss), by the connection's reader, before it goes to the inbox: a caller that
-        # does not wait for it (`ShardPool.send_routed`) learns of it there.
-        self.first: Callable[[Delivered], None] | None = None
+    __init__ = object.__init__
+
+    # What each field holds, beside CallState's id, answered and sent:
+    _conn: ShardConnection
+    # The frames the connection's reader delivered and the task parked for the next one:
+    # a deque and a task instead of a memory channel, made for every request.
+    _inbox: deque[Delivered]
+    _waiter: trio.lowlevel.Task | None
+    done: bool  # the final frame (or an error) has been received
+    buffered: int  # bytes of chunk bodies delivered but not yet consumed
+    # While `relay` waits: takes each chunk body from the connection's reader.
+    sink: Callable[[bytes], None] | None
+    # Given a complete `res` (more=False) by the connection's reader as it arrives,
+    # before the frame goes to the inbox (`open_routed`'s `early`).
+    early: Callable[[wire.ResponseFrame], None] | None
+    # Given the first item delivered, whatever it is (a frame, or the connection's
+    # loss), by the connection's reader, before it goes to the inbox: a caller that
+    # does not wait for it (`ShardPool.send_routed`) learns of it there.
+    first: Callable[[Delivered], None] | None
 
     @property
     def shard_id(self) -> str:
@@ -347,32 +347,54 @@ class ShardConnection:
 
     # -- calls -----------------------------------------------------------------------
 
-    def open(self, op: str, fields: Fields, head: bytes | None = None) -> Call:
+    def open(
+        self,
+        op: str,
+        fields: Fields,
+        head: bytes | None = None,
+        first: Callable[[Delivered], None] | None = None,
+    ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
         `fields` are read into the request's frame, not kept. `head`: for an http
         request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
-        only the call id, ring version and body are packed here.
+        only the call id, ring version and body are packed here. `first`: the call's
+        `first` (see `Call`).
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
             raise ShardUnavailable(self.shard_id, "not connected", sent=False)
-        call = Call(self)
+        call: Call = Call()  # (every field set here: see `Call`)
+        call.answered = call.sent = call.done = False
+        call.buffered = 0
+        call._conn = self
+        call._inbox = deque()
+        call._waiter = call.sink = call.early = None
+        call.first = first
+        version = self._rings.version
         # A RequestFields-shaped dict: the ignore is a `cast` without its call per request
         given: wire.RequestFields = fields  # type: ignore[assignment]
-        if type(given) is not dict:
-            given = dict(fields)  # type: ignore[assignment]
-        version = self._rings.version
-        frame = protocol.request(op, given, call, version)
-        try:
-            # WireError if too big. A large body stays its own piece, never copied.
-            if head is None:
+        if head is not None:
+            # `CallerProtocol.request` written out without the frame it builds (this one
+            # is packed from `head`): every append passes here. (`_protocol` is set only
+            # while the protocol is ready.)
+            call.id = call_id = protocol.last_id = protocol.last_id + 1
+            protocol.pending[call_id] = call
+            try:
+                parts = wire.encode_http_request(call_id, version, head, given["b"])
+            except BaseException:  # WireError if too big
+                protocol.abandon(call)
+                raise
+        else:
+            if type(given) is not dict:
+                given = dict(fields)  # type: ignore[assignment]
+            frame = protocol.request(op, given, call, version)
+            try:
+                # WireError if too big. A large body stays its own piece, never copied.
                 parts = wire.encode_parts(frame)
-            else:
-                parts = wire.encode_http_request(call.id, version, head, given["b"])
-        except BaseException:
-            protocol.abandon(call)
-            raise
+            except BaseException:
+                protocol.abandon(call)
+                raise
         if not writer.try_queue(parts, call):
             protocol.abandon(call)
             raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
@@ -555,9 +577,37 @@ class ShardConnection:
     ) -> None:
         """Dispatch frames to their calls; returns when the connection ends."""
         on_frame = protocol.on_frame
+        pending = protocol.pending
         try:
             while True:
                 for frame in frames:
+                    if frame["k"] == "res" and not frame["more"]:
+                        # A whole answer, the most frequent frame (every append's):
+                        # `on_frame` and `Call._put` written out.
+                        call = pending.pop(frame["i"], None)
+                        if call is None:
+                            continue  # a call we abandoned, or a stray id
+                        if call.answered:  # (pending again, to be failed with the rest)
+                            pending[call.id] = call
+                            raise rpc_core.ProtocolError("a second response to one request")
+                        call.answered = True
+                        first = call.first
+                        if first is not None:
+                            call.first = None
+                            try:
+                                first(frame)
+                            except Exception:
+                                log.exception("a call's sink failed")
+                        early = call.early
+                        if early is not None:
+                            call.early = None
+                            _hand(early, frame)
+                        call._inbox.append(frame)
+                        waiter = call._waiter
+                        if waiter is not None:
+                            call._waiter = None
+                            _reschedule(waiter)
+                        continue
                     call = on_frame(frame)
                     if frame["k"] == "err" and "a" in frame:
                         ring = frame["a"].get("ring")
@@ -911,15 +961,13 @@ class ShardPool:
         queued for it): `open_routed` then does what it does with such a request.
         `head`: as `ShardConnection.open`'s."""
         ring = self.rings.current
-        conn = self.connections.get(ring.owner(path))
+        conn = self.connections.get(ring.owners.get(path) or ring.owner(path))
         if conn is None or conn._protocol is None:
             return None
         try:
-            call = conn.open(op, fields, head)
+            return ring, conn.open(op, fields, head, first)
         except ShardUnavailable:
             return None
-        call.first = first
-        return ring, call
 
     async def _push_ring(self, shard_id: str, timeout: float) -> None:
         """Send our ring to a shard on an older one (`ring_set`); failures only log (the

@@ -121,7 +121,7 @@ class CallerProtocol(Generic[C]):
         self.health: dict[str, str] = {}
         self.peer_ring: wire.RingInfo | None = None
         self.pending: dict[int, C] = {}  # requests sent or queued, not yet complete
-        self._next_id = 0
+        self.last_id = 0  # the id of the latest request (a caller may take the next itself)
 
     # -- handshake
     def hello(self) -> wire.HelloFrame:
@@ -145,8 +145,8 @@ class CallerProtocol(Generic[C]):
         on ring `ring_version` (its newest)."""
         if not self.ready:
             raise AuthError("not ready", "request before the handshake completed")
-        self._next_id += 1
-        call.id = self._next_id
+        self.last_id += 1
+        call.id = self.last_id
         self.pending[call.id] = call
         return request(call.id, op, ring_version, fields)
 

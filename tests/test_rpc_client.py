@@ -362,3 +362,117 @@ async def test_hung_shard_detected_by_heartbeat() -> None:
 def test_fake_shard_module_imports() -> None:
     """The stand-in shard these tests talk to is importable from tests/support."""
     assert FakeShard("x").shard_id == "x"
+
+
+async def test_send_routed_with_a_packed_head_delivers_its_answer_to_first() -> None:
+    """`send_routed` with a packed head: the shard gets the request's fields whole, the
+    answer goes to `first` from the reader (once), the call leaves the table of calls,
+    and the ids of such requests and of general ones never collide."""
+    async with connected_pool(echo_shuffled) as (shard, pool):
+        conn = pool.connections["s1"]
+        got: list[Any] = []
+        sent = []
+        for n in range(5):
+            fields = {"m": "POST", "p": f"s{n}", "q": "", "h": [["a", "b"]], "b": b"x%d" % n}
+            head = wire.pack_http_head("POST", f"s{n}", "", [["a", "b"]])
+            routed = pool.send_routed(f"s{n}", "http", fields, got.append, head)
+            assert routed is not None and routed[0] is pool.ring
+            sent.append(routed[1])
+            plain = pool.open("s1", "http", {**fields, "b": b"general"})
+            sent.append(plain)
+        assert len({call.id for call in sent}) == len(sent)
+        with trio.fail_after(5):
+            while len(got) < 5:
+                await trio.sleep(0.01)
+            for call in sent[1::2]:
+                assert (await call.response())["b"] == b"general"
+        assert sorted(item["b"] for item in got) == [b"x%d" % n for n in range(5)]
+        for call in sent[::2]:
+            assert call.first is None and call.answered and call._inbox  # left for settle
+        assert conn.in_flight == 0
+        by_path = {msg["p"]: msg for msg in shard.requests if msg["b"] != b"general"}
+        assert by_path["s3"]["h"] == [["a", "b"]] and by_path["s3"]["b"] == b"x3"
+
+
+async def test_a_late_answer_to_an_abandoned_call_is_dropped() -> None:
+    """A call left before its answer is forgotten: its answer, when it comes, goes nowhere
+    and the connection serves on."""
+    release = trio.Event()
+
+    async def late(msg: dict[str, Any], reply: Reply) -> None:
+        with trio.CancelScope(shield=True):  # answers even though cancelled
+            await release.wait()
+            await answer_204(msg, reply)
+
+    async with connected_pool(late) as (shard, pool):
+        got: list[Any] = []
+        fields = {"m": "POST", "p": "a", "q": "", "h": [], "b": b"x"}
+        head = wire.pack_http_head("POST", "a", "", [])
+        routed = pool.send_routed("a", "http", fields, got.append, head)
+        assert routed is not None
+        call = routed[1]
+        with trio.fail_after(5):
+            while not shard.requests:
+                await trio.sleep(0.01)
+        call.first = None
+        call.close()
+        release.set()
+        with trio.fail_after(5):
+            await shard.cancel_seen.wait()
+            other = pool.open("s1", "http", fields)
+            assert (await other.response())["s"] == 204
+        assert got == [] and not call._inbox
+        assert pool.connected("s1")
+
+
+async def test_a_second_response_to_one_request_drops_the_connection() -> None:
+    """A shard that answers one request twice breaks the protocol: the connection is
+    dropped and the request fails (ShardUnavailable), whichever `res` came second."""
+    for first_more in (True, False):
+
+        async def twice(msg: dict[str, Any], reply: Reply, more: bool = first_more) -> None:
+            await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": more})
+            await reply({"k": "res", "i": msg["i"], "s": 200, "h": [], "b": b"", "more": False})
+
+        async with connected_pool(twice, heartbeat=None) as (_shard, pool):
+            fields = {"m": "GET", "p": "a", "q": "", "h": [], "b": b""}
+            async with pool.open("s1", "http", fields) as call:
+                with trio.fail_after(5):
+                    res = await call.response()
+                    if first_more:
+                        assert res["more"]
+                        with pytest.raises(ShardUnavailable):
+                            async for _ in call.chunks():
+                                pass
+                        assert not pool.connected("s1")
+                    else:  # a second whole answer names a call no longer in flight
+                        assert not res["more"]
+                        await trio.sleep(0.1)
+                        assert pool.connected("s1")
+
+
+async def test_send_routed_sends_each_path_to_its_owner() -> None:
+    """`send_routed` routes by the newest ring, through the owners it remembers too: every
+    request reaches the shard that owns its path, a second time as the first."""
+    shards = [FakeShard("s1", echo_shuffled), FakeShard("s2", echo_shuffled)]
+    async with trio.open_nursery() as nursery:
+        for shard in shards:
+            await nursery.start(shard.run)
+        ring = Ring(7, ("s1", "s2"))
+        endpoints = {shard.shard_id: ("127.0.0.1", shard.port) for shard in shards}
+        async with ShardPool(endpoints, ring, role="gateway", name="t", secret=TEST_SECRET) as pool:
+            await pool.wait_connected()
+            got: list[Any] = []
+            paths = [f"p{n}" for n in range(40)] * 2
+            for path in paths:
+                fields = {"m": "POST", "p": path, "q": "", "h": [], "b": b"x"}
+                head = wire.pack_http_head("POST", path, "", [])
+                assert pool.send_routed(path, "http", fields, got.append, head) is not None
+            with trio.fail_after(5):
+                while len(got) < len(paths):
+                    await trio.sleep(0.01)
+            for shard in shards:
+                seen = [msg["p"] for msg in shard.requests]
+                assert seen and all(ring.owner(path) == shard.shard_id for path in seen)
+            assert sum(len(shard.requests) for shard in shards) == len(paths)
+        nursery.cancel_scope.cancel()

@@ -391,9 +391,9 @@ async def test_ring_holder_only_moves_forward_and_wakes_waiters() -> None:
         assert not holder.adopt(Ring(1, ("a", "b")))  # not newer
         assert not holder.adopt(Ring(0, ("b",)))
         await trio.testing.wait_all_tasks_blocked()
-        assert woke == []
+        assert woke == [] and holder.current == Ring(1, ("a",)) and holder.version == 1
         assert holder.adopt(Ring(2, ("a", "b")))
-    assert woke == [2] and holder.version == 2
+    assert woke == [2] and holder.version == 2 and holder.current == Ring(2, ("a", "b"))
     assert (await holder.wait_newer(1)).version == 2  # at once when already newer
 
 
