@@ -144,13 +144,7 @@ class SentAppend:
             and not item["hit"]  # (`_exchange`'s 502)
         ):
             try:
-                pairs = item["h"]
-                if item["s"] == 204 and len(pairs) == 1 and pairs[0][0] == "stream-next-offset":
-                    # (`_rendered_answer`'s short path, written out: every append's answer)
-                    lines = _OFFSET_LINE + pairs[0][1].encode() + _END_TRANSPORT_NO_STORE
-                    answer = (204, lines, item["b"])
-                else:
-                    answer = _rendered_answer(item, "POST")
+                answer = _rendered_answer(item, "POST")
             except Exception:  # `settle` meets it again, and answers 500
                 answer = None
         self.arrived(answer)
