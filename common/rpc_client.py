@@ -583,7 +583,7 @@ class ShardConnection:
                 for frame in frames:
                     if frame["k"] == "res" and not frame["more"]:
                         # A whole answer, the most frequent frame (every append's):
-                        # `on_frame` and `Call._put` written out.
+                        # `on_frame` written out, then the call's `_put`.
                         call = pending.pop(frame["i"], None)
                         if call is None:
                             continue  # a call we abandoned, or a stray id
@@ -591,22 +591,7 @@ class ShardConnection:
                             pending[call.id] = call
                             raise rpc_core.ProtocolError("a second response to one request")
                         call.answered = True
-                        first = call.first
-                        if first is not None:
-                            call.first = None
-                            try:
-                                first(frame)
-                            except Exception:
-                                log.exception("a call's sink failed")
-                        early = call.early
-                        if early is not None:
-                            call.early = None
-                            _hand(early, frame)
-                        call._inbox.append(frame)
-                        waiter = call._waiter
-                        if waiter is not None:
-                            call._waiter = None
-                            _reschedule(waiter)
+                        call._put(frame)
                         continue
                     call = on_frame(frame)
                     if frame["k"] == "err" and "a" in frame:
