@@ -1061,14 +1061,8 @@ class Http1Connection:
         if plain is None:
             return False
         req, route_plain, length = plain
-        # (`_closing(req)` written out: the head is kept alive and asks for no close)
-        if (
-            len(data) - end != length
-            or self._stopped
-            or self._served + 1 >= server.max_requests
-            or server.stopping
-        ):
-            return False
+        if len(data) - end != length or self._closing(req):
+            return False  # (one after which the connection closes takes the general path)
         route = server.route
         assert route is not None
         started = perf_counter()
