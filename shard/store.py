@@ -993,12 +993,8 @@ class Store:
                 # is, where a `bytes` parameter first goes through its adapter lookup (two
                 # failed attribute lookups, one raising inside), 3.3k instructions per row
                 # against a copy of a small record's bytes.
-                if len(records) == 1:  # an append's usual one record: no comprehension
-                    record = records[0]
-                    pending.journal += (sid, record.end, record.start, bytearray(record.data))
-                else:
-                    for r in records:
-                        pending.journal += (sid, r.end, r.start, bytearray(r.data))
+                for r in records:
+                    pending.journal += (sid, r.end, r.start, bytearray(r.data))
                 if not stored and (write.tail_moved or _only_tail_moved(write.previous, state)):
                     stored = True  # its journal rows say where its tail is now
         if not stored:
