@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ds_cluster.tools.bench.append import run_append
+from ds_cluster.tools.bench.append import run_append, setup_streams
 from ds_cluster.tools.bench.bodies import body_bytes, json_body, records
 from ds_cluster.tools.bench.http import Target
 from ds_cluster.tools.bench.targets import REPO, BenchTarget
 from ds_cluster.tools.bench.verify_seq import ThreadCounts, check, owned_streams, stream_of
-from ds_cluster.tools.bench.wrk import _lua_string, script_text, thread_count
+from ds_cluster.tools.bench.wrk import _lua_string, run_wrk_append, script_text, thread_count
 
 STREAMS, THREADS, W = 4, 2, 3  # W: connections per thread
 
@@ -56,9 +56,9 @@ SENT = {0: ThreadCounts(sent=20, ok=18), 1: ThreadCounts(sent=21, ok=19)}
 
 
 def problems(
-    found: dict[int, list[Any]], counts: dict[int, ThreadCounts] = SENT, exact: bool = True
+    found: dict[int, list[Any]], counts: dict[int, ThreadCounts] = SENT, clean: bool = True
 ) -> list[str]:
-    return check("bytes", found, counts, STREAMS, W, exact)
+    return check("bytes", found, counts, STREAMS, W, clean)
 
 
 def all_but(c: int, drop: set[int]) -> dict[int, list[int]]:
@@ -95,19 +95,19 @@ def test_a_lost_acknowledged_post_is_flagged():
     short = problems(readback("bytes", all_but(0, {17, 18, 19})))
     assert len(short) == 1 and "17 posts read back, 18 acknowledged" in short[0], short
     # with errors (counts only) the count still catches it
-    weak = problems(readback("bytes", all_but(0, {5, 6, 7})), exact=False)
+    weak = problems(readback("bytes", all_but(0, {5, 6, 7})), clean=False)
     assert len(weak) == 1 and "acknowledged" in weak[0], weak
 
 
 def test_a_duplicate_is_flagged():
     order = {0: [*EVEN, 8]}
-    dup = problems(readback("bytes", all_but(0, set()), order), exact=False)
+    dup = problems(readback("bytes", all_but(0, set()), order), clean=False)
     assert len(dup) == 1 and "duplicated" in dup[0], dup
 
 
 def test_malformed_corrupt_and_foreign_records_are_flagged():
     good = readback("bytes", all_but(0, {2}))  # 19 of 20 present, 18 acknowledged: allowed
-    assert problems(good, exact=False) == []
+    assert problems(good, clean=False) == []
     corrupt = body_bytes(0, 0, 0)[:50] + b"X" + body_bytes(0, 0, 0)[51:]
     cases = {
         "torn": (0, ("torn", 150)),
@@ -121,7 +121,7 @@ def test_malformed_corrupt_and_foreign_records_are_flagged():
     for name, (s, rec) in cases.items():
         found = {k: list(v) for k, v in good.items()}
         found[s].append(rec)
-        assert len(problems(found, exact=False)) == 1, name
+        assert len(problems(found, clean=False)) == 1, name
 
 
 def test_an_order_violation_is_flagged_only_beyond_the_window():
@@ -135,14 +135,14 @@ def test_an_order_violation_is_flagged_only_beyond_the_window():
     beyond = problems(readback("bytes", all_but(0, {1}), two_late))
     assert beyond and all("3 earlier posts unanswered" in p for p in beyond), beyond
     # with errors a reconnect can put more than W in flight: no order check then
-    assert problems(readback("bytes", all_but(0, set()), first), exact=False) == []
+    assert problems(readback("bytes", all_but(0, set()), first), clean=False) == []
 
 
 def test_refused_posts_must_be_absent_and_batches_whole():
     counts = {0: ThreadCounts(sent=20, ok=17, refused=3), 1: SENT[1]}
     found = readback("bytes", all_but(0, set()))
-    assert "3 of 20 refused" in problems(found, counts, exact=False)[0]
-    assert problems(readback("bytes", all_but(0, {1, 2, 3})), counts, exact=False) == []
+    assert "3 of 20 refused" in problems(found, counts, clean=False)[0]
+    assert problems(readback("bytes", all_but(0, {1, 2, 3})), counts, clean=False) == []
     batches = readback("json10", all_but(0, set()))
     assert check("json10", batches, SENT, STREAMS, W, True) == []
     torn = {s: list(r) for s, r in batches.items()}
@@ -207,3 +207,13 @@ def test_bench_without_a_driver_named_uses_wrk(cluster, tmp_path: Path):
     (runs,) = json.loads(out.read_text())["runs"]["append"].values()
     run = runs[0]
     assert run["append_driver"] == "wrk" and run["verify_problems"] == 0, run
+
+
+@needs_wrk
+def test_refused_appends_are_errors_that_fail_the_run(cluster):
+    """Octet-stream bodies to JSON streams: every answer a 4xx, counted and failing."""
+    stem = "bench-wrk-refused-"
+    names = setup_streams(cluster.target, stem, 4, "json")
+    m = run_wrk_append(cluster.target, stem, names, "bytes", 4, 1.0, 2, False, [])
+    assert m["errors"] > 0 and m["statuses"]["4xx"] == m["errors"], m
+    assert m["requests_per_s"] == 0 and "failed" in m, m

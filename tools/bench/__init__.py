@@ -29,10 +29,10 @@ https URLs are verified against --cacert. Runs alternate per scenario (A B A B .
 --rounds 2) so machine noise spreads over all; ratios are A / other, per round pair,
 geometric mean. The append scenarios run under wrk when it is on PATH (tools/bench/wrk.py;
 --append-driver wrk|python picks one), the others and the Python append driver in separate
-Python processes on raw keep-alive sockets; their CPU (client_cpu_pct, % of one core) and
-the servers' CPU
-(server_cpu_pct; over the load window for the append scenarios, over the whole run
-otherwise) are reported so a saturated client or server is visible.
+Python processes on raw keep-alive sockets. The load generators' CPU (client_cpu_pct, % of
+one core) and the servers' CPU (server_cpu_pct; over the load window for the append
+scenarios, over the whole run otherwise) are reported so a saturated client or server is
+visible.
 
 Output: a detailed table (medians over the rounds, and A / other per round pair), then a
 markdown summary of the headline figures with a last column "ours vs best peer"

@@ -66,10 +66,10 @@ def check(
     counts: dict[int, ThreadCounts],
     streams: int,
     window: int,
-    exact: bool,
+    clean: bool,
 ) -> list[str]:
     """Problems in `found` (stream -> records as `bodies.records` splits them) given each
-    thread's counts; `window` is the connections per thread, `exact` that the run had no
+    thread's counts; `window` is the connections per thread, `clean` that the run had no
     error of any kind. Empty when the read-back is one a correct server can produce."""
     per_post = 10 if mode == "json10" else 1
     threads = len(counts)
@@ -113,9 +113,9 @@ def check(
             problems.append(
                 f"thread {c}: {len(posts)} posts read back, {n.refused} of {n.sent} refused"
             )
-        if exact and n.sent - n.ok > window:
+        if clean and n.sent - n.ok > window:
             problems.append(f"thread {c}: {n.sent - n.ok} unanswered with {window} connections")
-    if exact:
+    if clean:
         absent = {c: [p for p in range(n.sent) if p not in seen[c]] for c, n in counts.items()}
         for (s, c), order in read_order.items():
             problems += _in_flight_beyond(s, c, order, absent[c], window)
@@ -148,12 +148,12 @@ def verify(
     names: dict[int, str],
     counts: dict[int, ThreadCounts],
     window: int,
-    exact: bool,
+    clean: bool,
 ) -> dict[str, Any]:
     """Read every stream back and `check` it."""
     with SyncClient(target) as client:
         found = {s: records(mode, client.read_chunks(target.path(n))) for s, n in names.items()}
-    problems = check(mode, found, counts, len(names), window, exact)
+    problems = check(mode, found, counts, len(names), window, clean)
     return {
         "records_checked": sum(len(r) for r in found.values()),
         "problems": problems[:20],
