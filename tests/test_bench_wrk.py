@@ -22,7 +22,13 @@ from ds_cluster.tools.bench.bodies import body_bytes, json_body, records
 from ds_cluster.tools.bench.http import Target
 from ds_cluster.tools.bench.targets import REPO, BenchTarget
 from ds_cluster.tools.bench.verify_seq import ThreadCounts, check, owned_streams, stream_of
-from ds_cluster.tools.bench.wrk import _lua_string, run_wrk_append, script_text, thread_count
+from ds_cluster.tools.bench.wrk import (
+    _lua_string,
+    choose_driver,
+    run_wrk_append,
+    script_text,
+    thread_count,
+)
 
 STREAMS, THREADS, W = 4, 2, 3  # W: connections per thread
 
@@ -158,6 +164,15 @@ def test_parameters_reach_lua_as_plain_bytes():
     assert '"' not in lit[1:-1] and "\\" + "034" in lit and "\r" not in lit
     target = Target.parse("http://127.0.0.1:1")
     assert script_text(target, "bench-x-", 4, 2, "json").startswith('HEAD_LINES = "host')
+
+
+def test_without_wrk_the_python_driver_runs_with_a_note(monkeypatch, tmp_path: Path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without wrk
+    assert choose_driver(None) == "python"
+    assert "wrk is not on PATH" in capsys.readouterr().err
+    assert choose_driver("python") == "python"
+    with pytest.raises(SystemExit, match="not on PATH"):
+        choose_driver("wrk")
 
 
 @pytest.fixture(scope="module")
