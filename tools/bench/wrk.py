@@ -1,7 +1,7 @@
 """The append scenarios driven by wrk (C, LuaJIT), so the load generator leaves the CPU to
 the servers under test: at 64 connections the Python workers of append.py spend 46-107 µs
 of CPU per append (about 0.6 of a 2-core machine at 8,000 appends/s), wrk at 2 threads
-23-34 µs.
+13-34 µs (runs on a shared, busy machine).
 
 The load has the Python driver's shape: `connections` keep-alive connections, `streams`
 streams, one request in flight per connection, 100-byte unique bodies (or the JSON modes'
@@ -12,8 +12,8 @@ not tie a response to its request, so bodies are numbered per thread and the rea
 checked by verify_seq.py (its docstring says what that proves). With one connection per
 thread (`--wrk-threads` equal to the connections) the check is exact per connection, as
 the Python driver's, but wrk then spends 50-58 µs per append against 20-25 µs at 2
-threads; every check that catches loss, duplication, corruption and foreign bodies holds
-at any thread count, so 2 is the default.
+threads in the same runs; every check that catches loss, duplication, corruption and
+foreign bodies holds at any thread count, so 2 is the default.
 
 Measured: appends acknowledged (2xx) over wrk's own run time, p50 / p99 latency from wrk's
 histogram, errors (non-2xx, socket errors, timeouts beyond 10 s; any of them fails the
@@ -100,8 +100,9 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
+    assert proc.stdout is not None
     try:
-        with proc.stdout or open(os.devnull, "rb") as pipe:
+        with proc.stdout as pipe:  # to the end: wrk has exited
             out = pipe.read().decode(errors="replace")
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
