@@ -89,6 +89,8 @@ def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
         "1",
         "--processes",
         "1",
+        "--append-driver",
+        "python",  # wrk's driver has tests of its own (test_bench_wrk.py)
         "--connections",
         "8",
         "--streams",
@@ -116,7 +118,7 @@ def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     runs = {s: m[0] for s, by in doc["runs"].items() for m in by.values()}
-    assert runs["append"]["requests_per_s"] > 0
+    assert runs["append"]["requests_per_s"] > 0 and runs["append"]["append_driver"] == "python"
     assert runs["append"]["errors"] == 0 and runs["append"]["verify_problems"] == 0
     assert runs["append"]["verified_records"] >= runs["append"]["requests_per_s"] * 0.5
     assert runs["json-batch"]["verify_problems"] == 0 and runs["json-batch"]["messages_per_s"] > 0

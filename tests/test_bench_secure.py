@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -100,6 +101,8 @@ def test_every_scenario_over_https_with_the_header(secure: SecureCluster, tmp_pa
         str(secure.cacert),
         "--header",
         f"Authorization: Bearer {TOKEN}",
+        "--append-driver",
+        "python",  # wrk's turn is the test below
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = {s: m[0] for s, by in json.loads(out.read_text())["runs"].items() for m in by.values()}
@@ -111,6 +114,20 @@ def test_every_scenario_over_https_with_the_header(secure: SecureCluster, tmp_pa
         r = runs[mode]
         assert r["expected"] == r["delivered"] > 0 and r["lost"] == 0, r
     assert runs["idle"]["held"] == 20, runs["idle"]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_appends_over_https_with_the_header(secure: SecureCluster, tmp_path: Path) -> None:
+    """wrk speaks TLS but verifies no certificate: the streams' setup and read-back do."""
+    out = tmp_path / "bench.json"
+    header = f"Authorization: Bearer {TOKEN}"
+    args = ["--scenario", "append", "--cacert", str(secure.cacert), "--header", header]
+    proc = bench(secure, out, *args, "--append-driver", "wrk")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (by_target,) = json.loads(out.read_text())["runs"]["append"].values()
+    r = by_target[0]
+    assert r["append_driver"] == "wrk" and r["requests_per_s"] > 0, r
+    assert r["errors"] == 0 and r["verify_problems"] == 0 and r["verified_records"] > 0, r
 
 
 def test_without_the_header_or_the_ca_it_fails(secure: SecureCluster, tmp_path: Path) -> None:

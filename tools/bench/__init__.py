@@ -27,10 +27,12 @@ up:S[xG]). Every request of every scenario to every target carries the --header 
 a bearer token for a server with client auth; a server without it ignores the header);
 https URLs are verified against --cacert. Runs alternate per scenario (A B A B ... for
 --rounds 2) so machine noise spreads over all; ratios are A / other, per round pair,
-geometric mean. The load generators are separate Python processes on raw
-keep-alive sockets; their CPU (client_cpu_pct, % of one core) and the servers' CPU
-(server_cpu_pct; over the load window for the append scenarios, over the whole run
-otherwise) are reported so a saturated client or server is visible.
+geometric mean. The append scenarios run under wrk when it is on PATH (tools/bench/wrk.py;
+--append-driver wrk|python picks one), the others and the Python append driver in separate
+Python processes on raw keep-alive sockets. The load generators' CPU (client_cpu_pct, % of
+one core) and the servers' CPU (server_cpu_pct; over the load window for the append
+scenarios, over the whole run otherwise) are reported so a saturated client or server is
+visible.
 
 Output: a detailed table (medians over the rounds, and A / other per round pair), then a
 markdown summary of the headline figures with a last column "ours vs best peer"
@@ -105,6 +107,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     p.add_argument("--processes", type=int, default=2, help="client processes per scenario")
+    p.add_argument(
+        "--append-driver",
+        choices=["wrk", "python"],
+        help="what drives the append scenarios (default: wrk when it is on PATH)",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=2,
+        help="wrk threads; the connections are split evenly over them (default 2)",
+    )
     p.add_argument("--connections", type=int, default=64, help="append connections")
     p.add_argument("--streams", type=int, default=256, help="append streams")
     p.add_argument("--catchup-streams", type=int, default=8)
@@ -170,6 +183,8 @@ def _run_one(scenario: str, bt: Any, args: argparse.Namespace, run_id: str, tag:
             args.processes,
             verify_data=not args.no_verify,
             pids=pids,
+            driver=args.append_driver,
+            wrk_threads=args.wrk_threads,
         )
     elif scenario == "catchup":
         m = run_catchup(
@@ -219,14 +234,17 @@ def run(args: argparse.Namespace) -> int:
     from .report import fmt, markdown, median_metric, summary
     from .stats import geomean
     from .targets import BenchTarget
+    from .wrk import choose_driver
 
+    scenarios = _scenarios(args)
+    if any(s in ("append", "json", "json-batch") for s in scenarios) or args.scaling:
+        args.append_driver = choose_driver(args.append_driver)
     if args.scaling:
         from .scaling import run_scaling
 
         return run_scaling(args)
     if not args.url:
         raise SystemExit("--url is required (or --scaling)")
-    scenarios = _scenarios(args)
     try:
         headers = tuple(parse_header(h) for h in args.header)
     except ValueError as exc:

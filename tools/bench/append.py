@@ -1,7 +1,9 @@
 """Append scenarios: many keep-alive connections POSTing small bodies, then a full read-back.
 
-Every body is unique and derivable from (stream, connection, sequence), so the read-back can
-be checked exactly: each stream must hold, per writing connection and in send order, exactly
+`run_append` creates the streams and hands the load to wrk (wrk.py) or to the Python driver
+here: asyncio worker processes, one protocol object per connection. Under this driver every
+body (bodies.py) is unique and derivable from (stream, connection, sequence), so the read-back
+can be checked exactly: each stream must hold, per writing connection and in send order, exactly
 the bodies that were acknowledged (2xx), byte for byte. A request whose outcome is unknown
 (connection lost, 5xx, still in flight at the drain deadline) may be present or absent; a
 request refused with a 4xx must be absent. Nothing else may appear.
@@ -15,43 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
 from array import array
 from typing import Any, cast
 
+from .bodies import CONTENT_TYPES, body_bytes, expected, json_body, records
 from .http import ResponseParser, SyncClient, Target
 from .procs import cpu_seconds, run_workers
 from .stats import cpu_us_per_op, latency_summary
-
-_FILLER = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ" * 4
-
-CONTENT_TYPES = {
-    "bytes": "application/octet-stream",
-    "json": "application/json",
-    "json10": "application/json",
-    "sink": "application/octet-stream",
-}
-
-
-def body_bytes(s: int, c: int, q: int) -> bytes:
-    """The 100-byte octet-stream body number q of connection c on stream s."""
-    head = b"s%05dc%04dq%09d|" % (s, c, q)
-    return head + _FILLER[: 99 - len(head)] + b"\n"
-
-
-def message(s: int, c: int, q: int) -> dict[str, Any]:
-    """One JSON message (about 100 bytes serialized)."""
-    return {"s": s, "c": c, "q": q, "p": _FILLER[:60].decode()}
-
-
-def json_body(mode: str, s: int, c: int, q: int) -> bytes:
-    """POST body number q: one message, or a batch of ten (messages q*10 .. q*10+9)."""
-    if mode == "json":
-        return json.dumps(message(s, c, q), separators=(",", ":")).encode()
-    return json.dumps(
-        [message(s, c, q * 10 + j) for j in range(10)], separators=(",", ":")
-    ).encode()
+from .wrk import DEFAULT_THREADS, run_wrk_append
 
 
 class _Conn(asyncio.Protocol):
@@ -206,29 +180,6 @@ async def append_worker(
     }
 
 
-def _records(mode: str, chunks: list[bytes]) -> list[Any]:
-    """Split read-back content into records: (s, c, q, exact bytes or message)."""
-    out: list[Any] = []
-    if mode == "bytes":
-        data = b"".join(chunks)
-        if len(data) % 100:
-            out.append(("torn", len(data)))
-            data = data[: len(data) - len(data) % 100]
-        for i in range(0, len(data), 100):
-            rec = data[i : i + 100]
-            try:
-                s, c, q = int(rec[1:6]), int(rec[7:11]), int(rec[12:21])
-            except ValueError:
-                out.append(("garbage", rec))
-                continue
-            out.append((s, c, q, rec))
-        return out
-    for chunk in chunks:
-        for m in json.loads(chunk or b"[]"):
-            out.append((m.get("s"), m.get("c"), m.get("q"), m))
-    return out
-
-
 def verify(
     target: Target,
     mode: str,
@@ -242,18 +193,14 @@ def verify(
     checked = 0
     with SyncClient(target) as client:
         for s, name in names.items():
-            records = _records(mode, client.read_chunks(target.path(name)))
+            found = records(mode, client.read_chunks(target.path(name)))
             by_writer: dict[int, list[int]] = {}
-            for rec in records:
+            for rec in found:
                 if rec[0] in ("torn", "garbage") or rec[0] != s:
                     problems.append(f"stream {s}: foreign or broken record {str(rec)[:80]}")
                     continue
                 _, c, q, payload = rec
-                if mode == "bytes":
-                    expected: Any = body_bytes(s, c, q)
-                else:
-                    expected = message(s, c, q)
-                if payload != expected:
+                if payload != expected(mode, s, c, q):
                     problems.append(f"stream {s}: record (c={c}, q={q}) differs")
                 by_writer.setdefault(c, []).append(q)
                 checked += 1
@@ -279,8 +226,9 @@ def verify(
     return {"records_checked": checked, "problems": problems[:20], "problem_count": len(problems)}
 
 
-def setup_streams(target: Target, run_id: str, tag: str, count: int, mode: str) -> dict[int, str]:
-    names = {s: f"bench-{run_id}-{tag}-{s}" for s in range(count)}
+def setup_streams(target: Target, stem: str, count: int, mode: str) -> dict[int, str]:
+    """Create streams `stem`0 .. `stem`{count-1}; their names by index."""
+    names = {s: f"{stem}{s}" for s in range(count)}
     if mode == "sink":
         return names
     with SyncClient(target) as client:
@@ -304,12 +252,20 @@ def run_append(
     processes: int,
     verify_data: bool = True,
     pids: list[int] | None = None,
+    driver: str = "python",
+    wrk_threads: int = DEFAULT_THREADS,
 ) -> dict[str, Any]:
-    """Run one append scenario against one server and return its metrics.
+    """Run one append scenario against one server and return its metrics; `driver` "wrk"
+    runs the load under wrk (wrk.py), "python" in `processes` worker processes.
 
     With the server's `pids`, their CPU is also read at the start and the end of the
     measured window: CPU per acknowledged append, without setup and read-back."""
-    names = setup_streams(target, run_id, tag, streams, mode)
+    stem = f"bench-{run_id}-{tag}-"
+    names = setup_streams(target, stem, streams, mode)
+    if driver == "wrk":
+        return run_wrk_append(
+            target, stem, names, mode, connections, duration, wrk_threads, verify_data, pids or []
+        )
     # Connection c writes streams c, c+C, c+2C, ... (or stream c % S when S < C).
     plan: list[tuple[int, list[tuple[int, str]]]] = []
     for c in range(connections):
@@ -353,6 +309,7 @@ def run_append(
         **latency_summary(lat),
         "errors": errors,
         "client_cpu_pct": 100.0 * client_cpu / duration,
+        "append_driver": "python",
     }
     if len(window) == 2 and ok:
         metrics["server_cpu_ms_per_request"] = 1000.0 * (window[1] - window[0]) / ok

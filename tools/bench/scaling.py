@@ -87,6 +87,8 @@ def run_scaling(args: argparse.Namespace) -> int:
                         args.duration,
                         args.processes,
                         verify_data=not args.no_verify,
+                        driver=args.append_driver,
+                        wrk_threads=args.wrk_threads,
                     )
                     c1, elapsed = _snapshot(kinds), time.monotonic() - t0
                     n = m["requests_per_s"] * args.duration
