@@ -26,13 +26,13 @@ async def test_pushed_sessions_get_every_message_once_in_order_and_end_right(
     tmp_path: Path,
 ) -> None:
     # Three streams written at once (commits carry several streams' writes, some several
-    # of one stream's), each read by two SSE sessions on the shard (two queries): every
-    # reader gets its stream's messages once, in order. Then one stream is closed, one
-    # deleted, and the third goes on.
+    # of one stream's), each read by two SSE sessions on its shard (two queries): every
+    # reader gets its stream's messages once, in order. A fork of one is read through its
+    # source, then live. Then one stream is closed, one deleted, and the third goes on.
     count = 60
     names = ["p0", "p1", "p2"]
     async with (
-        running_cluster(tmp_path, shards=1, sse_max_duration=120) as cluster,
+        running_cluster(tmp_path, shards=2, sse_max_duration=120) as cluster,
         httpx.AsyncClient(base_url=f"{cluster.url}/v1/stream/", timeout=60) as client,
     ):
         for name in names:
@@ -64,6 +64,21 @@ async def test_pushed_sessions_get_every_message_once_in_order_and_end_right(
                 for reader in readers[name]:
                     got = await trio.to_thread.run_sync(reader.text_until, want[name], 60)
                     assert got == want[name]
+
+            # A fork of p2: its session reads p2's records from p2's shard first (its
+            # task does), then is pushed the fork's own appends.
+            r = await client.put("p2f", headers={"stream-forked-from": f"{path}p2"})
+            assert r.status_code == 201, r.text
+            fork_reader = SseReader(cluster.url, path + "p2f", "offset=-1&live=sse")
+            got = await trio.to_thread.run_sync(fork_reader.text_until, want["p2"], 60)
+            assert got == want["p2"]
+            for n in range(5):
+                r = await client.post("p2f", content=f"f{n};".encode(), headers=TEXT)
+                assert r.status_code == 204
+            forked = want["p2"] + "".join(f"f{n};" for n in range(5))
+            got = await trio.to_thread.run_sync(fork_reader.text_until, forked, 60)
+            assert got == forked
+            fork_reader.close()
 
             r = await client.post("p0", headers={**TEXT, "stream-closed": "true"})
             assert r.status_code == 204
