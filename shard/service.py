@@ -1,8 +1,9 @@
 """The shard runtime: runs the sans-IO core against the store, the hub and the alarms.
 
 `ShardService` turns core decisions into I/O: it persists Replies through the group
-committer (acknowledging only after commit), feeds records to reads, parks long-polls and
-SSE sessions on their stream's hub event, and expires streams from the alarm loop. Forks
+committer (acknowledging only after commit), feeds records to reads, parks long-polls
+(`shard.polls`) and SSE sessions (`shard.live_sse`) on their stream, to be served by the
+commit that moves it, and expires streams from the alarm loop. Forks
 (creating them, serving their sources, reading through them) are `shard.forks`.
 """
 
