@@ -159,8 +159,8 @@ class FrameWriter:
     reading. `send` (streamed answers) waits while more than HIGH_WATER bytes are
     unsent (`send_now`: the same, for a caller that checked `has_room`). Whatever the
     budgets, a connection with nothing unsent may always queue one frame, so a large one
-    still goes. A queued frame may have an owner (a request), told
-    `sent` when its batch is handed to the socket."""
+    still goes. A queued frame may have an owner (a request), told `sent` when its batch
+    is handed to the socket."""
 
     def __init__(
         self,
