@@ -157,9 +157,10 @@ class FrameWriter:
     no. `send_nowait` (answers that cannot wait: pings, op results, errors) queues within
     the budgets or else drops the connection: a peer that leaves that much unread is not
     reading. `send` (streamed answers) waits while more than HIGH_WATER bytes are
-    unsent. Whatever the budgets, a connection with nothing unsent may always queue one
-    frame, so a large one still goes. A queued frame may have an owner (a request), told
-    `sent` when its batch is handed to the socket."""
+    unsent (`send_now`: the same, for a caller that checked `has_room`). Whatever the
+    budgets, a connection with nothing unsent may always queue one frame, so a large one
+    still goes. A queued frame may have an owner (a request), told `sent` when its batch
+    is handed to the socket."""
 
     def __init__(
         self,
@@ -253,6 +254,11 @@ class FrameWriter:
         """Queue a frame, waiting first while the peer is not keeping up."""
         while self._size + self._writing > HIGH_WATER:
             await self._drained.wait()
+        self.send_now(frame)
+
+    def send_now(self, frame: wire.Outgoing | Mapping[str, object]) -> None:
+        """`send` without its wait, for a caller that found `has_room` just now (a live
+        SSE chunk pushed from the shard's commit): the same bound, checked by the caller."""
         if not self.overflowed:
             parts = wire.encode_parts(frame)
             self._queue(parts, _cost(parts), None)

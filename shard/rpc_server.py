@@ -535,10 +535,29 @@ class RpcServer:
                 rpc_core.response(call_id, response.status, response.headers, response.body, more)
             )
 
-        async def send(data: bytes, more: bool) -> None:
-            await writer.send(rpc_core.chunk(call_id, data, more))
+        chunks = _Chunks(call_id, writer)
+        await self.service.handle_http(request, respond, chunks.send, chunks)
 
-        await self.service.handle_http(request, respond, send)
+
+class _Chunks:
+    """A streamed answer's chunks on its connection: sent by the request's task (`send`,
+    which waits while the connection's unsent answers are over their high-water mark),
+    or pushed by a commit's task (`room`, `push`: `shard.live_sse.LiveSink`)."""
+
+    __slots__ = ("call_id", "writer")
+
+    def __init__(self, call_id: int, writer: FrameWriter) -> None:
+        self.call_id = call_id
+        self.writer = writer
+
+    async def send(self, data: bytes, more: bool) -> None:
+        await self.writer.send(rpc_core.chunk(self.call_id, data, more))
+
+    def room(self) -> bool:
+        return self.writer.has_room()
+
+    def push(self, data: bytes, more: bool) -> None:
+        self.writer.send_now(rpc_core.chunk(self.call_id, data, more))
 
 
 def _drop_parked(protocol: Protocol) -> None:

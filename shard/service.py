@@ -1,8 +1,9 @@
 """The shard runtime: runs the sans-IO core against the store, the hub and the alarms.
 
 `ShardService` turns core decisions into I/O: it persists Replies through the group
-committer (acknowledging only after commit), feeds records to reads, parks long-polls and
-SSE sessions on their stream's hub event, and expires streams from the alarm loop. Forks
+committer (acknowledging only after commit), feeds records to reads, parks long-polls
+(`shard.polls`) and SSE sessions (`shard.live_sse`) on their stream, to be served by the
+commit that moves it, and expires streams from the alarm loop. Forks
 (creating them, serving their sources, reading through them) are `shard.forks`.
 """
 
@@ -37,6 +38,7 @@ from ds_cluster.shard.core.model import (
 )
 from ds_cluster.shard.forks import ForkCoordinator
 from ds_cluster.shard.handoff import Handoff
+from ds_cluster.shard.live_sse import LiveSink, ParkedSse
 from ds_cluster.shard.metrics import ShardCounters, count_stored_streams
 from ds_cluster.shard.offload import BodyOffload
 from ds_cluster.shard.peers import PeerUnavailable, call_peer
@@ -187,11 +189,16 @@ class ShardService:
 
     # -- HTTP requests -----------------------------------------------------------------------
 
-    async def handle_http(self, request: Request, respond: Respond, send: SendChunk) -> None:
+    async def handle_http(
+        self, request: Request, respond: Respond, send: SendChunk, sink: LiveSink | None = None
+    ) -> None:
+        """Serve `request`: `respond` sends the head (and a whole body), `send` the chunks
+        of a streamed one. With `sink`, an SSE session at its stream's tail has its chunks
+        pushed there by the commits that move the stream (`shard.live_sse`)."""
         if self.offload.engaged(request):  # a large body: the core may defer it
-            await self.offload.run(request, lambda ready: self._handle(ready, respond, send))
+            await self.offload.run(request, lambda ready: self._handle(ready, respond, send, sink))
         else:
-            await self._handle(request, respond, send)
+            await self._handle(request, respond, send, sink)
 
     def decide_now(self, request: Request) -> Response | Settling | None:
         """An append decided on the spot, without a task of its own: the response to send
@@ -311,16 +318,23 @@ class ShardService:
             self._count_append(_data_size(reply.records))
         return reply.response
 
-    async def _handle(self, request: Request, respond: Respond, send: SendChunk) -> None:
+    async def _handle(
+        self, request: Request, respond: Respond, send: SendChunk, sink: LiveSink | None
+    ) -> None:
         await self.handoff.admit(request.path)  # StreamMoving while it is on its way here
         entry = self.table.get(request.path)
         try:
-            await self._dispatch(entry, request, respond, send)
+            await self._dispatch(entry, request, respond, send, sink)
         finally:
             self.table.release_if_idle(entry)
 
     async def _dispatch(
-        self, entry: Entry, request: Request, respond: Respond, send: SendChunk
+        self,
+        entry: Entry,
+        request: Request,
+        respond: Respond,
+        send: SendChunk,
+        sink: LiveSink | None,
     ) -> None:
         config = self.config
         reading = request.method in ("GET", "HEAD")
@@ -367,7 +381,7 @@ class ShardService:
                 return
             elif isinstance(decision, StartSse):
                 self.committer.touch(entry, now)
-                await self._sse(entry, decision.session, respond, send)
+                await self._sse(entry, decision.session, respond, send, sink)
                 return
             else:  # pragma: no cover - the core returned something unknown
                 raise TypeError(f"unknown decision {decision!r}")
@@ -490,11 +504,7 @@ class ShardService:
         poll = ParkedPoll(entry, request, wait, deadline, answer, self._poll_changed)
         entry.waiters += 1
         self.counters.long_polls += 1
-        polls = entry.polls
-        if polls is None:
-            entry.polls = [poll]
-        else:
-            polls.append(poll)
+        entry.park(poll)
         self.poll_timer.add(poll)
         return poll
 
@@ -518,7 +528,7 @@ class ShardService:
 
     def _poll_expired(self, poll: ParkedPoll) -> None:
         """`poll`'s timeout passed (the timer has dropped it already)."""
-        _unpark(poll)
+        poll.entry.unpark(poll)
         failure = StreamMoving(poll.entry.path) if self.handoff.fenced(poll.entry.path) else None
         self._poll_finish(poll, failure, timed_out=True)
 
@@ -526,7 +536,7 @@ class ShardService:
         """The caller gave up on `poll` (a `cancel`, its connection closed): nothing is sent."""
         if poll.done:
             return
-        _unpark(poll)
+        poll.entry.unpark(poll)
         self._poll_done(poll)
         self.poll_timer.done()
         self.table.release_if_idle(poll.entry)
@@ -595,10 +605,17 @@ class ShardService:
             self.counters.long_polls -= 1
 
     async def _sse(
-        self, entry: Entry, session: LiveSession, respond: Respond, send: SendChunk
+        self,
+        entry: Entry,
+        session: LiveSession,
+        respond: Respond,
+        send: SendChunk,
+        sink: LiveSink | None,
     ) -> None:
         # The head goes out after the first read, so a fork whose source cannot be read
-        # answers 503; a later failure ends the response (the client resumes).
+        # answers 503; a later failure ends the response (the client resumes). At the
+        # committed tail the session waits parked on its stream, its chunks pushed by the
+        # commits (`shard.live_sse`), when it has a `sink`; else for its stream's event.
         started = False
         entry.waiters += 1
         self.counters.sse_sessions += 1
@@ -623,20 +640,68 @@ class ShardService:
                         await respond(session.head, True)
                         started = True
                     out = session.step(state, records, time.time())
-                    if out:
+                    if out or session.done:  # (the end of a deleted stream's: b"")
                         self.counters.read_bytes += len(out)
                         await send(out, not session.done)
                     if session.done:
                         return
                     current = entry.committed
                     if current is state and (state is None or state.tail <= session.position):
-                        await entry.changed_event().wait()
+                        if sink is None:
+                            await entry.changed_event().wait()
+                        elif await self._sse_parked(entry, session, sink):
+                            return  # a commit sent its last chunk
         finally:
             entry.waiters -= 1
             self.counters.sse_sessions -= 1
         if not started:
             await respond(session.head, True)
         await send(b"", False)
+
+    async def _sse_parked(self, entry: Entry, session: LiveSession, sink: LiveSink) -> bool:
+        """Wait parked on `entry` while its commits push `session`'s chunks to `sink`
+        (`_sse_pushed`): True once one ended the session, False when the task goes on
+        (raising what serving it raised)."""
+        parked = ParkedSse(entry, session, sink, self._sse_pushed)
+        entry.park(parked)
+        try:
+            await parked.handed_back.wait()
+        finally:
+            parked.unpark()  # (cancelled: the deadline, a cancel, the connection's end)
+        if parked.error is not None:
+            raise parked.error
+        return session.done
+
+    def _sse_pushed(self, parked: ParkedSse) -> bool:
+        """`parked`'s stream changed: send what its commits added, stepped by the core, as
+        `_sse` would; True to stay parked. False hands the session back to its task: it
+        is over (its last chunk sent), or it needs what only the task does: wait for the
+        connection's room, read from disk or a fork's source, leave a stream moving."""
+        entry, session, sink = parked.entry, parked.session, parked.sink
+        if self.handoff.fenced(entry.path):
+            return False
+        while True:
+            state = entry.committed
+            position = session.position
+            records: list[Record] = []
+            if state is not None and not state.soft_deleted and state.tail > position:
+                fork = state.fork
+                if fork is not None and fork.linked and position < fork.position:
+                    return False  # from the source's shard
+                recent = self.table.read_recent(entry, position, session.read_bytes)
+                if recent is None:
+                    return False  # no longer in memory
+                records = recent
+            if not sink.room():
+                return False
+            out = session.step(state, records, time.time())
+            if out or session.done:
+                self.counters.read_bytes += len(out)
+                sink.push(out, not session.done)
+            if session.done:
+                return False
+            if state is None or state.tail <= session.position:
+                return True
 
     # -- expiry --------------------------------------------------------------------------------
 
@@ -666,16 +731,6 @@ class ShardService:
             return None
         finally:
             self.table.release_if_idle(entry)
-
-
-def _unpark(poll: ParkedPoll) -> None:
-    """Take `poll` off its entry's parked polls (the list goes when it empties)."""
-    entry = poll.entry
-    polls = entry.polls
-    if polls is not None:
-        polls.remove(poll)
-        if not polls:
-            entry.polls = None
 
 
 def _data_size(records: tuple[Record, ...]) -> int:

@@ -43,9 +43,10 @@ class Entry:
     incarnation: int = field(default_factory=lambda: next(_incarnations))
     _changed: trio.Event | None = None  # made when a reader first waits (`changed_event`)
     _settled: trio.Event | None = None
-    # Long-polls parked here without a task (`shard.service.ParkedPoll`), each a function
-    # that answers it when the stream changed and returns False, or returns True to stay
-    # parked; `notify` calls them. None when there are none (most entries).
+    # Live readers parked here without a waiting task: long-polls (`shard.polls`) and
+    # SSE sessions at the tail (`shard.live_sse`), each a function that serves it when the
+    # stream changed and returns True to stay parked, or False; `notify` calls them. None
+    # when there are none (most entries).
     polls: list[Callable[[], bool]] | None = None
 
     def idle(self) -> bool:
@@ -66,9 +67,9 @@ class Entry:
 
     def notify(self) -> None:
         """Wake the readers waiting for a change; an event is made only for a stream
-        that has them (most commits have none). Parked long-polls are answered here, by
-        the caller's task (the committer's, right after the commit): no task is woken
-        for them."""
+        that has them (most commits have none). Parked long-polls are answered, and
+        parked SSE sessions sent their chunks, here, by the caller's task (the
+        committer's, right after the commit): no task is woken for them."""
         changed = self._changed
         if changed is not None:
             self._changed = None
@@ -83,12 +84,31 @@ class Entry:
                 else:
                     self.polls[:0] = kept
 
+    def park(self, reader: Callable[[], bool]) -> None:
+        """Park a live reader here: `notify` calls it after each commit of this stream."""
+        polls = self.polls
+        if polls is None:
+            self.polls = [reader]
+        else:
+            polls.append(reader)
+
+    def unpark(self, reader: Callable[[], bool]) -> None:
+        """Take a parked reader off `polls`, if it is there (the list goes when it empties)."""
+        polls = self.polls
+        if polls is not None:
+            try:
+                polls.remove(reader)
+            except ValueError:
+                return
+            if not polls:
+                self.polls = None
+
     def committed_write(
         self, state: StreamState | None, sid: int, records: tuple[Record, ...]
     ) -> bool:
         """One of this stream's writes committed (the committer's pass over a group): the
         entry moves forward, its records are remembered, the write is done, and its
-        readers are woken unless long-polls are parked here. True: they are, and the
+        readers are woken unless live readers are parked here. True: they are, and the
         caller notifies once the whole group moved forward (one call per write, where
         this was four)."""
         self.committed = state
@@ -235,23 +255,34 @@ class StreamTable:
         """`read`'s records, and the body token (`slice_cache.body_token`) of the first
         one's data when they are one raw slice joined from disk, of the slice cache's
         sizes, read while the storage is sound (b"" otherwise)."""
+        records = self.read_recent(entry, position, max_bytes)
+        if records is not None:
+            return records, b""
+        # From disk only what the committed state describes (a commit in the worker
+        # thread may be visible to the reader before the loop has taken it in). Raw
+        # bytes come back as one record, joined once in C: a catch-up slice of small
+        # records costs no Python step per record here or in the core.
         state = entry.committed
         sid = entry.committed_sid
-        if state is None or sid is None or position >= state.tail:
-            return [], b""
+        assert state is not None and sid is not None  # (else read_recent answered [])
         tail = state.tail
+        if is_json(state.content_type):
+            return self._store.read_records(sid, position, max_bytes, below=tail), b""
+        return self._read_joined(entry.incarnation, sid, position, max_bytes, tail)
+
+    @staticmethod
+    def read_recent(entry: Entry, position: int, max_bytes: int) -> list[Record] | None:
+        """`read`'s records when they are in memory (the recent tail: a live reader's
+        next records, just committed), else None (`read` takes them from disk)."""
+        state = entry.committed
+        if state is None or entry.committed_sid is None or position >= state.tail:
+            return []
         records = entry.recent_from(position, max_bytes)
-        if records is None:
-            # From disk only what the committed state describes (a commit in the worker
-            # thread may be visible to the reader before the loop has taken it in). Raw
-            # bytes come back as one record, joined once in C: a catch-up slice of small
-            # records costs no Python step per record here or in the core.
-            if is_json(state.content_type):
-                return self._store.read_records(sid, position, max_bytes, below=tail), b""
-            return self._read_joined(entry.incarnation, sid, position, max_bytes, tail)
-        if records and records[-1].end > tail:
-            records = [r for r in records if r.end <= tail]
-        return records, b""
+        if records:
+            tail = state.tail
+            if records[-1].end > tail:
+                records = [r for r in records if r.end <= tail]
+        return records
 
     def _read_joined(
         self, incarnation: int, sid: int, position: int, max_bytes: int, tail: int
