@@ -1289,16 +1289,26 @@ def _parse_done(message: Positional) -> Frame:
         raise _bad_item("done", "i")
     if type(offset) is not str or "\n" in offset or "\r" in offset or "\0" in offset:
         raise _bad_item("done", "o")  # (a response header's value: `_parse_http_response`)
-    return {
-        "k": "res",
-        "i": i,
-        "s": 204,
-        "h": [["stream-next-offset", offset]],
-        "b": b"",
-        "more": False,
-        "t": b"",
-        "hit": False,
-    }
+    # A copy of the constant fields (a dict copy clones their hash table) with the two
+    # that vary set: a third cheaper than the eight-key display, once per append.
+    res = _DONE.copy()
+    res["i"] = i
+    res["h"] = [["stream-next-offset", offset]]
+    return res
+
+
+# What every `done` frame stands for but its call id and offset (`_parse_done`), in the
+# order of the response's fields.
+_DONE: ResponseFrame = {
+    "k": "res",
+    "i": 0,
+    "s": 204,
+    "h": [],
+    "b": b"",
+    "more": False,
+    "t": b"",
+    "hit": False,
+}
 
 
 # Indexed by the kind tags REQ_HTTP ... RES_DONE.
