@@ -353,12 +353,14 @@ class ShardConnection:
         fields: Fields,
         head: bytes | None = None,
         first: Callable[[Delivered], None] | None = None,
+        body: bytes = b"",
     ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
         `fields` are read into the request's frame, not kept. `head`: for an http
         request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
-        only the call id, ring version and body are packed here. `first`: the call's
+        only the call id, ring version and `body` are packed here (`fields` is not read,
+        so a caller need not build a dict of this request's own). `first`: the call's
         `first` (see `Call`).
         """
         protocol, writer = self._protocol, self._writer
@@ -372,8 +374,6 @@ class ShardConnection:
         call._waiter = call.sink = call.early = None
         call.first = first
         version = self._rings.version
-        # A RequestFields-shaped dict: the ignore is a `cast` without its call per request
-        given: wire.RequestFields = fields  # type: ignore[assignment]
         if head is not None:
             # `CallerProtocol.request` written out without the frame it builds (this one
             # is packed from `head`): every append passes here. (`_protocol` is set only
@@ -381,11 +381,13 @@ class ShardConnection:
             call.id = call_id = protocol.last_id = protocol.last_id + 1
             protocol.pending[call_id] = call
             try:
-                parts = wire.encode_http_request(call_id, version, head, given["b"])
+                parts = wire.encode_http_request(call_id, version, head, body)
             except BaseException:  # WireError if too big
                 protocol.abandon(call)
                 raise
         else:
+            # A RequestFields-shaped dict: the ignore is a `cast` without its call
+            given: wire.RequestFields = fields  # type: ignore[assignment]
             if type(given) is not dict:
                 given = dict(fields)  # type: ignore[assignment]
             frame = protocol.request(op, given, call, version)
@@ -937,6 +939,7 @@ class ShardPool:
         fields: Fields,
         first: Callable[[Delivered], None],
         head: bytes | None = None,
+        body: bytes = b"",
     ) -> tuple[Ring, Call] | None:
         """Send a request to the owner of `path` under the newest ring now, without waiting
         for its answer: `first` is given the first item delivered (by the connection's
@@ -944,13 +947,13 @@ class ShardPool:
         it from there when that was not the answer (a ring change to retry, a failure).
         None when it cannot be sent at once (no connection to the owner, or too much
         queued for it): `open_routed` then does what it does with such a request.
-        `head`: as `ShardConnection.open`'s."""
+        `head`, `body`: as `ShardConnection.open`'s."""
         ring = self.rings.current
         conn = self.connections.get(ring.owners.get(path) or ring.owner(path))
         if conn is None or conn._protocol is None:
             return None
         try:
-            return ring, conn.open(op, fields, head, first)
+            return ring, conn.open(op, fields, head, first, body)
         except ShardUnavailable:
             return None
 

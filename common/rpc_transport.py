@@ -188,14 +188,19 @@ class FrameWriter:
 
     def try_queue(self, parts: list[bytes], owner: CallState | None = None) -> bool:
         """Queue one frame's pieces (`wire.encode_parts`) if the budgets allow."""
-        cost = (len(parts[0]) if len(parts) == 1 else sum(map(len, parts))) + FRAME_OVERHEAD
+        if len(parts) == 1:
+            (frame,) = parts
+            cost = len(frame) + FRAME_OVERHEAD
+        else:
+            frame = None
+            cost = sum(map(len, parts)) + FRAME_OVERHEAD
         held = self._size + self._writing
         shared = self._shared
         if held and (held + cost > self._budget or shared.used + cost > shared.limit):
             return False
         # _queue, inlined: every request passes here
-        if len(parts) == 1:
-            self._frames.append(parts[0])
+        if frame is not None:
+            self._frames.append(frame)
             self._owners.append(owner)
         else:
             self._frames += parts

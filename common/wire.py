@@ -489,6 +489,10 @@ _BIN8 = [b"\xc4" + bytes((size,)) for size in range(0x100)]  # bin 8 headers, by
 # pad byte, 0) and the call id behind its uint 16 / uint 32 tag.
 _START16 = struct.Struct(">IBxBH").pack
 _START32 = struct.Struct(">IBxBI").pack
+# Of an `append` frame (a plain append's route):
+_APPEND_START = struct.Struct(">IB").pack  # length, then the array of six
+_APPEND_IDS16 = struct.Struct(">BHB").pack  # a uint 16 call id, a fixint ring version
+_APPEND_IDS32 = struct.Struct(">BIB").pack  # a uint 32 call id, a fixint ring version
 
 
 def encode_http_request(call_id: int, ring_version: int, head: bytes, body: bytes) -> list[bytes]:
@@ -498,8 +502,22 @@ def encode_http_request(call_id: int, ring_version: int, head: bytes, body: byte
     ring version (both non-negative: `common.ring` checks a ring's) and body. A plain
     append's head makes its `append` frame instead: `encode_parts(append_items(...))`."""
     size = len(body)
-    if head[0] == REQ_APPEND:
-        return _encode_append(call_id, ring_version, head, body)
+    if head[0] == REQ_APPEND:  # its `append` frame (here, not in a call of its own)
+        if ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:  # the most frequent
+            if call_id <= 0xFFFF:
+                ids = _APPEND_IDS16(0xCD, call_id, ring_version)
+            else:
+                ids = _APPEND_IDS32(0xCE, call_id, ring_version)
+        else:
+            ids = _uint(call_id) + _uint(ring_version)
+        bin_header = _BIN8[size] if size < 0x100 else _bin_header(size)
+        length = 1 + len(head) + len(ids) + len(bin_header) + size
+        if length > MAX_FRAME_BYTES:
+            _check_size(length)
+        start = _APPEND_START(length, 0x96)
+        if size >= RAW_BODY_BYTES:
+            return [b"".join((start, head, ids, bin_header)), body]
+        return [b"".join((start, head, ids, bin_header, body))]
     if size < 0x100 and ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:
         # The most frequent: a small body (bin 8), a small ring version (a fixint).
         length = len(head) + size + 8
@@ -518,31 +536,6 @@ def encode_http_request(call_id: int, ring_version: int, head: bytes, body: byte
     if size >= RAW_BODY_BYTES:
         return [b"".join((_pack_length(length), _REQUEST_START, ids, head, bin_header)), body]
     return [b"".join((_pack_length(length), _REQUEST_START, ids, head, bin_header, body))]
-
-
-_APPEND_START = struct.Struct(">IB").pack  # length, then the array of six
-_APPEND_IDS16 = struct.Struct(">BHB").pack  # a uint 16 call id, a fixint ring version
-_APPEND_IDS32 = struct.Struct(">BIB").pack  # a uint 32 call id, a fixint ring version
-
-
-def _encode_append(call_id: int, ring_version: int, head: bytes, body: bytes) -> list[bytes]:
-    """`encode_http_request` of a plain append's route: its `append` frame."""
-    size = len(body)
-    if ring_version < 0x80 and 0x100 <= call_id <= 0xFFFFFFFF:  # the most frequent
-        if call_id <= 0xFFFF:
-            ids = _APPEND_IDS16(0xCD, call_id, ring_version)
-        else:
-            ids = _APPEND_IDS32(0xCE, call_id, ring_version)
-    else:
-        ids = _uint(call_id) + _uint(ring_version)
-    bin_header = _BIN8[size] if size < 0x100 else _bin_header(size)
-    length = 1 + len(head) + len(ids) + len(bin_header) + size
-    if length > MAX_FRAME_BYTES:
-        _check_size(length)
-    start = _APPEND_START(length, 0x96)
-    if size >= RAW_BODY_BYTES:
-        return [b"".join((start, head, ids, bin_header)), body]
-    return [b"".join((start, head, ids, bin_header, body))]
 
 
 def _check_request_start() -> None:
@@ -1289,16 +1282,26 @@ def _parse_done(message: Positional) -> Frame:
         raise _bad_item("done", "i")
     if type(offset) is not str or "\n" in offset or "\r" in offset or "\0" in offset:
         raise _bad_item("done", "o")  # (a response header's value: `_parse_http_response`)
-    return {
-        "k": "res",
-        "i": i,
-        "s": 204,
-        "h": [["stream-next-offset", offset]],
-        "b": b"",
-        "more": False,
-        "t": b"",
-        "hit": False,
-    }
+    # A copy of the constant fields (a dict copy clones their hash table) with the two
+    # that vary set: a third cheaper than the eight-key display, once per append.
+    res = _DONE.copy()
+    res["i"] = i
+    res["h"] = [["stream-next-offset", offset]]
+    return res
+
+
+# What every `done` frame stands for but its call id and offset (`_parse_done`), in the
+# order of the response's fields.
+_DONE: ResponseFrame = {
+    "k": "res",
+    "i": 0,
+    "s": 204,
+    "h": [],
+    "b": b"",
+    "more": False,
+    "t": b"",
+    "hit": False,
+}
 
 
 # Indexed by the kind tags REQ_HTTP ... RES_DONE.

@@ -409,9 +409,10 @@ class _InFlight:
     series: gateway_metrics.Series | None
     state: int
     answer: NativeAnswer | None  # arrived, for the task to write
-    rest: memoryview | None  # _REST: what the socket did not take
-    size: int  # _REST: the body's size (for the access log)
-    status: int  # _REST: the status written
+    # Set (only) as the state becomes _REST, and read only in that state:
+    rest: memoryview  # what the socket did not take
+    size: int  # the body's size (for the access log)
+    status: int  # the status written
 
 
 class Http1Connection:
@@ -1045,10 +1046,7 @@ class Http1Connection:
         flight.sent = sent
         flight.series = series
         flight.state = _SENT
-        flight.answer = None
-        flight.rest = None
-        flight.size = 0
-        flight.status = 0
+        flight.answer = None  # (`rest`, `size` and `status` are set with _REST)
         self._inflight = flight
 
     def _send_kept(self, data: bytes, end: int) -> bool:
@@ -1198,7 +1196,6 @@ class Http1Connection:
         try:
             if flight.state == _REST:
                 rest = flight.rest
-                assert rest is not None
                 status = flight.status
                 try:
                     await write_rest(self, self._fd, rest)

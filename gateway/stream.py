@@ -124,12 +124,15 @@ class SentAppend:
     connection's reader; `StreamHandler.settle` awaits it instead when that could not
     be (or was not) done."""
 
-    __slots__ = ("arrived", "fields", "path", "routed")
+    __slots__ = ("arrived", "body", "fields", "path", "routed")
 
     # (No `__init__`: `StreamHandler.send_append` sets them. Python 3.11 runs a class's
     # own `__init__` through a slow generic call, and one is made per append.)
     path: str
-    fields: dict[str, Any]  # kept for a retry on a ring change (`open_routed`)
+    # Kept for a retry on a ring change (`open_routed`): the frame's fields but the body
+    # (`plain_append`'s, shared by every request with this head) and the body.
+    fields: dict[str, Any]
+    body: bytes
     arrived: Callable[[NativeAnswer | None], None]
     routed: tuple[Ring, Call]  # (`ShardPool.send_routed`'s)
 
@@ -490,13 +493,13 @@ class StreamHandler:
         route, fields, path, head = plain
         if self.auth is not None and self._authorize(route) is not None:
             return None
-        fields = fields.copy()  # (the frame's fields of this request: its own body)
-        fields["b"] = body
         sent = _new(SentAppend)
         sent.path = path
         sent.fields = fields
+        sent.body = body
         sent.arrived = arrived
-        routed = self.pool.send_routed(path, "http", fields, sent.first, head)
+        # (The packed head and the body make the frame: no fields of its own are built.)
+        routed = self.pool.send_routed(path, "http", fields, sent.first, head, body)
         if routed is None:
             return None
         sent.routed = routed
@@ -504,7 +507,8 @@ class StreamHandler:
 
     async def settle(self, sent: SentAppend) -> NativeAnswer:
         """The answer to an append `send` sent, awaited from here on (as `answer` would)."""
-        res = await self._response(sent.path, sent.fields, sent=sent.routed)
+        fields = {**sent.fields, "b": sent.body}  # (for a retry: this request's own)
+        res = await self._response(sent.path, fields, sent=sent.routed)
         if isinstance(res, tuple):
             return res
         if res["hit"]:

@@ -365,7 +365,8 @@ def test_fake_shard_module_imports() -> None:
 
 
 async def test_send_routed_with_a_packed_head_delivers_its_answer_to_first() -> None:
-    """`send_routed` with a packed head: the shard gets the request's fields whole, the
+    """`send_routed` with a packed head and its body: the shard gets the request's fields
+    whole (the head's, and the body given apart: `fields` is not read for it), the
     answer goes to `first` from the reader (once), the call leaves the table of calls,
     and the ids of such requests and of general ones never collide."""
     async with connected_pool(echo_shuffled) as (shard, pool):
@@ -373,9 +374,9 @@ async def test_send_routed_with_a_packed_head_delivers_its_answer_to_first() -> 
         got: list[Any] = []
         sent = []
         for n in range(5):
-            fields = {"m": "POST", "p": f"s{n}", "q": "", "h": [["a", "b"]], "b": b"x%d" % n}
+            fields = {"m": "POST", "p": f"s{n}", "q": "", "h": [["a", "b"]], "b": b""}
             head = wire.pack_http_head("POST", f"s{n}", "", [["a", "b"]])
-            routed = pool.send_routed(f"s{n}", "http", fields, got.append, head)
+            routed = pool.send_routed(f"s{n}", "http", fields, got.append, head, b"x%d" % n)
             assert routed is not None and routed[0] is pool.ring
             sent.append(routed[1])
             plain = pool.open("s1", "http", {**fields, "b": b"general"})
