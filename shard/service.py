@@ -44,7 +44,7 @@ from ds_cluster.shard.offload import BodyOffload
 from ds_cluster.shard.peers import PeerUnavailable, call_peer
 from ds_cluster.shard.polls import Answer, ParkedPoll, PollTimer
 from ds_cluster.shard.ring_state import ShardRing
-from ds_cluster.shard.store import NOTICE_STATUS, Store, StreamWrite
+from ds_cluster.shard.store import NOTICE_STATUS, Store, StreamWrite, append_write
 from ds_cluster.shard.streams import Entry, StreamTable
 from ds_cluster.shard.subscriptions import Subscriptions
 from ds_cluster.shard.subscriptions.move import SubMover
@@ -460,13 +460,11 @@ class ShardService:
         TTL or expiry time, or the append would not be plain."""
         sid = entry.pending_sid
         path = entry.path
-        write = StreamWrite(
+        write = append_write(
             path,
             sid,  # type: ignore[arg-type]  # (not None: the caller checked)
-            sid,
             state,
-            (record,),
-            previous.producers,
+            record,
             previous,
             previous.fork is None and previous.closed_by is None,
         )

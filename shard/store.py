@@ -299,6 +299,28 @@ class StreamWrite:
     tail_moved: bool = False
 
 
+_new = object.__new__
+
+
+def append_write(
+    path: str, sid: int, state: StreamState, record: Record, previous: StreamState, tail_moved: bool
+) -> StreamWrite:
+    """`StreamWrite(path, sid, sid, state, (record,), previous.producers, previous,
+    tail_moved)`: one record appended in the same incarnation, without the class call
+    (Python 3.11 runs a class's `__init__` through a generic slot path: every append
+    makes one, and its slots filled here cost about 550 instructions less)."""
+    write = _new(StreamWrite)
+    write.path = path
+    write.sid = sid
+    write.old_sid = sid
+    write.state = state
+    write.records = (record,)
+    write.previous_producers = previous.producers
+    write.previous = previous
+    write.tail_moved = tail_moved
+    return write
+
+
 @dataclass(frozen=True)
 class Statement:
     """One more statement for a batch's transaction (the moves' bookkeeping, settings):

@@ -202,12 +202,14 @@ def evolve(state: StreamState, **changes: object) -> StreamState:
     10.4k instructions for an append's changes). Only valid because StreamState has no
     `__post_init__`, no slots and no derived fields.
 
-    The copy is `dict(...)`, not `.copy()`: a state made by its constructor holds a split
+    The copy is `{**...}`, not `.copy()`: a state made by its constructor holds a split
     dict (keys shared with its class), which `.copy()` keeps split, and Python 3.11
     specializes no attribute load on an instance given a split dict: every `state.tail`
     on an evolved state took the generic lookup (about 250 instructions, against about
-    40), and a function that met both kinds of state specialized for neither."""
-    d = dict(state.__dict__)
+    40), and a function that met both kinds of state specialized for neither. A display
+    makes the same combined copy as `dict(...)` without the call of the type (about 600
+    instructions less)."""
+    d = {**state.__dict__}
     d.update(changes)
     new = _new(StreamState)
     _set_attribute(new, "__dict__", d)  # (the frozen class's own __setattr__ refuses)
@@ -217,8 +219,8 @@ def evolve(state: StreamState, **changes: object) -> StreamState:
 def advance(state: StreamState, tail: int, now: float) -> StreamState:
     """`evolve(state, tail=tail, closed=False, closed_by=None, last_access=now)`, what a
     plain append changes (core.protocol's fast lane), without the keyword dict (a
-    `dict(...)` copy, as `evolve` says why)."""
-    d = dict(state.__dict__)
+    combined copy, as `evolve` says why)."""
+    d = {**state.__dict__}
     d["tail"] = tail
     d["closed"] = False
     d["closed_by"] = None

@@ -75,7 +75,8 @@ class Notices:
         if self._removals:
             job.outbox_removed += self._removals
             self._removals = []
-        if not self._registry.matches(path):
+        registry = self._registry
+        if registry.empty or not registry.matches(path):
             return
         staged = self._staged.get(path)
         if staged is not None:

@@ -23,12 +23,17 @@ class Registry:
         self._wild: set[str] = set()  # sub ids whose pattern starts with a wildcard
         self._explicit: dict[str, set[str]] = {}  # path -> sub ids
         self._cache: OrderedDict[str, frozenset[str]] = OrderedDict()
+        # No registration at all (most shards): what `matches` answers first, read as an
+        # attribute by the notifier on every append instead of a call (about 600
+        # instructions per append).
+        self.empty = True
 
     def __len__(self) -> int:
         return len(self._patterns) + sum(map(len, self._explicit.values()))
 
     def add(self, sub_id: str, kind: str, value: str) -> None:
         self._cache.clear()
+        self.empty = False
         if kind == "explicit":
             self._explicit.setdefault(value, set()).add(sub_id)
             return
@@ -52,6 +57,7 @@ class Registry:
                     del self._explicit[path]
         if paths is None:
             self._drop_pattern(sub_id)
+        self.empty = not self._patterns and not self._explicit
 
     def _drop_pattern(self, sub_id: str) -> None:
         pattern = self._patterns.pop(sub_id, None)
@@ -66,7 +72,7 @@ class Registry:
 
     def matches(self, path: str) -> frozenset[str]:
         """The subscriptions to notify about a write to `path`."""
-        if not self._patterns and not self._explicit:
+        if self.empty:
             return _NONE
         cached = self._cache.get(path)
         if cached is not None:
