@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from support.cluster import SUMMARY_PROPERTY, running_cluster
 
 from ds_cluster.supervisor.cluster import Supervisor
+from ds_cluster.tools.bench.targets import BenchTarget
 
 # Property tests check what the code answers, not how fast a shared CI machine runs it: no
 # per-example deadline and no "too slow" health check (both failed on loaded machines).
@@ -26,6 +27,18 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     options: dict[str, Any] = dict(param) if isinstance(param, dict) else {"shards": param}
     async with running_cluster(tmp_path, **options) as supervisor:
         yield supervisor
+
+
+@pytest.fixture(scope="module")
+def bench_cluster() -> Iterator[BenchTarget]:
+    """A 1-shard cluster started by the bench's own target code, shared by a module's
+    bench tests."""
+    bt = BenchTarget("up:1")
+    bt.start()
+    try:
+        yield bt
+    finally:
+        bt.stop()
 
 
 @pytest.fixture

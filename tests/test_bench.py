@@ -27,16 +27,6 @@ from ds_cluster.tools.bench.stats import cpu_us_per_op
 from ds_cluster.tools.bench.targets import REPO, BenchTarget
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    bt = BenchTarget("up:1")
-    bt.start()
-    try:
-        yield bt
-    finally:
-        bt.stop()
-
-
 def test_parser_handles_chunked_and_bodiless_responses():
     p = ResponseParser()
     wire = (
@@ -51,8 +41,8 @@ def test_parser_handles_chunked_and_bodiless_responses():
     assert done[0].headers["stream-next-offset"] == "5"
 
 
-def test_verify_catches_lost_and_unacknowledged_records(cluster):
-    t = cluster.target
+def test_verify_catches_lost_and_unacknowledged_records(bench_cluster):
+    t = bench_cluster.target
     ct = {"content-type": "application/octet-stream"}
     with SyncClient(t) as c:
         for name in ("bench-verify-0", "bench-verify-1"):
@@ -72,7 +62,7 @@ def test_verify_catches_lost_and_unacknowledged_records(cluster):
     assert lost["problem_count"] == 1 and "lost" in lost["problems"][0]
 
 
-def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
+def test_bench_smoke_run_produces_numbers_and_verifies(bench_cluster, tmp_path: Path):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
@@ -80,7 +70,7 @@ def test_bench_smoke_run_produces_numbers_and_verifies(cluster, tmp_path: Path):
         "ds_cluster.cli",
         "bench",
         "--url",
-        cluster.target.base,
+        bench_cluster.target.base,
         "--scenario",
         "append,json-batch,catchup,longpoll,sse,idle",
         "--rounds",

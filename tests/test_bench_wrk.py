@@ -20,7 +20,7 @@ import pytest
 from ds_cluster.tools.bench.append import run_append, setup_streams
 from ds_cluster.tools.bench.bodies import body_bytes, json_body, records
 from ds_cluster.tools.bench.http import Target
-from ds_cluster.tools.bench.targets import REPO, BenchTarget
+from ds_cluster.tools.bench.targets import REPO
 from ds_cluster.tools.bench.verify_seq import ThreadCounts, check, owned_streams, stream_of
 from ds_cluster.tools.bench.wrk import (
     _lua_string,
@@ -175,23 +175,13 @@ def test_without_wrk_the_python_driver_runs_with_a_note(monkeypatch, tmp_path: P
         choose_driver("wrk")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    bt = BenchTarget("up:1")
-    bt.start()
-    try:
-        yield bt
-    finally:
-        bt.stop()
-
-
 @needs_wrk
 @pytest.mark.parametrize(("mode", "threads"), [("bytes", 2), ("json10", 8)])
-def test_wrk_against_a_cluster_verifies_every_stream(cluster, mode: str, threads: int):
+def test_wrk_against_a_cluster_verifies_every_stream(bench_cluster, mode: str, threads: int):
     """2 threads (the default) and one connection per thread (the exact check)."""
-    pids = cluster.pids()
+    pids = bench_cluster.pids()
     m = run_append(
-        cluster.target,
+        bench_cluster.target,
         "wrk",
         f"{mode}{threads}",
         mode,
@@ -212,9 +202,9 @@ def test_wrk_against_a_cluster_verifies_every_stream(cluster, mode: str, threads
 
 
 @needs_wrk
-def test_bench_without_a_driver_named_uses_wrk(cluster, tmp_path: Path):
+def test_bench_without_a_driver_named_uses_wrk(bench_cluster, tmp_path: Path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "ds_cluster.cli", "bench", "--url", cluster.target.base]
+    cmd = [sys.executable, "-m", "ds_cluster.cli", "bench", "--url", bench_cluster.target.base]
     cmd += ["--scenario", "append", "--rounds", "1", "--duration", "1", "--connections", "4"]
     cmd += ["--streams", "8", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -225,10 +215,10 @@ def test_bench_without_a_driver_named_uses_wrk(cluster, tmp_path: Path):
 
 
 @needs_wrk
-def test_refused_appends_are_errors_that_fail_the_run(cluster):
+def test_refused_appends_are_errors_that_fail_the_run(bench_cluster):
     """Octet-stream bodies to JSON streams: every answer a 4xx, counted and failing."""
     stem = "bench-wrk-refused-"
-    names = setup_streams(cluster.target, stem, 4, "json")
-    m = run_wrk_append(cluster.target, stem, names, "bytes", 4, 1.0, 2, False, [])
+    names = setup_streams(bench_cluster.target, stem, 4, "json")
+    m = run_wrk_append(bench_cluster.target, stem, names, "bytes", 4, 1.0, 2, False, [])
     assert m["errors"] > 0 and m["statuses"]["4xx"] == m["errors"], m
     assert m["requests_per_s"] == 0 and "failed" in m, m
