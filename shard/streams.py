@@ -140,16 +140,20 @@ class Entry:
     # -- the recent-records cache -------------------------------------------------------------
 
     def remember(self, records: tuple[Record, ...]) -> None:
-        if not records:
-            return
+        """Keep a committed write's `records` (not empty: the caller checked) at the end
+        of `recent`, dropping the oldest beyond RECENT_BYTES."""
         recent = self.recent
-        if recent and recent[-1].end != records[0].start:
+        first = records[0]
+        if recent and recent[-1].end != first.start:
             recent.clear()
             self.recent_bytes = 0
         recent.extend(records)
         held = self.recent_bytes
-        for record in records:
-            held += len(record.data)
+        if len(records) == 1:  # (an append's one record: no loop, about 400 instructions less)
+            held += len(first.data)
+        else:
+            for record in records:
+                held += len(record.data)
         if held >= RECENT_BYTES:  # (else nothing to drop: most appends, 700 instructions)
             while len(recent) > 1 and held - len(recent[0].data) >= RECENT_BYTES:
                 held -= len(recent.popleft().data)

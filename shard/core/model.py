@@ -158,9 +158,15 @@ class ForkOrigin:
     linked: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamState:
-    """Everything the protocol needs to know about one stream, apart from its data."""
+    """Everything the protocol needs to know about one stream, apart from its data.
+
+    Never changed once made, though not frozen (as `Record`): every append makes one
+    (`advance`), and a frozen class's instance can be copied only through its dict, which
+    Python 3.11 makes anew when given (an instance's inline values are materialized
+    first). With slots, a copy is one store per field (`_copy`), and every read of a
+    field is a slot load."""
 
     path: str
     content_type: str
@@ -193,40 +199,48 @@ class StreamState:
         return min(candidates) if candidates else None
 
 
+def _copy(state: StreamState) -> StreamState:
+    """A copy of `state`, field by field, without the generated `__init__` (its
+    defaults and keyword handling): what `evolve` and `advance` change."""
+    new = _new(StreamState)
+    new.path = state.path
+    new.content_type = state.content_type
+    new.created_at = state.created_at
+    new.tail = state.tail
+    new.closed = state.closed
+    new.ttl = state.ttl
+    new.expires_at = state.expires_at
+    new.expires_at_ts = state.expires_at_ts
+    new.last_access = state.last_access
+    new.last_stream_seq = state.last_stream_seq
+    new.closed_by = state.closed_by
+    new.producers = state.producers
+    new.fork = state.fork
+    new.soft_deleted = state.soft_deleted
+    new.refcount = state.refcount
+    return new
+
+
 def evolve(state: StreamState, **changes: object) -> StreamState:
     """`dataclasses.replace` for the hot path: a copy of `state` with `changes` applied.
 
-    `replace` re-runs field introspection and the frozen `__init__` (~8 us for this class);
-    copying the instance dict is ~4x cheaper, and a copy given to the new instance whole
-    is cheaper than the instance's own dict filled from the old one (callgrind: 13.1k ->
-    10.4k instructions for an append's changes). Only valid because StreamState has no
-    `__post_init__`, no slots and no derived fields.
-
-    The copy is `{**...}`, not `.copy()`: a state made by its constructor holds a split
-    dict (keys shared with its class), which `.copy()` keeps split, and Python 3.11
-    specializes no attribute load on an instance given a split dict: every `state.tail`
-    on an evolved state took the generic lookup (about 250 instructions, against about
-    40), and a function that met both kinds of state specialized for neither. A display
-    makes the same combined copy as `dict(...)` without the call of the type (about 600
-    instructions less)."""
-    d = {**state.__dict__}
-    d.update(changes)
-    new = _new(StreamState)
-    _set_attribute(new, "__dict__", d)  # (the frozen class's own __setattr__ refuses)
+    `replace` re-runs field introspection and the generated `__init__` (~8 us for this
+    class); `_copy` stores each field once. A name that is not a field is refused
+    (AttributeError: the class has slots)."""
+    new = _copy(state)
+    for name, value in changes.items():
+        setattr(new, name, value)
     return new
 
 
 def advance(state: StreamState, tail: int, now: float) -> StreamState:
     """`evolve(state, tail=tail, closed=False, closed_by=None, last_access=now)`, what a
-    plain append changes (core.protocol's fast lane), without the keyword dict (a
-    combined copy, as `evolve` says why)."""
-    d = {**state.__dict__}
-    d["tail"] = tail
-    d["closed"] = False
-    d["closed_by"] = None
-    d["last_access"] = now
-    new = _new(StreamState)
-    _set_attribute(new, "__dict__", d)
+    plain append changes (core.protocol's fast lane), without the keyword dict."""
+    new = _copy(state)
+    new.tail = tail
+    new.closed = False
+    new.closed_by = None
+    new.last_access = now
     return new
 
 

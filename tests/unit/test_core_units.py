@@ -1,5 +1,6 @@
 """Unit tests of the core's small pure helpers: offsets, header parsers, JSON mode."""
 
+import dataclasses
 import json
 import random
 
@@ -20,7 +21,14 @@ from ds_cluster.shard.core.headers import (
     parse_ttl,
     request_content_type,
 )
-from ds_cluster.shard.core.model import BodyPieces, CoreConfig, ProducerState
+from ds_cluster.shard.core.model import (
+    BodyPieces,
+    CoreConfig,
+    ProducerState,
+    StreamState,
+    advance,
+    evolve,
+)
 
 
 def test_offsets_roundtrip_and_order():
@@ -415,3 +423,19 @@ def test_cursor_rules():
         c = next_cursor("1000", now, cfg)
         assert 1000 < c <= 1000 + 180
         assert next_cursor("5000", now, cfg) > 5000
+
+
+def test_evolve_and_advance_copy_every_field() -> None:
+    """`evolve` and `advance` copy a state field by field: a field added to StreamState
+    and not copied would be missing (or equal to the default) in every evolved state."""
+    names = [f.name for f in dataclasses.fields(StreamState)]
+    state = StreamState(**{name: ("distinct", name) for name in names})  # type: ignore[arg-type]
+    assert evolve(state) == state
+    assert evolve(state) is not state
+    moved = evolve(state, tail=7, closed=False, closed_by=None, last_access=2.0)
+    assert advance(state, 7, 2.0) == moved
+    assert [getattr(moved, name) == getattr(state, name) for name in names] == [
+        name not in ("tail", "closed", "closed_by", "last_access") for name in names
+    ]
+    with pytest.raises(AttributeError):
+        evolve(state, no_such_field=1)
