@@ -637,9 +637,8 @@ class ShardService:
                     if not started:
                         await respond(session.head, True)
                         started = True
-                    out = session.step(state, records, time.time())
-                    if out or session.done:  # (the end of a deleted stream's: b"")
-                        self.counters.read_bytes += len(out)
+                    out = self._sse_chunk(session, state, records)
+                    if out is not None:
                         await send(out, not session.done)
                     if session.done:
                         return
@@ -655,6 +654,17 @@ class ShardService:
         if not started:
             await respond(session.head, True)
         await send(b"", False)
+
+    def _sse_chunk(
+        self, session: LiveSession, state: StreamState | None, records: list[Record]
+    ) -> bytes | None:
+        """The core's next step of `session` over `records`, counted: the chunk to send,
+        or None when there is nothing to send (b"" ends a deleted stream's session)."""
+        out = session.step(state, records, time.time())
+        if out or session.done:
+            self.counters.read_bytes += len(out)
+            return out
+        return None
 
     async def _sse_parked(self, entry: Entry, session: LiveSession, sink: LiveSink) -> bool:
         """Wait parked on `entry` while its commits push `session`'s chunks to `sink`
@@ -692,9 +702,8 @@ class ShardService:
                 records = recent
             if not sink.room():
                 return False
-            out = session.step(state, records, time.time())
-            if out or session.done:
-                self.counters.read_bytes += len(out)
+            out = self._sse_chunk(session, state, records)
+            if out is not None:
                 sink.push(out, not session.done)
             if session.done:
                 return False
