@@ -231,9 +231,11 @@ class SseFanout:
                         if resumes >= MAX_RESUMES:
                             raise
                         resumes += 1
-                        offset = _last_offset(upstream.control) if upstream.control else None
-                        if upstream.control and offset is None:
-                            raise  # no sound offset to go on from: the clients resume
+                        offset = None
+                        if upstream.control:
+                            offset = _last_offset(upstream.control)
+                            if offset is None:
+                                raise  # no sound offset to go on from: the clients resume
                         log.info("SSE upstream on %r: %s; resuming on its owner", route, exc)
                         fields = _resumed(fields, offset)
         except (ShardUnavailable, ShardError) as exc:
