@@ -159,8 +159,10 @@ class Call(rpc_core.CallState):
     # What each field holds, beside CallState's id, answered and sent:
     _conn: ShardConnection
     # The frames the connection's reader delivered and the task parked for the next one:
-    # a deque and a task instead of a memory channel, made for every request.
-    _inbox: deque[Delivered]
+    # a deque and a task instead of a memory channel. The deque is made with the first
+    # frame a caller is to read (None until then): an append whose answer its `first`
+    # took never makes one (a deque and its block cost about 1k instructions).
+    _inbox: deque[Delivered] | None
     _waiter: trio.lowlevel.Task | None
     done: bool  # the final frame (or an error) has been received
     buffered: int  # bytes of chunk bodies delivered but not yet consumed
@@ -171,8 +173,10 @@ class Call(rpc_core.CallState):
     early: Callable[[wire.ResponseFrame], None] | None
     # Given the first item delivered, whatever it is (a frame, or the connection's
     # loss), by the connection's reader, before it goes to the inbox: a caller that
-    # does not wait for it (`ShardPool.send_routed`) learns of it there.
-    first: Callable[[Delivered], None] | None
+    # does not wait for it (`ShardPool.send_routed`) learns of it there. It returns
+    # True when it took the item for good (a complete answer it served: nobody reads
+    # the call after it), which then goes no further.
+    first: Callable[[Delivered], bool | None] | None
 
     @property
     def shard_id(self) -> str:
@@ -199,14 +203,19 @@ class Call(rpc_core.CallState):
         if first is not None:
             self.first = None
             try:  # (`_hand`, written out: every append's answer passes here)
-                first(item)
+                if first(item):
+                    return
             except Exception:
                 log.exception("a call's sink failed")
         early = self.early
         if early is not None and type(item) is dict and item["k"] == "res" and not item["more"]:
             self.early = None
             _hand(early, item)
-        self._inbox.append(item)
+        inbox = self._inbox
+        if inbox is None:
+            self._inbox = deque((item,))
+        else:
+            inbox.append(item)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -214,10 +223,13 @@ class Call(rpc_core.CallState):
 
     async def _next(self) -> Delivered:
         """The next delivered item, waiting for it if none is there yet."""
-        if not self._inbox:
+        inbox = self._inbox
+        if not inbox:
             self._waiter = _current_task()
             await _wait_task_rescheduled(self._abort_wait)
-        return self._inbox.popleft()
+            inbox = self._inbox  # (`_put` woke it: one was made)
+            assert inbox is not None
+        return inbox.popleft()
 
     def _abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._waiter = None
@@ -277,8 +289,9 @@ class Call(rpc_core.CallState):
         task switch per chunk and nothing buffered. `sink` must not block; what it
         raises is logged (and that chunk lost to it)."""
         while not self.done:
-            if self._inbox:
-                msg = self._inbox.popleft()
+            inbox = self._inbox
+            if inbox:
+                msg = inbox.popleft()
             else:
                 self.sink = sink
                 try:
@@ -352,7 +365,7 @@ class ShardConnection:
         op: str,
         fields: Fields,
         head: bytes | None = None,
-        first: Callable[[Delivered], None] | None = None,
+        first: Callable[[Delivered], bool | None] | None = None,
         body: bytes = b"",
     ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
@@ -370,7 +383,7 @@ class ShardConnection:
         call.answered = call.sent = call.done = False
         call.buffered = 0
         call._conn = self
-        call._inbox = deque()
+        call._inbox = None
         call._waiter = call.sink = call.early = None
         call.first = first
         version = self._rings.version
@@ -902,6 +915,8 @@ class ShardPool:
                 except BaseException:
                     call.close()
                     raise
+                inbox = call._inbox  # (`_put` woke it: one was made)
+                assert inbox is not None
             first = inbox[0]
             if isinstance(first, _Stop) or first["k"] != "err":
                 return call
@@ -937,7 +952,7 @@ class ShardPool:
         path: str,
         op: str,
         fields: Fields,
-        first: Callable[[Delivered], None],
+        first: Callable[[Delivered], bool | None],
         head: bytes | None = None,
         body: bytes = b"",
     ) -> tuple[Ring, Call] | None:

@@ -166,19 +166,20 @@ class NativeRoute(Protocol):
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        arrived: Callable[[NativeAnswer | None], None],
+        arrived: Callable[[NativeAnswer | None], bool],
     ) -> Any:
         """Send a POST on when it is a plain append, without awaiting its answer: the
         answer goes to `arrived` (None: `settle` must be awaited instead) from the task
-        that learns it. A handle for `settle` and `abandon`, or None: not sent, `answer`
-        serves the request."""
+        that learns it, which returns True when it served it (`settle` is not called
+        then). A handle for `settle` and `abandon`, or None: not sent, `answer` serves
+        the request."""
 
     def plain_append(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
         """What `send_append` needs of a POST with this head when it is a plain append,
         before any check that depends on more than the head (None: it is not one)."""
 
     def send_append(
-        self, plain: Any, body: bytes, arrived: Callable[[NativeAnswer | None], None]
+        self, plain: Any, body: bytes, arrived: Callable[[NativeAnswer | None], bool]
     ) -> Any:
         """`send` of a POST whose head `plain_append` accepted (the per-request checks
         made here)."""
@@ -1110,16 +1111,17 @@ class Http1Connection:
         if plain is not None:
             self._server.plain_heads.keep(data[:end], (req, plain, req.size))
 
-    def _arrived(self, answer: NativeAnswer | None) -> None:
+    def _arrived(self, answer: NativeAnswer | None) -> bool:
         """The answer to the append in flight (None: not one to write here), from the
         task that learned it (the shard connection's reader). Written at once when the
-        socket takes all of it; else this connection's task is woken to finish it."""
+        socket takes all of it (True: the request is done); else this connection's task
+        is woken to finish it."""
         flight = self._inflight
         if flight is None or flight.state != _SENT:
-            return  # (the task awaits it, or has left it)
+            return False  # (the task awaits it, or has left it)
         try:
             if answer is not None and self._write_now(flight, answer):
-                return
+                return True
         except Exception:
             log.exception("writing an append's answer failed")
         if flight.state == _SENT:
@@ -1128,6 +1130,7 @@ class Http1Connection:
         if task is not None:  # waiting for bytes: `_receive` returns None
             self.read_task = None
             trio.lowlevel.reschedule(task)
+        return False
 
     def _write_now(self, flight: _InFlight, answer: NativeAnswer) -> bool:
         """Write `answer` to the append in flight; True when all of it was written and
