@@ -124,6 +124,11 @@ def body_deadline(since: float, received: int, last: float) -> float:
     return min(since + BODY_GRACE + received / BODY_MIN_RATE, last + BODY_STALL)
 
 
+def _not_served(answer: NativeAnswer | None) -> bool:
+    """`arrived` of a connection that has ended: nothing is written."""
+    return False
+
+
 class NativeRoute(Protocol):
     """Stream requests answered without ASGI: whole body in, whole answer out (or an SSE
     stream fed by `gateway.fanout`). `gateway.stream.StreamHandler` implements it."""
@@ -210,6 +215,7 @@ class Http1Server:
         "_lines",
         "_lines_of",
         "second",
+        "second_end",
         "second_lines",
         "access",
         "app",
@@ -282,9 +288,10 @@ class Http1Server:
         self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
-        # `shared_lines(False)` of the wall clock's `second`, for `_write_now`, which
-        # renders them once per second (the Date header's precision) without a call.
-        self.second = -1
+        # `shared_lines(False)` and the X-Request-Id header's name, for `_write_now`, which
+        # renders them once per wall-clock second (the Date header's precision), the one
+        # from `second` until `second_end`, without a call.
+        self.second = self.second_end = -1.0
         self.second_lines = b""
 
     def error(self, status: int, message: str) -> Answer:
@@ -312,10 +319,11 @@ class Http1Server:
             self._lines = (lines, lines + header_lines((framing.CLOSE,)))
         return self._lines[close]
 
-    def renew_second_lines(self, second: int) -> bytes:
-        """`second_lines` for the wall clock's `second`, now."""
-        self.second = second
-        self.second_lines = self.shared_lines(False)
+    def renew_second_lines(self, now: float) -> bytes:
+        """`second_lines` for the wall clock's second of `now`, now."""
+        second = self.second = float(int(now))
+        self.second_end = second + 1.0
+        self.second_lines = self.shared_lines(False) + b"x-request-id: "
         return self.second_lines
 
     def serve(
@@ -420,6 +428,7 @@ class Http1Connection:
     """One client connection, served by the task that runs `run`."""
 
     __slots__ = (
+        "_arrived_here",
         "_at_once",
         "_broken",
         "_fd",
@@ -499,6 +508,9 @@ class Http1Connection:
         # A plain append whose answer is written where it arrives (`_send_on`): while it
         # is in flight this task goes on reading, and answers nothing else before it.
         self._inflight: _InFlight | None = None
+        # `_arrived` bound once (a bound method made per append otherwise); dropped as
+        # the connection ends, with the parser (both refer back to it).
+        self._arrived_here: Callable[[NativeAnswer | None], bool] = self._arrived
 
     # -- the connection ------------------------------------------------------------------
 
@@ -544,6 +556,7 @@ class Http1Connection:
             server.deadlines.forget(self)
             self.output.close()
             self._parser = None  # (it refers back to this object)
+            self._arrived_here = _not_served  # (so does this)
             if self._fd >= 0:
                 server.readiness.forget(self._fd, self)
             if not self._handed_over:
@@ -1014,7 +1027,9 @@ class Http1Connection:
         route = self._server.route
         assert route is not None
         try:
-            sent = route.send(req.target, req.headers, parts[0] if parts else b"", self._arrived)
+            sent = route.send(
+                req.target, req.headers, parts[0] if parts else b"", self._arrived_here
+            )
         except Exception:
             return False  # `_answer` meets it again, and answers it as it does
         if sent is None:
@@ -1060,13 +1075,20 @@ class Http1Connection:
         if plain is None:
             return False
         req, route_plain, length = plain
-        if len(data) - end != length or self._closing(req):
+        if (  # (`_closing(req)` written out)
+            len(data) - end != length
+            or req.close
+            or not req.keep_alive
+            or self._stopped
+            or self._served + 1 >= server.max_requests
+            or server.stopping
+        ):
             return False  # (one after which the connection closes takes the general path)
         route = server.route
         assert route is not None
         started = perf_counter()
         try:
-            sent = route.send_append(route_plain, data[end:], self._arrived)
+            sent = route.send_append(route_plain, data[end:], self._arrived_here)
         except Exception:
             return False  # the general path meets it again
         if sent is None:
@@ -1145,12 +1167,14 @@ class Http1Connection:
         status, lines, body = answer
         if status == 204 and type(lines) is bytes:
             # An append's answer (`_whole` written out for it): its headers rendered
-            # already (`NativeAnswer`), no body.
-            second = int(time())
-            shared = server.second_lines if second == server.second else None
-            if shared is None:
-                shared = server.renew_second_lines(second)
-            data = b"".join((_NO_CONTENT, lines, shared, b"x-request-id: ", flight.rid, _END))
+            # already (`NativeAnswer`), no body. (The second compared as a float: an
+            # `int(time())` cost 400 instructions.)
+            now = time()
+            if server.second <= now < server.second_end:
+                shared = server.second_lines
+            else:
+                shared = server.renew_second_lines(now)
+            data = b"".join((_NO_CONTENT, lines, shared, flight.rid, _END))
             size = 0
         else:
             rendered = _whole(flight.req.method, answer, server.extra_lines(False, flight.rid))
@@ -1179,11 +1203,24 @@ class Http1Connection:
         series = flight.series
         if series is not None:
             series.finish(status, perf_counter() - flight.started)
-        if self._done(True) and self.read_task is not None:
+        # (`_done(True)` written out, and `ReadDeadlines.wait` where it only notes the
+        # deadline: once per append)
+        self._served += 1
+        if self._stopped:
+            return True
+        now = server.now()
+        until = self._idle_until = now + server.between
+        server.connections.idle.add(self)
+        if self._req is not None:  # a pipelined head in progress: its time starts now
+            self._head_until = now + server.keep_alive
+            until = self._deadline()
+        if self.read_task is not None:
             # This task waits for bytes: for how long now (`_deadline`: between requests,
             # unless a head is in progress).
-            until = self._idle_until if self._req is None else self._deadline()
-            server.deadlines.wait(self, until)
+            if until < self.timer_at:
+                server.deadlines.wait(self, until)
+            else:
+                self.wait_until = until
         return True
 
     async def _settle(self) -> bool:
