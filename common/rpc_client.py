@@ -606,6 +606,14 @@ class ShardConnection:
                             pending[call.id] = call
                             raise rpc_core.ProtocolError("a second response to one request")
                         call.answered = True
+                        first = call.first
+                        if first is not None:  # (`_put`'s first step, written out)
+                            call.first = None
+                            try:
+                                if first(frame):
+                                    continue  # (a call is 700 instructions, per append)
+                            except Exception:
+                                log.exception("a call's sink failed")
                         call._put(frame)
                         continue
                     call = on_frame(frame)

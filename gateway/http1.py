@@ -58,6 +58,7 @@ import logging
 import os
 import socket
 from binascii import hexlify
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from math import inf
 from random import getrandbits
@@ -1147,16 +1148,94 @@ class Http1Connection:
     def _arrived(self, answer: NativeAnswer | None) -> bool:
         """The answer to the append in flight (None: not one to write here), from the
         task that learned it (the shard connection's reader). Written at once when the
-        socket takes all of it (True: the request is done); else this connection's task
-        is woken to finish it."""
+        socket takes all of it (True: the request is done). Else what this connection's
+        task is to do is noted, `answer` to write (the connection closes after it, the
+        socket is gone, the body is large, the budget is over) or the rest to write
+        (`_REST`), and the task is woken (`_to_task`). (The write, its metric and
+        `_done` written out: a call costs 700 instructions, and every append's answer
+        comes here.)"""
         flight = self._inflight
         if flight is None or flight.state != _SENT:
             return False  # (the task awaits it, or has left it)
+        if answer is None:
+            return self._to_task(flight)
         try:
-            if answer is not None and self._write_now(flight, answer):
+            flight.answer = answer
+            server = self._server
+            # (What else `_closing` looks at is as it was when `_send_on` sent it.)
+            if self._stopped or server.stopping:
+                return self._to_task(flight)
+            status, lines, body = answer
+            if status == 204 and type(lines) is bytes:
+                # An append's answer (`_whole` written out for it): its headers rendered
+                # already (`NativeAnswer`), no body. (The second compared as a float: an
+                # `int(time())` cost 400 instructions.)
+                now = time()
+                if server.second <= now < server.second_end:
+                    shared = server.second_lines
+                else:
+                    shared = server.renew_second_lines(now)
+                data = b"".join((_NO_CONTENT, lines, shared, flight.rid, _END))
+                size = 0
+            else:
+                rendered = _whole(flight.req.method, answer, server.extra_lines(False, flight.rid))
+                if rendered is None:
+                    return self._to_task(flight)
+                data, size = rendered
+            # Nothing of this connection's is queued (its task writes nothing meanwhile),
+            # so its budget admits anything: only what the socket does not take counts.
+            try:  # (`_write_some`, written out)
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return self._to_task(flight)  # the client is gone: the task's write finds out
+            if written < len(data):
+                rest = flight.rest = memoryview(data)[written:]
+                self.output.admit(len(rest))
+                flight.size = size
+                flight.status = status
+                flight.state = _REST
+                return self._to_task(flight)
+            self._inflight = None
+            access = server.access
+            if access is not None:
+                self._log_flight(access, flight, status, size)
+            series = flight.series
+            if series is not None:  # (`Series.finish` of a stream request, written out)
+                duration = perf_counter() - flight.started
+                histogram = series.stream.get(status)
+                if histogram is None:
+                    series.finish(status, duration)
+                else:
+                    series.active -= 1
+                    histogram.counts[bisect_left(histogram.bounds, duration)] += 1
+                    histogram.sum += duration
+            # (`_done(True)`, and `ReadDeadlines.wait` where it only notes the deadline)
+            self._served += 1
+            if self._stopped:
                 return True
+            now = server.now()
+            until = self._idle_until = now + server.between
+            server.connections.idle.add(self)
+            if self._req is not None:  # a pipelined head in progress: its time starts now
+                self._head_until = now + server.keep_alive
+                until = self._deadline()
+            if self.read_task is not None:
+                # This task waits for bytes: for how long now (`_deadline`: between
+                # requests, unless a head is in progress).
+                if until < self.timer_at:
+                    server.deadlines.wait(self, until)
+                else:
+                    self.wait_until = until
+            return True
         except Exception:
             log.exception("writing an append's answer failed")
+            return self._to_task(flight)
+
+    def _to_task(self, flight: _InFlight) -> bool:
+        """The append in flight is left to this connection's task (`_settle`): it is
+        woken if it waits for bytes. False (not served where it arrived)."""
         if flight.state == _SENT:
             flight.state = _TASK
         task = self.read_task
@@ -1164,75 +1243,6 @@ class Http1Connection:
             self.read_task = None
             trio.lowlevel.reschedule(task)
         return False
-
-    def _write_now(self, flight: _InFlight, answer: NativeAnswer) -> bool:
-        """Write `answer` to the append in flight; True when all of it was written and
-        the request is done. Else what this connection's task is to do is noted:
-        `answer` to write (the connection closes after it, the socket is gone, the
-        body is large, the budget is over), or the rest to write (`_REST`)."""
-        flight.answer = answer
-        server = self._server
-        # (What else `_closing` looks at is as it was when `_send_on` sent it.)
-        if self._stopped or server.stopping:
-            return False
-        status, lines, body = answer
-        if status == 204 and type(lines) is bytes:
-            # An append's answer (`_whole` written out for it): its headers rendered
-            # already (`NativeAnswer`), no body. (The second compared as a float: an
-            # `int(time())` cost 400 instructions.)
-            now = time()
-            if server.second <= now < server.second_end:
-                shared = server.second_lines
-            else:
-                shared = server.renew_second_lines(now)
-            data = b"".join((_NO_CONTENT, lines, shared, flight.rid, _END))
-            size = 0
-        else:
-            rendered = _whole(flight.req.method, answer, server.extra_lines(False, flight.rid))
-            if rendered is None:
-                return False
-            data, size = rendered
-        # Nothing of this connection's is queued (its task writes nothing meanwhile), so
-        # its budget admits anything: only what the socket does not take is counted.
-        try:  # (`_write_some`, written out)
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return False  # the client is gone: the task's own write finds out
-        if written < len(data):
-            rest = flight.rest = memoryview(data)[written:]
-            self.output.admit(len(rest))
-            flight.size = size
-            flight.status = status
-            flight.state = _REST
-            return False
-        self._inflight = None
-        access = server.access
-        if access is not None:
-            self._log_flight(access, flight, status, size)
-        series = flight.series
-        if series is not None:
-            series.finish(status, perf_counter() - flight.started)
-        # (`_done(True)` written out, and `ReadDeadlines.wait` where it only notes the
-        # deadline: once per append)
-        self._served += 1
-        if self._stopped:
-            return True
-        now = server.now()
-        until = self._idle_until = now + server.between
-        server.connections.idle.add(self)
-        if self._req is not None:  # a pipelined head in progress: its time starts now
-            self._head_until = now + server.keep_alive
-            until = self._deadline()
-        if self.read_task is not None:
-            # This task waits for bytes: for how long now (`_deadline`: between requests,
-            # unless a head is in progress).
-            if until < self.timer_at:
-                server.deadlines.wait(self, until)
-            else:
-                self.wait_until = until
-        return True
 
     async def _settle(self) -> bool:
         """Finish the append in flight from this task: await its answer, or write what
