@@ -1,4 +1,4 @@
-"""Plain appends served from a kept head (`gateway.plain_heads`, `Http1Connection._send_kept`).
+"""Plain appends served from a kept head (`gateway.plain_heads`, `Http1Connection.read_here`).
 
 A gateway's HTTP/1.1 server runs in this process over a socket pair, in front of a route
 that answers every request with what it was given (method, target, headers, body) and a
