@@ -361,58 +361,43 @@ class ShardConnection:
     # -- calls -----------------------------------------------------------------------
 
     def open(
-        self,
-        op: str,
-        fields: Fields,
-        head: bytes | None = None,
-        first: Callable[[Delivered], bool | None] | None = None,
-        body: bytes = b"",
+        self, op: str, fields: Fields, first: Callable[[Delivered], bool | None] | None = None
     ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
-        `fields` are read into the request's frame, not kept. `head`: for an http
-        request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
-        only the call id, ring version and `body` are packed here (`fields` is not read,
-        so a caller need not build a dict of this request's own). `first`: the call's
-        `first` (see `Call`).
+        `fields` are read into the request's frame, not kept. `first`: the call's
+        `first` (see `Call`). (`ShardPool.send_routed` queues a request whose head is
+        packed already.)
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
             raise ShardUnavailable(self.shard_id, "not connected", sent=False)
-        call: Call = Call()  # (every field set here: see `Call`)
+        call = self._new_call(first)
+        # A RequestFields-shaped dict: the ignore is a `cast` without its call
+        given: wire.RequestFields = fields  # type: ignore[assignment]
+        if type(given) is not dict:
+            given = dict(fields)  # type: ignore[assignment]
+        frame = protocol.request(op, given, call, self._rings.version)
+        try:
+            # WireError if too big. A large body stays its own piece, never copied.
+            parts = wire.encode_parts(frame)
+        except BaseException:
+            protocol.abandon(call)
+            raise
+        if not writer.try_queue(parts, call):
+            protocol.abandon(call)
+            raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
+        return call
+
+    def _new_call(self, first: Callable[[Delivered], bool | None] | None) -> Call:
+        """A call on this connection, every field set (see `Call`)."""
+        call: Call = Call()
         call.answered = call.sent = call.done = False
         call.buffered = 0
         call._conn = self
         call._inbox = None
         call._waiter = call.sink = call.early = None
         call.first = first
-        version = self._rings.version
-        if head is not None:
-            # `CallerProtocol.request` written out without the frame it builds (this one
-            # is packed from `head`): every append passes here. (`_protocol` is set only
-            # while the protocol is ready.)
-            call.id = call_id = protocol.last_id = protocol.last_id + 1
-            protocol.pending[call_id] = call
-            try:
-                parts = wire.encode_http_request(call_id, version, head, body)
-            except BaseException:  # WireError if too big
-                protocol.abandon(call)
-                raise
-        else:
-            # A RequestFields-shaped dict: the ignore is a `cast` without its call
-            given: wire.RequestFields = fields  # type: ignore[assignment]
-            if type(given) is not dict:
-                given = dict(fields)  # type: ignore[assignment]
-            frame = protocol.request(op, given, call, version)
-            try:
-                # WireError if too big. A large body stays its own piece, never copied.
-                parts = wire.encode_parts(frame)
-            except BaseException:
-                protocol.abandon(call)
-                raise
-        if not writer.try_queue(parts, call):
-            protocol.abandon(call)
-            raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
         return call
 
     def _abandon(self, call: Call) -> None:
@@ -970,15 +955,43 @@ class ShardPool:
         it from there when that was not the answer (a ring change to retry, a failure).
         None when it cannot be sent at once (no connection to the owner, or too much
         queued for it): `open_routed` then does what it does with such a request.
-        `head`, `body`: as `ShardConnection.open`'s."""
+        `head`: for an http request, its m, p, q and h packed already
+        (`wire.pack_http_head` of `fields`'): only the call id, ring version and `body`
+        are packed here (`fields` is not read, so a caller need not build a dict of this
+        request's own)."""
         ring = self.rings.current
         conn = self.connections.get(ring.owners.get(path) or ring.owner(path))
-        if conn is None or conn._protocol is None:
+        if conn is None:
             return None
+        protocol, writer = conn._protocol, conn._writer
+        if protocol is None or writer is None:
+            return None
+        if head is None:
+            try:
+                return ring, conn.open(op, fields, first)
+            except ShardUnavailable:
+                return None
+        # `conn.open` of a packed head, here rather than in a call of its own (700
+        # instructions, and every plain append comes this way), with `_new_call` and
+        # `CallerProtocol.request` written out (the latter without the frame it builds).
+        call: Call = Call()
+        call.answered = call.sent = call.done = False
+        call.buffered = 0
+        call._conn = conn
+        call._inbox = None
+        call._waiter = call.sink = call.early = None
+        call.first = first
+        call.id = call_id = protocol.last_id = protocol.last_id + 1
+        protocol.pending[call_id] = call
         try:
-            return ring, conn.open(op, fields, head, first, body)
-        except ShardUnavailable:
+            parts = wire.encode_http_request(call_id, conn._rings.version, head, body)
+        except BaseException:  # WireError if too big
+            protocol.abandon(call)
+            raise
+        if not writer.try_queue(parts, call):
+            protocol.abandon(call)
             return None
+        return ring, call
 
     async def _push_ring(self, shard_id: str, timeout: float) -> None:
         """Send our ring to a shard on an older one (`ring_set`); failures only log (the
