@@ -769,7 +769,27 @@ class Http1Connection:
                         # connection is busy. `_raw` is None already, as checked.)
                         server.connections.idle.discard(self)
                         server.plain_heads.hits += 1
-                        self._fly(req, started, length, sent, None)
+                        # (`_fly` of a request without an X-Request-Id, written out)
+                        recorder = gateway_metrics.current
+                        if recorder is None:
+                            series = None
+                        else:
+                            series = recorder.appends
+                            if series is None:
+                                series = recorder.appends = recorder.series_of(
+                                    "POST", "http", "none"
+                                )
+                            series.active += 1
+                        flight = _new(_InFlight)
+                        flight.req = req
+                        flight.started = started
+                        flight.received = length
+                        flight.rid = hexlify(getrandbits(64).to_bytes(8, "big"))
+                        flight.sent = sent
+                        flight.series = series
+                        flight.state = _SENT
+                        flight.answer = None
+                        self._inflight = flight
                         self.wait_until = inf  # (as below)
                         return True
             self._feed(data)
@@ -1080,7 +1100,8 @@ class Http1Connection:
         self, req: _Request, started: float, received: int, sent: Any, given: bytes | None
     ) -> None:
         """Note the append `sent` on as this connection's in flight (`given`: the first
-        X-Request-Id of its head, None: it sent none), counted in the metrics."""
+        X-Request-Id of its head, None: it sent none), counted in the metrics. (`read_here`
+        writes it out for a request served from a kept head.)"""
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
         if recorder is None:
             series = None
