@@ -735,11 +735,12 @@ class Http1Connection:
                 return False
             self._more = False
             # Where the head ends: where the body length of this connection's last kept
-            # head puts it when a blank line is there (a client sends the same size
-            # again and again; 950 instructions of `find` down to 200), else found.
-            # (Only an exact kept head is served: a wrong guess is a miss, parsed.)
+            # head puts it when the blank line's two LFs are there (a client sends the
+            # same size again and again: two byte compares where `find` cost 950
+            # instructions, `endswith` 770), else found. (Only an exact kept head is
+            # served: a wrong guess is a miss, parsed.)
             end = len(data) - self._kept_length
-            if end < 4 or not data.endswith(HEAD_END, 0, end):
+            if end < 4 or data[end - 1] != 10 or data[end - 3] != 10:
                 end = data.find(HEAD_END) + 4
             # A kept head and its whole body: what llhttp and `_send_on` would do with
             # these bytes, without parsing them again (`gateway.plain_heads`). Written
