@@ -289,7 +289,7 @@ class Http1Server:
         self.now: Callable[[], float] = trio.current_time
         self._lines_of: object = None  # the extra headers list `_lines` renders
         self._lines = (b"", b"")  # its lines, without and with Connection: close
-        # `shared_lines(False)` and the X-Request-Id header's name, for `_write_now`, which
+        # `shared_lines(False)` and the X-Request-Id header's name, for `_arrived`, which
         # renders them once per wall-clock second (the Date header's precision), the one
         # from `second` until `second_end`, without a call.
         self.second = self.second_end = -1.0

@@ -289,7 +289,7 @@ def test_the_kept_heads_are_bounded() -> None:
 
 
 def test_an_append_answer_is_written_as_the_general_renderer_writes_it() -> None:
-    """A 204 written where it arrives (`_write_now`'s own rendering of it) is byte for
+    """A 204 written where it arrives (`_arrived`'s own rendering of it) is byte for
     byte what `_whole` renders for it, whether its head was kept or not."""
     data, *_ = _both([_append(b"nc"), _append(b"nc"), _append(b"nc", extra=b"x-request-id: r\r\n")])
     server, _ = _server(keep=False)
