@@ -159,8 +159,10 @@ class Call(rpc_core.CallState):
     # What each field holds, beside CallState's id, answered and sent:
     _conn: ShardConnection
     # The frames the connection's reader delivered and the task parked for the next one:
-    # a deque and a task instead of a memory channel, made for every request.
-    _inbox: deque[Delivered]
+    # a deque and a task instead of a memory channel. The deque is made with the first
+    # frame a caller is to read (None until then): an append whose answer its `first`
+    # took never makes one (a deque and its block cost about 1k instructions).
+    _inbox: deque[Delivered] | None
     _waiter: trio.lowlevel.Task | None
     done: bool  # the final frame (or an error) has been received
     buffered: int  # bytes of chunk bodies delivered but not yet consumed
@@ -171,8 +173,10 @@ class Call(rpc_core.CallState):
     early: Callable[[wire.ResponseFrame], None] | None
     # Given the first item delivered, whatever it is (a frame, or the connection's
     # loss), by the connection's reader, before it goes to the inbox: a caller that
-    # does not wait for it (`ShardPool.send_routed`) learns of it there.
-    first: Callable[[Delivered], None] | None
+    # does not wait for it (`ShardPool.send_routed`) learns of it there. It returns
+    # True when it took the item for good (a complete answer it served: nobody reads
+    # the call after it), which then goes no further.
+    first: Callable[[Delivered], bool | None] | None
 
     @property
     def shard_id(self) -> str:
@@ -199,14 +203,19 @@ class Call(rpc_core.CallState):
         if first is not None:
             self.first = None
             try:  # (`_hand`, written out: every append's answer passes here)
-                first(item)
+                if first(item):
+                    return
             except Exception:
                 log.exception("a call's sink failed")
         early = self.early
         if early is not None and type(item) is dict and item["k"] == "res" and not item["more"]:
             self.early = None
             _hand(early, item)
-        self._inbox.append(item)
+        inbox = self._inbox
+        if inbox is None:
+            self._inbox = deque((item,))
+        else:
+            inbox.append(item)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -214,10 +223,13 @@ class Call(rpc_core.CallState):
 
     async def _next(self) -> Delivered:
         """The next delivered item, waiting for it if none is there yet."""
-        if not self._inbox:
+        inbox = self._inbox
+        if not inbox:
             self._waiter = _current_task()
             await _wait_task_rescheduled(self._abort_wait)
-        return self._inbox.popleft()
+            inbox = self._inbox  # (`_put` woke it: one was made)
+            assert inbox is not None
+        return inbox.popleft()
 
     def _abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._waiter = None
@@ -277,8 +289,9 @@ class Call(rpc_core.CallState):
         task switch per chunk and nothing buffered. `sink` must not block; what it
         raises is logged (and that chunk lost to it)."""
         while not self.done:
-            if self._inbox:
-                msg = self._inbox.popleft()
+            inbox = self._inbox
+            if inbox:
+                msg = inbox.popleft()
             else:
                 self.sink = sink
                 try:
@@ -348,58 +361,43 @@ class ShardConnection:
     # -- calls -----------------------------------------------------------------------
 
     def open(
-        self,
-        op: str,
-        fields: Fields,
-        head: bytes | None = None,
-        first: Callable[[Delivered], None] | None = None,
-        body: bytes = b"",
+        self, op: str, fields: Fields, first: Callable[[Delivered], bool | None] | None = None
     ) -> Call:
         """Queue a request; fails fast with ShardUnavailable(sent=False) if not connected.
 
-        `fields` are read into the request's frame, not kept. `head`: for an http
-        request, its m, p, q and h packed already (`wire.pack_http_head` of `fields`'):
-        only the call id, ring version and `body` are packed here (`fields` is not read,
-        so a caller need not build a dict of this request's own). `first`: the call's
-        `first` (see `Call`).
+        `fields` are read into the request's frame, not kept. `first`: the call's
+        `first` (see `Call`). (`ShardPool.send_routed` queues a request whose head is
+        packed already.)
         """
         protocol, writer = self._protocol, self._writer
         if protocol is None or writer is None:
             raise ShardUnavailable(self.shard_id, "not connected", sent=False)
-        call: Call = Call()  # (every field set here: see `Call`)
-        call.answered = call.sent = call.done = False
-        call.buffered = 0
-        call._conn = self
-        call._inbox = deque()
-        call._waiter = call.sink = call.early = None
-        call.first = first
-        version = self._rings.version
-        if head is not None:
-            # `CallerProtocol.request` written out without the frame it builds (this one
-            # is packed from `head`): every append passes here. (`_protocol` is set only
-            # while the protocol is ready.)
-            call.id = call_id = protocol.last_id = protocol.last_id + 1
-            protocol.pending[call_id] = call
-            try:
-                parts = wire.encode_http_request(call_id, version, head, body)
-            except BaseException:  # WireError if too big
-                protocol.abandon(call)
-                raise
-        else:
-            # A RequestFields-shaped dict: the ignore is a `cast` without its call
-            given: wire.RequestFields = fields  # type: ignore[assignment]
-            if type(given) is not dict:
-                given = dict(fields)  # type: ignore[assignment]
-            frame = protocol.request(op, given, call, version)
-            try:
-                # WireError if too big. A large body stays its own piece, never copied.
-                parts = wire.encode_parts(frame)
-            except BaseException:
-                protocol.abandon(call)
-                raise
+        call = self._new_call(first)
+        # A RequestFields-shaped dict: the ignore is a `cast` without its call
+        given: wire.RequestFields = fields  # type: ignore[assignment]
+        if type(given) is not dict:
+            given = dict(fields)  # type: ignore[assignment]
+        frame = protocol.request(op, given, call, self._rings.version)
+        try:
+            # WireError if too big. A large body stays its own piece, never copied.
+            parts = wire.encode_parts(frame)
+        except BaseException:
+            protocol.abandon(call)
+            raise
         if not writer.try_queue(parts, call):
             protocol.abandon(call)
             raise ShardUnavailable(self.shard_id, "too many requests queued", sent=False)
+        return call
+
+    def _new_call(self, first: Callable[[Delivered], bool | None] | None) -> Call:
+        """A call on this connection, every field set (see `Call`)."""
+        call: Call = Call()
+        call.answered = call.sent = call.done = False
+        call.buffered = 0
+        call._conn = self
+        call._inbox = None
+        call._waiter = call.sink = call.early = None
+        call.first = first
         return call
 
     def _abandon(self, call: Call) -> None:
@@ -593,6 +591,14 @@ class ShardConnection:
                             pending[call.id] = call
                             raise rpc_core.ProtocolError("a second response to one request")
                         call.answered = True
+                        first = call.first
+                        if first is not None:  # (`_put`'s first step, written out)
+                            call.first = None
+                            try:
+                                if first(frame):
+                                    continue  # (a call is 700 instructions, per append)
+                            except Exception:
+                                log.exception("a call's sink failed")
                         call._put(frame)
                         continue
                     call = on_frame(frame)
@@ -902,6 +908,8 @@ class ShardPool:
                 except BaseException:
                     call.close()
                     raise
+                inbox = call._inbox  # (`_put` woke it: one was made)
+                assert inbox is not None
             first = inbox[0]
             if isinstance(first, _Stop) or first["k"] != "err":
                 return call
@@ -937,7 +945,7 @@ class ShardPool:
         path: str,
         op: str,
         fields: Fields,
-        first: Callable[[Delivered], None],
+        first: Callable[[Delivered], bool | None],
         head: bytes | None = None,
         body: bytes = b"",
     ) -> tuple[Ring, Call] | None:
@@ -947,15 +955,43 @@ class ShardPool:
         it from there when that was not the answer (a ring change to retry, a failure).
         None when it cannot be sent at once (no connection to the owner, or too much
         queued for it): `open_routed` then does what it does with such a request.
-        `head`, `body`: as `ShardConnection.open`'s."""
+        `head`: for an http request, its m, p, q and h packed already
+        (`wire.pack_http_head` of `fields`'): only the call id, ring version and `body`
+        are packed here (`fields` is not read, so a caller need not build a dict of this
+        request's own)."""
         ring = self.rings.current
         conn = self.connections.get(ring.owners.get(path) or ring.owner(path))
-        if conn is None or conn._protocol is None:
+        if conn is None:
             return None
+        protocol, writer = conn._protocol, conn._writer
+        if protocol is None or writer is None:
+            return None
+        if head is None:
+            try:
+                return ring, conn.open(op, fields, first)
+            except ShardUnavailable:
+                return None
+        # `conn.open` of a packed head, here rather than in a call of its own (700
+        # instructions, and every plain append comes this way), with `_new_call` and
+        # `CallerProtocol.request` written out (the latter without the frame it builds).
+        call: Call = Call()
+        call.answered = call.sent = call.done = False
+        call.buffered = 0
+        call._conn = conn
+        call._inbox = None
+        call._waiter = call.sink = call.early = None
+        call.first = first
+        call.id = call_id = protocol.last_id = protocol.last_id + 1
+        protocol.pending[call_id] = call
         try:
-            return ring, conn.open(op, fields, head, first, body)
-        except ShardUnavailable:
+            parts = wire.encode_http_request(call_id, conn._rings.version, head, body)
+        except BaseException:  # WireError if too big
+            protocol.abandon(call)
+            raise
+        if not writer.try_queue(parts, call):
+            protocol.abandon(call)
             return None
+        return ring, call
 
     async def _push_ring(self, shard_id: str, timeout: float) -> None:
         """Send our ring to a shard on an older one (`ring_set`); failures only log (the

@@ -388,6 +388,21 @@ _DONE16, _DONE32 = (
 )
 
 
+# Their decoding (`FrameDecoder._feed`): the length behind the prefix of a
+# `done` frame with such a call id, and its items (the head and the middle as integers,
+# the id's tag, the id, the offset's bytes) in one unpack: 355 ns per answer where
+# msgpack and `parse` took 490.
+_DONE16_LENGTH, _DONE32_LENGTH = _APPEND_FIXED + 3, _APPEND_FIXED + 5
+_DONE_LENGTHS = (_DONE16_LENGTH, _DONE32_LENGTH)
+_DONE16_ITEMS, _DONE32_ITEMS = (
+    struct.Struct(f">HB{width}H{_OFFSET_CHARS}s").unpack_from for width in "HI"
+)
+_DONE_HEAD = int.from_bytes(_APPEND_HEAD, "big")
+_DONE_MIDDLE = int.from_bytes(_APPEND_MIDDLE, "big")
+if len(_APPEND_HEAD) != 2 or len(_APPEND_MIDDLE) != 2:  # (a new msgpack)
+    raise RuntimeError("msgpack packs an append's answer unlike its template")
+
+
 def append_answer(call_id: int, offset: str) -> bytes:
     """The framed answer `[RES_DONE, call_id, offset]` of an append (`offset`: 33 ASCII
     characters), as `encode_response` gives it: for a caller that knows the answer is
@@ -737,6 +752,28 @@ class FrameDecoder:
                     self._need = 4 + length
                     break
                 pos = start + length
+                if length in _DONE_LENGTHS:
+                    # Maybe a `done` frame with a two- or four-byte call id (as
+                    # `append_answer` packs it): read without msgpack into what
+                    # `_parse_done` makes of it, here rather than in a call of its own
+                    # (700 instructions, per answer). Anything else goes on to msgpack.
+                    if length == _DONE16_LENGTH:
+                        head, tag, call_id, middle, raw = _DONE16_ITEMS(view, start)
+                        tag -= 0xCD
+                    else:
+                        head, tag, call_id, middle, raw = _DONE32_ITEMS(view, start)
+                        tag -= 0xCE
+                    if not tag and head == _DONE_HEAD and middle == _DONE_MIDDLE:
+                        try:
+                            offset = raw.decode()
+                        except UnicodeDecodeError:
+                            offset = "\0"  # (refused below)
+                        if "\n" not in offset and "\r" not in offset and "\0" not in offset:
+                            res = _DONE.copy()
+                            res["i"] = call_id
+                            res["h"] = [["stream-next-offset", offset]]
+                            messages.append(res)
+                            continue
                 try:  # (`_decode`, written out: every frame passes here)
                     message = _unpackb(view[start:pos])
                 except Exception as exc:  # msgpack raises several unrelated types

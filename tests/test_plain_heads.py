@@ -1,4 +1,4 @@
-"""Plain appends served from a kept head (`gateway.plain_heads`, `Http1Connection._send_kept`).
+"""Plain appends served from a kept head (`gateway.plain_heads`, `Http1Connection.read_here`).
 
 A gateway's HTTP/1.1 server runs in this process over a socket pair, in front of a route
 that answers every request with what it was given (method, target, headers, body) and a
@@ -289,7 +289,7 @@ def test_the_kept_heads_are_bounded() -> None:
 
 
 def test_an_append_answer_is_written_as_the_general_renderer_writes_it() -> None:
-    """A 204 written where it arrives (`_write_now`'s own rendering of it) is byte for
+    """A 204 written where it arrives (`_arrived`'s own rendering of it) is byte for
     byte what `_whole` renders for it, whether its head was kept or not."""
     data, *_ = _both([_append(b"nc"), _append(b"nc"), _append(b"nc", extra=b"x-request-id: r\r\n")])
     server, _ = _server(keep=False)
