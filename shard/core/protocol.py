@@ -46,7 +46,7 @@ from .model import (
     advance,
     evolve,
 )
-from .offsets import BEGINNING, MAX_POSITION, NOW, decode, encode
+from .offsets import BEGINNING, MAX_POSITION, NOW, OFFSET_PREFIX, decode, encode
 from .reads import CACHE_PUBLIC, CLOSED, NO_STORE, UP_TO_DATE, collect, etag, if_none_match
 from .sse import SseSession
 
@@ -161,6 +161,7 @@ _NOT_PLAIN = frozenset(
 # lru_cache's wrapper cost 700 instructions per append); emptied when it fills.
 _PLAIN_TYPES: dict[str, bool] = {}
 _PLAIN_TYPES_MAX = 1024
+_new = object.__new__
 
 
 def _plain_type(content_type: str) -> bool:
@@ -240,7 +241,13 @@ def plain_append_typed(
     new_tail = tail + size
     if new_tail > MAX_POSITION:
         return None
-    return advance(state, new_tail, now), Record(tail, new_tail, body), encode(new_tail)
+    # The Record's slots filled and the offset minted here, not through the class call
+    # and `encode`: 10.1k -> 8.9k instructions for this function (callgrind).
+    record = _new(Record)
+    record.start = tail
+    record.end = new_tail
+    record.data = body
+    return advance(state, new_tail, now), record, OFFSET_PREFIX + str(new_tail).zfill(16)
 
 
 def _append(request: Request, state: StreamState | None, now: float) -> Reply:
