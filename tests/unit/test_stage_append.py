@@ -1,7 +1,7 @@
 """The plain append's own lane on the shard (`ShardService.append_now`) does what the
 general one (`decide_now`) does: `core.plain_append_parts` decides as `core.plain_append`
 (tested against the general path in test_core_append_fast.py), the answer sent is the
-same bytes, and `_stage_append` builds exactly the write the general `_stage` builds, its
+same bytes, and `_stage_append` queues exactly the write the general `_stage` builds, its
 `tail_moved` (the stored row may lag, not compared again by the store) being what the
 store's own comparison would answer."""
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ds_cluster.common import wire
 from ds_cluster.shard import store as store_module
-from ds_cluster.shard.committer import Job
+from ds_cluster.shard.committer import Committer, Job
 from ds_cluster.shard.core import protocol
 from ds_cluster.shard.core.model import ForkOrigin, Request, StreamState
 from ds_cluster.shard.core.producers import ProducerState
@@ -39,11 +39,14 @@ states = st.builds(
 
 
 def _fake_service() -> tuple[SimpleNamespace, list[tuple[Job, str]]]:
-    """What `_stage` and `_stage_append` use of the service: new sids and notices."""
+    """What `_stage` and `_stage_append` use of the service: new sids, notices, and a
+    committer (over a store that is never written: nothing here commits)."""
     staged: list[tuple[Job, str]] = []
     notices = SimpleNamespace(stage=lambda job, path: staged.append((job, path)))
     fake = SimpleNamespace(
-        table=SimpleNamespace(new_sid=lambda: 999), subs=SimpleNamespace(notices=notices)
+        table=SimpleNamespace(new_sid=lambda: 999),
+        subs=SimpleNamespace(notices=notices),
+        committer=Committer(SimpleNamespace(failure=None), lambda jobs: None),  # type: ignore[arg-type]
     )
     return fake, staged
 
@@ -62,7 +65,7 @@ def test_stage_append_builds_the_general_write(state, body, sid):
         return made
 
     fake, staged = _fake_service()
-    general_job, fast_job = Job(), Job()
+    general_job = Job()
     general = ShardService._stage(
         fake,  # type: ignore[arg-type]
         general_job,
@@ -74,13 +77,17 @@ def test_stage_append_builds_the_general_write(state, body, sid):
     parts = protocol.plain_append_parts(request.headers, body, state, NOW)
     assert parts is not None
     new_state, record, _offset = parts
-    fast = ShardService._stage_append(fake, fast_job, entry(), state, new_state, record)  # type: ignore[arg-type]
+    fast_entry = entry()
+    fast_job = ShardService._stage_append(fake, fast_entry, state, new_state, record)  # type: ignore[arg-type]
+    assert fast_job is fake.committer.shared_job()  # (queued, and still open)
+    [(written, fast)] = fast_job.writes
+    assert written is fast_entry
+    assert (fast_entry.pending, fast_entry.pending_sid, fast_entry.inflight) == (new_state, sid, 1)
     assert fast.tail_moved == store_module._only_tail_moved(state, reply.state)
     assert not general.tail_moved
     fast.tail_moved = False
     assert fast == general
     assert staged == [(general_job, "a/b"), (fast_job, "a/b")]
-    assert [w for _, w in fast_job.writes] == [fast]
     assert fast_job.outbox_put == general_job.outbox_put == []
 
 
