@@ -262,7 +262,9 @@ class Committer:
     def queue_shared(self, entry: Entry, write: StreamWrite) -> Job:
         """`shared_job`, `write` added to it, and `admitted`, in one call: a plain
         append's (`ShardService.append_typed`), two calls fewer (about 900 instructions).
-        The caller checked the fence under the current ring, without a wait since."""
+        The caller checked the fence under the current ring, without a wait since. An
+        advancing write (`store.advancing_write`, whose state is the entry's pending base)
+        moves only the entry's pending tail and last access."""
         job = self._shared
         if job is None:
             job = self._shared = Job()
@@ -270,7 +272,13 @@ class Committer:
             self._queue.append(job)
             self._wake.set()
         job.writes.append((entry, write))
-        entry.pending = write.state
+        accessed = write.accessed
+        if accessed is None:
+            entry.pending = write.state
+        else:  # (`state` is the entry's pending base: only its tail moves)
+            entry.pending_tail = write.records[-1].end
+            entry.pending_access = accessed
+            entry.pending_moved = True
         entry.pending_sid = write.sid
         entry.inflight += 1
         self._queued_requests += 1
@@ -398,7 +406,7 @@ class Committer:
                 if state is None or (old_sid is not None and old_sid != write.sid):
                     purged = True
                     entry.forget()
-                if entry.committed_write(state, write.sid, write.records):
+                if entry.committed_write(state, write.sid, write.records, write.accessed):
                     polled.append(entry)
         for entry in polled:  # (one answered and emptied its list: the rest do nothing)
             entry.notify()

@@ -222,6 +222,22 @@ def plain_append_typed(
 ) -> tuple[StreamState, Record, str] | None:
     """`plain_append_parts` of a POST whose headers are its `content_type` alone (a
     shard link's `append` frame, `common.wire`)."""
+    parts = plain_append_at(content_type, body, state, state.tail)
+    if parts is None:
+        return None
+    record, offset = parts
+    return advance(state, record.end, now), record, offset
+
+
+def plain_append_at(
+    content_type: str, body: bytes, state: StreamState, tail: int
+) -> tuple[Record, str] | None:
+    """`plain_append_typed` of `state` advanced to `tail` (`advance(state, tail, t)`,
+    of any last access `t`), without that state: its one record and the
+    Stream-Next-Offset of its 204; the new state is `advance(state, record.end, now)`.
+    The runtime keeps a plain append's tail beside the state it advances instead of a
+    copy of the state per append (`shard.streams.Entry`). `state` must not be closed,
+    as an advanced state never is (a closed one is refused here, as it must be)."""
     if (
         state.closed
         or state.soft_deleted
@@ -237,17 +253,16 @@ def plain_append_typed(
     plain = _PLAIN_TYPES.get(content_type)
     if not (_plain_type(content_type) if plain is None else plain):
         return None
-    tail = state.tail
     new_tail = tail + size
     if new_tail > MAX_POSITION:
         return None
     # The Record's slots filled and the offset minted here, not through the class call
-    # and `encode`: 10.1k -> 8.9k instructions for this function (callgrind).
+    # and `encode`: 10.1k -> 8.9k instructions for plain_append_typed (callgrind).
     record = _new(Record)
     record.start = tail
     record.end = new_tail
     record.data = body
-    return advance(state, new_tail, now), record, OFFSET_PREFIX + str(new_tail).zfill(16)
+    return record, OFFSET_PREFIX + str(new_tail).zfill(16)
 
 
 def _append(request: Request, state: StreamState | None, now: float) -> Reply:

@@ -5,6 +5,7 @@ same bytes, and `_stage_append` queues exactly the write the general `_stage` bu
 `tail_moved` (the stored row may lag, not compared again by the store) being what the
 store's own comparison would answer."""
 
+import functools
 from types import SimpleNamespace
 
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from ds_cluster.common import wire
 from ds_cluster.shard import store as store_module
 from ds_cluster.shard.committer import Committer, Job
 from ds_cluster.shard.core import protocol
-from ds_cluster.shard.core.model import ForkOrigin, Request, StreamState
+from ds_cluster.shard.core.model import ForkOrigin, Request, StreamState, advance
 from ds_cluster.shard.core.producers import ProducerState
 from ds_cluster.shard.service import ShardService
 from ds_cluster.shard.streams import Entry
@@ -119,3 +120,57 @@ def test_plain_append_parts_decide_and_answer_as_plain_append(state, body, heade
     assert [wire.append_answer(call_id, offset)] == wire.encode_response(
         call_id, response.status, response.headers, response.body
     )
+
+
+@settings(max_examples=200)
+@given(
+    state=states,
+    sizes=st.lists(st.integers(1, 64), min_size=1, max_size=5),
+    committed=st.integers(0, 5),
+    read_between=st.booleans(),
+)
+def test_plain_appends_keep_the_tail_beside_the_state(state, sizes, committed, read_between):
+    """`append_typed` leaves a plain append's state uncopied (a stream without a fork
+    origin or `closed_by`), its tail beside it: the entry's pending and committed states,
+    read at any point, are what copying each append's state (`core.plain_append_typed`)
+    makes, and so is each write once advanced; a state with a fork origin or a
+    `closed_by` is copied as before (the append clears `closed_by`)."""
+    fake, _staged = _fake_service()
+    fake.offload = SimpleNamespace(engaged_write=lambda path, body: False)
+    fake.handoff = SimpleNamespace(admits_now=lambda path: True)
+    made = Entry("a/b")
+    made.committed = made.pending = state
+    made.committed_sid = made.pending_sid = 7
+    fake.table.get = lambda path: made
+    fake._stage_append = functools.partial(ShardService._stage_append, fake)
+    fake._append_copied = functools.partial(ShardService._append_copied, fake)
+    expected = state
+    writes = []
+    for size in sizes:
+        copying = expected.fork is not None or expected.closed_by is not None
+        appended = ShardService.append_typed(fake, "a/b", state.content_type, b"x" * size)  # type: ignore[arg-type]
+        assert appended is not None
+        entry, job, record, offset = appended
+        write = job.writes[-1][1]
+        writes.append(write)
+        assert (write.accessed is None) == copying
+        now = write.accessed if write.accessed is not None else write.state.last_access
+        parts = protocol.plain_append_typed(state.content_type, b"x" * size, expected, now)
+        assert parts is not None
+        expected = parts[0]
+        assert (record, offset) == parts[1:]
+        advanced = (
+            write.state if write.accessed is None else advance(write.state, write.tail(), now)
+        )
+        assert advanced == expected and write.tail() == expected.tail
+        if read_between:
+            assert entry.pending == expected
+    assert made.pending == expected
+    assert made.pending is made.pending  # (made once, then kept)
+    for n, write in enumerate(writes[:committed]):
+        made.committed_write(write.state, write.sid, write.records, write.accessed)
+        assert made.committed is not None and made.committed.tail == writes[n].tail()
+    if committed >= len(writes):
+        assert made.committed == expected
+    made.committed = state
+    assert made.committed is state and not made.committed_moved
