@@ -294,7 +294,9 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        self._count_append(len(record.data))
+        counters = self.counters  # (`_count_append`, written out: a call, 400 instructions)
+        counters.appends += 1
+        counters.append_bytes += len(record.data)
         return offset
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
@@ -309,7 +311,8 @@ class ShardService:
         entry = self.table.get(path)
         try:
             now = time.time()
-            state = entry.committed
+            # (the property only when it must advance the state: a call, 800 instructions)
+            state = entry.committed if entry.committed_moved else entry.committed_base
             decision = core.handle(request, state, now, self.config)
             token = b""
             if type(decision) is NeedRecords:
