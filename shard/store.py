@@ -926,8 +926,16 @@ class Store:
         pending = _PendingRows()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            journal_sids = self._journal_sids
             for write in batch.streams:
-                self._apply_stream(conn, write, pending)
+                if write.accessed is not None and write.sid in journal_sids:
+                    # `_apply_stream` of a plain append (`advancing_write`) to a stream
+                    # with journal rows, written out: its row, no state, no producers
+                    # (38 such writes: 661k -> 564k instructions for the commit).
+                    record = write.records[0]
+                    pending.journal += (write.sid, record.end, record.start, bytearray(record.data))
+                else:
+                    self._apply_stream(conn, write, pending)
             pending.flush(conn)
             for path, state in batch.touches:
                 conn.execute(
