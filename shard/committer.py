@@ -364,6 +364,9 @@ class Committer:
         for job in jobs:
             for _entry, write in job.writes:
                 streams.append(write)
+                if write.accessed is not None:  # (a plain append's one record: no loop)
+                    size += len(write.records[0].data)
+                    continue
                 for record in write.records:
                     size += len(record.data)
             if (

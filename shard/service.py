@@ -178,7 +178,9 @@ class ShardService:
         for job in jobs:
             for entry, write in job.writes:
                 state = write.state
-                if state is None:
+                if write.accessed is not None:
+                    pass  # (a plain append: no row made or purged, no deadline)
+                elif state is None:
                     if write.old_sid is not None:  # a row purged
                         counters.streams -= 1
                 else:
