@@ -259,6 +259,31 @@ class Committer:
         entry.inflight += 1
         self._queued_requests += 1
 
+    def queue_shared(self, entry: Entry, write: StreamWrite) -> Job:
+        """`shared_job`, `write` added to it, and `admitted`, in one call: a plain
+        append's (`ShardService.append_typed`), two calls fewer (about 900 instructions).
+        The caller checked the fence under the current ring, without a wait since. An
+        advancing write (`store.advancing_write`, whose state is the entry's pending base)
+        moves only the entry's pending tail and last access."""
+        job = self._shared
+        if job is None:
+            job = self._shared = Job()
+            job.done = self._queued_done
+            self._queue.append(job)
+            self._wake.set()
+        job.writes.append((entry, write))
+        accessed = write.accessed
+        if accessed is None:
+            entry.pending = write.state
+        else:  # (`state` is the entry's pending base: only its tail moves)
+            entry.pending_tail = write.records[-1].end
+            entry.pending_access = accessed
+            entry.pending_moved = True
+        entry.pending_sid = write.sid
+        entry.inflight += 1
+        self._queued_requests += 1
+        return job
+
     def touch(self, entry: Entry, now: float) -> None:
         """A read refreshed a TTL stream's countdown; persist it lazily."""
         committed = entry.committed
@@ -339,6 +364,9 @@ class Committer:
         for job in jobs:
             for _entry, write in job.writes:
                 streams.append(write)
+                if write.accessed is not None:  # (a plain append's one record: no loop)
+                    size += len(write.records[0].data)
+                    continue
                 for record in write.records:
                     size += len(record.data)
             if (
@@ -381,7 +409,7 @@ class Committer:
                 if state is None or (old_sid is not None and old_sid != write.sid):
                     purged = True
                     entry.forget()
-                if entry.committed_write(state, write.sid, write.records):
+                if entry.committed_write(state, write.sid, write.records, write.accessed):
                     polled.append(entry)
         for entry in polled:  # (one answered and emptied its list: the rest do nothing)
             entry.notify()

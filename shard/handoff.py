@@ -191,14 +191,14 @@ class Handoff:
             if not new.owns(self.me, entry.path):
                 entry.notify()  # live readers see the fence and leave with `moving`
 
-    def after_commit(self, path: str, state: StreamState | None, ring: Ring) -> None:
+    def after_commit(self, path: str, write: StreamWrite, ring: Ring) -> None:
         """A stream was written: one this shard no longer owns (an arrival under an older
         ring) is sent on; a deleted one no longer needs sending. `ring` is the current
         ring, read once per commit by the caller (a commit writes many streams)."""
-        if state is None:
+        if write.state is None:
             self._outgoing.pop(path, None)
         elif ring.owner(path) != self.me and path not in self._outgoing:
-            self._outgoing[path] = Outgoing(state.tail)
+            self._outgoing[path] = Outgoing(write.tail())
             self._work.set()
 
     # -- the gate: may this shard serve `path` now? --------------------------------------------

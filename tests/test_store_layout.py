@@ -761,3 +761,40 @@ def test_only_tail_moved_is_the_comparison_of_the_stored_fields(
     )
     assert store_module._only_tail_moved(previous, state) == expected
     assert not store_module._only_tail_moved(None, state)
+
+
+def test_advancing_writes_store_what_copied_appends_store(tmp_path: Path) -> None:
+    """A plain append that does not copy its state (`store.advancing_write`, its stream
+    in the journal already or not) commits what the same append with its state copied
+    (`append_write`) commits: the same journal rows and tails, the row left to lag, and
+    the same state once folded."""
+    stores = [Store(tmp_path / "copied"), Store(tmp_path / "advancing")]
+    base = state("s1", 0)
+    for store in stores:
+        store.commit(Batch(streams=[StreamWrite("s1", 1, None, base)]))
+    tail = 0
+    for round_ in range(3):
+        records = []
+        for size in (3, 5):
+            records.append(Record(tail, tail + size, b"x" * size))
+            tail += size
+        now = 10.0 + round_
+        copied, moving = Batch(), Batch()
+        previous = advance(base, records[0].start, now)
+        for record in records:
+            new = advance(base, record.end, now)
+            copied.streams.append(store_module.append_write("s1", 1, new, record, previous, True))
+            moving.streams.append(store_module.advancing_write("s1", 1, base, record, now))
+            previous = new
+        stores[0].commit(copied)
+        stores[1].commit(moving)
+        assert stores[0].journal_tails == stores[1].journal_tails == {1: tail}
+        assert _stored_tail(stores[1], "s1") == 0
+    for store in stores:
+        store.fold()
+    loaded = [store.load_stream("s1") for store in stores]
+    assert loaded[0] == loaded[1] and loaded[0] is not None and loaded[0][1].tail == tail
+    read = [store.read_records(1, 0, 1 << 20) for store in stores]
+    assert read[0] == read[1] and read[0][-1].end == tail
+    for store in stores:
+        store.close()

@@ -235,12 +235,26 @@ def evolve(state: StreamState, **changes: object) -> StreamState:
 
 def advance(state: StreamState, tail: int, now: float) -> StreamState:
     """`evolve(state, tail=tail, closed=False, closed_by=None, last_access=now)`, what a
-    plain append changes (core.protocol's fast lane), without the keyword dict."""
-    new = _copy(state)
+    plain append changes (core.protocol's fast lane), without the keyword dict.
+
+    `_copy` written out with the four changed fields stored once: without the call and
+    the four stores that overwrote copied fields, 4.0k -> 3.2k instructions (callgrind)."""
+    new = _new(StreamState)
+    new.path = state.path
+    new.content_type = state.content_type
+    new.created_at = state.created_at
     new.tail = tail
     new.closed = False
-    new.closed_by = None
+    new.ttl = state.ttl
+    new.expires_at = state.expires_at
+    new.expires_at_ts = state.expires_at_ts
     new.last_access = now
+    new.last_stream_seq = state.last_stream_seq
+    new.closed_by = None
+    new.producers = state.producers
+    new.fork = state.fork
+    new.soft_deleted = state.soft_deleted
+    new.refcount = state.refcount
     return new
 
 

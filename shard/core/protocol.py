@@ -46,7 +46,7 @@ from .model import (
     advance,
     evolve,
 )
-from .offsets import BEGINNING, MAX_POSITION, NOW, decode, encode
+from .offsets import BEGINNING, MAX_POSITION, NOW, OFFSET_PREFIX, decode, encode
 from .reads import CACHE_PUBLIC, CLOSED, NO_STORE, UP_TO_DATE, collect, etag, if_none_match
 from .sse import SseSession
 
@@ -161,6 +161,7 @@ _NOT_PLAIN = frozenset(
 # lru_cache's wrapper cost 700 instructions per append); emptied when it fills.
 _PLAIN_TYPES: dict[str, bool] = {}
 _PLAIN_TYPES_MAX = 1024
+_new = object.__new__
 
 
 def _plain_type(content_type: str) -> bool:
@@ -221,6 +222,22 @@ def plain_append_typed(
 ) -> tuple[StreamState, Record, str] | None:
     """`plain_append_parts` of a POST whose headers are its `content_type` alone (a
     shard link's `append` frame, `common.wire`)."""
+    parts = plain_append_at(content_type, body, state, state.tail)
+    if parts is None:
+        return None
+    record, offset = parts
+    return advance(state, record.end, now), record, offset
+
+
+def plain_append_at(
+    content_type: str, body: bytes, state: StreamState, tail: int
+) -> tuple[Record, str] | None:
+    """`plain_append_typed` of `state` advanced to `tail` (`advance(state, tail, t)`,
+    of any last access `t`), without that state: its one record and the
+    Stream-Next-Offset of its 204; the new state is `advance(state, record.end, now)`.
+    The runtime keeps a plain append's tail beside the state it advances instead of a
+    copy of the state per append (`shard.streams.Entry`). `state` must not be closed,
+    as an advanced state never is (a closed one is refused here, as it must be)."""
     if (
         state.closed
         or state.soft_deleted
@@ -236,11 +253,16 @@ def plain_append_typed(
     plain = _PLAIN_TYPES.get(content_type)
     if not (_plain_type(content_type) if plain is None else plain):
         return None
-    tail = state.tail
     new_tail = tail + size
     if new_tail > MAX_POSITION:
         return None
-    return advance(state, new_tail, now), Record(tail, new_tail, body), encode(new_tail)
+    # The Record's slots filled and the offset minted here, not through the class call
+    # and `encode`: 10.1k -> 8.9k instructions for plain_append_typed (callgrind).
+    record = _new(Record)
+    record.start = tail
+    record.end = new_tail
+    record.data = body
+    return record, OFFSET_PREFIX + str(new_tail).zfill(16)
 
 
 def _append(request: Request, state: StreamState | None, now: float) -> Reply:

@@ -18,6 +18,7 @@ from ds_cluster.shard.core.model import (
     Reply,
     Request,
     StreamState,
+    advance,
     evolve,
 )
 from ds_cluster.shard.core.offsets import MAX_POSITION
@@ -125,3 +126,34 @@ def test_the_plain_case_takes_the_fast_lane(state, body):
         assert fast.state is not None and fast.state.tail == state.tail + len(body)
     else:
         assert fast is None
+
+
+@settings(max_examples=500)
+@given(
+    state=states,
+    bodies_=st.lists(request_bodies, min_size=1, max_size=4),
+    own_type=st.booleans(),
+    other_type=st.sampled_from(_TYPES),
+)
+def test_appends_at_a_kept_tail_decide_as_appends_on_advanced_states(
+    state, bodies_, own_type, other_type
+):
+    """`plain_append_at` of a state and a tail kept beside it (the runtime's
+    `Entry.pending_tail`) decides each of a run of appends as `plain_append_typed` on the
+    state advanced to that tail: the same record and offset, and the same new state once
+    advanced to the record's end."""
+    content_type = state.content_type if own_type else other_type
+    tail = state.tail
+    advanced = state
+    for i, body in enumerate(bodies_):
+        now = NOW + i
+        kept = protocol.plain_append_at(content_type, body, state, tail)
+        copied = protocol.plain_append_typed(content_type, body, advanced, now)
+        if copied is None:
+            assert kept is None
+            return
+        assert kept is not None
+        new_state, record, offset = copied
+        assert kept == (record, offset)
+        assert advance(state, record.end, now) == new_state
+        tail, advanced = record.end, new_state

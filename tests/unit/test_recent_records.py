@@ -47,3 +47,29 @@ def test_the_oldest_go_while_the_rest_hold_the_limit() -> None:
     entry.remember(big)
     assert list(entry.recent) == list(big)
     assert entry.recent_bytes == RECENT_BYTES * 2
+
+
+def test_committed_writes_remember_as_remember_does() -> None:
+    """`committed_write` writes out `remember`'s case of one following record: the same
+    records and bytes, the oldest dropped at the limit, a gap starting over, and the
+    write counted done (its `inflight` back to 0) either way."""
+    committed, remembered = Entry("a"), Entry("b")
+    half = RECENT_BYTES // 2
+    writes = [
+        _records(0, [10]),  # (into an empty memory)
+        _records(10, [half]),
+        _records(10 + half, [7, 8]),  # (several records)
+        _records(25 + half, [half]),  # (the oldest go)
+        _records(10**6, [5]),  # (a gap)
+        _records(10**6 + 5, [RECENT_BYTES * 2]),  # (one record beyond the limit, alone)
+        _records(10**6 + 5 + RECENT_BYTES * 2, [1]),
+        (),
+    ]
+    for records in writes:
+        committed.inflight = 1
+        assert not committed.committed_write(None, 1, records)
+        assert committed.inflight == 0
+        if records:
+            remembered.remember(records)
+        assert list(committed.recent) == list(remembered.recent)
+        assert committed.recent_bytes == remembered.recent_bytes
