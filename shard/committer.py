@@ -243,12 +243,14 @@ class Committer:
         """The job queued for the next group commit that the appends decided on the spot
         share (`ShardService.decide_now`): a job per append, with its six lists, cost
         about 2k instructions. Its writes are added by the caller and then `admitted`."""
-        job = self._shared
-        if job is None:
-            job = self._shared = Job()
-            job.done = self._queued_done
-            self._queue.append(job)
-            self._wake.set()
+        return self._shared or self._open_shared()
+
+    def _open_shared(self) -> Job:
+        """A new shared job, queued (once per group: its callers test `_shared` first)."""
+        job = self._shared = Job()
+        job.done = self._queued_done
+        self._queue.append(job)
+        self._wake.set()
         return job
 
     def admitted(self, entry: Entry, write: StreamWrite) -> None:
@@ -263,14 +265,9 @@ class Committer:
         """`shared_job`, `write` added to it, and `admitted`, in one call: a plain
         append's (`ShardService.append_typed`), two calls fewer (about 900 instructions).
         The caller checked the fence under the current ring, without a wait since. An
-        advancing write (`store.advancing_write`, whose state is the entry's pending base)
-        moves only the entry's pending tail and last access."""
-        job = self._shared
-        if job is None:
-            job = self._shared = Job()
-            job.done = self._queued_done
-            self._queue.append(job)
-            self._wake.set()
+        advancing write (`store.append_write` with `accessed`, whose state is the entry's
+        pending base) moves only the entry's pending tail and last access."""
+        job = self._shared or self._open_shared()
         job.writes.append((entry, write))
         accessed = write.accessed
         if accessed is None:

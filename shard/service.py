@@ -48,7 +48,6 @@ from ds_cluster.shard.store import (
     NOTICE_STATUS,
     Store,
     StreamWrite,
-    advancing_write,
     append_write,
 )
 from ds_cluster.shard.streams import Entry, StreamTable
@@ -271,7 +270,7 @@ class ShardService:
             return None
         record, offset = moved
         job = self.committer.queue_shared(
-            entry, advancing_write(path, sid, state, record, time.time())
+            entry, append_write(path, sid, state, record, state, True, time.time())
         )
         self.subs.notices.stage(job, path)  # (the tail moved past 0)
         return (entry, job, record, offset)

@@ -314,12 +314,24 @@ _new = object.__new__
 
 
 def append_write(
-    path: str, sid: int, state: StreamState, record: Record, previous: StreamState, tail_moved: bool
+    path: str,
+    sid: int,
+    state: StreamState,
+    record: Record,
+    previous: StreamState,
+    tail_moved: bool,
+    accessed: float | None = None,
 ) -> StreamWrite:
     """`StreamWrite(path, sid, sid, state, (record,), previous.producers, previous,
     tail_moved)`: one record appended in the same incarnation, without the class call
     (Python 3.11 runs a class's `__init__` through a generic slot path: every append
-    makes one, and its slots filled here cost about 550 instructions less)."""
+    makes one, and its slots filled here cost about 550 instructions less).
+
+    With `accessed` (the time of the append), the write of a plain append that leaves
+    its stream's state as it is (`state` is `previous`, advanced to `record.start`): the
+    state written is `advance(state, record.end, accessed)`, made by no one here. Only
+    for a `state` without a fork origin or a `closed_by`, whose stored row may lag
+    (`tail_moved`)."""
     write = _new(StreamWrite)
     write.path = path
     write.sid = sid
@@ -329,27 +341,7 @@ def append_write(
     write.previous_producers = previous.producers
     write.previous = previous
     write.tail_moved = tail_moved
-    write.accessed = None
-    return write
-
-
-def advancing_write(
-    path: str, sid: int, state: StreamState, record: Record, now: float
-) -> StreamWrite:
-    """The write of a plain append that leaves its stream's `state` as it is and sets
-    `accessed`: `append_write` of `advance(state, record.end, now)` after `state`
-    advanced to `record.start`, without either state made. Only for a `state` without
-    a fork origin or a `closed_by`, whose stored row may lag (`tail_moved`)."""
-    write = _new(StreamWrite)
-    write.path = path
-    write.sid = sid
-    write.old_sid = sid
-    write.state = state
-    write.records = (record,)
-    write.previous_producers = state.producers
-    write.previous = state
-    write.tail_moved = True
-    write.accessed = now
+    write.accessed = accessed
     return write
 
 
@@ -929,7 +921,7 @@ class Store:
             journal_sids = self._journal_sids
             for write in batch.streams:
                 if write.accessed is not None and write.sid in journal_sids:
-                    # `_apply_stream` of a plain append (`advancing_write`) to a stream
+                    # `_apply_stream` of a plain append (`append_write` with `accessed`) to a stream
                     # with journal rows, written out: its row, no state, no producers
                     # (38 such writes: 661k -> 564k instructions for the commit).
                     record = write.records[0]

@@ -764,7 +764,7 @@ def test_only_tail_moved_is_the_comparison_of_the_stored_fields(
 
 
 def test_advancing_writes_store_what_copied_appends_store(tmp_path: Path) -> None:
-    """A plain append that does not copy its state (`store.advancing_write`, its stream
+    """A plain append that does not copy its state (`store.append_write` with `accessed`, its stream
     in the journal already or not) commits what the same append with its state copied
     (`append_write`) commits: the same journal rows and tails, the row left to lag, and
     the same state once folded."""
@@ -784,7 +784,7 @@ def test_advancing_writes_store_what_copied_appends_store(tmp_path: Path) -> Non
         for record in records:
             new = advance(base, record.end, now)
             copied.streams.append(store_module.append_write("s1", 1, new, record, previous, True))
-            moving.streams.append(store_module.advancing_write("s1", 1, base, record, now))
+            moving.streams.append(store_module.append_write("s1", 1, base, record, base, True, now))
             previous = new
         stores[0].commit(copied)
         stores[1].commit(moving)
