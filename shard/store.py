@@ -77,7 +77,14 @@ from urllib.parse import quote
 
 import msgpack
 
-from ds_cluster.shard.core.model import ForkOrigin, ProducerState, Record, StreamState, evolve
+from ds_cluster.shard.core.model import (
+    ForkOrigin,
+    ProducerState,
+    Record,
+    StreamState,
+    advance,
+    evolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -921,9 +928,9 @@ class Store:
             journal_sids = self._journal_sids
             for write in batch.streams:
                 if write.accessed is not None and write.sid in journal_sids:
-                    # `_apply_stream` of a plain append (`append_write` with `accessed`) to a stream
-                    # with journal rows, written out: its row, no state, no producers
-                    # (38 such writes: 661k -> 564k instructions for the commit).
+                    # `_apply_stream` of a plain append (`append_write` with `accessed`)
+                    # to a stream with journal rows, written out: its row, no state, no
+                    # producers (38 such writes: 661k -> 564k instructions for the commit).
                     record = write.records[0]
                     pending.journal += (write.sid, record.end, record.start, bytearray(record.data))
                 else:
@@ -1052,6 +1059,11 @@ class Store:
                 if not stored and (write.tail_moved or _only_tail_moved(write.previous, state)):
                     stored = True  # its journal rows say where its tail is now
         if not stored:
+            if write.accessed is not None:
+                # An advancing write's state is its stream's state before the append, and
+                # its rows went to `records`, not the journal: no journal row gives the
+                # stored tail, so the state written is the advanced one.
+                state = advance(state, records[-1].end, write.accessed)
             pending.states[write.path] = (write.sid, state)
         if state.producers is write.previous_producers:  # an append without a producer
             return

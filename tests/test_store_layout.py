@@ -798,3 +798,26 @@ def test_advancing_writes_store_what_copied_appends_store(tmp_path: Path) -> Non
     assert read[0] == read[1] and read[0][-1].end == tail
     for store in stores:
         store.close()
+
+
+def test_an_advancing_write_to_records_stores_its_advanced_state(tmp_path: Path) -> None:
+    """A plain append that does not copy its state (`store.append_write` with `accessed`)
+    and is large enough to go to `records` rather than the journal: no journal row gives
+    its tail, so its stream's row holds the advanced state, and a reopened store reads
+    the stream to its end."""
+    path = tmp_path / "db"
+    store = Store(path)
+    base = state("s1", 0)
+    store.commit(Batch(streams=[StreamWrite("s1", 1, None, base)]))
+    size = store_module.DIRECT_WRITE_BYTES
+    data = os.urandom(size)
+    record = Record(0, size, data)
+    store.commit(Batch(streams=[store_module.append_write("s1", 1, base, record, base, True, 7.0)]))
+    assert store.journal_tails == {}
+    assert _stored_tail(store, "s1") == size
+    store.close()
+    reopened = Store(path)
+    loaded = reopened.load_stream("s1")
+    assert loaded is not None and loaded[1].tail == size and loaded[1].last_access == 7.0
+    assert b"".join(r.data for r in reopened.read_records(1, 0, 1 << 20)) == data
+    reopened.close()
