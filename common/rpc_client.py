@@ -591,14 +591,6 @@ class ShardConnection:
                             pending[call.id] = call
                             raise rpc_core.ProtocolError("a second response to one request")
                         call.answered = True
-                        first = call.first
-                        if first is not None:  # (`_put`'s first step, written out)
-                            call.first = None
-                            try:
-                                if first(frame):
-                                    continue  # (a call is 700 instructions, per append)
-                            except Exception:
-                                log.exception("a call's sink failed")
                         call._put(frame)
                         continue
                     call = on_frame(frame)
@@ -972,15 +964,9 @@ class ShardPool:
             except ShardUnavailable:
                 return None
         # `conn.open` of a packed head, here rather than in a call of its own (700
-        # instructions, and every plain append comes this way), with `_new_call` and
-        # `CallerProtocol.request` written out (the latter without the frame it builds).
-        call: Call = Call()
-        call.answered = call.sent = call.done = False
-        call.buffered = 0
-        call._conn = conn
-        call._inbox = None
-        call._waiter = call.sink = call.early = None
-        call.first = first
+        # instructions, and every plain append comes this way), with
+        # `CallerProtocol.request` written out (without the frame it builds).
+        call = conn._new_call(first)
         call.id = call_id = protocol.last_id = protocol.last_id + 1
         protocol.pending[call_id] = call
         try:

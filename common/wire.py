@@ -755,8 +755,7 @@ class FrameDecoder:
                 if length in _DONE_LENGTHS:
                     # Maybe a `done` frame with a two- or four-byte call id (as
                     # `append_answer` packs it): read without msgpack into what
-                    # `_parse_done` makes of it, here rather than in a call of its own
-                    # (700 instructions, per answer). Anything else goes on to msgpack.
+                    # `_parse_done` makes of it. Anything else goes on to msgpack.
                     if length == _DONE16_LENGTH:
                         head, tag, call_id, middle, raw = _DONE16_ITEMS(view, start)
                         tag -= 0xCD
@@ -765,13 +764,10 @@ class FrameDecoder:
                         tag -= 0xCE
                     if not tag and head == _DONE_HEAD and middle == _DONE_MIDDLE:
                         try:
-                            offset = raw.decode()
+                            res = _done_response(call_id, raw.decode())
                         except UnicodeDecodeError:
-                            offset = "\0"  # (refused below)
-                        if "\n" not in offset and "\r" not in offset and "\0" not in offset:
-                            res = _DONE.copy()
-                            res["i"] = call_id
-                            res["h"] = [["stream-next-offset", offset]]
+                            res = None
+                        if res is not None:
                             messages.append(res)
                             continue
                 try:  # (`_decode`, written out: every frame passes here)
@@ -1317,12 +1313,20 @@ def _parse_done(message: Positional) -> Frame:
         raise _bad_length("done", message, 3) from None
     if type(i) is not int or not 0 <= i <= MAX_CALL_ID:
         raise _bad_item("done", "i")
-    if type(offset) is not str or "\n" in offset or "\r" in offset or "\0" in offset:
+    res = _done_response(i, offset) if type(offset) is str else None
+    if res is None:
         raise _bad_item("done", "o")  # (a response header's value: `_parse_http_response`)
-    # A copy of the constant fields (a dict copy clones their hash table) with the two
-    # that vary set: a third cheaper than the eight-key display, once per append.
+    return res
+
+
+def _done_response(call_id: int, offset: str) -> ResponseFrame | None:
+    """The response a `done` frame stands for, None if `offset` cannot be a header
+    value. A copy of the constant fields (a dict copy clones their hash table) with the
+    two that vary set: a third cheaper than the eight-key display, once per append."""
+    if "\n" in offset or "\r" in offset or "\0" in offset:
+        return None
     res = _DONE.copy()
-    res["i"] = i
+    res["i"] = call_id
     res["h"] = [["stream-next-offset", offset]]
     return res
 

@@ -58,7 +58,6 @@ import logging
 import os
 import socket
 from binascii import hexlify
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from math import inf
 from random import getrandbits
@@ -749,14 +748,8 @@ class Http1Connection:
             plain = server.plain_heads.heads.get(data[:end]) if end > 3 else None
             if plain is not None:
                 req, route_plain, length = plain
-                if not (  # (`_closing(req)` written out)
-                    len(data) - end != length
-                    or req.close
-                    or not req.keep_alive
-                    or self._stopped
-                    or self._served + 1 >= server.max_requests
-                    or server.stopping
-                ):  # (one after which the connection closes takes the general path)
+                # (one after which the connection closes takes the general path)
+                if len(data) - end == length and not self._closing(req):
                     route = server.route
                     assert route is not None
                     started = perf_counter()
@@ -770,27 +763,7 @@ class Http1Connection:
                         # connection is busy. `_raw` is None already, as checked.)
                         server.connections.idle.discard(self)
                         server.plain_heads.hits += 1
-                        # (`_fly` of a request without an X-Request-Id, written out)
-                        recorder = gateway_metrics.current
-                        if recorder is None:
-                            series = None
-                        else:
-                            series = recorder.appends
-                            if series is None:
-                                series = recorder.appends = recorder.series_of(
-                                    "POST", "http", "none"
-                                )
-                            series.active += 1
-                        flight = _new(_InFlight)
-                        flight.req = req
-                        flight.started = started
-                        flight.received = length
-                        flight.rid = hexlify(getrandbits(64).to_bytes(8, "big"))
-                        flight.sent = sent
-                        flight.series = series
-                        flight.state = _SENT
-                        flight.answer = None
-                        self._inflight = flight
+                        self._fly(req, started, length, sent, None)
                         self.wait_until = inf  # (as below)
                         return True
             self._feed(data)
@@ -1101,8 +1074,7 @@ class Http1Connection:
         self, req: _Request, started: float, received: int, sent: Any, given: bytes | None
     ) -> None:
         """Note the append `sent` on as this connection's in flight (`given`: the first
-        X-Request-Id of its head, None: it sent none), counted in the metrics. (`read_here`
-        writes it out for a request served from a kept head.)"""
+        X-Request-Id of its head, None: it sent none), counted in the metrics."""
         recorder = gateway_metrics.current  # (`_metric` of a POST without TLS)
         if recorder is None:
             series = None
@@ -1216,32 +1188,13 @@ class Http1Connection:
             if access is not None:
                 self._log_flight(access, flight, status, size)
             series = flight.series
-            if series is not None:  # (`Series.finish` of a stream request, written out)
-                duration = perf_counter() - flight.started
-                histogram = series.stream.get(status)
-                if histogram is None:
-                    series.finish(status, duration)
-                else:
-                    series.active -= 1
-                    histogram.counts[bisect_left(histogram.bounds, duration)] += 1
-                    histogram.sum += duration
-            # (`_done(True)`, and `ReadDeadlines.wait` where it only notes the deadline)
-            self._served += 1
-            if self._stopped:
-                return True
-            now = server.now()
-            until = self._idle_until = now + server.between
-            server.connections.idle.add(self)
-            if self._req is not None:  # a pipelined head in progress: its time starts now
-                self._head_until = now + server.keep_alive
-                until = self._deadline()
-            if self.read_task is not None:
+            if series is not None:
+                series.finish(status, perf_counter() - flight.started)
+            if self._done(True) and self.read_task is not None:
                 # This task waits for bytes: for how long now (`_deadline`: between
                 # requests, unless a head is in progress).
-                if until < self.timer_at:
-                    server.deadlines.wait(self, until)
-                else:
-                    self.wait_until = until
+                until = self._idle_until if self._req is None else self._deadline()
+                server.deadlines.wait(self, until)
             return True
         except Exception:
             log.exception("writing an append's answer failed")
