@@ -361,10 +361,7 @@ class RpcServer:
         if not protocol.admits(call_id, message["r"], ring):
             return False
         path = message["p"]
-        # (`_local`'s answer for a path checked before, without its call: 400 instructions)
-        if (
-            path not in _CHECKED_PATHS or ring.owner(path) != self.service.shard_id
-        ) and not self._local(path, ring):
+        if not self._local(path, ring):
             return False
         try:
             appended = self.service.append_typed(path, message["c"], message["b"])

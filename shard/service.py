@@ -295,9 +295,7 @@ class ShardService:
             self.table.release_if_idle(entry)
         if job.error is not None:
             return unavailable("storage unavailable; the write was not applied")
-        counters = self.counters  # (`_count_append`, written out: a call, 400 instructions)
-        counters.appends += 1
-        counters.append_bytes += len(record.data)
+        self._count_append(len(record.data))
         return offset
 
     def read_now(self, request: Request) -> tuple[Response, bytes] | None:
