@@ -24,7 +24,8 @@ from ds_cluster.tools.bench.instructions import _appends
 from ds_cluster.tools.bench.presets import fanout_shape, selected
 from ds_cluster.tools.bench.report import HIGHER, LOWER, markdown, ours_vs_best, summary
 from ds_cluster.tools.bench.stats import cpu_us_per_op
-from ds_cluster.tools.bench.targets import REPO, BenchTarget
+from ds_cluster.tools.bench.storage import measure_commit_latency, percentiles
+from ds_cluster.tools.bench.targets import REPO, BenchTarget, up_options
 
 
 def test_parser_handles_chunked_and_bodiless_responses():
@@ -212,6 +213,45 @@ def test_presets_name_the_issue_scenarios_and_keep_the_old_names():
     assert (custom.mode, custom.readers, custom.rate) == ("sse", 20, 5.0)
     # the issue's catch-up shape is the default
     assert (args.catchup_readers, args.catchup_streams, args.catchup_size) == (32, 8, 1 << 20)
+
+
+def test_commit_latency_measures_lone_commits_and_bare_syncs(tmp_path: Path):
+    assert percentiles([float(v) for v in range(1, 101)]) == "51.000 / 91.000 / 100.000 / 100.000"
+    found = measure_commit_latency(tmp_path, 200.0, 0.1)
+    assert set(found) == {"SQLite commit of one row", "bare fdatasync"}
+    for text in found.values():
+        p50, p90, p99, top = (float(v) for v in text.split(" / "))
+        assert 0 < p50 <= p90 <= p99 <= top
+
+
+def test_up_specs_name_the_cluster_options():
+    assert up_options("up") == []
+    assert up_options("up:3") == ["--shards", "3", "--gateways", "1"]
+    assert up_options("up:2x4") == ["--shards", "2", "--gateways", "4"]
+    assert up_options("up:normal") == ["--synchronous", "NORMAL"]
+    assert up_options("up:1x2:normal") == [
+        "--shards", "1", "--gateways", "2", "--synchronous", "NORMAL"
+    ]  # fmt: skip
+    for bad in ("up:x", "up:2xq", "up:full", "up:2:fast"):
+        with pytest.raises(ValueError):
+            up_options(bad)
+
+
+def test_an_up_normal_target_runs_its_shards_without_a_sync_per_commit():
+    """What isolates the fsync's cost must differ from the default in that alone."""
+    bt = BenchTarget("up:1x1:normal")
+    bt.start()
+    try:
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in bt.pids()]
+        shards = [c for c in cmdlines if b"shard" in c and b"--id" in c]
+        assert len(shards) == 1
+        assert shards[0][shards[0].index(b"--synchronous") + 1] == b"NORMAL"
+        with SyncClient(bt.target) as c:
+            ct = {"content-type": "text/plain"}
+            assert c.request("PUT", bt.target.path("n"), headers=ct).status == 201
+            assert c.request("POST", bt.target.path("n"), b"x", ct).status == 204
+    finally:
+        bt.stop()
 
 
 @pytest.mark.slow

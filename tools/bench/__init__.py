@@ -22,17 +22,17 @@ gateway count G (--scaling-gateways, default the same list) with CPU per request
 kind; --url is then not needed (see tools/bench/scaling.py).
 
 Targets: --url is A ("ours"); each --vs adds one (see tools/bench/targets.py for the spec
-forms: an http:// or https:// URL, ref:file, ref:memory, rakaia, baseline[:W], up,
-up:S[xG]). Every request of every scenario to every target carries the --header lines (e.g.
-a bearer token for a server with client auth; a server without it ignores the header);
-https URLs are verified against --cacert. Runs alternate per scenario (A B A B ... for
---rounds 2) so machine noise spreads over all; ratios are A / other, per round pair,
-geometric mean. The append scenarios run under wrk when it is on PATH (tools/bench/wrk.py;
---append-driver wrk|python picks one), the others and the Python append driver in separate
-Python processes on raw keep-alive sockets. The load generators' CPU (client_cpu_pct, % of
-one core) and the servers' CPU (server_cpu_pct; over the load window for the append
-scenarios, over the whole run otherwise) are reported so a saturated client or server is
-visible.
+forms: an http:// or https:// URL, ref:file, ref:memory, rakaia, baseline[:W], up, up:S[xG],
+and up[:S[xG]]:normal, which isolates the cost of fsync). Every request of every scenario to
+every target carries the --header lines (e.g. a bearer token for a server with client auth;
+a server without it ignores the header); https URLs are verified against --cacert. Runs
+alternate per scenario (A B A B ... for --rounds 2) so machine noise spreads over all;
+ratios are A / other, per round pair, geometric mean. The append scenarios run under wrk
+when it is on PATH (tools/bench/wrk.py; --append-driver wrk|python picks one), the others
+and the Python append driver in separate Python processes on raw keep-alive sockets. The
+load generators' CPU (client_cpu_pct, % of one core) and the servers' CPU (server_cpu_pct;
+over the load window for the append scenarios, over the whole run otherwise) are reported so
+a saturated client or server is visible.
 
 Output: a detailed table (medians over the rounds, and A / other per round pair), then a
 markdown summary of the headline figures with a last column "ours vs best peer"
@@ -88,7 +88,10 @@ SHOWN = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="target A (URL, ref:file|memory, rakaia, baseline, up, up:S[xG])")
+    p.add_argument(
+        "--url",
+        help="target A (URL, ref:file|memory, rakaia, baseline, up, up:S[xG], up[:S[xG]]:normal)",
+    )
     p.add_argument("--vs", action="append", default=[], help="another target (repeatable)")
     p.add_argument(
         "--scenario",

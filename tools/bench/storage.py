@@ -35,6 +35,12 @@ writers, each waiting for its commit like a connection of the append benchmark:
 
     python -m ds_cluster.tools.bench.storage --committer inline --seconds 3
 
+With `--commit-latency RATE` it measures what a lone append waits for at a low rate (a
+fan-out benchmark's writer): RATE commits a second for `--seconds`, each one 100-byte row
+in a table of its own with the store's settings, alternated with a bare `fdatasync` of a
+4 KiB overwrite in the same directory; printed: the percentiles of both. The difference
+between a durable server and one in memory starts there.
+
 With `--store-reads` it measures the store's read forms instead: `read_records` (a Record
 per row), `read_buffers` (the datas as a list) and `read_joined` (one joined record).
 """
@@ -451,6 +457,43 @@ def measure_store_reads(data_dir: Path, record: int, folded: bool, repeat: int) 
     return out
 
 
+def percentiles(samples: list[float]) -> str:
+    """p50 / p90 / p99 / max of `samples` (milliseconds)."""
+    ordered = sorted(samples)
+    at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99)]
+    return " / ".join(f"{v:.3f}" for v in (*at, ordered[-1]))
+
+
+def measure_commit_latency(directory: Path, rate: float, seconds: float) -> dict[str, str]:
+    """Lone commits of one row, alternated with bare fdatasyncs, `rate` of each a second."""
+    conn = connect(directory / "lone.db")
+    conn.execute("CREATE TABLE journal (sid INTEGER, end_pos INTEGER, data BLOB)")
+    fd = os.open(directory / "sync.bin", os.O_RDWR | os.O_CREAT)
+    commits: list[float] = []
+    syncs: list[float] = []
+    try:
+        os.pwrite(fd, bytes(4096 * 256), 0)
+        os.fsync(fd)
+        row = bytes(100)
+        for n in range(max(1, int(rate * seconds))):
+            t0 = time.perf_counter()
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO journal VALUES (?, ?, ?)", (n % 50, n, row))
+            conn.execute("COMMIT")
+            t1 = time.perf_counter()
+            os.pwrite(fd, row * 40, (n % 256) * 4096)
+            t2 = time.perf_counter()
+            os.fdatasync(fd)
+            t3 = time.perf_counter()
+            commits.append((t1 - t0) * 1e3)
+            syncs.append((t3 - t2) * 1e3)
+            time.sleep(max(0.0, 1 / rate - (t3 - t0)))
+    finally:
+        os.close(fd)
+        conn.close()
+    return {"SQLite commit of one row": percentiles(commits), "bare fdatasync": percentiles(syncs)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=256)
@@ -478,9 +521,22 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: the store's read forms (read_records, read_buffers, read_joined) of "
         "1 MiB, 100 B and 64 KiB records, folded and in the journal",
     )
+    parser.add_argument(
+        "--commit-latency",
+        type=float,
+        metavar="RATE",
+        help="instead: lone one-row commits and bare fdatasyncs, RATE of each a second",
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
+    if args.commit_latency:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            found = measure_commit_latency(Path(tmp), args.commit_latency, args.seconds)
+        print(f"{args.commit_latency:g} a second for {args.seconds:g} s, ms p50 / p90 / p99 / max")
+        for name, text in found.items():
+            print(f"  {name:<26}{text}")
+        return
     if args.committer:
         import trio
 

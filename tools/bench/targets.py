@@ -8,6 +8,10 @@ Spec forms (for --url and --vs):
   baseline[:W]                tools.bench.baseline (bare ASGI on hypercorn-trio, W workers)
   up                          `ds-cluster up` with its defaults on a temporary data dir
   up:S[xG]                    `ds-cluster up --shards S --gateways G` on a temporary data dir
+  up[:S[xG]]:normal           the same with `--synchronous NORMAL`: a commit does not wait
+                              for fsync, so appends are not durable one by one. Not a
+                              configuration to run; it isolates what the fsync costs (run
+                              side by side with the same cluster at its FULL default)
   rakaia                      rakaia-streams under uvicorn (uvloop, httptools), in memory,
                               installed on first use into its own venv (tools/bench/rakaia.py)
 Managed servers bind 127.0.0.1 on a free port and are stopped by PID when the bench ends.
@@ -41,6 +45,21 @@ def free_port() -> int:
 
 def _nofile_to_hard_limit() -> None:
     raise_nofile(1 << 20)
+
+
+def up_options(spec: str) -> list[str]:
+    """The `ds-cluster up` options an `up[:S[xG]][:normal]` spec stands for."""
+    shape = spec.removeprefix("up").removeprefix(":")
+    options = []
+    if shape == "normal" or shape.endswith(":normal"):
+        shape = shape.removesuffix("normal").removesuffix(":")
+        options = ["--synchronous", "NORMAL"]
+    if shape:
+        shards, _, gateways = shape.partition("x")
+        if not shards.isdigit() or not (gateways or "1").isdigit():
+            raise ValueError(f"up, up:S[xG] or up[:S[xG]]:normal, not {spec!r}")
+        options = ["--shards", shards, "--gateways", gateways or "1", *options]
+    return options
 
 
 class BenchTarget:
@@ -97,15 +116,13 @@ class BenchTarget:
         elif spec == "rakaia":
             cmd = rakaia.command(rakaia.ensure_venv(), port)
         elif spec == "up" or spec.startswith("up:"):
-            shards, _, gateways = spec[3:].partition("x")
             self.tmp = tempfile.mkdtemp(prefix="bench-up-")
-            sizes = ["--shards", shards or "2", "--gateways", gateways or "1"] if shards else []
             cmd = [
                 sys.executable,
                 "-m",
                 "ds_cluster.cli",
                 "up",
-                *sizes,
+                *up_options(spec),
                 "--host",
                 "127.0.0.1",
                 "--port",
