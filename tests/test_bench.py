@@ -218,10 +218,17 @@ def test_presets_name_the_issue_scenarios_and_keep_the_old_names():
 def test_commit_latency_measures_lone_commits_and_bare_syncs(tmp_path: Path):
     assert percentiles([float(v) for v in range(1, 101)]) == "51.000 / 91.000 / 100.000 / 100.000"
     found = measure_commit_latency(tmp_path, 200.0, 0.1)
-    assert set(found) == {"SQLite commit of one row", "bare fdatasync"}
+    assert list(found) == [
+        "SQLite commit of one row",
+        "  CPU of the commit",
+        "bare fdatasync",
+        "  CPU of the fdatasync",
+    ]
     for text in found.values():
         p50, p90, p99, top = (float(v) for v in text.split(" / "))
         assert 0 < p50 <= p90 <= p99 <= top
+    commit_wall, commit_cpu = (float(found[k].split(" / ")[0]) for k in list(found)[:2])
+    assert commit_cpu <= commit_wall * 1.5  # (clock granularity aside, CPU is within wall)
 
 
 def test_up_specs_name_the_cluster_options():

@@ -38,8 +38,9 @@ writers, each waiting for its commit like a connection of the append benchmark:
 With `--commit-latency RATE` it measures what a lone append waits for at a low rate (a
 fan-out benchmark's writer): RATE commits a second for `--seconds`, each one 100-byte row
 in a table of its own with the store's settings, alternated with a bare `fdatasync` of a
-4 KiB overwrite in the same directory; printed: the percentiles of both. The difference
-between a durable server and one in memory starts there.
+4 KiB overwrite in the same directory; printed: the percentiles of both, wall time and the
+thread's CPU time (its system calls included). The difference between a durable server and
+one in memory starts there.
 
 With `--store-reads` it measures the store's read forms instead: `read_records` (a Record
 per row), `read_buffers` (the datas as a list) and `read_joined` (one joined record).
@@ -465,33 +466,41 @@ def percentiles(samples: list[float]) -> str:
 
 
 def measure_commit_latency(directory: Path, rate: float, seconds: float) -> dict[str, str]:
-    """Lone commits of one row, alternated with bare fdatasyncs, `rate` of each a second."""
+    """Lone commits of one row, alternated with bare fdatasyncs, `rate` of each a second:
+    wall time and the thread's CPU time (system calls included) of each."""
     conn = connect(directory / "lone.db")
     conn.execute("CREATE TABLE journal (sid INTEGER, end_pos INTEGER, data BLOB)")
     fd = os.open(directory / "sync.bin", os.O_RDWR | os.O_CREAT)
-    commits: list[float] = []
-    syncs: list[float] = []
+    found: dict[str, list[float]] = {
+        "SQLite commit of one row": [],
+        "  CPU of the commit": [],
+        "bare fdatasync": [],
+        "  CPU of the fdatasync": [],
+    }
+    commits, commit_cpu, syncs, sync_cpu = found.values()
     try:
         os.pwrite(fd, bytes(4096 * 256), 0)
         os.fsync(fd)
         row = bytes(100)
         for n in range(max(1, int(rate * seconds))):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             conn.execute("BEGIN")
             conn.execute("INSERT INTO journal VALUES (?, ?, ?)", (n % 50, n, row))
             conn.execute("COMMIT")
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             os.pwrite(fd, row * 40, (n % 256) * 4096)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             os.fdatasync(fd)
-            t3 = time.perf_counter()
+            t3, c3 = time.perf_counter(), time.thread_time()
             commits.append((t1 - t0) * 1e3)
+            commit_cpu.append((c1 - c0) * 1e3)
             syncs.append((t3 - t2) * 1e3)
+            sync_cpu.append((c3 - c2) * 1e3)
             time.sleep(max(0.0, 1 / rate - (t3 - t0)))
     finally:
         os.close(fd)
         conn.close()
-    return {"SQLite commit of one row": percentiles(commits), "bare fdatasync": percentiles(syncs)}
+    return {name: percentiles(samples) for name, samples in found.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
