@@ -216,7 +216,7 @@ def test_presets_name_the_issue_scenarios_and_keep_the_old_names():
 
 
 def test_commit_latency_measures_lone_commits_and_bare_syncs(tmp_path: Path):
-    assert percentiles([float(v) for v in range(1, 101)]) == "51.000 / 91.000 / 100.000 / 100.000"
+    assert percentiles([float(v) for v in range(1, 101)]) == "50.000 / 90.000 / 99.000 / 100.000"
     found = measure_commit_latency(tmp_path, 200.0, 0.1)
     assert list(found) == [
         "SQLite commit of one row",

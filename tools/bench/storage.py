@@ -61,6 +61,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ds_cluster.shard.store import FOLD_ROWS, JOURNAL_SIZE_LIMIT, VFS
+from ds_cluster.tools.bench.stats import percentile
 
 MiB = 1024 * 1024
 STATE_BLOB = bytes(120)  # about the size of an encoded StreamState
@@ -461,8 +462,7 @@ def measure_store_reads(data_dir: Path, record: int, folded: bool, repeat: int) 
 def percentiles(samples: list[float]) -> str:
     """p50 / p90 / p99 / max of `samples` (milliseconds)."""
     ordered = sorted(samples)
-    at = [ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99)]
-    return " / ".join(f"{v:.3f}" for v in (*at, ordered[-1]))
+    return " / ".join(f"{percentile(ordered, p):.3f}" for p in (50, 90, 99, 100))
 
 
 def measure_commit_latency(directory: Path, rate: float, seconds: float) -> dict[str, str]:
