@@ -1137,9 +1137,7 @@ class Http1Connection:
         socket takes all of it (True: the request is done). Else what this connection's
         task is to do is noted, `answer` to write (the connection closes after it, the
         socket is gone, the body is large, the budget is over) or the rest to write
-        (`_REST`), and the task is woken (`_to_task`). (The write, its metric and
-        `_done` written out: a call costs 700 instructions, and every append's answer
-        comes here.)"""
+        (`_REST`), and the task is woken (`_to_task`)."""
         flight = self._inflight
         if flight is None or flight.state != _SENT:
             return False  # (the task awaits it, or has left it)
@@ -1170,11 +1168,8 @@ class Http1Connection:
                 data, size = rendered
             # Nothing of this connection's is queued (its task writes nothing meanwhile),
             # so its budget admits anything: only what the socket does not take counts.
-            try:  # (`_write_some`, written out)
-                written = os.write(self._fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
+            written = self._write_some(data)
+            if written is None:
                 return self._to_task(flight)  # the client is gone: the task's write finds out
             if written < len(data):
                 rest = flight.rest = memoryview(data)[written:]

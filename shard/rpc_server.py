@@ -71,7 +71,7 @@ COMMITTING = trio.CancelScope()
 
 
 # Paths that passed `check_canonical` (a busy stream's every append repeats its path; a
-# refused one raises again, it is not kept), looked up by `_local_request` itself: an
+# refused one raises again, it is not kept), looked up by `_local` itself: an
 # lru_cache's wrapper cost 700 instructions per append. Emptied when it fills.
 _CHECKED_PATHS: set[str] = set()
 _CHECKED_PATHS_MAX = 4096
