@@ -104,6 +104,12 @@ NOTICE_STATUS = "notify"
 # read's scan of the journal stays a fraction of a millisecond.
 FOLD_ROWS = 8192
 FOLD_BYTES = 4 * 1024 * 1024
+# A fold sorts the journal (`ORDER BY sid, end_pos`), and SQLite's sorter spilled it to a
+# temporary file: about 700 writes a second per loaded shard. The writer keeps temporary
+# data in memory instead (`temp_store=MEMORY`; a fold's sort holds at most FOLD_BYTES and
+# its rows' keys): CPU per fold of 8,192 rows 19.3-22.6 -> 17.7-18.0 ms, in alternated
+# runs of a loop of group commits with the store's settings (14 rows of 100 B each, over
+# 128 streams), folding as the committer does.
 # A write carrying at least this many record bytes goes straight into `records` when its
 # stream has nothing in the journal: its pages are written once, not again by the fold.
 DIRECT_WRITE_BYTES = 16 * 1024
@@ -568,6 +574,9 @@ class Store:
             writer = self._connect()
             opened.append(writer)
             self._prepare(writer)
+            # (after `_prepare`: its one-time VACUUM builds a copy of the whole database
+            # as a temporary one, which must not be in memory)
+            writer.execute("PRAGMA temp_store=MEMORY")
             reader = self._connect()
             opened.append(reader)
             reader.execute(f"PRAGMA cache_size={-READ_CACHE_KIB}")

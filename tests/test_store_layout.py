@@ -8,6 +8,7 @@ nothing appears twice).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 import os
@@ -205,6 +206,39 @@ def test_large_reads_in_batches_across_both_tables(tmp_path: Path) -> None:
     store.fold()
     check_read(store, writer, 1, 0, 1 << 30)
     check_read(store, writer, 1, ends[700], 10_000, ends[900])
+    store.close()
+
+
+def test_a_fold_sorts_the_journal_without_a_temporary_file(tmp_path: Path) -> None:
+    """A fold's sort of a journal larger than SQLite's in-memory sort limit (about 2 MB
+    with the default cache) stays in memory: no temporary file is open at any point of
+    it (SQLite names them `etilqs_*`), and the rows arrive folded and in order."""
+    store = Store(tmp_path)
+    writer = Writer(store)
+    for i in range(80):
+        writer.append(*[(sid, bytes([65 + sid]) * 4000 + b"%d" % i) for sid in range(1, 9)])
+    assert store.journal_bytes > 2_500_000
+    temporary: set[str] = set()
+
+    def look() -> int:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if "etilqs_" in target:
+                    temporary.add(target)
+        return 0  # (go on)
+
+    conn = store._writer
+    assert conn is not None
+    conn.set_progress_handler(look, 2000)
+    try:
+        store.fold()
+    finally:
+        conn.set_progress_handler(None, 0)
+    assert temporary == set()
+    assert store.journal_rows == 0
+    for sid in range(1, 9):
+        check_read(store, writer, sid, 0, 1 << 30)
     store.close()
 
 
