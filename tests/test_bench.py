@@ -10,9 +10,13 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +126,39 @@ def test_bench_smoke_run_produces_numbers_and_verifies(bench_cluster, tmp_path: 
         runs["idle"]["held"] == 50 and runs["idle"]["kib_per_conn"] == runs["idle"]["kib_per_conn"]
     )
     assert "requests_per_s" in proc.stdout  # the table
+    assert doc["machine"]["cpus"] == os.cpu_count() and doc["machine"]["cpu_model"]
+
+
+def test_a_terminated_bench_stops_the_servers_it_started():
+    """The managed servers run in sessions of their own, out of reach of a signal to the
+    bench's group: the bench itself must stop them when it is terminated."""
+    cmd = [
+        sys.executable, "-m", "ds_cluster.cli", "bench", "--url", "up:1x1",
+        "--scenario", "append", "--rounds", "20", "--duration", "5", "--no-verify",
+        "--append-driver", "python", "--processes", "1", "--connections", "2", "--streams", "2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        pids: list[int] = []
+        for line in proc.stderr:
+            if line.startswith("# target up:1x1:"):
+                pids = [int(p) for p in re.findall(r"\d+", line.split("pids=", 1)[1])]
+            if line.startswith("# append round 1"):
+                break
+        assert pids, "the bench never reported its target's processes"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def bench_args(*argv: str) -> argparse.Namespace:

@@ -46,6 +46,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -233,6 +234,7 @@ def _ratio(a: Any, b: Any) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from .http import parse_header
+    from .procs import machine
     from .rakaia import TargetUnavailable
     from .report import fmt, markdown, median_metric, summary
     from .stats import geomean
@@ -261,6 +263,16 @@ def run(args: argparse.Namespace) -> int:
     ]
     results: dict[str, dict[str, list[dict]]] = {s: {} for s in scenarios}
     started = datetime.datetime.now(datetime.UTC)
+    # A bench that is terminated must still stop the servers it started (in their own
+    # sessions, so a signal to the bench's group does not reach them): SystemExit unwinds
+    # through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    host = machine()
+    print(
+        f"# machine: {host['cpu_model']}, {host['cpus']} CPUs, {host['memory_gib']} GiB, "
+        f"Linux {host['kernel']}, Python {host['python']}",
+        file=sys.stderr,
+    )
     try:
         for bt in targets:
             try:
@@ -328,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
             "command": "ds-cluster " + " ".join(sys.argv[1:]) if sys.argv else "",
             "started": started.isoformat(timespec="seconds"),
             "cpus": os.cpu_count(),
+            "machine": host,
             "targets": labels,
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "table": table,

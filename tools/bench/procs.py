@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import platform
 import queue
 import resource
 import time
@@ -186,6 +187,28 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: they only compare within one machine, and a run's
+    JSON should say which (cloud VMs of one size differ in CPU model between boots)."""
+    model = "?"
+    mem_kib = 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            model = next(names, "?")
+        with open("/proc/meminfo") as f:
+            mem_kib = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:")), 0)
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def cmdline(pid: int) -> str:
