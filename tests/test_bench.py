@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -159,6 +160,9 @@ def test_a_terminated_bench_stops_the_servers_it_started():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for p in pids:  # what a failed check left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
 
 
 def bench_args(*argv: str) -> argparse.Namespace:

@@ -45,7 +45,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -339,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         doc = {
             "command": "ds-cluster " + " ".join(sys.argv[1:]) if sys.argv else "",
             "started": started.isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(),
+            "cpus": host["cpus"],
             "machine": host,
             "targets": labels,
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},

@@ -167,16 +167,24 @@ def server_pids(port: int) -> list[int]:
     return sorted(found)
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of one process in KiB (0 if it is gone)."""
+def _proc_entry(path: str, key: str) -> str | None:
+    """The text after the colon of the first `key:` line of a /proc file (None if the file
+    or the line is missing): the layout of /proc/PID/status, /proc/meminfo, /proc/cpuinfo."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                name, colon, value = line.partition(":")
+                if colon and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of one process in KiB (0 if it is gone)."""
+    vm_rss = _proc_entry(f"/proc/{pid}/status", "VmRSS")
+    return int(vm_rss.split()[0]) if vm_rss else 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -192,18 +200,10 @@ def cpu_seconds(pid: int) -> float:
 def machine() -> dict[str, Any]:
     """What the figures were measured on: they only compare within one machine, and a run's
     JSON should say which (cloud VMs of one size differ in CPU model between boots)."""
-    model = "?"
-    mem_kib = 0
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-            model = next(names, "?")
-        with open("/proc/meminfo") as f:
-            mem_kib = next((int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:")), 0)
-    except OSError:
-        pass
+    mem_total = _proc_entry("/proc/meminfo", "MemTotal")
+    mem_kib = int(mem_total.split()[0]) if mem_total else 0
     return {
-        "cpu_model": model,
+        "cpu_model": _proc_entry("/proc/cpuinfo", "model name") or "?",
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_kib / (1 << 20), 1),
         "kernel": platform.release(),
