@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import trio
 
-from ds_cluster.common import batch_end, wire
+from ds_cluster.common import batch_end, tcp, wire
 from ds_cluster.common.rpc_core import CallState
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class FrameWriter:
     ) -> None:
         self._stream = stream
         self._fd = socket_fd(stream)
+        if isinstance(stream, trio.SocketStream):
+            tcp.allow_unsent(stream.socket)  # a large frame in one write (common.tcp)
         self._connection = connection
         self._budget = budget
         self._shared = shared if shared is not None else WriteBudget(budget)

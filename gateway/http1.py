@@ -68,7 +68,7 @@ from urllib.parse import unquote
 import httptools
 import trio
 
-from ds_cluster.common import bigjoin
+from ds_cluster.common import bigjoin, tcp
 from ds_cluster.gateway import framing
 from ds_cluster.gateway import metrics as gateway_metrics
 from ds_cluster.gateway.access import CLIENT_GONE, REQUEST_ID, AccessLog, given_or_new
@@ -537,6 +537,7 @@ class Http1Connection:
                 sock = self.stream.socket
                 server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
+            tcp.allow_unsent(sock)  # a large body in one write (common.tcp)
             if server.now is trio.current_time:
                 server.now = trio.lowlevel.current_clock().current_time
             self._set_idle(server.now() + server.keep_alive)

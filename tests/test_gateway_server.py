@@ -15,6 +15,7 @@ timeout; one uses a real cluster.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -37,6 +38,7 @@ from h2.connection import H2Connection
 from support.fakeshard import Reply, ThreadedShard, threaded_shard
 from support.processes import GatewayProcess, gateway_for
 
+from ds_cluster.common import tcp
 from ds_cluster.gateway.http1 import SEPARATE_BODY_BYTES, Http1Connection
 from ds_cluster.gateway.main import hypercorn_config
 from ds_cluster.gateway.server import LeanConfig, serve
@@ -819,3 +821,54 @@ async def test_http2_busy_at_shutdown_closed_after_its_response() -> None:
     async with lean_server(tiny_app({}), stop, graceful_timeout=graceful) as port:
         await trio.to_thread.run_sync(client, port)
     assert timings["closed_after_response"] < graceful / 2
+
+
+async def test_a_large_body_goes_to_the_socket_in_few_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel may hold up to `common.tcp.UNSENT_LIMIT` unsent bytes of a client's
+    socket (trio's sockets hold 16 KiB): a large body reaches it in a few system calls,
+    not in one per 16 KiB the client reads, each a round through trio's scheduler."""
+    calls: list[int] = []
+    owner = threading.get_ident()
+    write, writev = os.write, os.writev
+
+    def counted_write(fd: int, data: Any) -> int:
+        written = write(fd, data)
+        if threading.get_ident() == owner:
+            calls.append(written)
+        return written
+
+    def counted_writev(fd: int, buffers: Any) -> int:
+        written = writev(fd, buffers)
+        if threading.get_ident() == owner:
+            calls.append(written)
+        return written
+
+    size = 8 * 1024 * 1024
+
+    def client(port: int) -> None:
+        with socket.socket() as sock:
+            # A client that takes the body in small pieces: the server's socket fills up.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request("GET", f"/len/{size}") * 2)
+            for _ in range(2):
+                mark = len(calls)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += sock.recv(1)
+                received = 0
+                while received < size:
+                    piece = sock.recv(min(64 * 1024, size - received))
+                    assert piece
+                    received += len(piece)
+            # The second (its buffers grown): a write per half UNSENT_LIMIT the client
+            # reads at worst, against one per 16 KiB or so at trio's setting.
+            writes = calls[mark:]
+            assert len(writes) <= 3 * size // tcp.UNSENT_LIMIT, writes
+
+    monkeypatch.setattr(os, "write", counted_write)
+    monkeypatch.setattr(os, "writev", counted_writev)
+    async with lean_server(tiny_app({})) as port:
+        await trio.to_thread.run_sync(client, port)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.auth import TEST_SECRET
 
-from ds_cluster.common import rpc_core, wire
+from ds_cluster.common import rpc_core, tcp, wire
 from ds_cluster.common.cluster_auth import AuthError, ClientHandshake, ServerHandshake
 from ds_cluster.common.ring import Ring, RingHolder
 from ds_cluster.common.rpc_transport import FrameWriter, WriteBudget
@@ -439,6 +439,24 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
         writer.send_nowait(rpc_core.chunk(11, b"w" * 100_000, True))
         assert writer.overflowed
     assert nursery.cancel_scope.cancel_called
+
+
+async def test_writer_lets_the_kernel_hold_a_large_frame() -> None:
+    """A link's socket takes writes while under `common.tcp.UNSENT_LIMIT` bytes are
+    unsent (trio sets 16 KiB): a catch-up body or a fork's export in one write."""
+    option = (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with trio.socket.socket() as client:
+            await client.connect(listener.getsockname())
+            accepted, _ = await listener.accept()
+            ours = trio.SocketStream(accepted)
+            assert ours.socket.getsockopt(*option) == 16 * 1024  # trio's own
+            async with trio.open_nursery() as nursery:
+                FrameWriter(ours, nursery.cancel_scope, budget=1 << 20)
+                assert ours.socket.getsockopt(*option) == tcp.UNSENT_LIMIT
+            await ours.aclose()
 
 
 async def test_writer_flushes_a_batchs_frames_in_one_write_when_the_batch_ends() -> None:
