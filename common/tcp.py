@@ -4,7 +4,7 @@ trio's `SocketStream` sets TCP_NOTSENT_LOWAT to 16 KiB, so that an interactive w
 does not queue far ahead of the network. Our writers (the gateway's HTTP/1.1 connections,
 the cluster's RPC links) write straight to the socket's file descriptor and wait with
 `trio.lowlevel.wait_writable` when it takes no more. At 16 KiB a 1 MiB catch-up body
-took 5-8 writes, each its own round through trio's scheduler (registering the fd, waking,
+took 5-6 writes, each its own round through trio's scheduler (registering the fd, waking,
 rescheduling), and reached the client in more, smaller pieces. Our own budgets already
 bound what a connection may hold (`gateway.budget`, `common.rpc_transport`); the kernel
 still bounds its own queue by the socket's send buffer.
