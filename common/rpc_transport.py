@@ -171,8 +171,9 @@ class FrameWriter:
     ) -> None:
         self._stream = stream
         self._fd = socket_fd(stream)
-        if isinstance(stream, trio.SocketStream):
-            tcp.allow_unsent(stream.socket)  # a large frame in one write (common.tcp)
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if isinstance(transport, trio.SocketStream):
+            tcp.allow_unsent(transport.socket)  # a large frame in few writes (common.tcp)
         self._connection = connection
         self._budget = budget
         self._shared = shared if shared is not None else WriteBudget(budget)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 
 import msgpack
 import pytest
@@ -441,9 +442,11 @@ async def test_writer_coalesces_marks_sent_discards_and_bounds() -> None:
     assert nursery.cancel_scope.cancel_called
 
 
-async def test_writer_lets_the_kernel_hold_a_large_frame() -> None:
-    """A link's socket takes writes while under `common.tcp.UNSENT_LIMIT` bytes are
-    unsent (trio sets 16 KiB): a catch-up body or a fork's export in one write."""
+@pytest.mark.parametrize("tls", [False, True])
+async def test_writer_lets_the_kernel_hold_a_large_frame(tls: bool) -> None:
+    """A link's socket, plain or under TLS, takes writes while under
+    `common.tcp.UNSENT_LIMIT` bytes are unsent (trio sets 16 KiB): a catch-up body or a
+    fork's export in one write."""
     option = (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
     with trio.socket.socket() as listener:
         await listener.bind(("127.0.0.1", 0))
@@ -451,12 +454,15 @@ async def test_writer_lets_the_kernel_hold_a_large_frame() -> None:
         with trio.socket.socket() as client:
             await client.connect(listener.getsockname())
             accepted, _ = await listener.accept()
-            ours = trio.SocketStream(accepted)
-            assert ours.socket.getsockopt(*option) == 16 * 1024  # trio's own
+            tcp_stream = trio.SocketStream(accepted)
+            assert tcp_stream.socket.getsockopt(*option) == 16 * 1024  # trio's own
+            ours: trio.abc.Stream = tcp_stream
+            if tls:  # (no handshake: the writer only looks at the socket underneath)
+                ours = trio.SSLStream(tcp_stream, ssl.create_default_context())
             async with trio.open_nursery() as nursery:
                 FrameWriter(ours, nursery.cancel_scope, budget=1 << 20)
-                assert ours.socket.getsockopt(*option) == tcp.UNSENT_LIMIT
-            await ours.aclose()
+                assert tcp_stream.socket.getsockopt(*option) == tcp.UNSENT_LIMIT
+            await tcp_stream.aclose()
 
 
 async def test_writer_flushes_a_batchs_frames_in_one_write_when_the_batch_ends() -> None:
