@@ -171,9 +171,7 @@ class FrameWriter:
     ) -> None:
         self._stream = stream
         self._fd = socket_fd(stream)
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        if isinstance(transport, trio.SocketStream):
-            tcp.allow_unsent(transport.socket)  # a large frame in few writes (common.tcp)
+        tcp.allow_unsent(stream)  # a large frame in few writes (common.tcp)
         self._connection = connection
         self._budget = budget
         self._shared = shared if shared is not None else WriteBudget(budget)

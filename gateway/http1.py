@@ -330,7 +330,9 @@ class Http1Server:
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     ) -> Awaitable[None]:
         """Serve one accepted connection (`trio.serve_listeners`' handler; the coroutine
-        itself, without a frame of this call kept under it for the connection's life)."""
+        itself, without a frame of this call kept under it for the connection's life).
+        Every client connection passes here, HTTP/2 ones handed over later included."""
+        tcp.allow_unsent(stream)  # a large body in few writes (common.tcp)
         return Http1Connection(self, stream).run()
 
 
@@ -537,7 +539,6 @@ class Http1Connection:
                 sock = self.stream.socket
                 server.readiness.watch(sock.fileno(), self)
             self._fd = sock.fileno()
-            tcp.allow_unsent(sock)  # a large body in one write (common.tcp)
             if server.now is trio.current_time:
                 server.now = trio.lowlevel.current_clock().current_time
             self._set_idle(server.now() + server.keep_alive)

@@ -831,19 +831,15 @@ async def test_a_large_body_goes_to_the_socket_in_few_writes(
     not in one per 16 KiB the client reads, each a round through trio's scheduler."""
     calls: list[int] = []
     owner = threading.get_ident()
-    write, writev = os.write, os.writev
 
-    def counted_write(fd: int, data: Any) -> int:
-        written = write(fd, data)
-        if threading.get_ident() == owner:
-            calls.append(written)
-        return written
+    def counted(real: Any) -> Any:  # os.write or os.writev, each call of this run counted
+        def call(fd: int, data: Any) -> int:
+            written: int = real(fd, data)
+            if threading.get_ident() == owner:
+                calls.append(written)
+            return written
 
-    def counted_writev(fd: int, buffers: Any) -> int:
-        written = writev(fd, buffers)
-        if threading.get_ident() == owner:
-            calls.append(written)
-        return written
+        return call
 
     size = 8 * 1024 * 1024
 
@@ -868,7 +864,7 @@ async def test_a_large_body_goes_to_the_socket_in_few_writes(
             writes = calls[mark:]
             assert len(writes) <= 3 * size // tcp.UNSENT_LIMIT, writes
 
-    monkeypatch.setattr(os, "write", counted_write)
-    monkeypatch.setattr(os, "writev", counted_writev)
+    monkeypatch.setattr(os, "write", counted(os.write))
+    monkeypatch.setattr(os, "writev", counted(os.writev))
     async with lean_server(tiny_app({})) as port:
         await trio.to_thread.run_sync(client, port)

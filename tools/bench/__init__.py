@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     # A bench that is terminated must still stop the servers it started (in their own
     # sessions, so a signal to the bench's group does not reach them): SystemExit unwinds
     # through the `finally` below.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     host = machine()
     print(
         f"# machine: {host['cpu_model']}, {host['cpus']} CPUs, {host['memory_gib']} GiB, "
@@ -299,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for bt in targets:
             bt.stop()
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     labels = [bt.label for bt in targets]
     a = labels[0]

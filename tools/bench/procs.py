@@ -181,10 +181,15 @@ def _proc_entry(path: str, key: str) -> str | None:
     return None
 
 
+def _proc_kib(path: str, key: str) -> int:
+    """A /proc entry given in kB ("VmRSS:   1234 kB"), as a number (0 if missing)."""
+    value = _proc_entry(path, key)
+    return int(value.split()[0]) if value else 0
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of one process in KiB (0 if it is gone)."""
-    vm_rss = _proc_entry(f"/proc/{pid}/status", "VmRSS")
-    return int(vm_rss.split()[0]) if vm_rss else 0
+    return _proc_kib(f"/proc/{pid}/status", "VmRSS")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -200,8 +205,7 @@ def cpu_seconds(pid: int) -> float:
 def machine() -> dict[str, Any]:
     """What the figures were measured on: they only compare within one machine, and a run's
     JSON should say which (cloud VMs of one size differ in CPU model between boots)."""
-    mem_total = _proc_entry("/proc/meminfo", "MemTotal")
-    mem_kib = int(mem_total.split()[0]) if mem_total else 0
+    mem_kib = _proc_kib("/proc/meminfo", "MemTotal")
     return {
         "cpu_model": _proc_entry("/proc/cpuinfo", "model name") or "?",
         "cpus": os.cpu_count(),
