@@ -6,6 +6,10 @@ queued then goes to the socket in one write, without waking the writer's task an
 for the next batch. It is a trio instrument with one hook, so it costs one call per
 scheduler pass and nothing per task step; one serves every writer of a run (`current`).
 
+A task that has just queued frames nobody should wait for, while it goes on working, does
+the due work itself (`run_due`): the committer, after answering the readers parked on the
+streams a commit moved, before it wakes the commit's writers and tidies up.
+
 The hook runs after the loop has decided how long to wait for I/O, so what it does must
 not make a task runnable directly (that task would wait for the next I/O event): wake
 tasks through the run's token (`run_sync_soon`), which ends the wait at once.
@@ -30,6 +34,10 @@ class BatchEnd(trio.abc.Instrument):
         self.due: list[Callable[[], None]] = []
 
     def before_io_wait(self, timeout: float) -> None:
+        self.run_due()
+
+    def run_due(self) -> None:
+        """Do the due work now (from a task, or at the end of the batch)."""
         if self.due:
             due, self.due = self.due, []
             for fn in due:

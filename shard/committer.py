@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from ds_cluster.common import wire
+from ds_cluster.common import batch_end, wire
 from ds_cluster.common.metrics import Histogram
 from ds_cluster.shard.core.model import evolve
 from ds_cluster.shard.store import (
@@ -410,6 +410,11 @@ class Committer:
                     polled.append(entry)
         for entry in polled:  # (one answered and emptied its list: the rest do nothing)
             entry.notify()
+        if polled:
+            # Their answers go to the sockets now: left to the end of the batch they
+            # waited for the rest of this task's work (about 55 us of a 1.9 ms live read
+            # on an idle shard, 50 msg/s to one long-poll reader).
+            batch_end.current().run_due()
         if purged:
             self._check_free_pages()
         self._after_commit(jobs)

@@ -77,6 +77,7 @@ from urllib.parse import quote
 
 import msgpack
 
+from ds_cluster.shard import wal_file
 from ds_cluster.shard.core.model import (
     ForkOrigin,
     ProducerState,
@@ -93,7 +94,8 @@ log = logging.getLogger(__name__)
 VFS = "unix-excl"
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum value
 # After a checkpoint the WAL is cut back to this size (it keeps its high-water mark
-# otherwise: one 50 MB append would leave a 50 MB WAL file behind for good).
+# otherwise: one 50 MB append would leave a 50 MB WAL file behind for good). A new WAL
+# is made this long at once (see `shard.wal_file`).
 JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 # The `outbox` status of a subscription notice (shard/subscriptions/notices.py): a
 # stream whose new tail the owners of matching subscriptions must still be told.
@@ -573,7 +575,8 @@ class Store:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             writer = self._connect()
             opened.append(writer)
-            self._prepare(writer)
+            self._prepare(writer)  # (its probe write made the WAL file)
+            wal_file.presize(self.path, JOURNAL_SIZE_LIMIT)
             # (after `_prepare`: its one-time VACUUM builds a copy of the whole database
             # as a temporary one, which must not be in memory)
             writer.execute("PRAGMA temp_store=MEMORY")

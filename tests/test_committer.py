@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ds_cluster.common import batch_end
 from ds_cluster.shard import committer as committer_module
 from ds_cluster.shard.committer import Committer, Job
 from ds_cluster.shard.core.model import Record, StreamState
@@ -292,3 +293,32 @@ async def test_appends_decided_on_the_spot_share_a_job_closed_by_any_other(
     assert [r.data for r in reopened.read_records(1, 0, 1024)] == [b"a", b"b", b"c", b"d", b"e"]
     reopened.close()
     store.close()
+
+
+async def test_answers_to_parked_readers_leave_before_the_rest_of_the_commit(
+    tmp_path: Path,
+) -> None:
+    """A commit that moves a stream with a parked reader sends that reader's answer (the
+    frame its connection queued for the end of the batch) before it wakes the commit's
+    writers and tidies up, not at the end of the batch: what the writers' wake-up and the
+    bookkeeping after it cost would otherwise be added to every live read."""
+    store = Store(tmp_path)
+    sent: list[str] = []
+
+    def after_commit(jobs: list[Job]) -> None:
+        sent.append("after commit")
+
+    committer = Committer(store, after_commit)
+    entry = Entry("s")
+
+    def parked() -> bool:  # what a parked poll's answer does: its frame waits for the flush
+        batch_end.current().due.append(lambda: sent.append("answer written"))
+        return False  # answered: off the entry
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        entry.park(parked)
+        await run_jobs(committer, [job_for(entry, 1, b"moved")])
+        nursery.cancel_scope.cancel()
+    store.close()
+    assert sent == ["answer written", "after commit"]
