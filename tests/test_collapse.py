@@ -22,6 +22,7 @@ from support.fakeshard import Reply, ThreadedShard, threaded_shard
 from support.http import parse_head
 from support.processes import GatewayProcess, gateway_for
 
+from ds_cluster.gateway import collapse
 from ds_cluster.gateway.collapse import Collapser
 from ds_cluster.supervisor.cluster import Supervisor
 
@@ -303,6 +304,42 @@ async def test_parked_waiters_answers_are_written_from_the_fetch_before_they_res
     assert sorted(events[:2]) == ["write a", "write c"]
     assert sorted(events[2:]) == ["resume a", "resume b", "resume c"]
     assert upstream.calls == ["request", "late"]
+
+
+async def test_the_gateway_gives_up_its_cpu_once_after_writing_a_groups_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the fetch has written a group's answer to its parked clients, the gateway
+    yields its CPU once (so that readers on this host, just woken, need not wait for the
+    waiters' tasks to finish their requests); a group with nothing written at once does
+    not yield."""
+    events: list[str] = []
+    monkeypatch.setattr(collapse.os, "sched_yield", lambda: events.append("yield"))
+    upstream = Upstream()
+    async with trio.open_nursery() as nursery:
+        collapser = Collapser(nursery, upstream.fetch, FAILED, watch_after=30.0)
+
+        async def wait(key: str, name: str, at_once: bool) -> None:
+            write = (lambda answer: events.append(f"write {name}")) if at_once else None
+            await collapser.wait(key, "request", Client().until_gone, write)
+            events.append(f"resume {name}")
+
+        async with trio.open_nursery() as waiters:
+            for name in "abc":
+                waiters.start_soon(wait, "written", name, True)
+            await trio.testing.wait_all_tasks_blocked()
+            upstream.release.set()
+        assert sorted(events[:3]) == ["write a", "write b", "write c"]
+        assert events[3] == "yield"
+        assert sorted(events[4:]) == ["resume a", "resume b", "resume c"]
+        events.clear()
+        upstream.release = trio.Event()
+        async with trio.open_nursery() as waiters:
+            waiters.start_soon(wait, "unwritten", "d", False)
+            await trio.testing.wait_all_tasks_blocked()
+            upstream.release.set()
+        nursery.cancel_scope.cancel()
+    assert events == ["resume d"]
 
 
 async def test_an_early_answer_is_written_and_given_once_before_the_fetch_returns() -> None:
