@@ -35,7 +35,7 @@ CPU of the process that woke it: a reader on this host then waited for all the w
 fan-out leaves behind (every waiter's task finishing its request, about 30 us each) while
 the other core idled. Measured on the 2-core test machine with 500 long-poll readers of
 50 streams (10 readers per message, `ds-cluster bench --scenario longpoll-500`): the time
-between a message's first and last reader, p90, went from 1.2-1.5 ms to 0.4-0.6 ms. The
+between a message's first and last reader, p90, went from 1.1-1.5 ms to 0.4-0.6 ms. The
 yield costs one system call per answered group, and nothing when no other process waits.
 
 Only the sharing lives here; what the answer is (status, headers, body) is the caller's
