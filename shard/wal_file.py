@@ -18,10 +18,16 @@ file only to its `journal_size_limit`, which is the size given here.
 
 The space is written, not reserved with `fallocate`: writing into a reserved but unwritten
 extent changes the file's extent map, which the sync must then journal just the same.
+
+It is space the WAL takes anyway once it has wrapped, but not space to take from a nearly
+full disk, where the commits need it more: the WAL is left to grow as it goes unless the
+filesystem keeps at least MIN_FREE_AFTER bytes (and a tenth of itself) free afterwards, and a
+write that fails midway is undone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -29,6 +35,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # zeros written per call
+MIN_FREE_AFTER = 64 << 20  # bytes the filesystem must keep free after pre-sizing
 
 
 def wal_path(database: Path) -> Path:
@@ -46,9 +53,10 @@ def presize(database: Path, size: int) -> None:
     except OSError as exc:
         log.info("cannot open the WAL to pre-size it: %s", exc)
         return
+    start = None
     try:
-        end = os.fstat(fd).st_size
-        if end >= size:
+        end = start = os.fstat(fd).st_size
+        if end >= size or not room_for(fd, size - end):
             return
         zeros = bytes(_CHUNK)
         while end < size:
@@ -56,7 +64,18 @@ def presize(database: Path, size: int) -> None:
         os.fdatasync(fd)
     except OSError as exc:
         log.info("cannot pre-size the WAL (it grows as it goes): %s", exc)
+        if start is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # (the zeros written so far, nothing of SQLite's)
     finally:
         # (SQLite takes no lock on the WAL file itself: closing this descriptor releases
         # none of its locks, which are on the database file)
         os.close(fd)
+
+
+def room_for(where: int | Path, more: int) -> bool:
+    """Whether the filesystem of `where` (a descriptor or a path) stays roomy with `more`
+    bytes taken."""
+    stat = os.statvfs(where)
+    free_after = stat.f_bavail * stat.f_frsize - more
+    return free_after >= max(MIN_FREE_AFTER, stat.f_blocks * stat.f_frsize // 10)
