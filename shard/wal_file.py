@@ -44,8 +44,9 @@ def wal_path(database: Path) -> Path:
 
 def presize(database: Path, size: int) -> None:
     """Extend `database`'s WAL file with zeros to `size` bytes and sync it. Nothing happens
-    when it is that long already or does not exist; a failure (a full disk) is logged and
-    leaves the WAL to grow as it goes."""
+    when it is that long already, does not exist, or its filesystem has no room to spare;
+    a failure (a full disk) is logged and leaves the WAL as SQLite left it, to grow as it
+    goes."""
     try:
         fd = os.open(wal_path(database), os.O_WRONLY)
     except FileNotFoundError:
@@ -53,24 +54,31 @@ def presize(database: Path, size: int) -> None:
     except OSError as exc:
         log.info("cannot open the WAL to pre-size it: %s", exc)
         return
-    start = None
     try:
-        end = start = os.fstat(fd).st_size
-        if end >= size or not room_for(fd, size - end):
-            return
-        zeros = bytes(_CHUNK)
-        while end < size:
-            end += os.pwrite(fd, zeros[: size - end], end)
-        os.fdatasync(fd)
+        start = os.fstat(fd).st_size
+        if start < size and room_for(fd, size - start):
+            _extend(fd, start, size)
     except OSError as exc:
         log.info("cannot pre-size the WAL (it grows as it goes): %s", exc)
-        if start is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)  # (the zeros written so far, nothing of SQLite's)
     finally:
         # (SQLite takes no lock on the WAL file itself: closing this descriptor releases
         # none of its locks, which are on the database file)
         os.close(fd)
+
+
+def _extend(fd: int, start: int, size: int) -> None:
+    """Zeros from `start` to `size`, synced; on a failure the file is cut back to `start`
+    (the zeros written so far, nothing of SQLite's)."""
+    zeros = bytes(_CHUNK)
+    end = start
+    try:
+        while end < size:
+            end += os.pwrite(fd, zeros[: size - end], end)
+        os.fdatasync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 def room_for(where: int | Path, more: int) -> bool:
